@@ -1,0 +1,454 @@
+//! CloudEvent creation helpers and the identity newtypes of the wire contract:
+//! [`EventType`], [`QueryOp`], [`TransactionId`], event ids `cloudevent-<xid>`, UTC times and
+//! JSON data, plus [`EventExt`] to read and write the `transactionid` extension and typed data.
+//!
+//! # Examples
+//!
+//! ```
+//! use ce_messaging::event::{new_event, EventExt, EventType};
+//! use cloudevents::AttributesReader;
+//!
+//! #[derive(serde::Serialize, serde::Deserialize, PartialEq, Debug)]
+//! struct Order { id: u32 }
+//!
+//! let event = new_event(&EventType::from("org.example.order.created"), "orders", &Order { id: 7 })?;
+//! assert!(event.id().starts_with("cloudevent-"));
+//! assert!(event.transaction_id().unwrap().as_str().starts_with("tid-"));
+//! assert_eq!(event.data_as::<Order>()?, Order { id: 7 });
+//! # Ok::<(), ce_messaging::error::EventError>(())
+//! ```
+
+use std::borrow::Borrow;
+use std::fmt;
+
+use cloudevents::event::ExtensionValue;
+use cloudevents::{AttributesReader, Data, Event, EventBuilder, EventBuilderV10};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+use crate::error::{Error, EventError, EventErrorKind};
+
+/// The name of the CloudEvents extension that carries the transaction id.
+pub const TRANSACTION_ID_EXTENSION: &str = "transactionid";
+
+/// A `source` value that asks the connection to fill in its configured source (client id).
+pub const AUTO_POPULATE_SOURCE: &str = "AUTO_POPULATE";
+
+/// The content type of the data of events created by this module.
+pub const JSON_CONTENT_TYPE: &str = "application/json";
+
+macro_rules! string_newtype {
+    ($(#[$meta:meta])* $name:ident) => {
+        $(#[$meta])*
+        #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[serde(transparent)]
+        pub struct $name(String);
+
+        impl $name {
+            /// Wraps a string.
+            pub fn new(value: impl Into<String>) -> Self {
+                $name(value.into())
+            }
+
+            /// The string value.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+
+            /// Unwraps into the string.
+            pub fn into_string(self) -> String {
+                self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{}({:?})", stringify!($name), self.0)
+            }
+        }
+
+        impl From<&str> for $name {
+            fn from(value: &str) -> Self {
+                $name(value.to_owned())
+            }
+        }
+
+        impl From<String> for $name {
+            fn from(value: String) -> Self {
+                $name(value)
+            }
+        }
+
+        impl From<&String> for $name {
+            fn from(value: &String) -> Self {
+                $name(value.clone())
+            }
+        }
+
+        impl AsRef<str> for $name {
+            fn as_ref(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl Borrow<str> for $name {
+            fn borrow(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl PartialEq<str> for $name {
+            fn eq(&self, other: &str) -> bool {
+                self.0 == other
+            }
+        }
+
+        impl PartialEq<&str> for $name {
+            fn eq(&self, other: &&str) -> bool {
+                self.0 == *other
+            }
+        }
+    };
+}
+
+string_newtype! {
+    /// The CloudEvents `type` of a persisted event, e.g. `org.example.order.created`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use ce_messaging::event::EventType;
+    /// let ty = EventType::from("org.example.order.created");
+    /// assert_eq!(ty.as_str(), "org.example.order.created");
+    /// ```
+    EventType
+}
+
+string_newtype! {
+    /// A query operation: the CloudEvents `type` of a request, and its NATS subject,
+    /// e.g. `cyverse.workspace.get`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use ce_messaging::event::QueryOp;
+    /// let op = QueryOp::from("cyverse.workspace.get");
+    /// assert_eq!(op.to_string(), "cyverse.workspace.get");
+    /// ```
+    QueryOp
+}
+
+string_newtype! {
+    /// A transaction id (`tid-<xid>`), carried in the `transactionid` extension so that
+    /// responses can be matched to requests.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use ce_messaging::event::TransactionId;
+    /// let tid = TransactionId::generate();
+    /// assert!(tid.as_str().starts_with("tid-"));
+    /// assert_eq!(tid.as_str().len(), 4 + 20);
+    /// ```
+    TransactionId
+}
+
+impl TransactionId {
+    /// A new, globally unique transaction id `tid-<xid>`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use ce_messaging::event::TransactionId;
+    /// assert_ne!(TransactionId::generate(), TransactionId::generate());
+    /// ```
+    pub fn generate() -> Self {
+        TransactionId(format!("tid-{}", xid::new()))
+    }
+}
+
+/// A new, globally unique event id `cloudevent-<xid>`.
+///
+/// # Examples
+///
+/// ```
+/// let id = ce_messaging::event::new_event_id();
+/// assert!(id.starts_with("cloudevent-"));
+/// assert_eq!(id.len(), "cloudevent-".len() + 20);
+/// ```
+pub fn new_event_id() -> String {
+    format!("cloudevent-{}", xid::new())
+}
+
+/// Creates an event with JSON `data`, the given `type` and `source`, a fresh id, the current UTC
+/// time, `datacontenttype: application/json` and a new transaction id.
+///
+/// # Examples
+///
+/// ```
+/// use ce_messaging::event::{new_event, EventExt};
+/// use cloudevents::AttributesReader;
+///
+/// let event = new_event("org.example.ping", "pinger", &serde_json::json!({"n": 1}))?;
+/// assert_eq!(event.ty(), "org.example.ping");
+/// assert_eq!(event.source().as_str(), "pinger");
+/// assert_eq!(event.datacontenttype(), Some("application/json"));
+/// assert!(event.transaction_id().is_some());
+/// # Ok::<(), ce_messaging::error::EventError>(())
+/// ```
+pub fn new_event<T: Serialize + ?Sized>(
+    event_type: impl AsRef<str>,
+    source: impl Into<String>,
+    data: &T,
+) -> Result<Event, EventError> {
+    new_event_with_tid(event_type, source, data, TransactionId::generate())
+}
+
+/// Like [`new_event`], with the given transaction id (to answer or continue a transaction).
+///
+/// # Examples
+///
+/// ```
+/// use ce_messaging::event::{new_event_with_tid, EventExt, TransactionId};
+///
+/// let tid = TransactionId::from("tid-c2hb2r8ck8sl4rbj5te0");
+/// let event = new_event_with_tid("org.example.pong", "ponger", &42, tid.clone())?;
+/// assert_eq!(event.transaction_id(), Some(tid));
+/// # Ok::<(), ce_messaging::error::EventError>(())
+/// ```
+pub fn new_event_with_tid<T: Serialize + ?Sized>(
+    event_type: impl AsRef<str>,
+    source: impl Into<String>,
+    data: &T,
+    tid: TransactionId,
+) -> Result<Event, EventError> {
+    let value = serde_json::to_value(data)
+        .map_err(|e| Error::with_source(EventErrorKind::DataSerialize, e))?;
+    EventBuilderV10::new()
+        .id(new_event_id())
+        .ty(event_type.as_ref())
+        .source(source.into())
+        .time(chrono::Utc::now())
+        .data(JSON_CONTENT_TYPE, value)
+        .extension(TRANSACTION_ID_EXTENSION, tid.into_string())
+        .build()
+        .map_err(|e| Error::with_source(EventErrorKind::Build, e))
+}
+
+/// Like [`new_event`], with the source left as [`AUTO_POPULATE_SOURCE`] so the connection that
+/// sends it fills in its configured source.
+///
+/// # Examples
+///
+/// ```
+/// use ce_messaging::event::{new_event_auto_source, AUTO_POPULATE_SOURCE};
+/// use cloudevents::AttributesReader;
+///
+/// let event = new_event_auto_source("org.example.ping", &())?;
+/// assert_eq!(event.source().as_str(), AUTO_POPULATE_SOURCE);
+/// # Ok::<(), ce_messaging::error::EventError>(())
+/// ```
+pub fn new_event_auto_source<T: Serialize + ?Sized>(
+    event_type: impl AsRef<str>,
+    data: &T,
+) -> Result<Event, EventError> {
+    new_event(event_type, AUTO_POPULATE_SOURCE, data)
+}
+
+/// Whether the event's source asks to be auto-populated (empty or [`AUTO_POPULATE_SOURCE`]).
+///
+/// # Examples
+///
+/// ```
+/// use ce_messaging::event::{needs_source, new_event, new_event_auto_source};
+/// assert!(needs_source(&new_event_auto_source("t", &1)?));
+/// assert!(!needs_source(&new_event("t", "me", &1)?));
+/// # Ok::<(), ce_messaging::error::EventError>(())
+/// ```
+pub fn needs_source(event: &Event) -> bool {
+    let source = event.source().as_str();
+    source.is_empty() || source == AUTO_POPULATE_SOURCE
+}
+
+/// Fills in `source` when the event asks for it (see [`needs_source`]).
+///
+/// # Examples
+///
+/// ```
+/// use ce_messaging::event::{new_event_auto_source, populate_source};
+/// use cloudevents::AttributesReader;
+///
+/// let mut event = new_event_auto_source("t", &1)?;
+/// populate_source(&mut event, "billing-service");
+/// assert_eq!(event.source().as_str(), "billing-service");
+/// # Ok::<(), ce_messaging::error::EventError>(())
+/// ```
+pub fn populate_source(event: &mut Event, source: &str) {
+    if needs_source(event) {
+        cloudevents::AttributesWriter::set_source(event, source.to_owned());
+    }
+}
+
+/// Read and write this library's conventions on a [`cloudevents::Event`].
+///
+/// # Examples
+///
+/// ```
+/// use ce_messaging::event::{new_event, EventExt, TransactionId};
+///
+/// let mut event = new_event("t", "s", &vec![1, 2, 3])?;
+/// let tid = TransactionId::generate();
+/// event.set_transaction_id(&tid);
+/// assert_eq!(event.transaction_id(), Some(tid));
+/// assert_eq!(event.data_as::<Vec<u8>>()?, vec![1, 2, 3]);
+/// # Ok::<(), ce_messaging::error::EventError>(())
+/// ```
+pub trait EventExt {
+    /// The `transactionid` extension, if present and non-empty.
+    fn transaction_id(&self) -> Option<TransactionId>;
+
+    /// Sets the `transactionid` extension.
+    fn set_transaction_id(&mut self, tid: &TransactionId);
+
+    /// Deserializes the data as JSON into `T`. Accepts JSON data, and string or binary data
+    /// holding JSON (as binary-mode messages decode).
+    fn data_as<T: DeserializeOwned>(&self) -> Result<T, EventError>;
+
+    /// The event type as an [`EventType`].
+    fn event_type(&self) -> EventType;
+}
+
+impl EventExt for Event {
+    fn transaction_id(&self) -> Option<TransactionId> {
+        match self.extension(TRANSACTION_ID_EXTENSION) {
+            Some(ExtensionValue::String(s)) if !s.is_empty() => Some(TransactionId(s.clone())),
+            Some(ExtensionValue::Integer(i)) => Some(TransactionId(i.to_string())),
+            Some(ExtensionValue::Boolean(b)) => Some(TransactionId(b.to_string())),
+            _ => None,
+        }
+    }
+
+    fn set_transaction_id(&mut self, tid: &TransactionId) {
+        self.set_extension(TRANSACTION_ID_EXTENSION, tid.as_str());
+    }
+
+    fn data_as<T: DeserializeOwned>(&self) -> Result<T, EventError> {
+        let result = match self.data() {
+            None => return Err(Error::new(EventErrorKind::NoData)),
+            Some(Data::Json(value)) => T::deserialize(value),
+            Some(Data::Binary(bytes)) => serde_json::from_slice(bytes),
+            Some(Data::String(text)) => serde_json::from_str(text),
+        };
+        result.map_err(|e| {
+            Error::with_source(EventErrorKind::DataDeserialize, e).detail(format!(
+                "data of event {} (type {}) into {}",
+                self.id(),
+                self.ty(),
+                std::any::type_name::<T>()
+            ))
+        })
+    }
+
+    fn event_type(&self) -> EventType {
+        EventType(self.ty().to_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Serialize, Deserialize, Debug, PartialEq)]
+    struct Workspace {
+        name: String,
+        size: u64,
+    }
+
+    #[test]
+    fn new_event_has_contract_identity() {
+        let event = new_event(
+            "cyverse.workspace.created",
+            "ws",
+            &Workspace {
+                name: "a".into(),
+                size: 1,
+            },
+        )
+        .unwrap();
+        let id = event.id();
+        assert!(id.starts_with("cloudevent-"), "{id}");
+        assert_eq!(id.len(), 31);
+        let tid = event.transaction_id().unwrap();
+        assert!(tid.as_str().starts_with("tid-"));
+        assert_eq!(event.datacontenttype(), Some(JSON_CONTENT_TYPE));
+        let time = event.time().unwrap();
+        let age = chrono::Utc::now() - *time;
+        assert!(age.num_seconds() < 5 && age.num_seconds() >= 0);
+        assert_eq!(event.specversion(), cloudevents::event::SpecVersion::V10);
+    }
+
+    #[test]
+    fn data_as_reads_json_binary_and_string_data() {
+        let mut event = new_event("t", "s", &Workspace {
+            name: "é x".into(),
+            size: 9,
+        })
+        .unwrap();
+        let expected = Workspace {
+            name: "é x".into(),
+            size: 9,
+        };
+        assert_eq!(event.data_as::<Workspace>().unwrap(), expected);
+        event.set_data_unchecked(br#"{"name":"\u00e9 x","size":9}"#.to_vec());
+        assert_eq!(event.data_as::<Workspace>().unwrap(), expected);
+        event.set_data_unchecked(r#"{"name":"é x","size":9}"#);
+        assert_eq!(event.data_as::<Workspace>().unwrap(), expected);
+    }
+
+    #[test]
+    fn data_as_wrong_type_is_a_typed_error_naming_the_event() {
+        let event = new_event("t", "s", &"not a workspace").unwrap();
+        let err = event.data_as::<Workspace>().unwrap_err();
+        assert_eq!(err.kind(), EventErrorKind::DataDeserialize);
+        assert!(err.to_string().contains(event.id()), "{err}");
+    }
+
+    #[test]
+    fn missing_data_is_no_data() {
+        let event = EventBuilderV10::new()
+            .id("x")
+            .ty("t")
+            .source("s")
+            .build()
+            .unwrap();
+        assert_eq!(
+            event.data_as::<u32>().unwrap_err().kind(),
+            EventErrorKind::NoData
+        );
+    }
+
+    #[test]
+    fn given_tid_is_kept_and_auto_source_is_populated() {
+        let tid = TransactionId::generate();
+        let event = new_event_with_tid("t", "s", &1, tid.clone()).unwrap();
+        assert_eq!(event.transaction_id(), Some(tid));
+
+        let mut event = new_event_auto_source("t", &1).unwrap();
+        assert!(needs_source(&event));
+        populate_source(&mut event, "svc");
+        assert_eq!(event.source().as_str(), "svc");
+        populate_source(&mut event, "other");
+        assert_eq!(event.source().as_str(), "svc", "an explicit source is kept");
+    }
+
+    #[test]
+    fn ids_are_unique() {
+        let ids: std::collections::HashSet<String> = (0..1000).map(|_| new_event_id()).collect();
+        assert_eq!(ids.len(), 1000);
+    }
+}

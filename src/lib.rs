@@ -1,0 +1,24 @@
+//! # ce-messaging
+//!
+//! CloudEvents over NATS for Rust microservices. Services are written against two traits and
+//! never touch NATS directly:
+//!
+//! - [`QueryConnection`](query::QueryConnection): request/reply over core NATS (one reply, reply
+//!   streams, scatter-gather) and listeners served by a bounded worker pool.
+//! - [`EventConnection`](events::EventConnection): persisted events over JetStream (publish after
+//!   the server stored them, durable listeners with ack/nak/dead letters, request/response
+//!   promises matched by transaction id, and a dynamic [`EventSource`](event_source::EventSource)).
+//!
+//! The wire format (structured and binary CloudEvents content modes, subjects, headers) is
+//! implemented by [`codec`]; configuration comes from environment variables through [`config`].
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod codec;
+pub mod config;
+pub mod error;
+pub mod event;
+
+/// The CloudEvents SDK types users need (`Event`, `AttributesReader`, ...), re-exported.
+pub use cloudevents;
+pub use cloudevents::Event;
