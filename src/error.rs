@@ -389,6 +389,20 @@ error_kind! {
     }
 }
 
+error_kind! {
+    /// What went wrong answering a query through a `ReplyWriter`.
+    ReplyErrorKind {
+        /// A reply (or error reply) was already sent for this request.
+        AlreadyReplied => "already replied",
+        /// The reply could not be encoded.
+        Encode => "reply could not be encoded",
+        /// The reply could not be sent.
+        Send => "reply could not be sent",
+        /// A reply stream grew past its bound.
+        TooMany => "too many replies",
+    }
+}
+
 /// Error creating an event or reading its data.
 pub type EventError = Error<EventErrorKind>;
 /// Error decoding a NATS message into a CloudEvent.
@@ -405,6 +419,8 @@ pub type RequestError = Error<RequestErrorKind>;
 pub type ListenError = Error<ListenErrorKind>;
 /// Error creating or updating streams.
 pub type StreamError = Error<StreamErrorKind>;
+/// Error answering a query.
+pub type ReplyError = Error<ReplyErrorKind>;
 /// Error waiting for response events.
 pub type ResponseError = Error<ResponseErrorKind>;
 
@@ -525,7 +541,10 @@ mod tests {
         let err = RemoteError::new(404, "no handler for op").into_request_error();
         let remote = RemoteError::of(&err).expect("remote source");
         assert_eq!((remote.code(), remote.text()), (404, "no handler for op"));
-        assert_eq!(err.to_string(), "remote error: no handler for op (code 404)");
+        assert_eq!(
+            err.to_string(),
+            "remote error: no handler for op (code 404)"
+        );
     }
 
     #[test]

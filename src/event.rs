@@ -394,10 +394,14 @@ mod tests {
 
     #[test]
     fn data_as_reads_json_binary_and_string_data() {
-        let mut event = new_event("t", "s", &Workspace {
-            name: "é x".into(),
-            size: 9,
-        })
+        let mut event = new_event(
+            "t",
+            "s",
+            &Workspace {
+                name: "é x".into(),
+                size: 9,
+            },
+        )
         .unwrap();
         let expected = Workspace {
             name: "é x".into(),

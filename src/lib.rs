@@ -18,6 +18,11 @@ pub mod codec;
 pub mod config;
 pub mod error;
 pub mod event;
+pub mod handler;
+pub mod headers;
+pub mod listener;
+pub mod query;
+mod worker;
 
 /// The CloudEvents SDK types users need (`Event`, `AttributesReader`, ...), re-exported.
 pub use cloudevents;

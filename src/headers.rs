@@ -1,0 +1,52 @@
+//! The NATS header names fixed by the wire contract, and a helper to put free text into a header
+//! value without panicking.
+//!
+//! # Examples
+//!
+//! ```
+//! use ce_messaging::headers::{text_value, SERVICE_ERROR};
+//! let mut headers = ce_messaging::codec::HeaderMap::new();
+//! headers.insert(SERVICE_ERROR, text_value("line one\r\nline two"));
+//! assert_eq!(headers.get(SERVICE_ERROR).unwrap().as_str(), "line one  line two");
+//! ```
+
+use async_nats::HeaderValue;
+
+/// Error text of an error reply (NATS service API convention).
+pub const SERVICE_ERROR: &str = "Nats-Service-Error";
+/// Error code of an error reply: 400 bad request, 404 unknown op, 500 handler failure.
+pub const SERVICE_ERROR_CODE: &str = "Nats-Service-Error-Code";
+/// 0-based index of a reply in a reply stream.
+pub const REPLY_STREAM_INDEX: &str = "Reply-Stream-Index";
+/// Number of replies in a reply stream.
+pub const REPLY_STREAM_TOTAL: &str = "Reply-Stream-Total";
+/// JetStream de-duplication id (set to the event id).
+pub const NATS_MSG_ID: &str = "Nats-Msg-Id";
+/// Why an event was dead-lettered: `decode`, `rejected` or `max-deliveries`.
+pub const DEAD_LETTER_REASON: &str = "Dead-Letter-Reason";
+/// The error that dead-lettered an event.
+pub const DEAD_LETTER_ERROR: &str = "Dead-Letter-Error";
+/// The subject the dead-lettered event was published on.
+pub const DEAD_LETTER_SUBJECT: &str = "Dead-Letter-Subject";
+/// The stream sequence of the dead-lettered event in its original stream.
+pub const DEAD_LETTER_STREAM_SEQ: &str = "Dead-Letter-Stream-Seq";
+/// How many times the event had been delivered when it was dead-lettered.
+pub const DEAD_LETTER_DELIVERIES: &str = "Dead-Letter-Deliveries";
+
+/// Turns free text (error messages) into a header value: line breaks become spaces, so the
+/// value can never make `HeaderMap::insert` panic.
+///
+/// # Examples
+///
+/// ```
+/// let v = ce_messaging::headers::text_value("a\nb");
+/// assert_eq!(v.as_str(), "a b");
+/// ```
+pub fn text_value(text: &str) -> HeaderValue {
+    let clean: String = text
+        .chars()
+        .map(|c| if c == '\r' || c == '\n' { ' ' } else { c })
+        .collect();
+    // Invariant: `clean` has no CR or LF, the only characters async-nats rejects in a value.
+    clean.parse().unwrap_or_default()
+}

@@ -1,0 +1,214 @@
+//! [`Listener`]: the handle every `listen` returns, for queries and events alike, and the
+//! [`StopReport`] a graceful stop produces.
+//!
+//! A listener runs until it is stopped ([`Listener::stop`], or cancelling its
+//! [`cancellation_token`](Listener::cancellation_token)), or until its connection closes.
+//! Dropping the handle does **not** stop it (like dropping a `JoinHandle`).
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::worker::WorkerPool;
+
+/// What a stop did.
+///
+/// # Examples
+///
+/// ```
+/// let report = ce_messaging::listener::StopReport::default();
+/// assert_eq!(report.finished + report.abandoned + report.requeued, 0);
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StopReport {
+    /// Items that were in flight or queued when the stop began and finished within the grace
+    /// period (handler ran, reply sent / event settled).
+    pub finished: u64,
+    /// Items cut off when the grace period ran out (events: nak'ed for immediate redelivery).
+    pub abandoned: u64,
+    /// Queued events that were not started and were handed back at once (nak).
+    pub requeued: u64,
+    /// How long the stop took.
+    pub elapsed: Duration,
+    /// Items finished over the listener's whole life.
+    pub handled_total: u64,
+}
+
+type StopFn =
+    Box<dyn FnOnce(Duration, bool) -> futures::future::BoxFuture<'static, StopReport> + Send>;
+
+struct Shared {
+    token: CancellationToken,
+    grace: Mutex<Duration>,
+    crash: std::sync::atomic::AtomicBool,
+    report: watch::Receiver<Option<StopReport>>,
+}
+
+/// The handle of a running listener.
+///
+/// `Listener` is cheap to clone; all clones control the same listener.
+///
+/// # Examples
+///
+/// ```
+/// # async fn demo(listener: ce_messaging::listener::Listener) {
+/// use std::time::Duration;
+/// let token = listener.cancellation_token();
+/// // ... elsewhere, e.g. on SIGTERM: token.cancel();
+/// let report = listener.stop(Duration::from_secs(10)).await;
+/// println!("finished {} abandoned {}", report.finished, report.abandoned);
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct Listener {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Listener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Listener")
+            .field("stopped", &self.is_stopped())
+            .finish()
+    }
+}
+
+impl Listener {
+    /// Wraps a worker pool: a supervisor task stops the pool when the token is cancelled and
+    /// publishes the report. The backend's intake loop (spawned on the pool) watches the
+    /// pool's `stopping` token and unsubscribes / stops pulling itself.
+    pub(crate) fn supervise<M: Send + 'static>(
+        pool: WorkerPool<M>,
+        default_grace: Duration,
+        token: CancellationToken,
+    ) -> Self {
+        let stop: StopFn = Box::new(move |grace, crash| Box::pin(pool.stop(grace, crash)));
+        Self::from_stop_fn(stop, default_grace, token)
+    }
+
+    fn from_stop_fn(stop: StopFn, default_grace: Duration, token: CancellationToken) -> Self {
+        let (tx, rx) = watch::channel(None);
+        let shared = Arc::new(Shared {
+            token: token.clone(),
+            grace: Mutex::new(default_grace),
+            crash: std::sync::atomic::AtomicBool::new(false),
+            report: rx,
+        });
+        let grace_source = shared.clone();
+        tokio::spawn(async move {
+            token.cancelled().await;
+            let grace = grace_source
+                .grace
+                .lock()
+                .map(|g| *g)
+                .unwrap_or(default_grace);
+            let crash = grace_source.crash.load(std::sync::atomic::Ordering::SeqCst);
+            drop(grace_source);
+            let report = stop(grace, crash).await;
+            // The receiver side lives in `Shared`; if every handle is gone nobody waits.
+            let _ = tx.send(Some(report));
+        });
+        Listener { shared }
+    }
+
+    /// Stops gracefully: no new messages are taken, in-flight handlers get up to `grace` to
+    /// finish (and reply / ack), what is left is abandoned (events: nak'ed so they are
+    /// redelivered at once). Returns when no handler of this listener runs any more.
+    ///
+    /// Calling it again, or on a clone, waits for the same stop and returns the same report.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the returned future does not undo the stop; it continues in the background.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # async fn demo(listener: ce_messaging::listener::Listener) {
+    /// let report = listener.stop(std::time::Duration::from_secs(5)).await;
+    /// assert!(listener.is_stopped());
+    /// # }
+    /// ```
+    pub async fn stop(&self, grace: Duration) -> StopReport {
+        if !self.shared.token.is_cancelled() {
+            if let Ok(mut g) = self.shared.grace.lock() {
+                *g = grace;
+            }
+            self.shared.token.cancel();
+        }
+        self.stopped().await
+    }
+
+    /// Stops at once as if the process had died: handlers are dropped, nothing is acked or
+    /// nak'ed (events are redelivered after their ack wait). Meant for tests and for
+    /// emergencies; prefer [`stop`](Self::stop).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # async fn demo(listener: ce_messaging::listener::Listener) {
+    /// listener.abort().await;
+    /// # }
+    /// ```
+    pub async fn abort(&self) -> StopReport {
+        self.shared
+            .crash
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.stop(Duration::ZERO).await
+    }
+
+    /// Waits until the listener has stopped (by [`stop`](Self::stop), its token, or its
+    /// connection closing) and returns the report.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # async fn demo(listener: ce_messaging::listener::Listener) {
+    /// let report = listener.stopped().await;
+    /// println!("{report:?}");
+    /// # }
+    /// ```
+    pub async fn stopped(&self) -> StopReport {
+        let mut rx = self.shared.report.clone();
+        loop {
+            if let Some(report) = *rx.borrow_and_update() {
+                return report;
+            }
+            if rx.changed().await.is_err() {
+                // The supervisor is gone without a report: only possible if the runtime shut
+                // down under it. Nothing runs any more.
+                return StopReport::default();
+            }
+        }
+    }
+
+    /// Whether the stop has completed.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # fn demo(listener: ce_messaging::listener::Listener) {
+    /// if !listener.is_stopped() { /* still serving */ }
+    /// # }
+    /// ```
+    pub fn is_stopped(&self) -> bool {
+        self.shared.report.borrow().is_some()
+    }
+
+    /// A token that stops the listener (with the default grace period) when cancelled; hand it
+    /// to whatever decides when the service shuts down.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # fn demo(listener: ce_messaging::listener::Listener) {
+    /// let token = listener.cancellation_token();
+    /// token.cancel(); // begins a graceful stop
+    /// # }
+    /// ```
+    pub fn cancellation_token(&self) -> CancellationToken {
+        self.shared.token.clone()
+    }
+}

@@ -1,0 +1,1201 @@
+//! Queries over request/reply: the [`QueryConnection`] trait, query handlers and the
+//! [`ReplyWriter`] they answer through, and the [`ReplyStream`] of a request that gets many
+//! replies (one replier streaming, or scatter-gather from many).
+//!
+//! The rules of the wire contract (error replies with `Nats-Service-Error[-Code]`, reply
+//! streams with `Reply-Stream-Index/Total`, the transaction id carried to the reply, the reply in
+//! the request's content mode) live here once; backends only move bytes.
+//!
+//! # Examples
+//!
+//! ```
+//! use ce_messaging::query::{handler_fn, typed_handler, QueryHandlers, TypedRequest};
+//! use ce_messaging::handler::HandlerError;
+//!
+//! #[derive(serde::Deserialize)]
+//! struct Get { name: String }
+//! #[derive(serde::Serialize)]
+//! struct Workspace { name: String, size: u64 }
+//!
+//! let handlers = QueryHandlers::new()
+//!     .on("cyverse.workspace.get", typed_handler(|req: TypedRequest<Get>| async move {
+//!         Ok::<_, HandlerError>(Workspace { name: req.data.name, size: 42 })
+//!     }))
+//!     .on("cyverse.workspace.ping", handler_fn(|request, reply| async move {
+//!         reply.reply_data("cyverse.workspace.pong", &"pong").await?;
+//!         Ok(())
+//!     }));
+//! assert_eq!(handlers.len(), 2);
+//! ```
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use cloudevents::{AttributesReader, Event};
+use futures::stream::BoxStream;
+use futures::{FutureExt, Stream, StreamExt};
+use serde::{de::DeserializeOwned, Serialize};
+
+use crate::codec::{self, ContentMode, HeaderMap};
+use crate::error::{
+    BoxError, Error, ListenError, RemoteError, ReplyError, ReplyErrorKind, RequestError,
+    RequestErrorKind,
+};
+use crate::event::{new_event_with_tid, populate_source, EventExt, QueryOp, TransactionId};
+use crate::handler::{call_handler, HandlerError};
+use crate::headers::{
+    text_value, REPLY_STREAM_INDEX, REPLY_STREAM_TOTAL, SERVICE_ERROR, SERVICE_ERROR_CODE,
+};
+use crate::listener::Listener;
+use crate::worker::{Outcome, WorkContext};
+
+/// The most replies a buffered [`ReplyStreamWriter`] holds before it refuses more.
+pub const MAX_BUFFERED_REPLIES: usize = 100_000;
+
+/// Sends queries and serves them.
+///
+/// Implemented by [`NatsQueries`](crate::nats::NatsQueries) (core NATS) and by the in-memory
+/// backend. Write services against this trait.
+///
+/// # Examples
+///
+/// ```no_run
+/// use ce_messaging::query::QueryConnection;
+/// use ce_messaging::event::new_event;
+///
+/// async fn get_workspace(queries: &dyn QueryConnection) -> Result<(), Box<dyn std::error::Error>> {
+///     let request = new_event("cyverse.workspace.get", "client", &serde_json::json!({"name": "w1"}))?;
+///     let reply = queries.request(request).await?;
+///     println!("{reply}");
+///     Ok(())
+/// }
+/// ```
+#[async_trait]
+pub trait QueryConnection: Send + Sync {
+    /// The timeout [`request`](Self::request) uses (from `NATS_REQUEST_TIMEOUT`).
+    fn default_timeout(&self) -> Duration;
+
+    /// Sends a query and waits for its one reply, up to [`default_timeout`](Self::default_timeout).
+    ///
+    /// The request's `source` is filled in when empty or `AUTO_POPULATE`, and it gets a
+    /// transaction id when it has none; the reply carries that transaction id.
+    ///
+    /// Errors, by [`RequestErrorKind`]: `TimedOut`, `NoResponders` (at once), `Remote` (see
+    /// [`RemoteError::of`]), `Decode`, `Encode`, `ConnectionClosed`.
+    async fn request(&self, request: Event) -> Result<Event, RequestError> {
+        self.request_with_timeout(request, self.default_timeout())
+            .await
+    }
+
+    /// Like [`request`](Self::request) with a timeout of its own (clamped to
+    /// [`MAX_REQUEST_TIMEOUT`](crate::config::MAX_REQUEST_TIMEOUT)).
+    async fn request_with_timeout(
+        &self,
+        request: Event,
+        timeout: Duration,
+    ) -> Result<Event, RequestError>;
+
+    /// Sends a query and returns the stream of its replies: the replies of one replier that
+    /// streams (ends after `Reply-Stream-Total`), or of many repliers (ends on the first of the
+    /// [`ReplyStreamOptions`] strategies).
+    async fn request_stream(
+        &self,
+        request: Event,
+        options: ReplyStreamOptions,
+    ) -> Result<ReplyStream, RequestError>;
+
+    /// Serves the given query ops until the returned [`Listener`] is stopped.
+    async fn listen(
+        &self,
+        handlers: QueryHandlers,
+        options: QueryListenOptions,
+    ) -> Result<Listener, ListenError>;
+}
+
+/// Handles one query op.
+///
+/// Most handlers are closures wrapped by [`handler_fn`] or [`typed_handler`]; implement the
+/// trait for a struct that holds state.
+///
+/// # Examples
+///
+/// ```
+/// use ce_messaging::query::{QueryHandler, ReplyWriter};
+/// use ce_messaging::handler::HandlerError;
+/// use ce_messaging::Event;
+///
+/// struct Echo;
+///
+/// #[async_trait::async_trait]
+/// impl QueryHandler for Echo {
+///     async fn handle(&self, request: Event, reply: ReplyWriter) -> Result<(), HandlerError> {
+///         let mut answer = request.clone();
+///         cloudevents::AttributesWriter::set_id(&mut answer, ce_messaging::event::new_event_id());
+///         reply.reply(answer).await?;
+///         Ok(())
+///     }
+/// }
+/// ```
+#[async_trait]
+pub trait QueryHandler: Send + Sync + 'static {
+    /// Handles `request` and answers through `reply`. An `Err` becomes an error reply with the
+    /// error's code (default 500); returning `Ok` without replying is answered with a 500.
+    async fn handle(&self, request: Event, reply: ReplyWriter) -> Result<(), HandlerError>;
+}
+
+struct FnHandler<F>(F);
+
+#[async_trait]
+impl<F, Fut> QueryHandler for FnHandler<F>
+where
+    F: Fn(Event, ReplyWriter) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
+{
+    async fn handle(&self, request: Event, reply: ReplyWriter) -> Result<(), HandlerError> {
+        (self.0)(request, reply).await
+    }
+}
+
+/// Makes a [`QueryHandler`] of an async closure taking the request and a [`ReplyWriter`].
+///
+/// # Examples
+///
+/// ```
+/// use ce_messaging::query::handler_fn;
+/// let handler = handler_fn(|request, reply| async move {
+///     reply.reply_data("org.example.pong", &"pong").await?;
+///     Ok(())
+/// });
+/// # let _ = handler;
+/// ```
+pub fn handler_fn<F, Fut>(f: F) -> impl QueryHandler
+where
+    F: Fn(Event, ReplyWriter) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
+{
+    FnHandler(f)
+}
+
+/// A request whose data was deserialized for a [`typed_handler`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct TypedRequest<T> {
+    /// The request data.
+    pub data: T,
+    /// The whole request event (attributes, extensions).
+    pub event: Event,
+}
+
+struct TypedHandler<F, T, R>(F, std::marker::PhantomData<fn(T) -> R>);
+
+#[async_trait]
+impl<F, Fut, T, R> QueryHandler for TypedHandler<F, T, R>
+where
+    F: Fn(TypedRequest<T>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<R, HandlerError>> + Send + 'static,
+    T: DeserializeOwned + Send + 'static,
+    R: Serialize + Send + 'static,
+{
+    async fn handle(&self, request: Event, reply: ReplyWriter) -> Result<(), HandlerError> {
+        let data: T = request
+            .data_as()
+            .map_err(|e| HandlerError::permanent(e.to_string()).with_code(400))?;
+        let reply_type = format!("{}.reply", request.ty());
+        let answer = (self.0)(TypedRequest {
+            data,
+            event: request,
+        })
+        .await?;
+        // Serialize before awaiting so that `R` need not be `Sync`.
+        let event = reply.new_reply_event(&reply_type, &answer)?;
+        reply.reply(event).await?;
+        Ok(())
+    }
+}
+
+/// Makes a [`QueryHandler`] of an async closure that takes the deserialized request data and
+/// returns the reply data. The reply is an event of type `<op>.reply`; request data that does
+/// not deserialize is answered with a 400.
+///
+/// # Examples
+///
+/// ```
+/// use ce_messaging::query::{typed_handler, TypedRequest};
+/// use ce_messaging::handler::HandlerError;
+///
+/// let double = typed_handler(|req: TypedRequest<u64>| async move {
+///     Ok::<_, HandlerError>(req.data * 2)
+/// });
+/// # let _ = double;
+/// ```
+pub fn typed_handler<F, Fut, T, R>(f: F) -> impl QueryHandler
+where
+    F: Fn(TypedRequest<T>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<R, HandlerError>> + Send + 'static,
+    T: DeserializeOwned + Send + 'static,
+    R: Serialize + Send + 'static,
+{
+    TypedHandler(f, std::marker::PhantomData)
+}
+
+/// The handlers of a query listener, by op.
+///
+/// # Examples
+///
+/// ```
+/// use ce_messaging::query::{handler_fn, QueryHandlers};
+/// let handlers = QueryHandlers::new().on("org.example.ping", handler_fn(|_, reply| async move {
+///     reply.reply_data("org.example.pong", &()).await?;
+///     Ok(())
+/// }));
+/// assert!(handlers.ops().any(|op| op == "org.example.ping"));
+/// ```
+#[derive(Clone, Default)]
+pub struct QueryHandlers {
+    map: HashMap<String, Arc<dyn QueryHandler>>,
+}
+
+impl std::fmt::Debug for QueryHandlers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set().entries(self.map.keys()).finish()
+    }
+}
+
+impl QueryHandlers {
+    /// No handlers yet.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// assert!(ce_messaging::query::QueryHandlers::new().is_empty());
+    /// ```
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds (or replaces) the handler of `op`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use ce_messaging::query::{handler_fn, QueryHandlers};
+    /// let h = QueryHandlers::new().on("a.b", handler_fn(|_, _| async { Ok(()) }));
+    /// assert_eq!(h.len(), 1);
+    /// ```
+    #[must_use]
+    pub fn on(mut self, op: impl Into<QueryOp>, handler: impl QueryHandler) -> Self {
+        self.map.insert(op.into().into_string(), Arc::new(handler));
+        self
+    }
+
+    /// The ops handled.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// assert_eq!(ce_messaging::query::QueryHandlers::new().ops().count(), 0);
+    /// ```
+    pub fn ops(&self) -> impl Iterator<Item = &str> {
+        self.map.keys().map(String::as_str)
+    }
+
+    /// Number of ops handled.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// assert_eq!(ce_messaging::query::QueryHandlers::new().len(), 0);
+    /// ```
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Whether there are no handlers.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// assert!(ce_messaging::query::QueryHandlers::new().is_empty());
+    /// ```
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    pub(crate) fn get(&self, op: &str) -> Option<&Arc<dyn QueryHandler>> {
+        self.map.get(op)
+    }
+}
+
+/// How a query listener runs.
+///
+/// # Examples
+///
+/// ```
+/// use ce_messaging::query::QueryListenOptions;
+/// use std::time::Duration;
+/// let options = QueryListenOptions { workers: 4, buffer: 64, ..Default::default() };
+/// assert_eq!(options.grace, Duration::from_secs(30));
+/// ```
+#[derive(Debug, Clone)]
+pub struct QueryListenOptions {
+    /// At most this many handlers run at once.
+    pub workers: usize,
+    /// At most this many requests wait for a worker; beyond that the listener stops reading
+    /// (backpressure).
+    pub buffer: usize,
+    /// How long in-flight handlers get to finish when the listener is stopped by its token.
+    pub grace: Duration,
+    /// Subscribe to this subject (e.g. `cyverse.>`) and dispatch by type, instead of one
+    /// subscription per op. `None`: `NATS_WILDCARD_SUBJECT` from the configuration, if set.
+    pub wildcard_subject: Option<String>,
+    /// The queue group; `None`: `NATS_QUEUE_GROUP` from the configuration.
+    pub queue_group: Option<String>,
+}
+
+impl Default for QueryListenOptions {
+    fn default() -> Self {
+        QueryListenOptions {
+            workers: 16,
+            buffer: 256,
+            grace: Duration::from_secs(30),
+            wildcard_subject: None,
+            queue_group: None,
+        }
+    }
+}
+
+impl QueryListenOptions {
+    pub(crate) fn validate(&self, handlers: &QueryHandlers) -> Result<(), ListenError> {
+        use crate::error::ListenErrorKind::InvalidOptions;
+        if handlers.is_empty() {
+            return Err(Error::with_detail(InvalidOptions, "no query handlers"));
+        }
+        if self.workers == 0 || self.buffer == 0 {
+            return Err(Error::with_detail(
+                InvalidOptions,
+                "workers and buffer must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// When a [`ReplyStream`] ends, besides a replier's `Reply-Stream-Total` (the NATS "request
+/// many" strategies; the first one reached wins).
+///
+/// # Examples
+///
+/// ```
+/// use ce_messaging::query::ReplyStreamOptions;
+/// use std::time::Duration;
+///
+/// // scatter-gather: up to 5 answers, at most 2 s, give up after 200 ms of silence
+/// let options = ReplyStreamOptions::default()
+///     .max_replies(5)
+///     .deadline(Duration::from_secs(2))
+///     .stall(Duration::from_millis(200));
+/// assert_eq!(options.max_replies, Some(5));
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct ReplyStreamOptions {
+    /// End after this many replies.
+    pub max_replies: Option<usize>,
+    /// End this long after the request was sent; `None`: the connection's request timeout.
+    pub deadline: Option<Duration>,
+    /// End when no reply arrived for this long (after the first one).
+    pub stall: Option<Duration>,
+    /// End on an empty-payload message (a replier's "no more" sentinel).
+    pub sentinel: bool,
+}
+
+impl ReplyStreamOptions {
+    /// Sets [`max_replies`](Self::max_replies).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let o = ce_messaging::query::ReplyStreamOptions::default().max_replies(3);
+    /// assert_eq!(o.max_replies, Some(3));
+    /// ```
+    #[must_use]
+    pub fn max_replies(mut self, n: usize) -> Self {
+        self.max_replies = Some(n);
+        self
+    }
+
+    /// Sets [`deadline`](Self::deadline).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let o = ce_messaging::query::ReplyStreamOptions::default().deadline(std::time::Duration::from_secs(1));
+    /// assert!(o.deadline.is_some());
+    /// ```
+    #[must_use]
+    pub fn deadline(mut self, d: Duration) -> Self {
+        self.deadline = Some(d);
+        self
+    }
+
+    /// Sets [`stall`](Self::stall).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let o = ce_messaging::query::ReplyStreamOptions::default().stall(std::time::Duration::from_millis(100));
+    /// assert!(o.stall.is_some());
+    /// ```
+    #[must_use]
+    pub fn stall(mut self, d: Duration) -> Self {
+        self.stall = Some(d);
+        self
+    }
+
+    /// Sets [`sentinel`](Self::sentinel).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// assert!(ce_messaging::query::ReplyStreamOptions::default().sentinel(true).sentinel);
+    /// ```
+    #[must_use]
+    pub fn sentinel(mut self, on: bool) -> Self {
+        self.sentinel = on;
+        self
+    }
+}
+
+/// The replies of a [`QueryConnection::request_stream`], as they arrive.
+///
+/// A `futures::Stream` of `Result<Event, RequestError>`; an error reply from one replier is
+/// yielded as an `Err` item (`Remote`) and the stream goes on. A stream that gets no reply at
+/// all before its deadline yields one `TimedOut` error; a replier's stream that stops short of
+/// its `Reply-Stream-Total` yields `TimedOut` too.
+///
+/// # Examples
+///
+/// ```no_run
+/// # async fn demo(queries: &dyn ce_messaging::query::QueryConnection, request: ce_messaging::Event)
+/// # -> Result<(), ce_messaging::error::RequestError> {
+/// use ce_messaging::query::ReplyStreamOptions;
+/// let mut replies = queries.request_stream(request, ReplyStreamOptions::default()).await?;
+/// let first = replies.expect_next().await?;
+/// while let Some(reply) = replies.next().await {
+///     println!("{}", reply?);
+/// }
+/// # Ok(()) }
+/// ```
+pub struct ReplyStream {
+    inner: BoxStream<'static, Result<Event, RequestError>>,
+}
+
+impl std::fmt::Debug for ReplyStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplyStream").finish_non_exhaustive()
+    }
+}
+
+impl ReplyStream {
+    /// The next reply, or `None` when the stream ended.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: a reply not returned stays in the stream.
+    pub async fn next(&mut self) -> Option<Result<Event, RequestError>> {
+        self.inner.next().await
+    }
+
+    /// The next reply; the end of the stream is a `TimedOut` error.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe, as [`next`](Self::next).
+    pub async fn expect_next(&mut self) -> Result<Event, RequestError> {
+        match self.inner.next().await {
+            Some(result) => result,
+            None => Err(Error::with_detail(
+                RequestErrorKind::TimedOut,
+                "reply stream ended",
+            )),
+        }
+    }
+
+    /// All remaining replies; the first error ends collection.
+    pub async fn collect_all(mut self) -> Result<Vec<Event>, RequestError> {
+        let mut out = Vec::new();
+        while let Some(item) = self.inner.next().await {
+            out.push(item?);
+        }
+        Ok(out)
+    }
+
+    /// Builds a reply stream from raw replies (the backend's part) and the termination rules.
+    pub(crate) fn from_raw(
+        raw: BoxStream<'static, RawReply>,
+        options: &ReplyStreamOptions,
+        default_deadline: Duration,
+    ) -> Self {
+        let deadline = tokio::time::Instant::now() + options.deadline.unwrap_or(default_deadline);
+        let state = StreamState {
+            raw,
+            deadline,
+            stall: options.stall,
+            last: None,
+            max: options.max_replies,
+            sentinel: options.sentinel,
+            received: 0,
+            total: None,
+            done: false,
+        };
+        let inner = futures::stream::unfold(state, |mut st| async move {
+            if st.done {
+                return None;
+            }
+            let wake = match (st.stall, st.last) {
+                (Some(stall), Some(last)) => st.deadline.min(last + stall),
+                _ => st.deadline,
+            };
+            tokio::select! {
+                item = st.raw.next() => match item {
+                    None => {
+                        st.done = true;
+                        st.incomplete_error().map(|e| (Err(e), st))
+                    }
+                    Some(RawReply::NoResponders) => {
+                        st.done = true;
+                        Some((Err(Error::new(RequestErrorKind::NoResponders)), st))
+                    }
+                    Some(RawReply::Message { headers, payload }) => {
+                        if st.sentinel && payload.is_empty() && !is_error_reply(headers.as_ref()) {
+                            st.done = true;
+                            return st.incomplete_error().map(|e| (Err(e), st));
+                        }
+                        st.received += 1;
+                        st.last = Some(tokio::time::Instant::now());
+                        let result = interpret_reply(headers.as_ref(), &payload).map(|(event, position)| {
+                            if let Some((_, total)) = position {
+                                st.total = Some(total);
+                            }
+                            event
+                        });
+                        if st.total.is_some_and(|t| st.received >= t)
+                            || st.max.is_some_and(|m| st.received >= m)
+                        {
+                            st.done = true;
+                        }
+                        Some((result, st))
+                    }
+                },
+                _ = tokio::time::sleep_until(wake) => {
+                    st.done = true;
+                    if st.received == 0 {
+                        Some((Err(Error::with_detail(RequestErrorKind::TimedOut, "no reply before the deadline")), st))
+                    } else {
+                        st.incomplete_error().map(|e| (Err(e), st))
+                    }
+                }
+            }
+        });
+        ReplyStream {
+            inner: inner.boxed(),
+        }
+    }
+}
+
+struct StreamState {
+    raw: BoxStream<'static, RawReply>,
+    deadline: tokio::time::Instant,
+    stall: Option<Duration>,
+    last: Option<tokio::time::Instant>,
+    max: Option<usize>,
+    sentinel: bool,
+    received: usize,
+    total: Option<usize>,
+    done: bool,
+}
+
+impl StreamState {
+    fn incomplete_error(&self) -> Option<RequestError> {
+        match self.total {
+            Some(total) if self.received < total => Some(Error::with_detail(
+                RequestErrorKind::TimedOut,
+                format!(
+                    "reply stream incomplete: {} of {total} replies",
+                    self.received
+                ),
+            )),
+            _ => None,
+        }
+    }
+}
+
+impl Stream for ReplyStream {
+    type Item = Result<Event, RequestError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.inner.poll_next_unpin(cx)
+    }
+}
+
+/// A raw reply as a backend receives it.
+#[derive(Debug)]
+pub(crate) enum RawReply {
+    /// A message on the reply subject.
+    Message {
+        headers: Option<HeaderMap>,
+        payload: Bytes,
+    },
+    /// The server said nobody listens (NATS status 503).
+    NoResponders,
+}
+
+fn header<'a>(headers: Option<&'a HeaderMap>, name: &str) -> Option<&'a str> {
+    headers.and_then(|h| h.get(name)).map(|v| v.as_str())
+}
+
+fn is_error_reply(headers: Option<&HeaderMap>) -> bool {
+    header(headers, SERVICE_ERROR_CODE).is_some() || header(headers, SERVICE_ERROR).is_some()
+}
+
+/// Reads a reply: an error reply becomes `Remote`, otherwise the event is decoded. Returns the
+/// stream position (`index`, `total`) when the reply is part of a reply stream.
+pub(crate) fn interpret_reply(
+    headers: Option<&HeaderMap>,
+    payload: &Bytes,
+) -> Result<(Event, Option<(usize, usize)>), RequestError> {
+    if is_error_reply(headers) {
+        let text = header(headers, SERVICE_ERROR).unwrap_or("remote error");
+        let code = header(headers, SERVICE_ERROR_CODE)
+            .and_then(|c| c.trim().parse().ok())
+            .unwrap_or(500);
+        return Err(RemoteError::new(code, text).into_request_error());
+    }
+    let event =
+        codec::decode(headers, payload).map_err(|e| e.map_kind(|_| RequestErrorKind::Decode))?;
+    let position = match (
+        header(headers, REPLY_STREAM_INDEX).and_then(|v| v.trim().parse().ok()),
+        header(headers, REPLY_STREAM_TOTAL).and_then(|v| v.trim().parse().ok()),
+    ) {
+        (Some(index), Some(total)) => Some((index, total)),
+        _ => None,
+    };
+    Ok((event, position))
+}
+
+/// Fills in what a request needs before it is sent: the source and a transaction id.
+pub(crate) fn prepare_request(request: &mut Event, source: &str) {
+    populate_source(request, source);
+    if request.transaction_id().is_none() {
+        request.set_transaction_id(&TransactionId::generate());
+    }
+}
+
+/// The content mode a message was sent in (binary when `ce-specversion` is present).
+pub(crate) fn content_mode_of(headers: Option<&HeaderMap>) -> ContentMode {
+    let binary = headers.is_some_and(|h| {
+        h.iter()
+            .any(|(name, _)| name.to_string().eq_ignore_ascii_case("ce-specversion"))
+    });
+    if binary {
+        ContentMode::Binary
+    } else {
+        ContentMode::Structured
+    }
+}
+
+/// Where a backend sends replies to one request.
+#[async_trait]
+pub(crate) trait ReplyTarget: Send + Sync {
+    async fn send(&self, headers: HeaderMap, payload: Bytes) -> Result<(), BoxError>;
+}
+
+struct ReplyState {
+    sent: bool,
+    buffered: Vec<Event>,
+}
+
+struct ReplyInner {
+    target: Arc<dyn ReplyTarget>,
+    op: String,
+    request_tid: Option<TransactionId>,
+    mode: ContentMode,
+    source: String,
+    state: Mutex<ReplyState>,
+}
+
+/// Answers one query: one reply ([`reply`](Self::reply)), a stream of replies
+/// ([`stream`](Self::stream)), or an error ([`error`](Self::error)).
+///
+/// A reply without a transaction id gets the request's; a reply whose source is empty or
+/// `AUTO_POPULATE` gets the listener's client id. Replies go in the request's content mode.
+///
+/// # Examples
+///
+/// ```
+/// # async fn demo(reply: ce_messaging::query::ReplyWriter) -> Result<(), ce_messaging::error::ReplyError> {
+/// let stream = reply.stream();
+/// for n in 0..3 {
+///     stream.push_data("org.example.count", &n)?;
+/// }
+/// stream.finish().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct ReplyWriter {
+    inner: Arc<ReplyInner>,
+}
+
+impl std::fmt::Debug for ReplyWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplyWriter")
+            .field("op", &self.inner.op)
+            .field("transaction_id", &self.inner.request_tid)
+            .finish()
+    }
+}
+
+impl ReplyWriter {
+    pub(crate) fn new(
+        target: Arc<dyn ReplyTarget>,
+        op: String,
+        request_tid: Option<TransactionId>,
+        mode: ContentMode,
+        source: String,
+    ) -> Self {
+        ReplyWriter {
+            inner: Arc::new(ReplyInner {
+                target,
+                op,
+                request_tid,
+                mode,
+                source,
+                state: Mutex::new(ReplyState {
+                    sent: false,
+                    buffered: Vec::new(),
+                }),
+            }),
+        }
+    }
+
+    /// The op (request type) being answered.
+    pub fn op(&self) -> &str {
+        &self.inner.op
+    }
+
+    /// The request's transaction id.
+    pub fn transaction_id(&self) -> Option<&TransactionId> {
+        self.inner.request_tid.as_ref()
+    }
+
+    fn mark_sent(&self) -> Result<(), ReplyError> {
+        let mut state = self
+            .inner
+            .state
+            .lock()
+            .map_err(|_| Error::new(ReplyErrorKind::AlreadyReplied))?;
+        if state.sent {
+            return Err(Error::new(ReplyErrorKind::AlreadyReplied));
+        }
+        state.sent = true;
+        Ok(())
+    }
+
+    /// Whether a reply (or error reply) has been sent.
+    pub fn is_sent(&self) -> bool {
+        self.inner.state.lock().map(|s| s.sent).unwrap_or(true)
+    }
+
+    fn prepare(&self, mut event: Event) -> Event {
+        populate_source(&mut event, &self.inner.source);
+        if event.transaction_id().is_none() {
+            if let Some(tid) = &self.inner.request_tid {
+                event.set_transaction_id(tid);
+            }
+        }
+        event
+    }
+
+    async fn send_event(
+        &self,
+        event: Event,
+        position: Option<(usize, usize)>,
+    ) -> Result<(), ReplyError> {
+        let event = self.prepare(event);
+        let mut encoded = codec::encode(&event, self.inner.mode)
+            .map_err(|e| e.map_kind(|_| ReplyErrorKind::Encode))?;
+        if let Some((index, total)) = position {
+            encoded
+                .headers
+                .insert(REPLY_STREAM_INDEX, index.to_string().as_str());
+            encoded
+                .headers
+                .insert(REPLY_STREAM_TOTAL, total.to_string().as_str());
+        }
+        self.inner
+            .target
+            .send(encoded.headers, encoded.payload)
+            .await
+            .map_err(|e| Error::with_source(ReplyErrorKind::Send, e))
+    }
+
+    /// Sends the one reply.
+    ///
+    /// # Errors
+    ///
+    /// `AlreadyReplied` if a reply was sent before; `Encode`; `Send`.
+    pub async fn reply(&self, event: Event) -> Result<(), ReplyError> {
+        self.mark_sent()?;
+        self.send_event(event, None).await
+    }
+
+    /// Sends the one reply, an event of `event_type` with JSON `data`.
+    ///
+    /// # Errors
+    ///
+    /// As [`reply`](Self::reply), and `Encode` when the data does not serialize.
+    pub async fn reply_data<T: Serialize + ?Sized>(
+        &self,
+        event_type: &str,
+        data: &T,
+    ) -> Result<(), ReplyError> {
+        let event = self.new_reply_event(event_type, data)?;
+        self.reply(event).await
+    }
+
+    fn new_reply_event<T: Serialize + ?Sized>(
+        &self,
+        event_type: &str,
+        data: &T,
+    ) -> Result<Event, ReplyError> {
+        let tid = self
+            .inner
+            .request_tid
+            .clone()
+            .unwrap_or_else(TransactionId::generate);
+        new_event_with_tid(event_type, self.inner.source.as_str(), data, tid)
+            .map_err(|e| e.map_kind(|_| ReplyErrorKind::Encode))
+    }
+
+    /// Answers with an error: `Nats-Service-Error: <text>`, `Nats-Service-Error-Code: <code>`,
+    /// and an event of type `<op>.error` with data `{"error": text, "code": code}`.
+    ///
+    /// # Errors
+    ///
+    /// `AlreadyReplied`; `Send`.
+    pub async fn error(&self, code: u16, text: &str) -> Result<(), ReplyError> {
+        self.mark_sent()?;
+        send_error_reply(
+            self.inner.target.as_ref(),
+            &self.inner.op,
+            self.inner.request_tid.clone(),
+            self.inner.mode,
+            &self.inner.source,
+            code,
+            text,
+        )
+        .await
+    }
+
+    /// A writer for a stream of replies: they are buffered and sent by
+    /// [`finish`](ReplyStreamWriter::finish) with `Reply-Stream-Index/Total` (or when the
+    /// handler returns, if it did not call `finish`).
+    pub fn stream(&self) -> ReplyStreamWriter {
+        ReplyStreamWriter {
+            writer: self.clone(),
+        }
+    }
+
+    pub(crate) async fn flush_buffered(&self) -> Result<bool, ReplyError> {
+        let buffered = {
+            let mut state = self
+                .inner
+                .state
+                .lock()
+                .map_err(|_| Error::new(ReplyErrorKind::AlreadyReplied))?;
+            if state.sent || state.buffered.is_empty() {
+                return Ok(false);
+            }
+            state.sent = true;
+            std::mem::take(&mut state.buffered)
+        };
+        let total = buffered.len();
+        for (index, event) in buffered.into_iter().enumerate() {
+            self.send_event(event, Some((index, total))).await?;
+        }
+        Ok(true)
+    }
+}
+
+/// Buffers the replies of one streamed answer; see [`ReplyWriter::stream`].
+///
+/// # Examples
+///
+/// ```
+/// # async fn demo(reply: ce_messaging::query::ReplyWriter) -> Result<(), ce_messaging::error::ReplyError> {
+/// let stream = reply.stream();
+/// stream.push_data("org.example.row", &"a")?;
+/// stream.push_data("org.example.row", &"b")?;
+/// stream.finish().await?; // two replies: index 0 and 1, total 2
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct ReplyStreamWriter {
+    writer: ReplyWriter,
+}
+
+impl ReplyStreamWriter {
+    /// Adds a reply to the stream.
+    ///
+    /// # Errors
+    ///
+    /// `AlreadyReplied` once the stream was sent; `TooMany` past [`MAX_BUFFERED_REPLIES`].
+    pub fn push(&self, event: Event) -> Result<(), ReplyError> {
+        let mut state = self
+            .writer
+            .inner
+            .state
+            .lock()
+            .map_err(|_| Error::new(ReplyErrorKind::AlreadyReplied))?;
+        if state.sent {
+            return Err(Error::new(ReplyErrorKind::AlreadyReplied));
+        }
+        if state.buffered.len() >= MAX_BUFFERED_REPLIES {
+            return Err(Error::with_detail(
+                ReplyErrorKind::TooMany,
+                format!("at most {MAX_BUFFERED_REPLIES} replies per stream"),
+            ));
+        }
+        state.buffered.push(event);
+        Ok(())
+    }
+
+    /// Adds a reply of `event_type` with JSON `data`.
+    ///
+    /// # Errors
+    ///
+    /// As [`push`](Self::push), and `Encode` when the data does not serialize.
+    pub fn push_data<T: Serialize + ?Sized>(
+        &self,
+        event_type: &str,
+        data: &T,
+    ) -> Result<(), ReplyError> {
+        let event = self.writer.new_reply_event(event_type, data)?;
+        self.push(event)
+    }
+
+    /// Sends the buffered replies, each with `Reply-Stream-Index` and `Reply-Stream-Total`.
+    ///
+    /// # Errors
+    ///
+    /// `AlreadyReplied` if something was sent before; `Send`; `Encode`.
+    pub async fn finish(self) -> Result<(), ReplyError> {
+        if self.writer.flush_buffered().await? {
+            Ok(())
+        } else {
+            Err(Error::with_detail(
+                ReplyErrorKind::AlreadyReplied,
+                "nothing to send, or already sent",
+            ))
+        }
+    }
+}
+
+async fn send_error_reply(
+    target: &dyn ReplyTarget,
+    op: &str,
+    tid: Option<TransactionId>,
+    mode: ContentMode,
+    source: &str,
+    code: u16,
+    text: &str,
+) -> Result<(), ReplyError> {
+    let data = serde_json::json!({ "error": text, "code": code });
+    let error_type = format!("{op}.error");
+    let source = if source.is_empty() {
+        "ce-messaging"
+    } else {
+        source
+    };
+    let event = new_event_with_tid(
+        &error_type,
+        source,
+        &data,
+        tid.unwrap_or_else(TransactionId::generate),
+    );
+    let (mut headers, payload) = match event.map(|e| codec::encode(&e, mode)) {
+        Ok(Ok(encoded)) => (encoded.headers, encoded.payload),
+        _ => (HeaderMap::new(), Bytes::new()),
+    };
+    headers.insert(SERVICE_ERROR, text_value(text));
+    headers.insert(SERVICE_ERROR_CODE, code.to_string().as_str());
+    target
+        .send(headers, payload)
+        .await
+        .map_err(|e| Error::with_source(ReplyErrorKind::Send, e))
+}
+
+/// A request as a backend receives it.
+pub(crate) struct RawRequest {
+    pub subject: String,
+    pub headers: Option<HeaderMap>,
+    pub payload: Bytes,
+    pub reply: Option<Arc<dyn ReplyTarget>>,
+}
+
+/// What serving needs besides the request.
+pub(crate) struct ServeContext {
+    pub handlers: QueryHandlers,
+    pub source: String,
+}
+
+/// Serves one request per the contract: decode (400), dispatch by type (404), run the handler
+/// (500 on error or panic), flush a buffered stream, answer a handler that sent nothing, and
+/// answer 503 when the listener's grace period runs out mid-request.
+pub(crate) async fn serve_request(
+    request: RawRequest,
+    ctx: &ServeContext,
+    work: &WorkContext,
+) -> Outcome {
+    let Some(target) = request.reply else {
+        tracing::debug!(subject = %request.subject, "query without reply subject ignored");
+        return Outcome::Finished;
+    };
+    let mode = content_mode_of(request.headers.as_ref());
+    let event = match codec::decode(request.headers.as_ref(), &request.payload) {
+        Ok(event) => event,
+        Err(err) => {
+            tracing::warn!(subject = %request.subject, error = %err, "undecodable query");
+            let text = format!("undecodable request: {err}");
+            if let Err(e) = send_error_reply(
+                target.as_ref(),
+                &request.subject,
+                None,
+                mode,
+                &ctx.source,
+                400,
+                &text,
+            )
+            .await
+            {
+                tracing::warn!(error = %e, "error reply not sent");
+            }
+            return Outcome::Finished;
+        }
+    };
+    let op = event.ty().to_owned();
+    let tid = event.transaction_id();
+    let writer = ReplyWriter::new(target, op.clone(), tid.clone(), mode, ctx.source.clone());
+    let Some(handler) = ctx.handlers.get(&op).cloned() else {
+        tracing::warn!(op = %op, "query for an op with no handler");
+        let _ = writer.error(404, &format!("no handler for op {op}")).await;
+        return Outcome::Finished;
+    };
+    let span = tracing::debug_span!("handle_query", op = %op, id = %event.id(), tid = ?tid.as_ref().map(|t| t.as_str()));
+    let _ = &span;
+    let result = tokio::select! {
+        biased;
+        _ = work.abort.cancelled() => None,
+        result = call_handler(handler.handle(event, writer.clone())).fuse() => Some(result),
+    };
+    let Some(result) = result else {
+        if !work.crashed() && !writer.is_sent() {
+            let _ = writer
+                .error(503, "listener stopped before the handler finished")
+                .await;
+        }
+        return Outcome::Abandoned;
+    };
+    let outcome = match result {
+        Ok(()) => match writer.flush_buffered().await {
+            Ok(true) => Ok(()),
+            Ok(false) if writer.is_sent() => Ok(()),
+            Ok(false) => writer.error(500, "handler returned without replying").await,
+            Err(e) => Err(e),
+        },
+        Err(err) => {
+            tracing::warn!(op = %op, error = %err, code = err.code(), "query handler failed");
+            if writer.is_sent() {
+                Ok(())
+            } else {
+                writer.error(err.code(), err.message()).await
+            }
+        }
+    };
+    if let Err(e) = outcome {
+        tracing::warn!(op = %op, error = %e, "reply not sent");
+    }
+    Outcome::Finished
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_reply_headers_become_remote_errors() {
+        let mut headers = HeaderMap::new();
+        headers.insert(SERVICE_ERROR, "no handler for op x");
+        headers.insert(SERVICE_ERROR_CODE, "404");
+        let err = interpret_reply(Some(&headers), &Bytes::new()).unwrap_err();
+        assert_eq!(err.kind(), RequestErrorKind::Remote);
+        let remote = RemoteError::of(&err).unwrap();
+        assert_eq!(remote.code(), 404);
+        assert_eq!(remote.text(), "no handler for op x");
+    }
+
+    #[test]
+    fn garbage_reply_is_a_decode_error() {
+        let err = interpret_reply(None, &Bytes::from_static(b"\xff\x00garbage")).unwrap_err();
+        assert_eq!(err.kind(), RequestErrorKind::Decode);
+    }
+
+    fn raw_stream(items: Vec<RawReply>) -> BoxStream<'static, RawReply> {
+        futures::stream::iter(items)
+            .chain(futures::stream::pending())
+            .boxed()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stream_without_replies_times_out_once() {
+        let mut stream = ReplyStream::from_raw(
+            raw_stream(vec![]),
+            &ReplyStreamOptions::default(),
+            Duration::from_secs(1),
+        );
+        let err = stream.next().await.unwrap().unwrap_err();
+        assert_eq!(err.kind(), RequestErrorKind::TimedOut);
+        assert!(stream.next().await.is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_responders_ends_the_stream() {
+        let mut stream = ReplyStream::from_raw(
+            raw_stream(vec![RawReply::NoResponders]),
+            &ReplyStreamOptions::default(),
+            Duration::from_secs(1),
+        );
+        let err = stream.next().await.unwrap().unwrap_err();
+        assert_eq!(err.kind(), RequestErrorKind::NoResponders);
+        assert!(stream.next().await.is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sentinel_ends_the_stream() {
+        let mut stream = ReplyStream::from_raw(
+            raw_stream(vec![RawReply::Message {
+                headers: None,
+                payload: Bytes::new(),
+            }]),
+            &ReplyStreamOptions::default().sentinel(true),
+            Duration::from_secs(1),
+        );
+        // The sentinel came first: the stream ends without replies and without an error.
+        assert!(stream.next().await.is_none());
+    }
+}
