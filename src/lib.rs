@@ -18,6 +18,8 @@ pub mod codec;
 pub mod config;
 pub mod error;
 pub mod event;
+pub mod event_source;
+pub mod events;
 pub mod handler;
 pub mod headers;
 pub mod listener;
