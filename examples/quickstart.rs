@@ -22,7 +22,6 @@
 //! NATS_URL=nats://127.0.0.1:4222 cargo run --example quickstart
 //! ```
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use ce_messaging::config::Config;
@@ -30,8 +29,9 @@ use ce_messaging::event::{new_event_auto_source, EventExt, EventType};
 use ce_messaging::events::{typed_event_handler, EventConnection, EventHandlers, EventListenOptions, TypedEvent};
 use ce_messaging::handler::HandlerError;
 use ce_messaging::query::{typed_handler, QueryConnection, QueryHandlers, QueryListenOptions, TypedRequest};
-use ce_messaging::{JetStreamEvents, MemoryBroker, NatsQueries};
 use serde::{Deserialize, Serialize};
+
+mod common;
 
 const GREETING_GET: &str = "org.example.greeting.get";
 const ORDER_CREATED: &str = "org.example.order.created";
@@ -62,18 +62,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut config = Config::from_env()?;
     config.durable_name.get_or_insert_with(|| "quickstart".to_string());
 
-    let (queries, events, backend): (Arc<dyn QueryConnection>, Arc<dyn EventConnection>, &str) =
-        if std::env::var_os("NATS_URL").is_some() {
-            let client = config.connect().await?;
-            let queries = NatsQueries::from_client(client.clone(), &config);
-            let events = JetStreamEvents::from_client(client, &config);
-            (Arc::new(queries), Arc::new(events), "NATS")
-        } else {
-            let broker = MemoryBroker::new();
-            let queries = broker.query_connection(&config);
-            let events = broker.event_connection(&config);
-            (Arc::new(queries), Arc::new(events), "in-memory")
-        };
+    let common::Backends { queries, events, name: backend } = common::backends(&config).await?;
     println!("backend: {backend} (set NATS_URL to use a NATS server)");
 
     // Events are persisted in a stream; services do not create it implicitly.
