@@ -26,9 +26,13 @@ use std::time::Duration;
 
 use ce_messaging::config::Config;
 use ce_messaging::event::{new_event_auto_source, EventExt, EventType};
-use ce_messaging::events::{typed_event_handler, EventConnection, EventHandlers, EventListenOptions, TypedEvent};
+use ce_messaging::events::{
+    typed_event_handler, EventConnection, EventHandlers, EventListenOptions, TypedEvent,
+};
 use ce_messaging::handler::HandlerError;
-use ce_messaging::query::{typed_handler, QueryConnection, QueryHandlers, QueryListenOptions, TypedRequest};
+use ce_messaging::query::{
+    typed_handler, QueryConnection, QueryHandlers, QueryListenOptions, TypedRequest,
+};
 use serde::{Deserialize, Serialize};
 
 mod common;
@@ -60,9 +64,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // are fine here. The durable consumer gets a fixed name so reruns against a real server
     // reuse it instead of leaving a new one behind each time.
     let mut config = Config::from_env()?;
-    config.durable_name.get_or_insert_with(|| "quickstart".to_string());
+    config
+        .durable_name
+        .get_or_insert_with(|| "quickstart".to_string());
 
-    let common::Backends { queries, events, name: backend } = common::backends(&config).await?;
+    let common::Backends {
+        queries,
+        events,
+        name: backend,
+    } = common::backends(&config).await?;
     println!("backend: {backend} (set NATS_URL to use a NATS server)");
 
     // Events are persisted in a stream; services do not create it implicitly.
@@ -92,13 +102,20 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                         "  [service] event {ORDER_CREATED}: {} x {} (transaction {})",
                         order.data.quantity,
                         order.data.item,
-                        order.event.transaction_id().map(|t| t.to_string()).unwrap_or_default()
+                        order
+                            .event
+                            .transaction_id()
+                            .map(|t| t.to_string())
+                            .unwrap_or_default()
                     );
                     let accepted = Accepted {
                         item: order.data.item,
                         ready_in_minutes: 5 * order.data.quantity,
                     };
-                    order.responses.respond_data(ORDER_ACCEPTED, &accepted).await?;
+                    order
+                        .responses
+                        .respond_data(ORDER_ACCEPTED, &accepted)
+                        .await?;
                     Ok(())
                 }),
             ),
@@ -108,20 +125,45 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // --- The client side --------------------------------------------------------------------
     // 1. A query: one request, one reply.
-    let request = new_event_auto_source(GREETING_GET, &GreetingRequest { name: "newcomer".into() })?;
+    let request = new_event_auto_source(
+        GREETING_GET,
+        &GreetingRequest {
+            name: "newcomer".into(),
+        },
+    )?;
     let reply = queries.request(request).await?;
     let greeting: String = reply.data_as()?;
     println!("[client] query reply ({}): {greeting}", reply.event_type());
 
     // 2. An event, stored by the server before publish returns.
-    let order = new_event_auto_source(ORDER_CREATED, &Order { item: "coffee".into(), quantity: 1 })?;
+    let order = new_event_auto_source(
+        ORDER_CREATED,
+        &Order {
+            item: "coffee".into(),
+            quantity: 1,
+        },
+    )?;
     let ack = events.publish(order).await?;
-    println!("[client] published {ORDER_CREATED}: stored as #{} in {}", ack.sequence, ack.stream);
+    println!(
+        "[client] published {ORDER_CREATED}: stored as #{} in {}",
+        ack.sequence, ack.stream
+    );
 
     // 3. Request/response: publish an order and wait for the response with its transaction id.
-    let order = new_event_auto_source(ORDER_CREATED, &Order { item: "tea".into(), quantity: 2 })?;
-    let mut promise = events.request(order, &[EventType::from(ORDER_ACCEPTED)]).await?;
-    println!("[client] requested an order, transaction {}", promise.transaction_id());
+    let order = new_event_auto_source(
+        ORDER_CREATED,
+        &Order {
+            item: "tea".into(),
+            quantity: 2,
+        },
+    )?;
+    let mut promise = events
+        .request(order, &[EventType::from(ORDER_ACCEPTED)])
+        .await?;
+    println!(
+        "[client] requested an order, transaction {}",
+        promise.transaction_id()
+    );
     // The first order's response may come too; the promise only sees this transaction's.
     let response = promise.response(Duration::from_secs(10)).await?;
     let accepted: Accepted = response.data_as()?;

@@ -63,8 +63,13 @@ struct Failure {
 type Store = Arc<Mutex<BTreeMap<String, Workspace>>>;
 
 /// Reads the store; a poisoned lock (a panicking handler) is a handler failure, not a crash.
-fn with_store<R>(store: &Store, f: impl FnOnce(&mut BTreeMap<String, Workspace>) -> R) -> Result<R, HandlerError> {
-    let mut guard = store.lock().map_err(|_| HandlerError::new("workspace store is poisoned"))?;
+fn with_store<R>(
+    store: &Store,
+    f: impl FnOnce(&mut BTreeMap<String, Workspace>) -> R,
+) -> Result<R, HandlerError> {
+    let mut guard = store
+        .lock()
+        .map_err(|_| HandlerError::new("workspace store is poisoned"))?;
     Ok(f(&mut guard))
 }
 
@@ -72,7 +77,13 @@ fn with_store<R>(store: &Store, f: impl FnOnce(&mut BTreeMap<String, Workspace>)
 async fn start_service(
     queries: &dyn QueryConnection,
     events: &dyn EventConnection,
-) -> Result<(ce_messaging::listener::Listener, ce_messaging::listener::Listener), Box<dyn std::error::Error>> {
+) -> Result<
+    (
+        ce_messaging::listener::Listener,
+        ce_messaging::listener::Listener,
+    ),
+    Box<dyn std::error::Error>,
+> {
     let store: Store = Arc::default();
 
     let get_store = store.clone();
@@ -84,7 +95,8 @@ async fn start_service(
                 let store = get_store.clone();
                 async move {
                     with_store(&store, |s| s.get(&req.data.name).cloned())?.ok_or_else(|| {
-                        HandlerError::permanent(format!("no workspace named {:?}", req.data.name)).with_code(404)
+                        HandlerError::permanent(format!("no workspace named {:?}", req.data.name))
+                            .with_code(404)
                     })
                 }
             }),
@@ -94,7 +106,8 @@ async fn start_service(
             handler_fn(move |_request: Event, reply| {
                 let store = list_store.clone();
                 async move {
-                    let all: Vec<Workspace> = with_store(&store, |s| s.values().cloned().collect())?;
+                    let all: Vec<Workspace> =
+                        with_store(&store, |s| s.values().cloned().collect())?;
                     let stream = reply.stream();
                     for workspace in &all {
                         stream.push_data("cyverse.workspace.list.item", workspace)?;
@@ -104,7 +117,9 @@ async fn start_service(
                 }
             }),
         );
-    let query_listener = queries.listen(query_handlers, QueryListenOptions::default()).await?;
+    let query_listener = queries
+        .listen(query_handlers, QueryListenOptions::default())
+        .await?;
 
     let create_store = store.clone();
     let delete_store = store;
@@ -125,7 +140,10 @@ async fn start_service(
                     if created {
                         req.responses.respond_data(CREATED, &req.data).await?;
                     } else {
-                        let failure = Failure { name: req.data.name, reason: "exists".into() };
+                        let failure = Failure {
+                            name: req.data.name,
+                            reason: "exists".into(),
+                        };
                         req.responses.respond_data(FAILED, &failure).await?;
                     }
                     Ok(())
@@ -140,7 +158,10 @@ async fn start_service(
                     match with_store(&store, |s| s.remove(&req.data.name))? {
                         Some(workspace) => req.responses.respond_data(DELETED, &workspace).await?,
                         None => {
-                            let failure = Failure { name: req.data.name, reason: "not found".into() };
+                            let failure = Failure {
+                                name: req.data.name,
+                                reason: "not found".into(),
+                            };
                             req.responses.respond_data(FAILED, &failure).await?
                         }
                     };
@@ -148,7 +169,9 @@ async fn start_service(
                 }
             }),
         );
-    let event_listener = events.listen(event_handlers, EventListenOptions::default()).await?;
+    let event_listener = events
+        .listen(event_handlers, EventListenOptions::default())
+        .await?;
     Ok((query_listener, event_listener))
 }
 
@@ -170,8 +193,14 @@ async fn change(
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut config = Config::from_env()?;
-    config.durable_name.get_or_insert_with(|| "workspace-service".to_string());
-    let common::Backends { queries, events, name } = common::backends(&config).await?;
+    config
+        .durable_name
+        .get_or_insert_with(|| "workspace-service".to_string());
+    let common::Backends {
+        queries,
+        events,
+        name,
+    } = common::backends(&config).await?;
     println!("backend: {name}");
     events.init_stream().await?;
 
@@ -179,19 +208,36 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // Creating: a request event, answered by `created` or `failed` with the same transaction id.
     for (name, owner) in [("alpha", "ana"), ("beta", "bo"), ("alpha", "someone-else")] {
-        let ws = Workspace { name: name.into(), owner: owner.into() };
+        let ws = Workspace {
+            name: name.into(),
+            owner: owner.into(),
+        };
         let outcome = change(events.as_ref(), CREATE_REQUESTED, &ws, &[CREATED, FAILED]).await?;
-        println!("create {name:>5}: {} {}", outcome.event_type(), data_text(&outcome));
+        println!(
+            "create {name:>5}: {} {}",
+            outcome.event_type(),
+            data_text(&outcome)
+        );
     }
 
     // Reading: one reply ...
-    let reply = queries.request(new_event_auto_source(GET, &ByName { name: "alpha".into() })?).await?;
+    let reply = queries
+        .request(new_event_auto_source(
+            GET,
+            &ByName {
+                name: "alpha".into(),
+            },
+        )?)
+        .await?;
     let alpha: Workspace = reply.data_as()?;
     println!("get alpha: owned by {}", alpha.owner);
 
     // ... a reply stream ...
     let mut list = queries
-        .request_stream(new_event_auto_source(LIST, &())?, ReplyStreamOptions::default())
+        .request_stream(
+            new_event_auto_source(LIST, &())?,
+            ReplyStreamOptions::default(),
+        )
         .await?;
     while let Some(item) = list.next().await {
         let workspace: Workspace = item?.data_as()?;
@@ -199,7 +245,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
 
     // ... and an error reply, a typed error with the service's code.
-    let missing = new_event_auto_source(GET, &ByName { name: "gamma".into() })?;
+    let missing = new_event_auto_source(
+        GET,
+        &ByName {
+            name: "gamma".into(),
+        },
+    )?;
     match queries.request(missing).await {
         Err(err) if err.kind() == RequestErrorKind::Remote => {
             let remote = RemoteError::of(&err);
@@ -208,16 +259,34 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         other => println!("get gamma: unexpected {other:?}"),
     }
 
-    let outcome = change(events.as_ref(), DELETE_REQUESTED, &ByName { name: "beta".into() }, &[DELETED, FAILED]).await?;
-    println!("delete beta: {} {}", outcome.event_type(), data_text(&outcome));
+    let outcome = change(
+        events.as_ref(),
+        DELETE_REQUESTED,
+        &ByName {
+            name: "beta".into(),
+        },
+        &[DELETED, FAILED],
+    )
+    .await?;
+    println!(
+        "delete beta: {} {}",
+        outcome.event_type(),
+        data_text(&outcome)
+    );
 
     let grace = Duration::from_secs(5);
     let q = query_listener.stop(grace).await;
     let e = event_listener.stop(grace).await;
-    println!("stopped: {} queries and {} events handled", q.handled_total, e.handled_total);
+    println!(
+        "stopped: {} queries and {} events handled",
+        q.handled_total, e.handled_total
+    );
     Ok(())
 }
 
 fn data_text(event: &Event) -> String {
-    event.data_as::<serde_json::Value>().map(|v| v.to_string()).unwrap_or_default()
+    event
+        .data_as::<serde_json::Value>()
+        .map(|v| v.to_string())
+        .unwrap_or_default()
 }
