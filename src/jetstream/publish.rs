@@ -45,7 +45,6 @@ pub(crate) const PIPELINE_WINDOW: usize = 1024;
 /// assert_eq!(retry.total, None);
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
 pub struct PublishRetry {
     /// How long one attempt waits for the PubAck.
     pub attempt_timeout: Duration,
