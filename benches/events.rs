@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer::pull, consumer::AckPolicy};
+use ce_messaging::cloudevents::AttributesReader;
 use ce_messaging::codec::{self, ContentMode};
 use ce_messaging::config::Config;
 use ce_messaging::event::new_event;

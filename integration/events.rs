@@ -920,7 +920,7 @@ async fn a_graceful_stop_finishes_what_it_can_and_naks_the_rest_for_prompt_redel
                     started_after_stop.fetch_add(1, Ordering::SeqCst);
                 }
                 let n: u64 = event.data_as().unwrap();
-                let me = if n % 2 == 0 { q } else { s };
+                let me = if n.is_multiple_of(2) { q } else { s };
                 me.running.fetch_add(1, Ordering::SeqCst);
                 me.started.record(&event);
                 let _guard = DecOnDrop(me.running.clone());
