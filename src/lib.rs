@@ -23,9 +23,11 @@ pub mod events;
 pub mod handler;
 pub mod headers;
 pub mod listener;
+pub mod memory;
 pub mod query;
 mod worker;
 
 /// The CloudEvents SDK types users need (`Event`, `AttributesReader`, ...), re-exported.
 pub use cloudevents;
 pub use cloudevents::Event;
+pub use memory::{MemoryBroker, MemoryEvents, MemoryQueries};
