@@ -492,3 +492,21 @@ fn headers_len(headers: &HeaderMap) -> usize {
         "NATS/1.0\r\n".len() + lines + 2
     }
 }
+
+#[cfg(test)]
+pub(crate) mod tests_support {
+    use std::time::Duration;
+
+    /// Waits until `condition` holds, checking after every scheduler turn and every
+    /// millisecond; panics after 10 s.
+    pub async fn eventually(mut condition: impl FnMut() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !condition() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "condition not reached within 10 s"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+}
