@@ -93,7 +93,6 @@ pub const DEFAULT_MAX_PAYLOAD: usize = 1024 * 1024;
 /// assert_eq!(broker.options().max_payload, 65536);
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
 pub struct MemoryOptions {
     /// The largest message (headers and payload, counted as on the wire) accepted; larger ones
     /// are refused before sending (`PublishErrorKind::TooLarge`, or `RequestErrorKind::Encode`
@@ -260,7 +259,7 @@ impl MemoryBroker {
         &self.inner.options
     }
 
-    /// A query connection (the in-memory [`NatsQueries`](crate::query::QueryConnection)) using
+    /// A query connection (the in-memory counterpart of `NatsQueries`) using
     /// the client id, queue group, wildcard subject, request timeout and content mode of
     /// `config`.
     ///

@@ -27,10 +27,12 @@ use super::bus::subject_matches;
 /// # Examples
 ///
 /// ```
-/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// use ce_messaging::config::Config;
 /// use ce_messaging::events::EventConnection;
 /// use ce_messaging::memory::MemoryBroker;
+/// use cloudevents::AttributesReader;
 ///
 /// let broker = MemoryBroker::new();
 /// let events = broker.event_connection(&Config::default());
