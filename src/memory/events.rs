@@ -43,7 +43,10 @@ struct Inner {
     dlq_stream: String,
     events_timeout: Duration,
     mode: ContentMode,
-    /// Cancelled by `close`; every listener's token is a child of it.
+    /// Cancelled when `close` begins; every listener's token is a child of it, and no new
+    /// listener starts.
+    closing: CancellationToken,
+    /// Cancelled when `close` has stopped the listeners: nothing is sent any more.
     closed: CancellationToken,
     listeners: Mutex<Vec<Listener>>,
     source: EventSource,
@@ -131,6 +134,7 @@ impl MemoryEvents {
                 dlq_stream: config.js_dlq_stream.clone(),
                 events_timeout: config.events_timeout,
                 mode: config.ce_mode,
+                closing: CancellationToken::new(),
                 closed: CancellationToken::new(),
                 listeners: Mutex::new(Vec::new()),
                 source,
@@ -151,9 +155,10 @@ impl MemoryEvents {
         self.inner.closed.is_cancelled()
     }
 
-    /// Drain then close: refuses new publishes and listeners, stops this connection's listeners
-    /// (each lets its in-flight handlers finish and settle within its grace period; queued
-    /// events are handed back for redelivery) and returns when they have stopped.
+    /// Drain then close: refuses new listeners, stops this connection's listeners (each lets its
+    /// in-flight handlers finish, publish their responses and settle within its grace period;
+    /// queued events are handed back for redelivery), then refuses publishes. Returns when the
+    /// listeners have stopped.
     ///
     /// # Examples
     ///
@@ -167,7 +172,7 @@ impl MemoryEvents {
     /// # }
     /// ```
     pub async fn close(&self) {
-        self.inner.closed.cancel();
+        self.inner.closing.cancel();
         let listeners: Vec<Listener> = self
             .inner
             .listeners
@@ -177,6 +182,7 @@ impl MemoryEvents {
         for listener in listeners {
             listener.stopped().await;
         }
+        self.inner.closed.cancel();
     }
 
     /// Creates or updates the events stream (`<prefix>.>`) and the dead-letter stream
@@ -266,7 +272,7 @@ impl EventConnection for MemoryEvents {
     ) -> Result<Listener, ListenError> {
         options.validate(&handlers)?;
         let inner = &self.inner;
-        if self.is_closed() {
+        if self.inner.closing.is_cancelled() {
             return Err(Error::new(ListenErrorKind::ConnectionClosed));
         }
         let durable = options
@@ -368,7 +374,7 @@ impl EventConnection for MemoryEvents {
                 }
             }
         });
-        let token = inner.closed.child_token();
+        let token = inner.closing.child_token();
         let listener = Listener::supervise(pool, options.grace, token);
         if let Ok(mut listeners) = inner.listeners.lock() {
             listeners.retain(|l| !l.is_stopped());
@@ -1096,6 +1102,77 @@ mod tests {
         assert!(source.remove_listener(id).await);
         assert_eq!(source.listener_count(), 0);
         eventually(|| broker.subscription_count() == 0).await;
+    }
+
+    #[tokio::test]
+    async fn close_drains_in_flight_handlers_which_can_still_respond() {
+        let broker = MemoryBroker::with_auto_streams();
+        let service = broker.event_connection(&config("svc"));
+        let client = broker.event_connection(&config("client"));
+        let ty = ty();
+        let (entered_tx, mut entered_rx) = mpsc::channel::<u64>(1);
+        let release = Arc::new(tokio::sync::Notify::new());
+        let r = release.clone();
+        let handler = typed_event_handler(move |event: TypedEvent<u64>| {
+            let (entered, release) = (entered_tx.clone(), r.clone());
+            async move {
+                let _ = entered.send(event.data).await;
+                release.notified().await;
+                event
+                    .responses
+                    .respond_data("test.done", &event.data)
+                    .await?;
+                Ok(())
+            }
+        });
+        service
+            .listen(
+                EventHandlers::new().on(ty.as_str(), handler),
+                fast_options(),
+            )
+            .await
+            .unwrap();
+        let mut promise = client
+            .request(
+                new_event(&ty, "client", &5u64).unwrap(),
+                &[EventType::from("test.done")],
+            )
+            .await
+            .unwrap();
+        assert_eq!(recv(&mut entered_rx).await, 5);
+        let closing = tokio::spawn({
+            let service = service.clone();
+            async move { service.close().await }
+        });
+        eventually(|| service.inner.closing.is_cancelled()).await;
+        let err = service
+            .listen(
+                EventHandlers::new().on("x", event_handler_fn(|_, _| async { Ok(()) })),
+                fast_options(),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.kind(),
+            ListenErrorKind::ConnectionClosed,
+            "no new listener while closing"
+        );
+        release.notify_one();
+        let response = promise.response(WAIT).await.unwrap();
+        assert_eq!(
+            response.data_as::<u64>().unwrap(),
+            5,
+            "the in-flight handler responded"
+        );
+        tokio::time::timeout(WAIT, closing).await.unwrap().unwrap();
+        assert!(service.is_closed());
+        let info = broker.consumer_info("CLOUDEVENTS", "svc").unwrap();
+        assert_eq!((info.acked, info.num_ack_pending), (1, 0));
+        let err = service
+            .publish(new_event(&ty, "me", &1).unwrap())
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), PublishErrorKind::ConnectionClosed);
     }
 
     #[tokio::test(start_paused = true)]

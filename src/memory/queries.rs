@@ -31,7 +31,10 @@ struct Inner {
     wildcard_subject: Option<String>,
     request_timeout: Duration,
     mode: ContentMode,
-    /// Cancelled by `close`; every listener's token is a child of it.
+    /// Cancelled when `close` begins; every listener's token is a child of it, and no new
+    /// listener starts.
+    closing: CancellationToken,
+    /// Cancelled when `close` has stopped the listeners: nothing is sent any more.
     closed: CancellationToken,
     listeners: Mutex<Vec<Listener>>,
 }
@@ -86,6 +89,7 @@ impl MemoryQueries {
                 wildcard_subject: config.wildcard_subject.clone(),
                 request_timeout: config.request_timeout.min(MAX_REQUEST_TIMEOUT),
                 mode: config.ce_mode,
+                closing: CancellationToken::new(),
                 closed: CancellationToken::new(),
                 listeners: Mutex::new(Vec::new()),
             }),
@@ -105,9 +109,9 @@ impl MemoryQueries {
         self.inner.closed.is_cancelled()
     }
 
-    /// Drain then close: refuses new requests and listeners, stops this connection's listeners
-    /// (each lets its in-flight handlers finish within its grace period) and returns when they
-    /// have stopped.
+    /// Drain then close: refuses new listeners, stops this connection's listeners (each lets its
+    /// in-flight handlers finish within its grace period; they may still send requests), then
+    /// refuses requests. Returns when the listeners have stopped.
     ///
     /// # Examples
     ///
@@ -121,7 +125,7 @@ impl MemoryQueries {
     /// # }
     /// ```
     pub async fn close(&self) {
-        self.inner.closed.cancel();
+        self.inner.closing.cancel();
         let listeners: Vec<Listener> = self
             .inner
             .listeners
@@ -131,6 +135,7 @@ impl MemoryQueries {
         for listener in listeners {
             listener.stopped().await;
         }
+        self.inner.closed.cancel();
     }
 
     fn prepare(&self, mut request: Event) -> Result<Prepared, RequestError> {
@@ -188,7 +193,7 @@ impl QueryConnection for MemoryQueries {
         let prepared = self.prepare(request)?;
         // One reply is all a request reads; a second one is dropped like a NATS reply to an
         // inbox that was already unsubscribed.
-        let (inbox, mut replies) = Inbox::new(1);
+        let (inbox, mut replies) = Inbox::single();
         if self.send(prepared, inbox.clone()) == 0 {
             return Err(Error::new(RequestErrorKind::NoResponders));
         }
@@ -254,7 +259,7 @@ impl QueryConnection for MemoryQueries {
         options: QueryListenOptions,
     ) -> Result<Listener, ListenError> {
         options.validate(&handlers)?;
-        if self.is_closed() {
+        if self.inner.closing.is_cancelled() {
             return Err(Error::new(ListenErrorKind::ConnectionClosed));
         }
         let group = options
@@ -316,7 +321,7 @@ impl QueryConnection for MemoryQueries {
                 refuse(raw_request(message), &source).await;
             }
         });
-        let token = self.inner.closed.child_token();
+        let token = self.inner.closing.child_token();
         let listener = Listener::supervise(pool, options.grace, token);
         if let Ok(mut listeners) = self.inner.listeners.lock() {
             listeners.retain(|l| !l.is_stopped());
