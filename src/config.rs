@@ -647,8 +647,7 @@ impl Config {
     /// assert!(err.to_string().contains("NATS_JS_REPLICAS"));
     /// ```
     pub fn validate(&self) -> Result<(), ConfigError> {
-        self.server_addrs()
-            .map_err(|why| invalid("NATS_URL", why))?;
+        let servers = self.servers().map_err(|why| invalid("NATS_URL", why))?;
         if self.client_id.trim().is_empty() {
             return Err(invalid("NATS_CLIENT_ID", "must not be empty"));
         }
@@ -738,6 +737,7 @@ impl Config {
             _ => {}
         }
         let methods: Vec<&str> = [
+            (servers.auth.is_some(), "user info in NATS_URL"),
             (self.user.is_some(), "NATS_USER/NATS_PASSWORD"),
             (self.token.is_some(), "NATS_TOKEN"),
             (self.nkey_seed_file.is_some(), "NATS_NKEY_SEED_FILE"),
@@ -831,10 +831,12 @@ impl Config {
         format!("deadletter.{}.{}", self.js_stream, self.durable_name())
     }
 
-    /// The server addresses of `nats_url` (comma-separated). The error text never contains
-    /// URL user info.
-    fn server_addrs(&self) -> Result<Vec<async_nats::ServerAddr>, String> {
+    /// The server addresses of `nats_url` (comma-separated), with their user info taken out
+    /// (async-nats would ignore it, and would print it in its debug logs) and returned as
+    /// [`UrlAuth`]. The error text never contains user info.
+    fn servers(&self) -> Result<Servers, String> {
         let mut addrs = Vec::new();
+        let mut auth: Option<UrlAuth> = None;
         for part in self.nats_url.split(',') {
             let part = part.trim();
             if part.is_empty() {
@@ -843,11 +845,43 @@ impl Config {
                     redact_url(&self.nats_url)
                 ));
             }
-            let addr = async_nats::ServerAddr::from_str(part)
-                .map_err(|_| format!("{:?} is not a valid server URL", redact_url(part)))?;
+            let not_valid = || format!("{:?} is not a valid server URL", redact_url(part));
+            let text = if part.contains("://") {
+                part.to_string()
+            } else {
+                format!("nats://{part}")
+            };
+            let mut url = url::Url::parse(&text).map_err(|_| not_valid())?;
+            if url.host_str().is_none_or(str::is_empty) {
+                return Err(not_valid());
+            }
+            let this = match (url.username(), url.password()) {
+                ("", None) => None,
+                (user, Some(password)) => Some(UrlAuth::UserPassword(
+                    percent_decode(user).ok_or_else(not_valid)?,
+                    Secret(percent_decode(password).ok_or_else(not_valid)?),
+                )),
+                (token, None) => Some(UrlAuth::Token(Secret(
+                    percent_decode(token).ok_or_else(not_valid)?,
+                ))),
+            };
+            if let Some(this) = this {
+                match &auth {
+                    Some(seen) if *seen != this => {
+                        return Err(format!(
+                            "{:?}: the servers carry different credentials",
+                            redact_url(&self.nats_url)
+                        ))
+                    }
+                    _ => auth = Some(this),
+                }
+                url.set_username("").map_err(|_| not_valid())?;
+                url.set_password(None).map_err(|_| not_valid())?;
+            }
+            let addr = async_nats::ServerAddr::from_url(url).map_err(|_| not_valid())?;
             addrs.push(addr);
         }
-        Ok(addrs)
+        Ok(Servers { addrs, auth })
     }
 
     /// The async-nats connection options for this configuration: client name, ping interval,
@@ -890,6 +924,16 @@ impl Config {
                 }
             });
 
+        let servers = self.servers().map_err(|why| {
+            Error::with_detail(ConnectErrorKind::InvalidConfig, format!("NATS_URL: {why}"))
+        })?;
+        match servers.auth {
+            Some(UrlAuth::UserPassword(user, password)) => {
+                options = options.user_and_password(user, password.0);
+            }
+            Some(UrlAuth::Token(token)) => options = options.token(token.0),
+            None => {}
+        }
         if let (Some(user), Some(password)) = (&self.user, &self.password) {
             options = options.user_and_password(user.clone(), password.expose().to_string());
         }
@@ -953,15 +997,50 @@ impl Config {
     /// ```
     pub async fn connect(&self) -> Result<async_nats::Client, ConnectError> {
         let options = self.connect_options()?;
-        let addrs = self.server_addrs().map_err(|why| {
+        let servers = self.servers().map_err(|why| {
             Error::with_detail(ConnectErrorKind::InvalidConfig, format!("NATS_URL: {why}"))
         })?;
-        let servers = redact_url(&self.nats_url);
+        let redacted = redact_url(&self.nats_url);
         options
-            .connect(addrs)
+            .connect(servers.addrs)
             .await
-            .map_err(|e| connect_error(e, &servers))
+            .map_err(|e| connect_error(e, &redacted))
     }
+}
+
+/// The servers of `NATS_URL` without user info, and the credentials the user info held.
+struct Servers {
+    addrs: Vec<async_nats::ServerAddr>,
+    auth: Option<UrlAuth>,
+}
+
+/// Credentials given as URL user info: `user:password@host` or `token@host`.
+#[derive(PartialEq, Eq)]
+enum UrlAuth {
+    UserPassword(String, Secret),
+    Token(Secret),
+}
+
+/// Decodes `%XX` escapes of URL user info; `None` if the result is not UTF-8.
+fn percent_decode(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| char::from(b).to_digit(16);
+        match (bytes[i], bytes.get(i + 1), bytes.get(i + 2)) {
+            (b'%', Some(&h), Some(&l)) if hex(h).is_some() && hex(l).is_some() => {
+                // Both digits are < 16, so the byte fits.
+                out.push(((hex(h)? << 4) | hex(l)?) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 /// Maps an async-nats connect error to this crate's kinds. The detail carries the redacted
@@ -1255,21 +1334,24 @@ mod tests {
 
     #[test]
     fn debug_and_errors_never_show_secrets() {
-        let config = from(&[
-            (
-                "NATS_URL",
-                "nats://bob:urlpass@h1:4222,nats://tok3n@h2:4222",
-            ),
-            ("NATS_USER", "alice"),
-            ("NATS_PASSWORD", "hunter2"),
-        ])
-        .unwrap();
+        let config = from(&[("NATS_USER", "alice"), ("NATS_PASSWORD", "hunter2")]).unwrap();
         let debug = format!("{config:?} {config:#?}");
-        for secret in ["hunter2", "urlpass", "tok3n", "bob:"] {
+        assert!(!debug.contains("hunter2"), "password leaked: {debug}");
+        assert!(debug.contains("alice"), "the user name is not a secret");
+
+        // Debug of a config is built by hand, so it is checked even for combinations that
+        // do not validate.
+        let config = Config {
+            nats_url: "nats://bob:urlpass@h1:4222,nats://tok3n@h2:4222".to_string(),
+            ..Default::default()
+        };
+        let debug = format!("{config:?} {config:#?}");
+        for secret in ["urlpass", "tok3n", "bob:"] {
             assert!(!debug.contains(secret), "{secret} leaked: {debug}");
         }
         assert!(debug.contains("nats://<redacted>@h1:4222,nats://<redacted>@h2:4222"));
-        assert!(debug.contains("alice"), "the user name is not a secret");
+        let err = config.validate().unwrap_err();
+        assert!(!format!("{err} {err:?}").contains("urlpass"), "{err:?}");
 
         let config = Config {
             token: Some(Secret::new("sekrit-token")),
@@ -1295,6 +1377,51 @@ mod tests {
         assert_eq!(redact_url("nats://u:p/a@ss@h:1"), "nats://<redacted>@h:1");
         assert_eq!(redact_url("nats://h:1"), "nats://h:1");
         assert_eq!(redact_url(""), "");
+    }
+
+    #[test]
+    fn url_user_info_becomes_credentials_and_leaves_the_addresses() {
+        let config = Config {
+            nats_url: "nats://al%40ice:p%3Ass@h1:4222, h2:4223".to_string(),
+            ..Default::default()
+        };
+        let servers = config.servers().unwrap();
+        assert!(
+            servers.auth
+                == Some(UrlAuth::UserPassword(
+                    "al@ice".to_string(),
+                    Secret::new("p:ss")
+                ))
+        );
+        let addrs: Vec<String> = servers
+            .addrs
+            .iter()
+            .map(|a| format!("{a:?} {}", a.as_url_str()))
+            .collect();
+        assert!(addrs[0].contains("nats://h1:4222"), "{addrs:?}");
+        assert!(addrs[1].contains("nats://h2:4223"), "{addrs:?}");
+        assert!(!addrs.concat().contains("p%3Ass"), "{addrs:?}");
+
+        let config = Config {
+            nats_url: "tls://s3cr3t@h1".to_string(),
+            ..Default::default()
+        };
+        let servers = config.servers().unwrap();
+        assert!(servers.auth == Some(UrlAuth::Token(Secret::new("s3cr3t"))));
+        assert!(servers.addrs[0].tls_required());
+        assert!(!format!("{:?}", servers.addrs).contains("s3cr3t"));
+        config.connect_options().unwrap();
+    }
+
+    #[test]
+    fn url_user_info_must_not_compete_with_other_credentials() {
+        let err = from(&[("NATS_URL", "nats://a:b@h1:4222"), ("NATS_TOKEN", "tok")]).unwrap_err();
+        assert_names(err, ConfigErrorKind::Invalid, "NATS_URL");
+        let err = from(&[("NATS_URL", "nats://a:b@h1:4222,nats://c:d@h2:4222")]).unwrap_err();
+        assert!(!err.to_string().contains(":b@") && !err.to_string().contains(":d@"));
+        assert_names(err, ConfigErrorKind::InvalidValue, "NATS_URL");
+        // The same credentials on every server are fine.
+        from(&[("NATS_URL", "nats://a:b@h1:4222,nats://a:b@h2:4222")]).unwrap();
     }
 
     #[test]
