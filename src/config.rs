@@ -942,7 +942,19 @@ impl Config {
         }
         if let Some(path) = &self.nkey_seed_file {
             let seed = read_secret_file("NATS_NKEY_SEED_FILE", path)?;
-            options = options.nkey(seed.trim().to_string());
+            let seed = seed.trim().to_string();
+            // Checked here so that a malformed file is a configuration error, not a refused
+            // connection; the nkeys error is dropped as it may quote the seed.
+            if nkeys::KeyPair::from_seed(&seed).is_err() {
+                return Err(Error::with_detail(
+                    ConnectErrorKind::Credentials,
+                    format!(
+                        "NATS_NKEY_SEED_FILE: {} does not hold a valid NKey seed",
+                        path.display()
+                    ),
+                ));
+            }
+            options = options.nkey(seed);
         }
         if let Some(path) = &self.creds_file {
             let creds = read_secret_file("NATS_CREDS_FILE", path)?;
@@ -972,6 +984,12 @@ impl Config {
         if self.tls_first {
             options = options.tls_first();
         }
+        let client = self.client_id.clone();
+        let servers = redact_url(&self.nats_url);
+        options = options.event_callback(move |event| {
+            let (client, servers) = (client.clone(), servers.clone());
+            async move { log_connection_event(&client, &servers, event) }
+        });
         Ok(options)
     }
 
@@ -1052,9 +1070,55 @@ fn connect_error(err: async_nats::ConnectError, servers: &str) -> ConnectError {
         Nats::Tls => ConnectErrorKind::Tls,
         Nats::TimedOut => ConnectErrorKind::TimedOut,
         Nats::ServerParse => ConnectErrorKind::InvalidConfig,
+        // async-nats reports a failed TLS handshake (unknown issuer, a client certificate
+        // the server wants) as an IO error wrapping the rustls error.
+        _ if caused_by_tls(&err) => ConnectErrorKind::Tls,
         _ => ConnectErrorKind::Io,
     };
     Error::with_detail(kind, format!("servers {servers}")).source(err)
+}
+
+/// Logs a connection event of async-nats with the client id and the redacted server list.
+/// A refused credential while reconnecting is an error: the client keeps trying every
+/// `reconnect_wait` until `max_reconnects`, and this says why it does not come back.
+fn log_connection_event(client: &str, servers: &str, event: async_nats::Event) {
+    use async_nats::{Event, ServerError};
+    match event {
+        Event::Connected => tracing::info!(client, servers, "connected to NATS"),
+        Event::Disconnected => tracing::warn!(client, servers, "disconnected from NATS"),
+        Event::ServerError(ServerError::AuthorizationViolation) => tracing::error!(
+            client,
+            servers,
+            "NATS refused the credentials (authorization violation)"
+        ),
+        Event::ServerError(error) => tracing::error!(client, servers, %error, "NATS server error"),
+        Event::ClientError(error) => tracing::warn!(client, servers, %error, "NATS client error"),
+        Event::LameDuckMode => {
+            tracing::warn!(client, servers, "NATS server entered lame duck mode")
+        }
+        Event::SlowConsumer(sid) => tracing::warn!(client, sid, "slow consumer"),
+        other => tracing::debug!(client, servers, event = %other, "NATS connection event"),
+    }
+}
+
+/// True if a rustls error is somewhere in the source chain (possibly inside an io error).
+fn caused_by_tls(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(err);
+    while let Some(current) = next {
+        if current.is::<async_nats::rustls::Error>() {
+            return true;
+        }
+        if let Some(io) = current.downcast_ref::<std::io::Error>() {
+            if io
+                .get_ref()
+                .is_some_and(|inner| inner.is::<async_nats::rustls::Error>())
+            {
+                return true;
+            }
+        }
+        next = current.source();
+    }
+    false
 }
 
 /// Reads a file holding secrets; the error names the variable and path, never the content.
