@@ -6,6 +6,7 @@ mod support;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, stream};
+use support::cluster::NatsCluster;
 use support::server::{NatsServer, ServerOptions};
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -127,4 +128,143 @@ async fn extra_config_is_applied() {
     assert_eq!(varz["max_payload"].as_u64(), Some(65536));
     let client = support::connect(&server.url()).await;
     assert_eq!(client.server_info().max_payload, 65536);
+}
+
+#[tokio::test]
+async fn paused_server_does_not_answer_until_resumed() {
+    let server = NatsServer::start_with(ServerOptions {
+        jetstream: false,
+        ..Default::default()
+    });
+    let client = support::connect(&server.url()).await;
+    let sub = client.subscribe("harness.echo").await.expect("subscribe");
+    let responder = tokio::spawn(async move {
+        let mut sub = sub;
+        while let Some(msg) = futures::StreamExt::next(&mut sub).await {
+            if let Some(reply) = msg.reply {
+                // Replying through a paused server only queues; ignore send errors at the end.
+                let _ = client.publish(reply, msg.payload).await;
+                let _ = client.flush().await;
+            }
+        }
+    });
+    let requester = support::connect(&server.url()).await;
+    let ok = tokio::time::timeout(WAIT, requester.request("harness.echo", "1".into()))
+        .await
+        .expect("request timed out")
+        .expect("request before pause");
+    assert_eq!(&ok.payload[..], b"1");
+
+    server.pause();
+    assert!(server.is_paused());
+    let frozen = tokio::time::timeout(
+        Duration::from_millis(300),
+        requester.request("harness.echo", "2".into()),
+    )
+    .await;
+    assert!(
+        frozen.is_err(),
+        "a SIGSTOPped server must not answer: {frozen:?}"
+    );
+
+    server.resume();
+    assert!(!server.is_paused());
+    let back = tokio::time::timeout(WAIT, requester.request("harness.echo", "3".into()))
+        .await
+        .expect("request after resume timed out")
+        .expect("request after resume");
+    assert_eq!(&back.payload[..], b"3");
+    responder.abort();
+}
+
+#[tokio::test]
+async fn lame_duck_stops_accepting_and_exits() {
+    let server = NatsServer::start_with(ServerOptions {
+        jetstream: false,
+        // 30s is the shortest lame-duck duration the server accepts; Drop ends it sooner.
+        extra_config: "lame_duck_duration: \"30s\"\nlame_duck_grace_period: \"0s\"".into(),
+        ..Default::default()
+    });
+    let (tx, mut events) = tokio::sync::mpsc::channel(16);
+    let _client = async_nats::ConnectOptions::new()
+        .event_callback(move |event| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send(event).await;
+            }
+        })
+        .connect(server.url())
+        .await
+        .expect("connect");
+    server.lame_duck();
+    let saw_lame_duck = tokio::time::timeout(WAIT, async {
+        while let Some(event) = events.recv().await {
+            if matches!(event, async_nats::Event::LameDuckMode) {
+                return true;
+            }
+        }
+        false
+    })
+    .await
+    .expect("no lame-duck event within timeout");
+    assert!(saw_lame_duck, "client was told about lame-duck mode");
+    // In lame-duck mode the client listener is closed: new connections are refused.
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], server.port()));
+    support::eventually(WAIT, || async move {
+        std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_err()
+    })
+    .await;
+    assert!(server.is_running(), "still draining, not exited");
+}
+
+#[tokio::test]
+async fn cluster_forms_and_replicated_stream_accepts_writes() {
+    let cluster = NatsCluster::start(3);
+    assert_eq!(cluster.len(), 3);
+    assert_eq!(cluster.urls().len(), 3);
+    assert_eq!(cluster.url().split(',').count(), 3);
+    let leader = cluster.meta_leader().await;
+    assert!(leader < 3);
+    for i in 0..3 {
+        let jsz = cluster.node(i).monitor_json("/jsz");
+        assert_eq!(
+            jsz["meta_cluster"]["cluster_size"].as_u64(),
+            Some(3),
+            "node {i}"
+        );
+    }
+
+    let client = support::connect(&cluster.url()).await;
+    let js = jetstream::new(client.clone());
+    create_stream(&js, "REPL", 3).await;
+    assert_eq!(publish(&js, "repl.a", "one").await, 1);
+    let stream_leader = cluster.stream_leader(&client, "REPL").await;
+    let mut stream = js.get_stream("REPL").await.expect("get_stream");
+    let info = stream.info().await.expect("stream info");
+    let cluster_info = info
+        .cluster
+        .clone()
+        .expect("clustered stream has cluster info");
+    assert_eq!(cluster_info.replicas.len(), 2, "leader plus two replicas");
+
+    // Losing the stream leader: a new one is elected and writes continue.
+    cluster.kill(stream_leader);
+    let new_leader = cluster.stream_leader(&client, "REPL").await;
+    assert_ne!(new_leader, stream_leader);
+    assert_eq!(publish(&js, "repl.b", "two").await, 2);
+
+    cluster.restart(stream_leader);
+    let survivor = support::connect(&cluster.node(stream_leader).url()).await;
+    let js_survivor = jetstream::new(survivor);
+    support::eventually(WAIT, || async {
+        match js_survivor.get_stream("REPL").await {
+            Ok(mut s) => s
+                .info()
+                .await
+                .map(|i| i.state.messages == 2)
+                .unwrap_or(false),
+            Err(_) => false,
+        }
+    })
+    .await;
 }
