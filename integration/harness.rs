@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, stream};
 use support::cluster::NatsCluster;
-use support::server::{NatsServer, ServerOptions};
+use support::server::{locate_nats_server, NatsServer, ServerOptions};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -113,8 +113,57 @@ async fn drop_kills_the_process_and_deletes_the_store() {
     assert!(!config.exists(), "temp dir deleted on drop");
     assert!(!dir.exists());
     // The child was reaped: the pid no longer names a process (not even a zombie of ours).
-    let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok();
-    assert!(!alive, "nats-server {pid} still exists after drop");
+    assert!(
+        !process_exists(pid),
+        "nats-server {pid} still exists after drop"
+    );
+}
+
+/// True while `pid` names a process (a zombie counts: it was not reaped).
+fn process_exists(pid: u32) -> bool {
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).expect("pid fits in i32"));
+    nix::sys::signal::kill(pid, None).is_ok()
+}
+
+#[test]
+fn a_panicking_test_still_kills_and_cleans_up() {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let outcome = std::thread::spawn(move || {
+        let server = NatsServer::start();
+        tx.send((server.pid().expect("running"), server.store_dir()))
+            .expect("send pid");
+        panic!("deliberate panic while the server runs");
+    })
+    .join();
+    assert!(outcome.is_err(), "the thread panicked");
+    let (pid, store) = rx.recv().expect("pid from the panicking thread");
+    assert!(!process_exists(pid), "nats-server {pid} survived the panic");
+    assert!(
+        !store.exists(),
+        "store {} survived the panic",
+        store.display()
+    );
+}
+
+#[test]
+fn missing_binary_says_to_run_the_install_script() {
+    let empty = tempfile::tempdir().expect("temp dir");
+    let err = locate_nats_server(None, empty.path(), Some(empty.path().into()))
+        .expect_err("no nats-server anywhere");
+    assert!(err.contains("scripts/install-nats-server"), "{err}");
+
+    let err = locate_nats_server(Some(empty.path().join("nope").into()), empty.path(), None)
+        .expect_err("NATS_SERVER_BIN names no file");
+    assert!(err.contains("NATS_SERVER_BIN"), "{err}");
+    assert!(err.contains("scripts/install-nats-server"), "{err}");
+
+    // Found on PATH when nothing else is set.
+    let bin_dir = empty.path().join("bin");
+    std::fs::create_dir(&bin_dir).expect("mkdir");
+    std::fs::write(bin_dir.join("nats-server"), "").expect("write");
+    let found = locate_nats_server(None, empty.path(), Some(bin_dir.clone().into()))
+        .expect("found on PATH");
+    assert_eq!(found, bin_dir.join("nats-server"));
 }
 
 #[tokio::test]

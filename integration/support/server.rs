@@ -506,34 +506,44 @@ pub fn free_ports(n: usize) -> Vec<u16> {
 ///
 /// Panics with a message saying to run `scripts/install-nats-server` if there is none.
 pub fn nats_server_binary() -> PathBuf {
-    if let Some(bin) = std::env::var_os("NATS_SERVER_BIN").filter(|v| !v.is_empty()) {
+    locate_nats_server(
+        std::env::var_os("NATS_SERVER_BIN"),
+        Path::new(env!("CARGO_MANIFEST_DIR")),
+        std::env::var_os("PATH"),
+    )
+    .unwrap_or_else(|message| panic!("{message}"))
+}
+
+/// The lookup behind [`nats_server_binary`], with its inputs passed in (so it can be tested).
+pub fn locate_nats_server(
+    nats_server_bin: Option<std::ffi::OsString>,
+    root: &Path,
+    path: Option<std::ffi::OsString>,
+) -> Result<PathBuf, String> {
+    if let Some(bin) = nats_server_bin.filter(|v| !v.is_empty()) {
         let bin = PathBuf::from(bin);
         if bin.is_file() {
-            return bin;
+            return Ok(bin);
         }
-        panic!(
+        return Err(format!(
             "NATS_SERVER_BIN={} is not a file; unset it or run scripts/install-nats-server",
             bin.display()
-        );
+        ));
     }
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let mut candidates = vec![root.join(".tools/bin/nats-server")];
-    if let Some(main) = main_checkout(&root) {
+    if let Some(main) = main_checkout(root) {
         candidates.push(main.join(".tools/bin/nats-server"));
     }
-    if let Some(path) = std::env::var_os("PATH") {
+    if let Some(path) = path {
         candidates.extend(std::env::split_paths(&path).map(|d| d.join("nats-server")));
     }
-    candidates
-        .into_iter()
-        .find(|c| c.is_file())
-        .unwrap_or_else(|| {
-            panic!(
-                "nats-server not found (looked at NATS_SERVER_BIN, {}/.tools/bin/nats-server and \
+    candidates.into_iter().find(|c| c.is_file()).ok_or_else(|| {
+        format!(
+            "nats-server not found (looked at NATS_SERVER_BIN, {}/.tools/bin/nats-server and \
              PATH); run scripts/install-nats-server",
-                root.display()
-            )
-        })
+            root.display()
+        )
+    })
 }
 
 /// In a git worktree, `.git` is a file `gitdir: <main>/.git/worktrees/<name>`; returns `<main>`.
