@@ -152,7 +152,7 @@ impl NatsCluster {
     pub async fn stream_leader(&self, client: &async_nats::Client, stream: &str) -> usize {
         let js = jetstream::new(client.clone());
         let deadline = Instant::now() + LEADER_TIMEOUT;
-        let mut last = String::new();
+        let mut last;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match tokio::time::timeout(left, js.get_stream(stream)).await {
