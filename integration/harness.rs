@@ -323,3 +323,19 @@ fn stream_messages_on(node: &NatsServer, stream: &str) -> Option<u64> {
         .find(|s| s["name"] == stream)
         .and_then(|s| s["state"]["messages"].as_u64())
 }
+
+#[tokio::test]
+#[should_panic(expected = "condition not met within")]
+async fn eventually_panics_when_the_condition_never_holds() {
+    support::eventually(Duration::from_millis(100), || async { false }).await;
+}
+
+#[tokio::test]
+async fn eventually_returns_once_the_condition_holds() {
+    let calls = std::sync::atomic::AtomicUsize::new(0);
+    support::eventually(WAIT, || async {
+        calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) >= 2
+    })
+    .await;
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 3);
+}
