@@ -25,6 +25,7 @@ pub mod headers;
 pub mod listener;
 pub mod memory;
 pub mod query;
+pub mod shutdown;
 mod worker;
 
 /// The CloudEvents SDK types users need (`Event`, `AttributesReader`, ...), re-exported.
