@@ -511,6 +511,16 @@ impl SourceBackend for MemorySource {
     }
 }
 
+/// Draining closes the connection ([`MemoryEvents::close`]), as the last step of a
+/// [`Shutdown`](crate::shutdown::Shutdown).
+#[async_trait]
+impl crate::shutdown::Drain for MemoryEvents {
+    async fn drain(&self) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        self.close().await;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -1173,6 +1183,36 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(err.kind(), PublishErrorKind::ConnectionClosed);
+    }
+
+    #[tokio::test]
+    async fn a_service_shutdown_stops_listeners_and_closes_memory_connections() {
+        let broker = MemoryBroker::with_auto_streams();
+        let events = broker.event_connection(&config("svc"));
+        let queries = broker.query_connection(&config("svc"));
+        let ty = ty();
+        let (tx, mut rx) = mpsc::channel(4);
+        let shutdown = crate::shutdown::Shutdown::new(WAIT);
+        shutdown.add_listener(
+            events
+                .listen(
+                    EventHandlers::new().on(ty.as_str(), forward(tx)),
+                    fast_options(),
+                )
+                .await
+                .unwrap(),
+        );
+        shutdown.add_connection(events.clone());
+        shutdown.add_connection(queries.clone());
+        events
+            .publish(new_event(&ty, "me", &3u64).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(recv(&mut rx).await, 3);
+        let report = shutdown.shutdown().await;
+        assert!(report.is_clean(), "{report:?}");
+        assert_eq!((report.listeners, report.connections_closed), (1, 2));
+        assert!(events.is_closed() && queries.is_closed());
     }
 
     #[tokio::test(start_paused = true)]
