@@ -70,8 +70,9 @@ use bytes::Bytes;
 
 use crate::codec::HeaderMap;
 use crate::config::Config;
-use crate::error::{Error, PublishErrorKind, StreamError};
+use crate::error::{Error, PublishErrorKind, RequestError, RequestErrorKind, StreamError};
 use crate::events::PublishAck;
+use crate::query::RawReply;
 
 pub use events::MemoryEvents;
 pub use queries::MemoryQueries;
@@ -405,6 +406,69 @@ impl MemoryBroker {
         self.check_size(&headers, &payload)
             .map_err(|detail| Error::with_detail(PublishErrorKind::TooLarge, detail))?;
         self.js_publish(subject, headers, payload)
+    }
+
+    /// Sends raw headers and payload as a request on `subject` and returns the first reply's
+    /// headers (empty when it had none) and payload, as they came. Meant for tests that need a
+    /// request the codec would not produce (an undecodable one) or want to see the reply as it
+    /// is on the wire.
+    ///
+    /// # Errors
+    ///
+    /// `NoResponders` at once when nobody listens on `subject`; `TimedOut`; `InvalidOptions`
+    /// for an invalid subject; `Encode` when the message exceeds the max payload.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// use ce_messaging::codec::HeaderMap;
+    /// use ce_messaging::error::RequestErrorKind;
+    /// let broker = ce_messaging::memory::MemoryBroker::new();
+    /// let err = broker
+    ///     .request_raw("org.example.op", HeaderMap::new(), "garbage".into(), std::time::Duration::from_secs(1))
+    ///     .await
+    ///     .unwrap_err();
+    /// assert_eq!(err.kind(), RequestErrorKind::NoResponders);
+    /// # }
+    /// ```
+    pub async fn request_raw(
+        &self,
+        subject: &str,
+        headers: HeaderMap,
+        payload: Bytes,
+        timeout: std::time::Duration,
+    ) -> Result<(HeaderMap, Bytes), RequestError> {
+        if !bus::is_valid_publish_subject(subject) {
+            return Err(Error::with_detail(
+                RequestErrorKind::InvalidOptions,
+                format!("invalid subject {subject:?}"),
+            ));
+        }
+        self.check_size(&headers, &payload)
+            .map_err(|detail| Error::with_detail(RequestErrorKind::Encode, detail))?;
+        let (inbox, mut replies) = bus::Inbox::single();
+        let delivered = self.inner.bus.publish(BusMessage {
+            subject: subject.to_owned(),
+            headers: (!headers.is_empty()).then_some(headers),
+            payload,
+            reply: Some(inbox.clone()),
+        });
+        if delivered == 0 {
+            return Err(Error::new(RequestErrorKind::NoResponders));
+        }
+        match tokio::time::timeout(timeout, replies.recv()).await {
+            Ok(Some(RawReply::Message { headers, payload })) => {
+                Ok((headers.unwrap_or_default(), payload))
+            }
+            Ok(Some(RawReply::NoResponders)) => Err(Error::new(RequestErrorKind::NoResponders)),
+            Ok(None) => Err(Error::new(RequestErrorKind::ConnectionClosed)),
+            Err(_) => Err(Error::with_detail(
+                RequestErrorKind::TimedOut,
+                format!("no reply within {timeout:?}"),
+            )),
+        }
     }
 
     /// Messages dropped because a subscription's queue was full (slow consumers).
