@@ -33,6 +33,7 @@ use crate::worker::WorkerPool;
 
 struct Inner {
     broker: MemoryBroker,
+    config: Config,
     client_id: String,
     stream: String,
     subject_prefix: String,
@@ -124,6 +125,7 @@ impl MemoryEvents {
         MemoryEvents {
             inner: Arc::new(Inner {
                 broker,
+                config: config.clone(),
                 client_id: config.client_id.clone(),
                 stream: config.js_stream.clone(),
                 subject_prefix: config.js_subject_prefix.clone(),
@@ -140,6 +142,20 @@ impl MemoryEvents {
                 source,
             }),
         }
+    }
+
+    /// The configuration the connection was made with.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use ce_messaging::config::Config;
+    /// let config = Config { client_id: "billing".into(), ..Config::default() };
+    /// let broker = ce_messaging::memory::MemoryBroker::new();
+    /// assert_eq!(broker.event_connection(&config).config().client_id, "billing");
+    /// ```
+    pub fn config(&self) -> &Config {
+        &self.inner.config
     }
 
     /// Whether [`close`](Self::close) was called.
@@ -336,6 +352,9 @@ impl EventConnection for MemoryEvents {
         });
         let submitter = pool.submitter();
         let stopping = pool.context().stopping;
+        // The listener's token: the intake stops the listener when the stream goes away.
+        let token = inner.closing.child_token();
+        let stop_listener = token.clone();
         let broker = inner.broker.clone();
         let stream: Arc<str> = Arc::from(inner.stream.as_str());
         let durable: Arc<str> = Arc::from(durable.as_str());
@@ -349,7 +368,8 @@ impl EventConnection for MemoryEvents {
                 let delivered = match next {
                     Next::Message(delivered) => delivered,
                     Next::Gone => {
-                        tracing::warn!(stream = %stream, durable = %durable, "stream or consumer deleted; listener gets no more events");
+                        tracing::warn!(stream = %stream, durable = %durable, "stream or consumer deleted; listener stops");
+                        stop_listener.cancel();
                         break;
                     }
                 };
@@ -374,7 +394,6 @@ impl EventConnection for MemoryEvents {
                 }
             }
         });
-        let token = inner.closing.child_token();
         let listener = Listener::supervise(pool, options.grace, token);
         if let Ok(mut listeners) = inner.listeners.lock() {
             listeners.retain(|l| !l.is_stopped());
@@ -1112,6 +1131,25 @@ mod tests {
         assert!(source.remove_listener(id).await);
         assert_eq!(source.listener_count(), 0);
         eventually(|| broker.subscription_count() == 0).await;
+    }
+
+    #[tokio::test]
+    async fn deleting_the_stream_stops_its_listeners() {
+        let broker = MemoryBroker::new();
+        let events = connection(&broker, "svc").await;
+        let (tx, _rx) = mpsc::channel(4);
+        let listener = events
+            .listen(
+                EventHandlers::new().on(ty().as_str(), forward(tx)),
+                fast_options(),
+            )
+            .await
+            .unwrap();
+        assert!(broker.delete_stream("CLOUDEVENTS"));
+        tokio::time::timeout(WAIT, listener.stopped())
+            .await
+            .expect("listener stopped");
+        assert!(broker.consumer_info("CLOUDEVENTS", "svc").is_none());
     }
 
     #[tokio::test]

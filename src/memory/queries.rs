@@ -26,6 +26,7 @@ use crate::worker::WorkerPool;
 
 struct Inner {
     broker: MemoryBroker,
+    config: Config,
     client_id: String,
     queue_group: String,
     wildcard_subject: Option<String>,
@@ -84,6 +85,7 @@ impl MemoryQueries {
         MemoryQueries {
             inner: Arc::new(Inner {
                 broker,
+                config: config.clone(),
                 client_id: config.client_id.clone(),
                 queue_group: config.queue_group().to_owned(),
                 wildcard_subject: config.wildcard_subject.clone(),
@@ -94,6 +96,20 @@ impl MemoryQueries {
                 listeners: Mutex::new(Vec::new()),
             }),
         }
+    }
+
+    /// The configuration the connection was made with.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use ce_messaging::config::Config;
+    /// let config = Config { client_id: "billing".into(), ..Config::default() };
+    /// let broker = ce_messaging::memory::MemoryBroker::new();
+    /// assert_eq!(broker.query_connection(&config).config().client_id, "billing");
+    /// ```
+    pub fn config(&self) -> &Config {
+        &self.inner.config
     }
 
     /// Whether [`close`](Self::close) was called.
