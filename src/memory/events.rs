@@ -775,6 +775,40 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn retryable_failures_are_redelivered_after_the_exponential_backoff() {
+        let broker = MemoryBroker::new();
+        let events = connection(&broker, "svc").await;
+        let ty = ty();
+        let attempts = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let a = attempts.clone();
+        let handler = event_handler_fn(move |_, _| {
+            a.lock().unwrap().push(tokio::time::Instant::now());
+            async { Err(HandlerError::new("still failing")) }
+        });
+        let options = EventListenOptions {
+            max_deliver: Some(4),
+            backoff: Backoff {
+                initial: Duration::from_secs(1),
+                max: Duration::from_secs(3),
+            },
+            ..Default::default()
+        };
+        let listener = events
+            .listen(EventHandlers::new().on(ty.as_str(), handler), options)
+            .await
+            .unwrap();
+        events
+            .publish(new_event(&ty, "me", &1).unwrap())
+            .await
+            .unwrap();
+        dead_letters(&broker, 1).await;
+        let times = attempts.lock().unwrap().clone();
+        let gaps: Vec<u64> = times.windows(2).map(|w| (w[1] - w[0]).as_secs()).collect();
+        assert_eq!(gaps, vec![1, 2, 3], "1 s, 2 s, then capped at 3 s");
+        listener.stop(WAIT).await;
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn max_deliveries_dead_letters_with_the_contract_headers() {
         let broker = MemoryBroker::new();
         let events = connection(&broker, "svc").await;
