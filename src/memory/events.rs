@@ -206,12 +206,14 @@ impl MemoryEvents {
     pub(super) fn create_streams(&self) -> Result<(), StreamError> {
         let inner = &self.inner;
         let max_messages = inner.broker.options().max_stream_messages;
+        let max_bytes = inner.broker.options().max_stream_bytes;
         inner.broker.streams().create_or_update(
             &inner.stream,
             StreamSettings {
                 subjects: vec![format!("{}.>", inner.subject_prefix)],
                 duplicate_window: inner.duplicate_window,
                 max_messages,
+                max_bytes,
             },
         )?;
         inner.broker.streams().create_or_update(
@@ -220,6 +222,7 @@ impl MemoryEvents {
                 subjects: vec![format!("deadletter.{}.>", inner.stream)],
                 duplicate_window: inner.duplicate_window,
                 max_messages,
+                max_bytes,
             },
         )
     }
@@ -1007,6 +1010,7 @@ mod tests {
                     subjects: vec!["events.>".into()],
                     duplicate_window: Duration::from_secs(120),
                     max_messages: 100,
+                    max_bytes: 0,
                 },
             )
             .unwrap();

@@ -19,7 +19,8 @@
 //!   reasons and headers, promises and [`EventSource`](crate::event_source::EventSource).
 //! - **Limits:** a message larger than [`MemoryOptions::max_payload`] (default 1 MiB, as NATS)
 //!   is refused before it is sent; streams keep at most [`MemoryOptions::max_stream_messages`]
-//!   (the oldest are discarded beyond that, as a JetStream stream with limits does).
+//!   and [`MemoryOptions::max_stream_bytes`] (the oldest are discarded beyond that, as a
+//!   JetStream stream with limits does, with a warning when a consumer had not settled them).
 //!
 //! Timers are tokio timers (no polling), so tests can run with paused time.
 //!
@@ -105,6 +106,9 @@ pub struct MemoryOptions {
     pub subscription_capacity: usize,
     /// How many messages a stream keeps; beyond that the oldest are discarded. Default 1 000 000.
     pub max_stream_messages: usize,
+    /// How many bytes (subjects, headers and payloads) a stream keeps; beyond that the oldest
+    /// messages are discarded. 0: no limit. Default 256 MiB.
+    pub max_stream_bytes: usize,
     /// Create the configured events and dead-letter streams whenever an event connection is
     /// made (see [`MemoryBroker::with_auto_streams`]). Default `false`, like a NATS server.
     pub auto_create_streams: bool,
@@ -116,6 +120,7 @@ impl Default for MemoryOptions {
             max_payload: DEFAULT_MAX_PAYLOAD,
             subscription_capacity: 65_536,
             max_stream_messages: 1_000_000,
+            max_stream_bytes: 256 * 1024 * 1024,
             auto_create_streams: false,
         }
     }
@@ -538,7 +543,7 @@ impl MemoryBroker {
 
 /// The size of the headers as they go over the wire (`NATS/1.0\r\n`, `name: value\r\n` lines,
 /// a blank line), 0 without headers.
-fn headers_len(headers: &HeaderMap) -> usize {
+pub(crate) fn headers_len(headers: &HeaderMap) -> usize {
     let lines: usize = headers
         .iter()
         .map(|(name, values)| {
