@@ -796,6 +796,24 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// A stream whose pattern matches a subject overlaps with that subject, so two
+        /// streams can never both hold one subject.
+        #[test]
+        fn matching_implies_overlap(
+            pattern in proptest::collection::vec(proptest::sample::select(vec!["a", "b", "*", ">"]), 1..5),
+            subject in proptest::collection::vec(proptest::sample::select(vec!["a", "b", "c"]), 1..5),
+        ) {
+            let pattern = pattern.join(".");
+            let subject = subject.join(".");
+            if super::super::bus::is_valid_pattern(&pattern) && subject_matches(&pattern, &subject) {
+                proptest::prop_assert!(patterns_overlap(&pattern, &subject));
+                proptest::prop_assert!(patterns_overlap(&subject, &pattern));
+            }
+            proptest::prop_assert!(subject_matches(&subject, &subject));
+        }
+    }
+
     #[test]
     fn publish_without_stream_is_stream_not_found() {
         let s = streams();
