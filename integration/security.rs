@@ -552,8 +552,14 @@ async fn tls_first_handshake_works_when_asked() {
     let err = connect(&plain_first)
         .await
         .expect_err("a server with handshake_first refuses a plain start");
-    assert_ne!(err.kind(), ConnectErrorKind::Authorization, "{err}");
-    eprintln!("TLSFIRST-MISMATCH {:?} {err}", err.kind());
+    // The server gives up on the plain-text client after its TLS timeout (2 s) and closes.
+    assert!(
+        matches!(
+            err.kind(),
+            ConnectErrorKind::Io | ConnectErrorKind::TimedOut
+        ),
+        "{err}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

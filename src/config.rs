@@ -1556,6 +1556,39 @@ mod tests {
         assert!(!format!("{err} {err:?}").contains("secret-ish"), "{err:?}");
     }
 
+    #[test]
+    fn an_nkey_seed_file_is_checked_without_quoting_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("good.nk");
+        let seed = nkeys::KeyPair::new_user().seed().unwrap();
+        std::fs::write(&good, format!("{seed}\n")).unwrap();
+        let config = Config {
+            nkey_seed_file: Some(good),
+            ..Default::default()
+        };
+        config.connect_options().unwrap();
+
+        let bad = dir.path().join("bad.nk");
+        std::fs::write(&bad, "SUAMALFORMEDSEEDTEXT").unwrap();
+        let config = Config {
+            nkey_seed_file: Some(bad),
+            ..Default::default()
+        };
+        let err = config.connect_options().unwrap_err();
+        assert_eq!(err.kind(), ConnectErrorKind::Credentials);
+        assert!(err.to_string().contains("NATS_NKEY_SEED_FILE"), "{err}");
+        assert!(!format!("{err} {err:?}").contains("MALFORMED"), "{err:?}");
+    }
+
+    #[test]
+    fn tls_errors_are_recognised_inside_io_errors() {
+        let tls = async_nats::rustls::Error::General("handshake".into());
+        let io = std::io::Error::new(std::io::ErrorKind::InvalidData, tls);
+        assert!(caused_by_tls(&io));
+        let plain = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        assert!(!caused_by_tls(&plain));
+    }
+
     #[tokio::test]
     async fn connecting_to_a_closed_port_fails_at_once_with_io() {
         // Bind then drop a listener to get a port nobody listens on.
