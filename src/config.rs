@@ -618,7 +618,7 @@ impl Config {
         if let Some(v) = non_empty(raw.tls_first) {
             config.tls_first = parse_bool("NATS_TLS_FIRST", &v)?;
         }
-        config.user = non_empty(raw.user);
+        config.user = non_empty(raw.user).map(|v| v.trim().to_string());
         // Secrets are taken as they are (no trimming): spaces may be part of them.
         config.password = raw.password.filter(|v| !v.is_empty()).map(Secret::from);
         config.token = raw.token.filter(|v| !v.is_empty()).map(Secret::from);
