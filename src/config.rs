@@ -1422,6 +1422,8 @@ mod tests {
             ..Default::default()
         };
         assert!(!format!("{config:?}").contains("sekrit-token"));
+        let options = config.connect_options().unwrap();
+        assert!(!format!("{options:?}").contains("sekrit-token"));
 
         // A bad URL with user info: the error shows the URL without it.
         let err = from(&[("NATS_URL", "nats://bob:urlpass@h1:notaport")]).unwrap_err();
