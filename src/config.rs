@@ -610,11 +610,11 @@ impl Config {
         if let Some(v) = non_empty(raw.ce_mode) {
             config.ce_mode = parse_ce_mode("NATS_CE_MODE", &v)?;
         }
-        config.creds_file = non_empty(raw.creds_file).map(PathBuf::from);
-        config.nkey_seed_file = non_empty(raw.nkey_seed_file).map(PathBuf::from);
-        config.tls_ca = non_empty(raw.tls_ca).map(PathBuf::from);
-        config.tls_cert = non_empty(raw.tls_cert).map(PathBuf::from);
-        config.tls_key = non_empty(raw.tls_key).map(PathBuf::from);
+        config.creds_file = non_empty(raw.creds_file).map(|v| PathBuf::from(v.trim()));
+        config.nkey_seed_file = non_empty(raw.nkey_seed_file).map(|v| PathBuf::from(v.trim()));
+        config.tls_ca = non_empty(raw.tls_ca).map(|v| PathBuf::from(v.trim()));
+        config.tls_cert = non_empty(raw.tls_cert).map(|v| PathBuf::from(v.trim()));
+        config.tls_key = non_empty(raw.tls_key).map(|v| PathBuf::from(v.trim()));
         if let Some(v) = non_empty(raw.tls_first) {
             config.tls_first = parse_bool("NATS_TLS_FIRST", &v)?;
         }
