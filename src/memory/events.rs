@@ -730,6 +730,73 @@ mod tests {
         );
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn under_concurrent_publishers_each_durable_handles_every_event_exactly_once() {
+        const EVENTS: u64 = 1000;
+        let broker = MemoryBroker::new();
+        let ty = ty();
+        let (tx_a, mut rx_a) = mpsc::channel(EVENTS as usize);
+        let (tx_b, mut rx_b) = mpsc::channel(EVENTS as usize);
+        let mut listeners = Vec::new();
+        for (durable, tx, instances) in [("a", tx_a, 4), ("b", tx_b, 1)] {
+            for _ in 0..instances {
+                let events = connection(&broker, durable).await;
+                let options = EventListenOptions {
+                    workers: 4,
+                    buffer: 8,
+                    ..fast_options()
+                };
+                listeners.push(
+                    events
+                        .listen(
+                            EventHandlers::new().on(ty.as_str(), forward(tx.clone())),
+                            options,
+                        )
+                        .await
+                        .unwrap(),
+                );
+            }
+        }
+        let publishers = (0..4u64).map(|p| {
+            let events = broker.event_connection(&config("publisher"));
+            let ty = ty.clone();
+            tokio::spawn(async move {
+                for n in (p..EVENTS).step_by(4) {
+                    events
+                        .publish(new_event(&ty, "me", &n).unwrap())
+                        .await
+                        .unwrap();
+                }
+            })
+        });
+        for p in futures::future::join_all(publishers).await {
+            p.unwrap();
+        }
+        for rx in [&mut rx_a, &mut rx_b] {
+            let mut seen = Vec::with_capacity(EVENTS as usize);
+            for _ in 0..EVENTS {
+                seen.push(recv(rx).await);
+            }
+            seen.sort_unstable();
+            assert_eq!(seen, (0..EVENTS).collect::<Vec<_>>());
+        }
+        for l in &listeners {
+            l.stop(WAIT).await;
+        }
+        for durable in ["a", "b"] {
+            let info = broker.consumer_info("CLOUDEVENTS", durable).unwrap();
+            assert_eq!(
+                (info.delivered, info.acked, info.num_ack_pending),
+                (EVENTS, EVENTS, 0),
+                "{durable}"
+            );
+        }
+        assert!(
+            rx_a.try_recv().is_err() && rx_b.try_recv().is_err(),
+            "nothing handled twice"
+        );
+    }
+
     #[tokio::test]
     async fn a_retryable_failure_is_redelivered_with_the_retry_delay() {
         let broker = MemoryBroker::new();
