@@ -22,7 +22,7 @@
 use std::borrow::Cow;
 
 use bytes::Bytes;
-use cloudevents::event::{Data, SpecVersion};
+use cloudevents::event::{Data, ExtensionValue, SpecVersion};
 use cloudevents::message::{
     BinaryDeserializer, BinarySerializer, Error as MessageError, MessageAttributeValue,
     StructuredDeserializer, StructuredSerializer,
@@ -34,6 +34,7 @@ use crate::error::{DecodeError, DecodeErrorKind, EncodeError, EncodeErrorKind, E
 /// NATS message headers, as used by the codec.
 pub use async_nats::HeaderMap;
 use async_nats::{HeaderName, HeaderValue};
+use serde_json::value::RawValue;
 
 /// The `Content-Type` of a structured-mode message.
 pub const STRUCTURED_CONTENT_TYPE: &str = "application/cloudevents+json";
@@ -163,39 +164,15 @@ pub fn encode(event: &Event, mode: ContentMode) -> Result<EncodedEvent, EncodeEr
 pub fn decode(headers: Option<&HeaderMap>, payload: &Bytes) -> Result<Event, DecodeError> {
     let message = NatsMessage { headers, payload };
     if message.is_binary() {
-        let event = BinaryDeserializer::into_event(message).map_err(decode_error)?;
-        Ok(typed_binary_data(event))
+        message.binary_parts()?.into_event()
     } else {
         // Structured, with or without a CloudEvents Content-Type (sdk-go sends none).
-        StructuredDeserializer::into_event(message).map_err(decode_error)
-    }
-}
-
-/// Turns the raw bytes the sdk puts in a binary-mode event into the data variant a structured
-/// decode of the same event gives: JSON for JSON content types, text for `text/*`.
-fn typed_binary_data(mut event: Event) -> Event {
-    let is_json = event.datacontenttype().is_some_and(is_json_content_type);
-    let is_text = event
-        .datacontenttype()
-        .is_some_and(|ct| ct.starts_with("text/"));
-    if !is_json && !is_text {
-        return event;
-    }
-    if let Some(Data::Binary(bytes)) = event.data() {
-        let typed = if is_json {
-            serde_json::from_slice::<serde_json::Value>(bytes)
-                .ok()
-                .map(Data::Json)
-        } else {
-            std::str::from_utf8(bytes)
-                .ok()
-                .map(|s| Data::String(s.to_owned()))
-        };
-        if let Some(data) = typed {
-            event.set_data_unchecked(data);
+        match StructuredParts::parse(payload)? {
+            Some(parts) => parts.into_event(),
+            // Rare shapes (spec 0.3, `data_base64`): the sdk's own JSON format decoder.
+            None => StructuredDeserializer::into_event(message).map_err(decode_error),
         }
     }
-    event
 }
 
 /// Whether a content type names JSON data (as cloudevents-sdk decides it).
@@ -209,12 +186,296 @@ struct NatsMessage<'a> {
     payload: &'a Bytes,
 }
 
-impl NatsMessage<'_> {
+impl<'a> NatsMessage<'a> {
     fn is_binary(&self) -> bool {
         self.headers.is_some_and(|h| {
             h.iter()
                 .any(|(name, _)| AsRef::<str>::as_ref(name).eq_ignore_ascii_case(CE_SPECVERSION))
         })
+    }
+
+    /// Reads the `ce-*` headers (one pass, names case-insensitive, values percent-decoded) and
+    /// the payload as the data.
+    fn binary_parts(&self) -> Result<EventParts<'a>, DecodeError> {
+        let mut parts = EventParts::default();
+        let Some(headers) = self.headers else {
+            return Err(Error::with_detail(
+                DecodeErrorKind::MissingAttribute,
+                "no `ce-specversion` header",
+            ));
+        };
+        let mut content_type = None;
+        for (name, values) in headers.iter() {
+            let name: &'a str = name.as_ref();
+            let Some(value) = values.first().map(HeaderValue::as_str) else {
+                continue;
+            };
+            if name.len() > CE_PREFIX.len()
+                && name.as_bytes()[..CE_PREFIX.len()].eq_ignore_ascii_case(CE_PREFIX.as_bytes())
+            {
+                let attr = &name[CE_PREFIX.len()..];
+                let attr = if attr.bytes().any(|b| b.is_ascii_uppercase()) {
+                    Cow::Owned(attr.to_ascii_lowercase())
+                } else {
+                    Cow::Borrowed(attr)
+                };
+                let value = percent_decode(value, name)?;
+                if attr == "specversion" {
+                    parts.specversion = Some(value);
+                } else if !parts.set_attribute(&attr, Cow::clone(&value)) {
+                    parts
+                        .extensions
+                        .push((attr, ExtensionValue::String(value.into_owned())));
+                }
+            } else if name.eq_ignore_ascii_case(CONTENT_TYPE) {
+                content_type = Some(Cow::Borrowed(value));
+            }
+        }
+        if parts.datacontenttype.is_none() {
+            parts.datacontenttype = content_type;
+        }
+        if !self.payload.is_empty() {
+            parts.data = Some(PartsData::Bytes(self.payload));
+        }
+        Ok(parts)
+    }
+}
+
+/// The data of an event being decoded, still in its wire form.
+enum PartsData<'a> {
+    /// Binary mode: the payload.
+    Bytes(&'a Bytes),
+    /// Structured mode: the JSON text of the `data` member.
+    Json(&'a RawValue),
+}
+
+/// An event's attributes, extensions and data as read from the wire, borrowed where possible;
+/// handed to the sdk as a [`BinaryDeserializer`] to build the [`Event`].
+#[derive(Default)]
+struct EventParts<'a> {
+    specversion: Option<Cow<'a, str>>,
+    attributes: [Option<Cow<'a, str>>; V10_ATTRIBUTES.len()],
+    datacontenttype: Option<Cow<'a, str>>,
+    extensions: Vec<(Cow<'a, str>, ExtensionValue)>,
+    data: Option<PartsData<'a>>,
+}
+
+/// The 1.0 attributes other than `specversion` and `datacontenttype`, in the order set.
+const V10_ATTRIBUTES: [&str; 6] = ["id", "source", "type", "subject", "time", "dataschema"];
+
+impl<'a> EventParts<'a> {
+    /// Stores a spec attribute; `false` when `name` is not one (so it is an extension).
+    fn set_attribute(&mut self, name: &str, value: Cow<'a, str>) -> bool {
+        if name == "datacontenttype" {
+            self.datacontenttype = Some(value);
+            return true;
+        }
+        match V10_ATTRIBUTES.iter().position(|a| *a == name) {
+            Some(i) => {
+                self.attributes[i] = Some(value);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Builds the event through the sdk, then types the data by its content type.
+    fn into_event(mut self) -> Result<Event, DecodeError> {
+        let data = self.data.take();
+        let is_json = self
+            .datacontenttype
+            .as_deref()
+            .is_none_or(is_json_content_type);
+        let is_text = self
+            .datacontenttype
+            .as_deref()
+            .is_some_and(|ct| ct.starts_with("text/"));
+        let mut event = BinaryDeserializer::into_event(self).map_err(decode_error)?;
+        let data = match data {
+            None => return Ok(event),
+            Some(PartsData::Json(raw)) if is_json => {
+                Data::Json(serde_json::from_str(raw.get()).map_err(|e| {
+                    Error::with_source(DecodeErrorKind::NotJson, e).detail("`data`")
+                })?)
+            }
+            Some(PartsData::Json(raw)) => {
+                Data::String(serde_json::from_str(raw.get()).map_err(|e| {
+                    Error::with_source(DecodeErrorKind::InvalidAttribute, e)
+                        .detail("`data` of a non-JSON content type must be a JSON string")
+                })?)
+            }
+            Some(PartsData::Bytes(bytes)) => {
+                if is_json && event.datacontenttype().is_some() {
+                    match serde_json::from_slice(bytes) {
+                        Ok(value) => Data::Json(value),
+                        Err(_) => Data::Binary(bytes.to_vec()),
+                    }
+                } else if is_text {
+                    match std::str::from_utf8(bytes) {
+                        Ok(text) => Data::String(text.to_owned()),
+                        Err(_) => Data::Binary(bytes.to_vec()),
+                    }
+                } else {
+                    Data::Binary(bytes.to_vec())
+                }
+            }
+        };
+        event.set_data_unchecked(data);
+        Ok(event)
+    }
+}
+
+impl BinaryDeserializer for EventParts<'_> {
+    fn deserialize_binary<R: Sized, V: BinarySerializer<R>>(
+        self,
+        serializer: V,
+    ) -> cloudevents::message::Result<R> {
+        let Some(version) = self.specversion else {
+            return Err(wrap(Error::with_detail(
+                DecodeErrorKind::MissingAttribute,
+                "`specversion`",
+            )));
+        };
+        let spec = SpecVersion::try_from(version.as_ref()).map_err(|_| {
+            wrap(Error::with_detail(
+                DecodeErrorKind::UnknownSpecVersion,
+                format!("`{version}`"),
+            ))
+        })?;
+        let attribute_names = spec.attribute_names();
+        let mut serializer = serializer.set_spec_version(spec)?;
+        let set = |serializer: V, name: &str, value: Cow<'_, str>| {
+            serializer
+                .set_attribute(name, MessageAttributeValue::String(value.into_owned()))
+                .map_err(|e| attribute_error(name, e))
+        };
+        for (name, value) in V10_ATTRIBUTES.iter().zip(self.attributes) {
+            let Some(value) = value else { continue };
+            if attribute_names.contains(name) {
+                serializer = set(serializer, name, value)?;
+            } else {
+                serializer = serializer
+                    .set_extension(name, MessageAttributeValue::String(value.into_owned()))?;
+            }
+        }
+        if let Some(ct) = self.datacontenttype {
+            serializer = set(serializer, "datacontenttype", ct)?;
+        }
+        for (name, value) in self.extensions {
+            if attribute_names.contains(&name.as_ref()) {
+                // 0.3 attribute names (`schemaurl`, `datacontentencoding`) read as extensions.
+                serializer = set(serializer, &name, Cow::Owned(value.to_string()))?;
+            } else {
+                serializer = serializer.set_extension(&name, value.into())?;
+            }
+        }
+        serializer.end()
+    }
+}
+
+/// A structured-mode payload read as a JSON object with borrowed keys and raw values.
+struct StructuredParts;
+
+/// A JSON string, borrowed from the input when it has no escapes.
+#[derive(serde::Deserialize)]
+struct JsonStr<'a>(#[serde(borrow)] Cow<'a, str>);
+
+/// A JSON object's members in order, values left as raw JSON text.
+struct RawObject<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
+
+impl<'de> serde::Deserialize<'de> for RawObject<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Members;
+        impl<'de> serde::de::Visitor<'de> for Members {
+            type Value = RawObject<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut members = Vec::with_capacity(map.size_hint().unwrap_or(10));
+                while let Some(key) = map.next_key::<JsonStr<'de>>()? {
+                    members.push((key.0, map.next_value::<&'de RawValue>()?));
+                }
+                Ok(RawObject(members))
+            }
+        }
+        deserializer.deserialize_map(Members)
+    }
+}
+
+impl StructuredParts {
+    /// Reads a JSON event; `Ok(None)` for shapes left to the sdk's decoder (spec 0.3,
+    /// `data_base64`).
+    fn parse(payload: &Bytes) -> Result<Option<EventParts<'_>>, DecodeError> {
+        let object: RawObject<'_> = serde_json::from_slice(payload)
+            .map_err(|e| Error::with_source(DecodeErrorKind::NotJson, e))?;
+        let mut parts = EventParts::default();
+        for (name, raw) in object.0 {
+            let text = raw.get();
+            if text == "null" {
+                continue;
+            }
+            match name.as_ref() {
+                "data" => parts.data = Some(PartsData::Json(raw)),
+                "data_base64" => return Ok(None),
+                "specversion" => {
+                    let version = json_string(&name, raw)?;
+                    if version != "1.0" {
+                        if version == "0.3" {
+                            return Ok(None);
+                        }
+                        return Err(Error::with_detail(
+                            DecodeErrorKind::UnknownSpecVersion,
+                            format!("`{version}`"),
+                        ));
+                    }
+                    parts.specversion = Some(version);
+                }
+                attr if attr == "datacontenttype" || V10_ATTRIBUTES.contains(&attr) => {
+                    let value = json_string(attr, raw)?;
+                    parts.set_attribute(attr, value);
+                }
+                _ => {
+                    let value = extension_value(&name, text)?;
+                    parts.extensions.push((name, value));
+                }
+            }
+        }
+        Ok(Some(parts))
+    }
+}
+
+/// An attribute's value, which the JSON format requires to be a string.
+fn json_string<'a>(name: &str, raw: &'a RawValue) -> Result<Cow<'a, str>, DecodeError> {
+    serde_json::from_str::<JsonStr<'a>>(raw.get())
+        .map(|s| s.0)
+        .map_err(|e| {
+            Error::with_source(DecodeErrorKind::InvalidAttribute, e)
+                .detail(format!("`{name}` is not a string"))
+        })
+}
+
+/// An extension's value: a string, a boolean or an integer.
+fn extension_value(name: &str, text: &str) -> Result<ExtensionValue, DecodeError> {
+    let invalid = || {
+        Error::with_detail(
+            DecodeErrorKind::InvalidAttribute,
+            format!("extension `{name}` is not a string, boolean or integer"),
+        )
+    };
+    match text.as_bytes().first() {
+        Some(b'"') => serde_json::from_str::<JsonStr<'_>>(text)
+            .map(|s| ExtensionValue::String(s.0.into_owned()))
+            .map_err(|e| invalid().source(e)),
+        Some(b't' | b'f') => serde_json::from_str::<bool>(text)
+            .map(ExtensionValue::Boolean)
+            .map_err(|e| invalid().source(e)),
+        _ => serde_json::from_str::<i64>(text)
+            .map(ExtensionValue::Integer)
+            .map_err(|e| invalid().source(e)),
     }
 }
 
@@ -225,89 +486,6 @@ impl StructuredDeserializer for NatsMessage<'_> {
     ) -> cloudevents::message::Result<R> {
         serializer.set_structured_event(self.payload.to_vec())
     }
-}
-
-impl BinaryDeserializer for NatsMessage<'_> {
-    fn deserialize_binary<R: Sized, V: BinarySerializer<R>>(
-        self,
-        serializer: V,
-    ) -> cloudevents::message::Result<R> {
-        let Some(headers) = self.headers else {
-            return Err(wrap(Error::with_detail(
-                DecodeErrorKind::MissingAttribute,
-                "no `ce-specversion` header",
-            )));
-        };
-        let mut spec = None;
-        for (name, values) in headers.iter() {
-            if AsRef::<str>::as_ref(name).eq_ignore_ascii_case(CE_SPECVERSION) {
-                let value = first_value(values, CE_SPECVERSION)?;
-                let value = percent_decode(value, CE_SPECVERSION).map_err(wrap)?;
-                spec = Some(SpecVersion::try_from(value.as_ref()).map_err(|_| {
-                    wrap(Error::with_detail(
-                        DecodeErrorKind::UnknownSpecVersion,
-                        format!("`{value}`"),
-                    ))
-                })?);
-            }
-        }
-        let Some(spec) = spec else {
-            return Err(wrap(Error::with_detail(
-                DecodeErrorKind::MissingAttribute,
-                "no `ce-specversion` header",
-            )));
-        };
-        let attribute_names = spec.attribute_names();
-        let mut serializer = serializer.set_spec_version(spec)?;
-        let mut content_type = None;
-        let mut ce_content_type = false;
-        for (name, values) in headers.iter() {
-            let name: &str = name.as_ref();
-            if name.len() > CE_PREFIX.len()
-                && name.as_bytes()[..CE_PREFIX.len()].eq_ignore_ascii_case(CE_PREFIX.as_bytes())
-            {
-                let attr = name[CE_PREFIX.len()..].to_ascii_lowercase();
-                if attr == "specversion" {
-                    continue;
-                }
-                let value = first_value(values, name)?;
-                let value = percent_decode(value, name).map_err(wrap)?.into_owned();
-                if attr == "datacontenttype" {
-                    ce_content_type = true;
-                }
-                if attribute_names.contains(&attr.as_str()) {
-                    serializer = serializer
-                        .set_attribute(&attr, MessageAttributeValue::String(value))
-                        .map_err(|e| attribute_error(&attr, e))?;
-                } else {
-                    serializer =
-                        serializer.set_extension(&attr, MessageAttributeValue::String(value))?;
-                }
-            } else if name.eq_ignore_ascii_case(CONTENT_TYPE) {
-                content_type = Some(first_value(values, name)?.to_owned());
-            }
-        }
-        if let (false, Some(ct)) = (ce_content_type, content_type) {
-            serializer = serializer
-                .set_attribute("datacontenttype", MessageAttributeValue::String(ct))
-                .map_err(|e| attribute_error("datacontenttype", e))?;
-        }
-        if self.payload.is_empty() {
-            serializer.end()
-        } else {
-            serializer.end_with_data(self.payload.to_vec())
-        }
-    }
-}
-
-/// The first value of a header (NATS headers may repeat; the contract sends each once).
-fn first_value<'v>(values: &'v [HeaderValue], name: &str) -> cloudevents::message::Result<&'v str> {
-    values.first().map(HeaderValue::as_str).ok_or_else(|| {
-        wrap(Error::with_detail(
-            DecodeErrorKind::InvalidAttribute,
-            format!("header `{name}` has no value"),
-        ))
-    })
 }
 
 /// Maps an sdk error from setting attribute `name` to a typed decode error.
@@ -969,6 +1147,41 @@ mod tests {
                         prop_assert_eq!(back, expected);
                         prop_assert!(same_data(back_data, data));
                     }
+                }
+            }
+
+            #[test]
+            fn structured_decode_agrees_with_the_sdk_decoder(
+                members in proptest::collection::vec(
+                    (
+                        prop_oneof![
+                            Just("specversion"), Just("id"), Just("source"), Just("type"),
+                            Just("time"), Just("subject"), Just("dataschema"),
+                            Just("datacontenttype"), Just("data"), Just("data_base64"),
+                            Just("ext"), Just("other"),
+                        ],
+                        prop_oneof![
+                            Just(r#""1.0""#), Just(r#""0.3""#), Just(r#""x y""#), Just("null"),
+                            Just("1"), Just("true"), Just("1.5"), Just("{\"a\":[1]}"),
+                            Just(r#""2024-01-02T03:04:05.678Z""#), Just(r#""https://e.x/s""#),
+                            Just(r#""application/json""#), Just(r#""text/plain""#),
+                            Just(r#""aGk=""#), Just(r#""caf\u00e9""#),
+                        ],
+                    ),
+                    0..10,
+                ),
+            ) {
+                let body: Vec<String> = members
+                    .iter()
+                    .map(|(k, v)| format!("\"{k}\":{v}"))
+                    .collect();
+                let payload = Bytes::from(format!("{{{}}}", body.join(",")));
+                let sdk = serde_json::from_slice::<Event>(&payload);
+                let ours = decode(None, &payload);
+                match (sdk, ours) {
+                    (Ok(sdk), Ok(ours)) => prop_assert_eq!(ours, sdk),
+                    (Err(_), Err(_)) => {}
+                    (sdk, ours) => prop_assert!(false, "sdk {:?} ours {:?} for {:?}", sdk, ours, payload),
                 }
             }
 
