@@ -104,6 +104,20 @@ fn main() {
         black_box(decode(Some(&binary.headers), black_box(&binary.payload)).ok());
     });
 
+    // The same event without data: the share of binary decode spent typing JSON data.
+    let mut no_data = event.clone();
+    no_data.take_data();
+    let binary_no_data = encode(&no_data, ContentMode::Binary).expect("binary encode");
+    let dec_binary_no_data = rate(|| {
+        black_box(
+            decode(
+                Some(&binary_no_data.headers),
+                black_box(&binary_no_data.payload),
+            )
+            .ok(),
+        );
+    });
+
     let row = |name: &str, r: f64, base: f64, base_name: &str| {
         println!(
             "{name:<40} {:>12.0} events/s  {:>6.2}x {base_name}",

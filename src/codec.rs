@@ -120,10 +120,30 @@ pub fn encode(event: &Event, mode: ContentMode) -> Result<EncodedEvent, EncodeEr
                 .set_structured_event(json)
                 .map_err(encode_error)
         }
-        ContentMode::Binary => event
-            .clone()
-            .deserialize_binary(NatsSerializer::default())
-            .map_err(encode_error),
+        ContentMode::Binary => encode_binary(event).map_err(encode_error),
+    }
+}
+
+/// Feeds the event's attributes, extensions and data to the NATS [`BinarySerializer`] the way
+/// the sdk's `BinaryDeserializer for Event` does, but from a borrowed event: no clone of the
+/// data, which is serialized straight into the payload.
+fn encode_binary(event: &Event) -> cloudevents::message::Result<EncodedEvent> {
+    let mut serializer = NatsSerializer::default().set_spec_version(event.specversion())?;
+    for (name, value) in event.iter_attributes() {
+        if name == "specversion" {
+            continue;
+        }
+        serializer =
+            serializer.set_attribute(name, MessageAttributeValue::String(value.to_string()))?;
+    }
+    for (name, value) in event.iter_extensions() {
+        serializer = serializer.set_extension(name, value.clone().into())?;
+    }
+    match event.data() {
+        None => serializer.end(),
+        Some(Data::Binary(bytes)) => serializer.end_with_data(bytes.clone()),
+        Some(Data::String(text)) => serializer.end_with_data(text.clone().into_bytes()),
+        Some(Data::Json(value)) => serializer.end_with_data(serde_json::to_vec(value)?),
     }
 }
 
@@ -568,13 +588,22 @@ impl NatsSerializer {
         name: &str,
         value: &MessageAttributeValue,
     ) -> cloudevents::message::Result<Self> {
-        let header_name = format!("{CE_PREFIX}{name}");
-        let header_name = HeaderName::try_from(header_name.as_str()).map_err(|_| {
-            wrap_encode(Error::with_detail(
-                EncodeErrorKind::InvalidHeader,
-                format!("`{name}` cannot be a NATS header name"),
-            ))
-        })?;
+        let header_name = match name {
+            "specversion" => HeaderName::from_static("ce-specversion"),
+            "id" => HeaderName::from_static("ce-id"),
+            "source" => HeaderName::from_static("ce-source"),
+            "type" => HeaderName::from_static("ce-type"),
+            "datacontenttype" => HeaderName::from_static("ce-datacontenttype"),
+            "dataschema" => HeaderName::from_static("ce-dataschema"),
+            "subject" => HeaderName::from_static("ce-subject"),
+            "time" => HeaderName::from_static("ce-time"),
+            _ => HeaderName::try_from(format!("{CE_PREFIX}{name}")).map_err(|_| {
+                wrap_encode(Error::with_detail(
+                    EncodeErrorKind::InvalidHeader,
+                    format!("`{name}` cannot be a NATS header name"),
+                ))
+            })?,
+        };
         let text = match value {
             MessageAttributeValue::String(s) => Cow::Borrowed(s.as_str()),
             other => Cow::Owned(other.to_string()),
