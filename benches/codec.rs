@@ -162,4 +162,10 @@ fn main() {
         sdk_decode,
         "sdk from_slice",
     );
+    row(
+        "ours decode binary (event without data)",
+        dec_binary_no_data,
+        sdk_decode,
+        "sdk from_slice",
+    );
 }
