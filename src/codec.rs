@@ -1063,6 +1063,31 @@ mod tests {
         );
     }
 
+    #[test]
+    fn malformed_members_of_a_json_event_are_typed_errors() {
+        use DecodeErrorKind::*;
+        let event = |extra: &str| {
+            Bytes::from(format!(
+                r#"{{"specversion":"1.0","id":"1","source":"s","type":"t"{extra}}}"#
+            ))
+        };
+        let kind = |extra: &str| decode(None, &event(extra)).unwrap_err().kind();
+        assert_eq!(kind(r#","ext":1.5"#), InvalidAttribute);
+        assert_eq!(kind(r#","ext":{"a":1}"#), InvalidAttribute);
+        assert_eq!(kind(r#","subject":["x"]"#), InvalidAttribute);
+        assert_eq!(kind(r#","source":"""#), InvalidAttribute);
+        assert_eq!(kind(r#","dataschema":"not a url""#), InvalidAttribute);
+        assert_eq!(
+            kind(r#","datacontenttype":"text/plain","data":{"a":1}"#),
+            InvalidAttribute
+        );
+        assert_eq!(kind(r#","data_base64":"!!!""#), InvalidAttribute);
+        // null members are absent, as in the sdk.
+        let ok = decode(None, &event(r#","subject":null,"data":null"#)).unwrap();
+        assert_eq!(ok.subject(), None);
+        assert_eq!(ok.data(), None);
+    }
+
     fn binary(extra: &[(&str, &str)]) -> Option<HeaderMap> {
         let mut h = headers(&[
             ("ce-specversion", "1.0"),
