@@ -153,12 +153,19 @@ fn encode_binary(event: &Event) -> cloudevents::message::Result<EncodedEvent> {
 /// `application/cloudevents` means structured mode; else the payload is tried as a structured
 /// JSON event (as sdk-go sends it). Header names are matched case-insensitively.
 ///
+/// Spec 1.0 events are decoded on a lean path (borrowed keys and raw JSON values, one pass
+/// over the headers); spec 0.3 and `data_base64` events go through the sdk's own decoder. In
+/// binary mode, data with a JSON content type comes back as `Data::Json` and `text/*` data as
+/// `Data::String` (when they parse), so an event decodes the same in both modes.
+///
 /// # Errors
 ///
 /// A [`DecodeError`] whose kind says what was wrong: [`DecodeErrorKind::NotJson`],
 /// [`DecodeErrorKind::MissingAttribute`], [`DecodeErrorKind::UnknownSpecVersion`],
 /// [`DecodeErrorKind::InvalidAttribute`], [`DecodeErrorKind::InvalidPercentEncoding`],
-/// [`DecodeErrorKind::InvalidUtf8`] or [`DecodeErrorKind::NotCloudEvent`].
+/// [`DecodeErrorKind::InvalidUtf8`] or [`DecodeErrorKind::NotCloudEvent`] (no `ce-specversion`,
+/// no CloudEvents `Content-Type`, and the payload is not a JSON object; with that content type
+/// the same payload is `NotJson`).
 ///
 /// # Examples
 ///
@@ -178,7 +185,7 @@ fn encode_binary(event: &Event) -> cloudevents::message::Result<EncodedEvent> {
 /// assert_eq!(event.subject(), Some("café au lait"));
 ///
 /// let err = decode(None, &Bytes::from_static(b"not json")).unwrap_err();
-/// assert_eq!(err.kind(), DecodeErrorKind::NotJson);
+/// assert_eq!(err.kind(), DecodeErrorKind::NotCloudEvent);
 /// # Ok::<(), ce_messaging::error::DecodeError>(())
 /// ```
 pub fn decode(headers: Option<&HeaderMap>, payload: &Bytes) -> Result<Event, DecodeError> {
@@ -187,7 +194,14 @@ pub fn decode(headers: Option<&HeaderMap>, payload: &Bytes) -> Result<Event, Dec
         message.binary_parts()?.into_event()
     } else {
         // Structured, with or without a CloudEvents Content-Type (sdk-go sends none).
-        match StructuredParts::parse(payload)? {
+        let parsed = StructuredParts::parse(payload).map_err(|e| {
+            if e.kind() == DecodeErrorKind::NotJson && !message.has_structured_content_type() {
+                e.map_kind(|_| DecodeErrorKind::NotCloudEvent)
+            } else {
+                e
+            }
+        })?;
+        match parsed {
             Some(parts) => parts.into_event(),
             // Rare shapes (spec 0.3, `data_base64`): the sdk's own JSON format decoder.
             None => StructuredDeserializer::into_event(message).map_err(decode_error),
@@ -211,6 +225,20 @@ impl<'a> NatsMessage<'a> {
         self.headers.is_some_and(|h| {
             h.iter()
                 .any(|(name, _)| AsRef::<str>::as_ref(name).eq_ignore_ascii_case(CE_SPECVERSION))
+        })
+    }
+
+    /// Whether `Content-Type` starts with `application/cloudevents` (case-insensitive).
+    fn has_structured_content_type(&self) -> bool {
+        const PREFIX: &[u8] = b"application/cloudevents";
+        self.headers.is_some_and(|h| {
+            h.iter().any(|(name, values)| {
+                AsRef::<str>::as_ref(name).eq_ignore_ascii_case(CONTENT_TYPE)
+                    && values.iter().any(|v| {
+                        let v = v.as_str().trim_start().as_bytes();
+                        v.len() >= PREFIX.len() && v[..PREFIX.len()].eq_ignore_ascii_case(PREFIX)
+                    })
+            })
         })
     }
 
@@ -1021,9 +1049,19 @@ mod tests {
         use DecodeErrorKind::*;
         let ct = || Some(headers(&[("Content-Type", STRUCTURED_CONTENT_TYPE)]));
         assert_eq!(kind_of(ct(), b"not json"), NotJson);
-        assert_eq!(kind_of(None, b""), NotJson);
-        assert_eq!(kind_of(None, b"[1,2]"), NotJson);
-        assert_eq!(kind_of(None, b"{\"id\":"), NotJson);
+        assert_eq!(kind_of(ct(), b"[1,2]"), NotJson);
+        assert_eq!(kind_of(ct(), b"{\"id\":"), NotJson);
+        let ct_params = headers(&[(
+            "content-type",
+            "Application/CloudEvents+json; charset=utf-8",
+        )]);
+        assert_eq!(kind_of(Some(ct_params), b"\xff"), NotJson);
+        // No CloudEvents marker and not a JSON event: not a CloudEvent at all.
+        assert_eq!(kind_of(None, b""), NotCloudEvent);
+        assert_eq!(kind_of(None, b"[1,2]"), NotCloudEvent);
+        assert_eq!(kind_of(None, b"{\"id\":"), NotCloudEvent);
+        let plain = headers(&[("Content-Type", "text/plain")]);
+        assert_eq!(kind_of(Some(plain), b"hello"), NotCloudEvent);
         assert_eq!(
             kind_of(ct(), br#"{"specversion":"1.0","source":"s","type":"t"}"#),
             MissingAttribute
