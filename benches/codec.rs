@@ -2,7 +2,8 @@
 //! modes, against cloudevents-sdk's own serde JSON (`serde_json::to_vec` / `from_slice`) in the
 //! same run. Run with `cargo bench --bench codec`.
 //!
-//! Each figure is the best of several rounds, on one thread.
+//! Each figure is the best of several rounds, on one thread; rounds of all cases are
+//! interleaved so that load from other processes affects them alike.
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
@@ -11,37 +12,66 @@ use ce_messaging::cloudevents::Event;
 use ce_messaging::codec::{decode, encode, ContentMode};
 use ce_messaging::event::new_event;
 
-const ROUNDS: usize = 7;
-const ROUND_TIME: Duration = Duration::from_millis(300);
+const ROUNDS: usize = 9;
+const ROUND_TIME: Duration = Duration::from_millis(200);
 
-/// Events per second of `f`, best of `ROUNDS` rounds.
-fn rate(mut f: impl FnMut()) -> f64 {
-    // Warm up and size a batch to about 10 ms.
-    let mut batch = 1u64;
-    loop {
-        let start = Instant::now();
-        for _ in 0..batch {
-            f();
+/// One measured operation.
+struct Case<'a> {
+    name: &'static str,
+    run: Box<dyn FnMut() + 'a>,
+    batch: u64,
+    best: f64,
+}
+
+impl<'a> Case<'a> {
+    fn new(name: &'static str, run: impl FnMut() + 'a) -> Self {
+        Case {
+            name,
+            run: Box::new(run),
+            batch: 1,
+            best: 0.0,
         }
-        if start.elapsed() >= Duration::from_millis(10) {
-            break;
-        }
-        batch *= 2;
     }
-    let mut best = 0f64;
-    for _ in 0..ROUNDS {
+
+    /// Warms up and sizes a batch to about 5 ms.
+    fn warm_up(&mut self) {
+        loop {
+            let start = Instant::now();
+            for _ in 0..self.batch {
+                (self.run)();
+            }
+            if start.elapsed() >= Duration::from_millis(5) {
+                break;
+            }
+            self.batch *= 2;
+        }
+    }
+
+    /// Runs one round and keeps the best events/s seen.
+    fn round(&mut self) {
         let start = Instant::now();
         let mut n = 0u64;
         while start.elapsed() < ROUND_TIME {
-            for _ in 0..batch {
-                f();
+            for _ in 0..self.batch {
+                (self.run)();
             }
-            n += batch;
+            n += self.batch;
         }
-        let r = n as f64 / start.elapsed().as_secs_f64();
-        best = best.max(r);
+        self.best = self.best.max(n as f64 / start.elapsed().as_secs_f64());
     }
-    best
+}
+
+/// Measures every case, rounds interleaved so that load from other processes hits all cases
+/// alike; each figure is the best round.
+fn measure(cases: &mut [Case<'_>]) {
+    for case in cases.iter_mut() {
+        case.warm_up();
+    }
+    for _ in 0..ROUNDS {
+        for case in cases.iter_mut() {
+            case.round();
+        }
+    }
 }
 
 fn main() {
@@ -82,90 +112,56 @@ fn main() {
         binary.headers.len()
     );
 
-    let sdk_encode = rate(|| {
-        black_box(serde_json::to_vec(black_box(&event)).ok());
-    });
-    let sdk_decode = rate(|| {
-        black_box(serde_json::from_slice::<Event>(black_box(&sdk_json)).ok());
-    });
-    let enc_structured = rate(|| {
-        black_box(encode(black_box(&event), ContentMode::Structured).ok());
-    });
-    let enc_binary = rate(|| {
-        black_box(encode(black_box(&event), ContentMode::Binary).ok());
-    });
-    let dec_structured = rate(|| {
-        black_box(decode(Some(&structured.headers), black_box(&structured.payload)).ok());
-    });
-    let dec_structured_no_ct = rate(|| {
-        black_box(decode(None, black_box(&structured.payload)).ok());
-    });
-    let dec_binary = rate(|| {
-        black_box(decode(Some(&binary.headers), black_box(&binary.payload)).ok());
-    });
-
     // The same event without data: the share of binary decode spent typing JSON data.
     let mut no_data = event.clone();
     no_data.take_data();
     let binary_no_data = encode(&no_data, ContentMode::Binary).expect("binary encode");
-    let dec_binary_no_data = rate(|| {
-        black_box(
-            decode(
-                Some(&binary_no_data.headers),
-                black_box(&binary_no_data.payload),
-            )
-            .ok(),
-        );
-    });
 
-    let row = |name: &str, r: f64, base: f64, base_name: &str| {
+    let mut cases = vec![
+        Case::new("sdk serde_json::to_vec", || {
+            black_box(serde_json::to_vec(black_box(&event)).ok());
+        }),
+        Case::new("sdk serde_json::from_slice", || {
+            black_box(serde_json::from_slice::<Event>(black_box(&sdk_json)).ok());
+        }),
+        Case::new("ours encode structured", || {
+            black_box(encode(black_box(&event), ContentMode::Structured).ok());
+        }),
+        Case::new("ours encode binary", || {
+            black_box(encode(black_box(&event), ContentMode::Binary).ok());
+        }),
+        Case::new("ours decode structured", || {
+            black_box(decode(Some(&structured.headers), black_box(&structured.payload)).ok());
+        }),
+        Case::new("ours decode structured (no Content-Type)", || {
+            black_box(decode(None, black_box(&structured.payload)).ok());
+        }),
+        Case::new("ours decode binary", || {
+            black_box(decode(Some(&binary.headers), black_box(&binary.payload)).ok());
+        }),
+        Case::new("ours decode binary (event without data)", || {
+            black_box(
+                decode(
+                    Some(&binary_no_data.headers),
+                    black_box(&binary_no_data.payload),
+                )
+                .ok(),
+            );
+        }),
+    ];
+    measure(&mut cases);
+    let (sdk_encode, sdk_decode) = (cases[0].best, cases[1].best);
+    for case in &cases {
+        let (base, base_name) = if case.name.contains("encode") || case.name.contains("to_vec") {
+            (sdk_encode, "sdk to_vec")
+        } else {
+            (sdk_decode, "sdk from_slice")
+        };
         println!(
-            "{name:<40} {:>12.0} events/s  {:>6.2}x {base_name}",
-            r,
-            r / base
+            "{:<42} {:>10.0} events/s  {:>6.2}x {base_name}",
+            case.name,
+            case.best,
+            case.best / base
         );
-    };
-    row(
-        "sdk serde_json::to_vec",
-        sdk_encode,
-        sdk_encode,
-        "sdk to_vec",
-    );
-    row(
-        "sdk serde_json::from_slice",
-        sdk_decode,
-        sdk_decode,
-        "sdk from_slice",
-    );
-    row(
-        "ours encode structured",
-        enc_structured,
-        sdk_encode,
-        "sdk to_vec",
-    );
-    row("ours encode binary", enc_binary, sdk_encode, "sdk to_vec");
-    row(
-        "ours decode structured",
-        dec_structured,
-        sdk_decode,
-        "sdk from_slice",
-    );
-    row(
-        "ours decode structured (no Content-Type)",
-        dec_structured_no_ct,
-        sdk_decode,
-        "sdk from_slice",
-    );
-    row(
-        "ours decode binary",
-        dec_binary,
-        sdk_decode,
-        "sdk from_slice",
-    );
-    row(
-        "ours decode binary (event without data)",
-        dec_binary_no_data,
-        sdk_decode,
-        "sdk from_slice",
-    );
+    }
 }
