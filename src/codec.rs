@@ -293,8 +293,8 @@ impl<'a> NatsMessage<'a> {
 enum PartsData<'a> {
     /// Binary mode: the payload.
     Bytes(&'a Bytes),
-    /// Structured mode: the JSON text of the `data` member.
-    Json(&'a RawValue),
+    /// Structured mode: the `data` member, parsed once while reading the event.
+    Json(serde_json::Value),
 }
 
 /// An event's attributes, extensions and data as read from the wire, borrowed where possible;
@@ -345,16 +345,13 @@ impl<'a> EventParts<'a> {
         };
         let data = match data {
             None => return Ok(event),
-            Some(PartsData::Json(raw)) if is_json => {
-                Data::Json(serde_json::from_str(raw.get()).map_err(|e| {
-                    Error::with_source(DecodeErrorKind::NotJson, e).detail("`data`")
-                })?)
-            }
-            Some(PartsData::Json(raw)) => {
-                Data::String(serde_json::from_str(raw.get()).map_err(|e| {
-                    Error::with_source(DecodeErrorKind::InvalidAttribute, e)
-                        .detail("`data` of a non-JSON content type must be a JSON string")
-                })?)
+            Some(PartsData::Json(value)) if is_json => Data::Json(value),
+            Some(PartsData::Json(serde_json::Value::String(text))) => Data::String(text),
+            Some(PartsData::Json(_)) => {
+                return Err(Error::with_detail(
+                    DecodeErrorKind::InvalidAttribute,
+                    "`data` of a non-JSON content type must be a JSON string",
+                ))
             }
             Some(PartsData::Bytes(bytes)) => {
                 if is_json && event.datacontenttype().is_some() {
@@ -484,8 +481,12 @@ struct StructuredParts;
 #[derive(serde::Deserialize)]
 struct JsonStr<'a>(#[serde(borrow)] Cow<'a, str>);
 
-/// A JSON object's members in order, values left as raw JSON text.
-struct RawObject<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
+/// A JSON object's members in order, values left as raw JSON text, except `data` (its last
+/// occurrence), which is parsed in the same pass.
+struct RawObject<'a> {
+    members: Vec<(Cow<'a, str>, &'a RawValue)>,
+    data: Option<serde_json::Value>,
+}
 
 impl<'de> serde::Deserialize<'de> for RawObject<'de> {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
@@ -500,10 +501,15 @@ impl<'de> serde::Deserialize<'de> for RawObject<'de> {
                 mut map: A,
             ) -> Result<Self::Value, A::Error> {
                 let mut members = Vec::with_capacity(map.size_hint().unwrap_or(10));
+                let mut data = None;
                 while let Some(key) = map.next_key::<JsonStr<'de>>()? {
-                    members.push((key.0, map.next_value::<&'de RawValue>()?));
+                    if key.0 == "data" {
+                        data = Some(map.next_value::<serde_json::Value>()?);
+                    } else {
+                        members.push((key.0, map.next_value::<&'de RawValue>()?));
+                    }
                 }
-                Ok(RawObject(members))
+                Ok(RawObject { members, data })
             }
         }
         deserializer.deserialize_map(Members)
@@ -518,7 +524,8 @@ impl StructuredParts {
             .map_err(|e| Error::with_source(DecodeErrorKind::NotJson, e))?;
         let mut parts = EventParts::default();
         // A repeated member counts once, with its last value (as the sdk's decoder reads it).
-        let members = object.0;
+        let members = object.members;
+        parts.data = object.data.filter(|v| !v.is_null()).map(PartsData::Json);
         for (i, (name, raw)) in members.iter().enumerate().rev() {
             if members[i + 1..].iter().any(|(later, _)| later == name) {
                 continue;
@@ -529,7 +536,6 @@ impl StructuredParts {
                 continue;
             }
             match name.as_ref() {
-                "data" => parts.data = Some(PartsData::Json(raw)),
                 "data_base64" => return Ok(None),
                 "specversion" => {
                     let version = json_string(&name, raw)?;
