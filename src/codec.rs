@@ -1,10 +1,14 @@
 //! CloudEvents <-> NATS message (headers + payload), in structured and binary content modes,
 //! as the wire contract says.
 //!
-//! Encoding and decoding go through cloudevents-sdk's `message` traits: [`encode`] feeds the
-//! event into a NATS [`StructuredSerializer`] / [`BinarySerializer`], and [`decode`] presents
-//! the NATS message as a [`StructuredDeserializer`] / [`BinaryDeserializer`] that the sdk turns
-//! into an [`Event`].
+//! Events are built and read with cloudevents-sdk, never hand-rolled JSON: [`encode`] feeds
+//! the event into a NATS [`StructuredSerializer`] (the sdk's JSON event format) or
+//! [`BinarySerializer`] (`ce-*` headers). [`decode`] is on every message's path, so for spec
+//! 1.0 it reads the JSON event (serde_json, borrowed keys and raw values, `data` parsed once)
+//! or the `ce-*` headers (one pass) and builds the event with the sdk's `EventBuilderV10`;
+//! spec 0.3 goes through the sdk's [`BinaryDeserializer`] / [`StructuredDeserializer`] route,
+//! and `data_base64` through the sdk's own JSON format decoder. A property test pins that the
+//! structured decode agrees with the sdk's decoder.
 //!
 //! # Examples
 //!
@@ -261,6 +265,7 @@ impl<'a> NatsMessage<'a> {
             if name.len() > CE_PREFIX.len()
                 && name.as_bytes()[..CE_PREFIX.len()].eq_ignore_ascii_case(CE_PREFIX.as_bytes())
             {
+                // Invariant: the first bytes matched the ASCII prefix, so this is a char boundary.
                 let attr = &name[CE_PREFIX.len()..];
                 let attr = if attr.bytes().any(|b| b.is_ascii_uppercase()) {
                     Cow::Owned(attr.to_ascii_lowercase())
