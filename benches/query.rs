@@ -9,7 +9,8 @@
 //! ```
 //!
 //! Knobs (environment): `BENCH_SEQUENTIAL` (default 5000 requests), `BENCH_CONCURRENT`
-//! (default 50000 requests), `BENCH_CONCURRENCY` (default 64).
+//! (default 20000 requests), `BENCH_ROUNDS` (default 3), `BENCH_CONCURRENCY` (default 64),
+//! `BENCH_WORKERS` (the listener's workers; default: the concurrency).
 
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -110,9 +111,36 @@ struct Figures {
     p50: Duration,
     p99: Duration,
     throughput: f64,
+    /// CPU time of this process (requester and replier together) per request in the
+    /// concurrent phase: less sensitive to other load on the machine than wall-clock figures.
+    cpu_per_request: Duration,
 }
 
-async fn measure<F, Fut>(sequential: usize, concurrent: usize, concurrency: usize, one: F) -> Figures
+/// User + system CPU time of this process so far (Linux `/proc/self/stat`, clock ticks of
+/// 10 ms; fine over tens of thousands of requests). Zero where unavailable.
+fn process_cpu() -> Duration {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return Duration::ZERO;
+    };
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let Some(rest) = stat.rsplit_once(')').map(|(_, rest)| rest) else {
+        return Duration::ZERO;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line; after the name, field 3 is index 0.
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i).and_then(|f| f.parse::<u64>().ok()))
+        .sum();
+    Duration::from_millis(ticks * 10)
+}
+
+async fn measure<F, Fut>(
+    sequential: usize,
+    concurrent: usize,
+    concurrency: usize,
+    one: F,
+) -> Figures
 where
     F: Fn() -> Fut + Clone + Send + Sync + 'static,
     Fut: std::future::Future<Output = ()> + Send,
@@ -128,6 +156,7 @@ where
     }
     latencies.sort();
 
+    let cpu_before = process_cpu();
     let started = Instant::now();
     futures::stream::iter(0..concurrent)
         .map(|_| {
@@ -138,10 +167,26 @@ where
         .collect::<Vec<()>>()
         .await;
     let elapsed = started.elapsed();
+    let cpu = process_cpu().saturating_sub(cpu_before);
     Figures {
+        cpu_per_request: cpu / concurrent.max(1) as u32,
         p50: percentile(&latencies, 0.50),
         p99: percentile(&latencies, 0.99),
         throughput: concurrent as f64 / elapsed.as_secs_f64(),
+    }
+}
+
+/// The median of each figure over the rounds.
+fn median(rounds: &[Figures]) -> Figures {
+    fn mid<T: Copy + PartialOrd>(mut values: Vec<T>) -> T {
+        values.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+        values[values.len() / 2]
+    }
+    Figures {
+        p50: mid(rounds.iter().map(|f| f.p50).collect()),
+        p99: mid(rounds.iter().map(|f| f.p99).collect()),
+        throughput: mid(rounds.iter().map(|f| f.throughput).collect()),
+        cpu_per_request: mid(rounds.iter().map(|f| f.cpu_per_request).collect()),
     }
 }
 
@@ -152,8 +197,10 @@ fn micros(d: Duration) -> f64 {
 #[tokio::main]
 async fn main() {
     let sequential = knob("BENCH_SEQUENTIAL", 5000);
-    let concurrent = knob("BENCH_CONCURRENT", 50_000);
+    let concurrent = knob("BENCH_CONCURRENT", 20_000);
     let concurrency = knob("BENCH_CONCURRENCY", 64);
+    let workers = knob("BENCH_WORKERS", concurrency);
+    let rounds = knob("BENCH_ROUNDS", 3).max(1);
     let server = Server::start();
     let config = Config {
         nats_url: server.url(),
@@ -175,7 +222,7 @@ async fn main() {
         .listen(
             handlers,
             QueryListenOptions {
-                workers: concurrency,
+                workers,
                 buffer: concurrency * 4,
                 ..Default::default()
             },
@@ -213,15 +260,16 @@ async fn main() {
 
     println!(
         "query request/reply, payload {} bytes (+ headers), sequential {sequential}, \
-         concurrent {concurrent} with {concurrency} in flight",
+         concurrent {concurrent} with {concurrency} in flight, {workers} workers, \
+         median of {rounds} alternating rounds",
         encoded.payload.len()
     );
 
-    let raw = {
+    let raw_one = {
         let client = raw_client.clone();
         let headers = encoded.headers.clone();
         let payload = encoded.payload.clone();
-        measure(sequential, concurrent, concurrency, move || {
+        move || {
             let client = client.clone();
             let headers = headers.clone();
             let payload = payload.clone();
@@ -231,27 +279,32 @@ async fn main() {
                     .await
                     .expect("raw request");
             }
-        })
-        .await
+        }
     };
-
-    let ours = {
+    let ours_one = {
         let requester = requester.clone();
         let request = Arc::new(request);
-        measure(sequential, concurrent, concurrency, move || {
+        move || {
             let requester = requester.clone();
             let request = (*request).clone();
             async move {
                 requester.request(request).await.expect("request");
             }
-        })
-        .await
+        }
     };
 
-    println!(
-        "{:<28} {:>12} {:>12} {:>8}",
-        "", "ours", "raw", "ratio"
-    );
+    // Alternate the two, round after round, and keep the median of each figure, so that a
+    // burst of other load on the machine does not land on one side only.
+    let mut raw_rounds = Vec::new();
+    let mut our_rounds = Vec::new();
+    for _ in 0..rounds {
+        raw_rounds.push(measure(sequential, concurrent, concurrency, raw_one.clone()).await);
+        our_rounds.push(measure(sequential, concurrent, concurrency, ours_one.clone()).await);
+    }
+    let raw = median(&raw_rounds);
+    let ours = median(&our_rounds);
+
+    println!("{:<28} {:>12} {:>12} {:>8}", "", "ours", "raw", "ratio");
     println!(
         "{:<28} {:>10.1}us {:>10.1}us {:>8.2}",
         "sequential p50 latency",
@@ -272,6 +325,13 @@ async fn main() {
         ours.throughput,
         raw.throughput,
         ours.throughput / raw.throughput
+    );
+    println!(
+        "{:<28} {:>10.1}us {:>10.1}us {:>8.2}",
+        "CPU per request (process)",
+        micros(ours.cpu_per_request),
+        micros(raw.cpu_per_request),
+        ours.cpu_per_request.as_secs_f64() / raw.cpu_per_request.as_secs_f64().max(1e-9)
     );
 
     listener.stop(Duration::from_secs(5)).await;
