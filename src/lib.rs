@@ -23,6 +23,7 @@ pub mod events;
 pub mod handler;
 pub mod headers;
 pub mod listener;
+pub mod memory;
 pub mod nats;
 pub mod query;
 pub mod shutdown;
@@ -31,4 +32,5 @@ mod worker;
 /// The CloudEvents SDK types users need (`Event`, `AttributesReader`, ...), re-exported.
 pub use cloudevents;
 pub use cloudevents::Event;
+pub use memory::{MemoryBroker, MemoryEvents, MemoryQueries};
 pub use nats::NatsQueries;
