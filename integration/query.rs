@@ -556,6 +556,77 @@ async fn oversized_request_is_refused_before_sending() {
     );
 }
 
+#[tokio::test]
+async fn bad_options_get_typed_errors_and_nothing_is_subscribed() {
+    use ce_messaging::error::ListenErrorKind;
+    let server = core_server();
+    let queries = connect(&config(&server)).await;
+
+    let err = within(
+        "listen",
+        queries.listen(QueryHandlers::new(), QueryListenOptions::default()),
+    )
+    .await
+    .expect_err("no handlers");
+    assert_eq!(err.kind(), ListenErrorKind::InvalidOptions);
+
+    let err = within(
+        "listen",
+        queries.listen(
+            ping_handlers("test.ping"),
+            QueryListenOptions {
+                workers: 0,
+                ..Default::default()
+            },
+        ),
+    )
+    .await
+    .expect_err("zero workers");
+    assert_eq!(err.kind(), ListenErrorKind::InvalidOptions);
+
+    let err = within(
+        "listen",
+        queries.listen(
+            ping_handlers("test.ping"),
+            QueryListenOptions {
+                queue_group: Some("has space".into()),
+                ..Default::default()
+            },
+        ),
+    )
+    .await
+    .expect_err("invalid queue group");
+    assert_eq!(err.kind(), ListenErrorKind::Subscribe, "{err}");
+
+    // None of the refused listeners left a subscription behind.
+    let err = within(
+        "request",
+        queries.request(request_event("test.ping", serde_json::json!(1))),
+    )
+    .await
+    .expect_err("nobody listens");
+    assert_eq!(err.kind(), RequestErrorKind::NoResponders);
+
+    let err = within(
+        "request_stream",
+        queries.request_stream(
+            request_event("test.ping", serde_json::json!(1)),
+            ReplyStreamOptions::default().max_replies(0),
+        ),
+    )
+    .await
+    .expect_err("max_replies 0");
+    assert_eq!(err.kind(), RequestErrorKind::InvalidOptions);
+
+    let err = within(
+        "request",
+        queries.request(request_event("not a subject", serde_json::json!(1))),
+    )
+    .await
+    .expect_err("op with a space");
+    assert_eq!(err.kind(), RequestErrorKind::InvalidOptions, "{err}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Reply streams and scatter-gather
 // ---------------------------------------------------------------------------------------------
