@@ -831,6 +831,15 @@ impl Config {
         format!("deadletter.{}.{}", self.js_stream, self.durable_name())
     }
 
+    /// The server addresses of `nats_url` without their user info (which
+    /// [`Config::connect_options`] turns into credentials), for a backend that connects with
+    /// options of its own (e.g. its own event callback).
+    pub(crate) fn server_addrs(&self) -> Result<Vec<async_nats::ServerAddr>, ConnectError> {
+        self.servers().map(|servers| servers.addrs).map_err(|why| {
+            Error::with_detail(ConnectErrorKind::InvalidConfig, format!("NATS_URL: {why}"))
+        })
+    }
+
     /// The server addresses of `nats_url` (comma-separated), with their user info taken out
     /// (async-nats would ignore it, and would print it in its debug logs) and returned as
     /// [`UrlAuth`]. The error text never contains user info.
