@@ -161,9 +161,14 @@ pub fn clap_exit(err: clap::Error) -> ExitCode {
             ExitCode::from(EXIT_USAGE)
         }
         _ => {
+            // The first paragraph says what is wrong; usage and tips follow after a blank line.
             let rendered = err.render().to_string();
-            let first = rendered.lines().next().unwrap_or("invalid command line");
-            let first = first.strip_prefix("error: ").unwrap_or(first);
+            let first: Vec<&str> = rendered
+                .lines()
+                .take_while(|line| !line.trim().is_empty())
+                .collect();
+            let first = one_line(&first.join(" "));
+            let first = first.strip_prefix("error: ").unwrap_or(&first);
             Failure::new(EXIT_USAGE, format!("{first} (see --help)")).report()
         }
     }
