@@ -40,7 +40,10 @@ pub async fn list(config: &Config, args: ListArgs) -> Result<(), Failure> {
         output::json(&describe(dead))?;
     }
     if dead_letters.is_empty() {
-        output::note(&format!("no dead letters in stream {}", config.js_dlq_stream));
+        output::note(&format!(
+            "no dead letters in stream {}",
+            config.js_dlq_stream
+        ));
     }
     Ok(())
 }

@@ -238,7 +238,10 @@ struct Printed {
 pub async fn listen(config: Config, args: ListenArgs) -> Result<(), Failure> {
     let idle = match args.idle {
         Some(secs) if !(secs.is_finite() && secs > 0.0) => {
-            return Err(Failure::new(EXIT_USAGE, "--idle must be a positive number of seconds"))
+            return Err(Failure::new(
+                EXIT_USAGE,
+                "--idle must be a positive number of seconds",
+            ))
         }
         Some(secs) => Some(Duration::from_secs_f64(secs)),
         None => None,

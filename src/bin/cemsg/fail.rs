@@ -4,12 +4,12 @@
 use std::fmt;
 use std::process::ExitCode;
 
+use ce_messaging::error::PublishErrorKind;
 use ce_messaging::error::{
-    ConnectError, ConnectErrorKind, Error, ListenError, ListenErrorKind, RemoteError,
-    RequestError, RequestErrorKind, StreamError, StreamErrorKind,
+    ConnectError, ConnectErrorKind, Error, ListenError, ListenErrorKind, RemoteError, RequestError,
+    RequestErrorKind, StreamError, StreamErrorKind,
 };
 use ce_messaging::events::PublishError;
-use ce_messaging::error::PublishErrorKind;
 use ce_messaging::jetstream::dead_letters::{DeadLetterError, DeadLetterErrorKind};
 
 /// Usage or configuration error.
@@ -196,12 +196,18 @@ mod tests {
 
     #[test]
     fn dead_letter_errors_map_to_the_documented_codes() {
-        assert_eq!(dead_letter_code(DeadLetterErrorKind::NotFound), EXIT_NOT_FOUND);
+        assert_eq!(
+            dead_letter_code(DeadLetterErrorKind::NotFound),
+            EXIT_NOT_FOUND
+        );
         assert_eq!(
             dead_letter_code(DeadLetterErrorKind::StreamNotFound),
             EXIT_NOT_FOUND
         );
-        assert_eq!(dead_letter_code(DeadLetterErrorKind::TimedOut), EXIT_TIMEOUT);
+        assert_eq!(
+            dead_letter_code(DeadLetterErrorKind::TimedOut),
+            EXIT_TIMEOUT
+        );
         assert_eq!(dead_letter_code(DeadLetterErrorKind::Publish), EXIT_OTHER);
     }
 }

@@ -14,9 +14,9 @@ mod queries;
 
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
 use ce_messaging::codec::ContentMode;
 use ce_messaging::config::Config;
+use clap::{Args, Parser, Subcommand};
 
 use crate::fail::{Failure, EXIT_USAGE};
 
@@ -187,9 +187,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Listen(args) => events::listen(config, args).await,
         Command::Request(args) => queries::request(config, args).await,
         Command::Reply(args) => queries::reply(config, args).await,
-        Command::Deadletter(DeadletterCommand::List(args)) => {
-            deadletter::list(&config, args).await
-        }
+        Command::Deadletter(DeadletterCommand::List(args)) => deadletter::list(&config, args).await,
         Command::Deadletter(DeadletterCommand::Replay(args)) => {
             deadletter::replay(&config, args).await
         }

@@ -9,7 +9,9 @@ use ce_messaging::config::{Config, MAX_REQUEST_TIMEOUT};
 use ce_messaging::event::{new_event_with_tid, EventExt, TransactionId, AUTO_POPULATE_SOURCE};
 use ce_messaging::handler::HandlerError;
 use ce_messaging::nats::NatsQueries;
-use ce_messaging::query::{handler_fn, QueryConnection, QueryHandlers, QueryListenOptions, ReplyWriter};
+use ce_messaging::query::{
+    handler_fn, QueryConnection, QueryHandlers, QueryListenOptions, ReplyWriter,
+};
 use ce_messaging::Event;
 use clap::Args;
 use tokio::sync::watch;
@@ -45,7 +47,10 @@ pub async fn request(config: Config, args: RequestArgs) -> Result<(), Failure> {
     let data = parse_data(args.data.as_deref())?.unwrap_or(serde_json::Value::Null);
     let timeout = match args.timeout {
         Some(secs) if !(secs.is_finite() && secs > 0.0) => {
-            return Err(Failure::new(EXIT_USAGE, "--timeout must be a positive number of seconds"))
+            return Err(Failure::new(
+                EXIT_USAGE,
+                "--timeout must be a positive number of seconds",
+            ))
         }
         Some(secs) => Duration::from_secs_f64(secs.min(MAX_REQUEST_TIMEOUT.as_secs_f64())),
         None => config.request_timeout,
@@ -63,7 +68,10 @@ pub async fn request(config: Config, args: RequestArgs) -> Result<(), Failure> {
     let reply = result.map_err(|err| {
         let failure = Failure::from(err);
         if failure.code == crate::fail::EXIT_TIMEOUT {
-            Failure::new(failure.code, format!("no reply to {} within {timeout:?}", args.op))
+            Failure::new(
+                failure.code,
+                format!("no reply to {} within {timeout:?}", args.op),
+            )
         } else {
             failure
         }
@@ -163,7 +171,10 @@ async fn answer(served: &Served, request: Event, reply: ReplyWriter) -> Result<(
     let n = served.claimed.fetch_add(1, Ordering::SeqCst) + 1;
     if served.limit.is_some_and(|limit| n > limit) {
         reply
-            .error(STOPPING_CODE, "cemsg reply is stopping: it answered its --count")
+            .error(
+                STOPPING_CODE,
+                "cemsg reply is stopping: it answered its --count",
+            )
             .await?;
         return Ok(());
     }
