@@ -86,8 +86,10 @@ async fn stream_config(
 
 #[derive(Debug, Args)]
 pub struct PublishArgs {
-    /// The event type, e.g. org.example.order.created (published on <prefix>.<type>).
-    #[arg(value_name = "TYPE")]
+    #[arg(
+        value_name = "TYPE",
+        help = "The event type, e.g. org.example.order.created (published on <prefix>.<type>)"
+    )]
     event_type: String,
     /// The event data, as JSON. Without it the event has no data.
     #[arg(long, value_name = "JSON")]
@@ -95,11 +97,18 @@ pub struct PublishArgs {
     /// The event source; default: NATS_CLIENT_ID.
     #[arg(long, value_name = "SOURCE")]
     source: Option<String>,
-    /// The transaction id; default: a new tid-<xid>.
-    #[arg(long, value_name = "TID")]
+    #[arg(
+        long,
+        value_name = "TID",
+        help = "The transaction id; default: a new tid-<xid>"
+    )]
     tid: Option<String>,
-    /// The event id (the de-duplication id); default: a new cloudevent-<xid>.
-    #[arg(long, value_name = "ID", conflicts_with = "count")]
+    #[arg(
+        long,
+        value_name = "ID",
+        conflicts_with = "count",
+        help = "The event id (the de-duplication id); default: a new cloudevent-<xid>"
+    )]
     id: Option<String>,
     /// Publish N events (distinct ids), pipelined.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]

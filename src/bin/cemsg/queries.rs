@@ -33,8 +33,11 @@ pub struct RequestArgs {
     /// The request data, as JSON; default: null.
     #[arg(long, value_name = "JSON")]
     data: Option<String>,
-    /// The transaction id; default: a new tid-<xid>.
-    #[arg(long, value_name = "TID")]
+    #[arg(
+        long,
+        value_name = "TID",
+        help = "The transaction id; default: a new tid-<xid>"
+    )]
     tid: Option<String>,
     /// Seconds to wait for the reply; default: NATS_REQUEST_TIMEOUT (at most 300).
     #[arg(long, value_name = "SECS")]
