@@ -610,15 +610,15 @@ impl Config {
         if let Some(v) = non_empty(raw.ce_mode) {
             config.ce_mode = parse_ce_mode("NATS_CE_MODE", &v)?;
         }
-        config.creds_file = non_empty(raw.creds_file).map(PathBuf::from);
-        config.nkey_seed_file = non_empty(raw.nkey_seed_file).map(PathBuf::from);
-        config.tls_ca = non_empty(raw.tls_ca).map(PathBuf::from);
-        config.tls_cert = non_empty(raw.tls_cert).map(PathBuf::from);
-        config.tls_key = non_empty(raw.tls_key).map(PathBuf::from);
+        config.creds_file = non_empty(raw.creds_file).map(|v| PathBuf::from(v.trim()));
+        config.nkey_seed_file = non_empty(raw.nkey_seed_file).map(|v| PathBuf::from(v.trim()));
+        config.tls_ca = non_empty(raw.tls_ca).map(|v| PathBuf::from(v.trim()));
+        config.tls_cert = non_empty(raw.tls_cert).map(|v| PathBuf::from(v.trim()));
+        config.tls_key = non_empty(raw.tls_key).map(|v| PathBuf::from(v.trim()));
         if let Some(v) = non_empty(raw.tls_first) {
             config.tls_first = parse_bool("NATS_TLS_FIRST", &v)?;
         }
-        config.user = non_empty(raw.user);
+        config.user = non_empty(raw.user).map(|v| v.trim().to_string());
         // Secrets are taken as they are (no trimming): spaces may be part of them.
         config.password = raw.password.filter(|v| !v.is_empty()).map(Secret::from);
         config.token = raw.token.filter(|v| !v.is_empty()).map(Secret::from);
@@ -1422,6 +1422,8 @@ mod tests {
             ..Default::default()
         };
         assert!(!format!("{config:?}").contains("sekrit-token"));
+        let options = config.connect_options().unwrap();
+        assert!(!format!("{options:?}").contains("sekrit-token"));
 
         // A bad URL with user info: the error shows the URL without it.
         let err = from(&[("NATS_URL", "nats://bob:urlpass@h1:notaport")]).unwrap_err();
@@ -1554,6 +1556,39 @@ mod tests {
         let err = config.connect_options().unwrap_err();
         assert_eq!(err.kind(), ConnectErrorKind::Credentials);
         assert!(!format!("{err} {err:?}").contains("secret-ish"), "{err:?}");
+    }
+
+    #[test]
+    fn an_nkey_seed_file_is_checked_without_quoting_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("good.nk");
+        let seed = nkeys::KeyPair::new_user().seed().unwrap();
+        std::fs::write(&good, format!("{seed}\n")).unwrap();
+        let config = Config {
+            nkey_seed_file: Some(good),
+            ..Default::default()
+        };
+        config.connect_options().unwrap();
+
+        let bad = dir.path().join("bad.nk");
+        std::fs::write(&bad, "SUAMALFORMEDSEEDTEXT").unwrap();
+        let config = Config {
+            nkey_seed_file: Some(bad),
+            ..Default::default()
+        };
+        let err = config.connect_options().unwrap_err();
+        assert_eq!(err.kind(), ConnectErrorKind::Credentials);
+        assert!(err.to_string().contains("NATS_NKEY_SEED_FILE"), "{err}");
+        assert!(!format!("{err} {err:?}").contains("MALFORMED"), "{err:?}");
+    }
+
+    #[test]
+    fn tls_errors_are_recognised_inside_io_errors() {
+        let tls = async_nats::rustls::Error::General("handshake".into());
+        let io = std::io::Error::new(std::io::ErrorKind::InvalidData, tls);
+        assert!(caused_by_tls(&io));
+        let plain = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        assert!(!caused_by_tls(&plain));
     }
 
     #[tokio::test]

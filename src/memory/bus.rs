@@ -145,6 +145,8 @@ impl Bus {
             }
             let turn = self.round_robin.fetch_add(1, Ordering::Relaxed);
             for members in groups.values() {
+                // Invariant: a group is only in the map with at least one member, so the
+                // index is in bounds.
                 plain.push(members[turn % members.len()].clone());
             }
             plain

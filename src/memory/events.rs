@@ -33,6 +33,7 @@ use crate::worker::WorkerPool;
 
 struct Inner {
     broker: MemoryBroker,
+    config: Config,
     client_id: String,
     stream: String,
     subject_prefix: String,
@@ -124,6 +125,7 @@ impl MemoryEvents {
         MemoryEvents {
             inner: Arc::new(Inner {
                 broker,
+                config: config.clone(),
                 client_id: config.client_id.clone(),
                 stream: config.js_stream.clone(),
                 subject_prefix: config.js_subject_prefix.clone(),
@@ -140,6 +142,20 @@ impl MemoryEvents {
                 source,
             }),
         }
+    }
+
+    /// The configuration the connection was made with.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use ce_messaging::config::Config;
+    /// let config = Config { client_id: "billing".into(), ..Config::default() };
+    /// let broker = ce_messaging::memory::MemoryBroker::new();
+    /// assert_eq!(broker.event_connection(&config).config().client_id, "billing");
+    /// ```
+    pub fn config(&self) -> &Config {
+        &self.inner.config
     }
 
     /// Whether [`close`](Self::close) was called.
@@ -190,12 +206,14 @@ impl MemoryEvents {
     pub(super) fn create_streams(&self) -> Result<(), StreamError> {
         let inner = &self.inner;
         let max_messages = inner.broker.options().max_stream_messages;
+        let max_bytes = inner.broker.options().max_stream_bytes;
         inner.broker.streams().create_or_update(
             &inner.stream,
             StreamSettings {
                 subjects: vec![format!("{}.>", inner.subject_prefix)],
                 duplicate_window: inner.duplicate_window,
                 max_messages,
+                max_bytes,
             },
         )?;
         inner.broker.streams().create_or_update(
@@ -204,6 +222,7 @@ impl MemoryEvents {
                 subjects: vec![format!("deadletter.{}.>", inner.stream)],
                 duplicate_window: inner.duplicate_window,
                 max_messages,
+                max_bytes,
             },
         )
     }
@@ -336,6 +355,9 @@ impl EventConnection for MemoryEvents {
         });
         let submitter = pool.submitter();
         let stopping = pool.context().stopping;
+        // The listener's token: the intake stops the listener when the stream goes away.
+        let token = inner.closing.child_token();
+        let stop_listener = token.clone();
         let broker = inner.broker.clone();
         let stream: Arc<str> = Arc::from(inner.stream.as_str());
         let durable: Arc<str> = Arc::from(durable.as_str());
@@ -349,7 +371,8 @@ impl EventConnection for MemoryEvents {
                 let delivered = match next {
                     Next::Message(delivered) => delivered,
                     Next::Gone => {
-                        tracing::warn!(stream = %stream, durable = %durable, "stream or consumer deleted; listener gets no more events");
+                        tracing::warn!(stream = %stream, durable = %durable, "stream or consumer deleted; listener stops");
+                        stop_listener.cancel();
                         break;
                     }
                 };
@@ -374,7 +397,6 @@ impl EventConnection for MemoryEvents {
                 }
             }
         });
-        let token = inner.closing.child_token();
         let listener = Listener::supervise(pool, options.grace, token);
         if let Ok(mut listeners) = inner.listeners.lock() {
             listeners.retain(|l| !l.is_stopped());
@@ -708,6 +730,73 @@ mod tests {
         );
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn under_concurrent_publishers_each_durable_handles_every_event_exactly_once() {
+        const EVENTS: u64 = 1000;
+        let broker = MemoryBroker::new();
+        let ty = ty();
+        let (tx_a, mut rx_a) = mpsc::channel(EVENTS as usize);
+        let (tx_b, mut rx_b) = mpsc::channel(EVENTS as usize);
+        let mut listeners = Vec::new();
+        for (durable, tx, instances) in [("a", tx_a, 4), ("b", tx_b, 1)] {
+            for _ in 0..instances {
+                let events = connection(&broker, durable).await;
+                let options = EventListenOptions {
+                    workers: 4,
+                    buffer: 8,
+                    ..fast_options()
+                };
+                listeners.push(
+                    events
+                        .listen(
+                            EventHandlers::new().on(ty.as_str(), forward(tx.clone())),
+                            options,
+                        )
+                        .await
+                        .unwrap(),
+                );
+            }
+        }
+        let publishers = (0..4u64).map(|p| {
+            let events = broker.event_connection(&config("publisher"));
+            let ty = ty.clone();
+            tokio::spawn(async move {
+                for n in (p..EVENTS).step_by(4) {
+                    events
+                        .publish(new_event(&ty, "me", &n).unwrap())
+                        .await
+                        .unwrap();
+                }
+            })
+        });
+        for p in futures::future::join_all(publishers).await {
+            p.unwrap();
+        }
+        for rx in [&mut rx_a, &mut rx_b] {
+            let mut seen = Vec::with_capacity(EVENTS as usize);
+            for _ in 0..EVENTS {
+                seen.push(recv(rx).await);
+            }
+            seen.sort_unstable();
+            assert_eq!(seen, (0..EVENTS).collect::<Vec<_>>());
+        }
+        for l in &listeners {
+            l.stop(WAIT).await;
+        }
+        for durable in ["a", "b"] {
+            let info = broker.consumer_info("CLOUDEVENTS", durable).unwrap();
+            assert_eq!(
+                (info.delivered, info.acked, info.num_ack_pending),
+                (EVENTS, EVENTS, 0),
+                "{durable}"
+            );
+        }
+        assert!(
+            rx_a.try_recv().is_err() && rx_b.try_recv().is_err(),
+            "nothing handled twice"
+        );
+    }
+
     #[tokio::test]
     async fn a_retryable_failure_is_redelivered_with_the_retry_delay() {
         let broker = MemoryBroker::new();
@@ -752,6 +841,40 @@ mod tests {
                 .delivered,
             2
         );
+        listener.stop(WAIT).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retryable_failures_are_redelivered_after_the_exponential_backoff() {
+        let broker = MemoryBroker::new();
+        let events = connection(&broker, "svc").await;
+        let ty = ty();
+        let attempts = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let a = attempts.clone();
+        let handler = event_handler_fn(move |_, _| {
+            a.lock().unwrap().push(tokio::time::Instant::now());
+            async { Err(HandlerError::new("still failing")) }
+        });
+        let options = EventListenOptions {
+            max_deliver: Some(4),
+            backoff: Backoff {
+                initial: Duration::from_secs(1),
+                max: Duration::from_secs(3),
+            },
+            ..Default::default()
+        };
+        let listener = events
+            .listen(EventHandlers::new().on(ty.as_str(), handler), options)
+            .await
+            .unwrap();
+        events
+            .publish(new_event(&ty, "me", &1).unwrap())
+            .await
+            .unwrap();
+        dead_letters(&broker, 1).await;
+        let times = attempts.lock().unwrap().clone();
+        let gaps: Vec<u64> = times.windows(2).map(|w| (w[1] - w[0]).as_secs()).collect();
+        assert_eq!(gaps, vec![1, 2, 3], "1 s, 2 s, then capped at 3 s");
         listener.stop(WAIT).await;
     }
 
@@ -954,6 +1077,7 @@ mod tests {
                     subjects: vec!["events.>".into()],
                     duplicate_window: Duration::from_secs(120),
                     max_messages: 100,
+                    max_bytes: 0,
                 },
             )
             .unwrap();
@@ -1112,6 +1236,25 @@ mod tests {
         assert!(source.remove_listener(id).await);
         assert_eq!(source.listener_count(), 0);
         eventually(|| broker.subscription_count() == 0).await;
+    }
+
+    #[tokio::test]
+    async fn deleting_the_stream_stops_its_listeners() {
+        let broker = MemoryBroker::new();
+        let events = connection(&broker, "svc").await;
+        let (tx, _rx) = mpsc::channel(4);
+        let listener = events
+            .listen(
+                EventHandlers::new().on(ty().as_str(), forward(tx)),
+                fast_options(),
+            )
+            .await
+            .unwrap();
+        assert!(broker.delete_stream("CLOUDEVENTS"));
+        tokio::time::timeout(WAIT, listener.stopped())
+            .await
+            .expect("listener stopped");
+        assert!(broker.consumer_info("CLOUDEVENTS", "svc").is_none());
     }
 
     #[tokio::test]

@@ -26,6 +26,7 @@ use crate::worker::WorkerPool;
 
 struct Inner {
     broker: MemoryBroker,
+    config: Config,
     client_id: String,
     queue_group: String,
     wildcard_subject: Option<String>,
@@ -84,6 +85,7 @@ impl MemoryQueries {
         MemoryQueries {
             inner: Arc::new(Inner {
                 broker,
+                config: config.clone(),
                 client_id: config.client_id.clone(),
                 queue_group: config.queue_group().to_owned(),
                 wildcard_subject: config.wildcard_subject.clone(),
@@ -94,6 +96,20 @@ impl MemoryQueries {
                 listeners: Mutex::new(Vec::new()),
             }),
         }
+    }
+
+    /// The configuration the connection was made with.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use ce_messaging::config::Config;
+    /// let config = Config { client_id: "billing".into(), ..Config::default() };
+    /// let broker = ce_messaging::memory::MemoryBroker::new();
+    /// assert_eq!(broker.query_connection(&config).config().client_id, "billing");
+    /// ```
+    pub fn config(&self) -> &Config {
+        &self.inner.config
     }
 
     /// Whether [`close`](Self::close) was called.
@@ -441,22 +457,12 @@ mod tests {
         // A binary-mode request gets a binary-mode reply, whatever the server's own mode.
         let encoded =
             codec::encode(&new_event(&op, "c", &1u64).unwrap(), ContentMode::Binary).unwrap();
-        let (inbox, mut replies) = Inbox::new(4);
-        broker.bus().publish(BusMessage {
-            subject: op.clone(),
-            headers: Some(encoded.headers),
-            payload: encoded.payload,
-            reply: Some(inbox),
-        });
-        let reply = tokio::time::timeout(WAIT, replies.recv())
+        let (headers, payload) = broker
+            .request_raw(&op, encoded.headers, encoded.payload, WAIT)
             .await
-            .unwrap()
             .unwrap();
-        let RawReply::Message { headers, payload } = reply else {
-            panic!("no responders")
-        };
-        assert_eq!(content_mode_of(headers.as_ref()), ContentMode::Binary);
-        let event = codec::decode(headers.as_ref(), &payload).unwrap();
+        assert_eq!(content_mode_of(Some(&headers)), ContentMode::Binary);
+        let event = codec::decode(Some(&headers), &payload).unwrap();
         assert_eq!(event.data_as::<u64>().unwrap(), 2);
         listener.stop(WAIT).await;
     }
@@ -552,19 +558,20 @@ mod tests {
         let server = broker.query_connection(&config(ContentMode::Structured));
         let op = op();
         let listener = serve_double(&server, &op).await;
-        let (inbox, mut replies) = Inbox::new(4);
-        broker.bus().publish(BusMessage {
-            subject: op.clone(),
-            headers: None,
-            payload: bytes::Bytes::from_static(b"\xffnot an event"),
-            reply: Some(inbox),
-        });
-        let Some(RawReply::Message { headers, payload }) =
-            tokio::time::timeout(WAIT, replies.recv()).await.unwrap()
-        else {
-            panic!("no reply")
-        };
-        let err = interpret_reply(headers.as_ref(), &payload).unwrap_err();
+        let (headers, payload) = broker
+            .request_raw(
+                &op,
+                HeaderMap::new(),
+                bytes::Bytes::from_static(b"\xffnot an event"),
+                WAIT,
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            headers.get("Nats-Service-Error-Code").map(|v| v.as_str()),
+            Some("400")
+        );
+        let err = interpret_reply(Some(&headers), &payload).unwrap_err();
         assert_eq!(RemoteError::of(&err).map(|r| r.code()), Some(400));
         listener.stop(WAIT).await;
     }
