@@ -12,7 +12,6 @@ use ce_messaging::handler::HandlerError;
 use ce_messaging::jetstream::JetStreamEvents;
 use ce_messaging::Event;
 use clap::Args;
-use futures::StreamExt;
 use serde_json::json;
 use tokio::sync::watch;
 
@@ -20,8 +19,8 @@ use crate::fail::{Failure, EXIT_OTHER, EXIT_USAGE};
 use crate::output::{self, Progress};
 use crate::{parse_data, with_mode, ModeArgs};
 
-/// At most this many publishes of `publish --count` wait for their ack at once.
-const PUBLISH_WINDOW: usize = 256;
+/// `publish --count` hands the library this many events at a time.
+const PUBLISH_CHUNK: u64 = 1000;
 /// The durable name of `listen` when neither `--durable` nor `NATS_DURABLE_NAME` is given.
 const DEFAULT_DURABLE: &str = "cemsg";
 /// How long handlers get to finish printing when `listen` stops.
@@ -176,35 +175,37 @@ async fn publish_many(
 ) -> Result<(), Failure> {
     let started = Instant::now();
     let mut progress = Progress::new("published", count);
-    let mut acks = futures::stream::iter(0..count)
-        .map(|_| async {
-            let event = args.event(data)?;
-            let id = AttributesReader::id(&event).to_owned();
-            let ack = events.publish(event).await.map_err(Failure::from)?;
-            Ok::<_, Failure>((id, ack))
-        })
-        .buffered(PUBLISH_WINDOW);
     let mut done = 0u64;
     let mut duplicates = 0u64;
-    while let Some(result) = acks.next().await {
-        let (id, ack) = match result {
-            Ok(published) => published,
-            Err(failure) => {
-                progress.finish(done);
-                return Err(Failure::new(
-                    failure.code,
-                    format!("published {done} of {count} events, then: {failure}"),
-                ));
-            }
-        };
-        done += 1;
-        duplicates += u64::from(ack.duplicate);
-        output::json(&json!({
-            "id": id,
-            "stream": ack.stream,
-            "seq": ack.sequence,
-            "duplicate": ack.duplicate,
-        }))?;
+    while done < count {
+        // The library pipelines each chunk (sends in order, acks awaited in a window); chunks
+        // bound memory and let the progress counter move.
+        let chunk = (count - done).min(PUBLISH_CHUNK);
+        let batch = (0..chunk)
+            .map(|_| args.event(data))
+            .collect::<Result<Vec<Event>, Failure>>()?;
+        let ids: Vec<String> = batch.iter().map(|e| e.id().to_owned()).collect();
+        for (id, result) in ids.into_iter().zip(events.publish_all(batch).await) {
+            let ack = match result {
+                Ok(ack) => ack,
+                Err(err) => {
+                    progress.finish(done);
+                    let failure = Failure::from(err);
+                    return Err(Failure::new(
+                        failure.code,
+                        format!("published {done} of {count} events, then: {failure}"),
+                    ));
+                }
+            };
+            done += 1;
+            duplicates += u64::from(ack.duplicate);
+            output::json(&json!({
+                "id": id,
+                "stream": ack.stream,
+                "seq": ack.sequence,
+                "duplicate": ack.duplicate,
+            }))?;
+        }
         progress.update(done);
     }
     progress.finish(done);

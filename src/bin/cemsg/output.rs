@@ -39,6 +39,7 @@ pub struct Progress {
     total: u64,
     label: &'static str,
     last_draw: Option<Instant>,
+    drawn: Option<u64>,
 }
 
 impl Progress {
@@ -48,6 +49,7 @@ impl Progress {
             total,
             label,
             last_draw: None,
+            drawn: None,
         }
     }
 
@@ -64,7 +66,8 @@ impl Progress {
         }
     }
 
-    fn draw(&self, done: u64) {
+    fn draw(&mut self, done: u64) {
+        self.drawn = Some(done);
         let percent = (done * 100).checked_div(self.total).unwrap_or(100);
         let mut err = std::io::stderr().lock();
         let _ = write!(err, "\r{} {done}/{} ({percent}%)", self.label, self.total);
@@ -74,7 +77,9 @@ impl Progress {
     /// Ends the counter's line.
     pub fn finish(&mut self, done: u64) {
         if self.enabled {
-            self.draw(done);
+            if self.drawn != Some(done) {
+                self.draw(done);
+            }
             eprintln!();
             self.enabled = false;
         }
