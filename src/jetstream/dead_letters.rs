@@ -215,8 +215,28 @@ impl DeadLetter {
     }
 
     fn from_stored(message: StreamMessage) -> Result<DeadLetter, DeadLetterError> {
-        let sequence = message.sequence;
-        let text = |name: &str| message.headers.get(name).map(|v| v.as_str().to_owned());
+        let nanos = message.time.unix_timestamp_nanos();
+        let stored_at = i64::try_from(nanos)
+            .map(DateTime::from_timestamp_nanos)
+            .unwrap_or_default();
+        DeadLetter::from_parts(
+            message.sequence,
+            message.subject.to_string(),
+            &message.headers,
+            message.payload,
+            stored_at,
+        )
+    }
+
+    /// Reads the `Dead-Letter-*` headers and separates them from the original headers.
+    fn from_parts(
+        sequence: u64,
+        dead_letter_subject: String,
+        stored: &HeaderMap,
+        payload: Bytes,
+        stored_at: DateTime<Utc>,
+    ) -> Result<DeadLetter, DeadLetterError> {
+        let text = |name: &str| stored.get(name).map(|v| v.as_str().to_owned());
         let Some(original_subject) = text(DEAD_LETTER_SUBJECT) else {
             return Err(Error::with_detail(
                 DeadLetterErrorKind::NotADeadLetter,
@@ -224,17 +244,21 @@ impl DeadLetter {
             ));
         };
         let number = |name: &str| text(name).and_then(|v| v.trim().parse::<u64>().ok());
-        let dead_letter_subject = message.subject.to_string();
-        let durable = dead_letter_subject
-            .rsplit('.')
-            .next()
-            .unwrap_or_default()
-            .to_owned();
-        let original_msg_id = text(NATS_MSG_ID)
-            .map(|id| original_msg_id(&id).to_owned())
-            .unwrap_or_default();
+        let original_sequence = number(DEAD_LETTER_STREAM_SEQ);
+        // deadletter.<events stream>.<durable>
+        let mut tokens = dead_letter_subject.rsplitn(3, '.');
+        let durable = tokens.next().unwrap_or_default().to_owned();
+        let events_stream = tokens.next().unwrap_or_default().to_owned();
+        let original_msg_id = match text(NATS_MSG_ID) {
+            Some(id) if !id.is_empty() => original_msg_id(&id).to_owned(),
+            // Not stored by this library: name it after where it came from.
+            _ => match original_sequence {
+                Some(seq) => format!("{events_stream}.{seq}"),
+                None => format!("dead-letter-{sequence}"),
+            },
+        };
         let mut headers = HeaderMap::new();
-        for (name, values) in message.headers.iter() {
+        for (name, values) in stored.iter() {
             let lower = name.to_string().to_ascii_lowercase();
             if lower.starts_with("dead-letter-") || lower == NATS_MSG_ID.to_ascii_lowercase() {
                 continue;
@@ -243,10 +267,6 @@ impl DeadLetter {
                 headers.append(name.clone(), value.clone());
             }
         }
-        let nanos = message.time.unix_timestamp_nanos();
-        let stored_at = i64::try_from(nanos)
-            .map(DateTime::from_timestamp_nanos)
-            .unwrap_or_default();
         Ok(DeadLetter {
             sequence,
             dead_letter_subject,
@@ -254,12 +274,12 @@ impl DeadLetter {
             reason: text(DEAD_LETTER_REASON).unwrap_or_default(),
             error: text(DEAD_LETTER_ERROR).unwrap_or_default(),
             original_subject,
-            original_sequence: number(DEAD_LETTER_STREAM_SEQ),
+            original_sequence,
             deliveries: number(DEAD_LETTER_DELIVERIES),
             original_msg_id,
             stored_at,
             headers,
-            payload: message.payload,
+            payload,
         })
     }
 }
@@ -623,4 +643,79 @@ fn publish_error(
         format!("republishing dead letter #{sequence} to {subject}; it was kept")
     };
     Error::with_source(kind, err).detail(why)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stored_headers() -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert("Content-Type", "application/cloudevents+json");
+        headers.insert("traceparent-like", "kept");
+        headers.insert(NATS_MSG_ID, "cloudevent-abc.dlq.billing");
+        headers.insert(DEAD_LETTER_REASON, "rejected");
+        headers.insert(DEAD_LETTER_ERROR, "order id 0");
+        headers.insert(DEAD_LETTER_SUBJECT, "events.org.example.order.created");
+        headers.insert(DEAD_LETTER_STREAM_SEQ, "17");
+        headers.insert(DEAD_LETTER_DELIVERIES, "3");
+        headers
+    }
+
+    #[test]
+    fn a_dead_letter_separates_its_headers_from_the_original_ones() {
+        let dead = DeadLetter::from_parts(
+            5,
+            "deadletter.CLOUDEVENTS.billing".into(),
+            &stored_headers(),
+            Bytes::from_static(b"{}"),
+            DateTime::default(),
+        )
+        .unwrap();
+        assert_eq!(dead.durable, "billing");
+        assert_eq!(dead.reason_kind(), Some(DeadLetterReason::Rejected));
+        assert_eq!(dead.error, "order id 0");
+        assert_eq!(dead.original_subject, "events.org.example.order.created");
+        assert_eq!(
+            (dead.original_sequence, dead.deliveries),
+            (Some(17), Some(3))
+        );
+        assert_eq!(dead.original_msg_id, "cloudevent-abc");
+        assert_eq!(dead.replay_msg_id(), "cloudevent-abc.replay.5");
+        let mut names: Vec<String> = dead.headers.iter().map(|(n, _)| n.to_string()).collect();
+        names.sort();
+        assert_eq!(names, vec!["Content-Type", "traceparent-like"]);
+        assert!(
+            !format!("{dead:?}").contains("{}"),
+            "Debug shows no payload"
+        );
+    }
+
+    #[test]
+    fn a_dead_letter_without_a_message_id_is_named_after_its_origin() {
+        let mut headers = stored_headers();
+        headers.insert(NATS_MSG_ID, "");
+        let dead = DeadLetter::from_parts(
+            9,
+            "deadletter.CE.svc".into(),
+            &headers,
+            Bytes::new(),
+            DateTime::default(),
+        )
+        .unwrap();
+        assert_eq!(dead.replay_msg_id(), "CE.17.replay.9");
+    }
+
+    #[test]
+    fn a_message_without_dead_letter_subject_is_not_a_dead_letter() {
+        let err = DeadLetter::from_parts(
+            1,
+            "deadletter.CE.svc".into(),
+            &HeaderMap::new(),
+            Bytes::new(),
+            DateTime::default(),
+        )
+        .unwrap_err();
+        assert_eq!(err.kind(), DeadLetterErrorKind::NotADeadLetter);
+    }
 }

@@ -29,7 +29,7 @@ pub struct ListArgs {
 pub async fn list(config: &Config, args: ListArgs) -> Result<(), Failure> {
     let events = JetStreamEvents::connect(config).await?;
     let query = DeadLetterQuery {
-        durable: args.durable,
+        durable: args.durable.clone(),
         limit: args.limit,
         ..Default::default()
     };
