@@ -183,6 +183,38 @@ async fn events_stream_messages(server: &NatsServer) -> u64 {
 }
 
 #[tokio::test]
+async fn every_command_has_help_with_an_example() {
+    let commands: [&[&str]; 10] = [
+        &[],
+        &["stream"],
+        &["stream", "init"],
+        &["publish"],
+        &["listen"],
+        &["request"],
+        &["reply"],
+        &["deadletter"],
+        &["deadletter", "list"],
+        &["deadletter", "replay"],
+    ];
+    for command in commands {
+        let mut args = command.to_vec();
+        args.push("--help");
+        let help = run(cemsg("nats://127.0.0.1:1", &args)).await.success();
+        assert!(help.stdout.contains("Example"), "{args:?}: {}", help.stdout);
+        assert!(help.stdout.contains("Usage: cemsg"), "{args:?}");
+    }
+    let top = run(cemsg("nats://127.0.0.1:1", &["--help"]))
+        .await
+        .success();
+    for code in 0..=7 {
+        assert!(
+            top.stdout.contains(&format!("\n  {code}  ")),
+            "exit code {code} documented"
+        );
+    }
+}
+
+#[tokio::test]
 async fn stream_init_says_what_it_did() {
     let server = NatsServer::start();
     let url = server.url();

@@ -60,7 +60,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Manage the JetStream streams.
-    #[command(subcommand)]
+    #[command(subcommand, after_help = "Example:\n  cemsg stream init")]
     Stream(StreamCommand),
     /// Publish events on JetStream and wait for the server's ack.
     #[command(after_help = "\
@@ -101,7 +101,10 @@ Example:
   cemsg reply cyverse.workspace.get --data '{\"name\":\"w1\",\"size\":42}' --count 1")]
     Reply(queries::ReplyArgs),
     /// Inspect and replay dead letters.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  cemsg deadletter list --limit 20\n  cemsg deadletter replay --seq 42"
+    )]
     Deadletter(DeadletterCommand),
 }
 
