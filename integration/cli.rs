@@ -153,7 +153,11 @@ impl Running {
             .expect("cemsg did not exit in time")
             .expect("wait");
         let mut rest = Vec::new();
-        while let Some(line) = self.stdout.next_line().await.expect("read stdout") {
+        while let Some(line) = tokio::time::timeout(WAIT, self.stdout.next_line())
+            .await
+            .expect("stdout not closed in time")
+            .expect("read stdout")
+        {
             rest.push(line);
         }
         (status.code().expect("ended by a signal"), rest)
@@ -713,7 +717,12 @@ async fn every_failure_has_its_exit_code_and_one_line() {
         .subscribe("org.example.silent")
         .await
         .expect("subscribe");
-    raw.flush().await.expect("flush");
+    // A flush only writes the socket; a request answered by the server after it proves the
+    // server has processed the SUB (one connection's messages are handled in order).
+    tokio::time::timeout(WAIT, raw.request("$JS.API.INFO", "".into()))
+        .await
+        .expect("round trip in time")
+        .expect("JetStream API answers");
     let timeout = run(cemsg(
         &url,
         &["request", "org.example.silent", "--timeout", "0.5"],
