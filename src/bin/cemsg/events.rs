@@ -322,8 +322,7 @@ pub async fn listen(config: Config, args: ListenArgs) -> Result<(), Failure> {
             }
             _ = until(idle_deadline) => break Ok(()),
             _ = &mut shutdown => break Ok(()),
-            report = listener.stopped() => {
-                let _ = report;
+            _ = listener.stopped() => {
                 break Err(Failure::new(crate::fail::EXIT_CONNECTION, "the listener stopped: connection closed"));
             }
         }
