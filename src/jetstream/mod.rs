@@ -23,6 +23,7 @@
 //! ```
 
 mod consume;
+pub mod dead_letters;
 mod publish;
 mod source;
 mod streams;

@@ -1,0 +1,792 @@
+//! The `cemsg` binary against real nats-server processes: publish -> listen round trip,
+//! request <-> reply, dead-letter list and replay of a dead-lettered event that then gets
+//! handled, and the exit code of each kind of failure.
+//!
+//! Every child process is waited for with a timeout and killed when its handle is dropped
+//! (also when a test panics). No sleep is used to synchronise.
+
+mod support;
+
+use std::collections::HashSet;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use ce_messaging::cloudevents::AttributesReader;
+use ce_messaging::config::Config;
+use ce_messaging::events::{event_handler_fn, EventConnection, EventHandlers, EventListenOptions};
+use ce_messaging::handler::HandlerError;
+use ce_messaging::jetstream::JetStreamEvents;
+use ce_messaging::nats::NatsQueries;
+use ce_messaging::query::{handler_fn, QueryConnection, QueryHandlers, QueryListenOptions};
+use serde_json::{json, Value};
+use support::server::{NatsServer, ServerOptions};
+use tokio::io::{AsyncBufReadExt, BufReader, Lines};
+use tokio::process::{Child, ChildStderr, ChildStdout, Command};
+use tokio::sync::mpsc;
+
+/// The longest any one command may take.
+const WAIT: Duration = Duration::from_secs(30);
+const ORDER_CREATED: &str = "org.example.order.created";
+const WORKSPACE_GET: &str = "cyverse.workspace.get";
+
+/// What a finished `cemsg` run left.
+#[derive(Debug)]
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    /// The stdout lines parsed as JSON.
+    fn json_lines(&self) -> Vec<Value> {
+        self.stdout
+            .lines()
+            .map(|line| {
+                serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON: {line:?}: {e}"))
+            })
+            .collect()
+    }
+
+    fn success(self) -> Run {
+        assert_eq!(self.code, 0, "cemsg failed: {self:?}");
+        self
+    }
+
+    /// Asserts the exit code and that stderr is one line without a panic or backtrace.
+    fn fails_with(self, code: i32) -> Run {
+        assert_eq!(self.code, code, "unexpected exit code: {self:?}");
+        assert_eq!(
+            self.stderr.lines().count(),
+            1,
+            "stderr must be one line: {self:?}"
+        );
+        assert!(self.stderr.starts_with("cemsg: "), "{self:?}");
+        assert!(!self.stderr.contains("panicked") && !self.stderr.contains("backtrace"));
+        assert!(self.stdout.is_empty(), "{self:?}");
+        self
+    }
+}
+
+/// A `cemsg` command with a clean NATS_* environment pointing at `url`.
+fn cemsg(url: &str, args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_cemsg"));
+    for (key, _) in std::env::vars() {
+        if key.starts_with("NATS_") {
+            command.env_remove(key);
+        }
+    }
+    command
+        .env("NATS_URL", url)
+        .env("NATS_CLIENT_ID", "cemsg-test")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    command
+}
+
+/// Runs a command to its end (killed after [`WAIT`]).
+async fn run(mut command: Command) -> Run {
+    let child = command.spawn().expect("spawn cemsg");
+    let output = tokio::time::timeout(WAIT, child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("cemsg did not finish within {WAIT:?}: {command:?}"))
+        .expect("wait for cemsg");
+    Run {
+        code: output.status.code().expect("cemsg ended by a signal"),
+        stdout: String::from_utf8(output.stdout).expect("stdout is UTF-8"),
+        stderr: String::from_utf8(output.stderr).expect("stderr is UTF-8"),
+    }
+}
+
+async fn cemsg_ok(url: &str, args: &[&str]) -> Vec<Value> {
+    run(cemsg(url, args)).await.success().json_lines()
+}
+
+/// A long-running `cemsg` (listen, reply) whose lines are read as they come.
+struct Running {
+    child: Child,
+    stdout: Lines<BufReader<ChildStdout>>,
+    stderr: Lines<BufReader<ChildStderr>>,
+}
+
+impl Running {
+    fn start(mut command: Command) -> Running {
+        let mut child = command.spawn().expect("spawn cemsg");
+        let stdout = BufReader::new(child.stdout.take().expect("piped")).lines();
+        let stderr = BufReader::new(child.stderr.take().expect("piped")).lines();
+        Running {
+            child,
+            stdout,
+            stderr,
+        }
+    }
+
+    /// Waits for the next stderr line, which must contain `text` (the readiness note).
+    async fn expect_note(&mut self, text: &str) {
+        let line = tokio::time::timeout(WAIT, self.stderr.next_line())
+            .await
+            .expect("no stderr line in time")
+            .expect("read stderr")
+            .expect("stderr ended");
+        assert!(line.contains(text), "expected {text:?} in {line:?}");
+    }
+
+    async fn next_json(&mut self) -> Value {
+        let line = tokio::time::timeout(WAIT, self.stdout.next_line())
+            .await
+            .expect("no stdout line in time")
+            .expect("read stdout")
+            .expect("stdout ended");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON: {line:?}: {e}"))
+    }
+
+    /// Waits for the exit; returns the code and whatever stdout still had.
+    async fn finish(mut self) -> (i32, Vec<String>) {
+        let status = tokio::time::timeout(WAIT, self.child.wait())
+            .await
+            .expect("cemsg did not exit in time")
+            .expect("wait");
+        let mut rest = Vec::new();
+        while let Some(line) = tokio::time::timeout(WAIT, self.stdout.next_line())
+            .await
+            .expect("stdout not closed in time")
+            .expect("read stdout")
+        {
+            rest.push(line);
+        }
+        (status.code().expect("ended by a signal"), rest)
+    }
+}
+
+/// A server with both streams created by `cemsg stream init`.
+async fn server_with_streams() -> NatsServer {
+    let server = NatsServer::start();
+    let lines = cemsg_ok(&server.url(), &["stream", "init"]).await;
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    server
+}
+
+fn config_for(server: &NatsServer, client_id: &str) -> Config {
+    Config {
+        nats_url: server.url(),
+        client_id: client_id.to_owned(),
+        ..Default::default()
+    }
+}
+
+async fn events_stream_messages(server: &NatsServer) -> u64 {
+    let js = async_nats::jetstream::new(support::connect(server.url()).await);
+    let mut stream = js.get_stream("CLOUDEVENTS").await.expect("events stream");
+    stream.info().await.expect("stream info").state.messages
+}
+
+#[tokio::test]
+async fn every_command_has_help_with_an_example() {
+    let commands: [&[&str]; 10] = [
+        &[],
+        &["stream"],
+        &["stream", "init"],
+        &["publish"],
+        &["listen"],
+        &["request"],
+        &["reply"],
+        &["deadletter"],
+        &["deadletter", "list"],
+        &["deadletter", "replay"],
+    ];
+    for command in commands {
+        let mut args = command.to_vec();
+        args.push("--help");
+        let help = run(cemsg("nats://127.0.0.1:1", &args)).await.success();
+        assert!(help.stdout.contains("Example"), "{args:?}: {}", help.stdout);
+        assert!(help.stdout.contains("Usage: cemsg"), "{args:?}");
+    }
+    let top = run(cemsg("nats://127.0.0.1:1", &["--help"]))
+        .await
+        .success();
+    for code in 0..=7 {
+        assert!(
+            top.stdout.contains(&format!("\n  {code}  ")),
+            "exit code {code} documented"
+        );
+    }
+}
+
+#[tokio::test]
+async fn stream_init_says_what_it_did() {
+    let server = NatsServer::start();
+    let url = server.url();
+    let first = cemsg_ok(&url, &["stream", "init"]).await;
+    let summary: Vec<(String, String)> = first
+        .iter()
+        .map(|l| {
+            (
+                l["stream"].as_str().unwrap().into(),
+                l["action"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            ("CLOUDEVENTS".to_string(), "created".to_string()),
+            ("DEADLETTER".to_string(), "created".to_string())
+        ]
+    );
+    assert_eq!(first[0]["subjects"], json!(["events.>"]));
+    assert_eq!(first[1]["subjects"], json!(["deadletter.CLOUDEVENTS.>"]));
+    let again = cemsg_ok(&url, &["stream", "init"]).await;
+    assert!(
+        again.iter().all(|l| l["action"] == "unchanged"),
+        "{again:?}"
+    );
+    // A changed setting updates the existing stream in place.
+    let mut command = cemsg(&url, &["stream", "init"]);
+    command.env("NATS_JS_DUPLICATE_WINDOW", "30");
+    let updated = run(command).await.success().json_lines();
+    assert!(
+        updated.iter().all(|l| l["action"] == "updated"),
+        "{updated:?}"
+    );
+    assert_eq!(updated[0]["duplicate_window_secs"], 30);
+}
+
+#[tokio::test]
+async fn publish_then_listen_round_trip() {
+    let server = server_with_streams().await;
+    let url = server.url();
+    let mut published = Vec::new();
+    for (n, binary) in [(1, false), (2, true), (3, false)] {
+        let data = json!({ "n": n }).to_string();
+        let mut args = vec!["publish", ORDER_CREATED, "--data", data.as_str()];
+        if binary {
+            args.push("--binary");
+        }
+        let line = cemsg_ok(&url, &args).await;
+        assert_eq!(line.len(), 1);
+        assert_eq!(line[0]["stream"], "CLOUDEVENTS");
+        assert_eq!(line[0]["duplicate"], false);
+        published.push(line[0]["id"].as_str().unwrap().to_owned());
+    }
+    // The same id again within the duplicate window is a duplicate, not a new event.
+    let first = cemsg_ok(
+        &url,
+        &[
+            "publish",
+            ORDER_CREATED,
+            "--id",
+            &published[0],
+            "--data",
+            "{\"n\":1}",
+        ],
+    )
+    .await;
+    assert_eq!(first[0]["duplicate"], true);
+    assert_eq!(events_stream_messages(&server).await, 3);
+
+    let run_listen = run(cemsg(
+        &url,
+        &[
+            "listen",
+            ORDER_CREATED,
+            "--durable",
+            "audit",
+            "--count",
+            "3",
+        ],
+    ))
+    .await
+    .success();
+    let events = run_listen.json_lines();
+    let ids: Vec<&str> = events.iter().map(|e| e["id"].as_str().unwrap()).collect();
+    assert_eq!(
+        ids,
+        published.iter().map(String::as_str).collect::<Vec<_>>()
+    );
+    for (i, event) in events.iter().enumerate() {
+        assert_eq!(event["specversion"], "1.0");
+        assert_eq!(event["type"], ORDER_CREATED);
+        assert_eq!(
+            event["source"], "cemsg-test",
+            "source filled from NATS_CLIENT_ID"
+        );
+        assert_eq!(event["data"], json!({ "n": i + 1 }));
+        assert!(event["transactionid"].as_str().unwrap().starts_with("tid-"));
+    }
+    // They were acked after printing: the durable has nothing left.
+    let rest = run(cemsg(
+        &url,
+        &["listen", ORDER_CREATED, "--durable", "audit", "--idle", "1"],
+    ))
+    .await
+    .success();
+    assert_eq!(rest.stdout, "", "acked events must not come again");
+    // Another durable gets every event.
+    let other = cemsg_ok(
+        &url,
+        &[
+            "listen",
+            ORDER_CREATED,
+            "--durable",
+            "billing",
+            "--count",
+            "3",
+        ],
+    )
+    .await;
+    assert_eq!(other.len(), 3);
+}
+
+#[tokio::test]
+async fn listen_count_hands_back_what_it_did_not_print() {
+    let server = server_with_streams().await;
+    let url = server.url();
+    let mut ids = Vec::new();
+    for n in 0..4 {
+        let line = cemsg_ok(&url, &["publish", ORDER_CREATED, "--data", &n.to_string()]).await;
+        ids.push(line[0]["id"].as_str().unwrap().to_owned());
+    }
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        // A short ack wait: an event the server hands to the listener's open pull request
+        // while it stops (after its subscription is gone) comes back only after the ack wait
+        // (a limit of the JetStream backend's stop, reported); the default 30 s races WAIT.
+        let mut command = cemsg(
+            &url,
+            &[
+                "listen",
+                ORDER_CREATED,
+                "--durable",
+                "pager",
+                "--count",
+                "2",
+            ],
+        );
+        command.env("NATS_JS_ACK_WAIT", "2");
+        let lines = run(command).await.success().json_lines();
+        assert_eq!(lines.len(), 2);
+        seen.extend(lines.iter().map(|l| l["id"].as_str().unwrap().to_owned()));
+    }
+    let seen: HashSet<_> = seen.into_iter().collect();
+    assert_eq!(
+        seen,
+        ids.into_iter().collect::<HashSet<_>>(),
+        "each event printed once"
+    );
+}
+
+#[tokio::test]
+async fn publish_count_pipelines_distinct_events() {
+    let server = server_with_streams().await;
+    let run = run(cemsg(
+        &server.url(),
+        &["publish", ORDER_CREATED, "--count", "500", "--data", "{}"],
+    ))
+    .await
+    .success();
+    let lines = run.json_lines();
+    assert_eq!(lines.len(), 500);
+    let ids: HashSet<&str> = lines.iter().map(|l| l["id"].as_str().unwrap()).collect();
+    assert_eq!(ids.len(), 500, "ids are distinct");
+    assert!(lines.iter().all(|l| l["duplicate"] == false));
+    // stderr is not a terminal here: a summary, no progress counter.
+    assert!(!run.stderr.contains('\r'), "{:?}", run.stderr);
+    assert!(
+        run.stderr.contains("published 500 events"),
+        "{:?}",
+        run.stderr
+    );
+    assert_eq!(events_stream_messages(&server).await, 500);
+}
+
+#[tokio::test]
+async fn request_and_reply() {
+    let server = NatsServer::start();
+    let url = server.url();
+    let mut replier = Running::start(cemsg(
+        &url,
+        &[
+            "reply",
+            WORKSPACE_GET,
+            "--count",
+            "2",
+            "--data",
+            "{\"size\":42}",
+        ],
+    ));
+    replier.expect_note("serving cyverse.workspace.get").await;
+
+    let reply = cemsg_ok(
+        &url,
+        &[
+            "request",
+            WORKSPACE_GET,
+            "--data",
+            "{\"name\":\"w1\"}",
+            "--tid",
+            "tid-cli-test",
+        ],
+    )
+    .await;
+    assert_eq!(reply.len(), 1);
+    assert_eq!(reply[0]["type"], "cyverse.workspace.get.reply");
+    assert_eq!(reply[0]["data"], json!({ "size": 42 }));
+    assert_eq!(reply[0]["transactionid"], "tid-cli-test");
+    let request = replier.next_json().await;
+    assert_eq!(request["type"], WORKSPACE_GET);
+    assert_eq!(request["data"], json!({ "name": "w1" }));
+    assert_eq!(request["transactionid"], "tid-cli-test");
+
+    // Binary mode both ways.
+    let reply = cemsg_ok(
+        &url,
+        &["request", WORKSPACE_GET, "--binary", "--data", "[1,2]"],
+    )
+    .await;
+    assert_eq!(reply[0]["data"], json!({ "size": 42 }));
+    let request = replier.next_json().await;
+    assert_eq!(request["data"], json!([1, 2]));
+    let (code, rest) = replier.finish().await;
+    assert_eq!((code, rest.len()), (0, 0), "reply exits after --count");
+
+    // Without --data the replier echoes the request's data.
+    let mut echo = Running::start(cemsg(&url, &["reply", WORKSPACE_GET, "--count", "1"]));
+    echo.expect_note("serving").await;
+    let reply = cemsg_ok(
+        &url,
+        &["request", WORKSPACE_GET, "--data", "{\"echo\":true}"],
+    )
+    .await;
+    assert_eq!(reply[0]["data"], json!({ "echo": true }));
+    assert_eq!(echo.finish().await.0, 0);
+}
+
+#[tokio::test]
+async fn dead_letters_are_listed_and_replayed_into_a_handler() {
+    let server = server_with_streams().await;
+    let url = server.url();
+    // A service that rejects orders until it is fixed.
+    let config = config_for(&server, "picky");
+    let events = JetStreamEvents::from_client(support::connect(server.url()).await, &config);
+    let fixed = Arc::new(AtomicBool::new(false));
+    let (handled_tx, mut handled_rx) = mpsc::channel::<String>(16);
+    let handler_fixed = fixed.clone();
+    let handlers = EventHandlers::new().on(
+        ORDER_CREATED,
+        event_handler_fn(move |event, _| {
+            let fixed = handler_fixed.clone();
+            let handled = handled_tx.clone();
+            async move {
+                if !fixed.load(Ordering::SeqCst) {
+                    return Err(HandlerError::permanent("not today"));
+                }
+                handled.send(event.id().to_owned()).await.ok();
+                Ok(())
+            }
+        }),
+    );
+    let options = EventListenOptions {
+        durable_name: Some("picky".into()),
+        workers: 1,
+        ..Default::default()
+    };
+    let listener = events.listen(handlers, options).await.expect("listen");
+
+    let mut seqs = Vec::new();
+    for id in ["order-7", "order-8", "order-9"] {
+        let line = cemsg_ok(
+            &url,
+            &["publish", ORDER_CREATED, "--id", id, "--data", "{}"],
+        )
+        .await;
+        seqs.push(line[0]["seq"].as_u64().unwrap());
+    }
+    // An undecodable message, dead-lettered by `cemsg listen` itself.
+    let raw = support::connect(server.url()).await;
+    let js = async_nats::jetstream::new(raw.clone());
+    js.publish("events.org.example.garbage", "not an event".into())
+        .await
+        .expect("publish garbage")
+        .await
+        .expect("garbage stored");
+    let garbage = run(cemsg(
+        &url,
+        &[
+            "listen",
+            "org.example.garbage",
+            "--durable",
+            "sink",
+            "--idle",
+            "1",
+        ],
+    ))
+    .await
+    .success();
+    assert_eq!(garbage.stdout, "");
+
+    let last_list = Arc::new(std::sync::Mutex::new(Vec::new()));
+    support::eventually(WAIT, || {
+        let url = url.clone();
+        let last_list = last_list.clone();
+        async move {
+            let lines = cemsg_ok(&url, &["deadletter", "list"]).await;
+            let complete = lines.len() == 4;
+            *last_list.lock().unwrap() = lines;
+            complete
+        }
+    })
+    .await;
+    let listed = last_list.lock().unwrap().clone();
+    let rejected: Vec<&Value> = listed.iter().filter(|l| l["durable"] == "picky").collect();
+    assert_eq!(rejected.len(), 3, "{listed:?}");
+    for (line, (id, seq)) in rejected
+        .iter()
+        .zip(["order-7", "order-8", "order-9"].iter().zip(&seqs))
+    {
+        assert_eq!(line["reason"], "rejected");
+        assert_eq!(line["error"], "not today");
+        assert_eq!(line["subject"], format!("events.{ORDER_CREATED}"));
+        assert_eq!(line["deliveries"], 1);
+        assert_eq!(line["stream_seq"], *seq);
+        assert_eq!(line["id"], *id);
+        assert_eq!(line["type"], ORDER_CREATED);
+    }
+    let decode = listed
+        .iter()
+        .find(|l| l["durable"] == "sink")
+        .expect("decode dead letter");
+    assert_eq!(decode["reason"], "decode");
+    assert_eq!(decode["id"], Value::Null);
+    let only_picky = cemsg_ok(
+        &url,
+        &["deadletter", "list", "--durable", "picky", "--limit", "2"],
+    )
+    .await;
+    assert_eq!(only_picky.len(), 2);
+    assert_eq!(only_picky[0]["id"], "order-7");
+
+    fixed.store(true, Ordering::SeqCst);
+    // Replay one: republished with its own Nats-Msg-Id, handled, and gone from the stream.
+    let seq7 = rejected[0]["seq"].as_u64().unwrap();
+    let replayed = cemsg_ok(&url, &["deadletter", "replay", "--seq", &seq7.to_string()]).await;
+    assert_eq!(replayed.len(), 1);
+    assert_eq!(replayed[0]["msg_id"], format!("order-7.replay.{seq7}"));
+    assert_eq!(replayed[0]["subject"], format!("events.{ORDER_CREATED}"));
+    assert_eq!(
+        (
+            replayed[0]["duplicate"].clone(),
+            replayed[0]["deleted"].clone()
+        ),
+        (json!(false), json!(true))
+    );
+    let handled = tokio::time::timeout(WAIT, handled_rx.recv())
+        .await
+        .expect("replayed event handled");
+    assert_eq!(
+        handled.as_deref(),
+        Some("order-7"),
+        "the CloudEvent id is unchanged"
+    );
+    // Replaying it again finds nothing and says so.
+    let again = run(cemsg(
+        &url,
+        &["deadletter", "replay", "--seq", &seq7.to_string()],
+    ))
+    .await
+    .fails_with(6);
+    assert!(
+        again.stderr.contains("already replayed"),
+        "{}",
+        again.stderr
+    );
+
+    // A replay interrupted after its republish (stored, dead letter not deleted yet) is
+    // finished by replaying again: reported as a duplicate, not stored twice.
+    let seq8 = rejected[1]["seq"].as_u64().unwrap();
+    let mut headers = HeaderMap::new();
+    headers.insert("Nats-Msg-Id", format!("order-8.replay.{seq8}").as_str());
+    headers.insert("Content-Type", "application/cloudevents+json");
+    let event8 = json!({"specversion":"1.0","id":"order-8","type":ORDER_CREATED,"source":"cemsg-test","data":{}});
+    js.publish_with_headers(
+        format!("events.{ORDER_CREATED}"),
+        headers,
+        event8.to_string().into(),
+    )
+    .await
+    .expect("publish")
+    .await
+    .expect("stored");
+    let handled = tokio::time::timeout(WAIT, handled_rx.recv())
+        .await
+        .expect("order-8 handled");
+    assert_eq!(handled.as_deref(), Some("order-8"));
+    let stored_before = events_stream_messages(&server).await;
+
+    let all = run(cemsg(
+        &url,
+        &["deadletter", "replay", "--all", "--durable", "picky"],
+    ))
+    .await
+    .success();
+    let lines = all.json_lines();
+    assert_eq!(lines.len(), 2, "{all:?}");
+    assert_eq!(
+        (lines[0]["msg_id"].clone(), lines[0]["duplicate"].clone()),
+        (json!(format!("order-8.replay.{seq8}")), json!(true))
+    );
+    assert_eq!(lines[1]["duplicate"], false);
+    assert!(lines.iter().all(|l| l["deleted"] == true));
+    let handled = tokio::time::timeout(WAIT, handled_rx.recv())
+        .await
+        .expect("order-9 handled");
+    assert_eq!(handled.as_deref(), Some("order-9"));
+    assert_eq!(
+        events_stream_messages(&server).await,
+        stored_before + 1,
+        "order-8 not stored twice"
+    );
+
+    // Only the decode dead letter of the other durable is left; --all for picky has nothing.
+    let nothing = run(cemsg(
+        &url,
+        &["deadletter", "replay", "--all", "--durable", "picky"],
+    ))
+    .await
+    .success();
+    assert_eq!(nothing.stdout, "");
+    assert!(
+        nothing.stderr.contains("nothing to replay"),
+        "{}",
+        nothing.stderr
+    );
+    let left = cemsg_ok(&url, &["deadletter", "list"]).await;
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0]["durable"], "sink");
+    listener.stop(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn every_failure_has_its_exit_code_and_one_line() {
+    let server = server_with_streams().await;
+    let url = server.url();
+
+    // 1: usage and configuration.
+    run(cemsg(&url, &["publish"])).await.fails_with(1);
+    run(cemsg(&url, &["publish", ORDER_CREATED, "--data", "{oops"]))
+        .await
+        .fails_with(1);
+    run(cemsg(&url, &["deadletter", "replay"]))
+        .await
+        .fails_with(1);
+    run(cemsg(
+        &url,
+        &["deadletter", "replay", "--seq", "1", "--all"],
+    ))
+    .await
+    .fails_with(1);
+    run(cemsg(&url, &["request", WORKSPACE_GET, "--timeout", "-1"]))
+        .await
+        .fails_with(1);
+    let mut bad_env = cemsg(&url, &["stream", "init"]);
+    bad_env.env("NATS_JS_REPLICAS", "three");
+    let bad_env = run(bad_env).await.fails_with(1);
+    assert!(
+        bad_env.stderr.contains("NATS_JS_REPLICAS"),
+        "{}",
+        bad_env.stderr
+    );
+
+    // 2: connection.
+    let closed = format!("nats://127.0.0.1:{}", support::server::free_port());
+    run(cemsg(&closed, &["publish", ORDER_CREATED]))
+        .await
+        .fails_with(2);
+    run(cemsg(&url, &["-s", &closed, "request", WORKSPACE_GET]))
+        .await
+        .fails_with(2);
+
+    // 3: timeout (a responder that never answers).
+    let raw = support::connect(server.url()).await;
+    let silent = raw
+        .subscribe("org.example.silent")
+        .await
+        .expect("subscribe");
+    // A flush only writes the socket; a request answered by the server after it proves the
+    // server has processed the SUB (one connection's messages are handled in order).
+    tokio::time::timeout(WAIT, raw.request("$JS.API.INFO", "".into()))
+        .await
+        .expect("round trip in time")
+        .expect("JetStream API answers");
+    let timeout = run(cemsg(
+        &url,
+        &["request", "org.example.silent", "--timeout", "0.5"],
+    ))
+    .await
+    .fails_with(3);
+    assert!(timeout.stderr.contains("no reply"), "{}", timeout.stderr);
+    drop(silent);
+
+    // 4: no responders.
+    run(cemsg(&url, &["request", "org.example.nobody"]))
+        .await
+        .fails_with(4);
+
+    // 5: the responder answered with an error.
+    let queries = NatsQueries::from_client(
+        support::connect(server.url()).await,
+        &config_for(&server, "failing"),
+    );
+    let handlers = QueryHandlers::new().on(
+        WORKSPACE_GET,
+        handler_fn(|_, _| async { Err(HandlerError::new("no such workspace").with_code(404)) }),
+    );
+    let failing = queries
+        .listen(handlers, QueryListenOptions::default())
+        .await
+        .expect("listen");
+    let remote = run(cemsg(&url, &["request", WORKSPACE_GET]))
+        .await
+        .fails_with(5);
+    assert!(
+        remote.stderr.contains("404") && remote.stderr.contains("no such workspace"),
+        "{}",
+        remote.stderr
+    );
+    failing.stop(Duration::from_secs(5)).await;
+
+    // 6: not found.
+    run(cemsg(&url, &["deadletter", "replay", "--seq", "999"]))
+        .await
+        .fails_with(6);
+    let mut no_stream = cemsg(&url, &["listen", ORDER_CREATED, "--idle", "1"]);
+    no_stream.env("NATS_JS_STREAM", "MISSING");
+    run(no_stream).await.fails_with(6);
+    let mut no_subject = cemsg(&url, &["publish", ORDER_CREATED]);
+    no_subject.env("NATS_JS_SUBJECT_PREFIX", "unstored");
+    run(no_subject).await.fails_with(6);
+    let mut no_dlq = cemsg(&url, &["deadletter", "list"]);
+    no_dlq.env("NATS_JS_DLQ_STREAM", "MISSING");
+    run(no_dlq).await.fails_with(6);
+}
+
+#[tokio::test]
+async fn an_event_larger_than_the_server_accepts_is_refused_with_7() {
+    let server = NatsServer::start_with(ServerOptions {
+        extra_config: "max_payload: 2048".into(),
+        ..Default::default()
+    });
+    let url = server.url();
+    cemsg_ok(&url, &["stream", "init"]).await;
+    let big = json!({ "blob": "x".repeat(4096) }).to_string();
+    let refused = run(cemsg(&url, &["publish", ORDER_CREATED, "--data", &big]))
+        .await
+        .fails_with(7);
+    assert!(refused.stderr.contains("too large"), "{}", refused.stderr);
+    assert_eq!(events_stream_messages(&server).await, 0);
+}

@@ -1,0 +1,246 @@
+//! `cemsg`: a CloudEvents-aware command line for NATS, built on ce-messaging's public API.
+//!
+//! Commands: `stream init`, `publish`, `listen`, `request`, `reply`, `deadletter list`,
+//! `deadletter replay`. Configuration comes from the `NATS_*` environment variables of the wire
+//! contract; flags override. Results go to stdout as one JSON line each; errors go to stderr as
+//! one line and set the exit code documented in `cemsg --help` (see [`fail`]).
+#![forbid(unsafe_code)]
+
+mod deadletter;
+mod events;
+mod fail;
+mod output;
+mod queries;
+
+use std::process::ExitCode;
+
+use ce_messaging::codec::ContentMode;
+use ce_messaging::config::Config;
+use clap::{Args, Parser, Subcommand};
+
+use crate::fail::{Failure, EXIT_USAGE};
+
+const TOP_HELP: &str = "\
+Configuration:
+  The NATS_* environment variables of the wire contract (NATS_URL, NATS_CLIENT_ID,
+  NATS_DURABLE_NAME, NATS_JS_STREAM, NATS_JS_SUBJECT_PREFIX, NATS_JS_DLQ_STREAM,
+  NATS_REQUEST_TIMEOUT, NATS_EVENTS_TIMEOUT, NATS_CE_MODE, credentials, ...). Flags override.
+
+Output:
+  Results are printed on stdout, one JSON line each; errors on stderr, one line.
+
+Exit codes:
+  0  success
+  1  usage or configuration error (bad flag, bad NATS_* value, --data not JSON)
+  2  connection error (server unreachable, credentials refused, connection closed)
+  3  timeout (no reply, no ack in time)
+  4  no responders (nobody serves the query op)
+  5  remote error (the responder answered with an error; code and text on stderr)
+  6  not found (stream or dead letter missing)
+  7  refused or failed otherwise (event too large, server error, undecodable reply)
+
+Example:
+  nats-server -js &
+  cemsg stream init
+  cemsg publish org.example.order.created --data '{\"id\":1}'
+  cemsg listen org.example.order.created --count 1";
+
+/// A CloudEvents-aware command line for NATS (ce-messaging).
+#[derive(Debug, Parser)]
+#[command(name = "cemsg", version, after_help = TOP_HELP)]
+struct Cli {
+    /// NATS server URL(s), comma-separated; overrides NATS_URL.
+    #[arg(short, long, global = true, value_name = "URL")]
+    server: Option<String>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Manage the JetStream streams.
+    #[command(subcommand, after_help = "Example:\n  cemsg stream init")]
+    Stream(StreamCommand),
+    /// Publish events on JetStream and wait for the server's ack.
+    #[command(after_help = "\
+Prints one JSON line per event: {\"id\":..,\"stream\":..,\"seq\":..,\"duplicate\":..}.
+With --count N, N events with distinct ids are published pipelined; a progress counter is shown
+on stderr when it is a terminal.
+
+Examples:
+  cemsg publish org.example.order.created --data '{\"id\":1}'
+  cemsg publish org.example.order.created --data '{\"id\":1}' --id order-1   # twice: duplicate
+  cemsg publish org.example.tick --count 10000")]
+    Publish(events::PublishArgs),
+    /// Handle events on a durable consumer and print each as a structured CloudEvents JSON line.
+    #[command(after_help = "\
+Each event is printed as one line of structured CloudEvents JSON on stdout, then acked.
+Without --count or --idle, runs until Ctrl-C. Events pulled but not printed when it stops are
+handed back to the server (redelivered; this counts as a delivery).
+The durable name is --durable, else NATS_DURABLE_NAME, else \"cemsg\".
+
+Example:
+  cemsg listen org.example.order.created org.example.order.shipped --durable audit --count 5")]
+    Listen(events::ListenArgs),
+    /// Send a query (core NATS request/reply) and print the reply event.
+    #[command(after_help = "\
+Prints the reply as one JSON line. A timeout (exit 3), no responders (exit 4) or an error reply
+(exit 5) prints a one-line reason on stderr.
+
+Example:
+  cemsg request cyverse.workspace.get --data '{\"name\":\"w1\"}' --timeout 5")]
+    Request(queries::RequestArgs),
+    /// Serve a query op: answer each request with an event of type `<op>.reply`.
+    #[command(after_help = "\
+Prints each request as one JSON line, then answers it with an event of type <op>.reply that
+carries --data (or, without --data, the request's data) and the request's transaction id.
+Runs until Ctrl-C, or until --count requests were answered.
+
+Example:
+  cemsg reply cyverse.workspace.get --data '{\"name\":\"w1\",\"size\":42}' --count 1")]
+    Reply(queries::ReplyArgs),
+    /// Inspect and replay dead letters.
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  cemsg deadletter list --limit 20\n  cemsg deadletter replay --seq 42"
+    )]
+    Deadletter(DeadletterCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum StreamCommand {
+    /// Create or update the events stream and the dead-letter stream; prints what it did.
+    #[command(after_help = "\
+Prints one JSON line per stream: {\"stream\":..,\"action\":\"created\"|\"updated\"|\"unchanged\",
+\"subjects\":[..]}. An existing stream keeps its other subjects and limits.
+
+Example:
+  NATS_JS_STREAM=ORDERS NATS_JS_SUBJECT_PREFIX=orders cemsg stream init")]
+    Init,
+}
+
+#[derive(Debug, Subcommand)]
+enum DeadletterCommand {
+    /// List dead letters (oldest first): reason, error, original subject, delivery count.
+    #[command(after_help = "\
+Prints one JSON line per dead letter: {\"seq\",\"durable\",\"reason\",\"error\",\"subject\",
+\"deliveries\",\"stream_seq\",\"id\",\"type\",\"time\"} (seq: in the dead-letter stream, for replay;
+subject and stream_seq: where it came from; id and type: null when it is not a CloudEvent).
+
+Example:
+  cemsg deadletter list --limit 20 --durable billing")]
+    List(deadletter::ListArgs),
+    /// Republish dead letters to their original subjects and remove them once acked.
+    #[command(after_help = "\
+Republishes the original headers and payload (the CloudEvent id is unchanged) with
+Nats-Msg-Id: <original id>.replay.<dead-letter seq>, then deletes the dead letter.
+Prints one JSON line per replay. Replaying twice loses nothing: a replayed dead letter is gone
+(--seq: exit 6, --all: nothing to replay); one whose republish was stored but not deleted is
+reported as a duplicate and then deleted. Every durable consumer of the original subject gets
+the republished event.
+
+Examples:
+  cemsg deadletter replay --seq 42
+  cemsg deadletter replay --all --durable billing")]
+    Replay(deadletter::ReplayArgs),
+}
+
+/// Options shared by commands that send events.
+#[derive(Debug, Args, Clone, Default)]
+struct ModeArgs {
+    /// Send in binary content mode (attributes as ce-* headers) instead of structured.
+    #[arg(long)]
+    binary: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => return fail::clap_exit(err),
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            return Failure::new(fail::EXIT_OTHER, format!("cannot start the runtime: {err}"))
+                .report()
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => failure.report(),
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), Failure> {
+    let mut config = Config::from_env().map_err(|e| Failure::new(EXIT_USAGE, e.to_string()))?;
+    if let Some(server) = cli.server {
+        config.nats_url = server;
+        config
+            .validate()
+            .map_err(|e| Failure::new(EXIT_USAGE, format!("--server: {e}")))?;
+    }
+    match cli.command {
+        Command::Stream(StreamCommand::Init) => events::stream_init(&config).await,
+        Command::Publish(args) => events::publish(config, args).await,
+        Command::Listen(args) => events::listen(config, args).await,
+        Command::Request(args) => queries::request(config, args).await,
+        Command::Reply(args) => queries::reply(config, args).await,
+        Command::Deadletter(DeadletterCommand::List(args)) => deadletter::list(&config, args).await,
+        Command::Deadletter(DeadletterCommand::Replay(args)) => {
+            deadletter::replay(&config, args).await
+        }
+    }
+}
+
+/// Applies `--binary` to the configuration.
+fn with_mode(mut config: Config, mode: &ModeArgs) -> Config {
+    if mode.binary {
+        config.ce_mode = ContentMode::Binary;
+    }
+    config
+}
+
+/// Parses `--data` as JSON.
+fn parse_data(data: Option<&str>) -> Result<Option<serde_json::Value>, Failure> {
+    data.map(|text| {
+        serde_json::from_str(text)
+            .map_err(|e| Failure::new(EXIT_USAGE, format!("--data is not valid JSON: {e}")))
+    })
+    .transpose()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn replay_needs_exactly_one_of_seq_and_all() {
+        for argv in [
+            vec!["cemsg", "deadletter", "replay"],
+            vec!["cemsg", "deadletter", "replay", "--seq", "1", "--all"],
+        ] {
+            let err = Cli::try_parse_from(argv.clone()).expect_err("must be refused");
+            assert_ne!(err.exit_code(), 0, "{argv:?}");
+        }
+        assert!(Cli::try_parse_from(["cemsg", "deadletter", "replay", "--all"]).is_ok());
+    }
+
+    #[test]
+    fn data_must_be_json() {
+        assert!(parse_data(Some("{\"a\":1}")).unwrap().is_some());
+        assert!(parse_data(None).unwrap().is_none());
+        let err = parse_data(Some("{not json")).unwrap_err();
+        assert_eq!(err.code, EXIT_USAGE);
+    }
+}
