@@ -312,7 +312,7 @@ error_kind! {
         /// Nobody listens for this op (NATS 503); reported at once.
         NoResponders => "no responders",
         /// The responder answered with an error (`Nats-Service-Error-Code`); see
-        /// [`RemoteError`](crate::error::RemoteError) for the code and text.
+        /// [`RemoteError`] for the code and text.
         Remote => "remote error",
         /// The reply could not be decoded into a CloudEvent.
         Decode => "undecodable reply",

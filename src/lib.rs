@@ -24,6 +24,7 @@ pub mod handler;
 pub mod headers;
 pub mod listener;
 pub mod query;
+pub mod shutdown;
 mod worker;
 
 /// The CloudEvents SDK types users need (`Event`, `AttributesReader`, ...), re-exported.
