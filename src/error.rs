@@ -301,6 +301,8 @@ error_kind! {
         TimedOut => "connect timed out",
         /// The connection options are invalid.
         InvalidConfig => "invalid connection options",
+        /// A credentials file (`.creds`, NKey seed) could not be read or is malformed.
+        Credentials => "credentials could not be loaded",
     }
 }
 

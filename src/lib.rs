@@ -23,6 +23,7 @@ pub mod events;
 pub mod handler;
 pub mod headers;
 pub mod listener;
+pub mod memory;
 pub mod query;
 pub mod shutdown;
 mod worker;
@@ -30,3 +31,4 @@ mod worker;
 /// The CloudEvents SDK types users need (`Event`, `AttributesReader`, ...), re-exported.
 pub use cloudevents;
 pub use cloudevents::Event;
+pub use memory::{MemoryBroker, MemoryEvents, MemoryQueries};
