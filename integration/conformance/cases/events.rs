@@ -803,7 +803,9 @@ pub async fn event_graceful_stop_finishes_in_flight_and_refuses_new<B: EventBack
     within("the stop to begin", listener.cancellation_token().cancelled()).await;
     gate.open();
     let report = within("the stop", stopping).await.expect("join");
-    assert_eq!(report.finished, 1, "{report:?}");
+    // `finished` counts from when the pool saw the stop, which may be after the gate opened;
+    // the whole-life count and the absence of abandoned work are exact.
+    assert_eq!(report.handled_total, 1, "{report:?}");
     assert_eq!(report.abandoned, 0, "{report:?}");
     assert_eq!(ids(&finished.snapshot()), ids(&[first.clone()]));
     wait_settled(&env, &config, &durable).await;

@@ -699,7 +699,9 @@ pub async fn query_graceful_stop_finishes_in_flight_and_refuses_new<B: QueryBack
     let reply = within("the in-flight reply", in_flight).await.expect("join");
     assert_eq!(reply.expect("in-flight request finished").data_as::<String>().expect("data"), "late");
     let report = within("the stop", stopping).await.expect("join");
-    assert_eq!(report.finished, 1, "{report:?}");
+    // `finished` counts from when the pool saw the stop, which may be after the gate opened;
+    // the whole-life count and the absence of abandoned work are exact.
+    assert_eq!(report.handled_total, 1, "{report:?}");
     assert_eq!(report.abandoned, 0, "{report:?}");
     assert!(listener.is_stopped());
     assert_no_responders(&client, &op).await;
