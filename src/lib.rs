@@ -22,6 +22,7 @@ pub mod event_source;
 pub mod events;
 pub mod handler;
 pub mod headers;
+pub mod jetstream;
 pub mod listener;
 pub mod memory;
 pub mod nats;
@@ -32,5 +33,6 @@ mod worker;
 /// The CloudEvents SDK types users need (`Event`, `AttributesReader`, ...), re-exported.
 pub use cloudevents;
 pub use cloudevents::Event;
+pub use jetstream::JetStreamEvents;
 pub use memory::{MemoryBroker, MemoryEvents, MemoryQueries};
 pub use nats::NatsQueries;
