@@ -34,9 +34,6 @@ pub fn base_config(role: &str) -> Config {
 /// Builds query connections that share one broker / server.
 #[async_trait]
 pub trait QueryBackend: Send + Sync + Sized + 'static {
-    /// The module name of this backend in the suite (`memory`, `nats`, ...).
-    const NAME: &'static str;
-
     /// The connection type under test.
     type Queries: QueryConnection + Clone + 'static;
 

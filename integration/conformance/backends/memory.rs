@@ -17,7 +17,6 @@ pub struct Memory {
 
 #[async_trait]
 impl QueryBackend for Memory {
-    const NAME: &'static str = "memory";
     type Queries = MemoryQueries;
 
     async fn start() -> Self {

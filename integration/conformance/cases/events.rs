@@ -11,7 +11,9 @@ use bytes::Bytes;
 use ce_messaging::codec::{self, ContentMode, HeaderMap};
 use ce_messaging::config::Config;
 use ce_messaging::error::{PublishErrorKind, ResponseErrorKind};
-use ce_messaging::event::{new_event_auto_source, new_event_with_tid, EventExt, EventType, TransactionId};
+use ce_messaging::event::{
+    new_event_auto_source, new_event_with_tid, EventExt, EventType, TransactionId,
+};
 use ce_messaging::event_source::EventFilter;
 use ce_messaging::events::{
     event_handler_fn, typed_event_handler, Backoff, EventConnection, EventHandlers,
@@ -89,7 +91,10 @@ async fn listen<E: EventConnection>(
         .expect("listen")
 }
 
-async fn publish<E: EventConnection>(connection: &E, event: Event) -> ce_messaging::events::PublishAck {
+async fn publish<E: EventConnection>(
+    connection: &E,
+    event: Event,
+) -> ce_messaging::events::PublishAck {
     within("publish ack", connection.publish(event))
         .await
         .expect("published")
@@ -109,13 +114,16 @@ async fn stop_all(listeners: &[Listener]) {
 
 /// Waits until the durable has nothing pending and nothing unacknowledged.
 async fn wait_settled<B: EventBackend>(env: &B, config: &Config, durable: &str) {
-    eventually(&format!("durable {durable} to have everything acked"), || async {
-        env.consumer_state(&config.js_stream, durable).await
-            == Some(ConsumerState {
-                pending: 0,
-                ack_pending: 0,
-            })
-    })
+    eventually(
+        &format!("durable {durable} to have everything acked"),
+        || async {
+            env.consumer_state(&config.js_stream, durable).await
+                == Some(ConsumerState {
+                    pending: 0,
+                    ack_pending: 0,
+                })
+        },
+    )
     .await;
 }
 
@@ -138,7 +146,12 @@ async fn pubsub<B: EventBackend>(mode: ContentMode) {
     let event_type = new_type("order.created");
     let durable = new_durable();
     let seen = Seen::new();
-    let listener = listen(&subscriber, recording(&event_type, &seen), options(&durable)).await;
+    let listener = listen(
+        &subscriber,
+        recording(&event_type, &seen),
+        options(&durable),
+    )
+    .await;
 
     let mut sent = Vec::new();
     for n in 0..10 {
@@ -153,9 +166,15 @@ async fn pubsub<B: EventBackend>(mode: ContentMode) {
     let by_id: HashMap<&str, &Event> = got.iter().map(|e| (e.id(), e)).collect();
     assert_eq!(by_id.len(), 10, "each event once");
     for e in &sent {
-        let g = by_id.get(e.id()).expect("every published event is delivered");
+        let g = by_id
+            .get(e.id())
+            .expect("every published event is delivered");
         assert_eq!(g.ty(), e.ty());
-        assert_eq!(g.source().as_str(), pub_config.client_id, "AUTO_POPULATE source is filled in");
+        assert_eq!(
+            g.source().as_str(),
+            pub_config.client_id,
+            "AUTO_POPULATE source is filled in"
+        );
         assert_eq!(g.subject(), e.subject());
         assert_eq!(g.time(), e.time());
         assert_eq!(g.datacontenttype(), Some("application/json"));
@@ -164,7 +183,10 @@ async fn pubsub<B: EventBackend>(mode: ContentMode) {
             g.extension("conftag").map(|v| v.to_string()),
             e.extension("conftag").map(|v| v.to_string())
         );
-        assert_eq!(g.data_as::<Value>().expect("data"), e.data_as::<Value>().expect("data"));
+        assert_eq!(
+            g.data_as::<Value>().expect("data"),
+            e.data_as::<Value>().expect("data")
+        );
     }
 
     // On the wire: the contract's subject, content mode and de-duplication id.
@@ -172,7 +194,10 @@ async fn pubsub<B: EventBackend>(mode: ContentMode) {
     assert_eq!(stored.len(), 10);
     for (message, e) in stored.iter().zip(&sent) {
         assert_eq!(message.subject, pub_config.events_subject(&event_type));
-        assert_eq!(message.header(headers::NATS_MSG_ID).as_deref(), Some(e.id()));
+        assert_eq!(
+            message.header(headers::NATS_MSG_ID).as_deref(),
+            Some(e.id())
+        );
         match mode {
             ContentMode::Binary => {
                 assert_eq!(message.header("ce-specversion").as_deref(), Some("1.0"));
@@ -180,7 +205,10 @@ async fn pubsub<B: EventBackend>(mode: ContentMode) {
             }
             _ => {
                 let content_type = message.header("Content-Type").unwrap_or_default();
-                assert!(content_type.starts_with("application/cloudevents+json"), "{content_type}");
+                assert!(
+                    content_type.starts_with("application/cloudevents+json"),
+                    "{content_type}"
+                );
                 assert!(message.header("ce-specversion").is_none());
             }
         }
@@ -226,7 +254,12 @@ pub async fn publish_acks_are_ordered<B: EventBackend>() {
         .await
         .iter()
         .skip(3)
-        .map(|m| codec::decode(Some(&m.headers), &m.payload).expect("event").id().to_owned())
+        .map(|m| {
+            codec::decode(Some(&m.headers), &m.payload)
+                .expect("event")
+                .id()
+                .to_owned()
+        })
         .collect();
     let batch_ids: Vec<String> = batch.iter().map(|e| e.id().to_owned()).collect();
     assert_eq!(stored_ids, batch_ids, "stored in the order given");
@@ -243,7 +276,10 @@ pub async fn duplicate_publish_within_window_is_stored_once<B: EventBackend>() {
     assert!(!first.duplicate);
     let again = publish(&publisher, e.clone()).await;
     assert!(again.duplicate, "{again:?}");
-    assert_eq!(again.sequence, first.sequence, "the duplicate names the stored event");
+    assert_eq!(
+        again.sequence, first.sequence,
+        "the duplicate names the stored event"
+    );
     let other = publish(&publisher, event(e.ty(), &json!(1))).await;
     assert!(!other.duplicate, "a different id is a different event");
     assert_eq!(env.stored(&config.js_stream).await.len(), 2);
@@ -275,7 +311,10 @@ pub async fn publish_without_stream_is_stream_not_found<B: EventBackend>() {
         .await
         .expect_err("no stream");
     assert_eq!(err.kind(), PublishErrorKind::StreamNotFound, "{err}");
-    assert_eq!(err.into_event().map(|b| b.id().to_owned()), Some(e.id().to_owned()));
+    assert_eq!(
+        err.into_event().map(|b| b.id().to_owned()),
+        Some(e.id().to_owned())
+    );
 }
 
 /// A new durable receives events published before it existed.
@@ -292,7 +331,12 @@ pub async fn new_durable_receives_earlier_events<B: EventBackend>() {
     }
     let seen = Seen::new();
     let durable = new_durable();
-    let listener = listen(&connection, recording(&event_type, &seen), options(&durable)).await;
+    let listener = listen(
+        &connection,
+        recording(&event_type, &seen),
+        options(&durable),
+    )
+    .await;
     let got = seen.wait_len("the 5 earlier events", 5).await;
     assert_eq!(ids(&got), ids(&sent));
     wait_settled(&env, &config, &durable).await;
@@ -309,8 +353,18 @@ pub async fn event_types_are_isolated<B: EventBackend>() {
     let (seen_x, seen_y) = (Seen::new(), Seen::new());
     let (durable_x, durable_y) = (new_durable(), new_durable());
     let listeners = vec![
-        listen(&connection, recording(&type_x, &seen_x), one_worker(&durable_x)).await,
-        listen(&connection, recording(&type_y, &seen_y), one_worker(&durable_y)).await,
+        listen(
+            &connection,
+            recording(&type_x, &seen_x),
+            one_worker(&durable_x),
+        )
+        .await,
+        listen(
+            &connection,
+            recording(&type_y, &seen_y),
+            one_worker(&durable_y),
+        )
+        .await,
     ];
     for t in [&type_x, &type_y, &type_x, &type_y, &type_y, &type_x] {
         publish(&connection, event(t, &json!(null))).await;
@@ -323,7 +377,10 @@ pub async fn event_types_are_isolated<B: EventBackend>() {
     assert!(y.iter().all(|e| e.ty() == type_y));
     wait_settled(&env, &config, &durable_x).await;
     wait_settled(&env, &config, &durable_y).await;
-    assert!(env.stored(&config.js_dlq_stream).await.is_empty(), "nothing misrouted");
+    assert!(
+        env.stored(&config.js_dlq_stream).await.is_empty(),
+        "nothing misrouted"
+    );
     assert_eq!((seen_x.len(), seen_y.len()), (3, 3));
     stop_all(&listeners).await;
 }
@@ -338,7 +395,11 @@ pub async fn durables_fan_out_and_instances_share<B: EventBackend>() {
     let (group_1, group_2) = (new_durable(), new_durable());
     let (seen_1a, seen_1b, seen_2) = (Seen::new(), Seen::new(), Seen::new());
     let mut listeners = Vec::new();
-    for (durable, seen) in [(&group_1, &seen_1a), (&group_1, &seen_1b), (&group_2, &seen_2)] {
+    for (durable, seen) in [
+        (&group_1, &seen_1a),
+        (&group_1, &seen_1b),
+        (&group_2, &seen_2),
+    ] {
         let connection = env.events(&env.config("svc")).await;
         listeners.push(listen(&connection, recording(&event_type, seen), options(durable)).await);
     }
@@ -347,7 +408,9 @@ pub async fn durables_fan_out_and_instances_share<B: EventBackend>() {
         publish(&publisher, e.clone()).await;
     }
     let all = ids(&sent);
-    seen_2.wait_until("group 2 to get every event", |got| ids(got) == all).await;
+    seen_2
+        .wait_until("group 2 to get every event", |got| ids(got) == all)
+        .await;
     eventually("group 1 to get every event", || async {
         let mut got = seen_1a.snapshot();
         got.extend(seen_1b.snapshot());
@@ -357,8 +420,15 @@ pub async fn durables_fan_out_and_instances_share<B: EventBackend>() {
     wait_settled(&env, &config, &group_1).await;
     wait_settled(&env, &config, &group_2).await;
     let (a, b) = (ids(&seen_1a.snapshot()), ids(&seen_1b.snapshot()));
-    assert!(a.is_disjoint(&b), "an event went to both instances of one durable");
-    assert_eq!(seen_1a.len() + seen_1b.len(), 20, "each event handled once in group 1");
+    assert!(
+        a.is_disjoint(&b),
+        "an event went to both instances of one durable"
+    );
+    assert_eq!(
+        seen_1a.len() + seen_1b.len(),
+        20,
+        "each event handled once in group 1"
+    );
     assert_eq!(seen_2.len(), 20, "each event handled once in group 2");
     stop_all(&listeners).await;
 }
@@ -373,7 +443,9 @@ pub async fn concurrent_listeners_share_one_durable<B: EventBackend>() {
     let seen = Seen::new();
     let listeners: Vec<Listener> = within(
         "5 listeners",
-        join_all((0..5).map(|_| connection.listen(recording(&event_type, &seen), options(&durable)))),
+        join_all(
+            (0..5).map(|_| connection.listen(recording(&event_type, &seen), options(&durable))),
+        ),
     )
     .await
     .into_iter()
@@ -405,7 +477,9 @@ pub async fn failed_event_is_redelivered_after_its_delay<B: EventBackend>() {
             async move {
                 recorder.push(Instant::now());
                 if recorder.len() == 1 {
-                    return Err(HandlerError::new("transient").retry_after(Duration::from_millis(400)));
+                    return Err(
+                        HandlerError::new("transient").retry_after(Duration::from_millis(400))
+                    );
                 }
                 Ok(())
             }
@@ -415,7 +489,10 @@ pub async fn failed_event_is_redelivered_after_its_delay<B: EventBackend>() {
     publish(&connection, event(&event_type, &json!(1))).await;
     let times = deliveries.wait_len("the redelivery", 2).await;
     let gap = times[1] - times[0];
-    assert!(gap >= Duration::from_millis(350), "redelivered after {gap:?}, asked for 400 ms");
+    assert!(
+        gap >= Duration::from_millis(350),
+        "redelivered after {gap:?}, asked for 400 ms"
+    );
     wait_settled(&env, &config, &durable).await;
     assert_eq!(deliveries.len(), 2, "acked after the second delivery");
     listener.stop(Duration::from_secs(5)).await;
@@ -458,7 +535,9 @@ pub async fn listener_continues_after_errors<B: EventBackend>() {
         publish(&connection, event(&event_type, &json!(n))).await;
     }
     let handled = done
-        .wait_until("all 9 handled", |d| d.iter().collect::<BTreeSet<_>>().len() == 9)
+        .wait_until("all 9 handled", |d| {
+            d.iter().collect::<BTreeSet<_>>().len() == 9
+        })
         .await;
     assert_eq!(handled.len(), 9);
     wait_settled(&env, &config, &durable).await;
@@ -479,13 +558,23 @@ pub async fn listener_stop_and_restart_continues<B: EventBackend>() {
         publish(&connection, e.clone()).await;
     }
     let first = Seen::new();
-    let listener = listen(&connection, recording(&event_type, &first), one_worker(&durable)).await;
+    let listener = listen(
+        &connection,
+        recording(&event_type, &first),
+        one_worker(&durable),
+    )
+    .await;
     first.wait_len("5 events before the stop", 5).await;
     within("stop", listener.stop(Duration::from_secs(5))).await;
     let before = first.len();
     assert!(before < 20, "the stop came mid-stream");
     let second = Seen::new();
-    let listener = listen(&connection, recording(&event_type, &second), options(&durable)).await;
+    let listener = listen(
+        &connection,
+        recording(&event_type, &second),
+        options(&durable),
+    )
+    .await;
     let all = ids(&sent);
     let got = second
         .wait_until("the rest", |got| {
@@ -494,8 +583,15 @@ pub async fn listener_stop_and_restart_continues<B: EventBackend>() {
             union == all
         })
         .await;
-    assert!(ids(&got).is_disjoint(&ids(&first.snapshot())), "acked events came again");
-    assert_eq!(first.len(), before, "a stopped listener handles nothing more");
+    assert!(
+        ids(&got).is_disjoint(&ids(&first.snapshot())),
+        "acked events came again"
+    );
+    assert_eq!(
+        first.len(),
+        before,
+        "a stopped listener handles nothing more"
+    );
     wait_settled(&env, &config, &durable).await;
     listener.stop(Duration::from_secs(5)).await;
 }
@@ -572,7 +668,11 @@ pub async fn long_handler_is_not_redelivered<B: EventBackend>() {
     publish(&connection, event(&event_type, &json!(1))).await;
     starts.wait_len("the delivery", 1).await;
     wait_settled(&env, &config, &durable).await;
-    assert_eq!(starts.len(), 1, "redelivered while the handler was still working");
+    assert_eq!(
+        starts.len(),
+        1,
+        "redelivered while the handler was still working"
+    );
     listener.stop(Duration::from_secs(5)).await;
 }
 
@@ -589,7 +689,10 @@ fn assert_dead_letter(
         letter.subject,
         format!("deadletter.{}.{}", config.js_stream, durable)
     );
-    assert_eq!(letter.header(headers::DEAD_LETTER_REASON).as_deref(), Some(reason));
+    assert_eq!(
+        letter.header(headers::DEAD_LETTER_REASON).as_deref(),
+        Some(reason)
+    );
     assert_eq!(
         letter.header(headers::DEAD_LETTER_SUBJECT),
         Some(config.events_subject(original.ty()))
@@ -602,10 +705,15 @@ fn assert_dead_letter(
         letter.header(headers::DEAD_LETTER_DELIVERIES),
         Some(deliveries.to_string())
     );
-    assert!(letter.header(headers::DEAD_LETTER_ERROR).is_some_and(|e| !e.is_empty()));
+    assert!(letter
+        .header(headers::DEAD_LETTER_ERROR)
+        .is_some_and(|e| !e.is_empty()));
     let kept = codec::decode(Some(&letter.headers), &letter.payload).expect("original kept");
     assert_eq!(kept.id(), original.id());
-    assert_eq!(kept.data_as::<Value>().ok(), original.data_as::<Value>().ok());
+    assert_eq!(
+        kept.data_as::<Value>().ok(),
+        original.data_as::<Value>().ok()
+    );
 }
 
 /// An event that fails on every delivery is dead-lettered (reason `max-deliveries`) after
@@ -638,7 +746,15 @@ pub async fn max_deliveries_go_to_dead_letter<B: EventBackend>() {
     let letters = wait_dead_letters(&env, &config, 1).await;
     wait_settled(&env, &config, &durable).await;
     assert_eq!(letters.len(), 1);
-    assert_dead_letter(&letters[0], &config, &durable, &e, ack.sequence, "max-deliveries", 3);
+    assert_dead_letter(
+        &letters[0],
+        &config,
+        &durable,
+        &e,
+        ack.sequence,
+        "max-deliveries",
+        3,
+    );
     assert_eq!(attempts.load(Ordering::SeqCst), 3);
     listener.stop(Duration::from_secs(5)).await;
 }
@@ -669,12 +785,23 @@ pub async fn rejected_event_goes_to_dead_letter<B: EventBackend>() {
                 }
             }),
         )
-        .on(&typed, typed_event_handler(|_: TypedEvent<Order>| async { Ok(()) }));
+        .on(
+            &typed,
+            typed_event_handler(|_: TypedEvent<Order>| async { Ok(()) }),
+        );
     let listener = listen(&connection, handlers, one_worker(&durable)).await;
     let first = event(&rejecting, &json!(1));
     let first_ack = publish(&connection, first.clone()).await;
     let letters = wait_dead_letters(&env, &config, 1).await;
-    assert_dead_letter(&letters[0], &config, &durable, &first, first_ack.sequence, "rejected", 1);
+    assert_dead_letter(
+        &letters[0],
+        &config,
+        &durable,
+        &first,
+        first_ack.sequence,
+        "rejected",
+        1,
+    );
     assert_eq!(
         letters[0].header(headers::DEAD_LETTER_ERROR).as_deref(),
         Some("order is malformed")
@@ -682,9 +809,21 @@ pub async fn rejected_event_goes_to_dead_letter<B: EventBackend>() {
     let second = event(&typed, &json!("not an order"));
     let second_ack = publish(&connection, second.clone()).await;
     let letters = wait_dead_letters(&env, &config, 2).await;
-    assert_dead_letter(&letters[1], &config, &durable, &second, second_ack.sequence, "rejected", 1);
+    assert_dead_letter(
+        &letters[1],
+        &config,
+        &durable,
+        &second,
+        second_ack.sequence,
+        "rejected",
+        1,
+    );
     wait_settled(&env, &config, &durable).await;
-    assert_eq!(attempts.load(Ordering::SeqCst), 1, "no retry of a permanent failure");
+    assert_eq!(
+        attempts.load(Ordering::SeqCst),
+        1,
+        "no retry of a permanent failure"
+    );
     listener.stop(Duration::from_secs(5)).await;
 }
 
@@ -701,18 +840,30 @@ pub async fn undecodable_message_goes_to_dead_letter<B: EventBackend>() {
     let event_type = new_type("garbage");
     let durable = new_durable();
     let seen = Seen::new();
-    let listener = listen(&connection, recording(&event_type, &seen), one_worker(&durable)).await;
+    let listener = listen(
+        &connection,
+        recording(&event_type, &seen),
+        one_worker(&durable),
+    )
+    .await;
     let subject = config.events_subject(&event_type);
     let mut raw_headers = HeaderMap::new();
     raw_headers.insert("X-Conf", "kept");
-    env.publish_raw(&subject, raw_headers, Bytes::from_static(b"\xff not an event {"))
-        .await;
+    env.publish_raw(
+        &subject,
+        raw_headers,
+        Bytes::from_static(b"\xff not an event {"),
+    )
+    .await;
     let good = event(&event_type, &json!(1));
     publish(&connection, good.clone()).await;
     seen.wait_len("the good event after the bad one", 1).await;
     let letters = wait_dead_letters(&env, &config, 1).await;
     let letter = &letters[0];
-    assert_eq!(letter.header(headers::DEAD_LETTER_REASON).as_deref(), Some("decode"));
+    assert_eq!(
+        letter.header(headers::DEAD_LETTER_REASON).as_deref(),
+        Some("decode")
+    );
     assert_eq!(letter.header(headers::DEAD_LETTER_SUBJECT), Some(subject));
     assert_eq!(letter.header("X-Conf").as_deref(), Some("kept"));
     assert_eq!(&letter.payload[..], b"\xff not an event {");
@@ -755,13 +906,19 @@ pub async fn event_worker_bound_is_never_exceeded<B: EventBackend>() {
     peak.wait_running(3).await;
     gate.open();
     let all = ids(&sent);
-    done.wait_until("all 20 handled", |got| ids(got) == all).await;
+    done.wait_until("all 20 handled", |got| ids(got) == all)
+        .await;
     assert_eq!(peak.max(), 3, "never more than 3 handlers at once");
     wait_settled(&env, &config, &durable).await;
     listener.stop(Duration::from_secs(5)).await;
 }
 
-fn gated_recording(event_type: &str, gate: &Gate, started: &Seen<Event>, finished: &Seen<Event>) -> EventHandlers {
+fn gated_recording(
+    event_type: &str,
+    gate: &Gate,
+    started: &Seen<Event>,
+    finished: &Seen<Event>,
+) -> EventHandlers {
     let (g, s, f) = (gate.clone(), started.clone(), finished.clone());
     EventHandlers::new().on(
         event_type,
@@ -800,7 +957,11 @@ pub async fn event_graceful_stop_finishes_in_flight_and_refuses_new<B: EventBack
         let listener = listener.clone();
         async move { listener.stop(Duration::from_secs(10)).await }
     });
-    within("the stop to begin", listener.cancellation_token().cancelled()).await;
+    within(
+        "the stop to begin",
+        listener.cancellation_token().cancelled(),
+    )
+    .await;
     gate.open();
     let report = within("the stop", stopping).await.expect("join");
     // `finished` counts from when the pool saw the stop, which may be after the gate opened;
@@ -822,9 +983,18 @@ pub async fn event_graceful_stop_finishes_in_flight_and_refuses_new<B: EventBack
     .await;
     assert_eq!(started.len(), 1, "a stopped listener takes nothing new");
     let next = Seen::new();
-    let listener = listen(&connection, recording(&event_type, &next), options(&durable)).await;
+    let listener = listen(
+        &connection,
+        recording(&event_type, &next),
+        options(&durable),
+    )
+    .await;
     let got = next.wait_len("the next listener to get it", 1).await;
-    assert_eq!(got[0].id(), second.id(), "the finished event was acked, not redelivered");
+    assert_eq!(
+        got[0].id(),
+        second.id(),
+        "the finished event was acked, not redelivered"
+    );
     wait_settled(&env, &config, &durable).await;
     listener.stop(Duration::from_secs(5)).await;
 }
@@ -857,7 +1027,9 @@ pub async fn event_stop_after_grace_hands_the_event_back<B: EventBackend>() {
     assert!(finished.len() == 0);
     let next = Seen::new();
     let listener = listen(&connection, recording(&event_type, &next), long_ack_wait).await;
-    let got = next.wait_len("the handed-back event (well before the 30 s ack wait)", 1).await;
+    let got = next
+        .wait_len("the handed-back event (well before the 30 s ack wait)", 1)
+        .await;
     assert_eq!(got[0].id(), e.id());
     wait_settled(&env, &config, &durable).await;
     gate.open();
@@ -872,7 +1044,12 @@ pub async fn cancelled_token_stops_event_listener<B: EventBackend>() {
     let event_type = new_type("token");
     let durable = new_durable();
     let seen = Seen::new();
-    let listener = listen(&connection, recording(&event_type, &seen), options(&durable)).await;
+    let listener = listen(
+        &connection,
+        recording(&event_type, &seen),
+        options(&durable),
+    )
+    .await;
     publish(&connection, event(&event_type, &json!(1))).await;
     seen.wait_len("the first event", 1).await;
     listener.cancellation_token().cancel();
@@ -880,7 +1057,12 @@ pub async fn cancelled_token_stops_event_listener<B: EventBackend>() {
     let later = event(&event_type, &json!(2));
     publish(&connection, later.clone()).await;
     let next = Seen::new();
-    let listener2 = listen(&connection, recording(&event_type, &next), options(&durable)).await;
+    let listener2 = listen(
+        &connection,
+        recording(&event_type, &next),
+        options(&durable),
+    )
+    .await;
     let got = next.wait_len("the event published after the stop", 1).await;
     assert_eq!(got[0].id(), later.id());
     assert_eq!(seen.len(), 1, "the cancelled listener handled nothing more");
@@ -898,7 +1080,14 @@ pub async fn event_listeners_close_concurrently<B: EventBackend>() {
     let mut listeners = Vec::new();
     for _ in 0..5 {
         let connection = env.events(&env.config("svc")).await;
-        listeners.push(listen(&connection, recording(&event_type, &seen), options(&durable)).await);
+        listeners.push(
+            listen(
+                &connection,
+                recording(&event_type, &seen),
+                options(&durable),
+            )
+            .await,
+        );
     }
     let publisher = env.events(&config).await;
     let sent: Vec<Event> = (0..10).map(|n| event(&event_type, &json!(n))).collect();
@@ -927,35 +1116,51 @@ pub async fn publisher_close_keeps_acknowledged_publishes<B: EventBackend>() {
     let sent: Vec<Event> = (0..50).map(|n| event(&event_type, &json!(n))).collect();
     let in_flight = tokio::spawn({
         let (publisher, sent) = (publisher.clone(), sent.clone());
-        async move { join_all(sent.into_iter().map(|e| {
-            let publisher = publisher.clone();
-            async move { publisher.publish(e).await }
-        })).await }
+        async move {
+            join_all(sent.into_iter().map(|e| {
+                let publisher = publisher.clone();
+                async move { publisher.publish(e).await }
+            }))
+            .await
+        }
     });
     tokio::task::yield_now().await;
     within("close", B::close_events(&publisher)).await;
-    let results = within("the in-flight publishes to end", in_flight).await.expect("join");
+    let results = within("the in-flight publishes to end", in_flight)
+        .await
+        .expect("join");
     let mut acked = BTreeSet::new();
     for (result, e) in results.into_iter().zip(&sent) {
         match result {
             Ok(_) => {
                 acked.insert(e.id().to_owned());
             }
-            Err(err) => assert_eq!(err.into_event().map(|b| b.id().to_owned()), Some(e.id().to_owned())),
+            Err(err) => assert_eq!(
+                err.into_event().map(|b| b.id().to_owned()),
+                Some(e.id().to_owned())
+            ),
         }
     }
     let stored: BTreeSet<String> = env
         .stored(&config.js_stream)
         .await
         .iter()
-        .map(|m| codec::decode(Some(&m.headers), &m.payload).expect("event").id().to_owned())
+        .map(|m| {
+            codec::decode(Some(&m.headers), &m.payload)
+                .expect("event")
+                .id()
+                .to_owned()
+        })
         .collect();
     assert!(acked.is_subset(&stored), "an acknowledged publish was lost");
     let after = event(&event_type, &json!("after"));
     let err = within("publish after close", publisher.publish(after.clone()))
         .await
         .expect_err("the connection is closed");
-    assert_eq!(err.into_event().map(|b| b.id().to_owned()), Some(after.id().to_owned()));
+    assert_eq!(
+        err.into_event().map(|b| b.id().to_owned()),
+        Some(after.id().to_owned())
+    );
 }
 
 /// Responds to `request_type` with `response_type`, echoing the request data.
@@ -967,7 +1172,9 @@ fn responder(request_type: &str, response_type: &str) -> EventHandlers {
             let response_type = response_type.clone();
             async move {
                 let data: Value = e.data_as()?;
-                responses.respond_data(&response_type, &json!({ "echo": data })).await?;
+                responses
+                    .respond_data(&response_type, &json!({ "echo": data }))
+                    .await?;
                 Ok(())
             }
         }),
@@ -980,7 +1187,12 @@ pub async fn promise_gets_response_by_transaction_id<B: EventBackend>() {
     let service = env.events(&env.config("svc")).await;
     let client = env.events(&env.config("cli")).await;
     let (request_type, response_type) = (new_type("quote.requested"), new_type("quote.given"));
-    let listener = listen(&service, responder(&request_type, &response_type), options(&new_durable())).await;
+    let listener = listen(
+        &service,
+        responder(&request_type, &response_type),
+        options(&new_durable()),
+    )
+    .await;
     let request = event(&request_type, &json!({"item": "a"}));
     let tid = request.transaction_id().expect("tid");
     let mut promise = within(
@@ -995,7 +1207,10 @@ pub async fn promise_gets_response_by_transaction_id<B: EventBackend>() {
         .expect("response");
     assert_eq!(response.ty(), response_type);
     assert_eq!(response.transaction_id(), Some(tid));
-    assert_eq!(response.data_as::<Value>().expect("data"), json!({"echo": {"item": "a"}}));
+    assert_eq!(
+        response.data_as::<Value>().expect("data"),
+        json!({"echo": {"item": "a"}})
+    );
     listener.stop(Duration::from_secs(5)).await;
 }
 
@@ -1014,8 +1229,8 @@ pub async fn promise_catches_an_immediate_response<B: EventBackend>() {
         )
         .await
         .expect("promise");
-        let response = new_event_with_tid(&response_type, "responder", &json!(1), tid.clone())
-            .expect("event");
+        let response =
+            new_event_with_tid(&response_type, "responder", &json!(1), tid.clone()).expect("event");
         publish(&responder_connection, response).await;
         let got = within("response", promise.response(Duration::from_secs(5)))
             .await
@@ -1030,16 +1245,27 @@ pub async fn concurrent_promises_do_not_cross<B: EventBackend>() {
     let service = env.events(&env.config("svc")).await;
     let client = env.events(&env.config("cli")).await;
     let (request_type, response_type) = (new_type("req"), new_type("resp"));
-    let listener = listen(&service, responder(&request_type, &response_type), options(&new_durable())).await;
+    let listener = listen(
+        &service,
+        responder(&request_type, &response_type),
+        options(&new_durable()),
+    )
+    .await;
     let requests = (0..20).map(|n| {
         let client = client.clone();
         let (request_type, response_type) = (request_type.clone(), response_type.clone());
         async move {
             let mut promise = client
-                .request(event(&request_type, &json!(n)), &[EventType::from(response_type.as_str())])
+                .request(
+                    event(&request_type, &json!(n)),
+                    &[EventType::from(response_type.as_str())],
+                )
                 .await
                 .expect("promise");
-            let response = promise.response(Duration::from_secs(8)).await.expect("response");
+            let response = promise
+                .response(Duration::from_secs(8))
+                .await
+                .expect("response");
             (n, response.data_as::<Value>().expect("data"))
         }
     });
@@ -1061,12 +1287,16 @@ pub async fn promise_times_out_without_response<B: EventBackend>() {
     )
     .await
     .expect("promise");
-    let other = new_event_with_tid(&response_type, "x", &json!(1), TransactionId::generate()).expect("event");
+    let other = new_event_with_tid(&response_type, "x", &json!(1), TransactionId::generate())
+        .expect("event");
     publish(&client, other).await;
     let begin = Instant::now();
-    let err = within("the promise to time out", promise.response(Duration::from_millis(500)))
-        .await
-        .expect_err("no response");
+    let err = within(
+        "the promise to time out",
+        promise.response(Duration::from_millis(500)),
+    )
+    .await
+    .expect_err("no response");
     assert_eq!(err.kind(), ResponseErrorKind::TimedOut, "{err}");
     assert!(begin.elapsed() >= Duration::from_millis(450));
 }
@@ -1080,12 +1310,22 @@ pub async fn event_source_add_remove_once<B: EventBackend>() {
     let event_type = new_type("watched");
     let (all, once) = (Seen::new(), Seen::new());
     let (a, o) = (all.clone(), once.clone());
-    let id_all = within("add", source.add_listener(EventFilter::by_type(event_type.as_str()), move |e| a.push(e)))
-        .await
-        .expect("added");
-    within("add", source.add_listener(EventFilter::by_type(event_type.as_str()).once(), move |e| o.push(e)))
-        .await
-        .expect("added");
+    let id_all = within(
+        "add",
+        source.add_listener(EventFilter::by_type(event_type.as_str()), move |e| {
+            a.push(e)
+        }),
+    )
+    .await
+    .expect("added");
+    within(
+        "add",
+        source.add_listener(EventFilter::by_type(event_type.as_str()).once(), move |e| {
+            o.push(e)
+        }),
+    )
+    .await
+    .expect("added");
     assert_eq!(source.listener_count(), 2);
     assert_eq!(source.subscription_count(), 1, "one subscription per type");
     let sent: Vec<Event> = (0..3).map(|n| event(&event_type, &json!(n))).collect();
@@ -1099,15 +1339,27 @@ pub async fn event_source_add_remove_once<B: EventBackend>() {
     assert_eq!(first[0].id(), sent[0].id());
     assert_eq!(source.listener_count(), 1, "a once listener removes itself");
     assert!(within("remove", source.remove_listener(id_all)).await);
-    assert!(!within("remove", source.remove_listener(id_all)).await, "already removed");
+    assert!(
+        !within("remove", source.remove_listener(id_all)).await,
+        "already removed"
+    );
     assert_eq!(source.listener_count(), 0);
-    assert_eq!(source.subscription_count(), 0, "the subscription goes with the last listener");
+    assert_eq!(
+        source.subscription_count(),
+        0,
+        "the subscription goes with the last listener"
+    );
 
     let later = Seen::new();
     let l = later.clone();
-    within("add", source.add_listener(EventFilter::by_type(event_type.as_str()), move |e| l.push(e)))
-        .await
-        .expect("added");
+    within(
+        "add",
+        source.add_listener(EventFilter::by_type(event_type.as_str()), move |e| {
+            l.push(e)
+        }),
+    )
+    .await
+    .expect("added");
     let last = event(&event_type, &json!("last"));
     publish(&publisher, last.clone()).await;
     let got = later.wait_len("the event after re-adding", 1).await;
@@ -1122,22 +1374,39 @@ pub async fn event_source_filters_by_transaction<B: EventBackend>() {
     let publisher = env.events(&env.config("pub")).await;
     let source = client.event_source();
     let (type_t, type_u) = (new_type("t"), new_type("u"));
-    let (tid_1, tid_2, tid_3) = (TransactionId::generate(), TransactionId::generate(), TransactionId::generate());
+    let (tid_1, tid_2, tid_3) = (
+        TransactionId::generate(),
+        TransactionId::generate(),
+        TransactionId::generate(),
+    );
     let (by_tid, by_both, marker) = (Seen::new(), Seen::new(), Seen::new());
     let (a, b, m) = (by_tid.clone(), by_both.clone(), marker.clone());
-    within("add", source.add_listener(EventFilter::by_transaction(tid_1.clone()), move |e| a.push(e)))
-        .await
-        .expect("added");
     within(
         "add",
-        source.add_listener(EventFilter::by_type(type_t.as_str()).and_transaction(tid_2.clone()), move |e| b.push(e)),
+        source.add_listener(EventFilter::by_transaction(tid_1.clone()), move |e| {
+            a.push(e)
+        }),
     )
     .await
     .expect("added");
-    within("add", source.add_listener(EventFilter::by_type(type_t.as_str()), move |e| m.push(e)))
-        .await
-        .expect("added");
-    let mk = |t: &str, tid: &TransactionId| new_event_with_tid(t, "pub", &json!(null), tid.clone()).expect("event");
+    within(
+        "add",
+        source.add_listener(
+            EventFilter::by_type(type_t.as_str()).and_transaction(tid_2.clone()),
+            move |e| b.push(e),
+        ),
+    )
+    .await
+    .expect("added");
+    within(
+        "add",
+        source.add_listener(EventFilter::by_type(type_t.as_str()), move |e| m.push(e)),
+    )
+    .await
+    .expect("added");
+    let mk = |t: &str, tid: &TransactionId| {
+        new_event_with_tid(t, "pub", &json!(null), tid.clone()).expect("event")
+    };
     let sequence = [
         mk(&type_t, &tid_1),
         mk(&type_t, &tid_2),
@@ -1151,11 +1420,21 @@ pub async fn event_source_filters_by_transaction<B: EventBackend>() {
     }
     // The last event matches every listener: once each has it, each has seen everything before.
     let last = sequence[5].id().to_owned();
-    let got = by_tid.wait_until("the last tid-1 event", |s| s.iter().any(|e| e.id() == last)).await;
+    let got = by_tid
+        .wait_until("the last tid-1 event", |s| s.iter().any(|e| e.id() == last))
+        .await;
     assert_eq!(
         ids(&got),
-        ids(&[sequence[0].clone(), sequence[3].clone(), sequence[5].clone()])
+        ids(&[
+            sequence[0].clone(),
+            sequence[3].clone(),
+            sequence[5].clone()
+        ])
     );
-    marker.wait_until("the last type-t event", |s| s.iter().any(|e| e.id() == last)).await;
+    marker
+        .wait_until("the last type-t event", |s| {
+            s.iter().any(|e| e.id() == last)
+        })
+        .await;
     assert_eq!(ids(&by_both.snapshot()), ids(&[sequence[1].clone()]));
 }

@@ -123,7 +123,9 @@ async fn roundtrip<B: QueryBackend>(mode: ContentMode) {
             async move {
                 recorder.push(request.clone());
                 let data: Value = request.data_as()?;
-                let tid = request.transaction_id().expect("requests carry a transaction id");
+                let tid = request
+                    .transaction_id()
+                    .expect("requests carry a transaction id");
                 let mut answer = new_event_with_tid(
                     format!("{}.reply", request.ty()),
                     AUTO_POPULATE_SOURCE,
@@ -142,7 +144,9 @@ async fn roundtrip<B: QueryBackend>(mode: ContentMode) {
     let mut request = request_event(&op, &data);
     request.set_extension("conftag", "a b%c\"d é\u{1F600}");
     request.set_subject(Some("workspace/w1 é"));
-    let tid = request.transaction_id().expect("new events have a transaction id");
+    let tid = request
+        .transaction_id()
+        .expect("new events have a transaction id");
     let reply = within("the reply", client.request(request.clone()))
         .await
         .expect("reply");
@@ -150,7 +154,11 @@ async fn roundtrip<B: QueryBackend>(mode: ContentMode) {
     let got = seen.snapshot().pop().expect("the handler saw the request");
     assert_eq!(got.id(), request.id());
     assert_eq!(got.ty(), op);
-    assert_eq!(got.source().as_str(), client_config.client_id, "AUTO_POPULATE source is filled in");
+    assert_eq!(
+        got.source().as_str(),
+        client_config.client_id,
+        "AUTO_POPULATE source is filled in"
+    );
     assert_eq!(got.subject(), Some("workspace/w1 é"));
     assert_eq!(got.time(), request.time());
     assert_eq!(got.datacontenttype(), Some("application/json"));
@@ -168,7 +176,10 @@ async fn roundtrip<B: QueryBackend>(mode: ContentMode) {
         reply.extension("conftag").map(|v| v.to_string()),
         Some("back \"100%\" é".to_owned())
     );
-    assert_eq!(reply.data_as::<Value>().expect("data"), json!({ "echo": data }));
+    assert_eq!(
+        reply.data_as::<Value>().expect("data"),
+        json!({ "echo": data })
+    );
     listener.stop(Duration::from_secs(5)).await;
 }
 
@@ -217,7 +228,9 @@ pub async fn reply_carries_the_request_transaction_id<B: QueryBackend>() {
     let reply = within("reply", client.request(request))
         .await
         .expect("reply");
-    let given = seen.snapshot()[1].clone().expect("the request got a transaction id");
+    let given = seen.snapshot()[1]
+        .clone()
+        .expect("the request got a transaction id");
     assert_eq!(reply.transaction_id().map(|t| t.to_string()), Some(given));
     listener.stop(Duration::from_secs(5)).await;
 }
@@ -264,11 +277,18 @@ pub async fn request_times_out<B: QueryBackend>() {
     let listener = listen(&server, gated(&op, &gate, &started), options()).await;
 
     let begin = Instant::now();
-    let err = within("the request to time out", client.request(request_event(&op, &json!(1))))
-        .await
-        .expect_err("no reply within the timeout");
+    let err = within(
+        "the request to time out",
+        client.request(request_event(&op, &json!(1))),
+    )
+    .await
+    .expect_err("no reply within the timeout");
     assert_eq!(err.kind(), RequestErrorKind::TimedOut, "{err}");
-    assert!(begin.elapsed() >= Duration::from_millis(350), "gave up after {:?}", begin.elapsed());
+    assert!(
+        begin.elapsed() >= Duration::from_millis(350),
+        "gave up after {:?}",
+        begin.elapsed()
+    );
 
     let begin = Instant::now();
     let err = within(
@@ -308,13 +328,19 @@ pub async fn handler_error_is_remote_error_with_code<B: QueryBackend>() {
             handler_fn(|_, _| async { Err(HandlerError::new("database unavailable")) }),
         );
     let listener = listen(&server, handlers, options()).await;
-    let err = within("error reply", client.request(request_event(&conflict, &json!(1))))
-        .await
-        .expect_err("the handler failed");
+    let err = within(
+        "error reply",
+        client.request(request_event(&conflict, &json!(1))),
+    )
+    .await
+    .expect_err("the handler failed");
     assert_eq!(remote_code(&err), (409, "quota exceeded: 3 > 2".to_owned()));
-    let err = within("error reply", client.request(request_event(&failing, &json!(1))))
-        .await
-        .expect_err("the handler failed");
+    let err = within(
+        "error reply",
+        client.request(request_event(&failing, &json!(1))),
+    )
+    .await
+    .expect_err("the handler failed");
     assert_eq!(remote_code(&err), (500, "database unavailable".to_owned()));
     listener.stop(Duration::from_secs(5)).await;
 }
@@ -361,13 +387,19 @@ pub async fn undeserializable_request_data_is_400<B: QueryBackend>() {
         typed_handler(|_: TypedRequest<Get>| async { Ok::<_, HandlerError>("ok") }),
     );
     let listener = listen(&server, handlers, options()).await;
-    let err = within("error reply", client.request(request_event(&op, &json!("not a Get"))))
-        .await
-        .expect_err("bad data");
+    let err = within(
+        "error reply",
+        client.request(request_event(&op, &json!("not a Get"))),
+    )
+    .await
+    .expect_err("bad data");
     assert_eq!(remote_code(&err).0, 400);
-    let reply = within("reply", client.request(request_event(&op, &json!({"name": "w"}))))
-        .await
-        .expect("good data is served");
+    let reply = within(
+        "reply",
+        client.request(request_event(&op, &json!({"name": "w"}))),
+    )
+    .await
+    .expect("good data is served");
     assert_eq!(reply.data_as::<String>().expect("data"), "ok");
     listener.stop(Duration::from_secs(5)).await;
 }
@@ -502,7 +534,14 @@ pub async fn scatter_gather_ends_after_stall<B: QueryBackend>() {
     let mut listeners = repliers(&env, &op, &["a", "b"]).await;
     let gate = Gate::new();
     let silent = env.queries(&env.config("silent")).await;
-    listeners.push(listen(&silent, gated(&op, &gate, &Seen::new()), in_group(&unique())).await);
+    listeners.push(
+        listen(
+            &silent,
+            gated(&op, &gate, &Seen::new()),
+            in_group(&unique()),
+        )
+        .await,
+    );
     let stream = within(
         "stream",
         client.request_stream(
@@ -517,7 +556,10 @@ pub async fn scatter_gather_ends_after_stall<B: QueryBackend>() {
     let replies = within("the stream to end after the stall", stream.collect_all())
         .await
         .expect("replies");
-    assert_eq!(names_of(&replies), BTreeSet::from(["a".to_owned(), "b".to_owned()]));
+    assert_eq!(
+        names_of(&replies),
+        BTreeSet::from(["a".to_owned(), "b".to_owned()])
+    );
     gate.open();
     stop_all(&listeners).await;
 }
@@ -530,7 +572,14 @@ pub async fn scatter_gather_ends_at_deadline<B: QueryBackend>() {
     let mut listeners = repliers(&env, &op, &["a", "b"]).await;
     let gate = Gate::new();
     let silent = env.queries(&env.config("silent")).await;
-    listeners.push(listen(&silent, gated(&op, &gate, &Seen::new()), in_group(&unique())).await);
+    listeners.push(
+        listen(
+            &silent,
+            gated(&op, &gate, &Seen::new()),
+            in_group(&unique()),
+        )
+        .await,
+    );
     let begin = Instant::now();
     let stream = within(
         "stream",
@@ -544,8 +593,15 @@ pub async fn scatter_gather_ends_at_deadline<B: QueryBackend>() {
     let replies = within("the stream to end at its deadline", stream.collect_all())
         .await
         .expect("replies");
-    assert_eq!(names_of(&replies), BTreeSet::from(["a".to_owned(), "b".to_owned()]));
-    assert!(begin.elapsed() >= Duration::from_millis(1400), "ended after {:?}", begin.elapsed());
+    assert_eq!(
+        names_of(&replies),
+        BTreeSet::from(["a".to_owned(), "b".to_owned()])
+    );
+    assert!(
+        begin.elapsed() >= Duration::from_millis(1400),
+        "ended after {:?}",
+        begin.elapsed()
+    );
     gate.open();
     stop_all(&listeners).await;
 }
@@ -567,8 +623,13 @@ pub async fn reply_stream_without_replies_times_out_once<B: QueryBackend>() {
     )
     .await
     .expect("stream");
-    let first = within("the deadline", stream.next()).await.expect("one item");
-    assert_eq!(first.expect_err("timed out").kind(), RequestErrorKind::TimedOut);
+    let first = within("the deadline", stream.next())
+        .await
+        .expect("one item");
+    assert_eq!(
+        first.expect_err("timed out").kind(),
+        RequestErrorKind::TimedOut
+    );
     assert!(within("the end", stream.next()).await.is_none());
     gate.open();
     listener.stop(Duration::from_secs(5)).await;
@@ -598,7 +659,9 @@ pub async fn queue_group_shares_requests<B: QueryBackend>() {
     )
     .await
     .expect("stream");
-    let replies = within("gathering", stream.collect_all()).await.expect("replies");
+    let replies = within("gathering", stream.collect_all())
+        .await
+        .expect("replies");
     assert_eq!(replies.len(), 1, "one member of a queue group answers");
 
     let requests = (0..40).map(|_| client.request(request_event(&op, &json!(null))));
@@ -664,9 +727,7 @@ pub async fn query_worker_bound_is_never_exceeded<B: QueryBackend>() {
     let listener = listen(&server, handlers, options).await;
     let requests = tokio::spawn({
         let (client, op) = (client.clone(), op.clone());
-        async move {
-            join_all((0..12).map(|_| client.request(request_event(&op, &json!(null))))).await
-        }
+        async move { join_all((0..12).map(|_| client.request(request_event(&op, &json!(null))))).await }
     });
     peak.wait_running(2).await;
     gate.open();
@@ -694,10 +755,22 @@ pub async fn query_graceful_stop_finishes_in_flight_and_refuses_new<B: QueryBack
         let listener = listener.clone();
         async move { listener.stop(Duration::from_secs(10)).await }
     });
-    within("the stop to begin", listener.cancellation_token().cancelled()).await;
+    within(
+        "the stop to begin",
+        listener.cancellation_token().cancelled(),
+    )
+    .await;
     gate.open();
-    let reply = within("the in-flight reply", in_flight).await.expect("join");
-    assert_eq!(reply.expect("in-flight request finished").data_as::<String>().expect("data"), "late");
+    let reply = within("the in-flight reply", in_flight)
+        .await
+        .expect("join");
+    assert_eq!(
+        reply
+            .expect("in-flight request finished")
+            .data_as::<String>()
+            .expect("data"),
+        "late"
+    );
     let report = within("the stop", stopping).await.expect("join");
     // `finished` counts from when the pool saw the stop, which may be after the gate opened;
     // the whole-life count and the absence of abandoned work are exact.
@@ -728,7 +801,9 @@ pub async fn query_stop_after_grace_answers_503<B: QueryBackend>() {
     started.wait_len("the handler to start", 1).await;
     let report = within("the stop", listener.stop(Duration::from_millis(200))).await;
     assert_eq!(report.abandoned, 1, "{report:?}");
-    let result = within("the requester to hear", in_flight).await.expect("join");
+    let result = within("the requester to hear", in_flight)
+        .await
+        .expect("join");
     assert_eq!(remote_code(&result.expect_err("abandoned")).0, 503);
     gate.open();
 }
@@ -805,6 +880,10 @@ pub async fn closing_the_connection_stops_its_listeners<B: QueryBackend>() {
         .await
         .expect("served");
     within("close", B::close_queries(&server)).await;
-    within("the listener to end with its connection", listener.stopped()).await;
+    within(
+        "the listener to end with its connection",
+        listener.stopped(),
+    )
+    .await;
     assert_no_responders(&client, &op).await;
 }
