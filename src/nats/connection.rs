@@ -4,11 +4,12 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_nats::{ConnectOptions, ServerAddr};
 
 use crate::config::Config;
-use crate::error::{ConnectError, ConnectErrorKind, Error};
+use crate::error::{BoxError, ConnectError, ConnectErrorKind, Error};
 
 /// What the connection's event callback saw.
 #[derive(Debug, Default)]
@@ -52,6 +53,24 @@ impl ConnectionEvents {
             Event::ServerError(err) => tracing::warn!(error = %err, "NATS server error"),
             Event::ClientError(err) => tracing::warn!(error = %err, "NATS client error"),
         }
+    }
+}
+
+/// Waits until the server has processed everything this client sent before (subscribes,
+/// unsubscribes): a message to a fresh inbox of our own comes back only after that.
+/// `Client::flush` is not enough, it only writes the socket.
+pub(crate) async fn server_round_trip(
+    client: &async_nats::Client,
+    timeout: Duration,
+) -> Result<(), BoxError> {
+    use futures::StreamExt;
+    let inbox = client.new_inbox();
+    let mut echo = client.subscribe(inbox.clone()).await?;
+    client.publish(inbox, bytes::Bytes::new()).await?;
+    match tokio::time::timeout(timeout, echo.next()).await {
+        Ok(Some(_)) => Ok(()),
+        Ok(None) => Err("connection closed".into()),
+        Err(_) => Err(format!("no round trip to the server within {timeout:?}").into()),
     }
 }
 

@@ -6,8 +6,8 @@
 //! While it waits, messages collect in the subscription's buffer; when that is full the client
 //! drops messages and reports a slow consumer, which the connection logs and counts.
 //!
-//! Stopping: the intake loop unsubscribes, flushes (so the server no longer routes requests
-//! here once the stop returns), answers the requests that were delivered but not yet queued
+//! Stopping: the intake loop unsubscribes, waits for the server to confirm (so it no longer
+//! routes requests here once the stop returns), answers the requests that were delivered but not yet queued
 //! with a 503 error reply, and exits; the worker pool lets queued and in-flight handlers
 //! finish within the grace period.
 
@@ -21,6 +21,7 @@ use futures::stream::SelectAll;
 use futures::{FutureExt, StreamExt};
 use tokio_util::sync::CancellationToken;
 
+use super::connection::server_round_trip;
 use super::Inner;
 use crate::codec::{self, HeaderMap};
 use crate::error::{BoxError, Error, ListenError, ListenErrorKind};
@@ -32,9 +33,9 @@ use crate::query::{
 };
 use crate::worker::{Submitter, WorkerPool};
 
-/// How long stopping waits for the server to confirm the unsubscribe, and for late replies
-/// to be handed to the connection.
-const UNSUBSCRIBE_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long `listen` and stopping wait for the server to confirm (un)subscribing, and
+/// stopping for the requests left in the buffers to be answered.
+const ROUND_TRIP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Publishes the replies to one request on its reply subject.
 struct NatsReplyTarget {
@@ -109,10 +110,10 @@ pub(super) async fn listen(
             })?;
         subscriptions.push(subscriber);
     }
-    // The server has the subscriptions once the flush returns: a request sent after `listen`
+    // After a round trip the server has the subscriptions: a request sent once `listen`
     // returned reaches this listener.
-    if let Err(err) = inner.client.flush().await {
-        tracing::warn!(error = %err, "flush after subscribing failed; subscriptions are sent on reconnect");
+    if let Err(err) = server_round_trip(&inner.client, ROUND_TRIP_TIMEOUT).await {
+        tracing::warn!(error = %err, "subscriptions not confirmed; they are sent again on reconnect");
     }
 
     let serve = Arc::new(ServeContext {
@@ -178,13 +179,12 @@ impl Intake {
                 tracing::debug!(error = %err, "unsubscribe on a closed connection");
             }
         }
-        match tokio::time::timeout(UNSUBSCRIBE_FLUSH_TIMEOUT, self.client.flush()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(err)) => tracing::warn!(error = %err, "flush after unsubscribe failed"),
-            Err(_) => tracing::warn!("flush after unsubscribe timed out"),
+        // Once the server confirmed, requests sent after the stop find no responders here.
+        if let Err(err) = server_round_trip(&self.client, ROUND_TRIP_TIMEOUT).await {
+            tracing::warn!(error = %err, "unsubscribe not confirmed by the server");
         }
         // After `unsubscribe` the buffers only hold what was delivered before; they end.
-        let leftovers = tokio::time::timeout(UNSUBSCRIBE_FLUSH_TIMEOUT, async {
+        let leftovers = tokio::time::timeout(ROUND_TRIP_TIMEOUT, async {
             while let Some(message) = self.subscriptions.next().await {
                 let request = raw_request(&self.client, message);
                 self.refuse(request).await;
