@@ -29,9 +29,7 @@ impl EventBackend for JetStream {
     }
 
     async fn start() -> Self {
-        let server = tokio::task::spawn_blocking(NatsServer::start)
-            .await
-            .expect("nats-server started");
+        let server = crate::backends::start_server(NatsServer::start).await;
         let client = crate::support::connect(&server.url()).await;
         let mut config = base_config("init");
         config.nats_url = server.url();

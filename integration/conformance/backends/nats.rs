@@ -18,14 +18,13 @@ impl QueryBackend for CoreNats {
     type Queries = NatsQueries;
 
     async fn start() -> Self {
-        let server = tokio::task::spawn_blocking(|| {
+        let server = crate::backends::start_server(|| {
             NatsServer::start_with(ServerOptions {
                 jetstream: false,
                 ..Default::default()
             })
         })
-        .await
-        .expect("nats-server started");
+        .await;
         CoreNats { server }
     }
 
