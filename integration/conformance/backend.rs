@@ -22,13 +22,14 @@ pub fn unique() -> String {
 /// A configuration with the test-friendly parts every backend shares: a random client id, short
 /// timeouts, small redelivery delays.
 pub fn base_config(role: &str) -> Config {
-    let mut config = Config::default();
-    config.client_id = format!("conf-{role}-{}", unique());
-    config.request_timeout = Duration::from_secs(5);
-    config.events_timeout = Duration::from_secs(5);
-    config.js_ack_wait = Duration::from_secs(5);
-    config.js_max_deliver = 5;
-    config
+    Config {
+        client_id: format!("conf-{role}-{}", unique()),
+        request_timeout: Duration::from_secs(5),
+        events_timeout: Duration::from_secs(5),
+        js_ack_wait: Duration::from_secs(5),
+        js_max_deliver: 5,
+        ..Config::default()
+    }
 }
 
 /// Builds query connections that share one broker / server.

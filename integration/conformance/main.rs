@@ -8,7 +8,15 @@
 //!
 //! Query cases run on query backends (memory, core NATS); event cases on event backends (memory,
 //! JetStream). A case a backend honestly cannot run checks the backend's capability flags and
-//! says why it skips.
+//! says why it skips (today no backend needs to skip one: both event backends can store raw
+//! bytes for the `decode` dead-letter case).
+//!
+//! Not covered here, because the traits cannot produce it: the scatter-gather sentinel (an
+//! empty reply; `ReplyWriter` always sends an event; unit-tested in `src/query.rs`,
+//! `sentinel_ends_the_stream`) and a replier's stream cut short of its `Reply-Stream-Total`.
+//!
+//! Run: `cargo test --test conformance` (memory);
+//! `cargo test --test conformance --features natsjs_integration` (all three backends).
 
 mod backend;
 mod backends;

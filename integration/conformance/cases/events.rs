@@ -519,7 +519,7 @@ pub async fn listener_continues_after_errors<B: EventBackend>() {
                     *n += 1;
                     *n
                 };
-                if attempt == 1 && e.data % 3 == 0 {
+                if attempt == 1 && e.data.is_multiple_of(3) {
                     return Err(HandlerError::new("first attempt fails"));
                 }
                 if attempt == 1 && e.data % 3 == 1 {
@@ -982,7 +982,7 @@ pub async fn event_graceful_stop_finishes_in_flight_and_refuses_new<B: EventBack
     let report = within("the stop", listener.stop(Duration::from_secs(10))).await;
     assert_eq!(report.finished, 1, "{report:?}");
     assert_eq!(report.abandoned, 0, "{report:?}");
-    assert_eq!(ids(&finished.snapshot()), ids(&[first.clone()]));
+    assert_eq!(ids(&finished.snapshot()), ids(std::slice::from_ref(&first)));
     wait_settled(&env, &config, &durable).await;
 
     let second = event(&event_type, &json!(2));
