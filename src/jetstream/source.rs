@@ -43,19 +43,9 @@ impl SourceBackend for CoreSubscriptions {
         let subscriber = self.client.subscribe(subject.clone()).await.map_err(|e| {
             Error::with_source(ListenErrorKind::Subscribe, e).detail(format!("subject {subject}"))
         })?;
-        // The contract of `subscribe`: active on the server when it returns. `Client::flush`
-        // only writes the socket; a message to a fresh inbox of our own comes back only after
-        // the server processed everything sent before it, the SUB included.
-        let confirm = async {
-            let inbox = self.client.new_inbox();
-            let mut echo = self.client.subscribe(inbox.clone()).await?;
-            self.client.publish(inbox, bytes::Bytes::new()).await?;
-            match echo.next().await {
-                Some(_) => Ok(()),
-                None => Err(crate::error::BoxError::from("connection closed")),
-            }
-        };
-        match tokio::time::timeout(self.confirm_timeout, confirm).await {
+        // The contract of `subscribe`: active on the server when it returns. A flush round
+        // trip guarantees the server processed the SUB.
+        match tokio::time::timeout(self.confirm_timeout, self.client.flush()).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 return Err(Error::with_source(ListenErrorKind::Subscribe, e)
