@@ -610,15 +610,15 @@ impl Config {
         if let Some(v) = non_empty(raw.ce_mode) {
             config.ce_mode = parse_ce_mode("NATS_CE_MODE", &v)?;
         }
-        config.creds_file = non_empty(raw.creds_file).map(PathBuf::from);
-        config.nkey_seed_file = non_empty(raw.nkey_seed_file).map(PathBuf::from);
-        config.tls_ca = non_empty(raw.tls_ca).map(PathBuf::from);
-        config.tls_cert = non_empty(raw.tls_cert).map(PathBuf::from);
-        config.tls_key = non_empty(raw.tls_key).map(PathBuf::from);
+        config.creds_file = non_empty(raw.creds_file).map(|v| PathBuf::from(v.trim()));
+        config.nkey_seed_file = non_empty(raw.nkey_seed_file).map(|v| PathBuf::from(v.trim()));
+        config.tls_ca = non_empty(raw.tls_ca).map(|v| PathBuf::from(v.trim()));
+        config.tls_cert = non_empty(raw.tls_cert).map(|v| PathBuf::from(v.trim()));
+        config.tls_key = non_empty(raw.tls_key).map(|v| PathBuf::from(v.trim()));
         if let Some(v) = non_empty(raw.tls_first) {
             config.tls_first = parse_bool("NATS_TLS_FIRST", &v)?;
         }
-        config.user = non_empty(raw.user);
+        config.user = non_empty(raw.user).map(|v| v.trim().to_string());
         // Secrets are taken as they are (no trimming): spaces may be part of them.
         config.password = raw.password.filter(|v| !v.is_empty()).map(Secret::from);
         config.token = raw.token.filter(|v| !v.is_empty()).map(Secret::from);
@@ -647,8 +647,7 @@ impl Config {
     /// assert!(err.to_string().contains("NATS_JS_REPLICAS"));
     /// ```
     pub fn validate(&self) -> Result<(), ConfigError> {
-        self.server_addrs()
-            .map_err(|why| invalid("NATS_URL", why))?;
+        let servers = self.servers().map_err(|why| invalid("NATS_URL", why))?;
         if self.client_id.trim().is_empty() {
             return Err(invalid("NATS_CLIENT_ID", "must not be empty"));
         }
@@ -738,6 +737,7 @@ impl Config {
             _ => {}
         }
         let methods: Vec<&str> = [
+            (servers.auth.is_some(), "user info in NATS_URL"),
             (self.user.is_some(), "NATS_USER/NATS_PASSWORD"),
             (self.token.is_some(), "NATS_TOKEN"),
             (self.nkey_seed_file.is_some(), "NATS_NKEY_SEED_FILE"),
@@ -831,10 +831,12 @@ impl Config {
         format!("deadletter.{}.{}", self.js_stream, self.durable_name())
     }
 
-    /// The server addresses of `nats_url` (comma-separated). The error text never contains
-    /// URL user info.
-    fn server_addrs(&self) -> Result<Vec<async_nats::ServerAddr>, String> {
+    /// The server addresses of `nats_url` (comma-separated), with their user info taken out
+    /// (async-nats would ignore it, and would print it in its debug logs) and returned as
+    /// [`UrlAuth`]. The error text never contains user info.
+    fn servers(&self) -> Result<Servers, String> {
         let mut addrs = Vec::new();
+        let mut auth: Option<UrlAuth> = None;
         for part in self.nats_url.split(',') {
             let part = part.trim();
             if part.is_empty() {
@@ -843,11 +845,43 @@ impl Config {
                     redact_url(&self.nats_url)
                 ));
             }
-            let addr = async_nats::ServerAddr::from_str(part)
-                .map_err(|_| format!("{:?} is not a valid server URL", redact_url(part)))?;
+            let not_valid = || format!("{:?} is not a valid server URL", redact_url(part));
+            let text = if part.contains("://") {
+                part.to_string()
+            } else {
+                format!("nats://{part}")
+            };
+            let mut url = url::Url::parse(&text).map_err(|_| not_valid())?;
+            if url.host_str().is_none_or(str::is_empty) {
+                return Err(not_valid());
+            }
+            let this = match (url.username(), url.password()) {
+                ("", None) => None,
+                (user, Some(password)) => Some(UrlAuth::UserPassword(
+                    percent_decode(user).ok_or_else(not_valid)?,
+                    Secret(percent_decode(password).ok_or_else(not_valid)?),
+                )),
+                (token, None) => Some(UrlAuth::Token(Secret(
+                    percent_decode(token).ok_or_else(not_valid)?,
+                ))),
+            };
+            if let Some(this) = this {
+                match &auth {
+                    Some(seen) if *seen != this => {
+                        return Err(format!(
+                            "{:?}: the servers carry different credentials",
+                            redact_url(&self.nats_url)
+                        ))
+                    }
+                    _ => auth = Some(this),
+                }
+                url.set_username("").map_err(|_| not_valid())?;
+                url.set_password(None).map_err(|_| not_valid())?;
+            }
+            let addr = async_nats::ServerAddr::from_url(url).map_err(|_| not_valid())?;
             addrs.push(addr);
         }
-        Ok(addrs)
+        Ok(Servers { addrs, auth })
     }
 
     /// The async-nats connection options for this configuration: client name, ping interval,
@@ -890,6 +924,16 @@ impl Config {
                 }
             });
 
+        let servers = self.servers().map_err(|why| {
+            Error::with_detail(ConnectErrorKind::InvalidConfig, format!("NATS_URL: {why}"))
+        })?;
+        match servers.auth {
+            Some(UrlAuth::UserPassword(user, password)) => {
+                options = options.user_and_password(user, password.0);
+            }
+            Some(UrlAuth::Token(token)) => options = options.token(token.0),
+            None => {}
+        }
         if let (Some(user), Some(password)) = (&self.user, &self.password) {
             options = options.user_and_password(user.clone(), password.expose().to_string());
         }
@@ -898,7 +942,19 @@ impl Config {
         }
         if let Some(path) = &self.nkey_seed_file {
             let seed = read_secret_file("NATS_NKEY_SEED_FILE", path)?;
-            options = options.nkey(seed.trim().to_string());
+            let seed = seed.trim().to_string();
+            // Checked here so that a malformed file is a configuration error, not a refused
+            // connection; the nkeys error is dropped as it may quote the seed.
+            if nkeys::KeyPair::from_seed(&seed).is_err() {
+                return Err(Error::with_detail(
+                    ConnectErrorKind::Credentials,
+                    format!(
+                        "NATS_NKEY_SEED_FILE: {} does not hold a valid NKey seed",
+                        path.display()
+                    ),
+                ));
+            }
+            options = options.nkey(seed);
         }
         if let Some(path) = &self.creds_file {
             let creds = read_secret_file("NATS_CREDS_FILE", path)?;
@@ -928,6 +984,12 @@ impl Config {
         if self.tls_first {
             options = options.tls_first();
         }
+        let client = self.client_id.clone();
+        let servers = redact_url(&self.nats_url);
+        options = options.event_callback(move |event| {
+            let (client, servers) = (client.clone(), servers.clone());
+            async move { log_connection_event(&client, &servers, event) }
+        });
         Ok(options)
     }
 
@@ -953,15 +1015,50 @@ impl Config {
     /// ```
     pub async fn connect(&self) -> Result<async_nats::Client, ConnectError> {
         let options = self.connect_options()?;
-        let addrs = self.server_addrs().map_err(|why| {
+        let servers = self.servers().map_err(|why| {
             Error::with_detail(ConnectErrorKind::InvalidConfig, format!("NATS_URL: {why}"))
         })?;
-        let servers = redact_url(&self.nats_url);
+        let redacted = redact_url(&self.nats_url);
         options
-            .connect(addrs)
+            .connect(servers.addrs)
             .await
-            .map_err(|e| connect_error(e, &servers))
+            .map_err(|e| connect_error(e, &redacted))
     }
+}
+
+/// The servers of `NATS_URL` without user info, and the credentials the user info held.
+struct Servers {
+    addrs: Vec<async_nats::ServerAddr>,
+    auth: Option<UrlAuth>,
+}
+
+/// Credentials given as URL user info: `user:password@host` or `token@host`.
+#[derive(PartialEq, Eq)]
+enum UrlAuth {
+    UserPassword(String, Secret),
+    Token(Secret),
+}
+
+/// Decodes `%XX` escapes of URL user info; `None` if the result is not UTF-8.
+fn percent_decode(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| char::from(b).to_digit(16);
+        match (bytes[i], bytes.get(i + 1), bytes.get(i + 2)) {
+            (b'%', Some(&h), Some(&l)) if hex(h).is_some() && hex(l).is_some() => {
+                // Both digits are < 16, so the byte fits.
+                out.push(((hex(h)? << 4) | hex(l)?) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 /// Maps an async-nats connect error to this crate's kinds. The detail carries the redacted
@@ -973,9 +1070,55 @@ fn connect_error(err: async_nats::ConnectError, servers: &str) -> ConnectError {
         Nats::Tls => ConnectErrorKind::Tls,
         Nats::TimedOut => ConnectErrorKind::TimedOut,
         Nats::ServerParse => ConnectErrorKind::InvalidConfig,
+        // async-nats reports a failed TLS handshake (unknown issuer, a client certificate
+        // the server wants) as an IO error wrapping the rustls error.
+        _ if caused_by_tls(&err) => ConnectErrorKind::Tls,
         _ => ConnectErrorKind::Io,
     };
     Error::with_detail(kind, format!("servers {servers}")).source(err)
+}
+
+/// Logs a connection event of async-nats with the client id and the redacted server list.
+/// A refused credential while reconnecting is an error: the client keeps trying every
+/// `reconnect_wait` until `max_reconnects`, and this says why it does not come back.
+fn log_connection_event(client: &str, servers: &str, event: async_nats::Event) {
+    use async_nats::{Event, ServerError};
+    match event {
+        Event::Connected => tracing::info!(client, servers, "connected to NATS"),
+        Event::Disconnected => tracing::warn!(client, servers, "disconnected from NATS"),
+        Event::ServerError(ServerError::AuthorizationViolation) => tracing::error!(
+            client,
+            servers,
+            "NATS refused the credentials (authorization violation)"
+        ),
+        Event::ServerError(error) => tracing::error!(client, servers, %error, "NATS server error"),
+        Event::ClientError(error) => tracing::warn!(client, servers, %error, "NATS client error"),
+        Event::LameDuckMode => {
+            tracing::warn!(client, servers, "NATS server entered lame duck mode")
+        }
+        Event::SlowConsumer(sid) => tracing::warn!(client, sid, "slow consumer"),
+        other => tracing::debug!(client, servers, event = %other, "NATS connection event"),
+    }
+}
+
+/// True if a rustls error is somewhere in the source chain (possibly inside an io error).
+fn caused_by_tls(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(err);
+    while let Some(current) = next {
+        if current.is::<async_nats::rustls::Error>() {
+            return true;
+        }
+        if let Some(io) = current.downcast_ref::<std::io::Error>() {
+            if io
+                .get_ref()
+                .is_some_and(|inner| inner.is::<async_nats::rustls::Error>())
+            {
+                return true;
+            }
+        }
+        next = current.source();
+    }
+    false
 }
 
 /// Reads a file holding secrets; the error names the variable and path, never the content.
@@ -1255,27 +1398,32 @@ mod tests {
 
     #[test]
     fn debug_and_errors_never_show_secrets() {
-        let config = from(&[
-            (
-                "NATS_URL",
-                "nats://bob:urlpass@h1:4222,nats://tok3n@h2:4222",
-            ),
-            ("NATS_USER", "alice"),
-            ("NATS_PASSWORD", "hunter2"),
-        ])
-        .unwrap();
+        let config = from(&[("NATS_USER", "alice"), ("NATS_PASSWORD", "hunter2")]).unwrap();
         let debug = format!("{config:?} {config:#?}");
-        for secret in ["hunter2", "urlpass", "tok3n", "bob:"] {
+        assert!(!debug.contains("hunter2"), "password leaked: {debug}");
+        assert!(debug.contains("alice"), "the user name is not a secret");
+
+        // Debug of a config is built by hand, so it is checked even for combinations that
+        // do not validate.
+        let config = Config {
+            nats_url: "nats://bob:urlpass@h1:4222,nats://tok3n@h2:4222".to_string(),
+            ..Default::default()
+        };
+        let debug = format!("{config:?} {config:#?}");
+        for secret in ["urlpass", "tok3n", "bob:"] {
             assert!(!debug.contains(secret), "{secret} leaked: {debug}");
         }
         assert!(debug.contains("nats://<redacted>@h1:4222,nats://<redacted>@h2:4222"));
-        assert!(debug.contains("alice"), "the user name is not a secret");
+        let err = config.validate().unwrap_err();
+        assert!(!format!("{err} {err:?}").contains("urlpass"), "{err:?}");
 
         let config = Config {
             token: Some(Secret::new("sekrit-token")),
             ..Default::default()
         };
         assert!(!format!("{config:?}").contains("sekrit-token"));
+        let options = config.connect_options().unwrap();
+        assert!(!format!("{options:?}").contains("sekrit-token"));
 
         // A bad URL with user info: the error shows the URL without it.
         let err = from(&[("NATS_URL", "nats://bob:urlpass@h1:notaport")]).unwrap_err();
@@ -1295,6 +1443,51 @@ mod tests {
         assert_eq!(redact_url("nats://u:p/a@ss@h:1"), "nats://<redacted>@h:1");
         assert_eq!(redact_url("nats://h:1"), "nats://h:1");
         assert_eq!(redact_url(""), "");
+    }
+
+    #[test]
+    fn url_user_info_becomes_credentials_and_leaves_the_addresses() {
+        let config = Config {
+            nats_url: "nats://al%40ice:p%3Ass@h1:4222, h2:4223".to_string(),
+            ..Default::default()
+        };
+        let servers = config.servers().unwrap();
+        assert!(
+            servers.auth
+                == Some(UrlAuth::UserPassword(
+                    "al@ice".to_string(),
+                    Secret::new("p:ss")
+                ))
+        );
+        let addrs: Vec<String> = servers
+            .addrs
+            .iter()
+            .map(|a| format!("{a:?} {}", a.as_url_str()))
+            .collect();
+        assert!(addrs[0].contains("nats://h1:4222"), "{addrs:?}");
+        assert!(addrs[1].contains("nats://h2:4223"), "{addrs:?}");
+        assert!(!addrs.concat().contains("p%3Ass"), "{addrs:?}");
+
+        let config = Config {
+            nats_url: "tls://s3cr3t@h1".to_string(),
+            ..Default::default()
+        };
+        let servers = config.servers().unwrap();
+        assert!(servers.auth == Some(UrlAuth::Token(Secret::new("s3cr3t"))));
+        assert!(servers.addrs[0].tls_required());
+        assert!(!format!("{:?}", servers.addrs).contains("s3cr3t"));
+        config.connect_options().unwrap();
+    }
+
+    #[test]
+    fn url_user_info_must_not_compete_with_other_credentials() {
+        let err = from(&[("NATS_URL", "nats://a:b@h1:4222"), ("NATS_TOKEN", "tok")]).unwrap_err();
+        assert_names(err, ConfigErrorKind::Invalid, "NATS_URL");
+        let err = from(&[("NATS_URL", "nats://a:b@h1:4222,nats://c:d@h2:4222")]).unwrap_err();
+        assert!(!err.to_string().contains(":b@") && !err.to_string().contains(":d@"));
+        assert_names(err, ConfigErrorKind::InvalidValue, "NATS_URL");
+        // The same credentials on every server are fine.
+        from(&[("NATS_URL", "nats://a:b@h1:4222,nats://a:b@h2:4222")]).unwrap();
     }
 
     #[test]
@@ -1363,6 +1556,39 @@ mod tests {
         let err = config.connect_options().unwrap_err();
         assert_eq!(err.kind(), ConnectErrorKind::Credentials);
         assert!(!format!("{err} {err:?}").contains("secret-ish"), "{err:?}");
+    }
+
+    #[test]
+    fn an_nkey_seed_file_is_checked_without_quoting_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("good.nk");
+        let seed = nkeys::KeyPair::new_user().seed().unwrap();
+        std::fs::write(&good, format!("{seed}\n")).unwrap();
+        let config = Config {
+            nkey_seed_file: Some(good),
+            ..Default::default()
+        };
+        config.connect_options().unwrap();
+
+        let bad = dir.path().join("bad.nk");
+        std::fs::write(&bad, "SUAMALFORMEDSEEDTEXT").unwrap();
+        let config = Config {
+            nkey_seed_file: Some(bad),
+            ..Default::default()
+        };
+        let err = config.connect_options().unwrap_err();
+        assert_eq!(err.kind(), ConnectErrorKind::Credentials);
+        assert!(err.to_string().contains("NATS_NKEY_SEED_FILE"), "{err}");
+        assert!(!format!("{err} {err:?}").contains("MALFORMED"), "{err:?}");
+    }
+
+    #[test]
+    fn tls_errors_are_recognised_inside_io_errors() {
+        let tls = async_nats::rustls::Error::General("handshake".into());
+        let io = std::io::Error::new(std::io::ErrorKind::InvalidData, tls);
+        assert!(caused_by_tls(&io));
+        let plain = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        assert!(!caused_by_tls(&plain));
     }
 
     #[tokio::test]

@@ -16,7 +16,8 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Connects to `url` (one URL or a comma-separated list) with settings suited to tests: a short
 /// reconnect delay and unlimited reconnects. Panics if not connected within [`CONNECT_TIMEOUT`].
-pub async fn connect(url: &str) -> async_nats::Client {
+pub async fn connect(url: impl AsRef<str>) -> async_nats::Client {
+    let url = url.as_ref();
     let urls: Vec<String> = url
         .split(',')
         .map(str::trim)

@@ -10,6 +10,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -71,6 +72,7 @@ pub struct NatsServer {
     log_path: PathBuf,
     binary: PathBuf,
     child: Mutex<Option<Child>>,
+    paused: AtomicBool,
     // Dropped last (after the Drop impl kills the child): deletes config, log and store.
     dir: TempDir,
 }
@@ -108,8 +110,9 @@ impl NatsServer {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let port = options.port.unwrap_or_else(free_port);
-            let monitor_port = options.monitor_port.unwrap_or_else(free_port);
+            let picked = free_ports(2);
+            let port = options.port.unwrap_or(picked[0]);
+            let monitor_port = options.monitor_port.unwrap_or(picked[1]);
             let dir = tempfile::Builder::new()
                 .prefix("ce-nats-")
                 .tempdir()
@@ -134,6 +137,7 @@ impl NatsServer {
                 log_path,
                 binary: binary.clone(),
                 child: Mutex::new(None),
+                paused: AtomicBool::new(false),
                 dir,
             };
             server.spawn_child();
@@ -203,6 +207,7 @@ impl NatsServer {
             let _ = child.kill();
             let _ = child.wait();
         }
+        self.paused.store(false, Ordering::SeqCst);
     }
 
     /// Restarts the server on the same port with the same store, killing it first if it is
@@ -225,11 +230,22 @@ impl NatsServer {
     /// Freezes the process with SIGSTOP: connections stay open but nothing is answered.
     pub fn pause(&self) {
         self.signal(Signal::SIGSTOP);
+        self.paused.store(true, Ordering::SeqCst);
+        // kill(2) returns before every thread has stopped; wait so the caller's next step
+        // really meets a frozen server.
+        self.wait_threads(|state| state == 'T' || state == 't', "stop");
     }
 
     /// Resumes a [`pause`](Self::pause)d process with SIGCONT.
     pub fn resume(&self) {
         self.signal(Signal::SIGCONT);
+        self.paused.store(false, Ordering::SeqCst);
+        self.wait_threads(|state| state != 'T' && state != 't', "continue");
+    }
+
+    /// True between [`pause`](Self::pause) and [`resume`](Self::resume) (or a kill/restart).
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::SeqCst)
     }
 
     /// Puts the server in lame-duck mode (SIGUSR2): it stops accepting clients, asks connected
@@ -358,7 +374,7 @@ impl NatsServer {
     }
 
     /// True if the child exited (within a short grace period) complaining about a taken port.
-    fn exited_with_port_in_use(&self) -> bool {
+    pub(crate) fn exited_with_port_in_use(&self) -> bool {
         // A bind failure makes nats-server exit within milliseconds; a successful bind keeps
         // it running. Wait until either the monitor answers or the process has exited.
         let deadline = Instant::now() + Duration::from_secs(2);
@@ -384,6 +400,30 @@ impl NatsServer {
         kill(pid, signal).unwrap_or_else(|e| panic!("{signal} to nats-server {}: {e}", self.name));
     }
 
+    /// Waits until every thread of the child satisfies `ok` (Linux `/proc/<pid>/task/*/stat`
+    /// state letter). Where `/proc` is unavailable there is nothing to wait on.
+    fn wait_threads(&self, ok: impl Fn(char) -> bool, what: &str) {
+        let Some(pid) = self.pid() else { return };
+        let tasks = PathBuf::from(format!("/proc/{pid}/task"));
+        if !tasks.is_dir() {
+            return;
+        }
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            let states = thread_states(&tasks);
+            if !states.is_empty() && states.iter().all(|s| ok(*s)) {
+                return;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "nats-server {} did not {what}: thread states {states:?}",
+                    self.name
+                );
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     fn lock_child(&self) -> MutexGuard<'_, Option<Child>> {
         // A panic while holding the lock leaves the Option intact; keep using it.
         self.child.lock().unwrap_or_else(|p| p.into_inner())
@@ -395,6 +435,18 @@ impl Drop for NatsServer {
         self.kill();
         // `dir` (TempDir) is dropped after this and removes config, log and store.
     }
+}
+
+/// The state letter of each thread under `/proc/<pid>/task` (`R`, `S`, `T`, ...).
+fn thread_states(tasks: &Path) -> Vec<char> {
+    let Ok(entries) = fs::read_dir(tasks) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| fs::read_to_string(e.ok()?.path().join("stat")).ok())
+        // Format: `pid (comm) S ...`; comm may contain spaces, so split after the last ')'.
+        .filter_map(|stat| stat.rsplit_once(')')?.1.trim_start().chars().next())
+        .collect()
 }
 
 fn render_config(
@@ -430,10 +482,23 @@ fn quote(s: &str) -> String {
 
 /// A port that was free a moment ago (bind to port 0, read it, release it).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind 127.0.0.1:0 to find a free port")
+    free_ports(1)[0]
+}
+
+/// `n` distinct ports that were free a moment ago: all are held until all are picked, so the
+/// kernel cannot hand out the same one twice.
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0 to find a free port"))
+        .collect();
+    listeners
+        .iter()
+        .map(|l| {
+            l.local_addr()
+                .expect("local address of a bound socket")
+                .port()
+        })
+        .collect()
 }
 
 /// Finds `nats-server`: `NATS_SERVER_BIN`, then `.tools/bin/nats-server` in this checkout (or in
@@ -441,34 +506,44 @@ pub fn free_port() -> u16 {
 ///
 /// Panics with a message saying to run `scripts/install-nats-server` if there is none.
 pub fn nats_server_binary() -> PathBuf {
-    if let Some(bin) = std::env::var_os("NATS_SERVER_BIN").filter(|v| !v.is_empty()) {
+    locate_nats_server(
+        std::env::var_os("NATS_SERVER_BIN"),
+        Path::new(env!("CARGO_MANIFEST_DIR")),
+        std::env::var_os("PATH"),
+    )
+    .unwrap_or_else(|message| panic!("{message}"))
+}
+
+/// The lookup behind [`nats_server_binary`], with its inputs passed in (so it can be tested).
+pub fn locate_nats_server(
+    nats_server_bin: Option<std::ffi::OsString>,
+    root: &Path,
+    path: Option<std::ffi::OsString>,
+) -> Result<PathBuf, String> {
+    if let Some(bin) = nats_server_bin.filter(|v| !v.is_empty()) {
         let bin = PathBuf::from(bin);
         if bin.is_file() {
-            return bin;
+            return Ok(bin);
         }
-        panic!(
+        return Err(format!(
             "NATS_SERVER_BIN={} is not a file; unset it or run scripts/install-nats-server",
             bin.display()
-        );
+        ));
     }
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let mut candidates = vec![root.join(".tools/bin/nats-server")];
-    if let Some(main) = main_checkout(&root) {
+    if let Some(main) = main_checkout(root) {
         candidates.push(main.join(".tools/bin/nats-server"));
     }
-    if let Some(path) = std::env::var_os("PATH") {
+    if let Some(path) = path {
         candidates.extend(std::env::split_paths(&path).map(|d| d.join("nats-server")));
     }
-    candidates
-        .into_iter()
-        .find(|c| c.is_file())
-        .unwrap_or_else(|| {
-            panic!(
-                "nats-server not found (looked at NATS_SERVER_BIN, {}/.tools/bin/nats-server and \
+    candidates.into_iter().find(|c| c.is_file()).ok_or_else(|| {
+        format!(
+            "nats-server not found (looked at NATS_SERVER_BIN, {}/.tools/bin/nats-server and \
              PATH); run scripts/install-nats-server",
-                root.display()
-            )
-        })
+            root.display()
+        )
+    })
 }
 
 /// In a git worktree, `.git` is a file `gitdir: <main>/.git/worktrees/<name>`; returns `<main>`.

@@ -145,6 +145,8 @@ impl Bus {
             }
             let turn = self.round_robin.fetch_add(1, Ordering::Relaxed);
             for members in groups.values() {
+                // Invariant: a group is only in the map with at least one member, so the
+                // index is in bounds.
                 plain.push(members[turn % members.len()].clone());
             }
             plain
@@ -212,13 +214,21 @@ impl Drop for Subscription {
 /// reply (slow consumer), as a NATS inbox subscription does.
 pub(crate) struct Inbox {
     tx: mpsc::Sender<RawReply>,
+    single: bool,
 }
 
 impl Inbox {
-    /// An inbox and the receiving end of its replies.
+    /// An inbox for many replies (reply streams, scatter-gather) and the receiving end.
     pub fn new(capacity: usize) -> (Arc<Self>, mpsc::Receiver<RawReply>) {
         let (tx, rx) = mpsc::channel(capacity.max(1));
-        (Arc::new(Inbox { tx }), rx)
+        (Arc::new(Inbox { tx, single: false }), rx)
+    }
+
+    /// An inbox for the one reply of a request: later replies are dropped without error, as
+    /// NATS drops replies to a request that already got its answer.
+    pub fn single() -> (Arc<Self>, mpsc::Receiver<RawReply>) {
+        let (tx, rx) = mpsc::channel(1);
+        (Arc::new(Inbox { tx, single: true }), rx)
     }
 }
 
@@ -235,6 +245,7 @@ impl ReplyTarget for Inbox {
             // The requester gave up (timed out, stream dropped): like a NATS reply to an inbox
             // nobody listens on any more, this is not the replier's error.
             Err(mpsc::error::TrySendError::Closed(_)) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(_)) if self.single => Ok(()),
             Err(mpsc::error::TrySendError::Full(_)) => {
                 Err("requester's inbox is full (slow consumer); reply dropped".into())
             }

@@ -33,6 +33,7 @@ use crate::worker::WorkerPool;
 
 struct Inner {
     broker: MemoryBroker,
+    config: Config,
     client_id: String,
     stream: String,
     subject_prefix: String,
@@ -43,7 +44,10 @@ struct Inner {
     dlq_stream: String,
     events_timeout: Duration,
     mode: ContentMode,
-    /// Cancelled by `close`; every listener's token is a child of it.
+    /// Cancelled when `close` begins; every listener's token is a child of it, and no new
+    /// listener starts.
+    closing: CancellationToken,
+    /// Cancelled when `close` has stopped the listeners: nothing is sent any more.
     closed: CancellationToken,
     listeners: Mutex<Vec<Listener>>,
     source: EventSource,
@@ -121,6 +125,7 @@ impl MemoryEvents {
         MemoryEvents {
             inner: Arc::new(Inner {
                 broker,
+                config: config.clone(),
                 client_id: config.client_id.clone(),
                 stream: config.js_stream.clone(),
                 subject_prefix: config.js_subject_prefix.clone(),
@@ -131,11 +136,26 @@ impl MemoryEvents {
                 dlq_stream: config.js_dlq_stream.clone(),
                 events_timeout: config.events_timeout,
                 mode: config.ce_mode,
+                closing: CancellationToken::new(),
                 closed: CancellationToken::new(),
                 listeners: Mutex::new(Vec::new()),
                 source,
             }),
         }
+    }
+
+    /// The configuration the connection was made with.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use ce_messaging::config::Config;
+    /// let config = Config { client_id: "billing".into(), ..Config::default() };
+    /// let broker = ce_messaging::memory::MemoryBroker::new();
+    /// assert_eq!(broker.event_connection(&config).config().client_id, "billing");
+    /// ```
+    pub fn config(&self) -> &Config {
+        &self.inner.config
     }
 
     /// Whether [`close`](Self::close) was called.
@@ -151,9 +171,10 @@ impl MemoryEvents {
         self.inner.closed.is_cancelled()
     }
 
-    /// Drain then close: refuses new publishes and listeners, stops this connection's listeners
-    /// (each lets its in-flight handlers finish and settle within its grace period; queued
-    /// events are handed back for redelivery) and returns when they have stopped.
+    /// Drain then close: refuses new listeners, stops this connection's listeners (each lets its
+    /// in-flight handlers finish, publish their responses and settle within its grace period;
+    /// queued events are handed back for redelivery), then refuses publishes. Returns when the
+    /// listeners have stopped.
     ///
     /// # Examples
     ///
@@ -167,7 +188,7 @@ impl MemoryEvents {
     /// # }
     /// ```
     pub async fn close(&self) {
-        self.inner.closed.cancel();
+        self.inner.closing.cancel();
         let listeners: Vec<Listener> = self
             .inner
             .listeners
@@ -177,6 +198,7 @@ impl MemoryEvents {
         for listener in listeners {
             listener.stopped().await;
         }
+        self.inner.closed.cancel();
     }
 
     /// Creates or updates the events stream (`<prefix>.>`) and the dead-letter stream
@@ -184,12 +206,14 @@ impl MemoryEvents {
     pub(super) fn create_streams(&self) -> Result<(), StreamError> {
         let inner = &self.inner;
         let max_messages = inner.broker.options().max_stream_messages;
+        let max_bytes = inner.broker.options().max_stream_bytes;
         inner.broker.streams().create_or_update(
             &inner.stream,
             StreamSettings {
                 subjects: vec![format!("{}.>", inner.subject_prefix)],
                 duplicate_window: inner.duplicate_window,
                 max_messages,
+                max_bytes,
             },
         )?;
         inner.broker.streams().create_or_update(
@@ -198,6 +222,7 @@ impl MemoryEvents {
                 subjects: vec![format!("deadletter.{}.>", inner.stream)],
                 duplicate_window: inner.duplicate_window,
                 max_messages,
+                max_bytes,
             },
         )
     }
@@ -266,7 +291,7 @@ impl EventConnection for MemoryEvents {
     ) -> Result<Listener, ListenError> {
         options.validate(&handlers)?;
         let inner = &self.inner;
-        if self.is_closed() {
+        if self.inner.closing.is_cancelled() {
             return Err(Error::new(ListenErrorKind::ConnectionClosed));
         }
         let durable = options
@@ -330,6 +355,9 @@ impl EventConnection for MemoryEvents {
         });
         let submitter = pool.submitter();
         let stopping = pool.context().stopping;
+        // The listener's token: the intake stops the listener when the stream goes away.
+        let token = inner.closing.child_token();
+        let stop_listener = token.clone();
         let broker = inner.broker.clone();
         let stream: Arc<str> = Arc::from(inner.stream.as_str());
         let durable: Arc<str> = Arc::from(durable.as_str());
@@ -343,7 +371,8 @@ impl EventConnection for MemoryEvents {
                 let delivered = match next {
                     Next::Message(delivered) => delivered,
                     Next::Gone => {
-                        tracing::warn!(stream = %stream, durable = %durable, "stream or consumer deleted; listener gets no more events");
+                        tracing::warn!(stream = %stream, durable = %durable, "stream or consumer deleted; listener stops");
+                        stop_listener.cancel();
                         break;
                     }
                 };
@@ -368,7 +397,6 @@ impl EventConnection for MemoryEvents {
                 }
             }
         });
-        let token = inner.closed.child_token();
         let listener = Listener::supervise(pool, options.grace, token);
         if let Ok(mut listeners) = inner.listeners.lock() {
             listeners.retain(|l| !l.is_stopped());
@@ -502,5 +530,903 @@ impl SourceBackend for MemorySource {
                 payload: message.payload,
             })
             .boxed())
+    }
+}
+
+/// Draining closes the connection ([`MemoryEvents::close`]), as the last step of a
+/// [`Shutdown`](crate::shutdown::Shutdown).
+#[async_trait]
+impl crate::shutdown::Drain for MemoryEvents {
+    async fn drain(&self) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        self.close().await;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+    use tokio::sync::mpsc;
+
+    use super::*;
+    use crate::error::{PublishErrorKind, ResponseErrorKind};
+    use crate::event::{new_event, EventExt, EventType};
+    use crate::event_source::EventFilter;
+    use crate::events::{event_handler_fn, typed_event_handler, Backoff, TypedEvent};
+    use crate::handler::HandlerError;
+    use crate::headers::{
+        DEAD_LETTER_DELIVERIES, DEAD_LETTER_ERROR, DEAD_LETTER_REASON, DEAD_LETTER_SUBJECT,
+    };
+    use crate::memory::tests_support::eventually;
+    use crate::memory::MemoryOptions;
+
+    const WAIT: Duration = Duration::from_secs(10);
+
+    fn config(durable: &str) -> Config {
+        Config {
+            client_id: format!("test-{}", xid::new()),
+            durable_name: Some(durable.to_owned()),
+            ..Config::default()
+        }
+    }
+
+    fn ty() -> String {
+        format!("test.ev.{}", xid::new())
+    }
+
+    async fn connection(broker: &MemoryBroker, durable: &str) -> MemoryEvents {
+        let events = broker.event_connection(&config(durable));
+        events.init_stream().await.unwrap();
+        events
+    }
+
+    fn fast_options() -> EventListenOptions {
+        EventListenOptions {
+            backoff: Backoff {
+                initial: Duration::from_millis(10),
+                max: Duration::from_millis(50),
+            },
+            ..Default::default()
+        }
+    }
+
+    /// A handler that forwards each event's data to a channel and succeeds.
+    fn forward(tx: mpsc::Sender<u64>) -> impl crate::events::EventHandler {
+        typed_event_handler(move |event: TypedEvent<u64>| {
+            let tx = tx.clone();
+            async move {
+                tx.send(event.data)
+                    .await
+                    .map_err(|_| HandlerError::new("test receiver gone"))?;
+                Ok(())
+            }
+        })
+    }
+
+    async fn recv(rx: &mut mpsc::Receiver<u64>) -> u64 {
+        tokio::time::timeout(WAIT, rx.recv())
+            .await
+            .expect("event within the wait")
+            .expect("open")
+    }
+
+    async fn dead_letters(
+        broker: &MemoryBroker,
+        count: usize,
+    ) -> Vec<crate::memory::StoredMessage> {
+        eventually(|| broker.stream_len("DEADLETTER").unwrap_or(0) >= count).await;
+        broker.stream_messages("DEADLETTER").unwrap()
+    }
+
+    #[tokio::test]
+    async fn published_events_are_handled_and_acked_in_both_content_modes() {
+        for mode in [ContentMode::Structured, ContentMode::Binary] {
+            let broker = MemoryBroker::new();
+            let events = broker.event_connection(&Config {
+                ce_mode: mode,
+                ..config("svc")
+            });
+            events.init_stream().await.unwrap();
+            let ty = ty();
+            let (tx, mut rx) = mpsc::channel(16);
+            let listener = events
+                .listen(
+                    EventHandlers::new().on(ty.as_str(), forward(tx)),
+                    fast_options(),
+                )
+                .await
+                .unwrap();
+            let ack = events
+                .publish(new_event(&ty, "me", &7u64).unwrap())
+                .await
+                .unwrap();
+            assert_eq!(
+                (ack.stream.as_str(), ack.sequence, ack.duplicate),
+                ("CLOUDEVENTS", 1, false)
+            );
+            assert_eq!(recv(&mut rx).await, 7, "{mode:?}");
+            eventually(|| {
+                broker
+                    .consumer_info("CLOUDEVENTS", "svc")
+                    .is_some_and(|i| i.acked == 1)
+            })
+            .await;
+            let info = broker.consumer_info("CLOUDEVENTS", "svc").unwrap();
+            assert_eq!(
+                (info.num_pending, info.num_ack_pending, info.delivered),
+                (0, 0, 1)
+            );
+            let stored = broker.stream_messages("CLOUDEVENTS").unwrap();
+            assert_eq!(stored[0].subject, format!("events.{ty}"));
+            assert_eq!(content_mode_of_stored(&stored[0]), mode);
+            listener.stop(WAIT).await;
+        }
+    }
+
+    fn content_mode_of_stored(message: &crate::memory::StoredMessage) -> ContentMode {
+        crate::query::content_mode_of(Some(&message.headers))
+    }
+
+    #[tokio::test]
+    async fn instances_of_a_durable_share_events_and_every_durable_gets_each() {
+        let broker = MemoryBroker::new();
+        let ty = ty();
+        let (tx_a, mut rx_a) = mpsc::channel(64);
+        let (tx_b, mut rx_b) = mpsc::channel(64);
+        let mut listeners = Vec::new();
+        for _ in 0..2 {
+            let billing = connection(&broker, "billing").await;
+            listeners.push(
+                billing
+                    .listen(
+                        EventHandlers::new().on(ty.as_str(), forward(tx_a.clone())),
+                        fast_options(),
+                    )
+                    .await
+                    .unwrap(),
+            );
+        }
+        let audit = connection(&broker, "audit").await;
+        listeners.push(
+            audit
+                .listen(
+                    EventHandlers::new().on(ty.as_str(), forward(tx_b)),
+                    fast_options(),
+                )
+                .await
+                .unwrap(),
+        );
+        let publisher = connection(&broker, "publisher").await;
+        for n in 0..20u64 {
+            publisher
+                .publish(new_event(&ty, "me", &n).unwrap())
+                .await
+                .unwrap();
+        }
+        let mut billing_seen = Vec::new();
+        let mut audit_seen = Vec::new();
+        for _ in 0..20 {
+            billing_seen.push(recv(&mut rx_a).await);
+            audit_seen.push(recv(&mut rx_b).await);
+        }
+        billing_seen.sort_unstable();
+        assert_eq!(
+            billing_seen,
+            (0..20).collect::<Vec<_>>(),
+            "each event once per durable"
+        );
+        assert_eq!(
+            audit_seen,
+            (0..20).collect::<Vec<_>>(),
+            "in order for a single instance"
+        );
+        for l in &listeners {
+            l.stop(WAIT).await;
+        }
+        assert!(
+            rx_a.try_recv().is_err(),
+            "no event handled twice within the durable"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn under_concurrent_publishers_each_durable_handles_every_event_exactly_once() {
+        const EVENTS: u64 = 1000;
+        let broker = MemoryBroker::new();
+        let ty = ty();
+        let (tx_a, mut rx_a) = mpsc::channel(EVENTS as usize);
+        let (tx_b, mut rx_b) = mpsc::channel(EVENTS as usize);
+        let mut listeners = Vec::new();
+        for (durable, tx, instances) in [("a", tx_a, 4), ("b", tx_b, 1)] {
+            for _ in 0..instances {
+                let events = connection(&broker, durable).await;
+                let options = EventListenOptions {
+                    workers: 4,
+                    buffer: 8,
+                    ..fast_options()
+                };
+                listeners.push(
+                    events
+                        .listen(
+                            EventHandlers::new().on(ty.as_str(), forward(tx.clone())),
+                            options,
+                        )
+                        .await
+                        .unwrap(),
+                );
+            }
+        }
+        let publishers = (0..4u64).map(|p| {
+            let events = broker.event_connection(&config("publisher"));
+            let ty = ty.clone();
+            tokio::spawn(async move {
+                for n in (p..EVENTS).step_by(4) {
+                    events
+                        .publish(new_event(&ty, "me", &n).unwrap())
+                        .await
+                        .unwrap();
+                }
+            })
+        });
+        for p in futures::future::join_all(publishers).await {
+            p.unwrap();
+        }
+        for rx in [&mut rx_a, &mut rx_b] {
+            let mut seen = Vec::with_capacity(EVENTS as usize);
+            for _ in 0..EVENTS {
+                seen.push(recv(rx).await);
+            }
+            seen.sort_unstable();
+            assert_eq!(seen, (0..EVENTS).collect::<Vec<_>>());
+        }
+        for l in &listeners {
+            l.stop(WAIT).await;
+        }
+        for durable in ["a", "b"] {
+            let info = broker.consumer_info("CLOUDEVENTS", durable).unwrap();
+            assert_eq!(
+                (info.delivered, info.acked, info.num_ack_pending),
+                (EVENTS, EVENTS, 0),
+                "{durable}"
+            );
+        }
+        assert!(
+            rx_a.try_recv().is_err() && rx_b.try_recv().is_err(),
+            "nothing handled twice"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_retryable_failure_is_redelivered_with_the_retry_delay() {
+        let broker = MemoryBroker::new();
+        let events = connection(&broker, "svc").await;
+        let ty = ty();
+        let attempts = Arc::new(AtomicUsize::new(0));
+        let (tx, mut rx) = mpsc::channel(4);
+        let a = attempts.clone();
+        let handler = event_handler_fn(move |_, _| {
+            let (a, tx) = (a.clone(), tx.clone());
+            async move {
+                if a.fetch_add(1, Ordering::SeqCst) == 0 {
+                    return Err(HandlerError::new("db busy").retry_after(Duration::from_millis(20)));
+                }
+                let _ = tx.send(1).await;
+                Ok(())
+            }
+        });
+        let listener = events
+            .listen(
+                EventHandlers::new().on(ty.as_str(), handler),
+                fast_options(),
+            )
+            .await
+            .unwrap();
+        events
+            .publish(new_event(&ty, "me", &1).unwrap())
+            .await
+            .unwrap();
+        recv(&mut rx).await;
+        assert_eq!(attempts.load(Ordering::SeqCst), 2);
+        eventually(|| {
+            broker
+                .consumer_info("CLOUDEVENTS", "svc")
+                .is_some_and(|i| i.acked == 1)
+        })
+        .await;
+        assert_eq!(
+            broker
+                .consumer_info("CLOUDEVENTS", "svc")
+                .unwrap()
+                .delivered,
+            2
+        );
+        listener.stop(WAIT).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retryable_failures_are_redelivered_after_the_exponential_backoff() {
+        let broker = MemoryBroker::new();
+        let events = connection(&broker, "svc").await;
+        let ty = ty();
+        let attempts = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let a = attempts.clone();
+        let handler = event_handler_fn(move |_, _| {
+            a.lock().unwrap().push(tokio::time::Instant::now());
+            async { Err(HandlerError::new("still failing")) }
+        });
+        let options = EventListenOptions {
+            max_deliver: Some(4),
+            backoff: Backoff {
+                initial: Duration::from_secs(1),
+                max: Duration::from_secs(3),
+            },
+            ..Default::default()
+        };
+        let listener = events
+            .listen(EventHandlers::new().on(ty.as_str(), handler), options)
+            .await
+            .unwrap();
+        events
+            .publish(new_event(&ty, "me", &1).unwrap())
+            .await
+            .unwrap();
+        dead_letters(&broker, 1).await;
+        let times = attempts.lock().unwrap().clone();
+        let gaps: Vec<u64> = times.windows(2).map(|w| (w[1] - w[0]).as_secs()).collect();
+        assert_eq!(gaps, vec![1, 2, 3], "1 s, 2 s, then capped at 3 s");
+        listener.stop(WAIT).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn max_deliveries_dead_letters_with_the_contract_headers() {
+        let broker = MemoryBroker::new();
+        let events = connection(&broker, "svc").await;
+        let ty = ty();
+        let attempts = Arc::new(AtomicUsize::new(0));
+        let a = attempts.clone();
+        let handler = event_handler_fn(move |_, _| {
+            a.fetch_add(1, Ordering::SeqCst);
+            async { Err(HandlerError::new("always fails")) }
+        });
+        let options = EventListenOptions {
+            max_deliver: Some(3),
+            ..fast_options()
+        };
+        let listener = events
+            .listen(EventHandlers::new().on(ty.as_str(), handler), options)
+            .await
+            .unwrap();
+        let event = new_event(&ty, "me", &1).unwrap();
+        events.publish(event.clone()).await.unwrap();
+        let dead = dead_letters(&broker, 1).await;
+        assert_eq!(attempts.load(Ordering::SeqCst), 3);
+        let dl = &dead[0];
+        assert_eq!(dl.subject, "deadletter.CLOUDEVENTS.svc");
+        assert_eq!(dl.header(DEAD_LETTER_REASON), Some("max-deliveries"));
+        assert_eq!(dl.header(DEAD_LETTER_ERROR), Some("always fails"));
+        assert_eq!(
+            dl.header(DEAD_LETTER_SUBJECT),
+            Some(format!("events.{ty}").as_str())
+        );
+        assert_eq!(dl.header(DEAD_LETTER_STREAM_SEQ), Some("1"));
+        assert_eq!(dl.header(DEAD_LETTER_DELIVERIES), Some("3"));
+        assert_eq!(dl.event().unwrap(), event, "original event unchanged");
+        eventually(|| {
+            broker
+                .consumer_info("CLOUDEVENTS", "svc")
+                .is_some_and(|i| i.terminated == 1)
+        })
+        .await;
+        listener.stop(WAIT).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_event_whose_handler_crashed_is_redelivered_after_the_ack_wait_and_dead_lettered_after_max(
+    ) {
+        let broker = MemoryBroker::new();
+        let events = connection(&broker, "svc").await;
+        let ty = ty();
+        let attempts = Arc::new(AtomicUsize::new(0));
+        let a = attempts.clone();
+        // A handler that never returns: each delivery is lost when the listener is aborted.
+        let handler = event_handler_fn(move |_, _| {
+            a.fetch_add(1, Ordering::SeqCst);
+            std::future::pending::<Result<(), HandlerError>>()
+        });
+        let options = EventListenOptions {
+            max_deliver: Some(2),
+            ack_wait: Some(Duration::from_secs(5)),
+            ..fast_options()
+        };
+        events
+            .publish(new_event(&ty, "me", &1).unwrap())
+            .await
+            .unwrap();
+        let handlers = EventHandlers::new().on(ty.as_str(), handler);
+        for expected in 1..=2 {
+            let listener = events
+                .listen(handlers.clone(), options.clone())
+                .await
+                .unwrap();
+            eventually(|| attempts.load(Ordering::SeqCst) == expected).await;
+            listener.abort().await;
+            let info = broker.consumer_info("CLOUDEVENTS", "svc").unwrap();
+            assert_eq!(info.num_ack_pending, 1, "a crash settles nothing");
+        }
+        // The third delivery (one beyond max) goes straight to the dead-letter stream.
+        let started = tokio::time::Instant::now();
+        let listener = events.listen(handlers, options).await.unwrap();
+        let dead = dead_letters(&broker, 1).await;
+        assert!(
+            started.elapsed() >= Duration::from_secs(4),
+            "waited for the ack wait"
+        );
+        assert_eq!(
+            attempts.load(Ordering::SeqCst),
+            2,
+            "the handler is not called again"
+        );
+        assert_eq!(dead[0].header(DEAD_LETTER_REASON), Some("max-deliveries"));
+        assert_eq!(dead[0].header(DEAD_LETTER_DELIVERIES), Some("3"));
+        listener.stop(WAIT).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_long_handler_keeps_its_event_with_in_progress() {
+        let broker = MemoryBroker::new();
+        let events = connection(&broker, "svc").await;
+        let ty = ty();
+        let attempts = Arc::new(AtomicUsize::new(0));
+        let a = attempts.clone();
+        let handler = event_handler_fn(move |_, _| {
+            a.fetch_add(1, Ordering::SeqCst);
+            async {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                Ok(())
+            }
+        });
+        let options = EventListenOptions {
+            ack_wait: Some(Duration::from_secs(2)),
+            ..fast_options()
+        };
+        let listener = events
+            .listen(EventHandlers::new().on(ty.as_str(), handler), options)
+            .await
+            .unwrap();
+        events
+            .publish(new_event(&ty, "me", &1).unwrap())
+            .await
+            .unwrap();
+        eventually(|| {
+            broker
+                .consumer_info("CLOUDEVENTS", "svc")
+                .is_some_and(|i| i.acked == 1)
+        })
+        .await;
+        assert_eq!(
+            attempts.load(Ordering::SeqCst),
+            1,
+            "never redelivered while in progress"
+        );
+        assert_eq!(
+            broker
+                .consumer_info("CLOUDEVENTS", "svc")
+                .unwrap()
+                .delivered,
+            1
+        );
+        listener.stop(WAIT).await;
+    }
+
+    #[tokio::test]
+    async fn permanent_failures_and_undecodable_events_are_dead_lettered_at_once() {
+        let broker = MemoryBroker::new();
+        let events = connection(&broker, "svc").await;
+        let ty = ty();
+        let handler =
+            event_handler_fn(|_, _| async { Err(HandlerError::permanent("order unknown")) });
+        let listener = events
+            .listen(
+                EventHandlers::new().on(ty.as_str(), handler),
+                fast_options(),
+            )
+            .await
+            .unwrap();
+        events
+            .publish(new_event(&ty, "me", &1).unwrap())
+            .await
+            .unwrap();
+        broker
+            .publish_raw(
+                &format!("events.{ty}"),
+                HeaderMap::new(),
+                Bytes::from_static(b"garbage"),
+            )
+            .unwrap();
+        let dead = dead_letters(&broker, 2).await;
+        let reasons: Vec<_> = dead
+            .iter()
+            .map(|d| d.header(DEAD_LETTER_REASON).unwrap())
+            .collect();
+        assert_eq!(reasons, vec!["rejected", "decode"]);
+        assert_eq!(
+            dead[1].payload,
+            Bytes::from_static(b"garbage"),
+            "payload unchanged"
+        );
+        assert_eq!(dead[0].header(DEAD_LETTER_DELIVERIES), Some("1"));
+        eventually(|| {
+            broker
+                .consumer_info("CLOUDEVENTS", "svc")
+                .is_some_and(|i| i.terminated == 2)
+        })
+        .await;
+        listener.stop(WAIT).await;
+    }
+
+    #[tokio::test]
+    async fn without_a_dead_letter_stream_the_event_is_kept_not_dropped() {
+        let broker = MemoryBroker::new();
+        let events = broker.event_connection(&config("svc"));
+        broker
+            .streams()
+            .create_or_update(
+                "CLOUDEVENTS",
+                StreamSettings {
+                    subjects: vec!["events.>".into()],
+                    duplicate_window: Duration::from_secs(120),
+                    max_messages: 100,
+                    max_bytes: 0,
+                },
+            )
+            .unwrap();
+        let ty = ty();
+        let handler = event_handler_fn(|_, _| async { Err(HandlerError::permanent("no")) });
+        let listener = events
+            .listen(
+                EventHandlers::new().on(ty.as_str(), handler),
+                fast_options(),
+            )
+            .await
+            .unwrap();
+        events
+            .publish(new_event(&ty, "me", &1).unwrap())
+            .await
+            .unwrap();
+        eventually(|| {
+            broker
+                .consumer_info("CLOUDEVENTS", "svc")
+                .is_some_and(|i| i.delivered >= 1)
+        })
+        .await;
+        listener.stop(WAIT).await;
+        let info = broker.consumer_info("CLOUDEVENTS", "svc").unwrap();
+        assert_eq!(
+            (info.terminated, info.num_ack_pending),
+            (0, 1),
+            "nak'ed with a delay, not terminated"
+        );
+    }
+
+    #[tokio::test]
+    async fn publish_refuses_duplicates_oversized_events_and_missing_streams() {
+        let broker = MemoryBroker::with_options(MemoryOptions {
+            max_payload: 2048,
+            ..Default::default()
+        });
+        let events = broker.event_connection(&config("svc"));
+        let event = new_event(ty(), "me", &1).unwrap();
+        let err = events.publish(event.clone()).await.unwrap_err();
+        assert_eq!(err.kind(), PublishErrorKind::StreamNotFound);
+        assert_eq!(
+            err.into_event(),
+            Some(event.clone()),
+            "the event is handed back"
+        );
+        let err = events
+            .listen(
+                EventHandlers::new().on("x", event_handler_fn(|_, _| async { Ok(()) })),
+                fast_options(),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ListenErrorKind::StreamNotFound);
+        events.init_stream().await.unwrap();
+        let first = events.publish(event.clone()).await.unwrap();
+        let again = events.publish(event.clone()).await.unwrap();
+        assert!(again.duplicate);
+        assert_eq!(again.sequence, first.sequence);
+        assert_eq!(broker.stream_len("CLOUDEVENTS").unwrap(), 1);
+        let big = new_event(ty(), "me", &"x".repeat(4000)).unwrap();
+        let err = events.publish(big.clone()).await.unwrap_err();
+        assert_eq!(err.kind(), PublishErrorKind::TooLarge);
+        assert_eq!(err.into_event(), Some(big));
+        assert_eq!(
+            broker.stream_len("CLOUDEVENTS").unwrap(),
+            1,
+            "nothing stored"
+        );
+        events.close().await;
+        let err = events.publish(event).await.unwrap_err();
+        assert_eq!(err.kind(), PublishErrorKind::ConnectionClosed);
+    }
+
+    #[tokio::test]
+    async fn a_request_gets_its_response_even_from_a_very_fast_responder() {
+        let broker = MemoryBroker::with_auto_streams();
+        let responder = broker.event_connection(&config("quotes"));
+        let requester = broker.event_connection(&config("client"));
+        let listener = responder
+            .listen(
+                EventHandlers::new().on(
+                    "test.quote.requested",
+                    typed_event_handler(|event: TypedEvent<u64>| async move {
+                        event
+                            .responses
+                            .respond_data("test.quote.given", &(event.data * 10))
+                            .await?;
+                        Ok(())
+                    }),
+                ),
+                fast_options(),
+            )
+            .await
+            .unwrap();
+        for n in 0..5u64 {
+            let request = new_event("test.quote.requested", "client", &n).unwrap();
+            let tid = request.transaction_id().unwrap();
+            let mut promise = requester
+                .request(request, &[EventType::from("test.quote.given")])
+                .await
+                .unwrap();
+            let response = promise.response(WAIT).await.unwrap();
+            assert_eq!(response.data_as::<u64>().unwrap(), n * 10);
+            assert_eq!(response.transaction_id(), Some(tid));
+        }
+        let mut lonely = requester
+            .wait_for_response(
+                &crate::event::TransactionId::generate(),
+                &[EventType::from("test.quote.given")],
+            )
+            .await
+            .unwrap();
+        let err = lonely
+            .response(Duration::from_millis(50))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ResponseErrorKind::TimedOut);
+        listener.stop(WAIT).await;
+        assert_eq!(
+            requester.event_source().subscription_count(),
+            0,
+            "promises released"
+        );
+    }
+
+    #[tokio::test]
+    async fn event_source_listeners_can_be_added_removed_and_fire_once() {
+        let broker = MemoryBroker::with_auto_streams();
+        let events = broker.event_connection(&config("svc"));
+        let source = events.event_source();
+        let ty = ty();
+        let all = Arc::new(AtomicU64::new(0));
+        let once = Arc::new(AtomicU64::new(0));
+        let (a, o) = (all.clone(), once.clone());
+        let id = source
+            .add_listener(EventFilter::by_type(ty.as_str()), move |_| {
+                a.fetch_add(1, Ordering::SeqCst);
+            })
+            .await
+            .unwrap();
+        source
+            .add_listener(EventFilter::by_type(ty.as_str()).once(), move |_| {
+                o.fetch_add(1, Ordering::SeqCst);
+            })
+            .await
+            .unwrap();
+        for n in 0..3 {
+            events
+                .publish(new_event(&ty, "me", &n).unwrap())
+                .await
+                .unwrap();
+        }
+        eventually(|| all.load(Ordering::SeqCst) == 3).await;
+        assert_eq!(once.load(Ordering::SeqCst), 1);
+        assert!(source.remove_listener(id).await);
+        assert_eq!(source.listener_count(), 0);
+        eventually(|| broker.subscription_count() == 0).await;
+    }
+
+    #[tokio::test]
+    async fn deleting_the_stream_stops_its_listeners() {
+        let broker = MemoryBroker::new();
+        let events = connection(&broker, "svc").await;
+        let (tx, _rx) = mpsc::channel(4);
+        let listener = events
+            .listen(
+                EventHandlers::new().on(ty().as_str(), forward(tx)),
+                fast_options(),
+            )
+            .await
+            .unwrap();
+        assert!(broker.delete_stream("CLOUDEVENTS"));
+        tokio::time::timeout(WAIT, listener.stopped())
+            .await
+            .expect("listener stopped");
+        assert!(broker.consumer_info("CLOUDEVENTS", "svc").is_none());
+    }
+
+    #[tokio::test]
+    async fn close_drains_in_flight_handlers_which_can_still_respond() {
+        let broker = MemoryBroker::with_auto_streams();
+        let service = broker.event_connection(&config("svc"));
+        let client = broker.event_connection(&config("client"));
+        let ty = ty();
+        let (entered_tx, mut entered_rx) = mpsc::channel::<u64>(1);
+        let release = Arc::new(tokio::sync::Notify::new());
+        let r = release.clone();
+        let handler = typed_event_handler(move |event: TypedEvent<u64>| {
+            let (entered, release) = (entered_tx.clone(), r.clone());
+            async move {
+                let _ = entered.send(event.data).await;
+                release.notified().await;
+                event
+                    .responses
+                    .respond_data("test.done", &event.data)
+                    .await?;
+                Ok(())
+            }
+        });
+        service
+            .listen(
+                EventHandlers::new().on(ty.as_str(), handler),
+                fast_options(),
+            )
+            .await
+            .unwrap();
+        let mut promise = client
+            .request(
+                new_event(&ty, "client", &5u64).unwrap(),
+                &[EventType::from("test.done")],
+            )
+            .await
+            .unwrap();
+        assert_eq!(recv(&mut entered_rx).await, 5);
+        let closing = tokio::spawn({
+            let service = service.clone();
+            async move { service.close().await }
+        });
+        eventually(|| service.inner.closing.is_cancelled()).await;
+        let err = service
+            .listen(
+                EventHandlers::new().on("x", event_handler_fn(|_, _| async { Ok(()) })),
+                fast_options(),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.kind(),
+            ListenErrorKind::ConnectionClosed,
+            "no new listener while closing"
+        );
+        release.notify_one();
+        let response = promise.response(WAIT).await.unwrap();
+        assert_eq!(
+            response.data_as::<u64>().unwrap(),
+            5,
+            "the in-flight handler responded"
+        );
+        tokio::time::timeout(WAIT, closing).await.unwrap().unwrap();
+        assert!(service.is_closed());
+        let info = broker.consumer_info("CLOUDEVENTS", "svc").unwrap();
+        assert_eq!((info.acked, info.num_ack_pending), (1, 0));
+        let err = service
+            .publish(new_event(&ty, "me", &1).unwrap())
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), PublishErrorKind::ConnectionClosed);
+    }
+
+    #[tokio::test]
+    async fn a_service_shutdown_stops_listeners_and_closes_memory_connections() {
+        let broker = MemoryBroker::with_auto_streams();
+        let events = broker.event_connection(&config("svc"));
+        let queries = broker.query_connection(&config("svc"));
+        let ty = ty();
+        let (tx, mut rx) = mpsc::channel(4);
+        let shutdown = crate::shutdown::Shutdown::new(WAIT);
+        shutdown.add_listener(
+            events
+                .listen(
+                    EventHandlers::new().on(ty.as_str(), forward(tx)),
+                    fast_options(),
+                )
+                .await
+                .unwrap(),
+        );
+        shutdown.add_connection(events.clone());
+        shutdown.add_connection(queries.clone());
+        events
+            .publish(new_event(&ty, "me", &3u64).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(recv(&mut rx).await, 3);
+        let report = shutdown.shutdown().await;
+        assert!(report.is_clean(), "{report:?}");
+        assert_eq!((report.listeners, report.connections_closed), (1, 2));
+        assert!(events.is_closed() && queries.is_closed());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stop_lets_the_in_flight_event_finish_and_hands_queued_ones_back() {
+        let broker = MemoryBroker::new();
+        let events = connection(&broker, "svc").await;
+        let ty = ty();
+        let release = Arc::new(tokio::sync::Semaphore::new(0));
+        let started = Arc::new(AtomicUsize::new(0));
+        let (r, s) = (release.clone(), started.clone());
+        let handler = event_handler_fn(move |_, _| {
+            let (r, s) = (r.clone(), s.clone());
+            async move {
+                s.fetch_add(1, Ordering::SeqCst);
+                r.acquire()
+                    .await
+                    .map_err(|_| HandlerError::new("closed"))?
+                    .forget();
+                Ok(())
+            }
+        });
+        let options = EventListenOptions {
+            workers: 1,
+            buffer: 4,
+            ..fast_options()
+        };
+        let listener = events
+            .listen(EventHandlers::new().on(ty.as_str(), handler), options)
+            .await
+            .unwrap();
+        for n in 0..3 {
+            events
+                .publish(new_event(&ty, "me", &n).unwrap())
+                .await
+                .unwrap();
+        }
+        eventually(|| started.load(Ordering::SeqCst) == 1).await;
+        eventually(|| {
+            broker
+                .consumer_info("CLOUDEVENTS", "svc")
+                .is_some_and(|i| i.num_ack_pending == 3)
+        })
+        .await;
+        let stopping = tokio::spawn({
+            let listener = listener.clone();
+            async move { listener.stop(WAIT).await }
+        });
+        // With the clock paused, this returns only once every task is idle: the stop has begun
+        // and waits for the in-flight handler.
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert!(
+            !listener.is_stopped(),
+            "the in-flight handler holds the stop"
+        );
+        release.add_permits(1);
+        let report = stopping.await.unwrap();
+        assert_eq!(
+            (report.finished, report.requeued, report.abandoned),
+            (1, 2, 0),
+            "{report:?}"
+        );
+        assert_eq!(
+            started.load(Ordering::SeqCst),
+            1,
+            "queued events were not started"
+        );
+        let info = broker.consumer_info("CLOUDEVENTS", "svc").unwrap();
+        assert_eq!(
+            (info.acked, info.num_ack_pending),
+            (1, 2),
+            "two handed back for redelivery"
+        );
     }
 }

@@ -19,7 +19,8 @@
 //!   reasons and headers, promises and [`EventSource`](crate::event_source::EventSource).
 //! - **Limits:** a message larger than [`MemoryOptions::max_payload`] (default 1 MiB, as NATS)
 //!   is refused before it is sent; streams keep at most [`MemoryOptions::max_stream_messages`]
-//!   (the oldest are discarded beyond that, as a JetStream stream with limits does).
+//!   and [`MemoryOptions::max_stream_bytes`] (the oldest are discarded beyond that, as a
+//!   JetStream stream with limits does, with a warning when a consumer had not settled them).
 //!
 //! Timers are tokio timers (no polling), so tests can run with paused time.
 //!
@@ -70,8 +71,9 @@ use bytes::Bytes;
 
 use crate::codec::HeaderMap;
 use crate::config::Config;
-use crate::error::{Error, PublishErrorKind, StreamError};
+use crate::error::{Error, PublishErrorKind, RequestError, RequestErrorKind, StreamError};
 use crate::events::PublishAck;
+use crate::query::RawReply;
 
 pub use events::MemoryEvents;
 pub use queries::MemoryQueries;
@@ -93,7 +95,6 @@ pub const DEFAULT_MAX_PAYLOAD: usize = 1024 * 1024;
 /// assert_eq!(broker.options().max_payload, 65536);
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
 pub struct MemoryOptions {
     /// The largest message (headers and payload, counted as on the wire) accepted; larger ones
     /// are refused before sending (`PublishErrorKind::TooLarge`, or `RequestErrorKind::Encode`
@@ -105,6 +106,9 @@ pub struct MemoryOptions {
     pub subscription_capacity: usize,
     /// How many messages a stream keeps; beyond that the oldest are discarded. Default 1 000 000.
     pub max_stream_messages: usize,
+    /// How many bytes (subjects, headers and payloads) a stream keeps; beyond that the oldest
+    /// messages are discarded. 0: no limit. Default 256 MiB.
+    pub max_stream_bytes: usize,
     /// Create the configured events and dead-letter streams whenever an event connection is
     /// made (see [`MemoryBroker::with_auto_streams`]). Default `false`, like a NATS server.
     pub auto_create_streams: bool,
@@ -116,6 +120,7 @@ impl Default for MemoryOptions {
             max_payload: DEFAULT_MAX_PAYLOAD,
             subscription_capacity: 65_536,
             max_stream_messages: 1_000_000,
+            max_stream_bytes: 256 * 1024 * 1024,
             auto_create_streams: false,
         }
     }
@@ -260,7 +265,7 @@ impl MemoryBroker {
         &self.inner.options
     }
 
-    /// A query connection (the in-memory [`NatsQueries`](crate::query::QueryConnection)) using
+    /// A query connection (the in-memory counterpart of `NatsQueries`) using
     /// the client id, queue group, wildcard subject, request timeout and content mode of
     /// `config`.
     ///
@@ -408,6 +413,69 @@ impl MemoryBroker {
         self.js_publish(subject, headers, payload)
     }
 
+    /// Sends raw headers and payload as a request on `subject` and returns the first reply's
+    /// headers (empty when it had none) and payload, as they came. Meant for tests that need a
+    /// request the codec would not produce (an undecodable one) or want to see the reply as it
+    /// is on the wire.
+    ///
+    /// # Errors
+    ///
+    /// `NoResponders` at once when nobody listens on `subject`; `TimedOut`; `InvalidOptions`
+    /// for an invalid subject; `Encode` when the message exceeds the max payload.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// use ce_messaging::codec::HeaderMap;
+    /// use ce_messaging::error::RequestErrorKind;
+    /// let broker = ce_messaging::memory::MemoryBroker::new();
+    /// let err = broker
+    ///     .request_raw("org.example.op", HeaderMap::new(), "garbage".into(), std::time::Duration::from_secs(1))
+    ///     .await
+    ///     .unwrap_err();
+    /// assert_eq!(err.kind(), RequestErrorKind::NoResponders);
+    /// # }
+    /// ```
+    pub async fn request_raw(
+        &self,
+        subject: &str,
+        headers: HeaderMap,
+        payload: Bytes,
+        timeout: std::time::Duration,
+    ) -> Result<(HeaderMap, Bytes), RequestError> {
+        if !bus::is_valid_publish_subject(subject) {
+            return Err(Error::with_detail(
+                RequestErrorKind::InvalidOptions,
+                format!("invalid subject {subject:?}"),
+            ));
+        }
+        self.check_size(&headers, &payload)
+            .map_err(|detail| Error::with_detail(RequestErrorKind::Encode, detail))?;
+        let (inbox, mut replies) = bus::Inbox::single();
+        let delivered = self.inner.bus.publish(BusMessage {
+            subject: subject.to_owned(),
+            headers: (!headers.is_empty()).then_some(headers),
+            payload,
+            reply: Some(inbox.clone()),
+        });
+        if delivered == 0 {
+            return Err(Error::new(RequestErrorKind::NoResponders));
+        }
+        match tokio::time::timeout(timeout, replies.recv()).await {
+            Ok(Some(RawReply::Message { headers, payload })) => {
+                Ok((headers.unwrap_or_default(), payload))
+            }
+            Ok(Some(RawReply::NoResponders)) => Err(Error::new(RequestErrorKind::NoResponders)),
+            Ok(None) => Err(Error::new(RequestErrorKind::ConnectionClosed)),
+            Err(_) => Err(Error::with_detail(
+                RequestErrorKind::TimedOut,
+                format!("no reply within {timeout:?}"),
+            )),
+        }
+    }
+
     /// Messages dropped because a subscription's queue was full (slow consumers).
     ///
     /// # Examples
@@ -475,7 +543,7 @@ impl MemoryBroker {
 
 /// The size of the headers as they go over the wire (`NATS/1.0\r\n`, `name: value\r\n` lines,
 /// a blank line), 0 without headers.
-fn headers_len(headers: &HeaderMap) -> usize {
+pub(crate) fn headers_len(headers: &HeaderMap) -> usize {
     let lines: usize = headers
         .iter()
         .map(|(name, values)| {
@@ -490,5 +558,23 @@ fn headers_len(headers: &HeaderMap) -> usize {
         0
     } else {
         "NATS/1.0\r\n".len() + lines + 2
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests_support {
+    use std::time::Duration;
+
+    /// Waits until `condition` holds, checking after every scheduler turn and every
+    /// millisecond; panics after 10 s.
+    pub async fn eventually(mut condition: impl FnMut() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !condition() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "condition not reached within 10 s"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
     }
 }

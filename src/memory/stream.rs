@@ -27,10 +27,12 @@ use super::bus::subject_matches;
 /// # Examples
 ///
 /// ```
-/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// use ce_messaging::config::Config;
 /// use ce_messaging::events::EventConnection;
 /// use ce_messaging::memory::MemoryBroker;
+/// use cloudevents::AttributesReader;
 ///
 /// let broker = MemoryBroker::new();
 /// let events = broker.event_connection(&Config::default());
@@ -133,6 +135,8 @@ pub(crate) struct StreamSettings {
     pub subjects: Vec<String>,
     pub duplicate_window: Duration,
     pub max_messages: usize,
+    /// Stored bytes (headers and payload) kept at most; 0: no limit.
+    pub max_bytes: usize,
 }
 
 /// Settings of a durable consumer.
@@ -224,6 +228,8 @@ fn limit_reached(settings: &ConsumerSettings, deliveries: u64) -> bool {
 struct StreamState {
     settings: StreamSettings,
     messages: BTreeMap<u64, Arc<StoredMessage>>,
+    /// Sum of `stored_size` over `messages`.
+    bytes: usize,
     last_seq: u64,
     dedupe: HashMap<String, u64>,
     dedupe_order: VecDeque<(Instant, String)>,
@@ -249,11 +255,19 @@ impl StreamState {
         }
     }
 
+    fn over_limit(&self) -> bool {
+        self.messages.len() > self.settings.max_messages.max(1)
+            || (self.settings.max_bytes > 0
+                && self.bytes > self.settings.max_bytes
+                && self.messages.len() > 1)
+    }
+
     fn enforce_limit(&mut self, name: &str) {
-        while self.messages.len() > self.settings.max_messages.max(1) {
-            let Some((seq, _)) = self.messages.pop_first() else {
+        while self.over_limit() {
+            let Some((seq, message)) = self.messages.pop_first() else {
                 break;
             };
+            self.bytes = self.bytes.saturating_sub(stored_size(&message));
             let unsettled = self
                 .consumers
                 .iter()
@@ -364,6 +378,7 @@ impl Streams {
                     StreamState {
                         settings,
                         messages: BTreeMap::new(),
+                        bytes: 0,
                         last_seq: 0,
                         dedupe: HashMap::new(),
                         dedupe_order: VecDeque::new(),
@@ -425,16 +440,15 @@ impl Streams {
         }
         stream.last_seq += 1;
         let seq = stream.last_seq;
-        stream.messages.insert(
-            seq,
-            Arc::new(StoredMessage {
-                sequence: seq,
-                subject: subject.to_owned(),
-                headers,
-                payload,
-                published: chrono::Utc::now(),
-            }),
-        );
+        let message = Arc::new(StoredMessage {
+            sequence: seq,
+            subject: subject.to_owned(),
+            headers,
+            payload,
+            published: chrono::Utc::now(),
+        });
+        stream.bytes += stored_size(&message);
+        stream.messages.insert(seq, message);
         if let Some(id) = msg_id {
             if !stream.settings.duplicate_window.is_zero() {
                 stream.dedupe.insert(id.clone(), seq);
@@ -690,7 +704,13 @@ impl Streams {
     pub fn delete_message(&self, stream: &str, seq: u64) -> Result<bool, StreamError> {
         let mut streams = self.lock();
         let state = streams.get_mut(stream).ok_or_else(|| not_found(stream))?;
-        Ok(state.messages.remove(&seq).is_some())
+        match state.messages.remove(&seq) {
+            Some(message) => {
+                state.bytes = state.bytes.saturating_sub(stored_size(&message));
+                Ok(true)
+            }
+            None => Ok(false),
+        }
     }
 
     pub fn consumer_info(&self, stream: &str, durable: &str) -> Option<ConsumerInfo> {
@@ -717,6 +737,11 @@ impl Streams {
     }
 }
 
+/// What a stored message counts against the stream's byte limit.
+fn stored_size(message: &StoredMessage) -> usize {
+    super::headers_len(&message.headers) + message.payload.len() + message.subject.len()
+}
+
 fn not_found(stream: &str) -> StreamError {
     Error::with_detail(
         StreamErrorKind::NotFound,
@@ -736,6 +761,7 @@ mod tests {
                 subjects: vec!["ev.>".into()],
                 duplicate_window: Duration::from_secs(120),
                 max_messages: 1000,
+                max_bytes: 0,
             },
         )
         .unwrap();
@@ -770,6 +796,24 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// A stream whose pattern matches a subject overlaps with that subject, so two
+        /// streams can never both hold one subject.
+        #[test]
+        fn matching_implies_overlap(
+            pattern in proptest::collection::vec(proptest::sample::select(vec!["a", "b", "*", ">"]), 1..5),
+            subject in proptest::collection::vec(proptest::sample::select(vec!["a", "b", "c"]), 1..5),
+        ) {
+            let pattern = pattern.join(".");
+            let subject = subject.join(".");
+            if super::super::bus::is_valid_pattern(&pattern) && subject_matches(&pattern, &subject) {
+                proptest::prop_assert!(patterns_overlap(&pattern, &subject));
+                proptest::prop_assert!(patterns_overlap(&subject, &pattern));
+            }
+            proptest::prop_assert!(subject_matches(&subject, &subject));
+        }
+    }
+
     #[test]
     fn publish_without_stream_is_stream_not_found() {
         let s = streams();
@@ -789,6 +833,7 @@ mod tests {
                     subjects: vec!["ev.a.*".into()],
                     duplicate_window: Duration::ZERO,
                     max_messages: 10,
+                    max_bytes: 0,
                 },
             )
             .unwrap_err();
@@ -897,6 +942,35 @@ mod tests {
     }
 
     #[test]
+    fn the_oldest_messages_are_discarded_beyond_the_byte_limit() {
+        let s = Streams::default();
+        s.create_or_update(
+            "S",
+            StreamSettings {
+                subjects: vec!["ev.>".into()],
+                duplicate_window: Duration::ZERO,
+                max_messages: 1000,
+                max_bytes: 250,
+            },
+        )
+        .unwrap();
+        for _ in 0..5 {
+            s.publish("ev.a", HeaderMap::new(), Bytes::from(vec![b'x'; 96]))
+                .unwrap();
+        }
+        // 100 bytes each (96 payload + 4 subject): two fit under 250.
+        let seqs: Vec<u64> = s
+            .messages("S")
+            .unwrap()
+            .iter()
+            .map(|m| m.sequence)
+            .collect();
+        assert_eq!(seqs, vec![4, 5]);
+        assert!(s.delete_message("S", 4).unwrap());
+        assert_eq!(s.lock().get("S").unwrap().bytes, 100);
+    }
+
+    #[test]
     fn the_oldest_message_is_discarded_beyond_the_limit() {
         let s = Streams::default();
         s.create_or_update(
@@ -905,6 +979,7 @@ mod tests {
                 subjects: vec!["ev.>".into()],
                 duplicate_window: Duration::ZERO,
                 max_messages: 2,
+                max_bytes: 0,
             },
         )
         .unwrap();
