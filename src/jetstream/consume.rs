@@ -8,7 +8,9 @@
 //! being silently parked by the server, and max ack pending = workers + buffer.
 //!
 //! Intake: one subscription on a private inbox for the listener's life; pull requests of at
-//! most `buffer` messages that expire after [`PULL_EXPIRES`]. On stop no new request is made;
+//! most `buffer` messages that expire after [`PULL_EXPIRES`], with idle heartbeats so a request
+//! lost with its server (restart, failover) is noticed within [`PULL_HEARTBEAT`] × 3 and made
+//! again. On stop no new request is made;
 //! the subscription is drained (what the server already sent still arrives) and every
 //! message that was not started is nak'ed, so it is redelivered at once, not after the ack
 //! wait. When the connection closes for good, the listener ends and reports.
@@ -53,6 +55,9 @@ use super::{client_closed, JetStreamEvents};
 pub(crate) const PULL_EXPIRES: Duration = Duration::from_secs(5);
 /// Extra time given to a pull request's end (408) to arrive before a new request is made.
 const PULL_MARGIN: Duration = Duration::from_secs(2);
+/// The server sends an idle heartbeat this often while a pull request waits; three missed
+/// ones mean the request is gone.
+pub(crate) const PULL_HEARTBEAT: Duration = Duration::from_secs(1);
 /// Pause after a failed pull request before the next one.
 const PULL_RETRY_PAUSE: Duration = Duration::from_millis(250);
 /// How long a stop waits for the drained subscription and for acks to be flushed.
@@ -272,6 +277,7 @@ impl Intake {
             let pull = BatchConfig {
                 batch: self.batch,
                 expires: Some(PULL_EXPIRES),
+                idle_heartbeat: PULL_HEARTBEAT,
                 ..Default::default()
             };
             if let Err(err) = self
@@ -318,10 +324,14 @@ impl Intake {
             let next = tokio::select! {
                 biased;
                 _ = self.work.stopping.cancelled() => return PullEnd::Stopping,
-                next = tokio::time::timeout_at(deadline, self.subscriber.next()) => next,
+                next = tokio::time::timeout_at(
+                    deadline.min(Instant::now() + PULL_HEARTBEAT * 3),
+                    self.subscriber.next(),
+                ) => next,
             };
             let message = match next {
-                // The end of the request got lost (e.g. the server restarted): ask again.
+                // No message, heartbeat or end of the request in time: it got lost (e.g. the
+                // server restarted). Ask again.
                 Err(_) => return PullEnd::Next,
                 Ok(None) => return PullEnd::Closed,
                 Ok(Some(message)) => message,
