@@ -1,0 +1,1454 @@
+//! Event cases: publish/subscribe with payload and metadata intact (both content modes), dedupe,
+//! durable consumers (fan-out across durables, shared within one), redelivery, max deliveries and
+//! dead letters, the worker bound, stopping, promises and the EventSource.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use ce_messaging::codec::{self, ContentMode, HeaderMap};
+use ce_messaging::config::Config;
+use ce_messaging::error::{PublishErrorKind, ResponseErrorKind};
+use ce_messaging::event::{
+    new_event_auto_source, new_event_with_tid, EventExt, EventType, TransactionId,
+};
+use ce_messaging::event_source::EventFilter;
+use ce_messaging::events::{
+    event_handler_fn, typed_event_handler, Backoff, EventConnection, EventHandlers,
+    EventListenOptions, TypedEvent,
+};
+use ce_messaging::handler::HandlerError;
+use ce_messaging::headers;
+use ce_messaging::listener::Listener;
+use ce_messaging::Event;
+use cloudevents::{AttributesReader, AttributesWriter};
+use futures::future::join_all;
+use serde_json::{json, Value};
+
+use super::{eventually, skip, within, Gate, Peak, Seen};
+use crate::backend::{unique, ConsumerState, EventBackend, Stored};
+
+/// A fresh event type, unique to this case run.
+fn new_type(name: &str) -> String {
+    format!("conf.{}.{name}", unique())
+}
+
+fn new_durable() -> String {
+    format!("conf-{}", unique())
+}
+
+fn options(durable: &str) -> EventListenOptions {
+    EventListenOptions {
+        workers: 4,
+        buffer: 16,
+        grace: Duration::from_secs(5),
+        durable_name: Some(durable.to_owned()),
+        max_deliver: Some(5),
+        ack_wait: Some(Duration::from_secs(5)),
+        backoff: Backoff {
+            initial: Duration::from_millis(50),
+            max: Duration::from_millis(500),
+        },
+    }
+}
+
+fn one_worker(durable: &str) -> EventListenOptions {
+    EventListenOptions {
+        workers: 1,
+        buffer: 1,
+        ..options(durable)
+    }
+}
+
+fn event(event_type: &str, data: &Value) -> Event {
+    new_event_auto_source(event_type, data).expect("event")
+}
+
+/// Records every delivered event and acks it.
+fn recording(event_type: &str, seen: &Seen<Event>) -> EventHandlers {
+    let seen = seen.clone();
+    EventHandlers::new().on(
+        event_type,
+        event_handler_fn(move |event, _| {
+            let seen = seen.clone();
+            async move {
+                seen.push(event);
+                Ok(())
+            }
+        }),
+    )
+}
+
+async fn listen<E: EventConnection>(
+    connection: &E,
+    handlers: EventHandlers,
+    options: EventListenOptions,
+) -> Listener {
+    within("listen", connection.listen(handlers, options))
+        .await
+        .expect("listen")
+}
+
+async fn publish<E: EventConnection>(
+    connection: &E,
+    event: Event,
+) -> ce_messaging::events::PublishAck {
+    within("publish ack", connection.publish(event))
+        .await
+        .expect("published")
+}
+
+fn ids(events: &[Event]) -> BTreeSet<String> {
+    events.iter().map(|e| e.id().to_owned()).collect()
+}
+
+async fn stop_all(listeners: &[Listener]) {
+    within(
+        "listeners to stop",
+        join_all(listeners.iter().map(|l| l.stop(Duration::from_secs(5)))),
+    )
+    .await;
+}
+
+/// Waits until the durable has nothing pending and nothing unacknowledged.
+async fn wait_settled<B: EventBackend>(env: &B, config: &Config, durable: &str) {
+    eventually(
+        &format!("durable {durable} to have everything acked"),
+        || async {
+            env.consumer_state(&config.js_stream, durable).await
+                == Some(ConsumerState {
+                    pending: 0,
+                    ack_pending: 0,
+                })
+        },
+    )
+    .await;
+}
+
+/// Waits until the dead-letter stream holds `n` messages; returns them.
+async fn wait_dead_letters<B: EventBackend>(env: &B, config: &Config, n: usize) -> Vec<Stored> {
+    eventually(&format!("{n} dead letter(s)"), || async {
+        env.stored(&config.js_dlq_stream).await.len() >= n
+    })
+    .await;
+    env.stored(&config.js_dlq_stream).await
+}
+
+async fn pubsub<B: EventBackend>(mode: ContentMode) {
+    let env = B::start().await;
+    let mut pub_config = env.config("pub");
+    pub_config.ce_mode = mode;
+    let publisher = env.events(&pub_config).await;
+    let sub_config = env.config("sub");
+    let subscriber = env.events(&sub_config).await;
+    let event_type = new_type("order.created");
+    let durable = new_durable();
+    let seen = Seen::new();
+    let listener = listen(
+        &subscriber,
+        recording(&event_type, &seen),
+        options(&durable),
+    )
+    .await;
+
+    let mut sent = Vec::new();
+    for n in 0..10 {
+        let data = json!({"n": n, "text": "é ü \"quoted\" 100% ∑", "nested": {"list": [n, n + 1]}});
+        let mut e = event(&event_type, &data);
+        e.set_extension("conftag", format!("tag {n} a%b\"c é"));
+        e.set_subject(Some(format!("orders/{n} é")));
+        publish(&publisher, e.clone()).await;
+        sent.push(e);
+    }
+    let got = seen.wait_len("10 events", 10).await;
+    let by_id: HashMap<&str, &Event> = got.iter().map(|e| (e.id(), e)).collect();
+    assert_eq!(by_id.len(), 10, "each event once");
+    for e in &sent {
+        let g = by_id
+            .get(e.id())
+            .expect("every published event is delivered");
+        assert_eq!(g.ty(), e.ty());
+        assert_eq!(
+            g.source().as_str(),
+            pub_config.client_id,
+            "AUTO_POPULATE source is filled in"
+        );
+        assert_eq!(g.subject(), e.subject());
+        assert_eq!(g.time(), e.time());
+        assert_eq!(g.datacontenttype(), Some("application/json"));
+        assert_eq!(g.transaction_id(), e.transaction_id());
+        assert_eq!(
+            g.extension("conftag").map(|v| v.to_string()),
+            e.extension("conftag").map(|v| v.to_string())
+        );
+        assert_eq!(
+            g.data_as::<Value>().expect("data"),
+            e.data_as::<Value>().expect("data")
+        );
+    }
+
+    // On the wire: the contract's subject, content mode and de-duplication id.
+    let stored = env.stored(&pub_config.js_stream).await;
+    assert_eq!(stored.len(), 10);
+    for (message, e) in stored.iter().zip(&sent) {
+        assert_eq!(message.subject, pub_config.events_subject(&event_type));
+        assert_eq!(
+            message.header(headers::NATS_MSG_ID).as_deref(),
+            Some(e.id())
+        );
+        match mode {
+            ContentMode::Binary => {
+                assert_eq!(message.header("ce-specversion").as_deref(), Some("1.0"));
+                assert_eq!(message.header("ce-id").as_deref(), Some(e.id()));
+            }
+            _ => {
+                let content_type = message.header("Content-Type").unwrap_or_default();
+                assert!(
+                    content_type.starts_with("application/cloudevents+json"),
+                    "{content_type}"
+                );
+                assert!(message.header("ce-specversion").is_none());
+            }
+        }
+    }
+    wait_settled(&env, &sub_config, &durable).await;
+    listener.stop(Duration::from_secs(5)).await;
+}
+
+/// Published events reach a listener with data, attributes and extensions intact (structured).
+pub async fn publish_subscribe_keeps_data_and_attributes<B: EventBackend>() {
+    pubsub::<B>(ContentMode::Structured).await;
+}
+
+/// The same in binary content mode.
+pub async fn publish_subscribe_in_binary_mode<B: EventBackend>() {
+    pubsub::<B>(ContentMode::Binary).await;
+}
+
+/// Acks name the stream and increasing sequences; `publish_all` answers in order.
+pub async fn publish_acks_are_ordered<B: EventBackend>() {
+    let env = B::start().await;
+    let config = env.config("pub");
+    let publisher = env.events(&config).await;
+    let event_type = new_type("seq");
+    let mut last = 0;
+    for n in 0..3 {
+        let ack = publish(&publisher, event(&event_type, &json!(n))).await;
+        assert_eq!(ack.stream, config.js_stream);
+        assert!(!ack.duplicate);
+        assert!(ack.sequence > last, "{} after {last}", ack.sequence);
+        last = ack.sequence;
+    }
+    let batch: Vec<Event> = (0..20).map(|n| event(&event_type, &json!(n))).collect();
+    let results = within("publish_all", publisher.publish_all(batch.clone())).await;
+    assert_eq!(results.len(), 20);
+    for result in results {
+        let ack = result.expect("published");
+        assert!(ack.sequence > last);
+        last = ack.sequence;
+    }
+    let stored_ids: Vec<String> = env
+        .stored(&config.js_stream)
+        .await
+        .iter()
+        .skip(3)
+        .map(|m| {
+            codec::decode(Some(&m.headers), &m.payload)
+                .expect("event")
+                .id()
+                .to_owned()
+        })
+        .collect();
+    let batch_ids: Vec<String> = batch.iter().map(|e| e.id().to_owned()).collect();
+    assert_eq!(stored_ids, batch_ids, "stored in the order given");
+}
+
+/// Publishing the same event again within the duplicate window is reported as a duplicate and
+/// stored once.
+pub async fn duplicate_publish_within_window_is_stored_once<B: EventBackend>() {
+    let env = B::start().await;
+    let config = env.config("pub");
+    let publisher = env.events(&config).await;
+    let e = event(&new_type("dup"), &json!(1));
+    let first = publish(&publisher, e.clone()).await;
+    assert!(!first.duplicate);
+    let again = publish(&publisher, e.clone()).await;
+    assert!(again.duplicate, "{again:?}");
+    assert_eq!(
+        again.sequence, first.sequence,
+        "the duplicate names the stored event"
+    );
+    let other = publish(&publisher, event(e.ty(), &json!(1))).await;
+    assert!(!other.duplicate, "a different id is a different event");
+    assert_eq!(env.stored(&config.js_stream).await.len(), 2);
+}
+
+/// An event larger than the broker accepts is refused before sending and handed back.
+pub async fn too_large_event_is_refused_and_handed_back<B: EventBackend>() {
+    let env = B::start().await;
+    let config = env.config("pub");
+    let publisher = env.events(&config).await;
+    let big = event(&new_type("big"), &json!("x".repeat(2 * 1024 * 1024)));
+    let err = within("publish", publisher.publish(big.clone()))
+        .await
+        .expect_err("too large");
+    assert_eq!(err.kind(), PublishErrorKind::TooLarge, "{err}");
+    let back = err.into_event().expect("the event is handed back");
+    assert_eq!(back.id(), big.id());
+    assert!(env.stored(&config.js_stream).await.is_empty());
+}
+
+/// Publishing to a subject no stream holds fails with `StreamNotFound` (no silent drop).
+pub async fn publish_without_stream_is_stream_not_found<B: EventBackend>() {
+    let env = B::start().await;
+    let mut config = env.config("pub");
+    config.js_subject_prefix = format!("nostream{}", unique());
+    let publisher = env.events(&config).await;
+    let e = event(&new_type("lost"), &json!(1));
+    let err = within("publish", publisher.publish(e.clone()))
+        .await
+        .expect_err("no stream");
+    assert_eq!(err.kind(), PublishErrorKind::StreamNotFound, "{err}");
+    assert_eq!(
+        err.into_event().map(|b| b.id().to_owned()),
+        Some(e.id().to_owned())
+    );
+}
+
+/// A new durable receives events published before it existed.
+pub async fn new_durable_receives_earlier_events<B: EventBackend>() {
+    let env = B::start().await;
+    let config = env.config("svc");
+    let connection = env.events(&config).await;
+    let event_type = new_type("old");
+    let mut sent = Vec::new();
+    for n in 0..5 {
+        let e = event(&event_type, &json!(n));
+        publish(&connection, e.clone()).await;
+        sent.push(e);
+    }
+    let seen = Seen::new();
+    let durable = new_durable();
+    let listener = listen(
+        &connection,
+        recording(&event_type, &seen),
+        options(&durable),
+    )
+    .await;
+    let got = seen.wait_len("the 5 earlier events", 5).await;
+    assert_eq!(ids(&got), ids(&sent));
+    wait_settled(&env, &config, &durable).await;
+    listener.stop(Duration::from_secs(5)).await;
+}
+
+/// A listener gets only the types it handles (nothing else is delivered, so nothing else is
+/// dead-lettered as unhandled).
+pub async fn event_types_are_isolated<B: EventBackend>() {
+    let env = B::start().await;
+    let config = env.config("svc");
+    let connection = env.events(&config).await;
+    let (type_x, type_y) = (new_type("x"), new_type("y"));
+    let (seen_x, seen_y) = (Seen::new(), Seen::new());
+    let (durable_x, durable_y) = (new_durable(), new_durable());
+    let listeners = vec![
+        listen(
+            &connection,
+            recording(&type_x, &seen_x),
+            one_worker(&durable_x),
+        )
+        .await,
+        listen(
+            &connection,
+            recording(&type_y, &seen_y),
+            one_worker(&durable_y),
+        )
+        .await,
+    ];
+    for t in [&type_x, &type_y, &type_x, &type_y, &type_y, &type_x] {
+        publish(&connection, event(t, &json!(null))).await;
+    }
+    // One worker, in order: by the time each listener saw its last event, anything misrouted
+    // before it was processed (and dead-lettered) too.
+    let x = seen_x.wait_len("3 x events", 3).await;
+    let y = seen_y.wait_len("3 y events", 3).await;
+    assert!(x.iter().all(|e| e.ty() == type_x));
+    assert!(y.iter().all(|e| e.ty() == type_y));
+    wait_settled(&env, &config, &durable_x).await;
+    wait_settled(&env, &config, &durable_y).await;
+    assert!(
+        env.stored(&config.js_dlq_stream).await.is_empty(),
+        "nothing misrouted"
+    );
+    assert_eq!((seen_x.len(), seen_y.len()), (3, 3));
+    stop_all(&listeners).await;
+}
+
+/// Consumer groups: each durable gets every event; instances of one durable share them, each
+/// event going to one instance.
+pub async fn durables_fan_out_and_instances_share<B: EventBackend>() {
+    let env = B::start().await;
+    let config = env.config("pub");
+    let publisher = env.events(&config).await;
+    let event_type = new_type("fanout");
+    let (group_1, group_2) = (new_durable(), new_durable());
+    let (seen_1a, seen_1b, seen_2) = (Seen::new(), Seen::new(), Seen::new());
+    let mut listeners = Vec::new();
+    for (durable, seen) in [
+        (&group_1, &seen_1a),
+        (&group_1, &seen_1b),
+        (&group_2, &seen_2),
+    ] {
+        let connection = env.events(&env.config("svc")).await;
+        listeners.push(listen(&connection, recording(&event_type, seen), options(durable)).await);
+    }
+    let sent: Vec<Event> = (0..20).map(|n| event(&event_type, &json!(n))).collect();
+    for e in &sent {
+        publish(&publisher, e.clone()).await;
+    }
+    let all = ids(&sent);
+    seen_2
+        .wait_until("group 2 to get every event", |got| ids(got) == all)
+        .await;
+    eventually("group 1 to get every event", || async {
+        let mut got = seen_1a.snapshot();
+        got.extend(seen_1b.snapshot());
+        ids(&got) == all
+    })
+    .await;
+    wait_settled(&env, &config, &group_1).await;
+    wait_settled(&env, &config, &group_2).await;
+    let (a, b) = (ids(&seen_1a.snapshot()), ids(&seen_1b.snapshot()));
+    assert!(
+        a.is_disjoint(&b),
+        "an event went to both instances of one durable"
+    );
+    assert_eq!(
+        seen_1a.len() + seen_1b.len(),
+        20,
+        "each event handled once in group 1"
+    );
+    assert_eq!(seen_2.len(), 20, "each event handled once in group 2");
+    stop_all(&listeners).await;
+}
+
+/// Listeners started at the same time on one durable get every event between them, once.
+pub async fn concurrent_listeners_share_one_durable<B: EventBackend>() {
+    let env = B::start().await;
+    let config = env.config("svc");
+    let connection = env.events(&config).await;
+    let event_type = new_type("concurrent");
+    let durable = new_durable();
+    let seen = Seen::new();
+    let listeners: Vec<Listener> = within(
+        "5 listeners",
+        join_all(
+            (0..5).map(|_| connection.listen(recording(&event_type, &seen), options(&durable))),
+        ),
+    )
+    .await
+    .into_iter()
+    .map(|l| l.expect("listen"))
+    .collect();
+    let sent: Vec<Event> = (0..30).map(|n| event(&event_type, &json!(n))).collect();
+    let results = within("publish_all", connection.publish_all(sent.clone())).await;
+    assert!(results.iter().all(|r| r.is_ok()));
+    let all = ids(&sent);
+    seen.wait_until("every event", |got| ids(got) == all).await;
+    wait_settled(&env, &config, &durable).await;
+    assert_eq!(seen.len(), 30, "each event handled once");
+    stop_all(&listeners).await;
+}
+
+/// A handler that fails gets the event again, after the delay it asked for; then it is acked.
+pub async fn failed_event_is_redelivered_after_its_delay<B: EventBackend>() {
+    let env = B::start().await;
+    let config = env.config("svc");
+    let connection = env.events(&config).await;
+    let event_type = new_type("retry");
+    let durable = new_durable();
+    let deliveries: Seen<Instant> = Seen::new();
+    let recorder = deliveries.clone();
+    let handlers = EventHandlers::new().on(
+        &event_type,
+        event_handler_fn(move |_, _| {
+            let recorder = recorder.clone();
+            async move {
+                recorder.push(Instant::now());
+                if recorder.len() == 1 {
+                    return Err(
+                        HandlerError::new("transient").retry_after(Duration::from_millis(400))
+                    );
+                }
+                Ok(())
+            }
+        }),
+    );
+    let listener = listen(&connection, handlers, options(&durable)).await;
+    publish(&connection, event(&event_type, &json!(1))).await;
+    let times = deliveries.wait_len("the redelivery", 2).await;
+    let gap = times[1] - times[0];
+    assert!(
+        gap >= Duration::from_millis(350),
+        "redelivered after {gap:?}, asked for 400 ms"
+    );
+    wait_settled(&env, &config, &durable).await;
+    assert_eq!(deliveries.len(), 2, "acked after the second delivery");
+    listener.stop(Duration::from_secs(5)).await;
+}
+
+/// A listener keeps handling after handlers fail and panic; every event is handled in the end.
+pub async fn listener_continues_after_errors<B: EventBackend>() {
+    let env = B::start().await;
+    let config = env.config("svc");
+    let connection = env.events(&config).await;
+    let event_type = new_type("flaky");
+    let durable = new_durable();
+    let attempts: Arc<std::sync::Mutex<HashMap<u64, usize>>> = Arc::default();
+    let done: Seen<u64> = Seen::new();
+    let (a, d) = (attempts.clone(), done.clone());
+    let handlers = EventHandlers::new().on(
+        &event_type,
+        typed_event_handler(move |e: TypedEvent<u64>| {
+            let (attempts, done) = (a.clone(), d.clone());
+            async move {
+                let attempt = {
+                    let mut map = attempts.lock().expect("lock");
+                    let n = map.entry(e.data).or_default();
+                    *n += 1;
+                    *n
+                };
+                if attempt == 1 && e.data.is_multiple_of(3) {
+                    return Err(HandlerError::new("first attempt fails"));
+                }
+                if attempt == 1 && e.data % 3 == 1 {
+                    panic!("first attempt panics");
+                }
+                done.push(e.data);
+                Ok(())
+            }
+        }),
+    );
+    let listener = listen(&connection, handlers, one_worker(&durable)).await;
+    for n in 0..9u64 {
+        publish(&connection, event(&event_type, &json!(n))).await;
+    }
+    let handled = done
+        .wait_until("all 9 handled", |d| {
+            d.iter().collect::<BTreeSet<_>>().len() == 9
+        })
+        .await;
+    assert_eq!(handled.len(), 9);
+    wait_settled(&env, &config, &durable).await;
+    assert!(env.stored(&config.js_dlq_stream).await.is_empty());
+    listener.stop(Duration::from_secs(5)).await;
+}
+
+/// A listener stopped mid-stream and a new one on the same durable together handle every
+/// event.
+pub async fn listener_stop_and_restart_continues<B: EventBackend>() {
+    let env = B::start().await;
+    let config = env.config("svc");
+    let connection = env.events(&config).await;
+    let event_type = new_type("restart");
+    let durable = new_durable();
+    let sent: Vec<Event> = (0..20).map(|n| event(&event_type, &json!(n))).collect();
+    for e in &sent {
+        publish(&connection, e.clone()).await;
+    }
+    // The first listener holds its fifth event past the grace period, so the stop always comes
+    // mid-stream (however fast the backend is) and that event is handed back.
+    let first: Seen<Event> = Seen::new();
+    let gate = Gate::new();
+    let (f, g) = (first.clone(), gate.clone());
+    let holding = EventHandlers::new().on(
+        &event_type,
+        event_handler_fn(move |e, _| {
+            let (first, gate) = (f.clone(), g.clone());
+            async move {
+                first.push(e);
+                if first.len() >= 5 {
+                    gate.wait().await;
+                }
+                Ok(())
+            }
+        }),
+    );
+    let listener = listen(&connection, holding, one_worker(&durable)).await;
+    first.wait_len("5 events before the stop", 5).await;
+    let report = within("the stop", listener.stop(Duration::from_millis(300))).await;
+    assert_eq!(report.abandoned, 1, "{report:?}");
+    let handled_first = first.snapshot();
+    assert_eq!(
+        handled_first.len(),
+        5,
+        "nothing new is started once the stop began"
+    );
+    let acked = ids(&handled_first[..4]);
+    let handed_back = handled_first[4].id().to_owned();
+
+    let second = Seen::new();
+    let listener = listen(
+        &connection,
+        recording(&event_type, &second),
+        options(&durable),
+    )
+    .await;
+    let all = ids(&sent);
+    let got = second
+        .wait_until("the rest", |got| {
+            let mut union = ids(got);
+            union.extend(acked.iter().cloned());
+            union == all
+        })
+        .await;
+    assert!(ids(&got).is_disjoint(&acked), "acked events came again");
+    assert!(
+        ids(&got).contains(&handed_back),
+        "the abandoned event came back"
+    );
+    assert_eq!(first.len(), 5, "a stopped listener handles nothing more");
+    gate.open();
+    wait_settled(&env, &config, &durable).await;
+    listener.stop(Duration::from_secs(5)).await;
+}
+
+/// An event whose listener died mid-handler (no ack, no nak) is redelivered after the ack wait.
+pub async fn unacked_event_is_redelivered_after_ack_wait<B: EventBackend>() {
+    let env = B::start().await;
+    let config = env.config("svc");
+    let connection = env.events(&config).await;
+    let event_type = new_type("crash");
+    let durable = new_durable();
+    let options = EventListenOptions {
+        ack_wait: Some(Duration::from_secs(1)),
+        ..one_worker(&durable)
+    };
+    let gate = Gate::new();
+    let started: Seen<Event> = Seen::new();
+    let (g, s) = (gate.clone(), started.clone());
+    let handlers = EventHandlers::new().on(
+        &event_type,
+        event_handler_fn(move |e, _| {
+            let (gate, started) = (g.clone(), s.clone());
+            async move {
+                started.push(e);
+                gate.wait().await;
+                Ok(())
+            }
+        }),
+    );
+    let crashed = listen(&connection, handlers, options.clone()).await;
+    let e = event(&event_type, &json!(1));
+    publish(&connection, e.clone()).await;
+    started.wait_len("the first delivery", 1).await;
+    within("abort", crashed.abort()).await;
+    let begin = Instant::now();
+    let again = Seen::new();
+    let listener = listen(&connection, recording(&event_type, &again), options).await;
+    let got = again.wait_len("the redelivery after the ack wait", 1).await;
+    assert_eq!(got[0].id(), e.id());
+    assert!(begin.elapsed() < Duration::from_secs(8));
+    wait_settled(&env, &config, &durable).await;
+    gate.open();
+    listener.stop(Duration::from_secs(5)).await;
+}
+
+/// A handler that runs longer than the ack wait keeps its event (in-progress): no redelivery
+/// while it runs.
+pub async fn long_handler_is_not_redelivered<B: EventBackend>() {
+    let env = B::start().await;
+    let config = env.config("svc");
+    let connection = env.events(&config).await;
+    let event_type = new_type("long");
+    let durable = new_durable();
+    let starts: Seen<Instant> = Seen::new();
+    let recorder = starts.clone();
+    let handlers = EventHandlers::new().on(
+        &event_type,
+        event_handler_fn(move |_, _| {
+            let recorder = recorder.clone();
+            async move {
+                recorder.push(Instant::now());
+                // Work that outlasts the ack wait (1 s) more than twice.
+                tokio::time::sleep(Duration::from_millis(2500)).await;
+                Ok(())
+            }
+        }),
+    );
+    let options = EventListenOptions {
+        workers: 2,
+        ack_wait: Some(Duration::from_secs(1)),
+        ..options(&durable)
+    };
+    let listener = listen(&connection, handlers, options).await;
+    publish(&connection, event(&event_type, &json!(1))).await;
+    starts.wait_len("the delivery", 1).await;
+    wait_settled(&env, &config, &durable).await;
+    assert_eq!(
+        starts.len(),
+        1,
+        "redelivered while the handler was still working"
+    );
+    listener.stop(Duration::from_secs(5)).await;
+}
+
+fn assert_dead_letter(
+    letter: &Stored,
+    config: &Config,
+    durable: &str,
+    original: &Event,
+    sequence: u64,
+    reason: &str,
+    deliveries: u64,
+) {
+    assert_eq!(
+        letter.subject,
+        format!("deadletter.{}.{}", config.js_stream, durable)
+    );
+    assert_eq!(
+        letter.header(headers::DEAD_LETTER_REASON).as_deref(),
+        Some(reason)
+    );
+    assert_eq!(
+        letter.header(headers::DEAD_LETTER_SUBJECT),
+        Some(config.events_subject(original.ty()))
+    );
+    assert_eq!(
+        letter.header(headers::DEAD_LETTER_STREAM_SEQ),
+        Some(sequence.to_string())
+    );
+    assert_eq!(
+        letter.header(headers::DEAD_LETTER_DELIVERIES),
+        Some(deliveries.to_string())
+    );
+    assert!(letter
+        .header(headers::DEAD_LETTER_ERROR)
+        .is_some_and(|e| !e.is_empty()));
+    let kept = codec::decode(Some(&letter.headers), &letter.payload).expect("original kept");
+    assert_eq!(kept.id(), original.id());
+    assert_eq!(
+        kept.data_as::<Value>().ok(),
+        original.data_as::<Value>().ok()
+    );
+}
+
+/// An event that fails on every delivery is dead-lettered (reason `max-deliveries`) after
+/// `max_deliver` attempts, original headers and payload unchanged, and leaves the consumer.
+pub async fn max_deliveries_go_to_dead_letter<B: EventBackend>() {
+    let env = B::start().await;
+    let config = env.config("svc");
+    let connection = env.events(&config).await;
+    let event_type = new_type("poison");
+    let durable = new_durable();
+    let attempts = Arc::new(AtomicUsize::new(0));
+    let a = attempts.clone();
+    let handlers = EventHandlers::new().on(
+        &event_type,
+        event_handler_fn(move |_, _| {
+            let a = a.clone();
+            async move {
+                a.fetch_add(1, Ordering::SeqCst);
+                Err(HandlerError::new("always fails").retry_after(Duration::from_millis(20)))
+            }
+        }),
+    );
+    let options = EventListenOptions {
+        max_deliver: Some(3),
+        ..options(&durable)
+    };
+    let listener = listen(&connection, handlers, options).await;
+    let e = event(&event_type, &json!({"order": 7}));
+    let ack = publish(&connection, e.clone()).await;
+    let letters = wait_dead_letters(&env, &config, 1).await;
+    wait_settled(&env, &config, &durable).await;
+    assert_eq!(letters.len(), 1);
+    assert_dead_letter(
+        &letters[0],
+        &config,
+        &durable,
+        &e,
+        ack.sequence,
+        "max-deliveries",
+        3,
+    );
+    assert_eq!(attempts.load(Ordering::SeqCst), 3);
+    listener.stop(Duration::from_secs(5)).await;
+}
+
+/// An event a handler rejects as permanent (or whose data does not fit the handler's type) is
+/// dead-lettered at once with reason `rejected`.
+pub async fn rejected_event_goes_to_dead_letter<B: EventBackend>() {
+    #[derive(serde::Deserialize)]
+    struct Order {
+        #[allow(dead_code)]
+        id: u64,
+    }
+    let env = B::start().await;
+    let config = env.config("svc");
+    let connection = env.events(&config).await;
+    let (rejecting, typed) = (new_type("reject"), new_type("typed"));
+    let durable = new_durable();
+    let attempts = Arc::new(AtomicUsize::new(0));
+    let a = attempts.clone();
+    let handlers = EventHandlers::new()
+        .on(
+            &rejecting,
+            event_handler_fn(move |_, _| {
+                let a = a.clone();
+                async move {
+                    a.fetch_add(1, Ordering::SeqCst);
+                    Err(HandlerError::permanent("order is malformed"))
+                }
+            }),
+        )
+        .on(
+            &typed,
+            typed_event_handler(|_: TypedEvent<Order>| async { Ok(()) }),
+        );
+    let listener = listen(&connection, handlers, one_worker(&durable)).await;
+    let first = event(&rejecting, &json!(1));
+    let first_ack = publish(&connection, first.clone()).await;
+    let letters = wait_dead_letters(&env, &config, 1).await;
+    assert_dead_letter(
+        &letters[0],
+        &config,
+        &durable,
+        &first,
+        first_ack.sequence,
+        "rejected",
+        1,
+    );
+    assert_eq!(
+        letters[0].header(headers::DEAD_LETTER_ERROR).as_deref(),
+        Some("order is malformed")
+    );
+    let second = event(&typed, &json!("not an order"));
+    let second_ack = publish(&connection, second.clone()).await;
+    let letters = wait_dead_letters(&env, &config, 2).await;
+    assert_dead_letter(
+        &letters[1],
+        &config,
+        &durable,
+        &second,
+        second_ack.sequence,
+        "rejected",
+        1,
+    );
+    wait_settled(&env, &config, &durable).await;
+    assert_eq!(
+        attempts.load(Ordering::SeqCst),
+        1,
+        "no retry of a permanent failure"
+    );
+    listener.stop(Duration::from_secs(5)).await;
+}
+
+/// Bytes that are not a CloudEvent are dead-lettered with reason `decode`, unchanged, and the
+/// listener goes on.
+pub async fn undecodable_message_goes_to_dead_letter<B: EventBackend>() {
+    if let Some(why) = B::caps().raw_publish {
+        skip(B::NAME, "undecodable_message_goes_to_dead_letter", why);
+        return;
+    }
+    let env = B::start().await;
+    let config = env.config("svc");
+    let connection = env.events(&config).await;
+    let event_type = new_type("garbage");
+    let durable = new_durable();
+    let seen = Seen::new();
+    let listener = listen(
+        &connection,
+        recording(&event_type, &seen),
+        one_worker(&durable),
+    )
+    .await;
+    let subject = config.events_subject(&event_type);
+    let mut raw_headers = HeaderMap::new();
+    raw_headers.insert("X-Conf", "kept");
+    env.publish_raw(
+        &subject,
+        raw_headers,
+        Bytes::from_static(b"\xff not an event {"),
+    )
+    .await;
+    let good = event(&event_type, &json!(1));
+    publish(&connection, good.clone()).await;
+    seen.wait_len("the good event after the bad one", 1).await;
+    let letters = wait_dead_letters(&env, &config, 1).await;
+    let letter = &letters[0];
+    assert_eq!(
+        letter.header(headers::DEAD_LETTER_REASON).as_deref(),
+        Some("decode")
+    );
+    assert_eq!(letter.header(headers::DEAD_LETTER_SUBJECT), Some(subject));
+    assert_eq!(letter.header("X-Conf").as_deref(), Some("kept"));
+    assert_eq!(&letter.payload[..], b"\xff not an event {");
+    wait_settled(&env, &config, &durable).await;
+    listener.stop(Duration::from_secs(5)).await;
+}
+
+/// At most `workers` event handlers run at once, and that many do.
+pub async fn event_worker_bound_is_never_exceeded<B: EventBackend>() {
+    let env = B::start().await;
+    let config = env.config("svc");
+    let connection = env.events(&config).await;
+    let event_type = new_type("bounded");
+    let durable = new_durable();
+    let peak = Peak::new();
+    let gate = Gate::new();
+    let done = Seen::new();
+    let (p, g, d) = (peak.clone(), gate.clone(), done.clone());
+    let handlers = EventHandlers::new().on(
+        &event_type,
+        event_handler_fn(move |e, _| {
+            let (peak, gate, done) = (p.clone(), g.clone(), d.clone());
+            async move {
+                let _running = peak.enter();
+                gate.wait().await;
+                done.push(e);
+                Ok(())
+            }
+        }),
+    );
+    let options = EventListenOptions {
+        workers: 3,
+        buffer: 8,
+        ..options(&durable)
+    };
+    let listener = listen(&connection, handlers, options).await;
+    let sent: Vec<Event> = (0..20).map(|n| event(&event_type, &json!(n))).collect();
+    let results = within("publish_all", connection.publish_all(sent.clone())).await;
+    assert!(results.iter().all(|r| r.is_ok()));
+    peak.wait_running(3).await;
+    gate.open();
+    let all = ids(&sent);
+    done.wait_until("all 20 handled", |got| ids(got) == all)
+        .await;
+    assert_eq!(peak.max(), 3, "never more than 3 handlers at once");
+    wait_settled(&env, &config, &durable).await;
+    listener.stop(Duration::from_secs(5)).await;
+}
+
+fn gated_recording(
+    event_type: &str,
+    gate: &Gate,
+    started: &Seen<Event>,
+    finished: &Seen<Event>,
+) -> EventHandlers {
+    let (g, s, f) = (gate.clone(), started.clone(), finished.clone());
+    EventHandlers::new().on(
+        event_type,
+        event_handler_fn(move |e, _| {
+            let (gate, started, finished) = (g.clone(), s.clone(), f.clone());
+            async move {
+                started.push(e.clone());
+                gate.wait().await;
+                finished.push(e);
+                Ok(())
+            }
+        }),
+    )
+}
+
+/// Stopping lets the handler in flight finish and ack; events published afterwards wait for the
+/// next listener.
+pub async fn event_graceful_stop_finishes_in_flight_and_refuses_new<B: EventBackend>() {
+    let env = B::start().await;
+    let config = env.config("svc");
+    let connection = env.events(&config).await;
+    let event_type = new_type("graceful");
+    let durable = new_durable();
+    let (started, finished): (Seen<Event>, Seen<Event>) = (Seen::new(), Seen::new());
+    let (s, f) = (started.clone(), finished.clone());
+    let handlers = EventHandlers::new().on(
+        &event_type,
+        event_handler_fn(move |e, _| {
+            let (started, finished) = (s.clone(), f.clone());
+            async move {
+                started.push(e.clone());
+                // Work that is still going on when the stop begins.
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                finished.push(e);
+                Ok(())
+            }
+        }),
+    );
+    let listener = listen(&connection, handlers, one_worker(&durable)).await;
+    let first = event(&event_type, &json!(1));
+    publish(&connection, first.clone()).await;
+    started.wait_len("the handler to start", 1).await;
+    let report = within("the stop", listener.stop(Duration::from_secs(10))).await;
+    assert_eq!(report.finished, 1, "{report:?}");
+    assert_eq!(report.abandoned, 0, "{report:?}");
+    assert_eq!(ids(&finished.snapshot()), ids(std::slice::from_ref(&first)));
+    wait_settled(&env, &config, &durable).await;
+
+    let second = event(&event_type, &json!(2));
+    publish(&connection, second.clone()).await;
+    eventually("the new event to wait, undelivered", || async {
+        env.consumer_state(&config.js_stream, &durable).await
+            == Some(ConsumerState {
+                pending: 1,
+                ack_pending: 0,
+            })
+    })
+    .await;
+    assert_eq!(started.len(), 1, "a stopped listener takes nothing new");
+    let next = Seen::new();
+    let listener = listen(
+        &connection,
+        recording(&event_type, &next),
+        options(&durable),
+    )
+    .await;
+    let got = next.wait_len("the next listener to get it", 1).await;
+    assert_eq!(
+        got[0].id(),
+        second.id(),
+        "the finished event was acked, not redelivered"
+    );
+    wait_settled(&env, &config, &durable).await;
+    listener.stop(Duration::from_secs(5)).await;
+}
+
+/// A handler still running when the grace period ends is abandoned and its event handed back at
+/// once (not after the ack wait): the next listener gets it.
+pub async fn event_stop_after_grace_hands_the_event_back<B: EventBackend>() {
+    let env = B::start().await;
+    let config = env.config("svc");
+    let connection = env.events(&config).await;
+    let event_type = new_type("abandoned");
+    let durable = new_durable();
+    let gate = Gate::new();
+    let (started, finished) = (Seen::new(), Seen::new());
+    let long_ack_wait = EventListenOptions {
+        ack_wait: Some(Duration::from_secs(30)),
+        ..one_worker(&durable)
+    };
+    let listener = listen(
+        &connection,
+        gated_recording(&event_type, &gate, &started, &finished),
+        long_ack_wait.clone(),
+    )
+    .await;
+    let e = event(&event_type, &json!(1));
+    publish(&connection, e.clone()).await;
+    started.wait_len("the handler to start", 1).await;
+    let report = within("the stop", listener.stop(Duration::from_millis(200))).await;
+    assert_eq!(report.abandoned, 1, "{report:?}");
+    assert!(finished.len() == 0);
+    let next = Seen::new();
+    let listener = listen(&connection, recording(&event_type, &next), long_ack_wait).await;
+    let got = next
+        .wait_len("the handed-back event (well before the 30 s ack wait)", 1)
+        .await;
+    assert_eq!(got[0].id(), e.id());
+    wait_settled(&env, &config, &durable).await;
+    gate.open();
+    listener.stop(Duration::from_secs(5)).await;
+}
+
+/// Cancelling the listener's token stops it; what is published afterwards waits for the next.
+pub async fn cancelled_token_stops_event_listener<B: EventBackend>() {
+    let env = B::start().await;
+    let config = env.config("svc");
+    let connection = env.events(&config).await;
+    let event_type = new_type("token");
+    let durable = new_durable();
+    let seen = Seen::new();
+    let listener = listen(
+        &connection,
+        recording(&event_type, &seen),
+        options(&durable),
+    )
+    .await;
+    publish(&connection, event(&event_type, &json!(1))).await;
+    seen.wait_len("the first event", 1).await;
+    listener.cancellation_token().cancel();
+    within("the listener to stop", listener.stopped()).await;
+    let later = event(&event_type, &json!(2));
+    publish(&connection, later.clone()).await;
+    let next = Seen::new();
+    let listener2 = listen(
+        &connection,
+        recording(&event_type, &next),
+        options(&durable),
+    )
+    .await;
+    let got = next.wait_len("the event published after the stop", 1).await;
+    assert_eq!(got[0].id(), later.id());
+    assert_eq!(seen.len(), 1, "the cancelled listener handled nothing more");
+    listener2.stop(Duration::from_secs(5)).await;
+}
+
+/// Many listeners of one durable stop at the same time without hanging; a new one gets the
+/// events published afterwards.
+pub async fn event_listeners_close_concurrently<B: EventBackend>() {
+    let env = B::start().await;
+    let config = env.config("svc");
+    let event_type = new_type("many");
+    let durable = new_durable();
+    let seen = Seen::new();
+    let mut listeners = Vec::new();
+    for _ in 0..5 {
+        let connection = env.events(&env.config("svc")).await;
+        listeners.push(
+            listen(
+                &connection,
+                recording(&event_type, &seen),
+                options(&durable),
+            )
+            .await,
+        );
+    }
+    let publisher = env.events(&config).await;
+    let sent: Vec<Event> = (0..10).map(|n| event(&event_type, &json!(n))).collect();
+    within("publish_all", publisher.publish_all(sent.clone())).await;
+    let all = ids(&sent);
+    seen.wait_until("the first 10", |got| ids(got) == all).await;
+    stop_all(&listeners).await;
+    assert!(listeners.iter().all(Listener::is_stopped));
+    let later: Vec<Event> = (0..5).map(|n| event(&event_type, &json!(n))).collect();
+    within("publish_all", publisher.publish_all(later.clone())).await;
+    let next = Seen::new();
+    let listener = listen(&publisher, recording(&event_type, &next), options(&durable)).await;
+    let want = ids(&later);
+    next.wait_until("the later 5", |got| ids(got) == want).await;
+    wait_settled(&env, &config, &durable).await;
+    listener.stop(Duration::from_secs(5)).await;
+}
+
+/// Closing a publisher with publishes in flight loses none that were acknowledged, and a
+/// publish after the close fails and hands the event back.
+pub async fn publisher_close_keeps_acknowledged_publishes<B: EventBackend>() {
+    let env = B::start().await;
+    let config = env.config("pub");
+    let publisher = env.events(&config).await;
+    let event_type = new_type("closing");
+    let sent: Vec<Event> = (0..50).map(|n| event(&event_type, &json!(n))).collect();
+    let in_flight = tokio::spawn({
+        let (publisher, sent) = (publisher.clone(), sent.clone());
+        async move {
+            join_all(sent.into_iter().map(|e| {
+                let publisher = publisher.clone();
+                async move { publisher.publish(e).await }
+            }))
+            .await
+        }
+    });
+    tokio::task::yield_now().await;
+    within("close", B::close_events(&publisher)).await;
+    let results = within("the in-flight publishes to end", in_flight)
+        .await
+        .expect("join");
+    let mut acked = BTreeSet::new();
+    for (result, e) in results.into_iter().zip(&sent) {
+        match result {
+            Ok(_) => {
+                acked.insert(e.id().to_owned());
+            }
+            Err(err) => assert_eq!(
+                err.into_event().map(|b| b.id().to_owned()),
+                Some(e.id().to_owned())
+            ),
+        }
+    }
+    let stored: BTreeSet<String> = env
+        .stored(&config.js_stream)
+        .await
+        .iter()
+        .map(|m| {
+            codec::decode(Some(&m.headers), &m.payload)
+                .expect("event")
+                .id()
+                .to_owned()
+        })
+        .collect();
+    assert!(acked.is_subset(&stored), "an acknowledged publish was lost");
+    let after = event(&event_type, &json!("after"));
+    let err = within("publish after close", publisher.publish(after.clone()))
+        .await
+        .expect_err("the connection is closed");
+    assert_eq!(
+        err.into_event().map(|b| b.id().to_owned()),
+        Some(after.id().to_owned())
+    );
+}
+
+/// Responds to `request_type` with `response_type`, echoing the request data.
+fn responder(request_type: &str, response_type: &str) -> EventHandlers {
+    let response_type = response_type.to_owned();
+    EventHandlers::new().on(
+        request_type,
+        event_handler_fn(move |e: Event, responses| {
+            let response_type = response_type.clone();
+            async move {
+                let data: Value = e.data_as()?;
+                responses
+                    .respond_data(&response_type, &json!({ "echo": data }))
+                    .await?;
+                Ok(())
+            }
+        }),
+    )
+}
+
+/// A request event's promise gets the response with the same transaction id.
+pub async fn promise_gets_response_by_transaction_id<B: EventBackend>() {
+    let env = B::start().await;
+    let service = env.events(&env.config("svc")).await;
+    let client = env.events(&env.config("cli")).await;
+    let (request_type, response_type) = (new_type("quote.requested"), new_type("quote.given"));
+    let listener = listen(
+        &service,
+        responder(&request_type, &response_type),
+        options(&new_durable()),
+    )
+    .await;
+    let request = event(&request_type, &json!({"item": "a"}));
+    let tid = request.transaction_id().expect("tid");
+    let mut promise = within(
+        "request",
+        client.request(request, &[EventType::from(response_type.as_str())]),
+    )
+    .await
+    .expect("promise");
+    assert_eq!(promise.transaction_id(), &tid);
+    let response = within("response", promise.response(Duration::from_secs(5)))
+        .await
+        .expect("response");
+    assert_eq!(response.ty(), response_type);
+    assert_eq!(response.transaction_id(), Some(tid));
+    assert_eq!(
+        response.data_as::<Value>().expect("data"),
+        json!({"echo": {"item": "a"}})
+    );
+    listener.stop(Duration::from_secs(5)).await;
+}
+
+/// A response published the instant the promise exists is not missed (listening starts before
+/// publishing).
+pub async fn promise_catches_an_immediate_response<B: EventBackend>() {
+    let env = B::start().await;
+    let client = env.events(&env.config("cli")).await;
+    let responder_connection = env.events(&env.config("svc")).await;
+    let response_type = new_type("answer");
+    for _ in 0..10 {
+        let tid = TransactionId::generate();
+        let mut promise = within(
+            "promise",
+            client.wait_for_response(&tid, &[EventType::from(response_type.as_str())]),
+        )
+        .await
+        .expect("promise");
+        let response =
+            new_event_with_tid(&response_type, "responder", &json!(1), tid.clone()).expect("event");
+        publish(&responder_connection, response).await;
+        let got = within("response", promise.response(Duration::from_secs(5)))
+            .await
+            .expect("the immediate response");
+        assert_eq!(got.transaction_id(), Some(tid));
+    }
+}
+
+/// Many requests in flight at once each get their own response, never another's.
+pub async fn concurrent_promises_do_not_cross<B: EventBackend>() {
+    let env = B::start().await;
+    let service = env.events(&env.config("svc")).await;
+    let client = env.events(&env.config("cli")).await;
+    let (request_type, response_type) = (new_type("req"), new_type("resp"));
+    let listener = listen(
+        &service,
+        responder(&request_type, &response_type),
+        options(&new_durable()),
+    )
+    .await;
+    let requests = (0..20).map(|n| {
+        let client = client.clone();
+        let (request_type, response_type) = (request_type.clone(), response_type.clone());
+        async move {
+            let mut promise = client
+                .request(
+                    event(&request_type, &json!(n)),
+                    &[EventType::from(response_type.as_str())],
+                )
+                .await
+                .expect("promise");
+            let response = promise
+                .response(Duration::from_secs(8))
+                .await
+                .expect("response");
+            (n, response.data_as::<Value>().expect("data"))
+        }
+    });
+    for (n, data) in within("20 responses", join_all(requests)).await {
+        assert_eq!(data, json!({"echo": n}));
+    }
+    listener.stop(Duration::from_secs(5)).await;
+}
+
+/// A promise with no response times out; a response with another transaction id does not count.
+pub async fn promise_times_out_without_response<B: EventBackend>() {
+    let env = B::start().await;
+    let client = env.events(&env.config("cli")).await;
+    let response_type = new_type("never");
+    let tid = TransactionId::generate();
+    let mut promise = within(
+        "promise",
+        client.wait_for_response(&tid, &[EventType::from(response_type.as_str())]),
+    )
+    .await
+    .expect("promise");
+    let other = new_event_with_tid(&response_type, "x", &json!(1), TransactionId::generate())
+        .expect("event");
+    publish(&client, other).await;
+    let begin = Instant::now();
+    let err = within(
+        "the promise to time out",
+        promise.response(Duration::from_millis(500)),
+    )
+    .await
+    .expect_err("no response");
+    assert_eq!(err.kind(), ResponseErrorKind::TimedOut, "{err}");
+    assert!(begin.elapsed() >= Duration::from_millis(450));
+}
+
+/// EventSource listeners: by type, once, removed; the subscription goes with the last listener.
+pub async fn event_source_add_remove_once<B: EventBackend>() {
+    let env = B::start().await;
+    let client = env.events(&env.config("cli")).await;
+    let publisher = env.events(&env.config("pub")).await;
+    let source = client.event_source();
+    let event_type = new_type("watched");
+    let (all, once) = (Seen::new(), Seen::new());
+    let (a, o) = (all.clone(), once.clone());
+    let id_all = within(
+        "add",
+        source.add_listener(EventFilter::by_type(event_type.as_str()), move |e| {
+            a.push(e)
+        }),
+    )
+    .await
+    .expect("added");
+    within(
+        "add",
+        source.add_listener(EventFilter::by_type(event_type.as_str()).once(), move |e| {
+            o.push(e)
+        }),
+    )
+    .await
+    .expect("added");
+    assert_eq!(source.listener_count(), 2);
+    assert_eq!(source.subscription_count(), 1, "one subscription per type");
+    let sent: Vec<Event> = (0..3).map(|n| event(&event_type, &json!(n))).collect();
+    for e in &sent {
+        publish(&publisher, e.clone()).await;
+    }
+    let got = all.wait_len("3 events", 3).await;
+    assert_eq!(ids(&got), ids(&sent));
+    let first = once.snapshot();
+    assert_eq!(first.len(), 1, "a once listener fires once");
+    assert_eq!(first[0].id(), sent[0].id());
+    assert_eq!(source.listener_count(), 1, "a once listener removes itself");
+    assert!(within("remove", source.remove_listener(id_all)).await);
+    assert!(
+        !within("remove", source.remove_listener(id_all)).await,
+        "already removed"
+    );
+    assert_eq!(source.listener_count(), 0);
+    assert_eq!(
+        source.subscription_count(),
+        0,
+        "the subscription goes with the last listener"
+    );
+
+    let later = Seen::new();
+    let l = later.clone();
+    within(
+        "add",
+        source.add_listener(EventFilter::by_type(event_type.as_str()), move |e| {
+            l.push(e)
+        }),
+    )
+    .await
+    .expect("added");
+    let last = event(&event_type, &json!("last"));
+    publish(&publisher, last.clone()).await;
+    let got = later.wait_len("the event after re-adding", 1).await;
+    assert_eq!(got[0].id(), last.id());
+    assert_eq!(all.len(), 3, "a removed listener hears nothing");
+}
+
+/// EventSource listeners by transaction id (any type), and by type and transaction id.
+pub async fn event_source_filters_by_transaction<B: EventBackend>() {
+    let env = B::start().await;
+    let client = env.events(&env.config("cli")).await;
+    let publisher = env.events(&env.config("pub")).await;
+    let source = client.event_source();
+    let (type_t, type_u) = (new_type("t"), new_type("u"));
+    let (tid_1, tid_2, tid_3) = (
+        TransactionId::generate(),
+        TransactionId::generate(),
+        TransactionId::generate(),
+    );
+    let (by_tid, by_both, marker) = (Seen::new(), Seen::new(), Seen::new());
+    let (a, b, m) = (by_tid.clone(), by_both.clone(), marker.clone());
+    within(
+        "add",
+        source.add_listener(EventFilter::by_transaction(tid_1.clone()), move |e| {
+            a.push(e)
+        }),
+    )
+    .await
+    .expect("added");
+    within(
+        "add",
+        source.add_listener(
+            EventFilter::by_type(type_t.as_str()).and_transaction(tid_2.clone()),
+            move |e| b.push(e),
+        ),
+    )
+    .await
+    .expect("added");
+    within(
+        "add",
+        source.add_listener(EventFilter::by_type(type_t.as_str()), move |e| m.push(e)),
+    )
+    .await
+    .expect("added");
+    let mk = |t: &str, tid: &TransactionId| {
+        new_event_with_tid(t, "pub", &json!(null), tid.clone()).expect("event")
+    };
+    let sequence = [
+        mk(&type_t, &tid_1),
+        mk(&type_t, &tid_2),
+        mk(&type_u, &tid_2),
+        mk(&type_u, &tid_1),
+        mk(&type_t, &tid_3),
+        mk(&type_t, &tid_1),
+    ];
+    for e in &sequence {
+        publish(&publisher, e.clone()).await;
+    }
+    // The last event matches every listener: once each has it, each has seen everything before.
+    let last = sequence[5].id().to_owned();
+    let got = by_tid
+        .wait_until("the last tid-1 event", |s| s.iter().any(|e| e.id() == last))
+        .await;
+    assert_eq!(
+        ids(&got),
+        ids(&[
+            sequence[0].clone(),
+            sequence[3].clone(),
+            sequence[5].clone()
+        ])
+    );
+    marker
+        .wait_until("the last type-t event", |s| {
+            s.iter().any(|e| e.id() == last)
+        })
+        .await;
+    assert_eq!(ids(&by_both.snapshot()), ids(&[sequence[1].clone()]));
+}

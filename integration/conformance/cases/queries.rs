@@ -1,0 +1,903 @@
+//! Query cases: request/reply, errors, reply streams, scatter-gather, queue groups, the worker
+//! bound, stopping.
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::{Duration, Instant};
+
+use ce_messaging::codec::ContentMode;
+use ce_messaging::error::{RemoteError, RequestErrorKind};
+use ce_messaging::event::{
+    new_event_auto_source, new_event_with_tid, EventExt, AUTO_POPULATE_SOURCE,
+};
+use ce_messaging::handler::HandlerError;
+use ce_messaging::listener::Listener;
+use ce_messaging::query::{
+    handler_fn, typed_handler, QueryConnection, QueryHandlers, QueryListenOptions,
+    ReplyStreamOptions, TypedRequest,
+};
+use ce_messaging::Event;
+use cloudevents::{AttributesReader, AttributesWriter};
+use futures::future::join_all;
+use serde_json::{json, Value};
+
+use super::{within, within_for, Gate, Peak, Seen};
+use crate::backend::{unique, QueryBackend};
+
+/// A fresh op name, unique to this case run.
+fn new_op(name: &str) -> String {
+    format!("conf.{}.{name}", unique())
+}
+
+fn options() -> QueryListenOptions {
+    QueryListenOptions {
+        workers: 4,
+        buffer: 16,
+        grace: Duration::from_secs(5),
+        ..Default::default()
+    }
+}
+
+fn in_group(group: &str) -> QueryListenOptions {
+    QueryListenOptions {
+        queue_group: Some(group.to_owned()),
+        ..options()
+    }
+}
+
+fn request_event(op: &str, data: &Value) -> Event {
+    new_event_auto_source(op, data).expect("event")
+}
+
+/// Answers every request with `name` as data.
+fn named(op: &str, name: &'static str) -> QueryHandlers {
+    QueryHandlers::new().on(
+        op,
+        handler_fn(move |request: Event, reply| async move {
+            reply
+                .reply_data(&format!("{}.reply", request.ty()), &name)
+                .await?;
+            Ok(())
+        }),
+    )
+}
+
+/// Answers once the gate opens; records that it started.
+fn gated(op: &str, gate: &Gate, started: &Seen<String>) -> QueryHandlers {
+    let (gate, started) = (gate.clone(), started.clone());
+    QueryHandlers::new().on(
+        op,
+        handler_fn(move |request: Event, reply| {
+            let (gate, started) = (gate.clone(), started.clone());
+            async move {
+                started.push(request.id().to_owned());
+                gate.wait().await;
+                reply.reply_data("conf.late", &"late").await?;
+                Ok(())
+            }
+        }),
+    )
+}
+
+async fn listen<Q: QueryConnection>(
+    connection: &Q,
+    handlers: QueryHandlers,
+    options: QueryListenOptions,
+) -> Listener {
+    within("listen", connection.listen(handlers, options))
+        .await
+        .expect("listen")
+}
+
+fn remote_code(err: &ce_messaging::error::RequestError) -> (u16, String) {
+    assert_eq!(err.kind(), RequestErrorKind::Remote, "{err}");
+    let remote = RemoteError::of(err).expect("a remote error carries its code");
+    (remote.code(), remote.text().to_owned())
+}
+
+async fn assert_no_responders<Q: QueryConnection>(client: &Q, op: &str) {
+    let result = within_for(
+        Duration::from_secs(5),
+        "a request nobody serves to fail at once",
+        client.request_with_timeout(request_event(op, &json!(null)), Duration::from_secs(30)),
+    )
+    .await;
+    let err = result.expect_err("nobody serves this op");
+    assert_eq!(err.kind(), RequestErrorKind::NoResponders, "{err}");
+}
+
+async fn roundtrip<B: QueryBackend>(mode: ContentMode) {
+    let env = B::start().await;
+    let mut server_config = env.config("svc");
+    server_config.ce_mode = mode;
+    let mut client_config = env.config("cli");
+    client_config.ce_mode = mode;
+    let server = env.queries(&server_config).await;
+    let client = env.queries(&client_config).await;
+    let op = new_op("echo");
+    let seen: Seen<Event> = Seen::new();
+    let recorder = seen.clone();
+    let handlers = QueryHandlers::new().on(
+        &op,
+        handler_fn(move |request: Event, reply| {
+            let recorder = recorder.clone();
+            async move {
+                recorder.push(request.clone());
+                let data: Value = request.data_as()?;
+                let tid = request
+                    .transaction_id()
+                    .expect("requests carry a transaction id");
+                let mut answer = new_event_with_tid(
+                    format!("{}.reply", request.ty()),
+                    AUTO_POPULATE_SOURCE,
+                    &json!({ "echo": data }),
+                    tid,
+                )?;
+                answer.set_extension("conftag", "back \"100%\" é");
+                reply.reply(answer).await?;
+                Ok(())
+            }
+        }),
+    );
+    let listener = listen(&server, handlers, options()).await;
+
+    let data = json!({"name": "é ü \"quoted\" 100% ∑", "n": 42, "list": [1, 2, 3]});
+    let mut request = request_event(&op, &data);
+    request.set_extension("conftag", "a b%c\"d é\u{1F600}");
+    request.set_subject(Some("workspace/w1 é"));
+    let tid = request
+        .transaction_id()
+        .expect("new events have a transaction id");
+    let reply = within("the reply", client.request(request.clone()))
+        .await
+        .expect("reply");
+
+    let got = seen.snapshot().pop().expect("the handler saw the request");
+    assert_eq!(got.id(), request.id());
+    assert_eq!(got.ty(), op);
+    assert_eq!(
+        got.source().as_str(),
+        client_config.client_id,
+        "AUTO_POPULATE source is filled in"
+    );
+    assert_eq!(got.subject(), Some("workspace/w1 é"));
+    assert_eq!(got.time(), request.time());
+    assert_eq!(got.datacontenttype(), Some("application/json"));
+    assert_eq!(got.transaction_id(), Some(tid.clone()));
+    assert_eq!(
+        got.extension("conftag").map(|v| v.to_string()),
+        Some("a b%c\"d é\u{1F600}".to_owned())
+    );
+    assert_eq!(got.data_as::<Value>().expect("data"), data);
+
+    assert_eq!(reply.ty(), format!("{op}.reply"));
+    assert_eq!(reply.source().as_str(), server_config.client_id);
+    assert_eq!(reply.transaction_id(), Some(tid));
+    assert_eq!(
+        reply.extension("conftag").map(|v| v.to_string()),
+        Some("back \"100%\" é".to_owned())
+    );
+    assert_eq!(
+        reply.data_as::<Value>().expect("data"),
+        json!({ "echo": data })
+    );
+    listener.stop(Duration::from_secs(5)).await;
+}
+
+/// Data, attributes and extensions survive a request and its reply (structured mode).
+pub async fn request_reply_keeps_data_and_attributes<B: QueryBackend>() {
+    roundtrip::<B>(ContentMode::Structured).await;
+}
+
+/// The same in binary content mode (attributes as percent-encoded `ce-*` headers).
+pub async fn request_reply_in_binary_mode<B: QueryBackend>() {
+    roundtrip::<B>(ContentMode::Binary).await;
+}
+
+/// A reply the handler built without a transaction id carries the request's; a request without
+/// one gets one.
+pub async fn reply_carries_the_request_transaction_id<B: QueryBackend>() {
+    let env = B::start().await;
+    let server = env.queries(&env.config("svc")).await;
+    let client = env.queries(&env.config("cli")).await;
+    let op = new_op("tid");
+    let seen: Seen<Option<String>> = Seen::new();
+    let recorder = seen.clone();
+    let handlers = QueryHandlers::new().on(
+        &op,
+        handler_fn(move |request: Event, reply| {
+            let recorder = recorder.clone();
+            async move {
+                recorder.push(request.transaction_id().map(|t| t.to_string()));
+                let mut answer = request_event("conf.answer", &json!(1));
+                answer.remove_extension(ce_messaging::event::TRANSACTION_ID_EXTENSION);
+                reply.reply(answer).await?;
+                Ok(())
+            }
+        }),
+    );
+    let listener = listen(&server, handlers, options()).await;
+
+    let mut request = request_event(&op, &json!(1));
+    let tid = request.transaction_id().expect("tid");
+    let reply = within("reply", client.request(request.clone()))
+        .await
+        .expect("reply");
+    assert_eq!(reply.transaction_id(), Some(tid));
+
+    request.remove_extension(ce_messaging::event::TRANSACTION_ID_EXTENSION);
+    let reply = within("reply", client.request(request))
+        .await
+        .expect("reply");
+    let given = seen.snapshot()[1]
+        .clone()
+        .expect("the request got a transaction id");
+    assert_eq!(reply.transaction_id().map(|t| t.to_string()), Some(given));
+    listener.stop(Duration::from_secs(5)).await;
+}
+
+/// Many requests in flight at once each get their own reply.
+pub async fn concurrent_requests_get_their_own_replies<B: QueryBackend>() {
+    let env = B::start().await;
+    let server = env.queries(&env.config("svc")).await;
+    let client = env.queries(&env.config("cli")).await;
+    let op = new_op("double");
+    let handlers = QueryHandlers::new().on(
+        &op,
+        typed_handler(|req: TypedRequest<u64>| async move { Ok::<_, HandlerError>(req.data * 2) }),
+    );
+    let listener = listen(&server, handlers, options()).await;
+    let requests = (0..50u64).map(|n| {
+        let client = client.clone();
+        let op = op.clone();
+        async move {
+            let reply = client.request(request_event(&op, &json!(n))).await?;
+            Ok::<_, ce_messaging::error::RequestError>((n, reply.data_as::<u64>().expect("u64")))
+        }
+    });
+    let results = within("50 replies", join_all(requests)).await;
+    for result in results {
+        let (n, doubled) = result.expect("reply");
+        assert_eq!(doubled, n * 2);
+    }
+    listener.stop(Duration::from_secs(5)).await;
+}
+
+/// A request nobody answers in time fails with `TimedOut`, not earlier than its timeout; the
+/// connection's default timeout comes from the configuration.
+pub async fn request_times_out<B: QueryBackend>() {
+    let env = B::start().await;
+    let server = env.queries(&env.config("svc")).await;
+    let mut client_config = env.config("cli");
+    client_config.request_timeout = Duration::from_millis(400);
+    let client = env.queries(&client_config).await;
+    assert_eq!(client.default_timeout(), Duration::from_millis(400));
+    let op = new_op("slow");
+    let gate = Gate::new();
+    let started = Seen::new();
+    let listener = listen(&server, gated(&op, &gate, &started), options()).await;
+
+    let begin = Instant::now();
+    let err = within(
+        "the request to time out",
+        client.request(request_event(&op, &json!(1))),
+    )
+    .await
+    .expect_err("no reply within the timeout");
+    assert_eq!(err.kind(), RequestErrorKind::TimedOut, "{err}");
+    assert!(
+        begin.elapsed() >= Duration::from_millis(350),
+        "gave up after {:?}",
+        begin.elapsed()
+    );
+
+    let begin = Instant::now();
+    let err = within(
+        "the request to time out",
+        client.request_with_timeout(request_event(&op, &json!(2)), Duration::from_millis(200)),
+    )
+    .await
+    .expect_err("no reply within the timeout");
+    assert_eq!(err.kind(), RequestErrorKind::TimedOut, "{err}");
+    assert!(begin.elapsed() >= Duration::from_millis(150));
+    gate.open();
+    listener.stop(Duration::from_secs(5)).await;
+}
+
+/// No listener at all: the request fails at once with `NoResponders`, not after its timeout.
+pub async fn request_without_listener_is_no_responders<B: QueryBackend>() {
+    let env = B::start().await;
+    let client = env.queries(&env.config("cli")).await;
+    assert_no_responders(&client, &new_op("nobody")).await;
+}
+
+/// A failing handler's error reaches the requester as `Remote` with its code and text.
+pub async fn handler_error_is_remote_error_with_code<B: QueryBackend>() {
+    let env = B::start().await;
+    let server = env.queries(&env.config("svc")).await;
+    let client = env.queries(&env.config("cli")).await;
+    let (conflict, failing) = (new_op("conflict"), new_op("failing"));
+    let handlers = QueryHandlers::new()
+        .on(
+            &conflict,
+            handler_fn(|_, _| async {
+                Err(HandlerError::permanent("quota exceeded: 3 > 2").with_code(409))
+            }),
+        )
+        .on(
+            &failing,
+            handler_fn(|_, _| async { Err(HandlerError::new("database unavailable")) }),
+        );
+    let listener = listen(&server, handlers, options()).await;
+    let err = within(
+        "error reply",
+        client.request(request_event(&conflict, &json!(1))),
+    )
+    .await
+    .expect_err("the handler failed");
+    assert_eq!(remote_code(&err), (409, "quota exceeded: 3 > 2".to_owned()));
+    let err = within(
+        "error reply",
+        client.request(request_event(&failing, &json!(1))),
+    )
+    .await
+    .expect_err("the handler failed");
+    assert_eq!(remote_code(&err), (500, "database unavailable".to_owned()));
+    listener.stop(Duration::from_secs(5)).await;
+}
+
+/// A wildcard listener answers an op it has no handler for with a 404, and serves the others.
+pub async fn unknown_op_on_wildcard_listener_is_404<B: QueryBackend>() {
+    let env = B::start().await;
+    let server = env.queries(&env.config("svc")).await;
+    let client = env.queries(&env.config("cli")).await;
+    let prefix = format!("conf.{}", unique());
+    let known = format!("{prefix}.known");
+    let options = QueryListenOptions {
+        wildcard_subject: Some(format!("{prefix}.>")),
+        ..options()
+    };
+    let listener = listen(&server, named(&known, "known"), options).await;
+    let reply = within("reply", client.request(request_event(&known, &json!(1))))
+        .await
+        .expect("reply");
+    assert_eq!(reply.data_as::<String>().expect("data"), "known");
+    let err = within(
+        "error reply",
+        client.request(request_event(&format!("{prefix}.unknown"), &json!(1))),
+    )
+    .await
+    .expect_err("no handler for this op");
+    assert_eq!(remote_code(&err).0, 404);
+    listener.stop(Duration::from_secs(5)).await;
+}
+
+/// Request data a typed handler cannot read is answered with a 400.
+pub async fn undeserializable_request_data_is_400<B: QueryBackend>() {
+    #[derive(serde::Deserialize)]
+    struct Get {
+        #[allow(dead_code)]
+        name: String,
+    }
+    let env = B::start().await;
+    let server = env.queries(&env.config("svc")).await;
+    let client = env.queries(&env.config("cli")).await;
+    let op = new_op("get");
+    let handlers = QueryHandlers::new().on(
+        &op,
+        typed_handler(|_: TypedRequest<Get>| async { Ok::<_, HandlerError>("ok") }),
+    );
+    let listener = listen(&server, handlers, options()).await;
+    let err = within(
+        "error reply",
+        client.request(request_event(&op, &json!("not a Get"))),
+    )
+    .await
+    .expect_err("bad data");
+    assert_eq!(remote_code(&err).0, 400);
+    let reply = within(
+        "reply",
+        client.request(request_event(&op, &json!({"name": "w"}))),
+    )
+    .await
+    .expect("good data is served");
+    assert_eq!(reply.data_as::<String>().expect("data"), "ok");
+    listener.stop(Duration::from_secs(5)).await;
+}
+
+/// A listener keeps serving after handlers fail and panic (one worker, so the same worker
+/// survives each failure).
+pub async fn listener_continues_after_handler_errors<B: QueryBackend>() {
+    let env = B::start().await;
+    let server = env.queries(&env.config("svc")).await;
+    let client = env.queries(&env.config("cli")).await;
+    let op = new_op("flaky");
+    let handlers = QueryHandlers::new().on(
+        &op,
+        typed_handler(|req: TypedRequest<u64>| async move {
+            match req.data % 3 {
+                0 => Err(HandlerError::new(format!("failure {}", req.data))),
+                1 => panic!("handler panic {}", req.data),
+                _ => Ok(req.data),
+            }
+        }),
+    );
+    let options = QueryListenOptions {
+        workers: 1,
+        ..options()
+    };
+    let listener = listen(&server, handlers, options).await;
+    for n in 0..9u64 {
+        let result = within("reply", client.request(request_event(&op, &json!(n)))).await;
+        match n % 3 {
+            0 => assert_eq!(remote_code(&result.expect_err("fails")).0, 500),
+            1 => assert_eq!(remote_code(&result.expect_err("panics")).0, 500),
+            _ => assert_eq!(result.expect("served").data_as::<u64>().expect("u64"), n),
+        }
+    }
+    listener.stop(Duration::from_secs(5)).await;
+}
+
+/// One replier streams five replies; the requester's stream yields them in order and ends after
+/// the last (long before its deadline).
+pub async fn reply_stream_ends_after_its_total<B: QueryBackend>() {
+    let env = B::start().await;
+    let server = env.queries(&env.config("svc")).await;
+    let client = env.queries(&env.config("cli")).await;
+    let op = new_op("rows");
+    let handlers = QueryHandlers::new().on(
+        &op,
+        handler_fn(|_, reply| async move {
+            let stream = reply.stream();
+            for n in 0..5u32 {
+                stream.push_data("conf.row", &n)?;
+            }
+            stream.finish().await?;
+            Ok(())
+        }),
+    );
+    let listener = listen(&server, handlers, options()).await;
+    let request = request_event(&op, &json!(null));
+    let tid = request.transaction_id();
+    let stream = within(
+        "the reply stream",
+        client.request_stream(
+            request,
+            ReplyStreamOptions::default().deadline(Duration::from_secs(60)),
+        ),
+    )
+    .await
+    .expect("stream");
+    let replies = within("the stream to end after its total", stream.collect_all())
+        .await
+        .expect("replies");
+    let rows: Vec<u32> = replies.iter().map(|e| e.data_as().expect("u32")).collect();
+    assert_eq!(rows, vec![0, 1, 2, 3, 4]);
+    assert!(replies.iter().all(|e| e.transaction_id() == tid));
+    listener.stop(Duration::from_secs(5)).await;
+}
+
+/// Starts `names.len()` repliers, each in a queue group of its own, answering with its name.
+async fn repliers<B: QueryBackend>(env: &B, op: &str, names: &[&'static str]) -> Vec<Listener> {
+    let mut listeners = Vec::new();
+    for name in names {
+        let server = env.queries(&env.config(name)).await;
+        listeners.push(listen(&server, named(op, name), in_group(&unique())).await);
+    }
+    listeners
+}
+
+async fn stop_all(listeners: &[Listener]) {
+    within(
+        "listeners to stop",
+        join_all(listeners.iter().map(|l| l.stop(Duration::from_secs(5)))),
+    )
+    .await;
+}
+
+fn names_of(replies: &[Event]) -> BTreeSet<String> {
+    replies
+        .iter()
+        .map(|e| e.data_as::<String>().expect("name"))
+        .collect()
+}
+
+/// Scatter-gather: the stream ends at `max_replies`, long before its deadline.
+pub async fn scatter_gather_ends_at_max_replies<B: QueryBackend>() {
+    let env = B::start().await;
+    let client = env.queries(&env.config("cli")).await;
+    let op = new_op("census");
+    let listeners = repliers(&env, &op, &["a", "b", "c"]).await;
+    let stream = within(
+        "stream",
+        client.request_stream(
+            request_event(&op, &json!(null)),
+            ReplyStreamOptions::default()
+                .max_replies(2)
+                .deadline(Duration::from_secs(60)),
+        ),
+    )
+    .await
+    .expect("stream");
+    let replies = within("the stream to end at 2 replies", stream.collect_all())
+        .await
+        .expect("replies");
+    assert_eq!(replies.len(), 2);
+    assert_eq!(names_of(&replies).len(), 2, "two different repliers");
+    stop_all(&listeners).await;
+}
+
+/// Scatter-gather: the stream ends after a stall with no new reply, with every reply that came.
+pub async fn scatter_gather_ends_after_stall<B: QueryBackend>() {
+    let env = B::start().await;
+    let client = env.queries(&env.config("cli")).await;
+    let op = new_op("census");
+    let mut listeners = repliers(&env, &op, &["a", "b"]).await;
+    let gate = Gate::new();
+    let silent = env.queries(&env.config("silent")).await;
+    listeners.push(
+        listen(
+            &silent,
+            gated(&op, &gate, &Seen::new()),
+            in_group(&unique()),
+        )
+        .await,
+    );
+    let stream = within(
+        "stream",
+        client.request_stream(
+            request_event(&op, &json!(null)),
+            ReplyStreamOptions::default()
+                .stall(Duration::from_millis(1500))
+                .deadline(Duration::from_secs(60)),
+        ),
+    )
+    .await
+    .expect("stream");
+    let replies = within("the stream to end after the stall", stream.collect_all())
+        .await
+        .expect("replies");
+    assert_eq!(
+        names_of(&replies),
+        BTreeSet::from(["a".to_owned(), "b".to_owned()])
+    );
+    gate.open();
+    stop_all(&listeners).await;
+}
+
+/// Scatter-gather: the stream ends at its deadline with the replies that came before it.
+pub async fn scatter_gather_ends_at_deadline<B: QueryBackend>() {
+    let env = B::start().await;
+    let client = env.queries(&env.config("cli")).await;
+    let op = new_op("census");
+    let mut listeners = repliers(&env, &op, &["a", "b"]).await;
+    let gate = Gate::new();
+    let silent = env.queries(&env.config("silent")).await;
+    listeners.push(
+        listen(
+            &silent,
+            gated(&op, &gate, &Seen::new()),
+            in_group(&unique()),
+        )
+        .await,
+    );
+    let begin = Instant::now();
+    let stream = within(
+        "stream",
+        client.request_stream(
+            request_event(&op, &json!(null)),
+            ReplyStreamOptions::default().deadline(Duration::from_millis(1500)),
+        ),
+    )
+    .await
+    .expect("stream");
+    let replies = within("the stream to end at its deadline", stream.collect_all())
+        .await
+        .expect("replies");
+    assert_eq!(
+        names_of(&replies),
+        BTreeSet::from(["a".to_owned(), "b".to_owned()])
+    );
+    assert!(
+        begin.elapsed() >= Duration::from_millis(1400),
+        "ended after {:?}",
+        begin.elapsed()
+    );
+    gate.open();
+    stop_all(&listeners).await;
+}
+
+/// A reply stream that gets nothing before its deadline yields one `TimedOut` and ends.
+pub async fn reply_stream_without_replies_times_out_once<B: QueryBackend>() {
+    let env = B::start().await;
+    let server = env.queries(&env.config("svc")).await;
+    let client = env.queries(&env.config("cli")).await;
+    let op = new_op("silent");
+    let gate = Gate::new();
+    let listener = listen(&server, gated(&op, &gate, &Seen::new()), options()).await;
+    let mut stream = within(
+        "stream",
+        client.request_stream(
+            request_event(&op, &json!(null)),
+            ReplyStreamOptions::default().deadline(Duration::from_millis(300)),
+        ),
+    )
+    .await
+    .expect("stream");
+    let first = within("the deadline", stream.next())
+        .await
+        .expect("one item");
+    assert_eq!(
+        first.expect_err("timed out").kind(),
+        RequestErrorKind::TimedOut
+    );
+    assert!(within("the end", stream.next()).await.is_none());
+    gate.open();
+    listener.stop(Duration::from_secs(5)).await;
+}
+
+/// Listeners in one queue group share the requests: each request is served by exactly one of
+/// them, and both serve.
+pub async fn queue_group_shares_requests<B: QueryBackend>() {
+    let env = B::start().await;
+    let client = env.queries(&env.config("cli")).await;
+    let op = new_op("shared");
+    let group = unique();
+    let mut listeners = Vec::new();
+    for name in ["a", "b"] {
+        let server = env.queries(&env.config(name)).await;
+        listeners.push(listen(&server, named(&op, name), in_group(&group)).await);
+    }
+    // Gathering from the group: exactly one member answers a request.
+    let stream = within(
+        "stream",
+        client.request_stream(
+            request_event(&op, &json!(null)),
+            ReplyStreamOptions::default()
+                .stall(Duration::from_millis(500))
+                .deadline(Duration::from_secs(5)),
+        ),
+    )
+    .await
+    .expect("stream");
+    let replies = within("gathering", stream.collect_all())
+        .await
+        .expect("replies");
+    assert_eq!(replies.len(), 1, "one member of a queue group answers");
+
+    let requests = (0..40).map(|_| client.request(request_event(&op, &json!(null))));
+    let mut served: HashMap<String, usize> = HashMap::new();
+    for reply in within("40 replies", join_all(requests)).await {
+        let name: String = reply.expect("reply").data_as().expect("name");
+        *served.entry(name).or_default() += 1;
+    }
+    assert_eq!(served.values().sum::<usize>(), 40);
+    assert_eq!(served.len(), 2, "both members served: {served:?}");
+    stop_all(&listeners).await;
+}
+
+/// A listener serves only its ops; an op nobody handles gets `NoResponders`.
+pub async fn ops_are_isolated<B: QueryBackend>() {
+    let env = B::start().await;
+    let client = env.queries(&env.config("cli")).await;
+    let (op_a, op_b) = (new_op("a"), new_op("b"));
+    let server_a = env.queries(&env.config("a")).await;
+    let server_b = env.queries(&env.config("b")).await;
+    let listeners = vec![
+        listen(&server_a, named(&op_a, "a"), options()).await,
+        listen(&server_b, named(&op_b, "b"), options()).await,
+    ];
+    for _ in 0..5 {
+        for (op, name) in [(&op_a, "a"), (&op_b, "b")] {
+            let reply = within("reply", client.request(request_event(op, &json!(null))))
+                .await
+                .expect("reply");
+            assert_eq!(reply.data_as::<String>().expect("name"), name);
+        }
+    }
+    assert_no_responders(&client, &new_op("c")).await;
+    stop_all(&listeners).await;
+}
+
+/// At most `workers` handlers run at once, and that many do.
+pub async fn query_worker_bound_is_never_exceeded<B: QueryBackend>() {
+    let env = B::start().await;
+    let server = env.queries(&env.config("svc")).await;
+    let client = env.queries(&env.config("cli")).await;
+    let op = new_op("bounded");
+    let peak = Peak::new();
+    let gate = Gate::new();
+    let (p, g) = (peak.clone(), gate.clone());
+    let handlers = QueryHandlers::new().on(
+        &op,
+        handler_fn(move |_, reply| {
+            let (peak, gate) = (p.clone(), g.clone());
+            async move {
+                let _running = peak.enter();
+                gate.wait().await;
+                reply.reply_data("conf.done", &true).await?;
+                Ok(())
+            }
+        }),
+    );
+    let options = QueryListenOptions {
+        workers: 2,
+        buffer: 4,
+        ..options()
+    };
+    let listener = listen(&server, handlers, options).await;
+    let requests = tokio::spawn({
+        let (client, op) = (client.clone(), op.clone());
+        async move { join_all((0..12).map(|_| client.request(request_event(&op, &json!(null))))).await }
+    });
+    peak.wait_running(2).await;
+    gate.open();
+    let results = within("12 replies", requests).await.expect("join");
+    assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
+    assert_eq!(peak.max(), 2, "never more than 2 handlers at once");
+    listener.stop(Duration::from_secs(5)).await;
+}
+
+/// Stopping lets the request in flight finish and reply; afterwards requests are refused.
+pub async fn query_graceful_stop_finishes_in_flight_and_refuses_new<B: QueryBackend>() {
+    let env = B::start().await;
+    let server = env.queries(&env.config("svc")).await;
+    let client = env.queries(&env.config("cli")).await;
+    let op = new_op("inflight");
+    let started: Seen<()> = Seen::new();
+    let recorder = started.clone();
+    let handlers = QueryHandlers::new().on(
+        &op,
+        handler_fn(move |_, reply| {
+            let started = recorder.clone();
+            async move {
+                started.push(());
+                // Work that is still going on when the stop begins.
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                reply.reply_data("conf.late", &"late").await?;
+                Ok(())
+            }
+        }),
+    );
+    let listener = listen(&server, handlers, options()).await;
+    let in_flight = tokio::spawn({
+        let (client, op) = (client.clone(), op.clone());
+        async move { client.request(request_event(&op, &json!(null))).await }
+    });
+    started.wait_len("the handler to start", 1).await;
+    let report = within("the stop", listener.stop(Duration::from_secs(10))).await;
+    assert_eq!(report.finished, 1, "{report:?}");
+    assert_eq!(report.abandoned, 0, "{report:?}");
+    assert!(listener.is_stopped());
+    let reply = within("the in-flight reply", in_flight)
+        .await
+        .expect("join");
+    assert_eq!(
+        reply
+            .expect("in-flight request finished")
+            .data_as::<String>()
+            .expect("data"),
+        "late"
+    );
+    assert_no_responders(&client, &op).await;
+}
+
+/// A handler still running when the grace period ends is abandoned and its requester gets a
+/// 503 error reply instead of hanging.
+pub async fn query_stop_after_grace_answers_503<B: QueryBackend>() {
+    let env = B::start().await;
+    let server = env.queries(&env.config("svc")).await;
+    let client = env.queries(&env.config("cli")).await;
+    let op = new_op("stuck");
+    let gate = Gate::new();
+    let started = Seen::new();
+    let listener = listen(&server, gated(&op, &gate, &started), options()).await;
+    let in_flight = tokio::spawn({
+        let (client, op) = (client.clone(), op.clone());
+        async move {
+            client
+                .request_with_timeout(request_event(&op, &json!(null)), Duration::from_secs(30))
+                .await
+        }
+    });
+    started.wait_len("the handler to start", 1).await;
+    let report = within("the stop", listener.stop(Duration::from_millis(200))).await;
+    assert_eq!(report.abandoned, 1, "{report:?}");
+    let result = within("the requester to hear", in_flight)
+        .await
+        .expect("join");
+    assert_eq!(remote_code(&result.expect_err("abandoned")).0, 503);
+    gate.open();
+}
+
+/// A stopped listener serves nothing; a new listener on the same connection serves again.
+pub async fn query_listener_restart_serves_again<B: QueryBackend>() {
+    let env = B::start().await;
+    let server = env.queries(&env.config("svc")).await;
+    let client = env.queries(&env.config("cli")).await;
+    let op = new_op("restart");
+    for round in 0..3 {
+        let listener = listen(&server, named(&op, "up"), options()).await;
+        let reply = within("reply", client.request(request_event(&op, &json!(round))))
+            .await
+            .expect("served while listening");
+        assert_eq!(reply.data_as::<String>().expect("data"), "up");
+        within("stop", listener.stop(Duration::from_secs(5))).await;
+        assert_no_responders(&client, &op).await;
+    }
+}
+
+/// Cancelling the listener's token stops it like `stop`.
+pub async fn query_cancelled_token_stops_listener<B: QueryBackend>() {
+    let env = B::start().await;
+    let server = env.queries(&env.config("svc")).await;
+    let client = env.queries(&env.config("cli")).await;
+    let op = new_op("token");
+    let listener = listen(&server, named(&op, "up"), options()).await;
+    within("reply", client.request(request_event(&op, &json!(null))))
+        .await
+        .expect("served");
+    listener.cancellation_token().cancel();
+    within("the listener to stop", listener.stopped()).await;
+    assert!(listener.is_stopped());
+    assert_no_responders(&client, &op).await;
+}
+
+/// Many listeners stop at the same time without hanging; a new one serves afterwards.
+pub async fn query_listeners_close_concurrently<B: QueryBackend>() {
+    let env = B::start().await;
+    let client = env.queries(&env.config("cli")).await;
+    let op = new_op("many");
+    let group = unique();
+    let mut listeners = Vec::new();
+    for i in 0..5 {
+        let server = env.queries(&env.config(&format!("s{i}"))).await;
+        listeners.push(listen(&server, named(&op, "old"), in_group(&group)).await);
+    }
+    for _ in 0..10 {
+        within("reply", client.request(request_event(&op, &json!(null))))
+            .await
+            .expect("served");
+    }
+    stop_all(&listeners).await;
+    assert!(listeners.iter().all(Listener::is_stopped));
+    assert_no_responders(&client, &op).await;
+    let server = env.queries(&env.config("new")).await;
+    let listener = listen(&server, named(&op, "new"), in_group(&group)).await;
+    let reply = within("reply", client.request(request_event(&op, &json!(null))))
+        .await
+        .expect("served by the new listener");
+    assert_eq!(reply.data_as::<String>().expect("data"), "new");
+    listener.stop(Duration::from_secs(5)).await;
+}
+
+/// Closing a connection ends its listeners (they report), and its ops are no longer served.
+pub async fn closing_the_connection_stops_its_listeners<B: QueryBackend>() {
+    let env = B::start().await;
+    let server = env.queries(&env.config("svc")).await;
+    let client = env.queries(&env.config("cli")).await;
+    let op = new_op("closing");
+    let listener = listen(&server, named(&op, "up"), options()).await;
+    within("reply", client.request(request_event(&op, &json!(null))))
+        .await
+        .expect("served");
+    within("close", B::close_queries(&server)).await;
+    within(
+        "the listener to end with its connection",
+        listener.stopped(),
+    )
+    .await;
+    // Nothing is served any more. Unlike `Listener::stop`, closing gives no "at once": async-nats
+    // drops a draining subscription without waiting for the server to confirm the UNSUB, so for
+    // a moment the server may still route a request to the closed connection (it then times
+    // out). Each attempt is short; the interest must be gone within the wait.
+    super::eventually("the closed connection's interest to go", || async {
+        let attempt = client
+            .request_with_timeout(request_event(&op, &json!(null)), Duration::from_millis(300))
+            .await;
+        match attempt {
+            Ok(reply) => panic!("a closed connection served a request: {reply}"),
+            Err(err) => err.kind() == RequestErrorKind::NoResponders,
+        }
+    })
+    .await;
+}
