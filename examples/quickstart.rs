@@ -26,13 +26,9 @@ use std::time::Duration;
 
 use ce_messaging::config::Config;
 use ce_messaging::event::{new_event_auto_source, EventExt, EventType};
-use ce_messaging::events::{
-    typed_event_handler, EventConnection, EventHandlers, EventListenOptions, TypedEvent,
-};
+use ce_messaging::events::{typed_event_handler, EventHandlers, EventListenOptions, TypedEvent};
 use ce_messaging::handler::HandlerError;
-use ce_messaging::query::{
-    typed_handler, QueryConnection, QueryHandlers, QueryListenOptions, TypedRequest,
-};
+use ce_messaging::query::{typed_handler, QueryHandlers, QueryListenOptions, TypedRequest};
 use serde::{Deserialize, Serialize};
 
 mod common;
