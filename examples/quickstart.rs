@@ -69,7 +69,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         events,
         name: backend,
     } = common::backends(&config).await?;
-    println!("backend: {backend} (set NATS_URL to use a NATS server)");
+    match backend {
+        "NATS" => println!(
+            "backend: NATS at {}",
+            ce_messaging::config::redact_url(&config.nats_url)
+        ),
+        _ => println!("backend: {backend} (set NATS_URL to use a NATS server)"),
+    }
 
     // Events are persisted in a stream; services do not create it implicitly.
     events.init_stream().await?;

@@ -252,10 +252,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         },
     )?;
     match queries.request(missing).await {
-        Err(err) if err.kind() == RequestErrorKind::Remote => {
-            let remote = RemoteError::of(&err);
-            println!("get gamma: remote error {:?}", remote);
-        }
+        Err(err) if err.kind() == RequestErrorKind::Remote => match RemoteError::of(&err) {
+            Some(remote) => println!(
+                "get gamma: error {} from the service: {}",
+                remote.code(),
+                remote.text()
+            ),
+            None => println!("get gamma: remote error without a code: {err}"),
+        },
         other => println!("get gamma: unexpected {other:?}"),
     }
 
