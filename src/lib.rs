@@ -22,6 +22,7 @@ pub mod event_source;
 pub mod events;
 pub mod handler;
 pub mod headers;
+pub mod jetstream;
 pub mod listener;
 pub mod query;
 pub mod shutdown;
@@ -30,3 +31,4 @@ mod worker;
 /// The CloudEvents SDK types users need (`Event`, `AttributesReader`, ...), re-exported.
 pub use cloudevents;
 pub use cloudevents::Event;
+pub use jetstream::JetStreamEvents;

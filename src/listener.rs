@@ -88,6 +88,31 @@ impl Listener {
         Self::from_stop_fn(stop, default_grace, token)
     }
 
+    /// Like [`supervise`](Self::supervise), then runs `finish` after the pool stopped (unless
+    /// the stop was a crash) and before the report is published, e.g. to wait until the acks
+    /// and naks the workers sent have reached the server.
+    pub(crate) fn supervise_then<M, F>(
+        pool: WorkerPool<M>,
+        default_grace: Duration,
+        token: CancellationToken,
+        finish: F,
+    ) -> Self
+    where
+        M: Send + 'static,
+        F: FnOnce() -> futures::future::BoxFuture<'static, ()> + Send + 'static,
+    {
+        let stop: StopFn = Box::new(move |grace, crash| {
+            Box::pin(async move {
+                let report = pool.stop(grace, crash).await;
+                if !crash {
+                    finish().await;
+                }
+                report
+            })
+        });
+        Self::from_stop_fn(stop, default_grace, token)
+    }
+
     fn from_stop_fn(stop: StopFn, default_grace: Duration, token: CancellationToken) -> Self {
         let (tx, rx) = watch::channel(None);
         let shared = Arc::new(Shared {

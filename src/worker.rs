@@ -139,6 +139,17 @@ impl<M: Send + 'static> WorkerPool<M> {
         }
     }
 
+    /// A cloneable handle that queues items, for an intake loop that runs apart from the pool
+    /// (the pool itself moves into the listener's supervisor). Workers see the end of the queue
+    /// only once every submitter is gone, so an intake loop must drop its submitter when
+    /// `stopping` is set.
+    pub fn submitter(&self) -> Submitter<M> {
+        Submitter {
+            tx: self.tx.clone(),
+            stopping: self.ctx.stopping.clone(),
+        }
+    }
+
     /// Spawns the intake loop on the pool's tracker so that stopping waits for it.
     pub fn spawn_intake<Fut>(&self, intake: Fut)
     where
@@ -173,6 +184,42 @@ impl<M: Send + 'static> WorkerPool<M> {
             requeued: self.counters.requeued.load(Ordering::Relaxed),
             elapsed: started.elapsed(),
             handled_total: self.counters.finished.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Queues items into a [`WorkerPool`]; see [`WorkerPool::submitter`].
+pub(crate) struct Submitter<M> {
+    tx: mpsc::Sender<M>,
+    stopping: CancellationToken,
+}
+
+impl<M> Clone for Submitter<M> {
+    fn clone(&self) -> Self {
+        Submitter {
+            tx: self.tx.clone(),
+            stopping: self.stopping.clone(),
+        }
+    }
+}
+
+impl<M: Send + 'static> Submitter<M> {
+    /// Queues an item, waiting for room (backpressure). Gives the item back when the pool is
+    /// stopping, so the caller can hand it back to the broker.
+    pub async fn submit(&self, item: M) -> Result<(), M> {
+        if self.stopping.is_cancelled() {
+            return Err(item);
+        }
+        tokio::select! {
+            biased;
+            _ = self.stopping.cancelled() => Err(item),
+            permit = self.tx.reserve() => match permit {
+                Ok(permit) => {
+                    permit.send(item);
+                    Ok(())
+                }
+                Err(_) => Err(item),
+            },
         }
     }
 }
@@ -236,5 +283,17 @@ mod tests {
         let ctx = pool.context();
         ctx.stopping.cancel();
         assert_eq!(pool.submit(9).await, Err(9));
+    }
+
+    #[tokio::test]
+    async fn submitter_queues_until_stopping() {
+        let pool = WorkerPool::start(1, 1, |_: u32, _| async { Outcome::Finished }.boxed());
+        let submitter = pool.submitter();
+        submitter.submit(1).await.unwrap();
+        pool.context().stopping.cancel();
+        assert_eq!(submitter.submit(2).await, Err(2));
+        drop(submitter);
+        let report = pool.stop(Duration::from_secs(5), false).await;
+        assert_eq!(report.handled_total, 1);
     }
 }

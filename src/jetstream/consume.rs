@@ -1,0 +1,501 @@
+//! Durable listeners: the pull consumer, the intake loop that pulls no more than the worker
+//! pool can hold, acking through the shared delivery processing
+//! ([`process_delivery`](crate::events)), and dead letters published to the dead-letter stream.
+//!
+//! Consumer: durable (`NATS_DURABLE_NAME` or the listen options), filtered to the subjects of
+//! the handled types, explicit ack, ack wait, **max deliver = configured + 1** so the delivery
+//! after the last allowed one is still seen and dead-lettered (`max-deliveries`) instead of
+//! being silently parked by the server, and max ack pending = workers + buffer.
+//!
+//! Intake: one subscription on a private inbox for the listener's life; pull requests of at
+//! most `buffer` messages that expire after [`PULL_EXPIRES`]. On stop no new request is made;
+//! the subscription is drained (what the server already sent still arrives) and every
+//! message that was not started is nak'ed, so it is redelivered at once, not after the ack
+//! wait. When the connection closes for good, the listener ends and reports.
+//!
+//! Dead letters keep the original headers and payload and add the `Dead-Letter-*` headers,
+//! with one exception: `Nats-Msg-Id` is a directive to the server that stores the message,
+//! and the dead-letter stream de-duplicates on it. Kept as is, two services dead-lettering the
+//! same event would collide (the second dead letter would be reported as a duplicate and not
+//! stored). So a dead letter carries `Nats-Msg-Id: <original id>.dlq.<durable>` (see
+//! [`dead_letter_msg_id`]): re-dead-lettering by the same durable (a term that got lost) is
+//! still de-duplicated, other durables' dead letters are not, and the original id is the part
+//! before the last `.dlq.` ([`original_msg_id`]).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::pull::{BatchConfig, Config as PullConfig};
+use async_nats::jetstream::consumer::{AckPolicy, Consumer, DeliverPolicy};
+use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::message::{AckKind, Acker as JsAcker};
+use async_nats::jetstream::Context;
+use async_nats::{HeaderMap, StatusCode, Subject};
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::{FutureExt, StreamExt};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{BoxError, Error, ListenError, ListenErrorKind};
+use crate::events::{
+    process_delivery, Acker, DeadLetterSink, Delivery, DeliveryContext, EventConnection,
+    EventHandlers, EventListenOptions,
+};
+use crate::headers::{DEAD_LETTER_STREAM_SEQ, NATS_MSG_ID};
+use crate::listener::Listener;
+use crate::worker::{Submitter, WorkContext, WorkerPool};
+
+use super::streams::STREAM_NOT_FOUND_CODE;
+use super::{client_closed, JetStreamEvents};
+
+/// How long one pull request waits on the server for messages.
+pub(crate) const PULL_EXPIRES: Duration = Duration::from_secs(5);
+/// Extra time given to a pull request's end (408) to arrive before a new request is made.
+const PULL_MARGIN: Duration = Duration::from_secs(2);
+/// Pause after a failed pull request before the next one.
+const PULL_RETRY_PAUSE: Duration = Duration::from_millis(250);
+/// How long a stop waits for the drained subscription and for acks to be flushed.
+const STOP_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The `Nats-Msg-Id` of the dead letter of a message with `original` id (or, without one, of
+/// stream sequence `stream_seq` in `stream`) dead-lettered by `durable`.
+pub(crate) fn dead_letter_msg_id(
+    original: Option<&str>,
+    stream: &str,
+    stream_seq: &str,
+    durable: &str,
+) -> String {
+    match original {
+        Some(id) if !id.is_empty() => format!("{id}.dlq.{durable}"),
+        _ => format!("{stream}.{stream_seq}.dlq.{durable}"),
+    }
+}
+
+/// The original message id behind a dead letter's `Nats-Msg-Id` (the part before the last
+/// `.dlq.`), e.g. to build the replay id `<original>.replay.<dead-letter seq>`.
+///
+/// # Examples
+///
+/// ```
+/// use ce_messaging::jetstream::original_msg_id;
+/// assert_eq!(original_msg_id("cloudevent-abc.dlq.billing"), "cloudevent-abc");
+/// assert_eq!(original_msg_id("not-a-dead-letter-id"), "not-a-dead-letter-id");
+/// ```
+pub fn original_msg_id(dead_letter_msg_id: &str) -> &str {
+    dead_letter_msg_id
+        .rsplit_once(".dlq.")
+        .map_or(dead_letter_msg_id, |(original, _)| original)
+}
+
+fn valid_durable(name: &str) -> bool {
+    !name.is_empty()
+        && !name
+            .chars()
+            .any(|c| c.is_whitespace() || matches!(c, '.' | '*' | '>' | '/' | '\\'))
+}
+
+pub(crate) async fn listen(
+    events: &JetStreamEvents,
+    handlers: EventHandlers,
+    options: EventListenOptions,
+) -> Result<Listener, ListenError> {
+    options.validate(&handlers)?;
+    let inner = events.inner();
+    let config = &inner.config;
+    let durable = options
+        .durable_name
+        .clone()
+        .unwrap_or_else(|| config.durable_name().to_owned());
+    if !valid_durable(&durable) {
+        return Err(Error::with_detail(
+            ListenErrorKind::InvalidOptions,
+            format!("durable name {durable:?} must be non-empty without whitespace, '.', '*', '>', '/' or '\\'"),
+        ));
+    }
+    let max_deliver = options.max_deliver.unwrap_or(config.js_max_deliver);
+    let ack_wait = options.ack_wait.unwrap_or(config.js_ack_wait);
+    if ack_wait.is_zero() {
+        return Err(Error::with_detail(
+            ListenErrorKind::InvalidOptions,
+            "ack wait must be more than zero",
+        ));
+    }
+    let mut subjects: Vec<String> = handlers.types().map(|t| config.events_subject(t)).collect();
+    subjects.sort();
+
+    let stream = inner
+        .js
+        .get_stream(&config.js_stream)
+        .await
+        .map_err(|err| {
+            let not_found = matches!(err.kind(),
+                async_nats::jetstream::context::GetStreamErrorKind::JetStream(e)
+                    if e.error_code().0 == STREAM_NOT_FOUND_CODE);
+            let kind = if not_found {
+                ListenErrorKind::StreamNotFound
+            } else {
+                ListenErrorKind::Consumer
+            };
+            Error::with_source(kind, err).detail(format!(
+                "stream {} (create it with init_stream / `cemsg stream init`)",
+                config.js_stream
+            ))
+        })?;
+    let max_ack_pending = (options.workers + options.buffer) as i64;
+    let consumer_config = PullConfig {
+        durable_name: Some(durable.clone()),
+        description: Some(format!("ce-messaging listener {durable}")),
+        deliver_policy: DeliverPolicy::All,
+        ack_policy: AckPolicy::Explicit,
+        ack_wait,
+        // One delivery more than allowed, so the last one can still be dead-lettered.
+        max_deliver: if max_deliver > 0 { max_deliver + 1 } else { -1 },
+        filter_subject: if subjects.len() == 1 {
+            subjects[0].clone()
+        } else {
+            String::new()
+        },
+        filter_subjects: if subjects.len() > 1 {
+            subjects.clone()
+        } else {
+            Vec::new()
+        },
+        max_ack_pending,
+        ..Default::default()
+    };
+    let consumer: Consumer<PullConfig> =
+        stream
+            .create_consumer(consumer_config)
+            .await
+            .map_err(|err| {
+                Error::with_source(ListenErrorKind::Consumer, err).detail(format!(
+                    "durable consumer {durable} on {}",
+                    config.js_stream
+                ))
+            })?;
+
+    let inbox = inner.client.new_inbox();
+    let subscriber = inner
+        .client
+        .subscribe(format!("{inbox}.*"))
+        .await
+        .map_err(|err| Error::with_source(ListenErrorKind::Subscribe, err))?;
+
+    let dead_letters = Arc::new(JetStreamDeadLetters {
+        js: inner.js.clone(),
+        subject: format!("deadletter.{}.{durable}", config.js_stream),
+        events_stream: config.js_stream.clone(),
+        durable: durable.clone(),
+    });
+    let connection: Arc<dyn EventConnection> = Arc::new(events.clone());
+    let ctx = Arc::new(DeliveryContext {
+        handlers,
+        max_deliver,
+        ack_wait,
+        backoff: options.backoff,
+        dead_letters,
+        connection,
+        source: config.client_id.clone(),
+    });
+    let pool = WorkerPool::start(options.workers, options.buffer, move |delivery, work| {
+        let ctx = ctx.clone();
+        async move { process_delivery(delivery, &ctx, &work).await }.boxed()
+    });
+    let token = CancellationToken::new();
+    let intake = Intake {
+        consumer,
+        subscriber,
+        inbox,
+        batch: options.buffer.clamp(1, max_ack_pending as usize),
+        submitter: pool.submitter(),
+        work: pool.context(),
+        listener_token: token.clone(),
+        client: inner.client.clone(),
+        js: inner.js.clone(),
+        durable: durable.clone(),
+    };
+    pool.spawn_intake(intake.run());
+    tracing::info!(durable = %durable, subjects = ?subjects, workers = options.workers, "event listener started");
+    let client = inner.client.clone();
+    Ok(Listener::supervise_then(
+        pool,
+        options.grace,
+        token,
+        move || {
+            async move {
+            // Acks and naks are fire-and-forget publishes: make sure they left the client.
+            if tokio::time::timeout(STOP_FLUSH_TIMEOUT, client.flush())
+                .await
+                .is_err()
+            {
+                tracing::warn!("acks not flushed within {STOP_FLUSH_TIMEOUT:?}; the server redelivers what it did not get after the ack wait");
+            }
+        }
+        .boxed()
+        },
+    ))
+}
+
+struct Intake {
+    consumer: Consumer<PullConfig>,
+    subscriber: async_nats::Subscriber,
+    inbox: String,
+    batch: usize,
+    submitter: Submitter<Delivery>,
+    work: WorkContext,
+    listener_token: CancellationToken,
+    client: async_nats::Client,
+    js: Context,
+    durable: String,
+}
+
+/// How reading one pull request ended.
+enum PullEnd {
+    /// Ask again.
+    Next,
+    /// The listener is stopping.
+    Stopping,
+    /// The connection is closed for good.
+    Closed,
+}
+
+impl Intake {
+    async fn run(mut self) {
+        let mut request: u64 = 0;
+        let end = loop {
+            if self.work.stopping.is_cancelled() {
+                break PullEnd::Stopping;
+            }
+            request += 1;
+            let reply = format!("{}.{request}", self.inbox);
+            let pull = BatchConfig {
+                batch: self.batch,
+                expires: Some(PULL_EXPIRES),
+                ..Default::default()
+            };
+            if let Err(err) = self
+                .consumer
+                .request_batch(pull, Subject::from(reply.as_str()))
+                .await
+            {
+                if client_closed(&self.client).await {
+                    break PullEnd::Closed;
+                }
+                tracing::warn!(durable = %self.durable, error = %err, "pull request failed; retrying");
+                if self.pause(PULL_RETRY_PAUSE).await {
+                    break PullEnd::Stopping;
+                }
+                continue;
+            }
+            match self.read_pull(&reply).await {
+                PullEnd::Next => continue,
+                end => break end,
+            }
+        };
+        match end {
+            PullEnd::Closed => {
+                tracing::warn!(durable = %self.durable, "connection closed; event listener ends");
+                self.listener_token.cancel();
+            }
+            PullEnd::Stopping | PullEnd::Next => self.hand_back_rest().await,
+        }
+    }
+
+    /// Waits `pause`; true when the listener began to stop meanwhile.
+    async fn pause(&self, pause: Duration) -> bool {
+        tokio::select! {
+            _ = self.work.stopping.cancelled() => true,
+            _ = tokio::time::sleep(pause) => false,
+        }
+    }
+
+    /// Reads the messages of one pull request until it is complete or ends.
+    async fn read_pull(&mut self, reply: &str) -> PullEnd {
+        let deadline = Instant::now() + PULL_EXPIRES + PULL_MARGIN;
+        let mut received = 0;
+        while received < self.batch {
+            let next = tokio::select! {
+                biased;
+                _ = self.work.stopping.cancelled() => return PullEnd::Stopping,
+                next = tokio::time::timeout_at(deadline, self.subscriber.next()) => next,
+            };
+            let message = match next {
+                // The end of the request got lost (e.g. the server restarted): ask again.
+                Err(_) => return PullEnd::Next,
+                Ok(None) => return PullEnd::Closed,
+                Ok(Some(message)) => message,
+            };
+            match message.status {
+                None | Some(StatusCode::OK) => {
+                    received += 1;
+                    if let Some(delivery) = self.delivery(message) {
+                        if let Err(delivery) = self.submitter.submit(delivery).await {
+                            self.hand_back(delivery).await;
+                            return PullEnd::Stopping;
+                        }
+                    }
+                }
+                Some(StatusCode::IDLE_HEARTBEAT) => {}
+                Some(status) => {
+                    // 408 expired, 404 nothing, 409 terminated (consumer deleted, leader
+                    // change, ...). Statuses of older requests are ignored.
+                    if message.subject.as_str() == reply {
+                        if status != StatusCode::TIMEOUT && status != StatusCode::NOT_FOUND {
+                            tracing::warn!(durable = %self.durable, %status, description = ?message.description, "pull request ended");
+                            if self.pause(PULL_RETRY_PAUSE).await {
+                                return PullEnd::Stopping;
+                            }
+                        }
+                        return PullEnd::Next;
+                    }
+                }
+            }
+        }
+        PullEnd::Next
+    }
+
+    fn delivery(&self, message: async_nats::Message) -> Option<Delivery> {
+        let message = async_nats::jetstream::Message {
+            message,
+            context: self.js.clone(),
+        };
+        let (stream_sequence, delivered) = match message.info() {
+            Ok(info) => (info.stream_sequence, info.delivered.max(1) as u64),
+            Err(err) => {
+                tracing::warn!(durable = %self.durable, subject = %message.subject, error = %err, "message without JetStream metadata ignored");
+                return None;
+            }
+        };
+        let (message, acker) = message.split();
+        Some(Delivery {
+            subject: message.subject.to_string(),
+            headers: message.headers,
+            payload: message.payload,
+            stream_sequence,
+            delivered,
+            acker: Box::new(JetStreamAcker(acker)),
+        })
+    }
+
+    /// Naks a delivery that was not started (unless the listener "crashed").
+    async fn hand_back(&self, delivery: Delivery) {
+        if self.work.crashed() {
+            return;
+        }
+        if let Err(err) = delivery.acker.nak(None).await {
+            tracing::warn!(error = %err, "nak on stop failed; redelivered after the ack wait");
+        }
+    }
+
+    /// Stops pulling: drains the subscription and naks whatever the server already sent.
+    async fn hand_back_rest(mut self) {
+        if let Err(err) = self.subscriber.drain().await {
+            tracing::debug!(error = %err, "drain of the pull subscription failed");
+        }
+        let deadline = Instant::now() + STOP_FLUSH_TIMEOUT;
+        let mut handed_back = 0u64;
+        while let Ok(Some(message)) =
+            tokio::time::timeout_at(deadline, self.subscriber.next()).await
+        {
+            if matches!(message.status, None | Some(StatusCode::OK)) {
+                if let Some(delivery) = self.delivery(message) {
+                    self.hand_back(delivery).await;
+                    handed_back += 1;
+                }
+            }
+        }
+        drop(self.submitter);
+        tracing::info!(durable = %self.durable, handed_back, "event listener stopped pulling");
+    }
+}
+
+struct JetStreamAcker(JsAcker);
+
+#[async_trait]
+impl Acker for JetStreamAcker {
+    async fn ack(&self) -> Result<(), BoxError> {
+        self.0.ack().await
+    }
+
+    async fn nak(&self, delay: Option<Duration>) -> Result<(), BoxError> {
+        self.0.ack_with(AckKind::Nak(delay)).await
+    }
+
+    async fn in_progress(&self) -> Result<(), BoxError> {
+        self.0.ack_with(AckKind::Progress).await
+    }
+
+    async fn term(&self) -> Result<(), BoxError> {
+        self.0.ack_with(AckKind::Term).await
+    }
+}
+
+struct JetStreamDeadLetters {
+    js: Context,
+    subject: String,
+    events_stream: String,
+    durable: String,
+}
+
+#[async_trait]
+impl DeadLetterSink for JetStreamDeadLetters {
+    async fn publish_dead_letter(
+        &self,
+        mut headers: HeaderMap,
+        payload: Bytes,
+    ) -> Result<(), BoxError> {
+        let original = headers.get(NATS_MSG_ID).map(|v| v.as_str().to_owned());
+        let seq = headers
+            .get(DEAD_LETTER_STREAM_SEQ)
+            .map(|v| v.as_str().to_owned())
+            .unwrap_or_default();
+        let id = dead_letter_msg_id(
+            original.as_deref(),
+            &self.events_stream,
+            &seq,
+            &self.durable,
+        );
+        let id: async_nats::HeaderValue = id
+            .parse()
+            .map_err(|_| format!("dead-letter id {id:?} is not a valid header value"))?;
+        headers.insert(NATS_MSG_ID, id);
+        let ack = self
+            .js
+            .send_publish(
+                self.subject.clone(),
+                PublishMessage::build().headers(headers).payload(payload),
+            )
+            .await?
+            .await?;
+        tracing::debug!(subject = %self.subject, stream = %ack.stream, seq = ack.sequence, duplicate = ack.duplicate, "dead letter stored");
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dead_letter_ids_are_per_durable_and_recoverable() {
+        let a = dead_letter_msg_id(Some("cloudevent-x"), "CE", "7", "billing");
+        let b = dead_letter_msg_id(Some("cloudevent-x"), "CE", "7", "audit");
+        assert_ne!(a, b);
+        assert_eq!(a, "cloudevent-x.dlq.billing");
+        assert_eq!(original_msg_id(&a), "cloudevent-x");
+        assert_eq!(
+            dead_letter_msg_id(None, "CE", "7", "billing"),
+            "CE.7.dlq.billing"
+        );
+        assert_eq!(dead_letter_msg_id(Some(""), "CE", "7", "b"), "CE.7.dlq.b");
+    }
+
+    #[test]
+    fn durable_names_are_checked() {
+        assert!(valid_durable("billing-service_1"));
+        for bad in ["", "a.b", "a b", "a*", "a>", "a/b"] {
+            assert!(!valid_durable(bad), "{bad:?}");
+        }
+    }
+}

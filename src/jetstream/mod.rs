@@ -1,0 +1,225 @@
+//! [`JetStreamEvents`]: the [`EventConnection`] over NATS JetStream.
+//!
+//! Thin glue between the shared events layer ([`crate::events`], [`crate::event_source`]) and
+//! async-nats JetStream: streams (`streams.rs`), persisted publish with retry (`publish.rs`),
+//! durable pull listeners and dead letters (`consume.rs`), and the core-NATS subscriptions
+//! behind the [`EventSource`] (`source.rs`).
+//!
+//! # Examples
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use ce_messaging::config::Config;
+//! use ce_messaging::event::new_event_auto_source;
+//! use ce_messaging::events::EventConnection;
+//! use ce_messaging::jetstream::JetStreamEvents;
+//!
+//! let events = JetStreamEvents::connect(&Config::from_env()?).await?;
+//! events.init_stream().await?;
+//! let ack = events.publish(new_event_auto_source("org.example.order.created", &1)?).await?;
+//! println!("stored as #{}", ack.sequence);
+//! events.close().await;
+//! # Ok(()) }
+//! ```
+
+mod consume;
+mod publish;
+mod source;
+mod streams;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use cloudevents::Event;
+
+use crate::config::Config;
+use crate::error::{ConnectError, ListenError, StreamError};
+use crate::event_source::EventSource;
+use crate::events::{EventConnection, EventHandlers, EventListenOptions, PublishAck, PublishError};
+use crate::listener::Listener;
+
+pub use consume::original_msg_id;
+pub use publish::PublishRetry;
+
+/// Persisted events over NATS JetStream: publish after the server stored the event, durable
+/// pull listeners with ack / nak / dead letters, promises and a dynamic [`EventSource`].
+///
+/// Cheap to clone; clones share the connection and the event source.
+///
+/// # Examples
+///
+/// ```no_run
+/// # async fn demo(client: async_nats::Client) {
+/// use ce_messaging::config::Config;
+/// use ce_messaging::jetstream::JetStreamEvents;
+/// let events = JetStreamEvents::from_client(client, &Config::default());
+/// # let _ = events;
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct JetStreamEvents {
+    inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) client: async_nats::Client,
+    pub(crate) js: async_nats::jetstream::Context,
+    pub(crate) config: Config,
+    pub(crate) retry: PublishRetry,
+    pub(crate) source: EventSource,
+}
+
+impl std::fmt::Debug for JetStreamEvents {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JetStreamEvents")
+            .field("client_id", &self.inner.config.client_id)
+            .field("stream", &self.inner.config.js_stream)
+            .field("retry", &self.inner.retry)
+            .finish()
+    }
+}
+
+impl JetStreamEvents {
+    /// Connects with [`Config::connect`] and wraps the connection.
+    ///
+    /// # Errors
+    ///
+    /// The errors of [`Config::connect`].
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+    /// let events = ce_messaging::jetstream::JetStreamEvents::connect(&Default::default()).await?;
+    /// # let _ = events; Ok(()) }
+    /// ```
+    pub async fn connect(config: &Config) -> Result<JetStreamEvents, ConnectError> {
+        let client = config.connect().await?;
+        Ok(Self::from_client(client, config))
+    }
+
+    /// Wraps an existing connection (which must be to a JetStream-enabled server).
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo(client: async_nats::Client) {
+    /// let events = ce_messaging::jetstream::JetStreamEvents::from_client(client, &Default::default());
+    /// # let _ = events; }
+    /// ```
+    pub fn from_client(client: async_nats::Client, config: &Config) -> JetStreamEvents {
+        Self::build(client, config.clone(), PublishRetry::default())
+    }
+
+    fn build(client: async_nats::Client, config: Config, retry: PublishRetry) -> JetStreamEvents {
+        let js = async_nats::jetstream::ContextBuilder::new()
+            .timeout(retry.attempt_timeout)
+            .build(client.clone());
+        let backend = source::CoreSubscriptions::new(client.clone(), &config);
+        JetStreamEvents {
+            inner: Arc::new(Inner {
+                client,
+                js,
+                config,
+                retry,
+                source: EventSource::new(Arc::new(backend)),
+            }),
+        }
+    }
+
+    /// The same connection with another publish retry policy (a new event source; the old
+    /// handle keeps its own).
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo(events: ce_messaging::jetstream::JetStreamEvents) {
+    /// use ce_messaging::jetstream::PublishRetry;
+    /// use std::time::Duration;
+    /// let events = events.with_publish_retry(PublishRetry {
+    ///     attempt_timeout: Duration::from_secs(1),
+    ///     ..Default::default()
+    /// });
+    /// # let _ = events; }
+    /// ```
+    #[must_use]
+    pub fn with_publish_retry(&self, retry: PublishRetry) -> JetStreamEvents {
+        Self::build(self.inner.client.clone(), self.inner.config.clone(), retry)
+    }
+
+    /// The configuration this connection was made with.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # fn demo(events: ce_messaging::jetstream::JetStreamEvents) {
+    /// println!("stream {}", events.config().js_stream);
+    /// # }
+    /// ```
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// Drains the connection (subscriptions end, buffered messages are sent) and closes it.
+    /// Listeners on this connection then end and report; publishing fails with
+    /// `ConnectionClosed`.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo(events: ce_messaging::jetstream::JetStreamEvents) {
+    /// events.close().await;
+    /// # }
+    /// ```
+    pub async fn close(&self) {
+        if let Err(err) = self.inner.client.drain().await {
+            tracing::debug!(error = %err, "drain on close failed (already closed?)");
+        }
+    }
+
+    pub(crate) fn inner(&self) -> &Arc<Inner> {
+        &self.inner
+    }
+}
+
+#[async_trait]
+impl EventConnection for JetStreamEvents {
+    async fn publish(&self, event: Event) -> Result<PublishAck, PublishError> {
+        publish::publish(&self.inner, event).await
+    }
+
+    async fn publish_all(&self, events: Vec<Event>) -> Vec<Result<PublishAck, PublishError>> {
+        publish::publish_all(&self.inner, events).await
+    }
+
+    async fn listen(
+        &self,
+        handlers: EventHandlers,
+        options: EventListenOptions,
+    ) -> Result<Listener, ListenError> {
+        consume::listen(self, handlers, options).await
+    }
+
+    async fn init_stream(&self) -> Result<(), StreamError> {
+        streams::init_streams(&self.inner.js, &self.inner.config).await
+    }
+
+    fn event_source(&self) -> EventSource {
+        self.inner.source.clone()
+    }
+
+    fn events_timeout(&self) -> Duration {
+        self.inner.config.events_timeout
+    }
+}
+
+/// Whether the client is closed for good (drained, or out of reconnect attempts), as opposed
+/// to disconnected and reconnecting. A closed client refuses commands at once; a reconnecting
+/// one queues them, so a short flush that neither fails nor finishes means "reconnecting".
+pub(crate) async fn client_closed(client: &async_nats::Client) -> bool {
+    matches!(
+        tokio::time::timeout(Duration::from_millis(200), client.flush()).await,
+        Ok(Err(_))
+    )
+}

@@ -1,0 +1,282 @@
+//! Persisted publish: encode, refuse what is too large before sending, publish with
+//! `Nats-Msg-Id` = event id, wait for the PubAck, and retry with the same id on a lost ack
+//! (timeout, dropped connection) within a bounded time that stays inside the stream's
+//! duplicate window, so a retried event is never stored twice.
+//!
+//! The pipelined form runs the same per-event publish for many events at once (at most
+//! [`PIPELINE_WINDOW`] in flight) and waits for every ack.
+
+use std::future::IntoFuture;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::context::PublishErrorKind as JsPublishErrorKind;
+use async_nats::jetstream::message::PublishMessage;
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use cloudevents::{AttributesReader, Event};
+use futures::StreamExt;
+use tokio::time::Instant;
+
+use crate::codec;
+use crate::error::{Error, PublishErrorKind};
+use crate::event::populate_source;
+use crate::events::{PublishAck, PublishError};
+use crate::headers::NATS_MSG_ID;
+
+use super::{client_closed, Inner};
+
+/// At most this many pipelined publishes wait for their ack at once.
+pub(crate) const PIPELINE_WINDOW: usize = 1024;
+
+/// How a publish whose ack did not arrive is retried.
+///
+/// Every attempt re-sends the same event with the same `Nats-Msg-Id`, so the server stores it
+/// once and reports later copies as duplicates. Retrying stops at `total` (default: the
+/// connection's `NATS_EVENTS_TIMEOUT`), never later than the stream's duplicate window.
+///
+/// # Examples
+///
+/// ```
+/// use ce_messaging::jetstream::PublishRetry;
+/// use std::time::Duration;
+///
+/// let retry = PublishRetry { attempt_timeout: Duration::from_millis(500), ..Default::default() };
+/// assert_eq!(retry.total, None);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PublishRetry {
+    /// How long one attempt waits for the PubAck.
+    pub attempt_timeout: Duration,
+    /// How long all attempts together may take; `None`: `NATS_EVENTS_TIMEOUT`. Clamped to the
+    /// duplicate window (`NATS_JS_DUPLICATE_WINDOW`).
+    pub total: Option<Duration>,
+    /// Pause before a retry (also while the connection is being re-established).
+    pub pause: Duration,
+}
+
+impl Default for PublishRetry {
+    fn default() -> Self {
+        PublishRetry {
+            attempt_timeout: Duration::from_secs(5),
+            total: None,
+            pause: Duration::from_millis(100),
+        }
+    }
+}
+
+/// An event ready to send.
+struct Prepared {
+    subject: String,
+    headers: HeaderMap,
+    payload: Bytes,
+    event_id: String,
+}
+
+/// Fills in the source, encodes in the connection's content mode, sets `Nats-Msg-Id` and
+/// checks the size against the server's max payload.
+fn prepare(inner: &Inner, event: &mut Event) -> Result<Prepared, Error<PublishErrorKind>> {
+    populate_source(event, &inner.config.client_id);
+    let encoded = codec::encode(event, inner.config.ce_mode)
+        .map_err(|e| e.map_kind(|_| PublishErrorKind::Encode))?;
+    let mut headers = encoded.headers;
+    let event_id = event.id().to_owned();
+    let msg_id: async_nats::HeaderValue = event_id.parse().map_err(|_| {
+        Error::with_detail(
+            PublishErrorKind::Encode,
+            format!("event id {event_id:?} cannot be a Nats-Msg-Id header"),
+        )
+    })?;
+    headers.insert(NATS_MSG_ID, msg_id);
+    let size = wire_size(&headers, encoded.payload.len());
+    let limit = inner.client.max_payload();
+    if size > limit {
+        return Err(Error::with_detail(
+            PublishErrorKind::TooLarge,
+            format!(
+                "event {event_id} is {size} bytes (headers + payload), the server's max payload is {limit} bytes"
+            ),
+        ));
+    }
+    Ok(Prepared {
+        subject: inner.config.events_subject(event.ty()),
+        headers,
+        payload: encoded.payload,
+        event_id,
+    })
+}
+
+/// Size of headers + payload as the server counts it against `max_payload` (as `HPUB`).
+pub(crate) fn wire_size(headers: &HeaderMap, payload_len: usize) -> usize {
+    if headers.is_empty() {
+        return payload_len;
+    }
+    let mut len = b"NATS/1.0\r\n".len() + b"\r\n".len();
+    for (name, values) in headers.iter() {
+        let name: &str = name.as_ref();
+        for value in values {
+            let value: &str = value.as_ref();
+            len += name.len() + 2 + value.len() + 2;
+        }
+    }
+    len + payload_len
+}
+
+/// What one attempt's failure means for the next step.
+enum AttemptError {
+    /// Try again with the same message id.
+    Retry(String),
+    /// Give up with this error.
+    Fail(Error<PublishErrorKind>),
+}
+
+pub(crate) async fn publish(
+    inner: &Arc<Inner>,
+    mut event: Event,
+) -> Result<PublishAck, PublishError> {
+    let prepared = match prepare(inner, &mut event) {
+        Ok(prepared) => prepared,
+        Err(err) => return Err(PublishError::from_error(err, Some(event))),
+    };
+    send_with_retry(inner, &prepared)
+        .await
+        .map_err(|err| PublishError::from_error(err, Some(event)))
+}
+
+pub(crate) async fn publish_all(
+    inner: &Arc<Inner>,
+    events: Vec<Event>,
+) -> Vec<Result<PublishAck, PublishError>> {
+    futures::stream::iter(events)
+        .map(|event| publish(inner, event))
+        .buffered(PIPELINE_WINDOW)
+        .collect()
+        .await
+}
+
+/// Sends until the server acknowledged the message or the retry budget is spent.
+async fn send_with_retry(
+    inner: &Inner,
+    prepared: &Prepared,
+) -> Result<PublishAck, Error<PublishErrorKind>> {
+    let retry = inner.retry;
+    let budget = retry
+        .total
+        .unwrap_or(inner.config.events_timeout)
+        .min(inner.config.js_duplicate_window);
+    let started = Instant::now();
+    let deadline = started + budget;
+    let mut attempts = 0u32;
+    loop {
+        attempts += 1;
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let attempt_timeout = retry.attempt_timeout.min(remaining);
+        let why = match attempt(inner, prepared, attempt_timeout).await {
+            Ok(ack) => {
+                if attempts > 1 {
+                    tracing::info!(event_id = %prepared.event_id, attempts, duplicate = ack.duplicate, "publish succeeded after retry");
+                }
+                return Ok(ack);
+            }
+            Err(AttemptError::Fail(err)) => return Err(err),
+            Err(AttemptError::Retry(why)) => why,
+        };
+        if client_closed(&inner.client).await {
+            return Err(Error::with_detail(
+                PublishErrorKind::ConnectionClosed,
+                format!("event {} not published: {why}", prepared.event_id),
+            ));
+        }
+        if Instant::now() + retry.pause >= deadline {
+            return Err(Error::with_detail(
+                PublishErrorKind::TimedOut,
+                format!(
+                    "event {} not acknowledged after {attempts} attempts in {:?}: {why}",
+                    prepared.event_id,
+                    started.elapsed()
+                ),
+            ));
+        }
+        tracing::debug!(event_id = %prepared.event_id, attempts, reason = %why, "publish not acknowledged; retrying with the same id");
+        tokio::time::sleep(retry.pause).await;
+    }
+}
+
+async fn attempt(
+    inner: &Inner,
+    prepared: &Prepared,
+    timeout: Duration,
+) -> Result<PublishAck, AttemptError> {
+    let message = PublishMessage::build()
+        .payload(prepared.payload.clone())
+        .headers(prepared.headers.clone());
+    let sending = inner.js.send_publish(prepared.subject.clone(), message);
+    let ack_future = match tokio::time::timeout(timeout, sending).await {
+        Err(_) => return Err(AttemptError::Retry("send timed out".into())),
+        Ok(Err(err)) => return Err(classify(err, prepared)),
+        Ok(Ok(ack_future)) => ack_future,
+    };
+    match tokio::time::timeout(timeout, ack_future.into_future()).await {
+        Err(_) => Err(AttemptError::Retry("no ack in time".into())),
+        Ok(Err(err)) => Err(classify(err, prepared)),
+        Ok(Ok(ack)) => Ok(PublishAck {
+            stream: ack.stream,
+            sequence: ack.sequence,
+            duplicate: ack.duplicate,
+        }),
+    }
+}
+
+fn classify(
+    err: async_nats::jetstream::context::PublishError,
+    prepared: &Prepared,
+) -> AttemptError {
+    match err.kind() {
+        JsPublishErrorKind::TimedOut
+        | JsPublishErrorKind::BrokenPipe
+        | JsPublishErrorKind::MaxAckPending => AttemptError::Retry(err.to_string()),
+        JsPublishErrorKind::StreamNotFound => AttemptError::Fail(Error::with_detail(
+            PublishErrorKind::StreamNotFound,
+            format!(
+                "no stream holds subject {} (create it with init_stream / `cemsg stream init`)",
+                prepared.subject
+            ),
+        )),
+        JsPublishErrorKind::MaxPayloadExceeded => {
+            AttemptError::Fail(Error::with_source(PublishErrorKind::TooLarge, err))
+        }
+        _ => {
+            // A server error (a JetStream API error in the ack) will not change on retry; a
+            // failure to hand the message to the connection might (the caller checks whether
+            // the connection is closed for good before retrying).
+            let from_server = std::error::Error::source(&err)
+                .is_some_and(|s| s.downcast_ref::<async_nats::jetstream::Error>().is_some());
+            if from_server {
+                AttemptError::Fail(Error::with_source(PublishErrorKind::Other, err))
+            } else {
+                AttemptError::Retry(err.to_string())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_size_counts_the_header_block_like_hpub() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(wire_size(&headers, 10), 10);
+        headers.insert("Nats-Msg-Id", "abc");
+        // "NATS/1.0\r\n" + "Nats-Msg-Id: abc\r\n" + "\r\n"
+        assert_eq!(wire_size(&headers, 5), 10 + 18 + 2 + 5);
+    }
+
+    #[test]
+    fn default_retry_is_bounded() {
+        let retry = PublishRetry::default();
+        assert!(retry.attempt_timeout > Duration::ZERO);
+        assert!(retry.pause < retry.attempt_timeout);
+    }
+}
