@@ -1,0 +1,217 @@
+//! Serving queries: queue-group subscriptions (one per op, or one wildcard subject) feed the
+//! bounded worker pool through an intake loop; replies are published to each request's reply
+//! subject.
+//!
+//! The intake loop waits for room in the pool before it reads the next message (backpressure).
+//! While it waits, messages collect in the subscription's buffer; when that is full the client
+//! drops messages and reports a slow consumer, which the connection logs and counts.
+//!
+//! Stopping: the intake loop unsubscribes, waits for the server to confirm (so it no longer
+//! routes requests here once the stop returns), answers the requests that were delivered but not yet queued
+//! with a 503 error reply, and exits; the worker pool lets queued and in-flight handlers
+//! finish within the grace period.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::{Client, Subject, Subscriber};
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::stream::SelectAll;
+use futures::{FutureExt, StreamExt};
+use tokio_util::sync::CancellationToken;
+
+use super::connection::server_round_trip;
+use super::Inner;
+use crate::codec::{self, HeaderMap};
+use crate::error::{BoxError, Error, ListenError, ListenErrorKind};
+use crate::event::EventExt;
+use crate::listener::Listener;
+use crate::query::{
+    content_mode_of, serve_request, QueryHandlers, QueryListenOptions, RawRequest, ReplyTarget,
+    ReplyWriter, ServeContext,
+};
+use crate::worker::{Submitter, WorkerPool};
+
+/// How long `listen` and stopping wait for the server to confirm (un)subscribing, and
+/// stopping for the requests left in the buffers to be answered.
+const ROUND_TRIP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Publishes the replies to one request on its reply subject.
+struct NatsReplyTarget {
+    client: Client,
+    subject: Subject,
+}
+
+#[async_trait]
+impl ReplyTarget for NatsReplyTarget {
+    async fn send(&self, headers: HeaderMap, payload: Bytes) -> Result<(), BoxError> {
+        self.client
+            .publish_with_headers(self.subject.clone(), headers, payload)
+            .await
+            .map_err(BoxError::from)
+    }
+}
+
+fn raw_request(client: &Client, message: async_nats::Message) -> RawRequest {
+    let reply = message.reply.map(|subject| {
+        Arc::new(NatsReplyTarget {
+            client: client.clone(),
+            subject,
+        }) as Arc<dyn ReplyTarget>
+    });
+    RawRequest {
+        subject: message.subject.to_string(),
+        headers: message.headers,
+        payload: message.payload,
+        reply,
+    }
+}
+
+/// Subscribes and starts serving `handlers`.
+pub(super) async fn listen(
+    inner: &Inner,
+    handlers: QueryHandlers,
+    options: QueryListenOptions,
+) -> Result<Listener, ListenError> {
+    options.validate(&handlers)?;
+    if inner.events.is_closed() {
+        return Err(Error::new(ListenErrorKind::ConnectionClosed));
+    }
+    let group = options
+        .queue_group
+        .clone()
+        .unwrap_or_else(|| inner.queue_group.clone());
+    let wildcard = options
+        .wildcard_subject
+        .clone()
+        .or_else(|| inner.wildcard_subject.clone());
+    let subjects: Vec<String> = match wildcard {
+        Some(subject) => vec![subject],
+        None => {
+            let mut ops: Vec<String> = handlers.ops().map(str::to_owned).collect();
+            ops.sort();
+            ops
+        }
+    };
+    // If one subscription fails, the ones made before are dropped, which unsubscribes them.
+    let mut subscriptions = SelectAll::new();
+    for subject in &subjects {
+        let subscriber = inner
+            .client
+            .queue_subscribe(subject.clone(), group.clone())
+            .await
+            .map_err(|e| {
+                Error::with_detail(
+                    ListenErrorKind::Subscribe,
+                    format!("subject {subject:?}, queue group {group:?}"),
+                )
+                .source(e)
+            })?;
+        subscriptions.push(subscriber);
+    }
+    // After a round trip the server has the subscriptions: a request sent once `listen`
+    // returned reaches this listener.
+    if let Err(err) = server_round_trip(&inner.client, ROUND_TRIP_TIMEOUT).await {
+        tracing::warn!(error = %err, "subscriptions not confirmed; they are sent again on reconnect");
+    }
+
+    let serve = Arc::new(ServeContext {
+        handlers,
+        source: inner.source.clone(),
+    });
+    let pool = WorkerPool::start(options.workers, options.buffer, move |request, work| {
+        let serve = serve.clone();
+        async move { serve_request(request, &serve, &work).await }.boxed()
+    });
+    let token = CancellationToken::new();
+    let intake = Intake {
+        client: inner.client.clone(),
+        source: inner.source.clone(),
+        subscriptions,
+        stopping: pool.context().stopping,
+        listener_token: token.clone(),
+    };
+    pool.spawn_intake(intake.run(pool.submitter()));
+    tracing::info!(subjects = ?subjects, queue_group = %group, workers = options.workers, buffer = options.buffer, "query listener started");
+    Ok(Listener::supervise(pool, options.grace, token))
+}
+
+struct Intake {
+    client: Client,
+    source: String,
+    subscriptions: SelectAll<Subscriber>,
+    stopping: CancellationToken,
+    listener_token: CancellationToken,
+}
+
+impl Intake {
+    /// Feeds the pool until the listener stops. Holds the pool's submitter only while it
+    /// runs: the workers see the end of the queue once it is dropped.
+    async fn run(mut self, submitter: Submitter<RawRequest>) {
+        loop {
+            let message = tokio::select! {
+                biased;
+                _ = self.stopping.cancelled() => break,
+                message = self.subscriptions.next() => message,
+            };
+            let Some(message) = message else {
+                // Every subscription ended: the connection was closed (or drained).
+                tracing::info!("query listener's subscriptions ended; stopping the listener");
+                self.listener_token.cancel();
+                return;
+            };
+            let request = raw_request(&self.client, message);
+            if let Err(request) = submitter.submit(request).await {
+                // The listener began to stop while this request waited for room.
+                self.refuse(request).await;
+                break;
+            }
+        }
+        drop(submitter);
+        self.unsubscribe().await;
+    }
+
+    /// Unsubscribes, makes sure the server saw it, then answers what was already delivered.
+    async fn unsubscribe(mut self) {
+        for subscriber in self.subscriptions.iter_mut() {
+            if let Err(err) = subscriber.unsubscribe().await {
+                tracing::debug!(error = %err, "unsubscribe on a closed connection");
+            }
+        }
+        // Once the server confirmed, requests sent after the stop find no responders here.
+        if let Err(err) = server_round_trip(&self.client, ROUND_TRIP_TIMEOUT).await {
+            tracing::warn!(error = %err, "unsubscribe not confirmed by the server");
+        }
+        // After `unsubscribe` the buffers only hold what was delivered before; they end.
+        let leftovers = tokio::time::timeout(ROUND_TRIP_TIMEOUT, async {
+            while let Some(message) = self.subscriptions.next().await {
+                let request = raw_request(&self.client, message);
+                self.refuse(request).await;
+            }
+        });
+        if leftovers.await.is_err() {
+            tracing::warn!("answering requests left in the subscription buffers timed out");
+        }
+    }
+
+    /// Answers a request the stopping listener will not serve: 503, so the requester fails at
+    /// once instead of waiting for its timeout.
+    async fn refuse(&self, request: RawRequest) {
+        let Some(target) = request.reply else { return };
+        tracing::debug!(subject = %request.subject, "query refused: listener stopping");
+        let tid = codec::decode(request.headers.as_ref(), &request.payload)
+            .ok()
+            .and_then(|event| event.transaction_id());
+        let writer = ReplyWriter::new(
+            target,
+            request.subject.clone(),
+            tid,
+            content_mode_of(request.headers.as_ref()),
+            self.source.clone(),
+        );
+        if let Err(err) = writer.error(503, "listener stopping").await {
+            tracing::warn!(error = %err, "error reply not sent");
+        }
+    }
+}
