@@ -1,0 +1,260 @@
+//! The bookkeeping of the fault-injection tests (`integration/faults.rs`), in the manner of
+//! Jepsen's set checker: which event ids a test tried to publish, which of those the server
+//! acknowledged (PubAck), and every delivery a handler saw (a multiset, with the delivery count
+//! JetStream reported for it).
+//!
+//! From these the [`Checker::report`] derives:
+//! - **lost**: acknowledged but never delivered (the promise the library must keep);
+//! - **unexpected**: delivered but never attempted (something invented or mixed up events);
+//! - **duplicates**: deliveries beyond the first of an id, and publish retries the stream
+//!   de-duplicated (PubAck `duplicate: true`). A duplicate delivery is explained only if it is
+//!   a redelivery (delivery count > 1); two first deliveries (count 1) of one id mean the
+//!   stream stored the event twice, which the de-duplication window must prevent.
+//!
+//! One checker describes one consumer group (one durable name): instances sharing a durable
+//! share its delivery counts.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+/// Shared, cheap to clone; record from any task.
+#[derive(Clone, Default)]
+pub struct Checker {
+    state: Arc<Mutex<State>>,
+}
+
+#[derive(Default)]
+struct State {
+    attempted: HashSet<String>,
+    /// id -> stream sequence of the PubAck.
+    acked: HashMap<String, u64>,
+    /// Ids whose (retried) publish the server reported as a duplicate.
+    deduplicated: HashSet<String>,
+    /// Publishes that failed, with the error text.
+    failed: HashMap<String, String>,
+    /// id -> the delivery count of every delivery seen, in arrival order.
+    delivered: HashMap<String, Vec<u64>>,
+}
+
+/// What the checker concluded. `Debug` prints a bounded sample of each set.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Report {
+    pub attempted: usize,
+    pub acked: usize,
+    pub failed: usize,
+    /// Publishes the server de-duplicated (a retry of an id it had stored).
+    pub deduplicated: usize,
+    pub delivered_ids: usize,
+    pub deliveries: usize,
+    /// Acked but never delivered.
+    pub lost: BTreeSet<String>,
+    /// Delivered but never attempted.
+    pub unexpected: BTreeSet<String>,
+    /// Deliveries beyond the first of each id.
+    pub duplicate_deliveries: usize,
+    /// Ids delivered more than once whose extra deliveries are not all redeliveries (more than
+    /// one delivery with count 1): id -> the delivery counts seen.
+    pub unexplained_duplicates: BTreeMap<String, Vec<u64>>,
+}
+
+impl std::fmt::Debug for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        fn sample<T: std::fmt::Debug>(items: impl Iterator<Item = T>) -> Vec<T> {
+            items.take(10).collect()
+        }
+        f.debug_struct("Report")
+            .field("attempted", &self.attempted)
+            .field("acked", &self.acked)
+            .field("failed", &self.failed)
+            .field("deduplicated", &self.deduplicated)
+            .field("delivered_ids", &self.delivered_ids)
+            .field("deliveries", &self.deliveries)
+            .field("duplicate_deliveries", &self.duplicate_deliveries)
+            .field("lost", &(self.lost.len(), sample(self.lost.iter())))
+            .field(
+                "unexpected",
+                &(self.unexpected.len(), sample(self.unexpected.iter())),
+            )
+            .field(
+                "unexplained_duplicates",
+                &(
+                    self.unexplained_duplicates.len(),
+                    sample(self.unexplained_duplicates.iter()),
+                ),
+            )
+            .finish()
+    }
+}
+
+impl Report {
+    /// Panics (printing the report) unless nothing acked was lost, nothing unexpected was
+    /// delivered, and every duplicate delivery was a redelivery.
+    pub fn assert_valid(&self, scenario: &str) {
+        assert!(
+            self.lost.is_empty() && self.unexpected.is_empty() && self.unexplained_duplicates.is_empty(),
+            "{scenario}: invariant violated: {self:?}"
+        );
+    }
+}
+
+impl Checker {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The test is about to publish `id`.
+    pub fn attempted(&self, id: &str) {
+        self.lock().attempted.insert(id.to_owned());
+    }
+
+    /// The server acknowledged `id` at `sequence`; `duplicate` as the PubAck said.
+    pub fn acked(&self, id: &str, sequence: u64, duplicate: bool) {
+        let mut state = self.lock();
+        state.acked.insert(id.to_owned(), sequence);
+        if duplicate {
+            state.deduplicated.insert(id.to_owned());
+        }
+    }
+
+    /// Publishing `id` failed (no PubAck) with `error`.
+    pub fn failed(&self, id: &str, error: impl std::fmt::Display) {
+        self.lock().failed.insert(id.to_owned(), error.to_string());
+    }
+
+    /// A handler received `id` on its `delivery_count`-th delivery.
+    pub fn delivered(&self, id: &str, delivery_count: u64) {
+        self.lock()
+            .delivered
+            .entry(id.to_owned())
+            .or_default()
+            .push(delivery_count);
+    }
+
+    pub fn acked_ids(&self) -> HashSet<String> {
+        self.lock().acked.keys().cloned().collect()
+    }
+
+    pub fn acked_count(&self) -> usize {
+        self.lock().acked.len()
+    }
+
+    pub fn failed_count(&self) -> usize {
+        self.lock().failed.len()
+    }
+
+    pub fn delivered_ids(&self) -> HashSet<String> {
+        self.lock().delivered.keys().cloned().collect()
+    }
+
+    /// The delivery counts seen for `id` (empty if never delivered).
+    pub fn deliveries_of(&self, id: &str) -> Vec<u64> {
+        self.lock().delivered.get(id).cloned().unwrap_or_default()
+    }
+
+    /// True once every acknowledged id has been delivered at least once.
+    pub fn all_acked_delivered(&self) -> bool {
+        let state = self.lock();
+        state.acked.keys().all(|id| state.delivered.contains_key(id))
+    }
+
+    /// Waits until every acknowledged id has been delivered; panics with the report after
+    /// `timeout`.
+    pub async fn wait_all_acked_delivered(&self, timeout: Duration, scenario: &str) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while !self.all_acked_delivered() {
+            if tokio::time::Instant::now() >= deadline {
+                panic!(
+                    "{scenario}: acked events not all delivered within {timeout:?}: {:?}",
+                    self.report()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn report(&self) -> Report {
+        let state = self.lock();
+        let lost = state
+            .acked
+            .keys()
+            .filter(|id| !state.delivered.contains_key(*id))
+            .cloned()
+            .collect();
+        let unexpected = state
+            .delivered
+            .keys()
+            .filter(|id| !state.attempted.contains(*id))
+            .cloned()
+            .collect();
+        let mut duplicate_deliveries = 0;
+        let mut unexplained_duplicates = BTreeMap::new();
+        for (id, counts) in &state.delivered {
+            duplicate_deliveries += counts.len() - 1;
+            // At most one first delivery per id; every other delivery must be a redelivery.
+            if counts.iter().filter(|&&c| c <= 1).count() > 1 {
+                unexplained_duplicates.insert(id.clone(), counts.clone());
+            }
+        }
+        Report {
+            attempted: state.attempted.len(),
+            acked: state.acked.len(),
+            failed: state.failed.len(),
+            deduplicated: state.deduplicated.len(),
+            delivered_ids: state.delivered.len(),
+            deliveries: state.delivered.values().map(Vec::len).sum(),
+            lost,
+            unexpected,
+            duplicate_deliveries,
+            unexplained_duplicates,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_lost_unexpected_and_unexplained_duplicates() {
+        let c = Checker::new();
+        for id in ["a", "b", "c", "d"] {
+            c.attempted(id);
+        }
+        c.acked("a", 1, false);
+        c.acked("b", 2, false);
+        c.acked("c", 3, false);
+        c.acked("c", 3, true); // a retry the stream de-duplicated
+        c.failed("d", "timed out");
+        c.delivered("a", 1);
+        c.delivered("a", 2); // redelivery: explained
+        c.delivered("c", 1);
+        c.delivered("c", 1); // stored twice: unexplained
+        c.delivered("d", 1); // attempted, not acked, stored anyway: allowed
+        c.delivered("x", 1); // never attempted
+        let r = c.report();
+        assert_eq!(r.lost, BTreeSet::from(["b".to_string()]));
+        assert_eq!(r.unexpected, BTreeSet::from(["x".to_string()]));
+        assert_eq!(r.duplicate_deliveries, 2);
+        assert_eq!(r.deduplicated, 1);
+        assert_eq!(
+            r.unexplained_duplicates.keys().collect::<Vec<_>>(),
+            vec!["c"]
+        );
+        assert!(!c.all_acked_delivered());
+        let panicked = std::panic::catch_unwind(|| r.assert_valid("unit")).is_err();
+        assert!(panicked, "an invalid report must fail the check");
+
+        let ok = Checker::new();
+        ok.attempted("a");
+        ok.acked("a", 1, false);
+        ok.delivered("a", 1);
+        ok.delivered("a", 3);
+        assert!(ok.all_acked_delivered());
+        ok.report().assert_valid("unit");
+    }
+}
