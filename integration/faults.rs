@@ -25,9 +25,7 @@ use ce_messaging::cloudevents::AttributesReader;
 use ce_messaging::config::Config;
 use ce_messaging::error::RequestErrorKind;
 use ce_messaging::event::new_event;
-use ce_messaging::events::{
-    event_handler_fn, EventConnection, EventHandlers, EventListenOptions,
-};
+use ce_messaging::events::{event_handler_fn, EventConnection, EventHandlers, EventListenOptions};
 use ce_messaging::jetstream::{JetStreamEvents, PublishRetry};
 use ce_messaging::listener::Listener;
 use ce_messaging::nats::NatsQueries;
@@ -263,7 +261,10 @@ async fn assert_stored_once(client: &async_nats::Client, stream: &str, checker: 
             None => missing.push(id),
         }
     }
-    assert!(missing.is_empty(), "acked events missing from the stream: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "acked events missing from the stream: {missing:?}"
+    );
     let twice: Vec<_> = stored.iter().filter(|(_, n)| **n > 1).collect();
     assert!(twice.is_empty(), "events stored more than once: {twice:?}");
 }
@@ -375,21 +376,27 @@ async fn s1_server_killed_twice_while_publishing_loses_nothing_acked() {
     .await;
     let s = server.clone();
     blocking(move || s.kill()).await;
-    wait_for(Duration::from_secs(20), "a publish error during the outage", || async {
-        checker.failed_count() >= 1
-    })
+    wait_for(
+        Duration::from_secs(20),
+        "a publish error during the outage",
+        || async { checker.failed_count() >= 1 },
+    )
     .await;
     let s = server.clone();
     blocking(move || s.restart()).await;
+    checker.server_restarted();
 
     // Second outage: short, so in-flight publishes ride through it on their retries.
     let acked_before = checker.acked_count();
-    wait_for(Duration::from_secs(60), "more acks after the restart", || async {
-        checker.acked_count() >= acked_before + 2_000
-    })
+    wait_for(
+        Duration::from_secs(60),
+        "more acks after the restart",
+        || async { checker.acked_count() >= acked_before + 2_000 },
+    )
     .await;
     let s = server.clone();
     blocking(move || s.restart()).await;
+    checker.server_restarted();
 
     let acked = tokio::time::timeout(Duration::from_secs(120), publisher)
         .await

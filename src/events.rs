@@ -578,7 +578,10 @@ impl EventResponseWriter {
     /// How many times the event being handled has been delivered to this durable listener,
     /// this delivery included (1 the first time; more after a nak, an expired ack wait or a
     /// listener that died holding it). A handler with side effects can use it to check for
-    /// work a previous delivery may already have done.
+    /// work a previous delivery may already have done, but not to rule it out: a JetStream
+    /// server killed without a clean shutdown can come back with its consumer's state a
+    /// moment behind and deliver an event it had delivered (even acked) again with a count of
+    /// 1. De-duplicate by event id where it matters.
     ///
     /// # Examples
     ///
