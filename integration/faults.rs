@@ -24,7 +24,7 @@ use async_nats::jetstream;
 use ce_messaging::cloudevents::AttributesReader;
 use ce_messaging::config::Config;
 use ce_messaging::error::RequestErrorKind;
-use ce_messaging::event::new_event;
+use ce_messaging::event::{new_event, EventExt};
 use ce_messaging::events::{event_handler_fn, EventConnection, EventHandlers, EventListenOptions};
 use ce_messaging::jetstream::{JetStreamEvents, PublishRetry};
 use ce_messaging::listener::Listener;
@@ -415,4 +415,348 @@ async fn s1_server_killed_twice_while_publishing_loses_nothing_acked() {
     report.assert_valid("s1");
     assert_eq!(report.attempted as u64, COUNT);
     assert!(report.failed >= 1, "the first outage made no publish fail");
+}
+
+// ------------------------------------------------------------------------------------------
+// 2. a listener killed with a batch unacked
+// ------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s2_listener_killed_with_a_batch_unacked_is_redelivered_to_a_new_listener() {
+    const COUNT: u64 = 40;
+    let server = NatsServer::start();
+    let config = config(&server.url(), "s2", 1);
+    let retry = PublishRetry::default();
+    let events = events_on(&server.url(), &config, retry).await;
+    init(&events).await;
+    // All deliveries (both listeners) and those of the new listener alone.
+    let all = Checker::new();
+    let second = Checker::new();
+    for n in 0..COUNT {
+        let event = numbered_event(n);
+        second.attempted(event.id());
+        let id = event.id().to_owned();
+        assert!(publish_tracked(&events, &all, event, publish_bound(&retry)).await);
+        second.acked(&id, 0, false);
+    }
+
+    // The first listener takes a batch and never finishes it (handlers hang), then dies.
+    let doomed_events = events_on(&server.url(), &config, retry).await;
+    let started = Arc::new(AtomicUsize::new(0));
+    let hanging = {
+        let (all, started) = (all.clone(), started.clone());
+        EventHandlers::new().on(
+            TYPE,
+            event_handler_fn(move |event, responses| {
+                let (all, started) = (all.clone(), started.clone());
+                async move {
+                    all.delivered(event.id(), responses.delivery_count());
+                    started.fetch_add(1, Ordering::SeqCst);
+                    std::future::pending::<()>().await;
+                    Ok(())
+                }
+            }),
+        )
+    };
+    let doomed = listen(&doomed_events, hanging, listen_options("s2", 8, 16)).await;
+    wait_for(STEP, "the first listener's workers all busy", || async {
+        started.load(Ordering::SeqCst) >= 8
+    })
+    .await;
+    let held: Vec<String> = all.delivered_ids().into_iter().collect();
+    // As if the process died: nothing is acked or nak'ed, the connection goes away.
+    tokio::time::timeout(STEP, doomed.abort())
+        .await
+        .expect("abort timed out");
+    doomed_events.close().await;
+
+    let recorder = {
+        let (all, second) = (all.clone(), second.clone());
+        EventHandlers::new().on(
+            TYPE,
+            event_handler_fn(move |event, responses| {
+                let (all, second) = (all.clone(), second.clone());
+                async move {
+                    all.delivered(event.id(), responses.delivery_count());
+                    second.delivered(event.id(), responses.delivery_count());
+                    Ok(())
+                }
+            }),
+        )
+    };
+    let successor = listen(&events, recorder, listen_options("s2", 8, 16)).await;
+    // The held batch comes back after the ack wait (2 s).
+    second
+        .wait_all_acked_delivered(Duration::from_secs(20), "s2 new listener")
+        .await;
+    stop(&successor).await;
+    for id in &held {
+        let counts = second.deliveries_of(id);
+        assert!(
+            counts.iter().any(|c| *c > 1),
+            "{id} held by the dead listener came back with delivery counts {counts:?}"
+        );
+    }
+    let report = all.report();
+    eprintln!("s2: held {} {report:?}", held.len());
+    report.assert_valid("s2");
+    second.report().assert_valid("s2 new listener");
+    assert!(held.len() >= 8);
+}
+
+// ------------------------------------------------------------------------------------------
+// 3. graceful shutdown under load
+// ------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_graceful_shutdown_under_load_settles_everything_in_flight() {
+    const COUNT: u64 = 200;
+    let server = NatsServer::start();
+    let mut config = config(&server.url(), "s3", 1);
+    // Long, so that "redelivered at once" cannot be mistaken for "redelivered after the wait".
+    config.js_ack_wait = Duration::from_secs(30);
+    let retry = PublishRetry::default();
+    let publisher = events_on(&server.url(), &config, retry).await;
+    init(&publisher).await;
+    let checker = Checker::new();
+    assert_eq!(
+        publish_many(&publisher, &checker, COUNT, 64, publish_bound(&retry)).await,
+        COUNT as usize
+    );
+
+    let service = events_on(&server.url(), &config, retry).await;
+    let shutdown = Shutdown::new(Duration::from_millis(500)).with_drain_timeout(STEP);
+    let returned = Arc::new(AtomicBool::new(false));
+    let after_return = Arc::new(AtomicUsize::new(0));
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let long_running = Arc::new(AtomicUsize::new(0));
+    let handlers = {
+        let (checker, returned, after_return) =
+            (checker.clone(), returned.clone(), after_return.clone());
+        let (in_flight, long_running) = (in_flight.clone(), long_running.clone());
+        EventHandlers::new().on(
+            TYPE,
+            event_handler_fn(move |event, responses| {
+                let (checker, returned, after_return) =
+                    (checker.clone(), returned.clone(), after_return.clone());
+                let (in_flight, long_running) = (in_flight.clone(), long_running.clone());
+                async move {
+                    if returned.load(Ordering::SeqCst) {
+                        after_return.fetch_add(1, Ordering::SeqCst);
+                    }
+                    checker.delivered(event.id(), responses.delivery_count());
+                    let _guard = Gauge::enter(&in_flight);
+                    let n = event
+                        .data_as::<serde_json::Value>()
+                        .ok()
+                        .and_then(|v| v["n"].as_u64())
+                        .unwrap_or(0);
+                    // Simulated work: most events are quick, every tenth outlasts the grace.
+                    if n % 10 == 0 {
+                        let _long = Gauge::enter(&long_running);
+                        tokio::time::sleep(Duration::from_secs(10)).await;
+                    } else {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    if returned.load(Ordering::SeqCst) {
+                        after_return.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Ok(())
+                }
+            }),
+        )
+    };
+    let listener = listen(&service, handlers, listen_options("s3", 4, 32)).await;
+    shutdown.add_listener(listener);
+    shutdown.add_connection(service.clone());
+    wait_for(STEP, "load with a long handler in flight", || async {
+        checker.delivered_ids().len() >= 20 && long_running.load(Ordering::SeqCst) >= 1
+    })
+    .await;
+    let report = tokio::time::timeout(STEP, shutdown.shutdown())
+        .await
+        .expect("shutdown hung");
+    returned.store(true, Ordering::SeqCst);
+    let running_at_return = in_flight.load(Ordering::SeqCst);
+    let stopped_at = Instant::now();
+    assert_eq!(
+        running_at_return, 0,
+        "handlers still running after shutdown"
+    );
+    assert_eq!(report.listeners, 1);
+    assert_eq!(report.connections_closed, 1);
+    assert!(
+        report.abandoned >= 1,
+        "a long handler was cut off: {report:?}"
+    );
+    assert!(report.finished >= 1, "{report:?}");
+
+    // Whatever was not acked was nak'ed: a new instance gets it at once, not after 30 s.
+    let successor_events = events_on(&server.url(), &config, retry).await;
+    let successor = listen(
+        &successor_events,
+        recording_handlers(&checker),
+        listen_options("s3", 16, 256),
+    )
+    .await;
+    checker
+        .wait_all_acked_delivered(
+            Duration::from_secs(10),
+            "s3 redelivery well before the ack wait",
+        )
+        .await;
+    let redelivered_after = stopped_at.elapsed();
+    stop(&successor).await;
+    assert_eq!(
+        after_return.load(Ordering::SeqCst),
+        0,
+        "a handler ran after shutdown returned"
+    );
+    let checked = checker.report();
+    eprintln!("s3: {report:?}; all delivered {redelivered_after:?} after the stop; {checked:?}");
+    checked.assert_valid("s3");
+}
+
+/// Counts a running section (decrements on drop, so also when a handler is cut off).
+struct Gauge(Arc<AtomicUsize>);
+
+impl Gauge {
+    fn enter(counter: &Arc<AtomicUsize>) -> Gauge {
+        counter.fetch_add(1, Ordering::SeqCst);
+        Gauge(counter.clone())
+    }
+}
+
+impl Drop for Gauge {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// 4. server paused longer than the ping interval, then resumed
+// ------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s4_paused_server_is_noticed_and_everything_resumes_on_its_own() {
+    let server = Arc::new(NatsServer::start());
+    let config = config(&server.url(), "s4", 1);
+    let retry = PublishRetry {
+        attempt_timeout: Duration::from_secs(1),
+        total: Some(Duration::from_secs(30)),
+        pause: Duration::from_millis(100),
+    };
+    let bound = publish_bound(&retry);
+    let events = events_on(&server.url(), &config, retry).await;
+    init(&events).await;
+    let checker = Checker::new();
+    let listener = listen(
+        &events,
+        recording_handlers(&checker),
+        listen_options("s4", 4, 32),
+    )
+    .await;
+    let responder = NatsQueries::from_client(fault_client(&server.url()).await, &config);
+    let echo = QueryHandlers::new().on(
+        "org.example.fault.echo",
+        handler_fn(|request, reply| async move {
+            let data: serde_json::Value = request.data_as().unwrap_or_default();
+            reply.reply_data("org.example.fault.echoed", &data).await?;
+            Ok(())
+        }),
+    );
+    let query_listener =
+        tokio::time::timeout(STEP, responder.listen(echo, QueryListenOptions::default()))
+            .await
+            .expect("query listen timed out")
+            .expect("query listen");
+    let requester_client = fault_client(&server.url()).await;
+    let requester = NatsQueries::from_client(requester_client.clone(), &config);
+    let echo_request = |n: u64| {
+        new_event(
+            "org.example.fault.echo",
+            "faults",
+            &serde_json::json!({ "n": n }),
+        )
+        .expect("build request")
+    };
+    requester
+        .request_with_timeout(echo_request(0), Duration::from_secs(5))
+        .await
+        .expect("request before the pause");
+    assert_eq!(publish_many(&events, &checker, 20, 8, bound).await, 20);
+
+    let s = server.clone();
+    blocking(move || s.pause()).await;
+    let paused_at = Instant::now();
+    // The clients notice on their own (pings unanswered).
+    wait_for(
+        Duration::from_secs(10),
+        "the client notices the frozen server",
+        || async { requester_client.connection_state() != State::Connected },
+    )
+    .await;
+    let noticed_after = paused_at.elapsed();
+    // A request meanwhile fails within its timeout.
+    let timeout = Duration::from_secs(1);
+    let started = Instant::now();
+    let outcome = tokio::time::timeout(
+        timeout + Duration::from_secs(2),
+        requester.request_with_timeout(echo_request(1), timeout),
+    )
+    .await
+    .expect("request during the pause hung");
+    let err = outcome.expect_err("a request to a frozen server cannot succeed");
+    assert!(
+        matches!(
+            err.kind(),
+            RequestErrorKind::TimedOut | RequestErrorKind::NoResponders
+        ),
+        "unexpected error kind: {err}"
+    );
+    assert!(started.elapsed() <= timeout + Duration::from_millis(500));
+    // Publishes meanwhile wait (retrying) and complete after the resume.
+    let during = tokio::spawn({
+        let (events, checker) = (events.clone(), checker.clone());
+        async move { publish_many(&events, &checker, 20, 8, bound).await }
+    });
+    let s = server.clone();
+    blocking(move || s.resume()).await;
+    wait_for(Duration::from_secs(15), "reconnected", || async {
+        requester_client.connection_state() == State::Connected
+    })
+    .await;
+    let acked_during = tokio::time::timeout(bound * 2, during)
+        .await
+        .expect("publishes during the pause hung")
+        .expect("publisher panicked");
+    assert_eq!(
+        acked_during, 20,
+        "publishes during the pause complete after the resume"
+    );
+    assert_eq!(publish_many(&events, &checker, 20, 8, bound).await, 20);
+    // Listeners resumed without application code: events are consumed, requests answered.
+    checker
+        .wait_all_acked_delivered(Duration::from_secs(30), "s4")
+        .await;
+    wait_for(
+        Duration::from_secs(15),
+        "requests answered after the resume",
+        || {
+            let requester = requester.clone();
+            async move {
+                requester
+                    .request_with_timeout(echo_request(2), Duration::from_secs(1))
+                    .await
+                    .is_ok()
+            }
+        },
+    )
+    .await;
+    assert!(!listener.is_stopped() && !query_listener.is_stopped());
+    stop(&listener).await;
+    stop(&query_listener).await;
+    let report = checker.report();
+    eprintln!("s4: noticed after {noticed_after:?}; {report:?}");
+    report.assert_valid("s4");
 }
