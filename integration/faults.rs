@@ -760,3 +760,221 @@ async fn s4_paused_server_is_noticed_and_everything_resumes_on_its_own() {
     eprintln!("s4: noticed after {noticed_after:?}; {report:?}");
     report.assert_valid("s4");
 }
+
+// ------------------------------------------------------------------------------------------
+// 5. two listener instances, one paused beyond the ack wait
+// ------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s5_instance_paused_beyond_the_ack_wait_loses_its_events_to_the_other() {
+    let server = NatsServer::start();
+    let mut config = config(&server.url(), "s5", 1);
+    config.js_ack_wait = Duration::from_secs(1);
+    let retry = PublishRetry::default();
+    let bound = publish_bound(&retry);
+    let events = events_on(&server.url(), &config, retry).await;
+    init(&events).await;
+    let checker = Checker::new();
+
+    // Instance A runs on its own single-threaded runtime, like a separate process; its handler
+    // blocks that thread, which freezes the whole instance (no in-progress, no acks, no pings)
+    // as SIGSTOP would, until the test lets it go.
+    let (got_tx, got_rx) = std::sync::mpsc::channel::<String>();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<()>();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let instance_a = std::thread::spawn({
+        let (url, config, checker) = (server.url(), config.clone(), checker.clone());
+        move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime of instance A");
+            runtime.block_on(async move {
+                let events = events_on(&url, &config, retry).await;
+                let release_rx = std::sync::Mutex::new(release_rx);
+                let handlers = EventHandlers::new().on(
+                    TYPE,
+                    event_handler_fn(move |event, responses| {
+                        checker.delivered(event.id(), responses.delivery_count());
+                        let _ = got_tx.send(event.id().to_owned());
+                        // Freeze this instance (blocking its only thread on purpose).
+                        let _ = release_rx
+                            .lock()
+                            .expect("release lock")
+                            .recv_timeout(Duration::from_secs(60));
+                        async { Ok(()) }
+                    }),
+                );
+                let listener = listen(&events, handlers, listen_options("s5", 1, 4)).await;
+                let _ = ready_tx.send(());
+                let _ = stop_rx.await;
+                stop(&listener).await;
+                events.close().await;
+            });
+        }
+    });
+    tokio::time::timeout(STEP, ready_rx)
+        .await
+        .expect("instance A did not start")
+        .expect("instance A failed");
+    assert_eq!(publish_many(&events, &checker, 1, 1, bound).await, 1);
+    let frozen_on = tokio::task::spawn_blocking(move || got_rx.recv_timeout(STEP))
+        .await
+        .expect("join")
+        .expect("instance A received the first event");
+
+    // Instance B (same durable) gets new events and, after the ack wait, A's.
+    let b = listen(
+        &events,
+        recording_handlers(&checker),
+        listen_options("s5", 4, 32),
+    )
+    .await;
+    assert_eq!(publish_many(&events, &checker, 20, 8, bound).await, 20);
+    wait_for(
+        Duration::from_secs(20),
+        "B gets the event A holds",
+        || async { checker.deliveries_of(&frozen_on).iter().any(|c| *c > 1) },
+    )
+    .await;
+    checker
+        .wait_all_acked_delivered(Duration::from_secs(20), "s5")
+        .await;
+
+    // Let A go; its late ack changes nothing.
+    release_tx.send(()).expect("release A");
+    let _ = stop_tx.send(());
+    tokio::task::spawn_blocking(move || instance_a.join())
+        .await
+        .expect("join")
+        .expect("instance A panicked");
+    stop(&b).await;
+    let report = checker.report();
+    eprintln!("s5: {report:?}");
+    report.assert_valid("s5");
+    assert!(report.duplicate_deliveries >= 1);
+}
+
+// ------------------------------------------------------------------------------------------
+// 9. request/reply while the responder's server restarts
+// ------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s9_requests_across_a_server_restart_fail_as_documented_and_never_cross() {
+    let server = Arc::new(NatsServer::start_with(support::server::ServerOptions {
+        jetstream: false,
+        ..Default::default()
+    }));
+    let config = config(&server.url(), "s9", 1);
+    let responder = NatsQueries::from_client(fault_client(&server.url()).await, &config);
+    let echo = QueryHandlers::new().on(
+        "org.example.fault.echo",
+        handler_fn(|request, reply| async move {
+            let data: serde_json::Value = request.data_as().unwrap_or_default();
+            reply.reply_data("org.example.fault.echoed", &data).await?;
+            Ok(())
+        }),
+    );
+    let listener =
+        tokio::time::timeout(STEP, responder.listen(echo, QueryListenOptions::default()))
+            .await
+            .expect("listen timed out")
+            .expect("listen");
+    let requester = NatsQueries::from_client(fault_client(&server.url()).await, &config);
+
+    let ok = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(std::sync::Mutex::new(
+        Vec::<(RequestErrorKind, Duration)>::new(),
+    ));
+    let crossed = Arc::new(AtomicU64::new(0));
+    let running = Arc::new(AtomicBool::new(true));
+    let timeout = Duration::from_secs(1);
+    let requests = tokio::spawn({
+        let (ok, errors, crossed, running) =
+            (ok.clone(), errors.clone(), crossed.clone(), running.clone());
+        async move {
+            let mut n = 0u64;
+            while running.load(Ordering::SeqCst) {
+                n += 1;
+                let request = new_event(
+                    "org.example.fault.echo",
+                    "faults",
+                    &serde_json::json!({ "n": n }),
+                )
+                .expect("build request");
+                let started = Instant::now();
+                let outcome = tokio::time::timeout(
+                    timeout + Duration::from_secs(2),
+                    requester.request_with_timeout(request, timeout),
+                )
+                .await
+                .expect("a request hung past its timeout");
+                match outcome {
+                    Ok(reply) => {
+                        let echoed: serde_json::Value = reply.data_as().expect("reply data");
+                        if echoed["n"].as_u64() != Some(n) {
+                            crossed.fetch_add(1, Ordering::SeqCst);
+                        }
+                        ok.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Err(err) => errors
+                        .lock()
+                        .expect("errors lock")
+                        .push((err.kind(), started.elapsed())),
+                }
+            }
+            n
+        }
+    });
+    wait_for(STEP, "requests answered before the fault", || async {
+        ok.load(Ordering::SeqCst) >= 20
+    })
+    .await;
+    let s = server.clone();
+    blocking(move || s.kill()).await;
+    wait_for(STEP, "a request fails during the outage", || async {
+        !errors.lock().expect("errors lock").is_empty()
+    })
+    .await;
+    let s = server.clone();
+    blocking(move || s.restart()).await;
+    let before = ok.load(Ordering::SeqCst);
+    // The responder's subscription comes back without application code.
+    wait_for(STEP, "requests answered after the restart", || async {
+        ok.load(Ordering::SeqCst) >= before + 20
+    })
+    .await;
+    running.store(false, Ordering::SeqCst);
+    let sent = tokio::time::timeout(STEP, requests)
+        .await
+        .expect("requester hung")
+        .expect("requester panicked");
+    assert!(!listener.is_stopped(), "the listener ended on its own");
+    stop(&listener).await;
+    let errors = errors.lock().expect("errors lock").clone();
+    for (kind, elapsed) in &errors {
+        assert!(
+            matches!(
+                kind,
+                RequestErrorKind::TimedOut | RequestErrorKind::NoResponders
+            ),
+            "undocumented error during a restart: {kind:?}"
+        );
+        assert!(
+            *elapsed <= timeout + Duration::from_millis(500),
+            "{kind:?} after {elapsed:?}, beyond the {timeout:?} timeout"
+        );
+    }
+    assert_eq!(
+        crossed.load(Ordering::SeqCst),
+        0,
+        "a reply crossed requests"
+    );
+    eprintln!(
+        "s9: {sent} requests, {} answered, {} failed ({:?})",
+        ok.load(Ordering::SeqCst),
+        errors.len(),
+        errors.iter().map(|(k, _)| *k).collect::<Vec<_>>()
+    );
+}
