@@ -26,6 +26,11 @@ use crate::headers::NATS_MSG_ID;
 
 use super::{client_closed, Inner};
 
+/// JetStream's error code for "duplicate message id is in process": a message with the same
+/// `Nats-Msg-Id` was received and is still being stored (replicated), so its outcome is not
+/// known yet.
+const DUPLICATE_IN_PROCESS_CODE: u64 = 10158;
+
 /// At most this many pipelined publishes wait for their ack at once.
 pub(crate) const PIPELINE_WINDOW: usize = 1024;
 
@@ -249,9 +254,13 @@ fn classify(
             // A server error (a JetStream API error in the ack) will not change on retry; a
             // failure to hand the message to the connection might (the caller checks whether
             // the connection is closed for good before retrying).
-            let from_server = std::error::Error::source(&err)
-                .is_some_and(|s| s.downcast_ref::<async_nats::jetstream::Error>().is_some());
-            if from_server {
+            let server_error = std::error::Error::source(&err)
+                .and_then(|s| s.downcast_ref::<async_nats::jetstream::Error>());
+            if server_error.is_some_and(|e| e.error_code().0 == DUPLICATE_IN_PROCESS_CODE) {
+                // An earlier attempt with this id is still being stored (a clustered stream
+                // replicating it): ask again, and the answer will be its ack or "duplicate".
+                AttemptError::Retry(err.to_string())
+            } else if server_error.is_some() {
                 AttemptError::Fail(Error::with_source(PublishErrorKind::Other, err))
             } else {
                 AttemptError::Retry(err.to_string())
