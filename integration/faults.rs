@@ -978,3 +978,236 @@ async fn s9_requests_across_a_server_restart_fail_as_documented_and_never_cross(
         errors.iter().map(|(k, _)| *k).collect::<Vec<_>>()
     );
 }
+
+// ------------------------------------------------------------------------------------------
+// Cluster scenarios (3 nodes, streams with 3 replicas)
+// ------------------------------------------------------------------------------------------
+
+/// A 3-node cluster with both streams created at 3 replicas, a connection to all nodes and a
+/// recording listener.
+async fn cluster_setup(
+    name: &str,
+    retry: PublishRetry,
+) -> (Arc<NatsCluster>, Config, JetStreamEvents, Checker, Listener) {
+    let cluster = Arc::new(
+        tokio::task::spawn_blocking(|| NatsCluster::start(3))
+            .await
+            .expect("cluster start panicked"),
+    );
+    let config = config(&cluster.url(), name, 3);
+    let events = events_on(&cluster.url(), &config, retry).await;
+    init(&events).await;
+    wait_stream_healthy(events_client(&cluster).await.as_ref(), &config.js_stream, 3).await;
+    let checker = Checker::new();
+    let listener = listen(
+        &events,
+        recording_handlers(&checker),
+        listen_options(name, 16, 128),
+    )
+    .await;
+    (cluster, config, events, checker, listener)
+}
+
+/// A plain client on the whole cluster, for stream inspection.
+async fn events_client(cluster: &NatsCluster) -> Arc<async_nats::Client> {
+    Arc::new(fault_client(&cluster.url()).await)
+}
+
+/// Publishes continuously (`concurrency` at a time) until `running` turns false.
+fn publish_continuously(
+    events: &JetStreamEvents,
+    checker: &Checker,
+    running: &Arc<AtomicBool>,
+    concurrency: usize,
+    bound: Duration,
+) -> tokio::task::JoinHandle<()> {
+    let (events, checker, running) = (events.clone(), checker.clone(), running.clone());
+    tokio::spawn(async move {
+        let numbers = futures::stream::iter(0u64..)
+            .take_while(|_| futures::future::ready(running.load(Ordering::SeqCst)));
+        numbers
+            .map(|n| publish_tracked(&events, &checker, numbered_event(n), bound))
+            .buffer_unordered(concurrency)
+            .for_each(|_| futures::future::ready(()))
+            .await;
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s6_stream_leader_killed_five_times_loses_nothing_and_replicas_agree() {
+    let retry = PublishRetry {
+        attempt_timeout: Duration::from_secs(2),
+        total: Some(Duration::from_secs(30)),
+        pause: Duration::from_millis(100),
+    };
+    let bound = publish_bound(&retry);
+    let (cluster, config, events, checker, listener) = cluster_setup("s6", retry).await;
+    let inspector = events_client(&cluster).await;
+    let running = Arc::new(AtomicBool::new(true));
+    let publisher = publish_continuously(&events, &checker, &running, 16, bound);
+    let mut kills = Vec::new();
+    for round in 0..5 {
+        let acked = checker.acked_count();
+        wait_for(
+            Duration::from_secs(60),
+            "publishing makes progress",
+            || async { checker.acked_count() >= acked + 50 },
+        )
+        .await;
+        let leader = cluster.stream_leader(&inspector, &config.js_stream).await;
+        let c = cluster.clone();
+        let killed_at = Instant::now();
+        blocking(move || c.kill(leader)).await;
+        // A new leader among the two left (a raft election).
+        let new_leader = loop {
+            let l = cluster.stream_leader(&inspector, &config.js_stream).await;
+            if l != leader {
+                break l;
+            }
+            assert!(
+                killed_at.elapsed() < Duration::from_secs(40),
+                "no new leader"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let elected_after = killed_at.elapsed();
+        let c = cluster.clone();
+        blocking(move || c.restart(leader)).await;
+        checker.server_restarted();
+        wait_stream_healthy(&inspector, &config.js_stream, 3).await;
+        kills.push((round, leader, new_leader, elected_after));
+    }
+    // Some progress after the last kill, then stop publishing.
+    let acked = checker.acked_count();
+    wait_for(
+        Duration::from_secs(60),
+        "publishing after the last kill",
+        || async { checker.acked_count() >= acked + 50 },
+    )
+    .await;
+    running.store(false, Ordering::SeqCst);
+    tokio::time::timeout(bound * 2, publisher)
+        .await
+        .expect("publisher hung")
+        .expect("publisher panicked");
+    checker
+        .wait_all_acked_delivered(Duration::from_secs(60), "s6")
+        .await;
+    stop(&listener).await;
+    let last = wait_replicas_agree(&cluster, &config.js_stream, 1).await;
+    assert_stored_once(&inspector, &config.js_stream, &checker).await;
+    let report = checker.report();
+    eprintln!("s6: kills (round, killed, new leader, elected after) {kills:?}; last seq {last}; {report:?}");
+    report.assert_valid("s6");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s7_paused_follower_then_paused_leader_writes_continue_and_nodes_catch_up() {
+    let retry = PublishRetry {
+        attempt_timeout: Duration::from_secs(2),
+        total: Some(Duration::from_secs(30)),
+        pause: Duration::from_millis(100),
+    };
+    let bound = publish_bound(&retry);
+    let (cluster, config, events, checker, listener) = cluster_setup("s7", retry).await;
+    let inspector = events_client(&cluster).await;
+    assert_eq!(publish_many(&events, &checker, 50, 16, bound).await, 50);
+
+    // A follower frozen: the other two are a majority, writes go on.
+    let leader = cluster.stream_leader(&inspector, &config.js_stream).await;
+    let follower = follower_of(&cluster, leader);
+    let c = cluster.clone();
+    blocking(move || c.pause(follower)).await;
+    assert_eq!(
+        publish_many(&events, &checker, 50, 16, bound).await,
+        50,
+        "writes with a follower paused"
+    );
+    let c = cluster.clone();
+    blocking(move || c.resume(follower)).await;
+    let seq = wait_replicas_agree(&cluster, &config.js_stream, 100).await;
+    wait_stream_healthy(&inspector, &config.js_stream, 3).await;
+
+    // Then the leader frozen: the others elect a new one, writes go on.
+    let leader = cluster.stream_leader(&inspector, &config.js_stream).await;
+    let c = cluster.clone();
+    blocking(move || c.pause(leader)).await;
+    let paused_at = Instant::now();
+    assert_eq!(
+        publish_many(&events, &checker, 50, 16, bound).await,
+        50,
+        "writes with the leader paused"
+    );
+    let writes_took = paused_at.elapsed();
+    let c = cluster.clone();
+    blocking(move || c.resume(leader)).await;
+    // The paused nodes caught up: every replica holds the same last sequence.
+    let last = wait_replicas_agree(&cluster, &config.js_stream, seq + 50).await;
+    checker
+        .wait_all_acked_delivered(Duration::from_secs(60), "s7")
+        .await;
+    stop(&listener).await;
+    assert_stored_once(&inspector, &config.js_stream, &checker).await;
+    let report = checker.report();
+    eprintln!(
+        "s7: 50 writes with the leader paused took {writes_took:?}; last seq {last}; {report:?}"
+    );
+    report.assert_valid("s7");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s8_no_publish_is_acknowledged_without_quorum() {
+    let healthy = PublishRetry {
+        attempt_timeout: Duration::from_secs(2),
+        total: Some(Duration::from_secs(40)),
+        pause: Duration::from_millis(100),
+    };
+    let (cluster, config, events, checker, listener) = cluster_setup("s8", healthy).await;
+    let inspector = events_client(&cluster).await;
+    assert_eq!(
+        publish_many(&events, &checker, 30, 8, publish_bound(&healthy)).await,
+        30
+    );
+    let acked_before = checker.acked_count();
+
+    // Two of three nodes stop: no quorum.
+    let survivor = cluster.stream_leader(&inspector, &config.js_stream).await;
+    let stopped: Vec<usize> = (0..3).filter(|i| *i != survivor).collect();
+    for i in stopped.clone() {
+        let c = cluster.clone();
+        blocking(move || c.kill(i)).await;
+    }
+    let short = PublishRetry {
+        attempt_timeout: Duration::from_secs(1),
+        total: Some(Duration::from_secs(3)),
+        pause: Duration::from_millis(100),
+    };
+    let minority = events.with_publish_retry(short);
+    let acked = publish_many(&minority, &checker, 10, 10, publish_bound(&short)).await;
+    assert_eq!(acked, 0, "a publish was acknowledged without quorum");
+    assert_eq!(checker.acked_count(), acked_before);
+    assert_eq!(checker.failed_count(), 10);
+
+    // They come back: writes resume and everything acked is there.
+    for i in stopped {
+        let c = cluster.clone();
+        blocking(move || c.restart(i)).await;
+    }
+    checker.server_restarted();
+    wait_stream_healthy(&inspector, &config.js_stream, 3).await;
+    assert_eq!(
+        publish_many(&events, &checker, 30, 8, publish_bound(&healthy)).await,
+        30,
+        "publishes after quorum returned: {:?}",
+        checker.failure_texts()
+    );
+    checker
+        .wait_all_acked_delivered(Duration::from_secs(60), "s8")
+        .await;
+    stop(&listener).await;
+    assert_stored_once(&inspector, &config.js_stream, &checker).await;
+    let last = wait_replicas_agree(&cluster, &config.js_stream, 60).await;
+    let report = checker.report();
+    eprintln!("s8: last seq {last}; {report:?}");
+    report.assert_valid("s8");
+}

@@ -161,6 +161,11 @@ impl Checker {
         self.lock().acked.len()
     }
 
+    /// The error texts of failed publishes (distinct, sorted).
+    pub fn failure_texts(&self) -> BTreeSet<String> {
+        self.lock().failed.values().cloned().collect()
+    }
+
     pub fn failed_count(&self) -> usize {
         self.lock().failed.len()
     }
