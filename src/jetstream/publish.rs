@@ -131,6 +131,9 @@ pub(crate) fn wire_size(headers: &HeaderMap, payload_len: usize) -> usize {
 enum AttemptError {
     /// Try again with the same message id.
     Retry(String),
+    /// Nobody answered for the subject: either no stream holds it, or its stream has no
+    /// leader right now (a clustered stream electing one). The caller tells them apart.
+    NoResponders(String),
     /// Give up with this error.
     Fail(Error<PublishErrorKind>),
 }
@@ -185,6 +188,18 @@ async fn send_with_retry(
             }
             Err(AttemptError::Fail(err)) => return Err(err),
             Err(AttemptError::Retry(why)) => why,
+            Err(AttemptError::NoResponders(why)) => {
+                if !stream_may_exist(inner, &prepared.subject, attempt_timeout).await {
+                    return Err(Error::with_detail(
+                        PublishErrorKind::StreamNotFound,
+                        format!(
+                            "no stream holds subject {} (create it with init_stream / `cemsg stream init`)",
+                            prepared.subject
+                        ),
+                    ));
+                }
+                why
+            }
         };
         if client_closed(&inner.client).await {
             return Err(Error::with_detail(
@@ -232,6 +247,26 @@ async fn attempt(
     }
 }
 
+/// Whether a stream may hold `subject`, asking the JetStream API (answered by the meta leader,
+/// also while a stream elects its leader). Only a definite "no such stream" (or no JetStream
+/// at all) is false; a timeout or another error is "maybe", so the publish is retried within
+/// its bounded time.
+async fn stream_may_exist(inner: &Inner, subject: &str, timeout: Duration) -> bool {
+    use async_nats::jetstream::context::{
+        GetStreamByNameErrorKind, RequestError, RequestErrorKind,
+    };
+    match tokio::time::timeout(timeout, inner.js.stream_by_subject(subject)).await {
+        Ok(Ok(_)) | Err(_) => true,
+        Ok(Err(err)) => match err.kind() {
+            GetStreamByNameErrorKind::NotFound => false,
+            GetStreamByNameErrorKind::Request => !std::error::Error::source(&err)
+                .and_then(|s| s.downcast_ref::<RequestError>())
+                .is_some_and(|e| e.kind() == RequestErrorKind::NoResponders),
+            _ => true,
+        },
+    }
+}
+
 fn classify(
     err: async_nats::jetstream::context::PublishError,
     prepared: &Prepared,
@@ -240,12 +275,9 @@ fn classify(
         JsPublishErrorKind::TimedOut
         | JsPublishErrorKind::BrokenPipe
         | JsPublishErrorKind::MaxAckPending => AttemptError::Retry(err.to_string()),
-        JsPublishErrorKind::StreamNotFound => AttemptError::Fail(Error::with_detail(
-            PublishErrorKind::StreamNotFound,
-            format!(
-                "no stream holds subject {} (create it with init_stream / `cemsg stream init`)",
-                prepared.subject
-            ),
+        JsPublishErrorKind::StreamNotFound => AttemptError::NoResponders(format!(
+            "no responders for {} (stream leader election?)",
+            prepared.subject
         )),
         JsPublishErrorKind::MaxPayloadExceeded => {
             AttemptError::Fail(Error::with_source(PublishErrorKind::TooLarge, err))
