@@ -145,7 +145,12 @@ async fn publish_tracked(
                 "publish error after {:?}",
                 started.elapsed()
             );
-            checker.failed(&id, &err);
+            // The kind, and the text where the kind says little (the text names the id).
+            let text = match err.kind() {
+                ce_messaging::error::PublishErrorKind::Other => err.to_string(),
+                kind => format!("{kind:?}"),
+            };
+            checker.failed(&id, text);
             false
         }
     }
@@ -1097,8 +1102,15 @@ async fn s6_stream_leader_killed_five_times_loses_nothing_and_replicas_agree() {
     let last = wait_replicas_agree(&cluster, &config.js_stream, 1).await;
     assert_stored_once(&inspector, &config.js_stream, &checker).await;
     let report = checker.report();
-    eprintln!("s6: kills (round, killed, new leader, elected after) {kills:?}; last seq {last}; {report:?}");
+    eprintln!("s6: kills (round, killed, new leader, elected after) {kills:?}; last seq {last}; {report:?}; failures: {:?}", checker.failure_texts());
     report.assert_valid("s6");
+    // The retry budget (30 s) outlasts an election (~10 s): no publish may give up.
+    assert_eq!(
+        report.failed,
+        0,
+        "publishes failed: {:?}",
+        checker.failure_texts()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -161,9 +161,13 @@ impl Checker {
         self.lock().acked.len()
     }
 
-    /// The error texts of failed publishes (distinct, sorted).
-    pub fn failure_texts(&self) -> BTreeSet<String> {
-        self.lock().failed.values().cloned().collect()
+    /// How many publishes failed with each error text.
+    pub fn failure_texts(&self) -> BTreeMap<String, usize> {
+        let mut counts = BTreeMap::new();
+        for text in self.lock().failed.values() {
+            *counts.entry(text.clone()).or_default() += 1;
+        }
+        counts
     }
 
     pub fn failed_count(&self) -> usize {
