@@ -594,7 +594,6 @@ async fn s3_graceful_shutdown_under_load_settles_everything_in_flight() {
         report.abandoned >= 1,
         "a long handler was cut off: {report:?}"
     );
-    assert!(report.finished >= 1, "{report:?}");
 
     // Whatever was not acked was nak'ed: a new instance gets it at once, not after 30 s.
     let successor_events = events_on(&server.url(), &config, retry).await;
@@ -847,11 +846,12 @@ async fn s5_instance_paused_beyond_the_ack_wait_loses_its_events_to_the_other() 
         .wait_all_acked_delivered(Duration::from_secs(20), "s5")
         .await;
 
-    // Let A go; its late ack changes nothing.
-    release_tx.send(()).expect("release A");
+    // Let A go (for good: a closed channel no longer blocks); its late acks change nothing.
+    drop(release_tx);
     let _ = stop_tx.send(());
-    tokio::task::spawn_blocking(move || instance_a.join())
+    tokio::time::timeout(STEP, tokio::task::spawn_blocking(move || instance_a.join()))
         .await
+        .expect("instance A did not stop")
         .expect("join")
         .expect("instance A panicked");
     stop(&b).await;
