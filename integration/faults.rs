@@ -4,12 +4,14 @@
 //!
 //! - **Lost = ∅**: every event the server acknowledged is delivered to a handler;
 //! - **Unexpected = ∅**: nothing is delivered that was never published;
-//! - every duplicate delivery is a redelivery (delivery count > 1); a retried publish is
-//!   de-duplicated by the stream, not stored twice.
+//! - every duplicate delivery is a redelivery (delivery count > 1), or a first delivery
+//!   repeated after a server crash (JetStream's consumer state can lag a SIGKILL); a retried
+//!   publish is de-duplicated by the stream, not stored twice.
 //!
-//! Timings are short (ack waits of 1-2 s, 250 ms client pings) so that the whole suite takes a
-//! few minutes. Every wait has a timeout; the only fixed pauses are the faults' own durations.
-//! Run alone: `cargo test --features natsjs_integration --test faults`.
+//! Timings are short (ack waits of 1-2 s, 250 ms client pings) so that the whole suite takes
+//! about a minute and a half; most of it is the ~10 s raft elections of scenario 6. Every wait
+//! has a timeout; the only fixed pauses are the faults' own durations and simulated work.
+//! Run alone: `cargo test --features natsjs_integration --test faults` (see docs/faults.md).
 
 mod support;
 
