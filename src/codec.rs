@@ -1,10 +1,14 @@
 //! CloudEvents <-> NATS message (headers + payload), in structured and binary content modes,
 //! as the wire contract says.
 //!
-//! Encoding and decoding go through cloudevents-sdk's `message` traits: [`encode`] feeds the
-//! event into a NATS [`StructuredSerializer`] / [`BinarySerializer`], and [`decode`] presents
-//! the NATS message as a [`StructuredDeserializer`] / [`BinaryDeserializer`] that the sdk turns
-//! into an [`Event`].
+//! Events are built and read with cloudevents-sdk, never hand-rolled JSON: [`encode`] feeds
+//! the event into a NATS [`StructuredSerializer`] (the sdk's JSON event format) or
+//! [`BinarySerializer`] (`ce-*` headers). [`decode`] is on every message's path, so for spec
+//! 1.0 it reads the JSON event (serde_json, borrowed keys and raw values, `data` parsed once)
+//! or the `ce-*` headers (one pass) and builds the event with the sdk's `EventBuilderV10`;
+//! spec 0.3 goes through the sdk's [`BinaryDeserializer`] / [`StructuredDeserializer`] route,
+//! and `data_base64` through the sdk's own JSON format decoder. A property test pins that the
+//! structured decode agrees with the sdk's decoder.
 //!
 //! # Examples
 //!
@@ -22,7 +26,7 @@
 use std::borrow::Cow;
 
 use bytes::Bytes;
-use cloudevents::event::{Data, SpecVersion};
+use cloudevents::event::{Data, ExtensionValue, SpecVersion};
 use cloudevents::message::{
     BinaryDeserializer, BinarySerializer, Error as MessageError, MessageAttributeValue,
     StructuredDeserializer, StructuredSerializer,
@@ -34,6 +38,7 @@ use crate::error::{DecodeError, DecodeErrorKind, EncodeError, EncodeErrorKind, E
 /// NATS message headers, as used by the codec.
 pub use async_nats::HeaderMap;
 use async_nats::{HeaderName, HeaderValue};
+use serde_json::value::RawValue;
 
 /// The `Content-Type` of a structured-mode message.
 pub const STRUCTURED_CONTENT_TYPE: &str = "application/cloudevents+json";
@@ -119,10 +124,30 @@ pub fn encode(event: &Event, mode: ContentMode) -> Result<EncodedEvent, EncodeEr
                 .set_structured_event(json)
                 .map_err(encode_error)
         }
-        ContentMode::Binary => event
-            .clone()
-            .deserialize_binary(NatsSerializer::default())
-            .map_err(encode_error),
+        ContentMode::Binary => encode_binary(event).map_err(encode_error),
+    }
+}
+
+/// Feeds the event's attributes, extensions and data to the NATS [`BinarySerializer`] the way
+/// the sdk's `BinaryDeserializer for Event` does, but from a borrowed event: no clone of the
+/// data, which is serialized straight into the payload.
+fn encode_binary(event: &Event) -> cloudevents::message::Result<EncodedEvent> {
+    let mut serializer = NatsSerializer::default().set_spec_version(event.specversion())?;
+    for (name, value) in event.iter_attributes() {
+        if name == "specversion" {
+            continue;
+        }
+        serializer =
+            serializer.set_attribute(name, MessageAttributeValue::String(value.to_string()))?;
+    }
+    for (name, value) in event.iter_extensions() {
+        serializer = serializer.set_extension(name, value.clone().into())?;
+    }
+    match event.data() {
+        None => serializer.end(),
+        Some(Data::Binary(bytes)) => serializer.end_with_data(bytes.clone()),
+        Some(Data::String(text)) => serializer.end_with_data(text.clone().into_bytes()),
+        Some(Data::Json(value)) => serializer.end_with_data(serde_json::to_vec(value)?),
     }
 }
 
@@ -132,12 +157,19 @@ pub fn encode(event: &Event, mode: ContentMode) -> Result<EncodedEvent, EncodeEr
 /// `application/cloudevents` means structured mode; else the payload is tried as a structured
 /// JSON event (as sdk-go sends it). Header names are matched case-insensitively.
 ///
+/// Spec 1.0 events are decoded on a lean path (borrowed keys and raw JSON values, one pass
+/// over the headers); spec 0.3 and `data_base64` events go through the sdk's own decoder. In
+/// binary mode, data with a JSON content type comes back as `Data::Json` and `text/*` data as
+/// `Data::String` (when they parse), so an event decodes the same in both modes.
+///
 /// # Errors
 ///
 /// A [`DecodeError`] whose kind says what was wrong: [`DecodeErrorKind::NotJson`],
 /// [`DecodeErrorKind::MissingAttribute`], [`DecodeErrorKind::UnknownSpecVersion`],
 /// [`DecodeErrorKind::InvalidAttribute`], [`DecodeErrorKind::InvalidPercentEncoding`],
-/// [`DecodeErrorKind::InvalidUtf8`] or [`DecodeErrorKind::NotCloudEvent`].
+/// [`DecodeErrorKind::InvalidUtf8`] or [`DecodeErrorKind::NotCloudEvent`] (no `ce-specversion`,
+/// no CloudEvents `Content-Type`, and the payload is not a JSON object; with that content type
+/// the same payload is `NotJson`).
 ///
 /// # Examples
 ///
@@ -157,45 +189,28 @@ pub fn encode(event: &Event, mode: ContentMode) -> Result<EncodedEvent, EncodeEr
 /// assert_eq!(event.subject(), Some("café au lait"));
 ///
 /// let err = decode(None, &Bytes::from_static(b"not json")).unwrap_err();
-/// assert_eq!(err.kind(), DecodeErrorKind::NotJson);
+/// assert_eq!(err.kind(), DecodeErrorKind::NotCloudEvent);
 /// # Ok::<(), ce_messaging::error::DecodeError>(())
 /// ```
 pub fn decode(headers: Option<&HeaderMap>, payload: &Bytes) -> Result<Event, DecodeError> {
     let message = NatsMessage { headers, payload };
     if message.is_binary() {
-        let event = BinaryDeserializer::into_event(message).map_err(decode_error)?;
-        Ok(typed_binary_data(event))
+        message.binary_parts()?.into_event()
     } else {
         // Structured, with or without a CloudEvents Content-Type (sdk-go sends none).
-        StructuredDeserializer::into_event(message).map_err(decode_error)
-    }
-}
-
-/// Turns the raw bytes the sdk puts in a binary-mode event into the data variant a structured
-/// decode of the same event gives: JSON for JSON content types, text for `text/*`.
-fn typed_binary_data(mut event: Event) -> Event {
-    let is_json = event.datacontenttype().is_some_and(is_json_content_type);
-    let is_text = event
-        .datacontenttype()
-        .is_some_and(|ct| ct.starts_with("text/"));
-    if !is_json && !is_text {
-        return event;
-    }
-    if let Some(Data::Binary(bytes)) = event.data() {
-        let typed = if is_json {
-            serde_json::from_slice::<serde_json::Value>(bytes)
-                .ok()
-                .map(Data::Json)
-        } else {
-            std::str::from_utf8(bytes)
-                .ok()
-                .map(|s| Data::String(s.to_owned()))
-        };
-        if let Some(data) = typed {
-            event.set_data_unchecked(data);
+        let parsed = StructuredParts::parse(payload).map_err(|e| {
+            if e.kind() == DecodeErrorKind::NotJson && !message.has_structured_content_type() {
+                e.map_kind(|_| DecodeErrorKind::NotCloudEvent)
+            } else {
+                e
+            }
+        })?;
+        match parsed {
+            Some(parts) => parts.into_event(),
+            // Rare shapes (spec 0.3, `data_base64`): the sdk's own JSON format decoder.
+            None => StructuredDeserializer::into_event(message).map_err(decode_error),
         }
     }
-    event
 }
 
 /// Whether a content type names JSON data (as cloudevents-sdk decides it).
@@ -209,12 +224,384 @@ struct NatsMessage<'a> {
     payload: &'a Bytes,
 }
 
-impl NatsMessage<'_> {
+impl<'a> NatsMessage<'a> {
     fn is_binary(&self) -> bool {
         self.headers.is_some_and(|h| {
             h.iter()
                 .any(|(name, _)| AsRef::<str>::as_ref(name).eq_ignore_ascii_case(CE_SPECVERSION))
         })
+    }
+
+    /// Whether `Content-Type` starts with `application/cloudevents` (case-insensitive).
+    fn has_structured_content_type(&self) -> bool {
+        const PREFIX: &[u8] = b"application/cloudevents";
+        self.headers.is_some_and(|h| {
+            h.iter().any(|(name, values)| {
+                AsRef::<str>::as_ref(name).eq_ignore_ascii_case(CONTENT_TYPE)
+                    && values.iter().any(|v| {
+                        let v = v.as_str().trim_start().as_bytes();
+                        v.len() >= PREFIX.len() && v[..PREFIX.len()].eq_ignore_ascii_case(PREFIX)
+                    })
+            })
+        })
+    }
+
+    /// Reads the `ce-*` headers (one pass, names case-insensitive, values percent-decoded) and
+    /// the payload as the data.
+    fn binary_parts(&self) -> Result<EventParts<'a>, DecodeError> {
+        let mut parts = EventParts::default();
+        let Some(headers) = self.headers else {
+            return Err(Error::with_detail(
+                DecodeErrorKind::MissingAttribute,
+                "no `ce-specversion` header",
+            ));
+        };
+        let mut content_type = None;
+        for (name, values) in headers.iter() {
+            let name: &'a str = name.as_ref();
+            let Some(value) = values.first().map(HeaderValue::as_str) else {
+                continue;
+            };
+            if name.len() > CE_PREFIX.len()
+                && name.as_bytes()[..CE_PREFIX.len()].eq_ignore_ascii_case(CE_PREFIX.as_bytes())
+            {
+                // Invariant: the first bytes matched the ASCII prefix, so this is a char boundary.
+                let attr = &name[CE_PREFIX.len()..];
+                let attr = if attr.bytes().any(|b| b.is_ascii_uppercase()) {
+                    Cow::Owned(attr.to_ascii_lowercase())
+                } else {
+                    Cow::Borrowed(attr)
+                };
+                let value = percent_decode(value, name)?;
+                if attr == "specversion" {
+                    parts.specversion = Some(value);
+                } else if !parts.set_attribute(&attr, Cow::clone(&value)) {
+                    parts
+                        .extensions
+                        .push((attr, ExtensionValue::String(value.into_owned())));
+                }
+            } else if name.eq_ignore_ascii_case(CONTENT_TYPE) {
+                content_type = Some(Cow::Borrowed(value));
+            }
+        }
+        if parts.datacontenttype.is_none() {
+            parts.datacontenttype = content_type;
+        }
+        if !self.payload.is_empty() {
+            parts.data = Some(PartsData::Bytes(self.payload));
+        }
+        Ok(parts)
+    }
+}
+
+/// The data of an event being decoded, still in its wire form.
+enum PartsData<'a> {
+    /// Binary mode: the payload.
+    Bytes(&'a Bytes),
+    /// Structured mode: the `data` member, parsed once while reading the event.
+    Json(serde_json::Value),
+}
+
+/// An event's attributes, extensions and data as read from the wire, borrowed where possible;
+/// handed to the sdk as a [`BinaryDeserializer`] to build the [`Event`].
+#[derive(Default)]
+struct EventParts<'a> {
+    specversion: Option<Cow<'a, str>>,
+    attributes: [Option<Cow<'a, str>>; V10_ATTRIBUTES.len()],
+    datacontenttype: Option<Cow<'a, str>>,
+    extensions: Vec<(Cow<'a, str>, ExtensionValue)>,
+    data: Option<PartsData<'a>>,
+}
+
+/// The 1.0 attributes other than `specversion` and `datacontenttype`, in the order set.
+const V10_ATTRIBUTES: [&str; 6] = ["id", "source", "type", "subject", "time", "dataschema"];
+
+impl<'a> EventParts<'a> {
+    /// Stores a spec attribute; `false` when `name` is not one (so it is an extension).
+    fn set_attribute(&mut self, name: &str, value: Cow<'a, str>) -> bool {
+        if name == "datacontenttype" {
+            self.datacontenttype = Some(value);
+            return true;
+        }
+        match V10_ATTRIBUTES.iter().position(|a| *a == name) {
+            Some(i) => {
+                self.attributes[i] = Some(value);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Builds the event through the sdk, then types the data by its content type.
+    fn into_event(mut self) -> Result<Event, DecodeError> {
+        let data = self.data.take();
+        let is_json = self
+            .datacontenttype
+            .as_deref()
+            .is_none_or(is_json_content_type);
+        let is_text = self
+            .datacontenttype
+            .as_deref()
+            .is_some_and(|ct| ct.starts_with("text/"));
+        let mut event = if self.specversion.as_deref() == Some("1.0") {
+            self.build_v10()?
+        } else {
+            BinaryDeserializer::into_event(self).map_err(decode_error)?
+        };
+        let data = match data {
+            None => return Ok(event),
+            Some(PartsData::Json(value)) if is_json => Data::Json(value),
+            Some(PartsData::Json(serde_json::Value::String(text))) => Data::String(text),
+            Some(PartsData::Json(_)) => {
+                return Err(Error::with_detail(
+                    DecodeErrorKind::InvalidAttribute,
+                    "`data` of a non-JSON content type must be a JSON string",
+                ))
+            }
+            Some(PartsData::Bytes(bytes)) => {
+                if is_json && event.datacontenttype().is_some() {
+                    match serde_json::from_slice(bytes) {
+                        Ok(value) => Data::Json(value),
+                        Err(_) => Data::Binary(bytes.to_vec()),
+                    }
+                } else if is_text {
+                    match std::str::from_utf8(bytes) {
+                        Ok(text) => Data::String(text.to_owned()),
+                        Err(_) => Data::Binary(bytes.to_vec()),
+                    }
+                } else {
+                    Data::Binary(bytes.to_vec())
+                }
+            }
+        };
+        event.set_data_unchecked(data);
+        Ok(event)
+    }
+}
+
+impl EventParts<'_> {
+    /// Builds a 1.0 event with the sdk's builder, moving the decoded strings in. (The
+    /// [`BinarySerializer`] route re-formats every attribute into a new string; this is the
+    /// hot path, so it takes the direct route and leaves 0.3 to the trait.)
+    fn build_v10(self) -> Result<Event, DecodeError> {
+        let [id, source, ty, subject, time, dataschema] = self.attributes;
+        let mut builder = <cloudevents::EventBuilderV10 as cloudevents::EventBuilder>::new();
+        if let Some(id) = id {
+            builder = builder.id(id.into_owned());
+        }
+        if let Some(source) = source {
+            builder = builder.source(source.into_owned());
+        }
+        if let Some(ty) = ty {
+            builder = builder.ty(ty.into_owned());
+        }
+        if let Some(subject) = subject {
+            builder = builder.subject(subject.into_owned());
+        }
+        if let Some(time) = time {
+            let parsed = chrono::DateTime::parse_from_rfc3339(&time).map_err(|e| {
+                Error::with_source(DecodeErrorKind::InvalidAttribute, e)
+                    .detail(format!("`time` is not RFC 3339: `{time}`"))
+            })?;
+            builder = builder.time(parsed.with_timezone(&chrono::Utc));
+        }
+        for (name, value) in self.extensions {
+            builder = builder.extension(&name, value);
+        }
+        let mut event = cloudevents::EventBuilder::build(builder).map_err(|e| {
+            let kind = match e {
+                cloudevents::event::EventBuilderError::MissingRequiredAttribute { .. } => {
+                    DecodeErrorKind::MissingAttribute
+                }
+                _ => DecodeErrorKind::InvalidAttribute,
+            };
+            Error::with_source(kind, e)
+        })?;
+        if let Some(schema) = dataschema {
+            let url = url::Url::parse(&schema).map_err(|e| {
+                Error::with_source(DecodeErrorKind::InvalidAttribute, e)
+                    .detail(format!("`dataschema` is not a URL: `{schema}`"))
+            })?;
+            cloudevents::AttributesWriter::set_dataschema(&mut event, Some(url));
+        }
+        if let Some(ct) = self.datacontenttype {
+            cloudevents::AttributesWriter::set_datacontenttype(&mut event, Some(ct.into_owned()));
+        }
+        Ok(event)
+    }
+}
+
+impl BinaryDeserializer for EventParts<'_> {
+    fn deserialize_binary<R: Sized, V: BinarySerializer<R>>(
+        self,
+        serializer: V,
+    ) -> cloudevents::message::Result<R> {
+        let Some(version) = self.specversion else {
+            return Err(wrap(Error::with_detail(
+                DecodeErrorKind::MissingAttribute,
+                "`specversion`",
+            )));
+        };
+        let spec = SpecVersion::try_from(version.as_ref()).map_err(|_| {
+            wrap(Error::with_detail(
+                DecodeErrorKind::UnknownSpecVersion,
+                format!("`{version}`"),
+            ))
+        })?;
+        let attribute_names = spec.attribute_names();
+        let mut serializer = serializer.set_spec_version(spec)?;
+        let set = |serializer: V, name: &str, value: Cow<'_, str>| {
+            serializer
+                .set_attribute(name, MessageAttributeValue::String(value.into_owned()))
+                .map_err(|e| attribute_error(name, e))
+        };
+        for (name, value) in V10_ATTRIBUTES.iter().zip(self.attributes) {
+            let Some(value) = value else { continue };
+            if attribute_names.contains(name) {
+                serializer = set(serializer, name, value)?;
+            } else {
+                serializer = serializer
+                    .set_extension(name, MessageAttributeValue::String(value.into_owned()))?;
+            }
+        }
+        if let Some(ct) = self.datacontenttype {
+            serializer = set(serializer, "datacontenttype", ct)?;
+        }
+        for (name, value) in self.extensions {
+            if attribute_names.contains(&name.as_ref()) {
+                // 0.3 attribute names (`schemaurl`, `datacontentencoding`) read as extensions.
+                serializer = set(serializer, &name, Cow::Owned(value.to_string()))?;
+            } else {
+                serializer = serializer.set_extension(&name, value.into())?;
+            }
+        }
+        serializer.end()
+    }
+}
+
+/// A structured-mode payload read as a JSON object with borrowed keys and raw values.
+struct StructuredParts;
+
+/// A JSON string, borrowed from the input when it has no escapes.
+#[derive(serde::Deserialize)]
+struct JsonStr<'a>(#[serde(borrow)] Cow<'a, str>);
+
+/// A JSON object's members in order, values left as raw JSON text, except `data` (its last
+/// occurrence), which is parsed in the same pass.
+struct RawObject<'a> {
+    members: Vec<(Cow<'a, str>, &'a RawValue)>,
+    data: Option<serde_json::Value>,
+}
+
+impl<'de> serde::Deserialize<'de> for RawObject<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Members;
+        impl<'de> serde::de::Visitor<'de> for Members {
+            type Value = RawObject<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut members = Vec::with_capacity(map.size_hint().unwrap_or(10));
+                let mut data = None;
+                while let Some(key) = map.next_key::<JsonStr<'de>>()? {
+                    if key.0 == "data" {
+                        data = Some(map.next_value::<serde_json::Value>()?);
+                    } else {
+                        members.push((key.0, map.next_value::<&'de RawValue>()?));
+                    }
+                }
+                Ok(RawObject { members, data })
+            }
+        }
+        deserializer.deserialize_map(Members)
+    }
+}
+
+impl StructuredParts {
+    /// Reads a JSON event; `Ok(None)` for shapes left to the sdk's decoder (spec 0.3,
+    /// `data_base64`).
+    fn parse(payload: &Bytes) -> Result<Option<EventParts<'_>>, DecodeError> {
+        let object: RawObject<'_> = serde_json::from_slice(payload)
+            .map_err(|e| Error::with_source(DecodeErrorKind::NotJson, e))?;
+        let mut parts = EventParts::default();
+        // A repeated member counts once, with its last value (as the sdk's decoder reads it).
+        let members = object.members;
+        parts.data = object.data.filter(|v| !v.is_null()).map(PartsData::Json);
+        for (i, (name, raw)) in members.iter().enumerate().rev() {
+            if members[i + 1..].iter().any(|(later, _)| later == name) {
+                continue;
+            }
+            let (name, raw) = (name.clone(), *raw);
+            let text = raw.get();
+            if text == "null" {
+                continue;
+            }
+            match name.as_ref() {
+                "data_base64" => return Ok(None),
+                "specversion" => {
+                    let version = json_string(&name, raw)?;
+                    if version != "1.0" {
+                        if version == "0.3" {
+                            return Ok(None);
+                        }
+                        return Err(Error::with_detail(
+                            DecodeErrorKind::UnknownSpecVersion,
+                            format!("`{version}`"),
+                        ));
+                    }
+                    parts.specversion = Some(version);
+                }
+                attr if attr == "datacontenttype" || V10_ATTRIBUTES.contains(&attr) => {
+                    let value = json_string(attr, raw)?;
+                    parts.set_attribute(attr, value);
+                }
+                _ => {
+                    let value = extension_value(&name, text)?;
+                    parts.extensions.push((name, value));
+                }
+            }
+        }
+        Ok(Some(parts))
+    }
+}
+
+/// An attribute's value, which the JSON format requires to be a string.
+fn json_string<'a>(name: &str, raw: &'a RawValue) -> Result<Cow<'a, str>, DecodeError> {
+    let text = raw.get();
+    // `raw` is validated JSON: a string without escapes is exactly the text between its quotes.
+    if text.len() >= 2 && text.starts_with('"') && text.ends_with('"') && !text.contains('\\') {
+        return Ok(Cow::Borrowed(&text[1..text.len() - 1]));
+    }
+    serde_json::from_str::<JsonStr<'a>>(raw.get())
+        .map(|s| s.0)
+        .map_err(|e| {
+            Error::with_source(DecodeErrorKind::InvalidAttribute, e)
+                .detail(format!("`{name}` is not a string"))
+        })
+}
+
+/// An extension's value: a string, a boolean or an integer.
+fn extension_value(name: &str, text: &str) -> Result<ExtensionValue, DecodeError> {
+    let invalid = || {
+        Error::with_detail(
+            DecodeErrorKind::InvalidAttribute,
+            format!("extension `{name}` is not a string, boolean or integer"),
+        )
+    };
+    match text.as_bytes().first() {
+        Some(b'"') => serde_json::from_str::<JsonStr<'_>>(text)
+            .map(|s| ExtensionValue::String(s.0.into_owned()))
+            .map_err(|e| invalid().source(e)),
+        Some(b't' | b'f') => serde_json::from_str::<bool>(text)
+            .map(ExtensionValue::Boolean)
+            .map_err(|e| invalid().source(e)),
+        _ => serde_json::from_str::<i64>(text)
+            .map(ExtensionValue::Integer)
+            .map_err(|e| invalid().source(e)),
     }
 }
 
@@ -225,89 +612,6 @@ impl StructuredDeserializer for NatsMessage<'_> {
     ) -> cloudevents::message::Result<R> {
         serializer.set_structured_event(self.payload.to_vec())
     }
-}
-
-impl BinaryDeserializer for NatsMessage<'_> {
-    fn deserialize_binary<R: Sized, V: BinarySerializer<R>>(
-        self,
-        serializer: V,
-    ) -> cloudevents::message::Result<R> {
-        let Some(headers) = self.headers else {
-            return Err(wrap(Error::with_detail(
-                DecodeErrorKind::MissingAttribute,
-                "no `ce-specversion` header",
-            )));
-        };
-        let mut spec = None;
-        for (name, values) in headers.iter() {
-            if AsRef::<str>::as_ref(name).eq_ignore_ascii_case(CE_SPECVERSION) {
-                let value = first_value(values, CE_SPECVERSION)?;
-                let value = percent_decode(value, CE_SPECVERSION).map_err(wrap)?;
-                spec = Some(SpecVersion::try_from(value.as_ref()).map_err(|_| {
-                    wrap(Error::with_detail(
-                        DecodeErrorKind::UnknownSpecVersion,
-                        format!("`{value}`"),
-                    ))
-                })?);
-            }
-        }
-        let Some(spec) = spec else {
-            return Err(wrap(Error::with_detail(
-                DecodeErrorKind::MissingAttribute,
-                "no `ce-specversion` header",
-            )));
-        };
-        let attribute_names = spec.attribute_names();
-        let mut serializer = serializer.set_spec_version(spec)?;
-        let mut content_type = None;
-        let mut ce_content_type = false;
-        for (name, values) in headers.iter() {
-            let name: &str = name.as_ref();
-            if name.len() > CE_PREFIX.len()
-                && name.as_bytes()[..CE_PREFIX.len()].eq_ignore_ascii_case(CE_PREFIX.as_bytes())
-            {
-                let attr = name[CE_PREFIX.len()..].to_ascii_lowercase();
-                if attr == "specversion" {
-                    continue;
-                }
-                let value = first_value(values, name)?;
-                let value = percent_decode(value, name).map_err(wrap)?.into_owned();
-                if attr == "datacontenttype" {
-                    ce_content_type = true;
-                }
-                if attribute_names.contains(&attr.as_str()) {
-                    serializer = serializer
-                        .set_attribute(&attr, MessageAttributeValue::String(value))
-                        .map_err(|e| attribute_error(&attr, e))?;
-                } else {
-                    serializer =
-                        serializer.set_extension(&attr, MessageAttributeValue::String(value))?;
-                }
-            } else if name.eq_ignore_ascii_case(CONTENT_TYPE) {
-                content_type = Some(first_value(values, name)?.to_owned());
-            }
-        }
-        if let (false, Some(ct)) = (ce_content_type, content_type) {
-            serializer = serializer
-                .set_attribute("datacontenttype", MessageAttributeValue::String(ct))
-                .map_err(|e| attribute_error("datacontenttype", e))?;
-        }
-        if self.payload.is_empty() {
-            serializer.end()
-        } else {
-            serializer.end_with_data(self.payload.to_vec())
-        }
-    }
-}
-
-/// The first value of a header (NATS headers may repeat; the contract sends each once).
-fn first_value<'v>(values: &'v [HeaderValue], name: &str) -> cloudevents::message::Result<&'v str> {
-    values.first().map(HeaderValue::as_str).ok_or_else(|| {
-        wrap(Error::with_detail(
-            DecodeErrorKind::InvalidAttribute,
-            format!("header `{name}` has no value"),
-        ))
-    })
 }
 
 /// Maps an sdk error from setting attribute `name` to a typed decode error.
@@ -390,13 +694,22 @@ impl NatsSerializer {
         name: &str,
         value: &MessageAttributeValue,
     ) -> cloudevents::message::Result<Self> {
-        let header_name = format!("{CE_PREFIX}{name}");
-        let header_name = HeaderName::try_from(header_name.as_str()).map_err(|_| {
-            wrap_encode(Error::with_detail(
-                EncodeErrorKind::InvalidHeader,
-                format!("`{name}` cannot be a NATS header name"),
-            ))
-        })?;
+        let header_name = match name {
+            "specversion" => HeaderName::from_static("ce-specversion"),
+            "id" => HeaderName::from_static("ce-id"),
+            "source" => HeaderName::from_static("ce-source"),
+            "type" => HeaderName::from_static("ce-type"),
+            "datacontenttype" => HeaderName::from_static("ce-datacontenttype"),
+            "dataschema" => HeaderName::from_static("ce-dataschema"),
+            "subject" => HeaderName::from_static("ce-subject"),
+            "time" => HeaderName::from_static("ce-time"),
+            _ => HeaderName::try_from(format!("{CE_PREFIX}{name}")).map_err(|_| {
+                wrap_encode(Error::with_detail(
+                    EncodeErrorKind::InvalidHeader,
+                    format!("`{name}` cannot be a NATS header name"),
+                ))
+            })?,
+        };
         let text = match value {
             MessageAttributeValue::String(s) => Cow::Borrowed(s.as_str()),
             other => Cow::Owned(other.to_string()),
@@ -752,9 +1065,19 @@ mod tests {
         use DecodeErrorKind::*;
         let ct = || Some(headers(&[("Content-Type", STRUCTURED_CONTENT_TYPE)]));
         assert_eq!(kind_of(ct(), b"not json"), NotJson);
-        assert_eq!(kind_of(None, b""), NotJson);
-        assert_eq!(kind_of(None, b"[1,2]"), NotJson);
-        assert_eq!(kind_of(None, b"{\"id\":"), NotJson);
+        assert_eq!(kind_of(ct(), b"[1,2]"), NotJson);
+        assert_eq!(kind_of(ct(), b"{\"id\":"), NotJson);
+        let ct_params = headers(&[(
+            "content-type",
+            "Application/CloudEvents+json; charset=utf-8",
+        )]);
+        assert_eq!(kind_of(Some(ct_params), b"\xff"), NotJson);
+        // No CloudEvents marker and not a JSON event: not a CloudEvent at all.
+        assert_eq!(kind_of(None, b""), NotCloudEvent);
+        assert_eq!(kind_of(None, b"[1,2]"), NotCloudEvent);
+        assert_eq!(kind_of(None, b"{\"id\":"), NotCloudEvent);
+        let plain = headers(&[("Content-Type", "text/plain")]);
+        assert_eq!(kind_of(Some(plain), b"hello"), NotCloudEvent);
         assert_eq!(
             kind_of(ct(), br#"{"specversion":"1.0","source":"s","type":"t"}"#),
             MissingAttribute
@@ -792,6 +1115,31 @@ mod tests {
             ),
             InvalidAttribute
         );
+    }
+
+    #[test]
+    fn malformed_members_of_a_json_event_are_typed_errors() {
+        use DecodeErrorKind::*;
+        let event = |extra: &str| {
+            Bytes::from(format!(
+                r#"{{"specversion":"1.0","id":"1","source":"s","type":"t"{extra}}}"#
+            ))
+        };
+        let kind = |extra: &str| decode(None, &event(extra)).unwrap_err().kind();
+        assert_eq!(kind(r#","ext":1.5"#), InvalidAttribute);
+        assert_eq!(kind(r#","ext":{"a":1}"#), InvalidAttribute);
+        assert_eq!(kind(r#","subject":["x"]"#), InvalidAttribute);
+        assert_eq!(kind(r#","source":"""#), InvalidAttribute);
+        assert_eq!(kind(r#","dataschema":"not a url""#), InvalidAttribute);
+        assert_eq!(
+            kind(r#","datacontenttype":"text/plain","data":{"a":1}"#),
+            InvalidAttribute
+        );
+        assert_eq!(kind(r#","data_base64":"!!!""#), InvalidAttribute);
+        // null members are absent, as in the sdk.
+        let ok = decode(None, &event(r#","subject":null,"data":null"#)).unwrap();
+        assert_eq!(ok.subject(), None);
+        assert_eq!(ok.data(), None);
     }
 
     fn binary(extra: &[(&str, &str)]) -> Option<HeaderMap> {
@@ -969,6 +1317,41 @@ mod tests {
                         prop_assert_eq!(back, expected);
                         prop_assert!(same_data(back_data, data));
                     }
+                }
+            }
+
+            #[test]
+            fn structured_decode_agrees_with_the_sdk_decoder(
+                members in proptest::collection::vec(
+                    (
+                        prop_oneof![
+                            Just("specversion"), Just("id"), Just("source"), Just("type"),
+                            Just("time"), Just("subject"), Just("dataschema"),
+                            Just("datacontenttype"), Just("data"), Just("data_base64"),
+                            Just("ext"), Just("other"),
+                        ],
+                        prop_oneof![
+                            Just(r#""1.0""#), Just(r#""0.3""#), Just(r#""x y""#), Just("null"),
+                            Just("1"), Just("true"), Just("1.5"), Just("{\"a\":[1]}"),
+                            Just(r#""2024-01-02T03:04:05.678Z""#), Just(r#""https://e.x/s""#),
+                            Just(r#""application/json""#), Just(r#""text/plain""#),
+                            Just(r#""aGk=""#), Just(r#""caf\u00e9""#),
+                        ],
+                    ),
+                    0..10,
+                ),
+            ) {
+                let body: Vec<String> = members
+                    .iter()
+                    .map(|(k, v)| format!("\"{k}\":{v}"))
+                    .collect();
+                let payload = Bytes::from(format!("{{{}}}", body.join(",")));
+                let sdk = serde_json::from_slice::<Event>(&payload);
+                let ours = decode(None, &payload);
+                match (sdk, ours) {
+                    (Ok(sdk), Ok(ours)) => prop_assert_eq!(ours, sdk),
+                    (Err(_), Err(_)) => {}
+                    (sdk, ours) => prop_assert!(false, "sdk {:?} ours {:?} for {:?}", sdk, ours, payload),
                 }
             }
 

@@ -1,0 +1,1432 @@
+//! [`MemoryEvents`]: the [`EventConnection`] of the in-memory backend. Events are encoded with
+//! the real codec and stored in the broker's streams; listeners pull from a durable consumer
+//! into the shared bounded worker pool, where the shared delivery processing acks, naks,
+//! reports progress and dead-letters.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use cloudevents::{AttributesReader, Event};
+use futures::stream::BoxStream;
+use futures::{FutureExt, StreamExt};
+use tokio_util::sync::CancellationToken;
+
+use super::bus::is_valid_publish_subject;
+use super::stream::{ConsumerSettings, Next, StreamSettings};
+use super::MemoryBroker;
+use crate::codec::{self, ContentMode, HeaderMap};
+use crate::config::Config;
+use crate::error::{
+    BoxError, Error, ListenError, ListenErrorKind, PublishErrorKind, StreamError, StreamErrorKind,
+};
+use crate::event::populate_source;
+use crate::event_source::{EventSource, RawEvent, SourceBackend};
+use crate::events::{
+    process_delivery, Acker, DeadLetterSink, Delivery, DeliveryContext, EventConnection,
+    EventHandlers, EventListenOptions, PublishAck, PublishError,
+};
+use crate::headers::{DEAD_LETTER_STREAM_SEQ, NATS_MSG_ID};
+use crate::listener::Listener;
+use crate::worker::WorkerPool;
+
+struct Inner {
+    broker: MemoryBroker,
+    config: Config,
+    client_id: String,
+    stream: String,
+    subject_prefix: String,
+    durable_name: String,
+    ack_wait: Duration,
+    max_deliver: i64,
+    duplicate_window: Duration,
+    dlq_stream: String,
+    events_timeout: Duration,
+    mode: ContentMode,
+    /// Cancelled when `close` begins; every listener's token is a child of it, and no new
+    /// listener starts.
+    closing: CancellationToken,
+    /// Cancelled when `close` has stopped the listeners: nothing is sent any more.
+    closed: CancellationToken,
+    listeners: Mutex<Vec<Listener>>,
+    source: EventSource,
+}
+
+/// The in-memory [`EventConnection`]; made by
+/// [`MemoryBroker::event_connection`](super::MemoryBroker::event_connection).
+///
+/// Cheap to clone; clones share the connection.
+///
+/// # Examples
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use ce_messaging::error::PublishErrorKind;
+/// use ce_messaging::events::EventConnection;
+/// use ce_messaging::event::new_event_auto_source;
+///
+/// let broker = ce_messaging::memory::MemoryBroker::new();
+/// let events = broker.event_connection(&ce_messaging::config::Config::default());
+/// let event = new_event_auto_source("org.example.order.created", &1)?;
+/// // Like JetStream: no stream holds the subject until init_stream.
+/// let err = events.publish(event.clone()).await.unwrap_err();
+/// assert_eq!(err.kind(), PublishErrorKind::StreamNotFound);
+/// events.init_stream().await?;
+/// let ack = events.publish(event.clone()).await?;
+/// assert!(!ack.duplicate);
+/// assert!(events.publish(event).await?.duplicate, "same event id within the window");
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct MemoryEvents {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for MemoryEvents {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryEvents")
+            .field("client_id", &self.inner.client_id)
+            .field("stream", &self.inner.stream)
+            .field("closed", &self.is_closed())
+            .finish()
+    }
+}
+
+/// The `Nats-Msg-Id` of a dead letter: the original id (or stream and sequence) plus
+/// `.dlq.<durable>`, so that one event dead-lettered by two durables gives two dead letters
+/// (the same ids as the JetStream backend).
+fn dead_letter_msg_id(
+    original: Option<&str>,
+    stream: &str,
+    stream_seq: &str,
+    durable: &str,
+) -> String {
+    match original {
+        Some(id) if !id.is_empty() => format!("{id}.dlq.{durable}"),
+        _ => format!("{stream}.{stream_seq}.dlq.{durable}"),
+    }
+}
+
+fn valid_durable(name: &str) -> bool {
+    !name.is_empty()
+        && !name
+            .chars()
+            .any(|c| c.is_whitespace() || matches!(c, '.' | '*' | '>' | '/' | '\\'))
+}
+
+impl MemoryEvents {
+    pub(super) fn new(broker: MemoryBroker, config: &Config) -> Self {
+        let source = EventSource::new(Arc::new(MemorySource {
+            broker: broker.clone(),
+            prefix: config.js_subject_prefix.clone(),
+        }));
+        MemoryEvents {
+            inner: Arc::new(Inner {
+                broker,
+                config: config.clone(),
+                client_id: config.client_id.clone(),
+                stream: config.js_stream.clone(),
+                subject_prefix: config.js_subject_prefix.clone(),
+                durable_name: config.durable_name().to_owned(),
+                ack_wait: config.js_ack_wait,
+                max_deliver: config.js_max_deliver,
+                duplicate_window: config.js_duplicate_window,
+                dlq_stream: config.js_dlq_stream.clone(),
+                events_timeout: config.events_timeout,
+                mode: config.ce_mode,
+                closing: CancellationToken::new(),
+                closed: CancellationToken::new(),
+                listeners: Mutex::new(Vec::new()),
+                source,
+            }),
+        }
+    }
+
+    /// The configuration the connection was made with.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use ce_messaging::config::Config;
+    /// let config = Config { client_id: "billing".into(), ..Config::default() };
+    /// let broker = ce_messaging::memory::MemoryBroker::new();
+    /// assert_eq!(broker.event_connection(&config).config().client_id, "billing");
+    /// ```
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// Whether [`close`](Self::close) was called.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let broker = ce_messaging::memory::MemoryBroker::new();
+    /// let events = broker.event_connection(&ce_messaging::config::Config::default());
+    /// assert!(!events.is_closed());
+    /// ```
+    pub fn is_closed(&self) -> bool {
+        self.inner.closed.is_cancelled()
+    }
+
+    /// Drain then close: refuses new listeners, stops this connection's listeners (each lets its
+    /// in-flight handlers finish, publish their responses and settle within its grace period;
+    /// queued events are handed back for redelivery), then refuses publishes. Returns when the
+    /// listeners have stopped.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let broker = ce_messaging::memory::MemoryBroker::new();
+    /// let events = broker.event_connection(&ce_messaging::config::Config::default());
+    /// events.close().await;
+    /// assert!(events.is_closed());
+    /// # }
+    /// ```
+    pub async fn close(&self) {
+        self.inner.closing.cancel();
+        let listeners: Vec<Listener> = self
+            .inner
+            .listeners
+            .lock()
+            .map(|mut l| std::mem::take(&mut *l))
+            .unwrap_or_default();
+        for listener in listeners {
+            listener.stopped().await;
+        }
+        self.inner.closed.cancel();
+    }
+
+    /// Creates or updates the events stream (`<prefix>.>`) and the dead-letter stream
+    /// (`deadletter.<stream>.>`).
+    pub(super) fn create_streams(&self) -> Result<(), StreamError> {
+        let inner = &self.inner;
+        let max_messages = inner.broker.options().max_stream_messages;
+        let max_bytes = inner.broker.options().max_stream_bytes;
+        inner.broker.streams().create_or_update(
+            &inner.stream,
+            StreamSettings {
+                subjects: vec![format!("{}.>", inner.subject_prefix)],
+                duplicate_window: inner.duplicate_window,
+                max_messages,
+                max_bytes,
+            },
+        )?;
+        inner.broker.streams().create_or_update(
+            &inner.dlq_stream,
+            StreamSettings {
+                subjects: vec![format!("deadletter.{}.>", inner.stream)],
+                duplicate_window: inner.duplicate_window,
+                max_messages,
+                max_bytes,
+            },
+        )
+    }
+
+    fn publish_one(&self, mut event: Event) -> Result<PublishAck, PublishError> {
+        let inner = &self.inner;
+        if self.is_closed() {
+            return Err(PublishError::new(
+                PublishErrorKind::ConnectionClosed,
+                Some(event),
+            ));
+        }
+        populate_source(&mut event, &inner.client_id);
+        let subject = format!("{}.{}", inner.subject_prefix, event.ty());
+        if !is_valid_publish_subject(&subject) {
+            let err = Error::with_detail(
+                PublishErrorKind::Other,
+                format!("the event type gives the invalid subject {subject:?}"),
+            );
+            return Err(PublishError::from_error(err, Some(event)));
+        }
+        let encoded = match codec::encode(&event, inner.mode) {
+            Ok(encoded) => encoded,
+            Err(err) => {
+                let err = err.map_kind(|_| PublishErrorKind::Encode);
+                return Err(PublishError::from_error(err, Some(event)));
+            }
+        };
+        let mut headers = encoded.headers;
+        let msg_id: async_nats::HeaderValue = match event.id().parse() {
+            Ok(value) => value,
+            Err(_) => {
+                let err = Error::with_detail(
+                    PublishErrorKind::Encode,
+                    "the event id is not a valid header value",
+                );
+                return Err(PublishError::from_error(err, Some(event)));
+            }
+        };
+        headers.insert(NATS_MSG_ID, msg_id);
+        if let Err(detail) = inner.broker.check_size(&headers, &encoded.payload) {
+            let err = Error::with_detail(PublishErrorKind::TooLarge, detail);
+            return Err(PublishError::from_error(err, Some(event)));
+        }
+        inner
+            .broker
+            .js_publish(&subject, headers, encoded.payload)
+            .map_err(|err| PublishError::from_error(err, Some(event)))
+    }
+}
+
+#[async_trait]
+impl EventConnection for MemoryEvents {
+    async fn publish(&self, event: Event) -> Result<PublishAck, PublishError> {
+        self.publish_one(event)
+    }
+
+    async fn publish_all(&self, events: Vec<Event>) -> Vec<Result<PublishAck, PublishError>> {
+        events.into_iter().map(|e| self.publish_one(e)).collect()
+    }
+
+    async fn listen(
+        &self,
+        handlers: EventHandlers,
+        options: EventListenOptions,
+    ) -> Result<Listener, ListenError> {
+        options.validate(&handlers)?;
+        let inner = &self.inner;
+        if self.inner.closing.is_cancelled() {
+            return Err(Error::new(ListenErrorKind::ConnectionClosed));
+        }
+        let durable = options
+            .durable_name
+            .clone()
+            .unwrap_or_else(|| inner.durable_name.clone());
+        if !valid_durable(&durable) {
+            return Err(Error::with_detail(
+                ListenErrorKind::InvalidOptions,
+                format!("invalid durable name {durable:?}"),
+            ));
+        }
+        let streams = inner.broker.streams();
+        if !streams.exists(&inner.stream) {
+            return Err(Error::with_detail(
+                ListenErrorKind::StreamNotFound,
+                format!(
+                    "stream {} does not exist (init_stream creates it)",
+                    inner.stream
+                ),
+            ));
+        }
+        let max_deliver = options.max_deliver.unwrap_or(inner.max_deliver);
+        let ack_wait = options.ack_wait.unwrap_or(inner.ack_wait);
+        let filter_subjects: Vec<String> = handlers
+            .types()
+            .map(|t| format!("{}.{t}", inner.subject_prefix))
+            .collect();
+        streams
+            .create_or_update_consumer(
+                &inner.stream,
+                &durable,
+                ConsumerSettings {
+                    filter_subjects,
+                    ack_wait,
+                    // One delivery more than allowed, so that the shared processing sees a
+                    // message that ran out of deliveries once more and dead-letters it.
+                    max_deliver: if max_deliver > 0 { max_deliver + 1 } else { 0 },
+                    max_ack_pending: options.workers + options.buffer,
+                },
+            )
+            .map_err(|e| Error::with_source(ListenErrorKind::Consumer, e))?;
+
+        let ctx = Arc::new(DeliveryContext {
+            handlers,
+            max_deliver,
+            ack_wait,
+            backoff: options.backoff,
+            dead_letters: Arc::new(MemoryDeadLetters {
+                broker: inner.broker.clone(),
+                subject: format!("deadletter.{}.{durable}", inner.stream),
+                events_stream: inner.stream.clone(),
+                durable: durable.clone(),
+            }),
+            connection: Arc::new(self.clone()),
+            source: inner.client_id.clone(),
+        });
+        let pool = WorkerPool::start(options.workers, options.buffer, move |delivery, work| {
+            let ctx = ctx.clone();
+            async move { process_delivery(delivery, &ctx, &work).await }.boxed()
+        });
+        let submitter = pool.submitter();
+        let stopping = pool.context().stopping;
+        // The listener's token: the intake stops the listener when the stream goes away.
+        let token = inner.closing.child_token();
+        let stop_listener = token.clone();
+        let broker = inner.broker.clone();
+        let stream: Arc<str> = Arc::from(inner.stream.as_str());
+        let durable: Arc<str> = Arc::from(durable.as_str());
+        pool.spawn_intake(async move {
+            loop {
+                let next = tokio::select! {
+                    biased;
+                    _ = stopping.cancelled() => break,
+                    next = broker.streams().next(&stream, &durable) => next,
+                };
+                let delivered = match next {
+                    Next::Message(delivered) => delivered,
+                    Next::Gone => {
+                        tracing::warn!(stream = %stream, durable = %durable, "stream or consumer deleted; listener stops");
+                        stop_listener.cancel();
+                        break;
+                    }
+                };
+                let message = delivered.message;
+                let delivery = Delivery {
+                    subject: message.subject.clone(),
+                    headers: (!message.headers.is_empty()).then(|| message.headers.clone()),
+                    payload: message.payload.clone(),
+                    stream_sequence: message.sequence,
+                    delivered: delivered.deliveries,
+                    acker: Box::new(MemoryAcker {
+                        broker: broker.clone(),
+                        stream: stream.clone(),
+                        durable: durable.clone(),
+                        seq: message.sequence,
+                    }),
+                };
+                if let Err(delivery) = submitter.submit(delivery).await {
+                    // Stopping: hand it back for immediate redelivery to another instance.
+                    let _ = delivery.acker.nak(None).await;
+                    break;
+                }
+            }
+        });
+        let listener = Listener::supervise(pool, options.grace, token);
+        if let Ok(mut listeners) = inner.listeners.lock() {
+            listeners.retain(|l| !l.is_stopped());
+            listeners.push(listener.clone());
+        }
+        Ok(listener)
+    }
+
+    async fn init_stream(&self) -> Result<(), StreamError> {
+        if self.is_closed() {
+            return Err(Error::with_detail(
+                StreamErrorKind::Other,
+                "connection closed",
+            ));
+        }
+        self.create_streams()
+    }
+
+    fn event_source(&self) -> EventSource {
+        self.inner.source.clone()
+    }
+
+    fn events_timeout(&self) -> Duration {
+        self.inner.events_timeout
+    }
+}
+
+/// Settles deliveries with the broker's consumer.
+struct MemoryAcker {
+    broker: MemoryBroker,
+    stream: Arc<str>,
+    durable: Arc<str>,
+    seq: u64,
+}
+
+#[async_trait]
+impl Acker for MemoryAcker {
+    async fn ack(&self) -> Result<(), BoxError> {
+        self.broker
+            .streams()
+            .ack(&self.stream, &self.durable, self.seq);
+        Ok(())
+    }
+
+    async fn nak(&self, delay: Option<Duration>) -> Result<(), BoxError> {
+        self.broker
+            .streams()
+            .nak(&self.stream, &self.durable, self.seq, delay);
+        Ok(())
+    }
+
+    async fn in_progress(&self) -> Result<(), BoxError> {
+        self.broker
+            .streams()
+            .in_progress(&self.stream, &self.durable, self.seq);
+        Ok(())
+    }
+
+    async fn term(&self) -> Result<(), BoxError> {
+        self.broker
+            .streams()
+            .term(&self.stream, &self.durable, self.seq);
+        Ok(())
+    }
+}
+
+/// Stores dead letters in the dead-letter stream (through the broker, like a publish).
+struct MemoryDeadLetters {
+    broker: MemoryBroker,
+    subject: String,
+    events_stream: String,
+    durable: String,
+}
+
+#[async_trait]
+impl DeadLetterSink for MemoryDeadLetters {
+    async fn publish_dead_letter(
+        &self,
+        mut headers: HeaderMap,
+        payload: Bytes,
+    ) -> Result<(), BoxError> {
+        let original = headers.get(NATS_MSG_ID).map(|v| v.as_str().to_owned());
+        let seq = headers
+            .get(DEAD_LETTER_STREAM_SEQ)
+            .map(|v| v.as_str().to_owned())
+            .unwrap_or_default();
+        let id = dead_letter_msg_id(
+            original.as_deref(),
+            &self.events_stream,
+            &seq,
+            &self.durable,
+        );
+        let id: async_nats::HeaderValue = id
+            .parse()
+            .map_err(|_| format!("dead-letter id {id:?} is not a valid header value"))?;
+        headers.insert(NATS_MSG_ID, id);
+        self.broker.check_size(&headers, &payload)?;
+        let ack = self.broker.js_publish(&self.subject, headers, payload)?;
+        tracing::debug!(subject = %self.subject, stream = %ack.stream, seq = ack.sequence, duplicate = ack.duplicate, "dead letter stored");
+        Ok(())
+    }
+}
+
+/// Live subscriptions for the [`EventSource`]: plain (non-queue) subscriptions to the events'
+/// subjects, active as soon as `subscribe` returns.
+struct MemorySource {
+    broker: MemoryBroker,
+    prefix: String,
+}
+
+#[async_trait]
+impl SourceBackend for MemorySource {
+    async fn subscribe(
+        &self,
+        event_type: Option<&str>,
+    ) -> Result<BoxStream<'static, RawEvent>, ListenError> {
+        let subject = match event_type {
+            Some(t) => format!("{}.{t}", self.prefix),
+            None => format!("{}.>", self.prefix),
+        };
+        if !super::bus::is_valid_pattern(&subject) {
+            return Err(Error::with_detail(
+                ListenErrorKind::Subscribe,
+                format!("{subject:?} is not a valid subject"),
+            ));
+        }
+        let subscription = self.broker.bus().subscribe(&subject, None);
+        Ok(subscription
+            .map(|message| RawEvent {
+                headers: message.headers,
+                payload: message.payload,
+            })
+            .boxed())
+    }
+}
+
+/// Draining closes the connection ([`MemoryEvents::close`]), as the last step of a
+/// [`Shutdown`](crate::shutdown::Shutdown).
+#[async_trait]
+impl crate::shutdown::Drain for MemoryEvents {
+    async fn drain(&self) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        self.close().await;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+    use tokio::sync::mpsc;
+
+    use super::*;
+    use crate::error::{PublishErrorKind, ResponseErrorKind};
+    use crate::event::{new_event, EventExt, EventType};
+    use crate::event_source::EventFilter;
+    use crate::events::{event_handler_fn, typed_event_handler, Backoff, TypedEvent};
+    use crate::handler::HandlerError;
+    use crate::headers::{
+        DEAD_LETTER_DELIVERIES, DEAD_LETTER_ERROR, DEAD_LETTER_REASON, DEAD_LETTER_SUBJECT,
+    };
+    use crate::memory::tests_support::eventually;
+    use crate::memory::MemoryOptions;
+
+    const WAIT: Duration = Duration::from_secs(10);
+
+    fn config(durable: &str) -> Config {
+        Config {
+            client_id: format!("test-{}", xid::new()),
+            durable_name: Some(durable.to_owned()),
+            ..Config::default()
+        }
+    }
+
+    fn ty() -> String {
+        format!("test.ev.{}", xid::new())
+    }
+
+    async fn connection(broker: &MemoryBroker, durable: &str) -> MemoryEvents {
+        let events = broker.event_connection(&config(durable));
+        events.init_stream().await.unwrap();
+        events
+    }
+
+    fn fast_options() -> EventListenOptions {
+        EventListenOptions {
+            backoff: Backoff {
+                initial: Duration::from_millis(10),
+                max: Duration::from_millis(50),
+            },
+            ..Default::default()
+        }
+    }
+
+    /// A handler that forwards each event's data to a channel and succeeds.
+    fn forward(tx: mpsc::Sender<u64>) -> impl crate::events::EventHandler {
+        typed_event_handler(move |event: TypedEvent<u64>| {
+            let tx = tx.clone();
+            async move {
+                tx.send(event.data)
+                    .await
+                    .map_err(|_| HandlerError::new("test receiver gone"))?;
+                Ok(())
+            }
+        })
+    }
+
+    async fn recv(rx: &mut mpsc::Receiver<u64>) -> u64 {
+        tokio::time::timeout(WAIT, rx.recv())
+            .await
+            .expect("event within the wait")
+            .expect("open")
+    }
+
+    async fn dead_letters(
+        broker: &MemoryBroker,
+        count: usize,
+    ) -> Vec<crate::memory::StoredMessage> {
+        eventually(|| broker.stream_len("DEADLETTER").unwrap_or(0) >= count).await;
+        broker.stream_messages("DEADLETTER").unwrap()
+    }
+
+    #[tokio::test]
+    async fn published_events_are_handled_and_acked_in_both_content_modes() {
+        for mode in [ContentMode::Structured, ContentMode::Binary] {
+            let broker = MemoryBroker::new();
+            let events = broker.event_connection(&Config {
+                ce_mode: mode,
+                ..config("svc")
+            });
+            events.init_stream().await.unwrap();
+            let ty = ty();
+            let (tx, mut rx) = mpsc::channel(16);
+            let listener = events
+                .listen(
+                    EventHandlers::new().on(ty.as_str(), forward(tx)),
+                    fast_options(),
+                )
+                .await
+                .unwrap();
+            let ack = events
+                .publish(new_event(&ty, "me", &7u64).unwrap())
+                .await
+                .unwrap();
+            assert_eq!(
+                (ack.stream.as_str(), ack.sequence, ack.duplicate),
+                ("CLOUDEVENTS", 1, false)
+            );
+            assert_eq!(recv(&mut rx).await, 7, "{mode:?}");
+            eventually(|| {
+                broker
+                    .consumer_info("CLOUDEVENTS", "svc")
+                    .is_some_and(|i| i.acked == 1)
+            })
+            .await;
+            let info = broker.consumer_info("CLOUDEVENTS", "svc").unwrap();
+            assert_eq!(
+                (info.num_pending, info.num_ack_pending, info.delivered),
+                (0, 0, 1)
+            );
+            let stored = broker.stream_messages("CLOUDEVENTS").unwrap();
+            assert_eq!(stored[0].subject, format!("events.{ty}"));
+            assert_eq!(content_mode_of_stored(&stored[0]), mode);
+            listener.stop(WAIT).await;
+        }
+    }
+
+    fn content_mode_of_stored(message: &crate::memory::StoredMessage) -> ContentMode {
+        crate::query::content_mode_of(Some(&message.headers))
+    }
+
+    #[tokio::test]
+    async fn instances_of_a_durable_share_events_and_every_durable_gets_each() {
+        let broker = MemoryBroker::new();
+        let ty = ty();
+        let (tx_a, mut rx_a) = mpsc::channel(64);
+        let (tx_b, mut rx_b) = mpsc::channel(64);
+        let mut listeners = Vec::new();
+        for _ in 0..2 {
+            let billing = connection(&broker, "billing").await;
+            listeners.push(
+                billing
+                    .listen(
+                        EventHandlers::new().on(ty.as_str(), forward(tx_a.clone())),
+                        fast_options(),
+                    )
+                    .await
+                    .unwrap(),
+            );
+        }
+        let audit = connection(&broker, "audit").await;
+        listeners.push(
+            audit
+                .listen(
+                    EventHandlers::new().on(ty.as_str(), forward(tx_b)),
+                    fast_options(),
+                )
+                .await
+                .unwrap(),
+        );
+        let publisher = connection(&broker, "publisher").await;
+        for n in 0..20u64 {
+            publisher
+                .publish(new_event(&ty, "me", &n).unwrap())
+                .await
+                .unwrap();
+        }
+        let mut billing_seen = Vec::new();
+        let mut audit_seen = Vec::new();
+        for _ in 0..20 {
+            billing_seen.push(recv(&mut rx_a).await);
+            audit_seen.push(recv(&mut rx_b).await);
+        }
+        billing_seen.sort_unstable();
+        assert_eq!(
+            billing_seen,
+            (0..20).collect::<Vec<_>>(),
+            "each event once per durable"
+        );
+        assert_eq!(
+            audit_seen,
+            (0..20).collect::<Vec<_>>(),
+            "in order for a single instance"
+        );
+        for l in &listeners {
+            l.stop(WAIT).await;
+        }
+        assert!(
+            rx_a.try_recv().is_err(),
+            "no event handled twice within the durable"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn under_concurrent_publishers_each_durable_handles_every_event_exactly_once() {
+        const EVENTS: u64 = 1000;
+        let broker = MemoryBroker::new();
+        let ty = ty();
+        let (tx_a, mut rx_a) = mpsc::channel(EVENTS as usize);
+        let (tx_b, mut rx_b) = mpsc::channel(EVENTS as usize);
+        let mut listeners = Vec::new();
+        for (durable, tx, instances) in [("a", tx_a, 4), ("b", tx_b, 1)] {
+            for _ in 0..instances {
+                let events = connection(&broker, durable).await;
+                let options = EventListenOptions {
+                    workers: 4,
+                    buffer: 8,
+                    ..fast_options()
+                };
+                listeners.push(
+                    events
+                        .listen(
+                            EventHandlers::new().on(ty.as_str(), forward(tx.clone())),
+                            options,
+                        )
+                        .await
+                        .unwrap(),
+                );
+            }
+        }
+        let publishers = (0..4u64).map(|p| {
+            let events = broker.event_connection(&config("publisher"));
+            let ty = ty.clone();
+            tokio::spawn(async move {
+                for n in (p..EVENTS).step_by(4) {
+                    events
+                        .publish(new_event(&ty, "me", &n).unwrap())
+                        .await
+                        .unwrap();
+                }
+            })
+        });
+        for p in futures::future::join_all(publishers).await {
+            p.unwrap();
+        }
+        for rx in [&mut rx_a, &mut rx_b] {
+            let mut seen = Vec::with_capacity(EVENTS as usize);
+            for _ in 0..EVENTS {
+                seen.push(recv(rx).await);
+            }
+            seen.sort_unstable();
+            assert_eq!(seen, (0..EVENTS).collect::<Vec<_>>());
+        }
+        for l in &listeners {
+            l.stop(WAIT).await;
+        }
+        for durable in ["a", "b"] {
+            let info = broker.consumer_info("CLOUDEVENTS", durable).unwrap();
+            assert_eq!(
+                (info.delivered, info.acked, info.num_ack_pending),
+                (EVENTS, EVENTS, 0),
+                "{durable}"
+            );
+        }
+        assert!(
+            rx_a.try_recv().is_err() && rx_b.try_recv().is_err(),
+            "nothing handled twice"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_retryable_failure_is_redelivered_with_the_retry_delay() {
+        let broker = MemoryBroker::new();
+        let events = connection(&broker, "svc").await;
+        let ty = ty();
+        let attempts = Arc::new(AtomicUsize::new(0));
+        let (tx, mut rx) = mpsc::channel(4);
+        let a = attempts.clone();
+        let handler = event_handler_fn(move |_, _| {
+            let (a, tx) = (a.clone(), tx.clone());
+            async move {
+                if a.fetch_add(1, Ordering::SeqCst) == 0 {
+                    return Err(HandlerError::new("db busy").retry_after(Duration::from_millis(20)));
+                }
+                let _ = tx.send(1).await;
+                Ok(())
+            }
+        });
+        let listener = events
+            .listen(
+                EventHandlers::new().on(ty.as_str(), handler),
+                fast_options(),
+            )
+            .await
+            .unwrap();
+        events
+            .publish(new_event(&ty, "me", &1).unwrap())
+            .await
+            .unwrap();
+        recv(&mut rx).await;
+        assert_eq!(attempts.load(Ordering::SeqCst), 2);
+        eventually(|| {
+            broker
+                .consumer_info("CLOUDEVENTS", "svc")
+                .is_some_and(|i| i.acked == 1)
+        })
+        .await;
+        assert_eq!(
+            broker
+                .consumer_info("CLOUDEVENTS", "svc")
+                .unwrap()
+                .delivered,
+            2
+        );
+        listener.stop(WAIT).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retryable_failures_are_redelivered_after_the_exponential_backoff() {
+        let broker = MemoryBroker::new();
+        let events = connection(&broker, "svc").await;
+        let ty = ty();
+        let attempts = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let a = attempts.clone();
+        let handler = event_handler_fn(move |_, _| {
+            a.lock().unwrap().push(tokio::time::Instant::now());
+            async { Err(HandlerError::new("still failing")) }
+        });
+        let options = EventListenOptions {
+            max_deliver: Some(4),
+            backoff: Backoff {
+                initial: Duration::from_secs(1),
+                max: Duration::from_secs(3),
+            },
+            ..Default::default()
+        };
+        let listener = events
+            .listen(EventHandlers::new().on(ty.as_str(), handler), options)
+            .await
+            .unwrap();
+        events
+            .publish(new_event(&ty, "me", &1).unwrap())
+            .await
+            .unwrap();
+        dead_letters(&broker, 1).await;
+        let times = attempts.lock().unwrap().clone();
+        let gaps: Vec<u64> = times.windows(2).map(|w| (w[1] - w[0]).as_secs()).collect();
+        assert_eq!(gaps, vec![1, 2, 3], "1 s, 2 s, then capped at 3 s");
+        listener.stop(WAIT).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn max_deliveries_dead_letters_with_the_contract_headers() {
+        let broker = MemoryBroker::new();
+        let events = connection(&broker, "svc").await;
+        let ty = ty();
+        let attempts = Arc::new(AtomicUsize::new(0));
+        let a = attempts.clone();
+        let handler = event_handler_fn(move |_, _| {
+            a.fetch_add(1, Ordering::SeqCst);
+            async { Err(HandlerError::new("always fails")) }
+        });
+        let options = EventListenOptions {
+            max_deliver: Some(3),
+            ..fast_options()
+        };
+        let listener = events
+            .listen(EventHandlers::new().on(ty.as_str(), handler), options)
+            .await
+            .unwrap();
+        let event = new_event(&ty, "me", &1).unwrap();
+        events.publish(event.clone()).await.unwrap();
+        let dead = dead_letters(&broker, 1).await;
+        assert_eq!(attempts.load(Ordering::SeqCst), 3);
+        let dl = &dead[0];
+        assert_eq!(dl.subject, "deadletter.CLOUDEVENTS.svc");
+        assert_eq!(dl.header(DEAD_LETTER_REASON), Some("max-deliveries"));
+        assert_eq!(dl.header(DEAD_LETTER_ERROR), Some("always fails"));
+        assert_eq!(
+            dl.header(DEAD_LETTER_SUBJECT),
+            Some(format!("events.{ty}").as_str())
+        );
+        assert_eq!(dl.header(DEAD_LETTER_STREAM_SEQ), Some("1"));
+        assert_eq!(dl.header(DEAD_LETTER_DELIVERIES), Some("3"));
+        assert_eq!(dl.event().unwrap(), event, "original event unchanged");
+        eventually(|| {
+            broker
+                .consumer_info("CLOUDEVENTS", "svc")
+                .is_some_and(|i| i.terminated == 1)
+        })
+        .await;
+        listener.stop(WAIT).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_event_whose_handler_crashed_is_redelivered_after_the_ack_wait_and_dead_lettered_after_max(
+    ) {
+        let broker = MemoryBroker::new();
+        let events = connection(&broker, "svc").await;
+        let ty = ty();
+        let attempts = Arc::new(AtomicUsize::new(0));
+        let a = attempts.clone();
+        // A handler that never returns: each delivery is lost when the listener is aborted.
+        let handler = event_handler_fn(move |_, _| {
+            a.fetch_add(1, Ordering::SeqCst);
+            std::future::pending::<Result<(), HandlerError>>()
+        });
+        let options = EventListenOptions {
+            max_deliver: Some(2),
+            ack_wait: Some(Duration::from_secs(5)),
+            ..fast_options()
+        };
+        events
+            .publish(new_event(&ty, "me", &1).unwrap())
+            .await
+            .unwrap();
+        let handlers = EventHandlers::new().on(ty.as_str(), handler);
+        for expected in 1..=2 {
+            let listener = events
+                .listen(handlers.clone(), options.clone())
+                .await
+                .unwrap();
+            eventually(|| attempts.load(Ordering::SeqCst) == expected).await;
+            listener.abort().await;
+            let info = broker.consumer_info("CLOUDEVENTS", "svc").unwrap();
+            assert_eq!(info.num_ack_pending, 1, "a crash settles nothing");
+        }
+        // The third delivery (one beyond max) goes straight to the dead-letter stream.
+        let started = tokio::time::Instant::now();
+        let listener = events.listen(handlers, options).await.unwrap();
+        let dead = dead_letters(&broker, 1).await;
+        assert!(
+            started.elapsed() >= Duration::from_secs(4),
+            "waited for the ack wait"
+        );
+        assert_eq!(
+            attempts.load(Ordering::SeqCst),
+            2,
+            "the handler is not called again"
+        );
+        assert_eq!(dead[0].header(DEAD_LETTER_REASON), Some("max-deliveries"));
+        assert_eq!(dead[0].header(DEAD_LETTER_DELIVERIES), Some("3"));
+        listener.stop(WAIT).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_long_handler_keeps_its_event_with_in_progress() {
+        let broker = MemoryBroker::new();
+        let events = connection(&broker, "svc").await;
+        let ty = ty();
+        let attempts = Arc::new(AtomicUsize::new(0));
+        let a = attempts.clone();
+        let handler = event_handler_fn(move |_, _| {
+            a.fetch_add(1, Ordering::SeqCst);
+            async {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                Ok(())
+            }
+        });
+        let options = EventListenOptions {
+            ack_wait: Some(Duration::from_secs(2)),
+            ..fast_options()
+        };
+        let listener = events
+            .listen(EventHandlers::new().on(ty.as_str(), handler), options)
+            .await
+            .unwrap();
+        events
+            .publish(new_event(&ty, "me", &1).unwrap())
+            .await
+            .unwrap();
+        eventually(|| {
+            broker
+                .consumer_info("CLOUDEVENTS", "svc")
+                .is_some_and(|i| i.acked == 1)
+        })
+        .await;
+        assert_eq!(
+            attempts.load(Ordering::SeqCst),
+            1,
+            "never redelivered while in progress"
+        );
+        assert_eq!(
+            broker
+                .consumer_info("CLOUDEVENTS", "svc")
+                .unwrap()
+                .delivered,
+            1
+        );
+        listener.stop(WAIT).await;
+    }
+
+    #[tokio::test]
+    async fn permanent_failures_and_undecodable_events_are_dead_lettered_at_once() {
+        let broker = MemoryBroker::new();
+        let events = connection(&broker, "svc").await;
+        let ty = ty();
+        let handler =
+            event_handler_fn(|_, _| async { Err(HandlerError::permanent("order unknown")) });
+        let listener = events
+            .listen(
+                EventHandlers::new().on(ty.as_str(), handler),
+                fast_options(),
+            )
+            .await
+            .unwrap();
+        events
+            .publish(new_event(&ty, "me", &1).unwrap())
+            .await
+            .unwrap();
+        broker
+            .publish_raw(
+                &format!("events.{ty}"),
+                HeaderMap::new(),
+                Bytes::from_static(b"garbage"),
+            )
+            .unwrap();
+        let dead = dead_letters(&broker, 2).await;
+        let reasons: Vec<_> = dead
+            .iter()
+            .map(|d| d.header(DEAD_LETTER_REASON).unwrap())
+            .collect();
+        assert_eq!(reasons, vec!["rejected", "decode"]);
+        assert_eq!(
+            dead[1].payload,
+            Bytes::from_static(b"garbage"),
+            "payload unchanged"
+        );
+        assert_eq!(dead[0].header(DEAD_LETTER_DELIVERIES), Some("1"));
+        eventually(|| {
+            broker
+                .consumer_info("CLOUDEVENTS", "svc")
+                .is_some_and(|i| i.terminated == 2)
+        })
+        .await;
+        listener.stop(WAIT).await;
+    }
+
+    #[tokio::test]
+    async fn without_a_dead_letter_stream_the_event_is_kept_not_dropped() {
+        let broker = MemoryBroker::new();
+        let events = broker.event_connection(&config("svc"));
+        broker
+            .streams()
+            .create_or_update(
+                "CLOUDEVENTS",
+                StreamSettings {
+                    subjects: vec!["events.>".into()],
+                    duplicate_window: Duration::from_secs(120),
+                    max_messages: 100,
+                    max_bytes: 0,
+                },
+            )
+            .unwrap();
+        let ty = ty();
+        let handler = event_handler_fn(|_, _| async { Err(HandlerError::permanent("no")) });
+        let listener = events
+            .listen(
+                EventHandlers::new().on(ty.as_str(), handler),
+                fast_options(),
+            )
+            .await
+            .unwrap();
+        events
+            .publish(new_event(&ty, "me", &1).unwrap())
+            .await
+            .unwrap();
+        eventually(|| {
+            broker
+                .consumer_info("CLOUDEVENTS", "svc")
+                .is_some_and(|i| i.delivered >= 1)
+        })
+        .await;
+        listener.stop(WAIT).await;
+        let info = broker.consumer_info("CLOUDEVENTS", "svc").unwrap();
+        assert_eq!(
+            (info.terminated, info.num_ack_pending),
+            (0, 1),
+            "nak'ed with a delay, not terminated"
+        );
+    }
+
+    #[tokio::test]
+    async fn publish_refuses_duplicates_oversized_events_and_missing_streams() {
+        let broker = MemoryBroker::with_options(MemoryOptions {
+            max_payload: 2048,
+            ..Default::default()
+        });
+        let events = broker.event_connection(&config("svc"));
+        let event = new_event(ty(), "me", &1).unwrap();
+        let err = events.publish(event.clone()).await.unwrap_err();
+        assert_eq!(err.kind(), PublishErrorKind::StreamNotFound);
+        assert_eq!(
+            err.into_event(),
+            Some(event.clone()),
+            "the event is handed back"
+        );
+        let err = events
+            .listen(
+                EventHandlers::new().on("x", event_handler_fn(|_, _| async { Ok(()) })),
+                fast_options(),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ListenErrorKind::StreamNotFound);
+        events.init_stream().await.unwrap();
+        let first = events.publish(event.clone()).await.unwrap();
+        let again = events.publish(event.clone()).await.unwrap();
+        assert!(again.duplicate);
+        assert_eq!(again.sequence, first.sequence);
+        assert_eq!(broker.stream_len("CLOUDEVENTS").unwrap(), 1);
+        let big = new_event(ty(), "me", &"x".repeat(4000)).unwrap();
+        let err = events.publish(big.clone()).await.unwrap_err();
+        assert_eq!(err.kind(), PublishErrorKind::TooLarge);
+        assert_eq!(err.into_event(), Some(big));
+        assert_eq!(
+            broker.stream_len("CLOUDEVENTS").unwrap(),
+            1,
+            "nothing stored"
+        );
+        events.close().await;
+        let err = events.publish(event).await.unwrap_err();
+        assert_eq!(err.kind(), PublishErrorKind::ConnectionClosed);
+    }
+
+    #[tokio::test]
+    async fn a_request_gets_its_response_even_from_a_very_fast_responder() {
+        let broker = MemoryBroker::with_auto_streams();
+        let responder = broker.event_connection(&config("quotes"));
+        let requester = broker.event_connection(&config("client"));
+        let listener = responder
+            .listen(
+                EventHandlers::new().on(
+                    "test.quote.requested",
+                    typed_event_handler(|event: TypedEvent<u64>| async move {
+                        event
+                            .responses
+                            .respond_data("test.quote.given", &(event.data * 10))
+                            .await?;
+                        Ok(())
+                    }),
+                ),
+                fast_options(),
+            )
+            .await
+            .unwrap();
+        for n in 0..5u64 {
+            let request = new_event("test.quote.requested", "client", &n).unwrap();
+            let tid = request.transaction_id().unwrap();
+            let mut promise = requester
+                .request(request, &[EventType::from("test.quote.given")])
+                .await
+                .unwrap();
+            let response = promise.response(WAIT).await.unwrap();
+            assert_eq!(response.data_as::<u64>().unwrap(), n * 10);
+            assert_eq!(response.transaction_id(), Some(tid));
+        }
+        let mut lonely = requester
+            .wait_for_response(
+                &crate::event::TransactionId::generate(),
+                &[EventType::from("test.quote.given")],
+            )
+            .await
+            .unwrap();
+        let err = lonely
+            .response(Duration::from_millis(50))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ResponseErrorKind::TimedOut);
+        listener.stop(WAIT).await;
+        assert_eq!(
+            requester.event_source().subscription_count(),
+            0,
+            "promises released"
+        );
+    }
+
+    #[tokio::test]
+    async fn event_source_listeners_can_be_added_removed_and_fire_once() {
+        let broker = MemoryBroker::with_auto_streams();
+        let events = broker.event_connection(&config("svc"));
+        let source = events.event_source();
+        let ty = ty();
+        let all = Arc::new(AtomicU64::new(0));
+        let once = Arc::new(AtomicU64::new(0));
+        let (a, o) = (all.clone(), once.clone());
+        let id = source
+            .add_listener(EventFilter::by_type(ty.as_str()), move |_| {
+                a.fetch_add(1, Ordering::SeqCst);
+            })
+            .await
+            .unwrap();
+        source
+            .add_listener(EventFilter::by_type(ty.as_str()).once(), move |_| {
+                o.fetch_add(1, Ordering::SeqCst);
+            })
+            .await
+            .unwrap();
+        for n in 0..3 {
+            events
+                .publish(new_event(&ty, "me", &n).unwrap())
+                .await
+                .unwrap();
+        }
+        eventually(|| all.load(Ordering::SeqCst) == 3).await;
+        assert_eq!(once.load(Ordering::SeqCst), 1);
+        assert!(source.remove_listener(id).await);
+        assert_eq!(source.listener_count(), 0);
+        eventually(|| broker.subscription_count() == 0).await;
+    }
+
+    #[tokio::test]
+    async fn deleting_the_stream_stops_its_listeners() {
+        let broker = MemoryBroker::new();
+        let events = connection(&broker, "svc").await;
+        let (tx, _rx) = mpsc::channel(4);
+        let listener = events
+            .listen(
+                EventHandlers::new().on(ty().as_str(), forward(tx)),
+                fast_options(),
+            )
+            .await
+            .unwrap();
+        assert!(broker.delete_stream("CLOUDEVENTS"));
+        tokio::time::timeout(WAIT, listener.stopped())
+            .await
+            .expect("listener stopped");
+        assert!(broker.consumer_info("CLOUDEVENTS", "svc").is_none());
+    }
+
+    #[tokio::test]
+    async fn close_drains_in_flight_handlers_which_can_still_respond() {
+        let broker = MemoryBroker::with_auto_streams();
+        let service = broker.event_connection(&config("svc"));
+        let client = broker.event_connection(&config("client"));
+        let ty = ty();
+        let (entered_tx, mut entered_rx) = mpsc::channel::<u64>(1);
+        let release = Arc::new(tokio::sync::Notify::new());
+        let r = release.clone();
+        let handler = typed_event_handler(move |event: TypedEvent<u64>| {
+            let (entered, release) = (entered_tx.clone(), r.clone());
+            async move {
+                let _ = entered.send(event.data).await;
+                release.notified().await;
+                event
+                    .responses
+                    .respond_data("test.done", &event.data)
+                    .await?;
+                Ok(())
+            }
+        });
+        service
+            .listen(
+                EventHandlers::new().on(ty.as_str(), handler),
+                fast_options(),
+            )
+            .await
+            .unwrap();
+        let mut promise = client
+            .request(
+                new_event(&ty, "client", &5u64).unwrap(),
+                &[EventType::from("test.done")],
+            )
+            .await
+            .unwrap();
+        assert_eq!(recv(&mut entered_rx).await, 5);
+        let closing = tokio::spawn({
+            let service = service.clone();
+            async move { service.close().await }
+        });
+        eventually(|| service.inner.closing.is_cancelled()).await;
+        let err = service
+            .listen(
+                EventHandlers::new().on("x", event_handler_fn(|_, _| async { Ok(()) })),
+                fast_options(),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.kind(),
+            ListenErrorKind::ConnectionClosed,
+            "no new listener while closing"
+        );
+        release.notify_one();
+        let response = promise.response(WAIT).await.unwrap();
+        assert_eq!(
+            response.data_as::<u64>().unwrap(),
+            5,
+            "the in-flight handler responded"
+        );
+        tokio::time::timeout(WAIT, closing).await.unwrap().unwrap();
+        assert!(service.is_closed());
+        let info = broker.consumer_info("CLOUDEVENTS", "svc").unwrap();
+        assert_eq!((info.acked, info.num_ack_pending), (1, 0));
+        let err = service
+            .publish(new_event(&ty, "me", &1).unwrap())
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), PublishErrorKind::ConnectionClosed);
+    }
+
+    #[tokio::test]
+    async fn a_service_shutdown_stops_listeners_and_closes_memory_connections() {
+        let broker = MemoryBroker::with_auto_streams();
+        let events = broker.event_connection(&config("svc"));
+        let queries = broker.query_connection(&config("svc"));
+        let ty = ty();
+        let (tx, mut rx) = mpsc::channel(4);
+        let shutdown = crate::shutdown::Shutdown::new(WAIT);
+        shutdown.add_listener(
+            events
+                .listen(
+                    EventHandlers::new().on(ty.as_str(), forward(tx)),
+                    fast_options(),
+                )
+                .await
+                .unwrap(),
+        );
+        shutdown.add_connection(events.clone());
+        shutdown.add_connection(queries.clone());
+        events
+            .publish(new_event(&ty, "me", &3u64).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(recv(&mut rx).await, 3);
+        let report = shutdown.shutdown().await;
+        assert!(report.is_clean(), "{report:?}");
+        assert_eq!((report.listeners, report.connections_closed), (1, 2));
+        assert!(events.is_closed() && queries.is_closed());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stop_lets_the_in_flight_event_finish_and_hands_queued_ones_back() {
+        let broker = MemoryBroker::new();
+        let events = connection(&broker, "svc").await;
+        let ty = ty();
+        let release = Arc::new(tokio::sync::Semaphore::new(0));
+        let started = Arc::new(AtomicUsize::new(0));
+        let (r, s) = (release.clone(), started.clone());
+        let handler = event_handler_fn(move |_, _| {
+            let (r, s) = (r.clone(), s.clone());
+            async move {
+                s.fetch_add(1, Ordering::SeqCst);
+                r.acquire()
+                    .await
+                    .map_err(|_| HandlerError::new("closed"))?
+                    .forget();
+                Ok(())
+            }
+        });
+        let options = EventListenOptions {
+            workers: 1,
+            buffer: 4,
+            ..fast_options()
+        };
+        let listener = events
+            .listen(EventHandlers::new().on(ty.as_str(), handler), options)
+            .await
+            .unwrap();
+        for n in 0..3 {
+            events
+                .publish(new_event(&ty, "me", &n).unwrap())
+                .await
+                .unwrap();
+        }
+        eventually(|| started.load(Ordering::SeqCst) == 1).await;
+        eventually(|| {
+            broker
+                .consumer_info("CLOUDEVENTS", "svc")
+                .is_some_and(|i| i.num_ack_pending == 3)
+        })
+        .await;
+        let stopping = tokio::spawn({
+            let listener = listener.clone();
+            async move { listener.stop(WAIT).await }
+        });
+        // With the clock paused, this returns only once every task is idle: the stop has begun
+        // and waits for the in-flight handler.
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert!(
+            !listener.is_stopped(),
+            "the in-flight handler holds the stop"
+        );
+        release.add_permits(1);
+        let report = stopping.await.unwrap();
+        assert_eq!(
+            (report.finished, report.requeued, report.abandoned),
+            (1, 2, 0),
+            "{report:?}"
+        );
+        assert_eq!(
+            started.load(Ordering::SeqCst),
+            1,
+            "queued events were not started"
+        );
+        let info = broker.consumer_info("CLOUDEVENTS", "svc").unwrap();
+        assert_eq!(
+            (info.acked, info.num_ack_pending),
+            (1, 2),
+            "two handed back for redelivery"
+        );
+    }
+}
