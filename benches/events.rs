@@ -93,10 +93,17 @@ fn rate(n: usize, elapsed: Duration) -> f64 {
     n as f64 / elapsed.as_secs_f64()
 }
 
-fn report(what: &str, n: usize, ours: Duration, raw: Duration) {
-    let (o, r) = (rate(n, ours), rate(n, raw));
+fn median(mut times: Vec<Duration>) -> Duration {
+    times.sort();
+    times[times.len() / 2]
+}
+
+/// Prints the median rate of each side over the rounds, and their ratio.
+fn report(what: &str, n: usize, ours: Vec<Duration>, raw: Vec<Duration>) {
+    let rounds = ours.len();
+    let (o, r) = (rate(n, median(ours)), rate(n, median(raw)));
     println!(
-        "{what:<28} n={n:<6} ours {o:>9.0}/s  raw async-nats {r:>9.0}/s  ratio ours/raw {:.2}",
+        "{what:<22} n={n:<6} ours {o:>8.0}/s  raw async-nats {r:>8.0}/s  ratio ours/raw {:.2}  (median of {rounds})",
         o / r
     );
 }
@@ -124,6 +131,10 @@ async fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(20_000);
+    let rounds: usize = std::env::var("EVENTS_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
     let one_by_one_n = (n / 10).max(100);
     let server = start_server();
     let client = connect(server.port).await;
@@ -136,44 +147,86 @@ async fn main() {
     ours.init_stream().await.expect("init_stream");
     let js = jetstream::new(connect(server.port).await);
 
-    // Publish one by one.
-    let batch = events(one_by_one_n, "ours-1");
-    let start = Instant::now();
-    for event in batch {
-        ours.publish(event).await.unwrap();
+    // Ours and raw alternate, round after round, so drift on a shared machine hits both.
+    let (mut ours_t, mut raw_t) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        let batch = events(one_by_one_n, "ours-1");
+        let start = Instant::now();
+        for event in batch {
+            ours.publish(event).await.unwrap();
+        }
+        ours_t.push(start.elapsed());
+        let raw_batch: Vec<_> = events(one_by_one_n, "raw-1")
+            .iter()
+            .map(raw_message)
+            .collect();
+        let start = Instant::now();
+        for (subject, headers, payload) in raw_batch {
+            js.publish_with_headers(subject, headers, payload)
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+        raw_t.push(start.elapsed());
+        purge(&js).await;
     }
-    let ours_time = start.elapsed();
-    let raw_batch: Vec<_> = events(one_by_one_n, "raw-1")
-        .iter()
-        .map(raw_message)
-        .collect();
-    let start = Instant::now();
-    for (subject, headers, payload) in raw_batch {
-        js.publish_with_headers(subject, headers, payload)
-            .await
-            .unwrap()
-            .await
-            .unwrap();
-    }
-    report(
-        "publish one by one",
-        one_by_one_n,
-        ours_time,
-        start.elapsed(),
-    );
-    purge(&js).await;
+    report("publish one by one", one_by_one_n, ours_t, raw_t);
 
-    // Pipelined publish.
-    let batch = events(n, "ours-p");
-    let start = Instant::now();
-    for r in ours.publish_all(batch).await {
-        r.unwrap();
+    let (mut ours_t, mut raw_t) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        let batch = events(n, "ours-p");
+        let start = Instant::now();
+        for r in ours.publish_all(batch).await {
+            r.unwrap();
+        }
+        ours_t.push(start.elapsed());
+        let raw_batch: Vec<_> = events(n, "raw-p").iter().map(raw_message).collect();
+        let start = Instant::now();
+        raw_pipelined(&js, raw_batch).await;
+        raw_t.push(start.elapsed());
+        purge(&js).await;
     }
-    let ours_time = start.elapsed();
-    let raw_batch: Vec<_> = events(n, "raw-p").iter().map(raw_message).collect();
+    report("publish pipelined", n, ours_t, raw_t);
+
+    // Where a difference goes: encoding (ours publishes Events; raw sends ready bytes) and
+    // decoding (ours hands handlers Events; raw acks bytes).
+    let sample = events(n, "codec");
     let start = Instant::now();
+    let encoded: Vec<_> = sample
+        .iter()
+        .map(|e| codec::encode(e, ContentMode::Structured).unwrap())
+        .collect();
+    let encode_time = start.elapsed();
+    let start = Instant::now();
+    for m in &encoded {
+        codec::decode(Some(&m.headers), &m.payload).unwrap();
+    }
+    let decode_time = start.elapsed();
+    println!(
+        "{:<22} n={n:<6} encode {:.1} us/event, decode {:.1} us/event (one thread)",
+        "codec alone",
+        encode_time.as_secs_f64() * 1e6 / n as f64,
+        decode_time.as_secs_f64() * 1e6 / n as f64
+    );
+
+    let (mut ours_t, mut raw_t) = (Vec::new(), Vec::new());
+    for round in 0..rounds {
+        purge(&js).await;
+        raw_pipelined(&js, events(n, "consume").iter().map(raw_message).collect()).await;
+        ours_t.push(consume_ours(&ours, n, &format!("ours-{round}")).await);
+        raw_t.push(consume_raw(&js, n, &format!("raw-{round}")).await);
+    }
+    report("consume + ack", n, ours_t, raw_t);
+    ours.close().await;
+}
+
+async fn raw_pipelined(
+    js: &jetstream::Context,
+    batch: Vec<(String, async_nats::HeaderMap, bytes::Bytes)>,
+) {
     let mut acks = futures::stream::FuturesOrdered::new();
-    for (subject, headers, payload) in raw_batch {
+    for (subject, headers, payload) in batch {
         acks.push_back(
             js.publish_with_headers(subject, headers, payload)
                 .await
@@ -187,19 +240,21 @@ async fn main() {
     while let Some(ack) = acks.next().await {
         ack.unwrap();
     }
-    report("publish pipelined", n, ours_time, start.elapsed());
+}
 
-    // Consume + ack: the stream now holds 2n events of which each consumer reads n (filtered
-    // by their data would need decoding; instead each reads all 2n).
-    let total = 2 * n;
+/// Time for a default listener of ours to handle (and ack) `n` stored events.
+async fn consume_ours(ours: &JetStreamEvents, n: usize, durable: &str) -> Duration {
     let handled = Arc::new(AtomicUsize::new(0));
-    let counter = handled.clone();
+    let all = Arc::new(tokio::sync::Notify::new());
+    let (counter, done) = (handled.clone(), all.clone());
     let handlers = EventHandlers::new().on(
         TYPE,
         event_handler_fn(move |_, _| {
-            let counter = counter.clone();
+            let (counter, done) = (counter.clone(), done.clone());
             async move {
-                counter.fetch_add(1, Ordering::Relaxed);
+                if counter.fetch_add(1, Ordering::Relaxed) + 1 == n {
+                    done.notify_one();
+                }
                 Ok(())
             }
         }),
@@ -209,25 +264,28 @@ async fn main() {
         .listen(
             handlers,
             EventListenOptions {
-                durable_name: Some("bench-ours".into()),
+                durable_name: Some(durable.into()),
                 ..Default::default()
             },
         )
         .await
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while handled.load(Ordering::Relaxed) < total {
-        assert!(Instant::now() < deadline, "consume did not finish");
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    let ours_time = start.elapsed();
+    tokio::time::timeout(Duration::from_secs(300), all.notified())
+        .await
+        .expect("consume did not finish");
+    let elapsed = start.elapsed();
     listener.stop(Duration::from_secs(5)).await;
+    elapsed
+}
 
+/// Time for a raw async-nats pull consumer (`messages()`, same max ack pending as ours) to
+/// receive and ack `n` stored messages.
+async fn consume_raw(js: &jetstream::Context, n: usize, durable: &str) -> Duration {
     let start = Instant::now();
     let stream = js.get_stream("CLOUDEVENTS").await.unwrap();
     let consumer = stream
         .create_consumer(pull::Config {
-            durable_name: Some("bench-raw".into()),
+            durable_name: Some(durable.into()),
             ack_policy: AckPolicy::Explicit,
             max_ack_pending: 272,
             ..Default::default()
@@ -235,12 +293,9 @@ async fn main() {
         .await
         .unwrap();
     let mut messages = consumer.messages().await.unwrap();
-    let mut count = 0;
-    while count < total {
+    for _ in 0..n {
         let message = messages.next().await.unwrap().unwrap();
         message.ack().await.unwrap();
-        count += 1;
     }
-    report("consume + ack", total, ours_time, start.elapsed());
-    ours.close().await;
+    start.elapsed()
 }

@@ -10,7 +10,7 @@ use std::future::IntoFuture;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::context::PublishErrorKind as JsPublishErrorKind;
+use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind as JsPublishErrorKind};
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::HeaderMap;
 use bytes::Bytes;
@@ -146,33 +146,81 @@ pub(crate) async fn publish(
         Ok(prepared) => prepared,
         Err(err) => return Err(PublishError::from_error(err, Some(event))),
     };
-    send_with_retry(inner, &prepared)
+    send_with_retry(inner, &prepared, Instant::now())
         .await
         .map_err(|err| PublishError::from_error(err, Some(event)))
 }
 
+/// Pipelined: every event is sent in order without waiting, at most [`PIPELINE_WINDOW`] acks
+/// are awaited at once, and an event whose first ack is lost goes through the same retry as
+/// [`publish`].
 pub(crate) async fn publish_all(
     inner: &Arc<Inner>,
     events: Vec<Event>,
 ) -> Vec<Result<PublishAck, PublishError>> {
-    futures::stream::iter(events)
-        .map(|event| publish(inner, event))
-        .buffered(PIPELINE_WINDOW)
+    let count = events.len();
+    let mut results: Vec<Option<Result<PublishAck, PublishError>>> =
+        (0..count).map(|_| None).collect();
+    let mut in_flight = futures::stream::FuturesUnordered::new();
+    for (index, mut event) in events.into_iter().enumerate() {
+        let prepared = match prepare(inner, &mut event) {
+            Ok(prepared) => prepared,
+            Err(err) => {
+                results[index] = Some(Err(PublishError::from_error(err, Some(event))));
+                continue;
+            }
+        };
+        let started = Instant::now();
+        let sent = send(inner, &prepared, inner.retry.attempt_timeout).await;
+        in_flight.push(async move {
+            let first = match sent {
+                Ok(ack_future) => {
+                    await_ack(ack_future, &prepared, inner.retry.attempt_timeout).await
+                }
+                Err(err) => Err(err),
+            };
+            let result = match first {
+                Ok(ack) => Ok(ack),
+                Err(AttemptError::Fail(err)) => Err(err),
+                // No responders: the retry loop tells a missing stream from an election.
+                Err(AttemptError::Retry(_) | AttemptError::NoResponders(_)) => {
+                    send_with_retry(inner, &prepared, started).await
+                }
+            };
+            (
+                index,
+                result.map_err(|err| PublishError::from_error(err, Some(event))),
+            )
+        });
+        while in_flight.len() >= PIPELINE_WINDOW {
+            if let Some((index, result)) = in_flight.next().await {
+                results[index] = Some(result);
+            }
+        }
+    }
+    while let Some((index, result)) = in_flight.next().await {
+        results[index] = Some(result);
+    }
+    results
+        .into_iter()
+        .map(|result| {
+            // Every index is settled above exactly once; the fallback only keeps this total.
+            result.unwrap_or_else(|| Err(PublishError::new(PublishErrorKind::Other, None)))
+        })
         .collect()
-        .await
 }
 
 /// Sends until the server acknowledged the message or the retry budget is spent.
 async fn send_with_retry(
     inner: &Inner,
     prepared: &Prepared,
+    started: Instant,
 ) -> Result<PublishAck, Error<PublishErrorKind>> {
     let retry = inner.retry;
     let budget = retry
         .total
         .unwrap_or(inner.config.events_timeout)
         .min(inner.config.js_duplicate_window);
-    let started = Instant::now();
     let deadline = started + budget;
     let mut attempts = 0u32;
     loop {
@@ -227,15 +275,32 @@ async fn attempt(
     prepared: &Prepared,
     timeout: Duration,
 ) -> Result<PublishAck, AttemptError> {
+    let ack_future = send(inner, prepared, timeout).await?;
+    await_ack(ack_future, prepared, timeout).await
+}
+
+/// Hands the message to the connection; returns the future of its ack.
+async fn send(
+    inner: &Inner,
+    prepared: &Prepared,
+    timeout: Duration,
+) -> Result<PublishAckFuture, AttemptError> {
     let message = PublishMessage::build()
         .payload(prepared.payload.clone())
         .headers(prepared.headers.clone());
     let sending = inner.js.send_publish(prepared.subject.clone(), message);
-    let ack_future = match tokio::time::timeout(timeout, sending).await {
-        Err(_) => return Err(AttemptError::Retry("send timed out".into())),
-        Ok(Err(err)) => return Err(classify(err, prepared)),
-        Ok(Ok(ack_future)) => ack_future,
-    };
+    match tokio::time::timeout(timeout, sending).await {
+        Err(_) => Err(AttemptError::Retry("send timed out".into())),
+        Ok(Err(err)) => Err(classify(err, prepared)),
+        Ok(Ok(ack_future)) => Ok(ack_future),
+    }
+}
+
+async fn await_ack(
+    ack_future: PublishAckFuture,
+    prepared: &Prepared,
+    timeout: Duration,
+) -> Result<PublishAck, AttemptError> {
     match tokio::time::timeout(timeout, ack_future.into_future()).await {
         Err(_) => Err(AttemptError::Retry("no ack in time".into())),
         Ok(Err(err)) => Err(classify(err, prepared)),

@@ -6,7 +6,9 @@
 //! A publish that was retried after a lost ack reaches these subscriptions once per attempt
 //! (the stream stores it once); listeners that must not see an event twice compare event ids.
 
+use async_nats::RequestErrorKind;
 use async_trait::async_trait;
+use bytes::Bytes;
 use futures::stream::BoxStream;
 use futures::StreamExt;
 
@@ -43,13 +45,22 @@ impl SourceBackend for CoreSubscriptions {
         let subscriber = self.client.subscribe(subject.clone()).await.map_err(|e| {
             Error::with_source(ListenErrorKind::Subscribe, e).detail(format!("subject {subject}"))
         })?;
-        // The contract of `subscribe`: active on the server when it returns. A flush round
-        // trip guarantees the server processed the SUB.
-        match tokio::time::timeout(self.confirm_timeout, self.client.flush()).await {
-            Ok(Ok(())) => {}
+        // The contract of `subscribe`: active on the server when it returns. A flush only
+        // writes the socket, so make a round trip instead: a request nobody answers comes back
+        // as "no responders" once the server has processed everything sent before it,
+        // including the SUB.
+        let probe = format!("{}.subscribed", self.client.new_inbox());
+        match tokio::time::timeout(
+            self.confirm_timeout,
+            self.client.request(probe, Bytes::new()),
+        )
+        .await
+        {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) if e.kind() == RequestErrorKind::NoResponders => {}
             Ok(Err(e)) => {
                 return Err(Error::with_source(ListenErrorKind::Subscribe, e)
-                    .detail(format!("subject {subject}")))
+                    .detail(format!("subscription to {subject} not confirmed")))
             }
             Err(_) => {
                 return Err(Error::with_detail(
