@@ -1106,6 +1106,70 @@ async fn stop_with_10_in_flight_answers_all_and_then_nobody_responds() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_caught_by_a_stopping_listener_fail_fast() {
+    let server = core_server();
+    let serving = connect(&config(&server)).await;
+    let requester = connect(&config(&server)).await;
+    let held = new_held();
+    // One worker and one queue slot: of five requests one runs, one waits in the queue, the
+    // others wait in the intake and the subscription's buffer when the stop begins.
+    let listener = listen_with(
+        &serving,
+        held_handlers(held.clone()),
+        QueryListenOptions {
+            workers: 1,
+            buffer: 1,
+            ..Default::default()
+        },
+    )
+    .await;
+    let timeout = Duration::from_secs(20);
+    let started = Instant::now();
+    let requests: Vec<_> = (0..5)
+        .map(|i| {
+            let requester = requester.clone();
+            tokio::spawn(async move {
+                requester
+                    .request_with_timeout(
+                        request_event("test.hold", serde_json::json!(format!("r{i}"))),
+                        timeout,
+                    )
+                    .await
+            })
+        })
+        .collect();
+    support::eventually(WAIT, || async { held.started.load(Ordering::SeqCst) == 1 }).await;
+    let stopping = {
+        let listener = listener.clone();
+        tokio::spawn(async move { listener.stop(Duration::from_secs(20)).await })
+    };
+    support::eventually(WAIT, || probe_is_no_responders(&requester)).await;
+    held.gate.add_permits(5);
+    within("stop", stopping).await.expect("stop task");
+
+    let mut answered = 0;
+    for request in requests {
+        match within("request", request).await.expect("task") {
+            Ok(_) => answered += 1,
+            Err(err) => {
+                // Refused by the stopping listener (503), or sent after it unsubscribed.
+                let refused = RemoteError::of(&err).is_some_and(|r| r.code() == 503);
+                assert!(
+                    refused || err.kind() == RequestErrorKind::NoResponders,
+                    "{err}"
+                );
+            }
+        }
+    }
+    assert!(answered >= 1, "the running request was answered");
+    assert!(
+        started.elapsed() < timeout / 2,
+        "nobody waited for the timeout: {:?}",
+        started.elapsed()
+    );
+}
+
 #[tokio::test]
 async fn cancelling_the_token_stops_the_listener() {
     let server = core_server();
@@ -1181,7 +1245,8 @@ async fn slow_consumer_events_are_counted() {
     // Nothing else broke: once released, the listener answers what it kept.
     held.gate.add_permits(1000);
     let first = within("a reply", replies.next()).await.expect("reply");
-    assert!(first.payload.len() > 0);
+    let event = codec::decode(first.headers.as_ref(), &first.payload).expect("reply event");
+    assert_eq!(event.ty(), "test.hold.reply");
     let report = within("stop", listener.stop(WAIT)).await;
     assert!(report.handled_total >= 1);
     assert!(

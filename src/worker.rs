@@ -121,7 +121,10 @@ impl<M: Send + 'static> WorkerPool<M> {
     }
 
     /// Queues an item, waiting for room (backpressure). Gives the item back when the pool is
-    /// stopping, so the caller can hand it back to the broker.
+    /// stopping, so the caller can hand it back to the broker. Backends queue through a
+    /// [`submitter`](Self::submitter) (the pool moves into the listener's supervisor), so this
+    /// is for the pool's own tests.
+    #[cfg(test)]
     pub async fn submit(&self, item: M) -> Result<(), M> {
         if self.ctx.stopping.is_cancelled() {
             return Err(item);

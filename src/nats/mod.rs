@@ -1,9 +1,9 @@
 //! [`NatsQueries`]: the [`QueryConnection`] over core NATS request/reply.
 //!
 //! The rules of the wire contract live in the shared [`query`](crate::query) layer; this module
-//! only moves bytes: [`request`] sends requests and gathers replies, [`listen`] subscribes with
-//! the queue group and feeds the bounded worker pool, [`connection`] connects and watches the
-//! connection's events (reconnects, slow consumers).
+//! only moves bytes: `request.rs` sends requests and gathers replies, `listen.rs` subscribes
+//! with the queue group and feeds the bounded worker pool, `connection.rs` connects and
+//! watches the connection's events (reconnects, slow consumers).
 //!
 //! # Examples
 //!
