@@ -222,38 +222,54 @@ async fn stop(listener: &Listener) {
 }
 
 /// Reads the whole stream with an ordered consumer: Nats-Msg-Id -> how many times stored.
+/// A cluster that just regained nodes may refuse or time out JetStream API requests for a
+/// while, so a failed read is started again until a deadline.
 async fn stored_ids(client: &async_nats::Client, stream: &str) -> HashMap<String, usize> {
     let js = jetstream::new(client.clone());
-    let read = async {
-        let mut s = js.get_stream(stream).await.expect("get stream");
-        let total = s.info().await.expect("stream info").state.messages;
-        let consumer = s
-            .create_consumer(jetstream::consumer::pull::OrderedConfig::default())
-            .await
-            .expect("ordered consumer");
-        let mut messages = consumer.messages().await.expect("ordered messages");
-        let mut ids: HashMap<String, usize> = HashMap::new();
-        let mut read = 0u64;
-        while read < total {
-            let message = messages
-                .next()
-                .await
-                .expect("stream ended early")
-                .expect("ordered message");
-            read += 1;
-            let id = message
-                .headers
-                .as_ref()
-                .and_then(|h| h.get("Nats-Msg-Id"))
-                .map(|v| v.as_str().to_owned())
-                .unwrap_or_default();
-            *ids.entry(id).or_default() += 1;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let error = match tokio::time::timeout(left, read_stream(&js, stream)).await {
+            Ok(Ok(ids)) => return ids,
+            Ok(Err(error)) => error,
+            Err(_) => "timed out".to_owned(),
+        };
+        if Instant::now() >= deadline {
+            panic!("reading stream {stream}: {error}");
         }
-        ids
-    };
-    tokio::time::timeout(Duration::from_secs(60), read)
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn read_stream(
+    js: &jetstream::Context,
+    stream: &str,
+) -> Result<HashMap<String, usize>, String> {
+    let mut s = js.get_stream(stream).await.map_err(|e| e.to_string())?;
+    let total = s.info().await.map_err(|e| e.to_string())?.state.messages;
+    let consumer = s
+        .create_consumer(jetstream::consumer::pull::OrderedConfig::default())
         .await
-        .expect("reading the stream timed out")
+        .map_err(|e| format!("ordered consumer: {e}"))?;
+    let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
+    let mut ids: HashMap<String, usize> = HashMap::new();
+    let mut read = 0u64;
+    while read < total {
+        let message = messages
+            .next()
+            .await
+            .ok_or("stream ended early")?
+            .map_err(|e| e.to_string())?;
+        read += 1;
+        let id = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("Nats-Msg-Id"))
+            .map(|v| v.as_str().to_owned())
+            .unwrap_or_default();
+        *ids.entry(id).or_default() += 1;
+    }
+    Ok(ids)
 }
 
 /// Asserts the stream holds every acked event exactly once and nothing that was not attempted
