@@ -86,11 +86,24 @@ async fn events_on(url: &str, config: &Config, retry: PublishRetry) -> JetStream
     JetStreamEvents::from_client(fault_client(url).await, config).with_publish_retry(retry)
 }
 
+/// Creates both streams. The connection's JetStream API timeout is its publish attempt timeout
+/// (as short as 1 s here), which a 3-replica stream being created on a cluster that just formed
+/// can outlast; so this uses the default (5 s) and tries again (creating is idempotent) until
+/// [`STEP`] has passed.
 async fn init(events: &JetStreamEvents) {
-    tokio::time::timeout(STEP, events.init_stream())
-        .await
-        .expect("init_stream timed out")
-        .expect("init_stream");
+    let admin = events.with_publish_retry(PublishRetry::default());
+    let deadline = Instant::now() + STEP;
+    loop {
+        let error = match tokio::time::timeout(STEP, admin.init_stream()).await {
+            Ok(Ok(())) => return,
+            Ok(Err(err)) => err.to_string(),
+            Err(_) => "timed out".to_owned(),
+        };
+        if Instant::now() >= deadline {
+            panic!("init_stream: {error}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Runs a blocking harness call (kill, restart, pause, resume) off the async workers.
@@ -1022,12 +1035,21 @@ async fn cluster_setup(
     init(&events).await;
     wait_stream_healthy(events_client(&cluster).await.as_ref(), &config.js_stream, 3).await;
     let checker = Checker::new();
-    let listener = listen(
-        &events,
-        recording_handlers(&checker),
-        listen_options(name, 16, 128),
-    )
-    .await;
+    // Creating the 3-replica consumer: the same API timeout concern as in `init`.
+    let admin = events.with_publish_retry(PublishRetry::default());
+    let deadline = Instant::now() + STEP;
+    let listener = loop {
+        let attempt = admin.listen(recording_handlers(&checker), listen_options(name, 16, 128));
+        let error = match tokio::time::timeout(STEP, attempt).await {
+            Ok(Ok(listener)) => break listener,
+            Ok(Err(err)) => err.to_string(),
+            Err(_) => "timed out".to_owned(),
+        };
+        if Instant::now() >= deadline {
+            panic!("listen: {error}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     (cluster, config, events, checker, listener)
 }
 
