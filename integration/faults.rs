@@ -410,6 +410,7 @@ async fn s1_server_killed_twice_while_publishing_loses_nothing_acked() {
         checker.acked_count() >= 2_000
     })
     .await;
+    checker.server_killed();
     let s = server.clone();
     blocking(move || s.kill()).await;
     wait_for(
@@ -430,6 +431,7 @@ async fn s1_server_killed_twice_while_publishing_loses_nothing_acked() {
         || async { checker.acked_count() >= acked_before + 2_000 },
     )
     .await;
+    checker.server_killed();
     let s = server.clone();
     blocking(move || s.restart()).await;
     checker.server_restarted();
@@ -448,6 +450,9 @@ async fn s1_server_killed_twice_while_publishing_loses_nothing_acked() {
     assert_stored_once(&reader, &config.js_stream, &checker).await;
     let report = checker.report();
     eprintln!("s1: {report:?}");
+    if let Some(id) = report.unexplained_duplicates.keys().next() {
+        eprintln!("s1 timeline: {}", checker.timeline(id));
+    }
     report.assert_valid("s1");
     assert_eq!(report.attempted as u64, COUNT);
     assert!(report.failed >= 1, "the first outage made no publish fail");

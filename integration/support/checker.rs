@@ -42,6 +42,8 @@ struct State {
     delivered: HashMap<String, Vec<(u64, Instant)>>,
     /// When each server restart after a crash completed.
     restarts: Vec<Instant>,
+    /// When each server was killed.
+    kills: Vec<Instant>,
 }
 
 /// What the checker concluded. `Debug` prints a bounded sample of each set.
@@ -151,6 +153,37 @@ impl Checker {
     /// Call it when the restart returns, before the server can deliver anything.
     pub fn server_restarted(&self) {
         self.lock().restarts.push(Instant::now());
+    }
+
+    /// A server is about to be killed (for the timeline in reports).
+    pub fn server_killed(&self) {
+        self.lock().kills.push(Instant::now());
+    }
+
+    /// Kills, restarts and the deliveries of `id` as milliseconds since the first delivery
+    /// seen by this checker, for diagnosing an unexplained duplicate.
+    pub fn timeline(&self, id: &str) -> String {
+        let state = self.lock();
+        let origin = state
+            .delivered
+            .values()
+            .flatten()
+            .map(|(_, at)| *at)
+            .chain(state.kills.iter().copied())
+            .min();
+        let Some(origin) = origin else {
+            return String::new();
+        };
+        let ms = |at: &Instant| at.saturating_duration_since(origin).as_millis();
+        format!(
+            "kills {:?} restarts {:?} deliveries of {id} {:?}",
+            state.kills.iter().map(ms).collect::<Vec<_>>(),
+            state.restarts.iter().map(ms).collect::<Vec<_>>(),
+            state
+                .delivered
+                .get(id)
+                .map(|d| d.iter().map(|(c, at)| (*c, ms(at))).collect::<Vec<_>>())
+        )
     }
 
     pub fn acked_ids(&self) -> HashSet<String> {
