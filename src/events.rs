@@ -543,12 +543,14 @@ pub struct EventResponseWriter {
     connection: Arc<dyn EventConnection>,
     tid: Option<TransactionId>,
     source: String,
+    delivery_count: u64,
 }
 
 impl fmt::Debug for EventResponseWriter {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("EventResponseWriter")
             .field("transaction_id", &self.tid)
+            .field("delivery_count", &self.delivery_count)
             .finish()
     }
 }
@@ -563,7 +565,38 @@ impl EventResponseWriter {
             connection,
             tid,
             source,
+            delivery_count: 1,
         }
+    }
+
+    /// Records how many times the event being handled has been delivered (1-based).
+    pub(crate) fn with_delivery_count(mut self, delivery_count: u64) -> Self {
+        self.delivery_count = delivery_count.max(1);
+        self
+    }
+
+    /// How many times the event being handled has been delivered to this durable listener,
+    /// this delivery included (1 the first time; more after a nak, an expired ack wait or a
+    /// listener that died holding it). A handler with side effects can use it to check for
+    /// work a previous delivery may already have done, but not to rule it out: a JetStream
+    /// server killed without a clean shutdown can come back with its consumer's state a
+    /// moment behind and deliver an event it had delivered (even acked) again with a count of
+    /// 1. De-duplicate by event id where it matters.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use ce_messaging::events::event_handler_fn;
+    /// let handler = event_handler_fn(|event, responses| async move {
+    ///     if responses.delivery_count() > 1 {
+    ///         tracing::info!(id = %ce_messaging::cloudevents::AttributesReader::id(&event), "redelivered");
+    ///     }
+    ///     Ok(())
+    /// });
+    /// # let _ = handler;
+    /// ```
+    pub fn delivery_count(&self) -> u64 {
+        self.delivery_count
     }
 
     /// The incoming event's transaction id.
@@ -707,7 +740,8 @@ pub(crate) async fn process_delivery(
         return Outcome::Finished;
     };
     let tid = event.transaction_id();
-    let responses = EventResponseWriter::new(ctx.connection.clone(), tid, ctx.source.clone());
+    let responses = EventResponseWriter::new(ctx.connection.clone(), tid, ctx.source.clone())
+        .with_delivery_count(delivery.delivered);
     let handling = call_handler(handler.handle(event, responses)).fuse();
     futures::pin_mut!(handling);
     // Tell the server we are still working well before the ack wait runs out.

@@ -428,6 +428,21 @@ async fn run(inner: Arc<Inner>) -> ShutdownReport {
     report
 }
 
+// ---------------------------------------------------------------------------------------------
+// Drain for the backends' connections that do not implement it in their own module yet.
+// (NatsQueries implements it in src/nats/mod.rs.)
+// ---------------------------------------------------------------------------------------------
+
+/// Drains the connection: acks and naks already sent are flushed, subscriptions end, then the
+/// connection closes. A connection that is already closed is not an error.
+#[async_trait]
+impl Drain for crate::jetstream::JetStreamEvents {
+    async fn drain(&self) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        self.close().await;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

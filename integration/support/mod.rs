@@ -5,6 +5,7 @@
 //! are expected there; hence the crate-level `dead_code` allowance below.
 #![allow(dead_code)]
 
+pub mod checker;
 pub mod cluster;
 pub mod server;
 

@@ -26,6 +26,11 @@ use crate::headers::NATS_MSG_ID;
 
 use super::{client_closed, Inner};
 
+/// JetStream's error code for "duplicate message id is in process": a message with the same
+/// `Nats-Msg-Id` was received and is still being stored (replicated), so its outcome is not
+/// known yet.
+const DUPLICATE_IN_PROCESS_CODE: u64 = 10158;
+
 /// At most this many pipelined publishes wait for their ack at once.
 pub(crate) const PIPELINE_WINDOW: usize = 1024;
 
@@ -126,6 +131,9 @@ pub(crate) fn wire_size(headers: &HeaderMap, payload_len: usize) -> usize {
 enum AttemptError {
     /// Try again with the same message id.
     Retry(String),
+    /// Nobody answered for the subject: either no stream holds it, or its stream has no
+    /// leader right now (a clustered stream electing one). The caller tells them apart.
+    NoResponders(String),
     /// Give up with this error.
     Fail(Error<PublishErrorKind>),
 }
@@ -174,7 +182,10 @@ pub(crate) async fn publish_all(
             let result = match first {
                 Ok(ack) => Ok(ack),
                 Err(AttemptError::Fail(err)) => Err(err),
-                Err(AttemptError::Retry(_)) => send_with_retry(inner, &prepared, started).await,
+                // No responders: the retry loop tells a missing stream from an election.
+                Err(AttemptError::Retry(_) | AttemptError::NoResponders(_)) => {
+                    send_with_retry(inner, &prepared, started).await
+                }
             };
             (
                 index,
@@ -225,6 +236,18 @@ async fn send_with_retry(
             }
             Err(AttemptError::Fail(err)) => return Err(err),
             Err(AttemptError::Retry(why)) => why,
+            Err(AttemptError::NoResponders(why)) => {
+                if !stream_may_exist(inner, &prepared.subject, attempt_timeout).await {
+                    return Err(Error::with_detail(
+                        PublishErrorKind::StreamNotFound,
+                        format!(
+                            "no stream holds subject {} (create it with init_stream / `cemsg stream init`)",
+                            prepared.subject
+                        ),
+                    ));
+                }
+                why
+            }
         };
         if client_closed(&inner.client).await {
             return Err(Error::with_detail(
@@ -289,6 +312,26 @@ async fn await_ack(
     }
 }
 
+/// Whether a stream may hold `subject`, asking the JetStream API (answered by the meta leader,
+/// also while a stream elects its leader). Only a definite "no such stream" (or no JetStream
+/// at all) is false; a timeout or another error is "maybe", so the publish is retried within
+/// its bounded time.
+async fn stream_may_exist(inner: &Inner, subject: &str, timeout: Duration) -> bool {
+    use async_nats::jetstream::context::{
+        GetStreamByNameErrorKind, RequestError, RequestErrorKind,
+    };
+    match tokio::time::timeout(timeout, inner.js.stream_by_subject(subject)).await {
+        Ok(Ok(_)) | Err(_) => true,
+        Ok(Err(err)) => match err.kind() {
+            GetStreamByNameErrorKind::NotFound => false,
+            GetStreamByNameErrorKind::Request => !std::error::Error::source(&err)
+                .and_then(|s| s.downcast_ref::<RequestError>())
+                .is_some_and(|e| e.kind() == RequestErrorKind::NoResponders),
+            _ => true,
+        },
+    }
+}
+
 fn classify(
     err: async_nats::jetstream::context::PublishError,
     prepared: &Prepared,
@@ -297,12 +340,9 @@ fn classify(
         JsPublishErrorKind::TimedOut
         | JsPublishErrorKind::BrokenPipe
         | JsPublishErrorKind::MaxAckPending => AttemptError::Retry(err.to_string()),
-        JsPublishErrorKind::StreamNotFound => AttemptError::Fail(Error::with_detail(
-            PublishErrorKind::StreamNotFound,
-            format!(
-                "no stream holds subject {} (create it with init_stream / `cemsg stream init`)",
-                prepared.subject
-            ),
+        JsPublishErrorKind::StreamNotFound => AttemptError::NoResponders(format!(
+            "no responders for {} (stream leader election?)",
+            prepared.subject
         )),
         JsPublishErrorKind::MaxPayloadExceeded => {
             AttemptError::Fail(Error::with_source(PublishErrorKind::TooLarge, err))
@@ -311,9 +351,13 @@ fn classify(
             // A server error (a JetStream API error in the ack) will not change on retry; a
             // failure to hand the message to the connection might (the caller checks whether
             // the connection is closed for good before retrying).
-            let from_server = std::error::Error::source(&err)
-                .is_some_and(|s| s.downcast_ref::<async_nats::jetstream::Error>().is_some());
-            if from_server {
+            let server_error = std::error::Error::source(&err)
+                .and_then(|s| s.downcast_ref::<async_nats::jetstream::Error>());
+            if server_error.is_some_and(|e| e.error_code().0 == DUPLICATE_IN_PROCESS_CODE) {
+                // An earlier attempt with this id is still being stored (a clustered stream
+                // replicating it): ask again, and the answer will be its ack or "duplicate".
+                AttemptError::Retry(err.to_string())
+            } else if server_error.is_some() {
                 AttemptError::Fail(Error::with_source(PublishErrorKind::Other, err))
             } else {
                 AttemptError::Retry(err.to_string())

@@ -1,0 +1,1270 @@
+//! Fault injection against real `nats-server` processes (issue 6): the tests kill (-9), pause
+//! (SIGSTOP) and restart servers and cluster nodes while the library publishes, consumes and
+//! answers requests, and a [`Checker`] asserts the invariants:
+//!
+//! - **Lost = ∅**: every event the server acknowledged is delivered to a handler;
+//! - **Unexpected = ∅**: nothing is delivered that was never published;
+//! - every duplicate delivery is a redelivery (delivery count > 1), or a first delivery
+//!   repeated after a server crash (JetStream's consumer state can lag a SIGKILL); a retried
+//!   publish is de-duplicated by the stream, not stored twice.
+//!
+//! Timings are short (ack waits of 1-2 s, 250 ms client pings) so that the whole suite takes
+//! about a minute and a half; most of it is the ~10 s raft elections of scenario 6. Every wait
+//! has a timeout; the only fixed pauses are the faults' own durations and simulated work.
+//! Run alone: `cargo test --features natsjs_integration --test faults` (see docs/faults.md).
+
+mod support;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::connection::State;
+use async_nats::jetstream;
+use ce_messaging::cloudevents::AttributesReader;
+use ce_messaging::config::Config;
+use ce_messaging::error::RequestErrorKind;
+use ce_messaging::event::{new_event, EventExt};
+use ce_messaging::events::{event_handler_fn, EventConnection, EventHandlers, EventListenOptions};
+use ce_messaging::jetstream::{JetStreamEvents, PublishRetry};
+use ce_messaging::listener::Listener;
+use ce_messaging::nats::NatsQueries;
+use ce_messaging::query::{handler_fn, QueryConnection, QueryHandlers, QueryListenOptions};
+use ce_messaging::shutdown::Shutdown;
+use futures::StreamExt;
+use support::checker::Checker;
+use support::cluster::NatsCluster;
+use support::server::NatsServer;
+use tokio::time::Instant;
+
+/// The event type every scenario publishes.
+const TYPE: &str = "org.example.fault.tested";
+/// Client ping interval: a frozen server is noticed after about three of these.
+const PING: Duration = Duration::from_millis(250);
+/// Generous bound for steps that should be quick (connect, listen, stream setup).
+const STEP: Duration = Duration::from_secs(20);
+
+// ------------------------------------------------------------------------------------------
+// Helpers
+// ------------------------------------------------------------------------------------------
+
+/// A client for faults: short pings (a frozen server is noticed within a second), quick
+/// reconnects, unlimited reconnect attempts.
+async fn fault_client(url: &str) -> async_nats::Client {
+    let urls: Vec<String> = url.split(',').map(str::to_owned).collect();
+    let options = async_nats::ConnectOptions::new()
+        .name("ce-messaging-faults")
+        .connection_timeout(Duration::from_secs(1))
+        .ping_interval(PING)
+        .max_reconnects(None)
+        .reconnect_delay_callback(|attempt| {
+            Duration::from_millis((50 * (attempt as u64 + 1)).min(250))
+        });
+    match tokio::time::timeout(STEP, options.connect(urls.as_slice())).await {
+        Ok(Ok(client)) => client,
+        Ok(Err(e)) => panic!("connect to {url}: {e}"),
+        Err(_) => panic!("connect to {url}: timed out"),
+    }
+}
+
+fn config(url: &str, client_id: &str, replicas: usize) -> Config {
+    Config {
+        nats_url: url.to_owned(),
+        client_id: client_id.to_owned(),
+        js_ack_wait: Duration::from_secs(2),
+        // Faults cause redeliveries; none of these events should be dead-lettered.
+        js_max_deliver: 50,
+        js_replicas: replicas,
+        events_timeout: Duration::from_secs(10),
+        ..Default::default()
+    }
+}
+
+async fn events_on(url: &str, config: &Config, retry: PublishRetry) -> JetStreamEvents {
+    JetStreamEvents::from_client(fault_client(url).await, config).with_publish_retry(retry)
+}
+
+/// Creates both streams. The connection's JetStream API timeout is its publish attempt timeout
+/// (as short as 1 s here), which a 3-replica stream being created on a cluster that just formed
+/// can outlast; so this uses the default (5 s) and tries again (creating is idempotent) until
+/// [`STEP`] has passed.
+async fn init(events: &JetStreamEvents) {
+    let admin = events.with_publish_retry(PublishRetry::default());
+    let deadline = Instant::now() + STEP;
+    loop {
+        let error = match tokio::time::timeout(STEP, admin.init_stream()).await {
+            Ok(Ok(())) => return,
+            Ok(Err(err)) => err.to_string(),
+            Err(_) => "timed out".to_owned(),
+        };
+        if Instant::now() >= deadline {
+            panic!("init_stream: {error}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Runs a blocking harness call (kill, restart, pause, resume) off the async workers.
+async fn blocking<F: FnOnce() + Send + 'static>(f: F) {
+    tokio::time::timeout(Duration::from_secs(60), tokio::task::spawn_blocking(f))
+        .await
+        .expect("harness call timed out")
+        .expect("harness call panicked");
+}
+
+/// Polls `condition` every 10 ms; panics with `what` after `timeout`.
+async fn wait_for<F, Fut>(timeout: Duration, what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if let Ok(true) = tokio::time::timeout(left, condition()).await {
+            return;
+        }
+        if Instant::now() >= deadline {
+            panic!("{what}: not within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn numbered_event(n: u64) -> ce_messaging::Event {
+    new_event(TYPE, "faults", &serde_json::json!({ "n": n })).expect("build event")
+}
+
+/// Publishes `event`, recording the attempt and its outcome; panics if neither an ack nor an
+/// error arrives within `bound` (a publish must never hang). Returns whether it was acked.
+async fn publish_tracked(
+    events: &JetStreamEvents,
+    checker: &Checker,
+    event: ce_messaging::Event,
+    bound: Duration,
+) -> bool {
+    let id = event.id().to_owned();
+    checker.attempted(&id);
+    let started = Instant::now();
+    match tokio::time::timeout(bound, events.publish(event)).await {
+        Err(_) => panic!("publish of {id} hung: no ack and no error within {bound:?}"),
+        Ok(Ok(ack)) => {
+            checker.acked(&id, ack.sequence, ack.duplicate);
+            true
+        }
+        Ok(Err(err)) => {
+            assert!(
+                started.elapsed() <= bound,
+                "publish error after {:?}",
+                started.elapsed()
+            );
+            // The kind, and the text where the kind says little (the text names the id).
+            let text = match err.kind() {
+                ce_messaging::error::PublishErrorKind::Other => err.to_string(),
+                kind => format!("{kind:?}"),
+            };
+            checker.failed(&id, text);
+            false
+        }
+    }
+}
+
+/// Publishes `count` new events, `concurrency` at a time; returns how many were acked.
+async fn publish_many(
+    events: &JetStreamEvents,
+    checker: &Checker,
+    count: u64,
+    concurrency: usize,
+    bound: Duration,
+) -> usize {
+    futures::stream::iter(0..count)
+        .map(|n| publish_tracked(events, checker, numbered_event(n), bound))
+        .buffer_unordered(concurrency)
+        .filter(|acked| futures::future::ready(*acked))
+        .count()
+        .await
+}
+
+/// The upper bound of one publish under `retry`: all attempts, plus scheduling slack.
+fn publish_bound(retry: &PublishRetry) -> Duration {
+    retry.total.unwrap_or(Duration::from_secs(10)) + retry.attempt_timeout + Duration::from_secs(3)
+}
+
+/// Handlers that record every delivery (id, delivery count) in `checker` and succeed.
+fn recording_handlers(checker: &Checker) -> EventHandlers {
+    let checker = checker.clone();
+    EventHandlers::new().on(
+        TYPE,
+        event_handler_fn(move |event, responses| {
+            let checker = checker.clone();
+            async move {
+                checker.delivered(event.id(), responses.delivery_count());
+                Ok(())
+            }
+        }),
+    )
+}
+
+fn listen_options(durable: &str, workers: usize, buffer: usize) -> EventListenOptions {
+    EventListenOptions {
+        workers,
+        buffer,
+        durable_name: Some(durable.to_owned()),
+        grace: Duration::from_secs(2),
+        ..Default::default()
+    }
+}
+
+async fn listen(
+    events: &JetStreamEvents,
+    handlers: EventHandlers,
+    options: EventListenOptions,
+) -> Listener {
+    tokio::time::timeout(STEP, events.listen(handlers, options))
+        .await
+        .expect("listen timed out")
+        .expect("listen")
+}
+
+async fn stop(listener: &Listener) {
+    tokio::time::timeout(STEP, listener.stop(Duration::from_secs(2)))
+        .await
+        .expect("listener stop timed out");
+}
+
+/// Reads the whole stream with an ordered consumer: Nats-Msg-Id -> how many times stored.
+/// A cluster that just regained nodes may refuse or time out JetStream API requests for a
+/// while, so a failed read is started again until a deadline.
+async fn stored_ids(client: &async_nats::Client, stream: &str) -> HashMap<String, usize> {
+    let js = jetstream::new(client.clone());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let error = match tokio::time::timeout(left, read_stream(&js, stream)).await {
+            Ok(Ok(ids)) => return ids,
+            Ok(Err(error)) => error,
+            Err(_) => "timed out".to_owned(),
+        };
+        if Instant::now() >= deadline {
+            panic!("reading stream {stream}: {error}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn read_stream(
+    js: &jetstream::Context,
+    stream: &str,
+) -> Result<HashMap<String, usize>, String> {
+    let mut s = js.get_stream(stream).await.map_err(|e| e.to_string())?;
+    let total = s.info().await.map_err(|e| e.to_string())?.state.messages;
+    let consumer = s
+        .create_consumer(jetstream::consumer::pull::OrderedConfig::default())
+        .await
+        .map_err(|e| format!("ordered consumer: {e}"))?;
+    let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
+    let mut ids: HashMap<String, usize> = HashMap::new();
+    let mut read = 0u64;
+    while read < total {
+        let message = messages
+            .next()
+            .await
+            .ok_or("stream ended early")?
+            .map_err(|e| e.to_string())?;
+        read += 1;
+        let id = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("Nats-Msg-Id"))
+            .map(|v| v.as_str().to_owned())
+            .unwrap_or_default();
+        *ids.entry(id).or_default() += 1;
+    }
+    Ok(ids)
+}
+
+/// Asserts the stream holds every acked event exactly once and nothing that was not attempted
+/// more than once.
+async fn assert_stored_once(client: &async_nats::Client, stream: &str, checker: &Checker) {
+    let stored = stored_ids(client, stream).await;
+    let mut missing = Vec::new();
+    for id in checker.acked_ids() {
+        match stored.get(&id) {
+            Some(1) => {}
+            Some(n) => panic!("acked event {id} stored {n} times"),
+            None => missing.push(id),
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "acked events missing from the stream: {missing:?}"
+    );
+    let twice: Vec<_> = stored.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "events stored more than once: {twice:?}");
+}
+
+/// The last sequence of `stream` on each running node, from its own monitoring endpoint.
+fn replica_last_seqs(cluster: &NatsCluster, stream: &str) -> Vec<Option<u64>> {
+    cluster
+        .nodes()
+        .iter()
+        .map(|node| {
+            let jsz = node
+                .try_monitor_json("/jsz?accounts=true&streams=true")
+                .ok()?;
+            jsz["account_details"]
+                .as_array()?
+                .iter()
+                .filter_map(|a| a["stream_detail"].as_array())
+                .flatten()
+                .find(|s| s["name"] == stream)
+                .and_then(|s| s["state"]["last_seq"].as_u64())
+        })
+        .collect()
+}
+
+/// Waits until every node reports the same last sequence for `stream`, equal to `at_least` or
+/// more; returns it.
+async fn wait_replicas_agree(cluster: &NatsCluster, stream: &str, at_least: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let seqs = replica_last_seqs(cluster, stream);
+        if let Some(Some(first)) = seqs.first() {
+            if *first >= at_least && seqs.iter().all(|s| *s == Some(*first)) {
+                return *first;
+            }
+        }
+        if Instant::now() >= deadline {
+            panic!("replicas of {stream} do not agree on the last sequence: {seqs:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until the stream has a leader and every replica is current.
+async fn wait_stream_healthy(client: &async_nats::Client, stream: &str, replicas: usize) {
+    let js = jetstream::new(client.clone());
+    wait_for(Duration::from_secs(40), "stream replicas current", || {
+        let js = js.clone();
+        async move {
+            let Ok(Ok(mut s)) =
+                tokio::time::timeout(Duration::from_secs(2), js.get_stream(stream)).await
+            else {
+                return false;
+            };
+            let Ok(Ok(info)) = tokio::time::timeout(Duration::from_secs(2), s.info()).await else {
+                return false;
+            };
+            let Some(cluster) = info.cluster.clone() else {
+                return false;
+            };
+            cluster.leader.is_some()
+                && cluster.replicas.len() + 1 == replicas
+                && cluster.replicas.iter().all(|r| r.current && !r.offline)
+        }
+    })
+    .await;
+}
+
+/// Index of a running node that is not `leader`.
+fn follower_of(cluster: &NatsCluster, leader: usize) -> usize {
+    (0..cluster.len())
+        .find(|i| *i != leader)
+        .expect("a cluster of more than one node")
+}
+
+// ------------------------------------------------------------------------------------------
+// 1. kill -9 and restart the server twice while publishing 10,000 events
+// ------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s1_server_killed_twice_while_publishing_loses_nothing_acked() {
+    const COUNT: u64 = 10_000;
+    let server = Arc::new(NatsServer::start());
+    let config = config(&server.url(), "s1", 1);
+    let retry = PublishRetry {
+        attempt_timeout: Duration::from_secs(1),
+        total: Some(Duration::from_secs(2)),
+        pause: Duration::from_millis(50),
+    };
+    let bound = publish_bound(&retry);
+    let events = events_on(&server.url(), &config, retry).await;
+    init(&events).await;
+    let checker = Checker::new();
+    let listener = listen(
+        &events,
+        recording_handlers(&checker),
+        listen_options("s1", 16, 256),
+    )
+    .await;
+
+    let publisher = tokio::spawn({
+        let (events, checker) = (events.clone(), checker.clone());
+        async move { publish_many(&events, &checker, COUNT, 256, bound).await }
+    });
+
+    // First outage: long enough that publishes give up (and must say so within the bound).
+    wait_for(Duration::from_secs(60), "2,000 acks", || async {
+        checker.acked_count() >= 2_000
+    })
+    .await;
+    checker.server_killed();
+    let s = server.clone();
+    blocking(move || s.kill()).await;
+    wait_for(
+        Duration::from_secs(20),
+        "a publish error during the outage",
+        || async { checker.failed_count() >= 1 },
+    )
+    .await;
+    let s = server.clone();
+    blocking(move || s.restart()).await;
+    checker.server_restarted();
+
+    // Second outage: short, so in-flight publishes ride through it on their retries.
+    let acked_before = checker.acked_count();
+    wait_for(
+        Duration::from_secs(60),
+        "more acks after the restart",
+        || async { checker.acked_count() >= acked_before + 2_000 },
+    )
+    .await;
+    checker.server_killed();
+    let s = server.clone();
+    blocking(move || s.restart()).await;
+    checker.server_restarted();
+
+    let acked = tokio::time::timeout(Duration::from_secs(120), publisher)
+        .await
+        .expect("publisher hung")
+        .expect("publisher panicked");
+    assert!(acked > 0);
+    checker
+        .wait_all_acked_delivered(Duration::from_secs(60), "s1")
+        .await;
+    stop(&listener).await;
+
+    let reader = fault_client(&server.url()).await;
+    assert_stored_once(&reader, &config.js_stream, &checker).await;
+    let report = checker.report();
+    eprintln!("s1: {report:?}");
+    if let Some(id) = report.unexplained_duplicates.keys().next() {
+        eprintln!("s1 timeline: {}", checker.timeline(id));
+    }
+    report.assert_valid("s1");
+    assert_eq!(report.attempted as u64, COUNT);
+    assert!(report.failed >= 1, "the first outage made no publish fail");
+}
+
+// ------------------------------------------------------------------------------------------
+// 2. a listener killed with a batch unacked
+// ------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s2_listener_killed_with_a_batch_unacked_is_redelivered_to_a_new_listener() {
+    const COUNT: u64 = 40;
+    let server = NatsServer::start();
+    let config = config(&server.url(), "s2", 1);
+    let retry = PublishRetry::default();
+    let events = events_on(&server.url(), &config, retry).await;
+    init(&events).await;
+    // All deliveries (both listeners) and those of the new listener alone.
+    let all = Checker::new();
+    let second = Checker::new();
+    for n in 0..COUNT {
+        let event = numbered_event(n);
+        second.attempted(event.id());
+        let id = event.id().to_owned();
+        assert!(publish_tracked(&events, &all, event, publish_bound(&retry)).await);
+        second.acked(&id, 0, false);
+    }
+
+    // The first listener takes a batch and never finishes it (handlers hang), then dies.
+    let doomed_events = events_on(&server.url(), &config, retry).await;
+    let started = Arc::new(AtomicUsize::new(0));
+    let hanging = {
+        let (all, started) = (all.clone(), started.clone());
+        EventHandlers::new().on(
+            TYPE,
+            event_handler_fn(move |event, responses| {
+                let (all, started) = (all.clone(), started.clone());
+                async move {
+                    all.delivered(event.id(), responses.delivery_count());
+                    started.fetch_add(1, Ordering::SeqCst);
+                    std::future::pending::<()>().await;
+                    Ok(())
+                }
+            }),
+        )
+    };
+    let doomed = listen(&doomed_events, hanging, listen_options("s2", 8, 16)).await;
+    wait_for(STEP, "the first listener's workers all busy", || async {
+        started.load(Ordering::SeqCst) >= 8
+    })
+    .await;
+    let held: Vec<String> = all.delivered_ids().into_iter().collect();
+    // As if the process died: nothing is acked or nak'ed, the connection goes away.
+    tokio::time::timeout(STEP, doomed.abort())
+        .await
+        .expect("abort timed out");
+    doomed_events.close().await;
+
+    let recorder = {
+        let (all, second) = (all.clone(), second.clone());
+        EventHandlers::new().on(
+            TYPE,
+            event_handler_fn(move |event, responses| {
+                let (all, second) = (all.clone(), second.clone());
+                async move {
+                    all.delivered(event.id(), responses.delivery_count());
+                    second.delivered(event.id(), responses.delivery_count());
+                    Ok(())
+                }
+            }),
+        )
+    };
+    let successor = listen(&events, recorder, listen_options("s2", 8, 16)).await;
+    // The held batch comes back after the ack wait (2 s).
+    second
+        .wait_all_acked_delivered(Duration::from_secs(20), "s2 new listener")
+        .await;
+    stop(&successor).await;
+    for id in &held {
+        let counts = second.deliveries_of(id);
+        assert!(
+            counts.iter().any(|c| *c > 1),
+            "{id} held by the dead listener came back with delivery counts {counts:?}"
+        );
+    }
+    let report = all.report();
+    eprintln!("s2: held {} {report:?}", held.len());
+    report.assert_valid("s2");
+    second.report().assert_valid("s2 new listener");
+    assert!(held.len() >= 8);
+}
+
+// ------------------------------------------------------------------------------------------
+// 3. graceful shutdown under load
+// ------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_graceful_shutdown_under_load_settles_everything_in_flight() {
+    const COUNT: u64 = 200;
+    let server = NatsServer::start();
+    let mut config = config(&server.url(), "s3", 1);
+    // Long, so that "redelivered at once" cannot be mistaken for "redelivered after the wait".
+    config.js_ack_wait = Duration::from_secs(30);
+    let retry = PublishRetry::default();
+    let publisher = events_on(&server.url(), &config, retry).await;
+    init(&publisher).await;
+    let checker = Checker::new();
+    assert_eq!(
+        publish_many(&publisher, &checker, COUNT, 64, publish_bound(&retry)).await,
+        COUNT as usize
+    );
+
+    let service = events_on(&server.url(), &config, retry).await;
+    let shutdown = Shutdown::new(Duration::from_millis(500)).with_drain_timeout(STEP);
+    let returned = Arc::new(AtomicBool::new(false));
+    let after_return = Arc::new(AtomicUsize::new(0));
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let long_running = Arc::new(AtomicUsize::new(0));
+    let handlers = {
+        let (checker, returned, after_return) =
+            (checker.clone(), returned.clone(), after_return.clone());
+        let (in_flight, long_running) = (in_flight.clone(), long_running.clone());
+        EventHandlers::new().on(
+            TYPE,
+            event_handler_fn(move |event, responses| {
+                let (checker, returned, after_return) =
+                    (checker.clone(), returned.clone(), after_return.clone());
+                let (in_flight, long_running) = (in_flight.clone(), long_running.clone());
+                async move {
+                    if returned.load(Ordering::SeqCst) {
+                        after_return.fetch_add(1, Ordering::SeqCst);
+                    }
+                    checker.delivered(event.id(), responses.delivery_count());
+                    let _guard = Gauge::enter(&in_flight);
+                    let n = event
+                        .data_as::<serde_json::Value>()
+                        .ok()
+                        .and_then(|v| v["n"].as_u64())
+                        .unwrap_or(0);
+                    // Simulated work: most events are quick, every tenth outlasts the grace.
+                    if n % 10 == 0 {
+                        let _long = Gauge::enter(&long_running);
+                        tokio::time::sleep(Duration::from_secs(10)).await;
+                    } else {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    if returned.load(Ordering::SeqCst) {
+                        after_return.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Ok(())
+                }
+            }),
+        )
+    };
+    let listener = listen(&service, handlers, listen_options("s3", 4, 32)).await;
+    shutdown.add_listener(listener);
+    shutdown.add_connection(service.clone());
+    wait_for(STEP, "load with a long handler in flight", || async {
+        checker.delivered_ids().len() >= 20 && long_running.load(Ordering::SeqCst) >= 1
+    })
+    .await;
+    let report = tokio::time::timeout(STEP, shutdown.shutdown())
+        .await
+        .expect("shutdown hung");
+    returned.store(true, Ordering::SeqCst);
+    let running_at_return = in_flight.load(Ordering::SeqCst);
+    let stopped_at = Instant::now();
+    assert_eq!(
+        running_at_return, 0,
+        "handlers still running after shutdown"
+    );
+    assert_eq!(report.listeners, 1);
+    assert_eq!(report.connections_closed, 1);
+    assert!(
+        report.abandoned >= 1,
+        "a long handler was cut off: {report:?}"
+    );
+
+    // Whatever was not acked was nak'ed: a new instance gets it at once, not after 30 s.
+    let successor_events = events_on(&server.url(), &config, retry).await;
+    let successor = listen(
+        &successor_events,
+        recording_handlers(&checker),
+        listen_options("s3", 16, 256),
+    )
+    .await;
+    checker
+        .wait_all_acked_delivered(
+            Duration::from_secs(10),
+            "s3 redelivery well before the ack wait",
+        )
+        .await;
+    let redelivered_after = stopped_at.elapsed();
+    stop(&successor).await;
+    assert_eq!(
+        after_return.load(Ordering::SeqCst),
+        0,
+        "a handler ran after shutdown returned"
+    );
+    let checked = checker.report();
+    eprintln!("s3: {report:?}; all delivered {redelivered_after:?} after the stop; {checked:?}");
+    checked.assert_valid("s3");
+}
+
+/// Counts a running section (decrements on drop, so also when a handler is cut off).
+struct Gauge(Arc<AtomicUsize>);
+
+impl Gauge {
+    fn enter(counter: &Arc<AtomicUsize>) -> Gauge {
+        counter.fetch_add(1, Ordering::SeqCst);
+        Gauge(counter.clone())
+    }
+}
+
+impl Drop for Gauge {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// 4. server paused longer than the ping interval, then resumed
+// ------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s4_paused_server_is_noticed_and_everything_resumes_on_its_own() {
+    let server = Arc::new(NatsServer::start());
+    let config = config(&server.url(), "s4", 1);
+    let retry = PublishRetry {
+        attempt_timeout: Duration::from_secs(1),
+        total: Some(Duration::from_secs(30)),
+        pause: Duration::from_millis(100),
+    };
+    let bound = publish_bound(&retry);
+    let events = events_on(&server.url(), &config, retry).await;
+    init(&events).await;
+    let checker = Checker::new();
+    let listener = listen(
+        &events,
+        recording_handlers(&checker),
+        listen_options("s4", 4, 32),
+    )
+    .await;
+    let responder = NatsQueries::from_client(fault_client(&server.url()).await, &config);
+    let echo = QueryHandlers::new().on(
+        "org.example.fault.echo",
+        handler_fn(|request, reply| async move {
+            let data: serde_json::Value = request.data_as().unwrap_or_default();
+            reply.reply_data("org.example.fault.echoed", &data).await?;
+            Ok(())
+        }),
+    );
+    let query_listener =
+        tokio::time::timeout(STEP, responder.listen(echo, QueryListenOptions::default()))
+            .await
+            .expect("query listen timed out")
+            .expect("query listen");
+    let requester_client = fault_client(&server.url()).await;
+    let requester = NatsQueries::from_client(requester_client.clone(), &config);
+    let echo_request = |n: u64| {
+        new_event(
+            "org.example.fault.echo",
+            "faults",
+            &serde_json::json!({ "n": n }),
+        )
+        .expect("build request")
+    };
+    requester
+        .request_with_timeout(echo_request(0), Duration::from_secs(5))
+        .await
+        .expect("request before the pause");
+    assert_eq!(publish_many(&events, &checker, 20, 8, bound).await, 20);
+
+    let s = server.clone();
+    blocking(move || s.pause()).await;
+    let paused_at = Instant::now();
+    // The clients notice on their own (pings unanswered).
+    wait_for(
+        Duration::from_secs(10),
+        "the client notices the frozen server",
+        || async { requester_client.connection_state() != State::Connected },
+    )
+    .await;
+    let noticed_after = paused_at.elapsed();
+    // A request meanwhile fails within its timeout.
+    let timeout = Duration::from_secs(1);
+    let started = Instant::now();
+    let outcome = tokio::time::timeout(
+        timeout + Duration::from_secs(2),
+        requester.request_with_timeout(echo_request(1), timeout),
+    )
+    .await
+    .expect("request during the pause hung");
+    let err = outcome.expect_err("a request to a frozen server cannot succeed");
+    assert!(
+        matches!(
+            err.kind(),
+            RequestErrorKind::TimedOut | RequestErrorKind::NoResponders
+        ),
+        "unexpected error kind: {err}"
+    );
+    assert!(started.elapsed() <= timeout + Duration::from_millis(500));
+    // Publishes meanwhile wait (retrying) and complete after the resume.
+    let during = tokio::spawn({
+        let (events, checker) = (events.clone(), checker.clone());
+        async move { publish_many(&events, &checker, 20, 8, bound).await }
+    });
+    let s = server.clone();
+    blocking(move || s.resume()).await;
+    wait_for(Duration::from_secs(15), "reconnected", || async {
+        requester_client.connection_state() == State::Connected
+    })
+    .await;
+    let acked_during = tokio::time::timeout(bound * 2, during)
+        .await
+        .expect("publishes during the pause hung")
+        .expect("publisher panicked");
+    assert_eq!(
+        acked_during, 20,
+        "publishes during the pause complete after the resume"
+    );
+    assert_eq!(publish_many(&events, &checker, 20, 8, bound).await, 20);
+    // Listeners resumed without application code: events are consumed, requests answered.
+    checker
+        .wait_all_acked_delivered(Duration::from_secs(30), "s4")
+        .await;
+    wait_for(
+        Duration::from_secs(15),
+        "requests answered after the resume",
+        || {
+            let requester = requester.clone();
+            async move {
+                requester
+                    .request_with_timeout(echo_request(2), Duration::from_secs(1))
+                    .await
+                    .is_ok()
+            }
+        },
+    )
+    .await;
+    assert!(!listener.is_stopped() && !query_listener.is_stopped());
+    stop(&listener).await;
+    stop(&query_listener).await;
+    let report = checker.report();
+    eprintln!("s4: noticed after {noticed_after:?}; {report:?}");
+    report.assert_valid("s4");
+}
+
+// ------------------------------------------------------------------------------------------
+// 5. two listener instances, one paused beyond the ack wait
+// ------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s5_instance_paused_beyond_the_ack_wait_loses_its_events_to_the_other() {
+    let server = NatsServer::start();
+    let mut config = config(&server.url(), "s5", 1);
+    config.js_ack_wait = Duration::from_secs(1);
+    let retry = PublishRetry::default();
+    let bound = publish_bound(&retry);
+    let events = events_on(&server.url(), &config, retry).await;
+    init(&events).await;
+    let checker = Checker::new();
+
+    // Instance A runs on its own single-threaded runtime, like a separate process; its handler
+    // blocks that thread, which freezes the whole instance (no in-progress, no acks, no pings)
+    // as SIGSTOP would, until the test lets it go.
+    let (got_tx, got_rx) = std::sync::mpsc::channel::<String>();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<()>();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let instance_a = std::thread::spawn({
+        let (url, config, checker) = (server.url(), config.clone(), checker.clone());
+        move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime of instance A");
+            runtime.block_on(async move {
+                let events = events_on(&url, &config, retry).await;
+                let release_rx = std::sync::Mutex::new(release_rx);
+                let handlers = EventHandlers::new().on(
+                    TYPE,
+                    event_handler_fn(move |event, responses| {
+                        checker.delivered(event.id(), responses.delivery_count());
+                        let _ = got_tx.send(event.id().to_owned());
+                        // Freeze this instance (blocking its only thread on purpose).
+                        let _ = release_rx
+                            .lock()
+                            .expect("release lock")
+                            .recv_timeout(Duration::from_secs(60));
+                        async { Ok(()) }
+                    }),
+                );
+                let listener = listen(&events, handlers, listen_options("s5", 1, 4)).await;
+                let _ = ready_tx.send(());
+                let _ = stop_rx.await;
+                stop(&listener).await;
+                events.close().await;
+            });
+        }
+    });
+    tokio::time::timeout(STEP, ready_rx)
+        .await
+        .expect("instance A did not start")
+        .expect("instance A failed");
+    assert_eq!(publish_many(&events, &checker, 1, 1, bound).await, 1);
+    let frozen_on = tokio::task::spawn_blocking(move || got_rx.recv_timeout(STEP))
+        .await
+        .expect("join")
+        .expect("instance A received the first event");
+
+    // Instance B (same durable) gets new events and, after the ack wait, A's.
+    let b = listen(
+        &events,
+        recording_handlers(&checker),
+        listen_options("s5", 4, 32),
+    )
+    .await;
+    assert_eq!(publish_many(&events, &checker, 20, 8, bound).await, 20);
+    wait_for(
+        Duration::from_secs(20),
+        "B gets the event A holds",
+        || async { checker.deliveries_of(&frozen_on).iter().any(|c| *c > 1) },
+    )
+    .await;
+    checker
+        .wait_all_acked_delivered(Duration::from_secs(20), "s5")
+        .await;
+
+    // Let A go (for good: a closed channel no longer blocks); its late acks change nothing.
+    drop(release_tx);
+    let _ = stop_tx.send(());
+    tokio::time::timeout(STEP, tokio::task::spawn_blocking(move || instance_a.join()))
+        .await
+        .expect("instance A did not stop")
+        .expect("join")
+        .expect("instance A panicked");
+    stop(&b).await;
+    let report = checker.report();
+    eprintln!("s5: {report:?}");
+    report.assert_valid("s5");
+    assert!(report.duplicate_deliveries >= 1);
+}
+
+// ------------------------------------------------------------------------------------------
+// 9. request/reply while the responder's server restarts
+// ------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s9_requests_across_a_server_restart_fail_as_documented_and_never_cross() {
+    let server = Arc::new(NatsServer::start_with(support::server::ServerOptions {
+        jetstream: false,
+        ..Default::default()
+    }));
+    let config = config(&server.url(), "s9", 1);
+    let responder = NatsQueries::from_client(fault_client(&server.url()).await, &config);
+    let echo = QueryHandlers::new().on(
+        "org.example.fault.echo",
+        handler_fn(|request, reply| async move {
+            let data: serde_json::Value = request.data_as().unwrap_or_default();
+            reply.reply_data("org.example.fault.echoed", &data).await?;
+            Ok(())
+        }),
+    );
+    let listener =
+        tokio::time::timeout(STEP, responder.listen(echo, QueryListenOptions::default()))
+            .await
+            .expect("listen timed out")
+            .expect("listen");
+    let requester = NatsQueries::from_client(fault_client(&server.url()).await, &config);
+
+    let ok = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(std::sync::Mutex::new(
+        Vec::<(RequestErrorKind, Duration)>::new(),
+    ));
+    let crossed = Arc::new(AtomicU64::new(0));
+    let running = Arc::new(AtomicBool::new(true));
+    let timeout = Duration::from_secs(1);
+    let requests = tokio::spawn({
+        let (ok, errors, crossed, running) =
+            (ok.clone(), errors.clone(), crossed.clone(), running.clone());
+        async move {
+            let mut n = 0u64;
+            while running.load(Ordering::SeqCst) {
+                n += 1;
+                let request = new_event(
+                    "org.example.fault.echo",
+                    "faults",
+                    &serde_json::json!({ "n": n }),
+                )
+                .expect("build request");
+                let started = Instant::now();
+                let outcome = tokio::time::timeout(
+                    timeout + Duration::from_secs(2),
+                    requester.request_with_timeout(request, timeout),
+                )
+                .await
+                .expect("a request hung past its timeout");
+                match outcome {
+                    Ok(reply) => {
+                        let echoed: serde_json::Value = reply.data_as().expect("reply data");
+                        if echoed["n"].as_u64() != Some(n) {
+                            crossed.fetch_add(1, Ordering::SeqCst);
+                        }
+                        ok.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Err(err) => errors
+                        .lock()
+                        .expect("errors lock")
+                        .push((err.kind(), started.elapsed())),
+                }
+            }
+            n
+        }
+    });
+    wait_for(STEP, "requests answered before the fault", || async {
+        ok.load(Ordering::SeqCst) >= 20
+    })
+    .await;
+    let s = server.clone();
+    blocking(move || s.kill()).await;
+    wait_for(STEP, "a request fails during the outage", || async {
+        !errors.lock().expect("errors lock").is_empty()
+    })
+    .await;
+    let s = server.clone();
+    blocking(move || s.restart()).await;
+    let before = ok.load(Ordering::SeqCst);
+    // The responder's subscription comes back without application code.
+    wait_for(STEP, "requests answered after the restart", || async {
+        ok.load(Ordering::SeqCst) >= before + 20
+    })
+    .await;
+    running.store(false, Ordering::SeqCst);
+    let sent = tokio::time::timeout(STEP, requests)
+        .await
+        .expect("requester hung")
+        .expect("requester panicked");
+    assert!(!listener.is_stopped(), "the listener ended on its own");
+    stop(&listener).await;
+    let errors = errors.lock().expect("errors lock").clone();
+    for (kind, elapsed) in &errors {
+        assert!(
+            matches!(
+                kind,
+                RequestErrorKind::TimedOut | RequestErrorKind::NoResponders
+            ),
+            "undocumented error during a restart: {kind:?}"
+        );
+        assert!(
+            *elapsed <= timeout + Duration::from_millis(500),
+            "{kind:?} after {elapsed:?}, beyond the {timeout:?} timeout"
+        );
+    }
+    assert_eq!(
+        crossed.load(Ordering::SeqCst),
+        0,
+        "a reply crossed requests"
+    );
+    eprintln!(
+        "s9: {sent} requests, {} answered, {} failed ({:?})",
+        ok.load(Ordering::SeqCst),
+        errors.len(),
+        errors.iter().map(|(k, _)| *k).collect::<Vec<_>>()
+    );
+}
+
+// ------------------------------------------------------------------------------------------
+// Cluster scenarios (3 nodes, streams with 3 replicas)
+// ------------------------------------------------------------------------------------------
+
+/// A 3-node cluster with both streams created at 3 replicas, a connection to all nodes and a
+/// recording listener.
+async fn cluster_setup(
+    name: &str,
+    retry: PublishRetry,
+) -> (Arc<NatsCluster>, Config, JetStreamEvents, Checker, Listener) {
+    let cluster = Arc::new(
+        tokio::task::spawn_blocking(|| NatsCluster::start(3))
+            .await
+            .expect("cluster start panicked"),
+    );
+    let config = config(&cluster.url(), name, 3);
+    let events = events_on(&cluster.url(), &config, retry).await;
+    init(&events).await;
+    wait_stream_healthy(events_client(&cluster).await.as_ref(), &config.js_stream, 3).await;
+    let checker = Checker::new();
+    // Creating the 3-replica consumer: the same API timeout concern as in `init`.
+    let admin = events.with_publish_retry(PublishRetry::default());
+    let deadline = Instant::now() + STEP;
+    let listener = loop {
+        let attempt = admin.listen(recording_handlers(&checker), listen_options(name, 16, 128));
+        let error = match tokio::time::timeout(STEP, attempt).await {
+            Ok(Ok(listener)) => break listener,
+            Ok(Err(err)) => err.to_string(),
+            Err(_) => "timed out".to_owned(),
+        };
+        if Instant::now() >= deadline {
+            panic!("listen: {error}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    (cluster, config, events, checker, listener)
+}
+
+/// A plain client on the whole cluster, for stream inspection.
+async fn events_client(cluster: &NatsCluster) -> Arc<async_nats::Client> {
+    Arc::new(fault_client(&cluster.url()).await)
+}
+
+/// Publishes continuously (`concurrency` at a time) until `running` turns false.
+fn publish_continuously(
+    events: &JetStreamEvents,
+    checker: &Checker,
+    running: &Arc<AtomicBool>,
+    concurrency: usize,
+    bound: Duration,
+) -> tokio::task::JoinHandle<()> {
+    let (events, checker, running) = (events.clone(), checker.clone(), running.clone());
+    tokio::spawn(async move {
+        let numbers = futures::stream::iter(0u64..)
+            .take_while(|_| futures::future::ready(running.load(Ordering::SeqCst)));
+        numbers
+            .map(|n| publish_tracked(&events, &checker, numbered_event(n), bound))
+            .buffer_unordered(concurrency)
+            .for_each(|_| futures::future::ready(()))
+            .await;
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s6_stream_leader_killed_five_times_loses_nothing_and_replicas_agree() {
+    let retry = PublishRetry {
+        attempt_timeout: Duration::from_secs(2),
+        total: Some(Duration::from_secs(30)),
+        pause: Duration::from_millis(100),
+    };
+    let bound = publish_bound(&retry);
+    let (cluster, config, events, checker, listener) = cluster_setup("s6", retry).await;
+    let inspector = events_client(&cluster).await;
+    let running = Arc::new(AtomicBool::new(true));
+    let publisher = publish_continuously(&events, &checker, &running, 16, bound);
+    let mut kills = Vec::new();
+    for round in 0..5 {
+        let acked = checker.acked_count();
+        wait_for(
+            Duration::from_secs(60),
+            "publishing makes progress",
+            || async { checker.acked_count() >= acked + 50 },
+        )
+        .await;
+        let leader = cluster.stream_leader(&inspector, &config.js_stream).await;
+        let c = cluster.clone();
+        let killed_at = Instant::now();
+        blocking(move || c.kill(leader)).await;
+        // A new leader among the two left (a raft election).
+        let new_leader = loop {
+            let l = cluster.stream_leader(&inspector, &config.js_stream).await;
+            if l != leader {
+                break l;
+            }
+            assert!(
+                killed_at.elapsed() < Duration::from_secs(40),
+                "no new leader"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let elected_after = killed_at.elapsed();
+        let c = cluster.clone();
+        blocking(move || c.restart(leader)).await;
+        checker.server_restarted();
+        wait_stream_healthy(&inspector, &config.js_stream, 3).await;
+        kills.push((round, leader, new_leader, elected_after));
+    }
+    // Some progress after the last kill, then stop publishing.
+    let acked = checker.acked_count();
+    wait_for(
+        Duration::from_secs(60),
+        "publishing after the last kill",
+        || async { checker.acked_count() >= acked + 50 },
+    )
+    .await;
+    running.store(false, Ordering::SeqCst);
+    tokio::time::timeout(bound * 2, publisher)
+        .await
+        .expect("publisher hung")
+        .expect("publisher panicked");
+    checker
+        .wait_all_acked_delivered(Duration::from_secs(60), "s6")
+        .await;
+    stop(&listener).await;
+    let last = wait_replicas_agree(&cluster, &config.js_stream, 1).await;
+    assert_stored_once(&inspector, &config.js_stream, &checker).await;
+    let report = checker.report();
+    eprintln!("s6: kills (round, killed, new leader, elected after) {kills:?}; last seq {last}; {report:?}; failures: {:?}", checker.failure_texts());
+    report.assert_valid("s6");
+    // The retry budget (30 s) outlasts an election (~10 s): no publish may give up.
+    assert_eq!(
+        report.failed,
+        0,
+        "publishes failed: {:?}",
+        checker.failure_texts()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s7_paused_follower_then_paused_leader_writes_continue_and_nodes_catch_up() {
+    let retry = PublishRetry {
+        attempt_timeout: Duration::from_secs(2),
+        total: Some(Duration::from_secs(30)),
+        pause: Duration::from_millis(100),
+    };
+    let bound = publish_bound(&retry);
+    let (cluster, config, events, checker, listener) = cluster_setup("s7", retry).await;
+    let inspector = events_client(&cluster).await;
+    assert_eq!(publish_many(&events, &checker, 50, 16, bound).await, 50);
+
+    // A follower frozen: the other two are a majority, writes go on.
+    let leader = cluster.stream_leader(&inspector, &config.js_stream).await;
+    let follower = follower_of(&cluster, leader);
+    let c = cluster.clone();
+    blocking(move || c.pause(follower)).await;
+    assert_eq!(
+        publish_many(&events, &checker, 50, 16, bound).await,
+        50,
+        "writes with a follower paused"
+    );
+    let c = cluster.clone();
+    blocking(move || c.resume(follower)).await;
+    let seq = wait_replicas_agree(&cluster, &config.js_stream, 100).await;
+    wait_stream_healthy(&inspector, &config.js_stream, 3).await;
+
+    // Then the leader frozen: the others elect a new one, writes go on.
+    let leader = cluster.stream_leader(&inspector, &config.js_stream).await;
+    let c = cluster.clone();
+    blocking(move || c.pause(leader)).await;
+    let paused_at = Instant::now();
+    assert_eq!(
+        publish_many(&events, &checker, 50, 16, bound).await,
+        50,
+        "writes with the leader paused"
+    );
+    let writes_took = paused_at.elapsed();
+    let c = cluster.clone();
+    blocking(move || c.resume(leader)).await;
+    // The paused nodes caught up: every replica holds the same last sequence.
+    let last = wait_replicas_agree(&cluster, &config.js_stream, seq + 50).await;
+    checker
+        .wait_all_acked_delivered(Duration::from_secs(60), "s7")
+        .await;
+    stop(&listener).await;
+    assert_stored_once(&inspector, &config.js_stream, &checker).await;
+    let report = checker.report();
+    eprintln!(
+        "s7: 50 writes with the leader paused took {writes_took:?}; last seq {last}; {report:?}"
+    );
+    report.assert_valid("s7");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s8_no_publish_is_acknowledged_without_quorum() {
+    let healthy = PublishRetry {
+        attempt_timeout: Duration::from_secs(2),
+        total: Some(Duration::from_secs(40)),
+        pause: Duration::from_millis(100),
+    };
+    let (cluster, config, events, checker, listener) = cluster_setup("s8", healthy).await;
+    let inspector = events_client(&cluster).await;
+    assert_eq!(
+        publish_many(&events, &checker, 30, 8, publish_bound(&healthy)).await,
+        30
+    );
+    let acked_before = checker.acked_count();
+
+    // Two of three nodes stop: no quorum.
+    let survivor = cluster.stream_leader(&inspector, &config.js_stream).await;
+    let stopped: Vec<usize> = (0..3).filter(|i| *i != survivor).collect();
+    for i in stopped.clone() {
+        let c = cluster.clone();
+        blocking(move || c.kill(i)).await;
+    }
+    let short = PublishRetry {
+        attempt_timeout: Duration::from_secs(1),
+        total: Some(Duration::from_secs(3)),
+        pause: Duration::from_millis(100),
+    };
+    let minority = events.with_publish_retry(short);
+    let acked = publish_many(&minority, &checker, 10, 10, publish_bound(&short)).await;
+    assert_eq!(acked, 0, "a publish was acknowledged without quorum");
+    assert_eq!(checker.acked_count(), acked_before);
+    assert_eq!(checker.failed_count(), 10);
+
+    // They come back: writes resume and everything acked is there.
+    for i in stopped {
+        let c = cluster.clone();
+        blocking(move || c.restart(i)).await;
+    }
+    checker.server_restarted();
+    wait_stream_healthy(&inspector, &config.js_stream, 3).await;
+    assert_eq!(
+        publish_many(&events, &checker, 30, 8, publish_bound(&healthy)).await,
+        30,
+        "publishes after quorum returned: {:?}",
+        checker.failure_texts()
+    );
+    checker
+        .wait_all_acked_delivered(Duration::from_secs(60), "s8")
+        .await;
+    stop(&listener).await;
+    assert_stored_once(&inspector, &config.js_stream, &checker).await;
+    let last = wait_replicas_agree(&cluster, &config.js_stream, 60).await;
+    let report = checker.report();
+    eprintln!("s8: last seq {last}; {report:?}");
+    report.assert_valid("s8");
+}
