@@ -888,7 +888,7 @@ impl ReplyWriter {
         self.inner.state.lock().map(|s| s.sent).unwrap_or(true)
     }
 
-    fn prepare(&self, mut event: Event) -> Event {
+    fn prepare(&self, mut event: Event) -> (Event, Option<telemetry::TraceContext>) {
         populate_source(&mut event, &self.inner.source);
         if event.transaction_id().is_none() {
             if let Some(tid) = &self.inner.request_tid {
@@ -896,8 +896,8 @@ impl ReplyWriter {
             }
         }
         // The reply continues the trace of the request it answers.
-        telemetry::outgoing(&mut event, false);
-        event
+        let trace = telemetry::outgoing(&mut event, false);
+        (event, trace)
     }
 
     async fn send_event(
@@ -905,14 +905,18 @@ impl ReplyWriter {
         event: Event,
         position: Option<(usize, usize)>,
     ) -> Result<(), ReplyError> {
-        let event = self.prepare(event);
+        let (event, trace) = self.prepare(event);
         let span = tracing::info_span!(
             "reply",
             "event.id" = event.id(),
             "event.type" = event.ty(),
             code = 200u16,
             index = position.map(|(index, _)| index),
+            trace_id = tracing::field::Empty,
+            span_id = tracing::field::Empty,
+            parent_span_id = tracing::field::Empty,
         );
+        telemetry::record_trace(&span, trace.as_ref());
         let _entered = span.enter();
         let mut encoded = codec::encode(&event, self.inner.mode)
             .map_err(|e| e.map_kind(|_| ReplyErrorKind::Encode))?;
