@@ -742,6 +742,7 @@ fn publish_kind(kind: crate::error::PublishErrorKind) -> &'static str {
     use crate::error::PublishErrorKind as K;
     match kind {
         K::TimedOut => "timed-out",
+        K::StreamNotFound => "stream-not-found",
         K::TooLarge => "too-large",
         K::Encode => "encode",
         K::ConnectionClosed => "connection-closed",
