@@ -683,7 +683,6 @@ pub(crate) struct DeliveryContext {
     pub source: String,
 }
 
-/// Delay before a message whose dead-letter publish failed is offered again.
 /// One publish inside a `publish` span: the event gets its trace context (see
 /// [`telemetry`]), the outcome is counted by type. Every backend's
 /// [`EventConnection::publish`] goes through here.
@@ -748,6 +747,7 @@ where
     results
 }
 
+/// Delay before a message whose dead-letter publish failed is offered again.
 const DEAD_LETTER_RETRY_DELAY: Duration = Duration::from_secs(5);
 
 /// Processes one delivery per the contract. Backends configure their consumer to allow one

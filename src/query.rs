@@ -1121,7 +1121,11 @@ async fn send_error_reply(
         &data,
         tid.unwrap_or_else(TransactionId::generate),
     );
-    let (mut headers, payload) = match event.map(|e| codec::encode(&e, mode)) {
+    // An error reply continues the request's trace like any other reply.
+    let (mut headers, payload) = match event.map(|mut e| {
+        telemetry::outgoing(&mut e, false);
+        codec::encode(&e, mode)
+    }) {
         Ok(Ok(encoded)) => (encoded.headers, encoded.payload),
         _ => (HeaderMap::new(), Bytes::new()),
     };
