@@ -50,6 +50,7 @@ use crate::headers::{
     DEAD_LETTER_STREAM_SEQ, DEAD_LETTER_SUBJECT,
 };
 use crate::listener::Listener;
+use crate::telemetry::{self, EventTypeMetrics, LazyMetrics};
 use crate::worker::{Outcome, WorkContext};
 
 /// What the server said when it stored an event.
@@ -386,7 +387,15 @@ where
 /// ```
 #[derive(Clone, Default)]
 pub struct EventHandlers {
-    map: HashMap<String, Arc<dyn EventHandler>>,
+    map: HashMap<String, HandlerEntry>,
+}
+
+/// A handler and the metric handles of its type, registered at its first delivery and shared
+/// by the clones of the table.
+#[derive(Clone)]
+pub(crate) struct HandlerEntry {
+    pub(crate) handler: Arc<dyn EventHandler>,
+    pub(crate) metrics: LazyMetrics<EventTypeMetrics>,
 }
 
 impl fmt::Debug for EventHandlers {
@@ -404,8 +413,13 @@ impl EventHandlers {
     /// Adds (or replaces) the handler of `event_type`.
     #[must_use]
     pub fn on(mut self, event_type: impl Into<EventType>, handler: impl EventHandler) -> Self {
-        self.map
-            .insert(event_type.into().into_string(), Arc::new(handler));
+        self.map.insert(
+            event_type.into().into_string(),
+            HandlerEntry {
+                handler: Arc::new(handler),
+                metrics: LazyMetrics::default(),
+            },
+        );
         self
     }
 
@@ -424,7 +438,7 @@ impl EventHandlers {
         self.map.is_empty()
     }
 
-    pub(crate) fn get(&self, event_type: &str) -> Option<&Arc<dyn EventHandler>> {
+    pub(crate) fn get(&self, event_type: &str) -> Option<&HandlerEntry> {
         self.map.get(event_type)
     }
 }
@@ -702,6 +716,70 @@ pub(crate) struct DeliveryContext {
     pub source: String,
 }
 
+/// One publish inside a `publish` span: the event gets its trace context (see
+/// [`telemetry`]), the outcome is counted by type. Every backend's
+/// [`EventConnection::publish`] goes through here.
+pub(crate) async fn traced_publish<F, Fut>(
+    mut event: Event,
+    publish: F,
+) -> Result<PublishAck, PublishError>
+where
+    F: FnOnce(Event) -> Fut,
+    Fut: Future<Output = Result<PublishAck, PublishError>>,
+{
+    use tracing::field::Empty;
+    let span = tracing::info_span!(
+        "publish",
+        "event.id" = Empty,
+        "event.type" = Empty,
+        transaction_id = Empty,
+        trace_id = Empty,
+        span_id = Empty,
+        parent_span_id = Empty,
+        outcome = Empty,
+    );
+    let trace = telemetry::outgoing(&mut event, !span.is_disabled());
+    if !span.is_disabled() {
+        span.record("event.id", event.id());
+        span.record("event.type", event.ty());
+        if let Some(tid) = event.transaction_id() {
+            span.record("transaction_id", tid.as_str());
+        }
+        telemetry::record_trace(&span, trace.as_ref());
+    }
+    // The metrics label; taken before the event moves into the backend.
+    let event_type = event.ty().to_owned();
+    let result = tracing::Instrument::instrument(publish(event), span.clone()).await;
+    span.record("outcome", telemetry::count_publish(event_type, &result));
+    result
+}
+
+/// [`traced_publish`] for a batch: one `publish_all` span, a trace context per event, each
+/// outcome counted by type.
+pub(crate) async fn traced_publish_all<F, Fut>(
+    mut events: Vec<Event>,
+    publish_all: F,
+) -> Vec<Result<PublishAck, PublishError>>
+where
+    F: FnOnce(Vec<Event>) -> Fut,
+    Fut: Future<Output = Vec<Result<PublishAck, PublishError>>>,
+{
+    let span = tracing::info_span!("publish_all", count = events.len());
+    let start_new = !span.is_disabled();
+    let types: Vec<String> = events
+        .iter_mut()
+        .map(|event| {
+            telemetry::outgoing(event, start_new);
+            event.ty().to_owned()
+        })
+        .collect();
+    let results = tracing::Instrument::instrument(publish_all(events), span).await;
+    for (event_type, result) in types.into_iter().zip(&results) {
+        telemetry::count_publish(event_type, result);
+    }
+    results
+}
+
 /// Delay before a message whose dead-letter publish failed is offered again.
 const DEAD_LETTER_RETRY_DELAY: Duration = Duration::from_secs(5);
 
@@ -713,36 +791,95 @@ pub(crate) async fn process_delivery(
     ctx: &DeliveryContext,
     work: &WorkContext,
 ) -> Outcome {
+    use tracing::field::Empty;
+    let span = tracing::info_span!(
+        "handle_event",
+        "event.id" = Empty,
+        "event.type" = Empty,
+        transaction_id = Empty,
+        delivered = delivery.delivered,
+        trace_id = Empty,
+        span_id = Empty,
+        parent_span_id = Empty,
+        outcome = Empty,
+        reason = Empty,
+    );
+    let (outcome, settled) =
+        tracing::Instrument::instrument(deliver(delivery, ctx, work, span.clone()), span.clone())
+            .await;
+    span.record("outcome", settled);
+    outcome
+}
+
+/// [`process_delivery`] inside its span; also says how the delivery was settled.
+async fn deliver(
+    delivery: Delivery,
+    ctx: &DeliveryContext,
+    work: &WorkContext,
+    span: tracing::Span,
+) -> (Outcome, &'static str) {
     if work.stopping.is_cancelled() {
         settle(delivery.acker.nak(None).await, "nak");
-        return Outcome::Requeued;
+        return (Outcome::Requeued, "requeued");
     }
     let event = match codec::decode(delivery.headers.as_ref(), &delivery.payload) {
         Ok(event) => event,
         Err(err) => {
             tracing::warn!(subject = %delivery.subject, seq = delivery.stream_sequence, error = %err, "undecodable event");
-            dead_letter(&delivery, ctx, DeadLetterReason::Decode, &err.to_string()).await;
-            return Outcome::Finished;
+            let settled =
+                dead_letter(&delivery, ctx, DeadLetterReason::Decode, &err.to_string()).await;
+            metrics::counter!(
+                telemetry::metric_names::DEAD_LETTERED,
+                "type" => "undecodable",
+                "reason" => DeadLetterReason::Decode.as_str()
+            )
+            .increment(1);
+            return (Outcome::Finished, settled);
         }
     };
+    let event_type = event.ty();
+    if !span.is_disabled() {
+        span.record("event.id", event.id());
+        span.record("event.type", event_type);
+        if let Some(tid) = event.transaction_id() {
+            span.record("transaction_id", tid.as_str());
+        }
+    }
+    let trace = telemetry::incoming(&event, !span.is_disabled());
+    telemetry::record_trace(&span, trace.as_ref());
+    let entry = ctx.handlers.get(event_type).cloned();
     if ctx.max_deliver > 0 && delivery.delivered > ctx.max_deliver as u64 {
         let text = format!(
             "delivered {} times, max deliver is {}",
             delivery.delivered, ctx.max_deliver
         );
-        dead_letter(&delivery, ctx, DeadLetterReason::MaxDeliveries, &text).await;
-        return Outcome::Finished;
+        let settled = dead_letter(&delivery, ctx, DeadLetterReason::MaxDeliveries, &text).await;
+        match &entry {
+            Some(entry) => entry
+                .metrics
+                .get_or_init(|| EventTypeMetrics::register(event_type))
+                .dead_lettered(DeadLetterReason::MaxDeliveries.as_str()),
+            None => EventTypeMetrics::register(event_type)
+                .dead_lettered(DeadLetterReason::MaxDeliveries.as_str()),
+        }
+        return (Outcome::Finished, settled);
     }
-    let event_type = event.ty().to_owned();
-    let Some(handler) = ctx.handlers.get(&event_type).cloned() else {
+    let Some(entry) = entry else {
         let text = format!("no handler for event type {event_type}");
-        dead_letter(&delivery, ctx, DeadLetterReason::Rejected, &text).await;
-        return Outcome::Finished;
+        let settled = dead_letter(&delivery, ctx, DeadLetterReason::Rejected, &text).await;
+        EventTypeMetrics::register(event_type).dead_lettered(DeadLetterReason::Rejected.as_str());
+        return (Outcome::Finished, settled);
     };
+    let metrics = entry
+        .metrics
+        .get_or_init(|| EventTypeMetrics::register(event_type));
+    metrics.delivered.increment(1);
     let tid = event.transaction_id();
     let responses = EventResponseWriter::new(ctx.connection.clone(), tid, ctx.source.clone())
         .with_delivery_count(delivery.delivered);
-    let handling = call_handler(handler.handle(event, responses)).fuse();
+    let started = std::time::Instant::now();
+    let handling =
+        telemetry::in_context(trace, call_handler(entry.handler.handle(event, responses))).fuse();
     futures::pin_mut!(handling);
     // Tell the server we are still working well before the ack wait runs out.
     let tick = (ctx.ack_wait / 2).max(Duration::from_millis(20));
@@ -754,36 +891,50 @@ pub(crate) async fn process_delivery(
                 if !work.crashed() {
                     settle(delivery.acker.nak(None).await, "nak");
                 }
-                return Outcome::Abandoned;
+                return (Outcome::Abandoned, "abandoned");
             }
             result = &mut handling => break result,
             _ = ticker.tick() => settle(delivery.acker.in_progress().await, "in-progress"),
         }
     };
-    match result {
-        Ok(()) => settle(delivery.acker.ack().await, "ack"),
+    metrics
+        .handler_duration
+        .record(started.elapsed().as_secs_f64());
+    let settled = match result {
+        Ok(()) => {
+            settle(delivery.acker.ack().await, "ack");
+            metrics.acked.increment(1);
+            "ack"
+        }
         Err(err) if err.is_permanent() => {
-            dead_letter(&delivery, ctx, DeadLetterReason::Rejected, err.message()).await;
+            let settled =
+                dead_letter(&delivery, ctx, DeadLetterReason::Rejected, err.message()).await;
+            metrics.dead_lettered(DeadLetterReason::Rejected.as_str());
+            settled
         }
         Err(err) => {
             if ctx.max_deliver > 0 && delivery.delivered >= ctx.max_deliver as u64 {
-                dead_letter(
+                let settled = dead_letter(
                     &delivery,
                     ctx,
                     DeadLetterReason::MaxDeliveries,
                     err.message(),
                 )
                 .await;
+                metrics.dead_lettered(DeadLetterReason::MaxDeliveries.as_str());
+                settled
             } else {
                 let delay = err
                     .retry_delay()
                     .unwrap_or_else(|| ctx.backoff.delay(delivery.delivered));
-                tracing::debug!(event_type = %event_type, delivered = delivery.delivered, ?delay, error = %err, "handler failed; nak");
+                tracing::debug!(delivered = delivery.delivered, ?delay, error = %err, "handler failed; nak");
                 settle(delivery.acker.nak(Some(delay)).await, "nak");
+                metrics.nacked.increment(1);
+                "nak"
             }
         }
-    }
-    Outcome::Finished
+    };
+    (Outcome::Finished, settled)
 }
 
 fn settle(result: Result<(), BoxError>, what: &str) {
@@ -800,7 +951,8 @@ async fn dead_letter(
     ctx: &DeliveryContext,
     reason: DeadLetterReason,
     error: &str,
-) {
+) -> &'static str {
+    tracing::Span::current().record("reason", reason.as_str());
     let mut headers = delivery.headers.clone().unwrap_or_default();
     headers.insert(DEAD_LETTER_REASON, reason.as_str());
     headers.insert(DEAD_LETTER_ERROR, text_value(error));
@@ -821,6 +973,7 @@ async fn dead_letter(
         Ok(()) => {
             tracing::warn!(subject = %delivery.subject, seq = delivery.stream_sequence, reason = reason.as_str(), error = %error, "event dead-lettered");
             settle(delivery.acker.term().await, "term");
+            "dead-letter"
         }
         Err(err) => {
             tracing::error!(subject = %delivery.subject, seq = delivery.stream_sequence, error = %err, "dead-letter publish failed; nak with delay");
@@ -828,6 +981,7 @@ async fn dead_letter(
                 delivery.acker.nak(Some(DEAD_LETTER_RETRY_DELAY)).await,
                 "nak",
             );
+            "nak"
         }
     }
 }

@@ -28,6 +28,7 @@ pub mod memory;
 pub mod nats;
 pub mod query;
 pub mod shutdown;
+pub mod telemetry;
 mod worker;
 
 /// The CloudEvents SDK types users need (`Event`, `AttributesReader`, ...), re-exported.

@@ -53,6 +53,7 @@ use crate::headers::{
     text_value, REPLY_STREAM_INDEX, REPLY_STREAM_TOTAL, SERVICE_ERROR, SERVICE_ERROR_CODE,
 };
 use crate::listener::Listener;
+use crate::telemetry::{self, LazyMetrics, QueryOpMetrics};
 use crate::worker::{Outcome, WorkContext};
 
 /// The most replies a buffered [`ReplyStreamWriter`] holds before it refuses more.
@@ -258,7 +259,15 @@ where
 /// ```
 #[derive(Clone, Default)]
 pub struct QueryHandlers {
-    map: HashMap<String, Arc<dyn QueryHandler>>,
+    map: HashMap<String, HandlerEntry>,
+}
+
+/// A handler and the metric handles of its op, registered at its first request and shared by
+/// the clones of the table.
+#[derive(Clone)]
+pub(crate) struct HandlerEntry {
+    pub(crate) handler: Arc<dyn QueryHandler>,
+    pub(crate) metrics: LazyMetrics<QueryOpMetrics>,
 }
 
 impl std::fmt::Debug for QueryHandlers {
@@ -290,7 +299,13 @@ impl QueryHandlers {
     /// ```
     #[must_use]
     pub fn on(mut self, op: impl Into<QueryOp>, handler: impl QueryHandler) -> Self {
-        self.map.insert(op.into().into_string(), Arc::new(handler));
+        self.map.insert(
+            op.into().into_string(),
+            HandlerEntry {
+                handler: Arc::new(handler),
+                metrics: LazyMetrics::default(),
+            },
+        );
         self
     }
 
@@ -327,7 +342,7 @@ impl QueryHandlers {
         self.map.is_empty()
     }
 
-    pub(crate) fn get(&self, op: &str) -> Option<&Arc<dyn QueryHandler>> {
+    pub(crate) fn get(&self, op: &str) -> Option<&HandlerEntry> {
         self.map.get(op)
     }
 }
@@ -694,6 +709,68 @@ pub(crate) fn prepare_request(request: &mut Event, source: &str) {
     if request.transaction_id().is_none() {
         request.set_transaction_id(&TransactionId::generate());
     }
+    // Continues the current handler's trace; a new trace starts in [`traced_request`].
+    telemetry::outgoing(request, false);
+}
+
+/// One request inside a `request` span: the request gets its transaction id and trace
+/// context here, and the time to its reply (or error) is recorded by op and outcome. Every
+/// backend's [`QueryConnection::request_with_timeout`] goes through here.
+pub(crate) async fn traced_request<F, Fut>(
+    mut request: Event,
+    send: F,
+) -> Result<Event, RequestError>
+where
+    F: FnOnce(Event) -> Fut,
+    Fut: Future<Output = Result<Event, RequestError>>,
+{
+    use tracing::field::Empty;
+    let span = tracing::info_span!(
+        "request",
+        "event.id" = Empty,
+        "event.type" = Empty,
+        transaction_id = Empty,
+        trace_id = Empty,
+        span_id = Empty,
+        parent_span_id = Empty,
+        outcome = Empty,
+    );
+    if request.transaction_id().is_none() {
+        request.set_transaction_id(&TransactionId::generate());
+    }
+    let trace = telemetry::outgoing(&mut request, !span.is_disabled());
+    if !span.is_disabled() {
+        span.record("event.id", request.id());
+        span.record("event.type", request.ty());
+        if let Some(tid) = request.transaction_id() {
+            span.record("transaction_id", tid.as_str());
+        }
+        telemetry::record_trace(&span, trace.as_ref());
+    }
+    let op = request.ty().to_owned();
+    let started = std::time::Instant::now();
+    let result = tracing::Instrument::instrument(send(request), span.clone()).await;
+    let outcome = match &result {
+        Ok(_) => "ok",
+        Err(err) => request_outcome(err.kind()),
+    };
+    metrics::histogram!(telemetry::metric_names::REQUEST_DURATION, "type" => op, "outcome" => outcome)
+        .record(started.elapsed().as_secs_f64());
+    span.record("outcome", outcome);
+    result
+}
+
+fn request_outcome(kind: RequestErrorKind) -> &'static str {
+    match kind {
+        RequestErrorKind::TimedOut => "timed-out",
+        RequestErrorKind::NoResponders => "no-responders",
+        RequestErrorKind::Remote => "remote-error",
+        RequestErrorKind::Decode => "decode",
+        RequestErrorKind::Encode => "encode",
+        RequestErrorKind::ConnectionClosed => "connection-closed",
+        RequestErrorKind::InvalidOptions => "invalid-options",
+        _ => "other",
+    }
 }
 
 /// The content mode a message was sent in (binary when `ce-specversion` is present).
@@ -811,14 +888,16 @@ impl ReplyWriter {
         self.inner.state.lock().map(|s| s.sent).unwrap_or(true)
     }
 
-    fn prepare(&self, mut event: Event) -> Event {
+    fn prepare(&self, mut event: Event) -> (Event, Option<telemetry::TraceContext>) {
         populate_source(&mut event, &self.inner.source);
         if event.transaction_id().is_none() {
             if let Some(tid) = &self.inner.request_tid {
                 event.set_transaction_id(tid);
             }
         }
-        event
+        // The reply continues the trace of the request it answers.
+        let trace = telemetry::outgoing(&mut event, false);
+        (event, trace)
     }
 
     async fn send_event(
@@ -826,7 +905,19 @@ impl ReplyWriter {
         event: Event,
         position: Option<(usize, usize)>,
     ) -> Result<(), ReplyError> {
-        let event = self.prepare(event);
+        let (event, trace) = self.prepare(event);
+        let span = tracing::info_span!(
+            "reply",
+            "event.id" = event.id(),
+            "event.type" = event.ty(),
+            code = 200u16,
+            index = position.map(|(index, _)| index),
+            trace_id = tracing::field::Empty,
+            span_id = tracing::field::Empty,
+            parent_span_id = tracing::field::Empty,
+        );
+        telemetry::record_trace(&span, trace.as_ref());
+        let _entered = span.enter();
         let mut encoded = codec::encode(&event, self.inner.mode)
             .map_err(|e| e.map_kind(|_| ReplyErrorKind::Encode))?;
         if let Some((index, total)) = position {
@@ -837,11 +928,13 @@ impl ReplyWriter {
                 .headers
                 .insert(REPLY_STREAM_TOTAL, total.to_string().as_str());
         }
-        self.inner
-            .target
-            .send(encoded.headers, encoded.payload)
-            .await
-            .map_err(|e| Error::with_source(ReplyErrorKind::Send, e))
+        drop(_entered);
+        tracing::Instrument::instrument(
+            self.inner.target.send(encoded.headers, encoded.payload),
+            span,
+        )
+        .await
+        .map_err(|e| Error::with_source(ReplyErrorKind::Send, e))
     }
 
     /// Sends the one reply.
@@ -1028,14 +1121,18 @@ async fn send_error_reply(
         &data,
         tid.unwrap_or_else(TransactionId::generate),
     );
-    let (mut headers, payload) = match event.map(|e| codec::encode(&e, mode)) {
+    // An error reply continues the request's trace like any other reply.
+    let (mut headers, payload) = match event.map(|mut e| {
+        telemetry::outgoing(&mut e, false);
+        codec::encode(&e, mode)
+    }) {
         Ok(Ok(encoded)) => (encoded.headers, encoded.payload),
         _ => (HeaderMap::new(), Bytes::new()),
     };
     headers.insert(SERVICE_ERROR, text_value(text));
     headers.insert(SERVICE_ERROR_CODE, code.to_string().as_str());
-    target
-        .send(headers, payload)
+    let span = tracing::info_span!("reply", "event.type" = op, code);
+    tracing::Instrument::instrument(target.send(headers, payload), span)
         .await
         .map_err(|e| Error::with_source(ReplyErrorKind::Send, e))
 }
@@ -1062,9 +1159,37 @@ pub(crate) async fn serve_request(
     ctx: &ServeContext,
     work: &WorkContext,
 ) -> Outcome {
+    use tracing::field::Empty;
+    let span = tracing::info_span!(
+        "handle_query",
+        "event.id" = Empty,
+        "event.type" = Empty,
+        transaction_id = Empty,
+        trace_id = Empty,
+        span_id = Empty,
+        parent_span_id = Empty,
+        code = Empty,
+    );
+    let (outcome, code) =
+        tracing::Instrument::instrument(serve(request, ctx, work, span.clone()), span.clone())
+            .await;
+    if let Some(code) = code {
+        span.record("code", code);
+    }
+    outcome
+}
+
+/// [`serve_request`] inside its span; also gives the status the reply carried (200, or the
+/// error code), `None` when nothing was sent.
+async fn serve(
+    request: RawRequest,
+    ctx: &ServeContext,
+    work: &WorkContext,
+    span: tracing::Span,
+) -> (Outcome, Option<u16>) {
     let Some(target) = request.reply else {
         tracing::debug!(subject = %request.subject, "query without reply subject ignored");
-        return Outcome::Finished;
+        return (Outcome::Finished, None);
     };
     let mode = content_mode_of(request.headers.as_ref());
     let event = match codec::decode(request.headers.as_ref(), &request.payload) {
@@ -1085,52 +1210,77 @@ pub(crate) async fn serve_request(
             {
                 tracing::warn!(error = %e, "error reply not sent");
             }
-            return Outcome::Finished;
+            return (Outcome::Finished, Some(400));
         }
     };
     let op = event.ty().to_owned();
     let tid = event.transaction_id();
-    let writer = ReplyWriter::new(target, op.clone(), tid.clone(), mode, ctx.source.clone());
-    let Some(handler) = ctx.handlers.get(&op).cloned() else {
-        tracing::warn!(op = %op, "query for an op with no handler");
-        let _ = writer.error(404, &format!("no handler for op {op}")).await;
-        return Outcome::Finished;
-    };
-    let span = tracing::debug_span!("handle_query", op = %op, id = %event.id(), tid = ?tid.as_ref().map(|t| t.as_str()));
-    let _ = &span;
-    let result = tokio::select! {
-        biased;
-        _ = work.abort.cancelled() => None,
-        result = call_handler(handler.handle(event, writer.clone())).fuse() => Some(result),
-    };
-    let Some(result) = result else {
-        if !work.crashed() && !writer.is_sent() {
-            let _ = writer
-                .error(503, "listener stopped before the handler finished")
-                .await;
+    if !span.is_disabled() {
+        span.record("event.id", event.id());
+        span.record("event.type", op.as_str());
+        if let Some(tid) = &tid {
+            span.record("transaction_id", tid.as_str());
         }
-        return Outcome::Abandoned;
-    };
-    let outcome = match result {
-        Ok(()) => match writer.flush_buffered().await {
-            Ok(true) => Ok(()),
-            Ok(false) if writer.is_sent() => Ok(()),
-            Ok(false) => writer.error(500, "handler returned without replying").await,
-            Err(e) => Err(e),
-        },
-        Err(err) => {
-            tracing::warn!(op = %op, error = %err, code = err.code(), "query handler failed");
-            if writer.is_sent() {
-                Ok(())
-            } else {
-                writer.error(err.code(), err.message()).await
-            }
-        }
-    };
-    if let Err(e) = outcome {
-        tracing::warn!(op = %op, error = %e, "reply not sent");
     }
-    Outcome::Finished
+    let trace = telemetry::incoming(&event, !span.is_disabled());
+    telemetry::record_trace(&span, trace.as_ref());
+    let writer = ReplyWriter::new(target, op.clone(), tid.clone(), mode, ctx.source.clone());
+    let Some(entry) = ctx.handlers.get(&op).cloned() else {
+        tracing::warn!(op = %op, "query for an op with no handler");
+        let _ = telemetry::in_context(trace, writer.error(404, &format!("no handler for op {op}")))
+            .await;
+        QueryOpMetrics::register(&op).handled(404);
+        return (Outcome::Finished, Some(404));
+    };
+    let metrics = entry.metrics.get_or_init(|| QueryOpMetrics::register(&op));
+    let (outcome, code) = telemetry::in_context(trace, async {
+        let started = std::time::Instant::now();
+        let result = tokio::select! {
+            biased;
+            _ = work.abort.cancelled() => None,
+            result = call_handler(entry.handler.handle(event, writer.clone())).fuse() => Some(result),
+        };
+        let Some(result) = result else {
+            if !work.crashed() && !writer.is_sent() {
+                let _ = writer
+                    .error(503, "listener stopped before the handler finished")
+                    .await;
+                return (Outcome::Abandoned, Some(503));
+            }
+            return (Outcome::Abandoned, None);
+        };
+        metrics
+            .handler_duration
+            .record(started.elapsed().as_secs_f64());
+        let (sent, code) = match result {
+            Ok(()) => match writer.flush_buffered().await {
+                Ok(true) => (Ok(()), 200),
+                Ok(false) if writer.is_sent() => (Ok(()), 200),
+                Ok(false) => (
+                    writer.error(500, "handler returned without replying").await,
+                    500,
+                ),
+                Err(e) => (Err(e), 200),
+            },
+            Err(err) => {
+                tracing::warn!(op = %op, error = %err, code = err.code(), "query handler failed");
+                if writer.is_sent() {
+                    (Ok(()), 200)
+                } else {
+                    (writer.error(err.code(), err.message()).await, err.code())
+                }
+            }
+        };
+        if let Err(e) = sent {
+            tracing::warn!(op = %op, error = %e, "reply not sent");
+        }
+        (Outcome::Finished, Some(code))
+    })
+    .await;
+    if let Some(code) = code {
+        metrics.handled(code);
+    }
+    (outcome, code)
 }
 
 #[cfg(test)]

@@ -187,11 +187,14 @@ impl JetStreamEvents {
 #[async_trait]
 impl EventConnection for JetStreamEvents {
     async fn publish(&self, event: Event) -> Result<PublishAck, PublishError> {
-        publish::publish(&self.inner, event).await
+        crate::events::traced_publish(event, |event| publish::publish(&self.inner, event)).await
     }
 
     async fn publish_all(&self, events: Vec<Event>) -> Vec<Result<PublishAck, PublishError>> {
-        publish::publish_all(&self.inner, events).await
+        crate::events::traced_publish_all(events, |events| {
+            publish::publish_all(&self.inner, events)
+        })
+        .await
     }
 
     async fn listen(

@@ -277,11 +277,14 @@ impl MemoryEvents {
 #[async_trait]
 impl EventConnection for MemoryEvents {
     async fn publish(&self, event: Event) -> Result<PublishAck, PublishError> {
-        self.publish_one(event)
+        crate::events::traced_publish(event, |event| async move { self.publish_one(event) }).await
     }
 
     async fn publish_all(&self, events: Vec<Event>) -> Vec<Result<PublishAck, PublishError>> {
-        events.into_iter().map(|e| self.publish_one(e)).collect()
+        crate::events::traced_publish_all(events, |events| async move {
+            events.into_iter().map(|e| self.publish_one(e)).collect()
+        })
+        .await
     }
 
     async fn listen(

@@ -194,17 +194,9 @@ impl MemoryQueries {
     }
 }
 
-#[async_trait]
-impl QueryConnection for MemoryQueries {
-    fn default_timeout(&self) -> Duration {
-        self.inner.request_timeout
-    }
-
-    async fn request_with_timeout(
-        &self,
-        request: Event,
-        timeout: Duration,
-    ) -> Result<Event, RequestError> {
+impl MemoryQueries {
+    /// One request on the bus and its one reply (inside [`traced_request`](crate::query::traced_request)).
+    async fn request_once(&self, request: Event, timeout: Duration) -> Result<Event, RequestError> {
         let timeout = timeout.min(MAX_REQUEST_TIMEOUT);
         let prepared = self.prepare(request)?;
         // One reply is all a request reads; a second one is dropped like a NATS reply to an
@@ -225,6 +217,21 @@ impl QueryConnection for MemoryQueries {
                 format!("no reply within {timeout:?}"),
             )),
         }
+    }
+}
+
+#[async_trait]
+impl QueryConnection for MemoryQueries {
+    fn default_timeout(&self) -> Duration {
+        self.inner.request_timeout
+    }
+
+    async fn request_with_timeout(
+        &self,
+        request: Event,
+        timeout: Duration,
+    ) -> Result<Event, RequestError> {
+        crate::query::traced_request(request, |request| self.request_once(request, timeout)).await
     }
 
     async fn request_stream(

@@ -260,7 +260,10 @@ impl QueryConnection for NatsQueries {
         request: Event,
         timeout: Duration,
     ) -> Result<Event, RequestError> {
-        request::request(&self.inner, request, timeout).await
+        crate::query::traced_request(request, |request| {
+            request::request(&self.inner, request, timeout)
+        })
+        .await
     }
 
     async fn request_stream(
