@@ -1065,6 +1065,74 @@ async fn events_arriving_during_a_stop_are_redelivered_at_once_to_the_next_liste
     stop(&last, Duration::from_secs(5)).await;
 }
 
+/// `cemsg listen --count`'s way of stopping: one worker, events beyond a count held in the
+/// handler, so the stop abandons one (nak at the end of the grace period) and hands back the
+/// one queued. Those naks must not be filled into a pull request whose subscription is gone
+/// (they would come back only after the ack wait): the next listener gets them at once.
+#[tokio::test]
+async fn events_handed_back_by_a_stop_with_busy_handlers_come_back_at_once() {
+    let (_server, _config, events) = ready("countstop").await;
+    // Longer than the whole test: an event lost at a stop would come back only after it.
+    let ack_wait = Duration::from_secs(120);
+    let options = EventListenOptions {
+        durable_name: Some("countstop".into()),
+        workers: 1,
+        buffer: 1,
+        grace: Duration::from_millis(300),
+        ack_wait: Some(ack_wait),
+        // Every stop naks what it holds, which counts as a delivery: not the point here.
+        max_deliver: Some(1000),
+        ..Default::default()
+    };
+    let seen = Seen::default();
+    let mut published = HashSet::new();
+    let began = Instant::now();
+    for cycle in 0..8u64 {
+        let batch: Vec<Event> = (0..3)
+            .map(|i| new_event_auto_source(TYPE_A, &(cycle * 10 + i)).unwrap())
+            .collect();
+        published.extend(batch.iter().map(|e| e.id().to_owned()));
+        for ack in events.publish_all(batch).await {
+            ack.unwrap();
+        }
+        // Handles two events, then holds the next ones until the stop abandons them.
+        let handled = Arc::new(AtomicUsize::new(0));
+        let handlers = EventHandlers::new().on(TYPE_A, {
+            let (seen, handled) = (seen.clone(), handled.clone());
+            event_handler_fn(move |event, _| {
+                let (seen, handled) = (seen.clone(), handled.clone());
+                async move {
+                    if handled.load(Ordering::SeqCst) >= 2 {
+                        std::future::pending::<()>().await;
+                    }
+                    seen.record(&event);
+                    handled.fetch_add(1, Ordering::SeqCst);
+                    Ok(())
+                }
+            })
+        });
+        let listener = listen(&events, handlers, options.clone()).await;
+        support::eventually(WAIT, || async { handled.load(Ordering::SeqCst) >= 2 }).await;
+        stop(&listener, options.grace).await;
+    }
+    let last = listen(&events, seen.handlers(&[TYPE_A]), options).await;
+    let all_seen = tokio::time::timeout(Duration::from_secs(15), async {
+        while seen.ids() != published {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(
+        all_seen.is_ok(),
+        "{} of {} events handled after {:?}",
+        seen.ids().intersection(&published).count(),
+        published.len(),
+        began.elapsed()
+    );
+    assert!(began.elapsed() < ack_wait, "took {:?}", began.elapsed());
+    stop(&last, Duration::from_secs(5)).await;
+}
+
 /// The durable consumer is deleted under a running listener: the listener recreates it with
 /// the same configuration and goes on handling events.
 #[tokio::test]

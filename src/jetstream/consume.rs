@@ -14,7 +14,8 @@
 //! still open at the server has ended (its 408, a full batch, or its expiry plus a margin):
 //! the server may fill it after the stop, and what it sends then must not fall on a closed
 //! subscription (it would come back only after the ack wait). Every message that was not
-//! started is nak'ed, so it is redelivered at once. Pull requests are kept short
+//! started is nak'ed, so it is redelivered at once; so is one still queued for a worker when
+//! the grace period ran out (dropped unsettled: its acker naks it). Pull requests are kept short
 //! ([`PULL_EXPIRES`]) so that this wait is short too. When the connection closes for good, the
 //! listener ends and reports.
 //!
@@ -31,6 +32,7 @@
 //! still de-duplicated, other durables' dead letters are not, and the original id is the part
 //! before the last `.dlq.` ([`original_msg_id`]).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -491,7 +493,11 @@ impl Intake {
             payload: message.payload,
             stream_sequence,
             delivered,
-            acker: Box::new(JetStreamAcker(acker)),
+            acker: Box::new(JetStreamAcker {
+                acker: Some(acker),
+                settled: AtomicBool::new(false),
+                work: self.work.clone(),
+            }),
         })
     }
 
@@ -547,24 +553,61 @@ enum Note {
     End(StatusCode),
 }
 
-struct JetStreamAcker(JsAcker);
+/// Settles one message. One dropped unsettled (e.g. still queued for a worker when a stop's
+/// grace period ran out) is nak'ed, so it is redelivered at once instead of after the ack
+/// wait; unless the listener "crashed", where nothing is settled, as in a dead process.
+struct JetStreamAcker {
+    /// `Some` until dropped.
+    acker: Option<JsAcker>,
+    settled: AtomicBool,
+    work: WorkContext,
+}
+
+impl JetStreamAcker {
+    async fn send(&self, kind: AckKind, settles: bool) -> Result<(), BoxError> {
+        if settles {
+            self.settled.store(true, Ordering::SeqCst);
+        }
+        match &self.acker {
+            Some(acker) => acker.ack_with(kind).await,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for JetStreamAcker {
+    fn drop(&mut self) {
+        if self.settled.load(Ordering::SeqCst) || self.work.crashed() {
+            return;
+        }
+        let (Some(acker), Ok(runtime)) = (self.acker.take(), tokio::runtime::Handle::try_current())
+        else {
+            return;
+        };
+        runtime.spawn(async move {
+            if let Err(err) = acker.ack_with(AckKind::Nak(None)).await {
+                tracing::warn!(error = %err, "nak of an unprocessed event failed; redelivered after the ack wait");
+            }
+        });
+    }
+}
 
 #[async_trait]
 impl Acker for JetStreamAcker {
     async fn ack(&self) -> Result<(), BoxError> {
-        self.0.ack().await
+        self.send(AckKind::Ack, true).await
     }
 
     async fn nak(&self, delay: Option<Duration>) -> Result<(), BoxError> {
-        self.0.ack_with(AckKind::Nak(delay)).await
+        self.send(AckKind::Nak(delay), true).await
     }
 
     async fn in_progress(&self) -> Result<(), BoxError> {
-        self.0.ack_with(AckKind::Progress).await
+        self.send(AckKind::Progress, false).await
     }
 
     async fn term(&self) -> Result<(), BoxError> {
-        self.0.ack_with(AckKind::Term).await
+        self.send(AckKind::Term, true).await
     }
 }
 
