@@ -984,6 +984,208 @@ async fn a_graceful_stop_finishes_what_it_can_and_naks_the_rest_for_prompt_redel
     );
 }
 
+/// A stop that races with events arriving: the pull request still open at the server may be
+/// filled after the stop began. Whatever it brings must be nak'ed, not lost on a closed
+/// subscription, so the next listener gets every event at once, long before the ack wait.
+/// Many short cycles, so that the race is hit.
+#[tokio::test]
+async fn events_arriving_during_a_stop_are_redelivered_at_once_to_the_next_listener() {
+    let (_server, _config, events) = ready("stoprace").await;
+    // Longer than the whole test: an event lost at a stop would come back only after it.
+    let ack_wait = Duration::from_secs(120);
+    let options = EventListenOptions {
+        durable_name: Some("stoprace".into()),
+        workers: 2,
+        buffer: 4,
+        ack_wait: Some(ack_wait),
+        // Every stop naks what it holds, which counts as a delivery: not the point here.
+        max_deliver: Some(1000),
+        ..Default::default()
+    };
+    let seen = Seen::default();
+    let mut published = HashSet::new();
+    let began = Instant::now();
+    for cycle in 0..8u64 {
+        let listener = listen(&events, seen.handlers(&[TYPE_A]), options.clone()).await;
+        // Everything so far comes at once, including what the last stop handed back.
+        let all_seen = tokio::time::timeout(Duration::from_secs(10), async {
+            while seen.ids() != published {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        assert!(
+            all_seen.is_ok(),
+            "cycle {cycle}: {} of {} events handled",
+            seen.ids().intersection(&published).count(),
+            published.len()
+        );
+        // One more while it runs (its next pull request is then open at the server), then
+        // a few racing with the stop and right after it, while that request may still be
+        // open.
+        let event = new_event_auto_source(TYPE_A, &(cycle * 10)).unwrap();
+        published.insert(event.id().to_owned());
+        publish_ok(&events, event.clone()).await;
+        support::eventually(WAIT, || async { seen.ids().contains(event.id()) }).await;
+        let batch: Vec<Event> = (1..3)
+            .map(|i| new_event_auto_source(TYPE_A, &(cycle * 10 + i)).unwrap())
+            .collect();
+        published.extend(batch.iter().map(|e| e.id().to_owned()));
+        let (acks, _) = tokio::join!(
+            events.publish_all(batch),
+            stop(&listener, Duration::from_secs(5))
+        );
+        for ack in acks {
+            ack.unwrap();
+        }
+        let after = new_event_auto_source(TYPE_A, &(cycle * 10 + 5)).unwrap();
+        published.insert(after.id().to_owned());
+        publish_ok(&events, after).await;
+    }
+    let last = listen(&events, seen.handlers(&[TYPE_A]), options).await;
+    let all_seen = tokio::time::timeout(Duration::from_secs(15), async {
+        while seen.ids() != published {
+            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(
+        all_seen.is_ok(),
+        "{} of {} events handled after {:?}",
+        seen.ids().intersection(&published).count(),
+        published.len(),
+        began.elapsed()
+    );
+    assert!(
+        began.elapsed() < ack_wait,
+        "all events handled only after {:?} (some waited for the ack wait)",
+        began.elapsed()
+    );
+    stop(&last, Duration::from_secs(5)).await;
+}
+
+/// `cemsg listen --count`'s way of stopping: one worker, events beyond a count held in the
+/// handler, so the stop abandons one (nak at the end of the grace period) and hands back the
+/// one queued. Those naks must not be filled into a pull request whose subscription is gone
+/// (they would come back only after the ack wait): the next listener gets them at once.
+#[tokio::test]
+async fn events_handed_back_by_a_stop_with_busy_handlers_come_back_at_once() {
+    let (_server, _config, events) = ready("countstop").await;
+    // Longer than the whole test: an event lost at a stop would come back only after it.
+    let ack_wait = Duration::from_secs(120);
+    let options = EventListenOptions {
+        durable_name: Some("countstop".into()),
+        workers: 1,
+        buffer: 1,
+        grace: Duration::from_millis(300),
+        ack_wait: Some(ack_wait),
+        // Every stop naks what it holds, which counts as a delivery: not the point here.
+        max_deliver: Some(1000),
+        ..Default::default()
+    };
+    let seen = Seen::default();
+    let mut published = HashSet::new();
+    let began = Instant::now();
+    for cycle in 0..8u64 {
+        let batch: Vec<Event> = (0..3)
+            .map(|i| new_event_auto_source(TYPE_A, &(cycle * 10 + i)).unwrap())
+            .collect();
+        published.extend(batch.iter().map(|e| e.id().to_owned()));
+        for ack in events.publish_all(batch).await {
+            ack.unwrap();
+        }
+        // Handles two events, then holds the next ones until the stop abandons them.
+        let handled = Arc::new(AtomicUsize::new(0));
+        let handlers = EventHandlers::new().on(TYPE_A, {
+            let (seen, handled) = (seen.clone(), handled.clone());
+            event_handler_fn(move |event, _| {
+                let (seen, handled) = (seen.clone(), handled.clone());
+                async move {
+                    if handled.load(Ordering::SeqCst) >= 2 {
+                        std::future::pending::<()>().await;
+                    }
+                    seen.record(&event);
+                    handled.fetch_add(1, Ordering::SeqCst);
+                    Ok(())
+                }
+            })
+        });
+        let listener = listen(&events, handlers, options.clone()).await;
+        support::eventually(WAIT, || async { handled.load(Ordering::SeqCst) >= 2 }).await;
+        stop(&listener, options.grace).await;
+    }
+    let last = listen(&events, seen.handlers(&[TYPE_A]), options).await;
+    let all_seen = tokio::time::timeout(Duration::from_secs(15), async {
+        while seen.ids() != published {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(
+        all_seen.is_ok(),
+        "{} of {} events handled after {:?}",
+        seen.ids().intersection(&published).count(),
+        published.len(),
+        began.elapsed()
+    );
+    assert!(began.elapsed() < ack_wait, "took {:?}", began.elapsed());
+    stop(&last, Duration::from_secs(5)).await;
+}
+
+/// The durable consumer is deleted under a running listener: the listener recreates it with
+/// the same configuration and goes on handling events.
+#[tokio::test]
+async fn a_deleted_consumer_is_recreated_and_the_listener_goes_on() {
+    let (_server, config, events) = ready("recreate").await;
+    let seen = Seen::default();
+    let options = EventListenOptions {
+        durable_name: Some("recreate".into()),
+        workers: 3,
+        buffer: 5,
+        ack_wait: Some(Duration::from_secs(7)),
+        ..Default::default()
+    };
+    let listener = listen(&events, seen.handlers(&[TYPE_A]), options).await;
+    let before = new_event_auto_source(TYPE_A, &"before").unwrap();
+    publish_ok(&events, before.clone()).await;
+    support::eventually(WAIT, || async { seen.ids().contains(before.id()) }).await;
+
+    let js = raw_js(&_server).await;
+    let stream = js.get_stream(&config.js_stream).await.expect("get stream");
+    let original = stream
+        .get_consumer::<jetstream::consumer::pull::Config>("recreate")
+        .await
+        .expect("consumer")
+        .cached_info()
+        .config
+        .clone();
+    stream
+        .delete_consumer("recreate")
+        .await
+        .expect("delete consumer");
+
+    let after = new_event_auto_source(TYPE_A, &"after").unwrap();
+    publish_ok(&events, after.clone()).await;
+    support::eventually(WAIT, || async { seen.ids().contains(after.id()) }).await;
+    assert!(!listener.is_stopped());
+    let recreated = stream
+        .get_consumer::<jetstream::consumer::pull::Config>("recreate")
+        .await
+        .expect("consumer recreated")
+        .cached_info()
+        .config
+        .clone();
+    assert_eq!(recreated.ack_wait, original.ack_wait);
+    assert_eq!(recreated.max_ack_pending, original.max_ack_pending);
+    assert_eq!(recreated.max_deliver, original.max_deliver);
+    assert_eq!(recreated.filter_subject, original.filter_subject);
+    stop(&listener, Duration::from_secs(5)).await;
+    // The new consumer starts from the beginning of the stream: "before" comes again, once.
+    assert_eq!(seen.distinct(), 2);
+    assert!(seen.calls() <= 3, "{} calls", seen.calls());
+}
+
 /// The server restarts under a running listener: its pull request is gone with the old
 /// process, the listener asks again and goes on handling new events.
 #[tokio::test]

@@ -881,8 +881,9 @@ async fn deliver(
     let handling =
         telemetry::in_context(trace, call_handler(entry.handler.handle(event, responses))).fuse();
     futures::pin_mut!(handling);
-    // Tell the server we are still working well before the ack wait runs out.
-    let tick = (ctx.ack_wait / 2).max(Duration::from_millis(20));
+    // Tell the server we are still working well before the ack wait runs out (a third of it,
+    // so a late tick on a loaded machine still comes in time).
+    let tick = (ctx.ack_wait / 3).max(Duration::from_millis(20));
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + tick, tick);
     let result = loop {
         tokio::select! {

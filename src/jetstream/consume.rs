@@ -10,10 +10,18 @@
 //! Intake: one subscription on a private inbox for the listener's life; pull requests of at
 //! most `buffer` messages that expire after [`PULL_EXPIRES`], with idle heartbeats so a request
 //! lost with its server (restart, failover) is noticed within [`PULL_HEARTBEAT`] × 3 and made
-//! again. On stop no new request is made;
-//! the subscription is drained (what the server already sent still arrives) and every
-//! message that was not started is nak'ed, so it is redelivered at once, not after the ack
-//! wait. When the connection closes for good, the listener ends and reports.
+//! again. On stop no new request is made, but the subscription stays open until the request
+//! still open at the server has ended (its 408, a full batch, or its expiry plus a margin):
+//! the server may fill it after the stop, and what it sends then must not fall on a closed
+//! subscription (it would come back only after the ack wait). Every message that was not
+//! started is nak'ed, so it is redelivered at once; so is one still queued for a worker when
+//! the grace period ran out (dropped unsettled: its acker naks it). Pull requests are kept short
+//! ([`PULL_EXPIRES`]) so that this wait is short too. When the connection closes for good, the
+//! listener ends and reports.
+//!
+//! A consumer deleted under a running listener (409 on the pull request, or requests that go
+//! unanswered) is recreated with the same configuration, as users of a durable listener
+//! expect.
 //!
 //! Dead letters keep the original headers and payload and add the `Dead-Letter-*` headers,
 //! with one exception: `Nats-Msg-Id` is a directive to the server that stores the message,
@@ -24,11 +32,13 @@
 //! still de-duplicated, other durables' dead letters are not, and the original id is the part
 //! before the last `.dlq.` ([`original_msg_id`]).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::pull::{BatchConfig, Config as PullConfig};
 use async_nats::jetstream::consumer::{AckPolicy, Consumer, DeliverPolicy};
+use async_nats::jetstream::context::ConsumerInfoErrorKind;
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::message::{AckKind, Acker as JsAcker};
 use async_nats::jetstream::Context;
@@ -51,13 +61,14 @@ use crate::worker::{Submitter, WorkContext, WorkerPool};
 use super::streams::STREAM_NOT_FOUND_CODE;
 use super::{client_closed, JetStreamEvents};
 
-/// How long one pull request waits on the server for messages.
-pub(crate) const PULL_EXPIRES: Duration = Duration::from_secs(5);
+/// How long one pull request waits on the server for messages. Short, because a stopping
+/// listener waits for its open request to end.
+pub(crate) const PULL_EXPIRES: Duration = Duration::from_secs(2);
 /// Extra time given to a pull request's end (408) to arrive before a new request is made.
-const PULL_MARGIN: Duration = Duration::from_secs(2);
+const PULL_MARGIN: Duration = Duration::from_secs(1);
 /// The server sends an idle heartbeat this often while a pull request waits; three missed
 /// ones mean the request is gone.
-pub(crate) const PULL_HEARTBEAT: Duration = Duration::from_secs(1);
+pub(crate) const PULL_HEARTBEAT: Duration = Duration::from_millis(500);
 /// Pause after a failed pull request before the next one.
 const PULL_RETRY_PAUSE: Duration = Duration::from_millis(250);
 /// How long a stop waits for the drained subscription and for acks to be flushed.
@@ -169,16 +180,15 @@ pub(crate) async fn listen(
         max_ack_pending,
         ..Default::default()
     };
-    let consumer: Consumer<PullConfig> =
-        stream
-            .create_consumer(consumer_config)
-            .await
-            .map_err(|err| {
-                Error::with_source(ListenErrorKind::Consumer, err).detail(format!(
-                    "durable consumer {durable} on {}",
-                    config.js_stream
-                ))
-            })?;
+    let consumer: Consumer<PullConfig> = stream
+        .create_consumer(consumer_config.clone())
+        .await
+        .map_err(|err| {
+            Error::with_source(ListenErrorKind::Consumer, err).detail(format!(
+                "durable consumer {durable} on {}",
+                config.js_stream
+            ))
+        })?;
 
     let inbox = inner.client.new_inbox();
     let subscriber = inner
@@ -210,6 +220,10 @@ pub(crate) async fn listen(
     let token = CancellationToken::new();
     let intake = Intake {
         consumer,
+        stream,
+        consumer_config,
+        open: None,
+        held: Vec::new(),
         subscriber,
         inbox,
         batch: options.buffer.clamp(1, max_ack_pending as usize),
@@ -244,6 +258,14 @@ pub(crate) async fn listen(
 
 struct Intake {
     consumer: Consumer<PullConfig>,
+    /// The stream and configuration the consumer was made from, to recreate it when deleted.
+    stream: async_nats::jetstream::stream::Stream,
+    consumer_config: PullConfig,
+    /// The pull request the server may still be filling.
+    open: Option<OpenPull>,
+    /// Deliveries received after the stop began, nak'ed once the open request has ended (a
+    /// nak before would bring the event straight back into that request).
+    held: Vec<Delivery>,
     subscriber: async_nats::Subscriber,
     inbox: String,
     batch: usize,
@@ -255,10 +277,24 @@ struct Intake {
     durable: String,
 }
 
+/// A pull request sent and not yet ended.
+struct OpenPull {
+    reply: String,
+    /// Messages the server may still send for it.
+    remaining: usize,
+    /// When the server ends it at the latest (plus a margin for the 408 to arrive).
+    deadline: Instant,
+}
+
 /// How reading one pull request ended.
 enum PullEnd {
     /// Ask again.
     Next,
+    /// The request went unanswered (no message, heartbeat or end in time): ask again, after
+    /// checking that the consumer still exists.
+    Lost,
+    /// The server ended the request with an unexpected status (e.g. 409 consumer deleted).
+    Ended,
     /// The listener is stopping.
     Stopping,
     /// The connection is closed for good.
@@ -280,6 +316,7 @@ impl Intake {
                 idle_heartbeat: PULL_HEARTBEAT,
                 ..Default::default()
             };
+            let sent = Instant::now();
             if let Err(err) = self
                 .consumer
                 .request_batch(pull, Subject::from(reply.as_str()))
@@ -294,8 +331,18 @@ impl Intake {
                 }
                 continue;
             }
-            match self.read_pull(&reply).await {
-                PullEnd::Next => continue,
+            self.open = Some(OpenPull {
+                reply,
+                remaining: self.batch,
+                deadline: sent + PULL_EXPIRES + PULL_MARGIN,
+            });
+            match self.read_pull().await {
+                PullEnd::Next => {}
+                PullEnd::Lost | PullEnd::Ended => {
+                    if self.recreate_if_deleted().await {
+                        break PullEnd::Stopping;
+                    }
+                }
                 end => break end,
             }
         };
@@ -304,7 +351,7 @@ impl Intake {
                 tracing::warn!(durable = %self.durable, "connection closed; event listener ends");
                 self.listener_token.cancel();
             }
-            PullEnd::Stopping | PullEnd::Next => self.hand_back_rest().await,
+            _ => self.hand_back_rest().await,
         }
     }
 
@@ -316,11 +363,46 @@ impl Intake {
         }
     }
 
-    /// Reads the messages of one pull request until it is complete or ends.
-    async fn read_pull(&mut self, reply: &str) -> PullEnd {
-        let deadline = Instant::now() + PULL_EXPIRES + PULL_MARGIN;
-        let mut received = 0;
-        while received < self.batch {
+    /// After a request ended badly: recreates the consumer (same configuration) when it no
+    /// longer exists, else pauses before the next request. True when the listener began to
+    /// stop meanwhile.
+    async fn recreate_if_deleted(&mut self) -> bool {
+        let lookup = tokio::select! {
+            _ = self.work.stopping.cancelled() => return true,
+            lookup = self.consumer.get_info() => lookup,
+        };
+        match lookup {
+            Ok(_) => {}
+            Err(err) if err.kind() == ConsumerInfoErrorKind::NotFound => {
+                let created = tokio::select! {
+                    _ = self.work.stopping.cancelled() => return true,
+                    created = self.stream.create_consumer(self.consumer_config.clone()) => created,
+                };
+                match created {
+                    Ok(consumer) => {
+                        tracing::warn!(durable = %self.durable, "durable consumer was deleted; recreated it with the same configuration");
+                        self.consumer = consumer;
+                        return false;
+                    }
+                    Err(err) => {
+                        tracing::warn!(durable = %self.durable, error = %err, "durable consumer was deleted and could not be recreated; retrying");
+                    }
+                }
+            }
+            Err(err) => {
+                tracing::debug!(durable = %self.durable, error = %err, "consumer info failed");
+            }
+        }
+        self.pause(PULL_RETRY_PAUSE).await
+    }
+
+    /// Reads the messages of the open pull request until it is complete or ends.
+    async fn read_pull(&mut self) -> PullEnd {
+        loop {
+            let Some(open) = &self.open else {
+                return PullEnd::Next;
+            };
+            let deadline = open.deadline;
             let next = tokio::select! {
                 biased;
                 _ = self.work.stopping.cancelled() => return PullEnd::Stopping,
@@ -331,38 +413,65 @@ impl Intake {
             };
             let message = match next {
                 // No message, heartbeat or end of the request in time: it got lost (e.g. the
-                // server restarted). Ask again.
-                Err(_) => return PullEnd::Next,
+                // server restarted, or the consumer is gone). Ask again.
+                Err(_) => {
+                    self.open = None;
+                    return PullEnd::Lost;
+                }
                 Ok(None) => return PullEnd::Closed,
                 Ok(Some(message)) => message,
             };
-            match message.status {
-                None | Some(StatusCode::OK) => {
-                    received += 1;
+            match self.note(&message) {
+                Some(Note::Data) => {
                     if let Some(delivery) = self.delivery(message) {
                         if let Err(delivery) = self.submitter.submit(delivery).await {
-                            self.hand_back(delivery).await;
+                            self.held.push(delivery);
                             return PullEnd::Stopping;
                         }
                     }
                 }
-                Some(StatusCode::IDLE_HEARTBEAT) => {}
-                Some(status) => {
+                Some(Note::End(status)) => {
                     // 408 expired, 404 nothing, 409 terminated (consumer deleted, leader
-                    // change, ...). Statuses of older requests are ignored.
-                    if message.subject.as_str() == reply {
-                        if status != StatusCode::TIMEOUT && status != StatusCode::NOT_FOUND {
-                            tracing::warn!(durable = %self.durable, %status, description = ?message.description, "pull request ended");
-                            if self.pause(PULL_RETRY_PAUSE).await {
-                                return PullEnd::Stopping;
-                            }
-                        }
+                    // change, ...).
+                    if status == StatusCode::TIMEOUT || status == StatusCode::NOT_FOUND {
                         return PullEnd::Next;
                     }
+                    tracing::warn!(durable = %self.durable, %status, description = ?message.description, "pull request ended");
+                    return PullEnd::Ended;
+                }
+                None => {}
+            }
+        }
+    }
+
+    /// Classifies a message read from the subscription and keeps the open request's account:
+    /// data counts against it, and its end status (or a full batch) closes it. Heartbeats and
+    /// the statuses of older requests are `None`.
+    fn note(&mut self, message: &async_nats::Message) -> Option<Note> {
+        match message.status {
+            None | Some(StatusCode::OK) => {
+                if let Some(open) = &mut self.open {
+                    open.remaining = open.remaining.saturating_sub(1);
+                    if open.remaining == 0 {
+                        self.open = None;
+                    }
+                }
+                Some(Note::Data)
+            }
+            Some(StatusCode::IDLE_HEARTBEAT) => None,
+            Some(status) => {
+                if self
+                    .open
+                    .as_ref()
+                    .is_some_and(|open| message.subject.as_str() == open.reply)
+                {
+                    self.open = None;
+                    Some(Note::End(status))
+                } else {
+                    None
                 }
             }
         }
-        PullEnd::Next
     }
 
     fn delivery(&self, message: async_nats::Message) -> Option<Delivery> {
@@ -384,34 +493,50 @@ impl Intake {
             payload: message.payload,
             stream_sequence,
             delivered,
-            acker: Box::new(JetStreamAcker(acker)),
+            acker: Box::new(JetStreamAcker {
+                acker: Some(acker),
+                settled: AtomicBool::new(false),
+                work: self.work.clone(),
+            }),
         })
     }
 
-    /// Naks a delivery that was not started (unless the listener "crashed").
-    async fn hand_back(&self, delivery: Delivery) {
-        if self.work.crashed() {
-            return;
-        }
-        if let Err(err) = delivery.acker.nak(None).await {
-            tracing::warn!(error = %err, "nak on stop failed; redelivered after the ack wait");
+    /// Holds an event read after the stop began, to be nak'ed at the end.
+    fn hold(&mut self, message: async_nats::Message) {
+        if matches!(self.note(&message), Some(Note::Data)) {
+            if let Some(delivery) = self.delivery(message) {
+                self.held.push(delivery);
+            }
         }
     }
 
-    /// Stops pulling: drains the subscription and naks whatever the server already sent.
+    /// Stops pulling: keeps reading until the open pull request has ended, holding whatever
+    /// the server sent, unsubscribes, then naks everything held (unless the listener
+    /// "crashed": a dead process settles nothing), so it is redelivered at once.
     async fn hand_back_rest(mut self) {
-        if let Err(err) = self.subscriber.drain().await {
-            tracing::debug!(error = %err, "drain of the pull subscription failed");
+        let crashed = self.work.crashed();
+        if !crashed {
+            while let Some(deadline) = self.open.as_ref().map(|open| open.deadline) {
+                match tokio::time::timeout_at(deadline, self.subscriber.next()).await {
+                    Ok(Some(message)) => self.hold(message),
+                    Ok(None) | Err(_) => break,
+                }
+            }
+        }
+        if let Err(err) = self.subscriber.unsubscribe().await {
+            tracing::debug!(error = %err, "unsubscribe of the pull subscription failed");
         }
         let deadline = Instant::now() + STOP_FLUSH_TIMEOUT;
-        let mut handed_back = 0u64;
         while let Ok(Some(message)) =
             tokio::time::timeout_at(deadline, self.subscriber.next()).await
         {
-            if matches!(message.status, None | Some(StatusCode::OK)) {
-                if let Some(delivery) = self.delivery(message) {
-                    self.hand_back(delivery).await;
-                    handed_back += 1;
+            self.hold(message);
+        }
+        let handed_back = self.held.len();
+        if !crashed {
+            for delivery in std::mem::take(&mut self.held) {
+                if let Err(err) = delivery.acker.nak(None).await {
+                    tracing::warn!(error = %err, "nak on stop failed; redelivered after the ack wait");
                 }
             }
         }
@@ -420,24 +545,69 @@ impl Intake {
     }
 }
 
-struct JetStreamAcker(JsAcker);
+/// What a message read from the pull subscription is.
+enum Note {
+    /// An event.
+    Data,
+    /// The end of the open pull request, with its status.
+    End(StatusCode),
+}
+
+/// Settles one message. One dropped unsettled (e.g. still queued for a worker when a stop's
+/// grace period ran out) is nak'ed, so it is redelivered at once instead of after the ack
+/// wait; unless the listener "crashed", where nothing is settled, as in a dead process.
+struct JetStreamAcker {
+    /// `Some` until dropped.
+    acker: Option<JsAcker>,
+    settled: AtomicBool,
+    work: WorkContext,
+}
+
+impl JetStreamAcker {
+    async fn send(&self, kind: AckKind, settles: bool) -> Result<(), BoxError> {
+        if settles {
+            self.settled.store(true, Ordering::SeqCst);
+        }
+        match &self.acker {
+            Some(acker) => acker.ack_with(kind).await,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for JetStreamAcker {
+    fn drop(&mut self) {
+        if self.settled.load(Ordering::SeqCst) || self.work.crashed() {
+            return;
+        }
+        let (Some(acker), Ok(runtime)) = (self.acker.take(), tokio::runtime::Handle::try_current())
+        else {
+            return;
+        };
+        runtime.spawn(async move {
+            if let Err(err) = acker.ack_with(AckKind::Nak(None)).await {
+                tracing::warn!(error = %err, "nak of an unprocessed event failed; redelivered after the ack wait");
+            }
+        });
+    }
+}
 
 #[async_trait]
 impl Acker for JetStreamAcker {
     async fn ack(&self) -> Result<(), BoxError> {
-        self.0.ack().await
+        self.send(AckKind::Ack, true).await
     }
 
     async fn nak(&self, delay: Option<Duration>) -> Result<(), BoxError> {
-        self.0.ack_with(AckKind::Nak(delay)).await
+        self.send(AckKind::Nak(delay), true).await
     }
 
     async fn in_progress(&self) -> Result<(), BoxError> {
-        self.0.ack_with(AckKind::Progress).await
+        self.send(AckKind::Progress, false).await
     }
 
     async fn term(&self) -> Result<(), BoxError> {
-        self.0.ack_with(AckKind::Term).await
+        self.send(AckKind::Term, true).await
     }
 }
 
