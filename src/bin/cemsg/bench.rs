@@ -1179,3 +1179,64 @@ fn server_binary() -> PathBuf {
     }
     PathBuf::from("nats-server")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(library: f64, raw: f64, lower_is_better: bool, target: Option<Target>) -> Row {
+        Row {
+            scenario: 1,
+            name: "query sequential latency p50".into(),
+            library,
+            raw,
+            unit: "us",
+            lower_is_better,
+            target,
+        }
+    }
+
+    #[test]
+    fn json_rows_carry_both_figures_units_and_the_ratio() {
+        let json = row(110.0, 100.0, true, Some(Target::RatioAtMost(1.1))).to_json();
+        assert_eq!(json["library"], 110.0);
+        assert_eq!(json["raw"], 100.0);
+        assert_eq!(json["unit"], "us");
+        assert_eq!(json["ratio"], 1.1);
+        assert_eq!(json["better"], "lower");
+        assert_eq!(json["met"], true);
+        let missed = row(120.0, 100.0, true, Some(Target::RatioAtMost(1.1))).to_json();
+        assert_eq!(missed["met"], false);
+    }
+
+    #[test]
+    fn a_raw_figure_of_zero_gives_a_null_ratio_not_infinity() {
+        let json = row(1.0, 0.0, false, None).to_json();
+        assert!(json["ratio"].is_null());
+        assert!(json["met"].is_null());
+    }
+
+    #[test]
+    fn targets_compare_the_right_figure() {
+        let throughput = row(95.0, 100.0, false, None);
+        assert!(Target::RatioAtLeast(0.9).met(&throughput));
+        assert!(!Target::RatioAtLeast(0.96).met(&throughput));
+        assert!(Target::LibraryBelow(96.0).met(&throughput));
+        assert!(!Target::LibraryAtLeast(96.0).met(&throughput));
+    }
+
+    #[test]
+    fn percentiles_and_medians_of_small_samples() {
+        let sorted: Vec<Duration> = (1..=100).map(Duration::from_micros).collect();
+        assert_eq!(percentile(&sorted, 0.5), Duration::from_micros(51));
+        assert_eq!(percentile(&sorted, 0.99), Duration::from_micros(99));
+        assert_eq!(percentile(&[], 0.5), Duration::ZERO);
+        assert_eq!(median_f64(vec![3.0, 1.0, 2.0]), 2.0);
+    }
+
+    #[test]
+    fn peak_rss_of_this_process_is_read_from_proc() {
+        let mb = peak_rss_mb(std::process::id()).expect("VmHWM on Linux");
+        assert!(mb > 0.5 && mb < 4096.0, "{mb}");
+    }
+}

@@ -257,6 +257,13 @@ mod tests {
     }
 
     #[test]
+    fn bench_takes_a_list_of_known_scenarios() {
+        assert!(Cli::try_parse_from(["cemsg", "bench", "--json", "--scenarios", "1,7"]).is_ok());
+        let err = Cli::try_parse_from(["cemsg", "bench", "--scenarios", "8"]).unwrap_err();
+        assert_ne!(err.exit_code(), 0);
+    }
+
+    #[test]
     fn data_must_be_json() {
         assert!(parse_data(Some("{\"a\":1}")).unwrap().is_some());
         assert!(parse_data(None).unwrap().is_none());
