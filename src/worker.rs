@@ -320,7 +320,7 @@ mod tests {
         let pool = WorkerPool::start(8, 4, move |i: usize, _ctx| {
             let s = s.clone();
             async move {
-                if i % 7 == 0 {
+                if i.is_multiple_of(7) {
                     tokio::task::yield_now().await;
                 }
                 s.lock().unwrap()[i] += 1;
