@@ -290,7 +290,7 @@ fn print_table(rows: &[Row], args: &BenchArgs, elapsed: Duration) -> Result<(), 
     ))
 }
 
-/// "N cores, <model>" from /proc, best effort.
+/// `N cores, CPU model` from /proc, best effort.
 fn machine() -> String {
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
