@@ -777,7 +777,7 @@ fn request_outcome(kind: RequestErrorKind) -> &'static str {
 pub(crate) fn content_mode_of(headers: Option<&HeaderMap>) -> ContentMode {
     let binary = headers.is_some_and(|h| {
         h.iter()
-            .any(|(name, _)| name.to_string().eq_ignore_ascii_case("ce-specversion"))
+            .any(|(name, _)| AsRef::<str>::as_ref(name).eq_ignore_ascii_case("ce-specversion"))
     });
     if binary {
         ContentMode::Binary

@@ -3,6 +3,9 @@
 //! within a grace period, then abort what is left and wait for it to be cleaned up).
 //!
 //! Workers are long-lived tasks pulling from one bounded channel: no task is spawned per message.
+//! The hand-off costs one wake-up per item: a sender wakes one idle worker (`Notify`), which
+//! takes the next item with `try_recv` under a short synchronous lock (an async mutex around
+//! the receiver would wake the next waiting worker for every item as well).
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -10,7 +13,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
-use tokio::sync::{mpsc, Mutex};
+use tokio::sync::mpsc::error::TryRecvError;
+use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -51,9 +55,59 @@ struct Counters {
     requeued: AtomicU64,
 }
 
+/// The sending side of the pool's queue: sends wake one idle worker; dropping the last one lets
+/// the workers see the end of the queue.
+struct Tx<M> {
+    /// Always `Some` until dropped (taken in `Drop` so the channel sees the sender gone before
+    /// the workers are woken to look).
+    tx: Option<mpsc::Sender<M>>,
+    available: Arc<Notify>,
+}
+
+impl<M> Clone for Tx<M> {
+    fn clone(&self) -> Self {
+        Tx {
+            tx: self.tx.clone(),
+            available: self.available.clone(),
+        }
+    }
+}
+
+impl<M> Drop for Tx<M> {
+    fn drop(&mut self) {
+        drop(self.tx.take());
+        // Idle workers re-check the queue; once every sender is gone they see it closed.
+        self.available.notify_waiters();
+    }
+}
+
+impl<M> Tx<M> {
+    /// Queues an item, waiting for room; gives it back when the pool is stopping or closed.
+    async fn send(&self, item: M, stopping: &CancellationToken) -> Result<(), M> {
+        if stopping.is_cancelled() {
+            return Err(item);
+        }
+        let Some(tx) = self.tx.as_ref() else {
+            return Err(item);
+        };
+        tokio::select! {
+            biased;
+            _ = stopping.cancelled() => Err(item),
+            permit = tx.reserve() => match permit {
+                Ok(permit) => {
+                    permit.send(item);
+                    self.available.notify_one();
+                    Ok(())
+                }
+                Err(_) => Err(item),
+            },
+        }
+    }
+}
+
 /// A bounded pool of workers processing items of type `M`.
 pub(crate) struct WorkerPool<M> {
-    tx: mpsc::Sender<M>,
+    tx: Tx<M>,
     ctx: WorkContext,
     tracker: TaskTracker,
     counters: Arc<Counters>,
@@ -69,7 +123,12 @@ impl<M: Send + 'static> WorkerPool<M> {
     {
         let workers = workers.max(1);
         let (tx, rx) = mpsc::channel::<M>(buffer.max(1));
-        let rx = Arc::new(Mutex::new(rx));
+        let rx = Arc::new(std::sync::Mutex::new(rx));
+        let available = Arc::new(Notify::new());
+        let tx = Tx {
+            tx: Some(tx),
+            available: available.clone(),
+        };
         let ctx = WorkContext {
             stopping: CancellationToken::new(),
             abort: CancellationToken::new(),
@@ -83,16 +142,37 @@ impl<M: Send + 'static> WorkerPool<M> {
             let ctx = ctx.clone();
             let counters = counters.clone();
             let process = process.clone();
+            let available = available.clone();
             tracker.spawn(async move {
                 loop {
-                    // The lock is held only while waiting for the next item, so idle workers
-                    // queue up on it and one of them takes each item.
-                    let item = {
-                        let mut rx = rx.lock().await;
+                    // Dropped before the item is processed: a busy worker must not stay
+                    // registered, or a send would wake it instead of an idle one (a
+                    // notification it did receive is passed on to another waiter on drop).
+                    let item = loop {
+                        // Registered before looking at the queue, so an item sent after the
+                        // look still wakes this worker (or leaves a permit that completes it).
+                        let notified = available.notified();
+                        tokio::pin!(notified);
+                        notified.as_mut().enable();
+                        if ctx.abort.is_cancelled() {
+                            break None;
+                        }
+                        // The lock is held only for `try_recv`; it cannot be poisoned (nothing
+                        // under it panics), and if it were the worker stops as on a closed
+                        // queue.
+                        let next = match rx.lock() {
+                            Ok(mut rx) => rx.try_recv(),
+                            Err(_) => Err(TryRecvError::Disconnected),
+                        };
+                        match next {
+                            Ok(item) => break Some(item),
+                            Err(TryRecvError::Disconnected) => break None,
+                            Err(TryRecvError::Empty) => {}
+                        }
                         tokio::select! {
                             biased;
-                            _ = ctx.abort.cancelled() => None,
-                            item = rx.recv() => item,
+                            _ = ctx.abort.cancelled() => break None,
+                            _ = notified => {}
                         }
                     };
                     let Some(item) = item else { break };
@@ -126,20 +206,7 @@ impl<M: Send + 'static> WorkerPool<M> {
     /// is for the pool's own tests.
     #[cfg(test)]
     pub async fn submit(&self, item: M) -> Result<(), M> {
-        if self.ctx.stopping.is_cancelled() {
-            return Err(item);
-        }
-        tokio::select! {
-            biased;
-            _ = self.ctx.stopping.cancelled() => Err(item),
-            permit = self.tx.reserve() => match permit {
-                Ok(permit) => {
-                    permit.send(item);
-                    Ok(())
-                }
-                Err(_) => Err(item),
-            },
-        }
+        self.tx.send(item, &self.ctx.stopping).await
     }
 
     /// A cloneable handle that queues items, for an intake loop that runs apart from the pool
@@ -193,7 +260,7 @@ impl<M: Send + 'static> WorkerPool<M> {
 
 /// Queues items into a [`WorkerPool`]; see [`WorkerPool::submitter`].
 pub(crate) struct Submitter<M> {
-    tx: mpsc::Sender<M>,
+    tx: Tx<M>,
     stopping: CancellationToken,
 }
 
@@ -210,20 +277,7 @@ impl<M: Send + 'static> Submitter<M> {
     /// Queues an item, waiting for room (backpressure). Gives the item back when the pool is
     /// stopping, so the caller can hand it back to the broker.
     pub async fn submit(&self, item: M) -> Result<(), M> {
-        if self.stopping.is_cancelled() {
-            return Err(item);
-        }
-        tokio::select! {
-            biased;
-            _ = self.stopping.cancelled() => Err(item),
-            permit = self.tx.reserve() => match permit {
-                Ok(permit) => {
-                    permit.send(item);
-                    Ok(())
-                }
-                Err(_) => Err(item),
-            },
-        }
+        self.tx.send(item, &self.stopping).await
     }
 }
 
@@ -257,6 +311,77 @@ mod tests {
         assert_eq!(report.handled_total, 50);
         assert!(peak.load(Ordering::SeqCst) <= 3);
         assert_eq!(running.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_item_is_processed_once_by_many_workers_on_many_threads() {
+        let seen = Arc::new(std::sync::Mutex::new(vec![0u8; 5000]));
+        let s = seen.clone();
+        let pool = WorkerPool::start(8, 4, move |i: usize, _ctx| {
+            let s = s.clone();
+            async move {
+                if i.is_multiple_of(7) {
+                    tokio::task::yield_now().await;
+                }
+                s.lock().unwrap()[i] += 1;
+                Outcome::Finished
+            }
+            .boxed()
+        });
+        let submitters: Vec<_> = (0..2).map(|_| pool.submitter()).collect();
+        let mut feeds = Vec::new();
+        for (k, submitter) in submitters.into_iter().enumerate() {
+            feeds.push(tokio::spawn(async move {
+                for i in (k..5000).step_by(2) {
+                    submitter.submit(i).await.unwrap();
+                }
+            }));
+        }
+        for feed in feeds {
+            tokio::time::timeout(Duration::from_secs(10), feed)
+                .await
+                .expect("feeding finished")
+                .unwrap();
+        }
+        let report = tokio::time::timeout(
+            Duration::from_secs(10),
+            pool.stop(Duration::from_secs(10), false),
+        )
+        .await
+        .expect("stop returned");
+        assert_eq!(report.handled_total, 5000);
+        assert!(seen.lock().unwrap().iter().all(|&n| n == 1));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_idle_worker_takes_an_item_while_another_is_busy() {
+        let release = Arc::new(Notify::new());
+        let (done_tx, mut done_rx) = mpsc::channel::<u32>(4);
+        let r = release.clone();
+        let pool = WorkerPool::start(2, 4, move |i: u32, _ctx| {
+            let (r, done_tx) = (r.clone(), done_tx.clone());
+            async move {
+                if i == 0 {
+                    r.notified().await;
+                }
+                let _ = done_tx.send(i).await;
+                Outcome::Finished
+            }
+            .boxed()
+        });
+        // Item 0 keeps one worker busy; the items after it must not wait for it.
+        for i in 0..3 {
+            pool.submit(i).await.unwrap();
+            if i > 0 {
+                let done = tokio::time::timeout(Duration::from_secs(5), done_rx.recv()).await;
+                assert_eq!(done.expect("handled while item 0 is busy"), Some(i));
+            }
+        }
+        release.notify_one();
+        let done = tokio::time::timeout(Duration::from_secs(5), done_rx.recv()).await;
+        assert_eq!(done.expect("item 0 finished"), Some(0));
+        let report = pool.stop(Duration::from_secs(5), false).await;
+        assert_eq!(report.handled_total, 3);
     }
 
     #[tokio::test]

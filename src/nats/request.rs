@@ -50,7 +50,7 @@ fn header_size(headers: &HeaderMap) -> usize {
     let lines: usize = headers
         .iter()
         .map(|(name, values)| {
-            let name = name.to_string().len();
+            let name = AsRef::<str>::as_ref(name).len();
             values
                 .iter()
                 .map(|v| name + 2 + v.as_str().len() + 2)

@@ -1,11 +1,12 @@
 //! `cemsg`: a CloudEvents-aware command line for NATS, built on ce-messaging's public API.
 //!
-//! Commands: `stream init`, `publish`, `listen`, `request`, `reply`, `deadletter list`,
+//! Commands: `stream init`, `publish`, `listen`, `request`, `reply`, `deadletter list`, `bench`,
 //! `deadletter replay`. Configuration comes from the `NATS_*` environment variables of the wire
 //! contract; flags override. Results go to stdout as one JSON line each; errors go to stderr as
 //! one line and set the exit code documented in `cemsg --help` (see [`fail`]).
 #![forbid(unsafe_code)]
 
+mod bench;
 mod deadletter;
 mod events;
 mod fail;
@@ -106,6 +107,23 @@ Example:
         after_help = "Examples:\n  cemsg deadletter list --limit 20\n  cemsg deadletter replay --seq 42"
     )]
     Deadletter(DeadletterCommand),
+    /// Measure the library against raw async-nats and cloudevents-sdk, side by side.
+    #[command(after_help = "\
+Scenarios: 1 query latency (sequential p50/p99), 2 query throughput (64 concurrent requesters,
+listener worker pool), 3 event publish one by one, 4 event publish pipelined, 5 event listen +
+ack, 6 codec encode/decode per content mode (one core), 7 slow consumer (peak RSS of a listening
+child process). Each runs the library path and the raw path in alternating rounds and reports
+the medians and their ratio (library / raw). The JetStream scenarios use their own streams
+(CEMSG_BENCH, CEMSG_BENCH_DLQ) and delete them at the end.
+
+Examples:
+  cemsg bench --spawn-server
+  cemsg bench --spawn-server --json --scenarios 1,2
+  NATS_URL=nats://127.0.0.1:4222 cemsg bench --backlog 1000000")]
+    Bench(bench::BenchArgs),
+    /// The listening process of `bench` scenario 7.
+    #[command(hide = true)]
+    BenchListen(bench::ListenChildArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -194,6 +212,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Deadletter(DeadletterCommand::Replay(args)) => {
             deadletter::replay(&config, args).await
         }
+        Command::Bench(args) => bench::run(config, args).await,
+        Command::BenchListen(args) => bench::listen_child(config, args).await,
     }
 }
 
@@ -234,6 +254,13 @@ mod tests {
             assert_ne!(err.exit_code(), 0, "{argv:?}");
         }
         assert!(Cli::try_parse_from(["cemsg", "deadletter", "replay", "--all"]).is_ok());
+    }
+
+    #[test]
+    fn bench_takes_a_list_of_known_scenarios() {
+        assert!(Cli::try_parse_from(["cemsg", "bench", "--json", "--scenarios", "1,7"]).is_ok());
+        let err = Cli::try_parse_from(["cemsg", "bench", "--scenarios", "8"]).unwrap_err();
+        assert_ne!(err.exit_code(), 0);
     }
 
     #[test]
