@@ -47,7 +47,7 @@ use crate::event_source::{EventResponsePromise, EventSource};
 use crate::handler::{call_handler, HandlerError};
 use crate::headers::{
     text_value, DEAD_LETTER_DELIVERIES, DEAD_LETTER_ERROR, DEAD_LETTER_REASON,
-    DEAD_LETTER_STREAM_SEQ, DEAD_LETTER_SUBJECT,
+    DEAD_LETTER_STREAM_SEQ, DEAD_LETTER_SUBJECT, NATS_MSG_ID,
 };
 use crate::listener::Listener;
 use crate::telemetry::{self, EventTypeMetrics, LazyMetrics};
@@ -691,6 +691,42 @@ pub(crate) trait Acker: Send + Sync {
 pub(crate) trait DeadLetterSink: Send + Sync {
     async fn publish_dead_letter(&self, headers: HeaderMap, payload: Bytes)
         -> Result<(), BoxError>;
+}
+
+/// The `Nats-Msg-Id` of the dead letter of a message with `original` id (or, without one, of
+/// stream sequence `stream_seq` in `stream`) dead-lettered by `durable`: `<original>.dlq.<durable>`,
+/// so one event dead-lettered by two durables gives two dead letters, while the same durable
+/// dead-lettering it twice (a lost term) is de-duplicated.
+pub(crate) fn dead_letter_msg_id(
+    original: Option<&str>,
+    stream: &str,
+    stream_seq: &str,
+    durable: &str,
+) -> String {
+    match original {
+        Some(id) if !id.is_empty() => format!("{id}.dlq.{durable}"),
+        _ => format!("{stream}.{stream_seq}.dlq.{durable}"),
+    }
+}
+
+/// Replaces the `Nats-Msg-Id` of a dead letter's headers (built by the shared processing from
+/// the original's) with [`dead_letter_msg_id`]. Every backend's [`DeadLetterSink`] calls it.
+pub(crate) fn stamp_dead_letter_msg_id(
+    headers: &mut HeaderMap,
+    events_stream: &str,
+    durable: &str,
+) -> Result<(), BoxError> {
+    let original = headers.get(NATS_MSG_ID).map(|v| v.as_str().to_owned());
+    let seq = headers
+        .get(DEAD_LETTER_STREAM_SEQ)
+        .map(|v| v.as_str().to_owned())
+        .unwrap_or_default();
+    let id = dead_letter_msg_id(original.as_deref(), events_stream, &seq, durable);
+    let id: async_nats::HeaderValue = id
+        .parse()
+        .map_err(|_| format!("dead-letter id {id:?} is not a valid header value"))?;
+    headers.insert(NATS_MSG_ID, id);
+    Ok(())
 }
 
 /// One delivered message, as a backend hands it to the shared processing.

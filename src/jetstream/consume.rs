@@ -28,7 +28,7 @@
 //! and the dead-letter stream de-duplicates on it. Kept as is, two services dead-lettering the
 //! same event would collide (the second dead letter would be reported as a duplicate and not
 //! stored). So a dead letter carries `Nats-Msg-Id: <original id>.dlq.<durable>` (see
-//! [`dead_letter_msg_id`]): re-dead-lettering by the same durable (a term that got lost) is
+//! [`dead_letter_msg_id`](crate::events::dead_letter_msg_id)): re-dead-lettering by the same durable (a term that got lost) is
 //! still de-duplicated, other durables' dead letters are not, and the original id is the part
 //! before the last `.dlq.` ([`original_msg_id`]).
 
@@ -54,7 +54,6 @@ use crate::events::{
     process_delivery, Acker, DeadLetterSink, Delivery, DeliveryContext, EventConnection,
     EventHandlers, EventListenOptions,
 };
-use crate::headers::{DEAD_LETTER_STREAM_SEQ, NATS_MSG_ID};
 use crate::listener::Listener;
 use crate::worker::{Submitter, WorkContext, WorkerPool};
 
@@ -73,20 +72,6 @@ pub(crate) const PULL_HEARTBEAT: Duration = Duration::from_millis(500);
 const PULL_RETRY_PAUSE: Duration = Duration::from_millis(250);
 /// How long a stop waits for the drained subscription and for acks to be flushed.
 const STOP_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// The `Nats-Msg-Id` of the dead letter of a message with `original` id (or, without one, of
-/// stream sequence `stream_seq` in `stream`) dead-lettered by `durable`.
-pub(crate) fn dead_letter_msg_id(
-    original: Option<&str>,
-    stream: &str,
-    stream_seq: &str,
-    durable: &str,
-) -> String {
-    match original {
-        Some(id) if !id.is_empty() => format!("{id}.dlq.{durable}"),
-        _ => format!("{stream}.{stream_seq}.dlq.{durable}"),
-    }
-}
 
 /// The original message id behind a dead letter's `Nats-Msg-Id` (the part before the last
 /// `.dlq.`), e.g. to build the replay id `<original>.replay.<dead-letter seq>`.
@@ -625,21 +610,7 @@ impl DeadLetterSink for JetStreamDeadLetters {
         mut headers: HeaderMap,
         payload: Bytes,
     ) -> Result<(), BoxError> {
-        let original = headers.get(NATS_MSG_ID).map(|v| v.as_str().to_owned());
-        let seq = headers
-            .get(DEAD_LETTER_STREAM_SEQ)
-            .map(|v| v.as_str().to_owned())
-            .unwrap_or_default();
-        let id = dead_letter_msg_id(
-            original.as_deref(),
-            &self.events_stream,
-            &seq,
-            &self.durable,
-        );
-        let id: async_nats::HeaderValue = id
-            .parse()
-            .map_err(|_| format!("dead-letter id {id:?} is not a valid header value"))?;
-        headers.insert(NATS_MSG_ID, id);
+        crate::events::stamp_dead_letter_msg_id(&mut headers, &self.events_stream, &self.durable)?;
         let ack = self
             .js
             .send_publish(
@@ -656,6 +627,7 @@ impl DeadLetterSink for JetStreamDeadLetters {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::events::dead_letter_msg_id;
 
     #[test]
     fn dead_letter_ids_are_per_durable_and_recoverable() {

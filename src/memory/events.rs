@@ -27,7 +27,7 @@ use crate::events::{
     process_delivery, Acker, DeadLetterSink, Delivery, DeliveryContext, EventConnection,
     EventHandlers, EventListenOptions, PublishAck, PublishError,
 };
-use crate::headers::{DEAD_LETTER_STREAM_SEQ, NATS_MSG_ID};
+use crate::headers::NATS_MSG_ID;
 use crate::listener::Listener;
 use crate::worker::WorkerPool;
 
@@ -91,21 +91,6 @@ impl std::fmt::Debug for MemoryEvents {
             .field("stream", &self.inner.stream)
             .field("closed", &self.is_closed())
             .finish()
-    }
-}
-
-/// The `Nats-Msg-Id` of a dead letter: the original id (or stream and sequence) plus
-/// `.dlq.<durable>`, so that one event dead-lettered by two durables gives two dead letters
-/// (the same ids as the JetStream backend).
-fn dead_letter_msg_id(
-    original: Option<&str>,
-    stream: &str,
-    stream_seq: &str,
-    durable: &str,
-) -> String {
-    match original {
-        Some(id) if !id.is_empty() => format!("{id}.dlq.{durable}"),
-        _ => format!("{stream}.{stream_seq}.dlq.{durable}"),
     }
 }
 
@@ -481,21 +466,7 @@ impl DeadLetterSink for MemoryDeadLetters {
         mut headers: HeaderMap,
         payload: Bytes,
     ) -> Result<(), BoxError> {
-        let original = headers.get(NATS_MSG_ID).map(|v| v.as_str().to_owned());
-        let seq = headers
-            .get(DEAD_LETTER_STREAM_SEQ)
-            .map(|v| v.as_str().to_owned())
-            .unwrap_or_default();
-        let id = dead_letter_msg_id(
-            original.as_deref(),
-            &self.events_stream,
-            &seq,
-            &self.durable,
-        );
-        let id: async_nats::HeaderValue = id
-            .parse()
-            .map_err(|_| format!("dead-letter id {id:?} is not a valid header value"))?;
-        headers.insert(NATS_MSG_ID, id);
+        crate::events::stamp_dead_letter_msg_id(&mut headers, &self.events_stream, &self.durable)?;
         self.broker.check_size(&headers, &payload)?;
         let ack = self.broker.js_publish(&self.subject, headers, payload)?;
         tracing::debug!(subject = %self.subject, stream = %ack.stream, seq = ack.sequence, duplicate = ack.duplicate, "dead letter stored");
@@ -558,6 +529,7 @@ mod tests {
     use crate::event_source::EventFilter;
     use crate::events::{event_handler_fn, typed_event_handler, Backoff, TypedEvent};
     use crate::handler::HandlerError;
+    use crate::headers::DEAD_LETTER_STREAM_SEQ;
     use crate::headers::{
         DEAD_LETTER_DELIVERIES, DEAD_LETTER_ERROR, DEAD_LETTER_REASON, DEAD_LETTER_SUBJECT,
     };
