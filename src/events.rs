@@ -775,14 +775,8 @@ where
         outcome = Empty,
     );
     let trace = telemetry::outgoing(&mut event, !span.is_disabled());
-    if !span.is_disabled() {
-        span.record("event.id", event.id());
-        span.record("event.type", event.ty());
-        if let Some(tid) = event.transaction_id() {
-            span.record("transaction_id", tid.as_str());
-        }
-        telemetry::record_trace(&span, trace.as_ref());
-    }
+    telemetry::record_event(&span, &event);
+    telemetry::record_trace(&span, trace.as_ref());
     // The metrics label; taken before the event moves into the backend.
     let event_type = event.ty().to_owned();
     let result = tracing::Instrument::instrument(publish(event), span.clone()).await;
@@ -874,13 +868,7 @@ async fn deliver(
         }
     };
     let event_type = event.ty();
-    if !span.is_disabled() {
-        span.record("event.id", event.id());
-        span.record("event.type", event_type);
-        if let Some(tid) = event.transaction_id() {
-            span.record("transaction_id", tid.as_str());
-        }
-    }
+    telemetry::record_event(&span, &event);
     let trace = telemetry::incoming(&event, !span.is_disabled());
     telemetry::record_trace(&span, trace.as_ref());
     let entry = ctx.handlers.get(event_type).cloned();

@@ -739,14 +739,8 @@ where
         request.set_transaction_id(&TransactionId::generate());
     }
     let trace = telemetry::outgoing(&mut request, !span.is_disabled());
-    if !span.is_disabled() {
-        span.record("event.id", request.id());
-        span.record("event.type", request.ty());
-        if let Some(tid) = request.transaction_id() {
-            span.record("transaction_id", tid.as_str());
-        }
-        telemetry::record_trace(&span, trace.as_ref());
-    }
+    telemetry::record_event(&span, &request);
+    telemetry::record_trace(&span, trace.as_ref());
     let op = request.ty().to_owned();
     let started = std::time::Instant::now();
     let result = tracing::Instrument::instrument(send(request), span.clone()).await;
@@ -1215,13 +1209,7 @@ async fn serve(
     };
     let op = event.ty().to_owned();
     let tid = event.transaction_id();
-    if !span.is_disabled() {
-        span.record("event.id", event.id());
-        span.record("event.type", op.as_str());
-        if let Some(tid) = &tid {
-            span.record("transaction_id", tid.as_str());
-        }
-    }
+    telemetry::record_event(&span, &event);
     let trace = telemetry::incoming(&event, !span.is_disabled());
     telemetry::record_trace(&span, trace.as_ref());
     let writer = ReplyWriter::new(target, op.clone(), tid.clone(), mode, ctx.source.clone());

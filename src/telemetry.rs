@@ -620,6 +620,21 @@ pub(crate) fn incoming(event: &Event, start_new: bool) -> Option<TraceContext> {
     }
 }
 
+/// Records an event's id, type and transaction id on `span` (fields `event.id`, `event.type`,
+/// `transaction_id`), when the span is recorded at all.
+pub(crate) fn record_event(span: &tracing::Span, event: &Event) {
+    use crate::event::EventExt;
+    use cloudevents::AttributesReader;
+    if span.is_disabled() {
+        return;
+    }
+    span.record("event.id", event.id());
+    span.record("event.type", event.ty());
+    if let Some(tid) = event.transaction_id() {
+        span.record("transaction_id", tid.as_str());
+    }
+}
+
 /// Records the trace ids of `ctx` on `span` (fields `trace_id`, `span_id`, `parent_span_id`).
 pub(crate) fn record_trace(span: &tracing::Span, ctx: Option<&TraceContext>) {
     if let Some(ctx) = ctx {
