@@ -42,6 +42,8 @@ use futures::stream::BoxStream;
 use futures::{FutureExt, Stream, StreamExt};
 use serde::{de::DeserializeOwned, Serialize};
 
+use async_nats::HeaderName;
+
 use crate::codec::{self, ContentMode, HeaderMap};
 use crate::error::{
     BoxError, Error, ListenError, RemoteError, ReplyError, ReplyErrorKind, RequestError,
@@ -670,12 +672,20 @@ pub(crate) enum RawReply {
     NoResponders,
 }
 
-fn header<'a>(headers: Option<&'a HeaderMap>, name: &str) -> Option<&'a str> {
+// The reply headers as names built at compile time: a lookup by `&str` builds (allocates) a
+// header name per call, four of them per reply read.
+const SERVICE_ERROR_NAME: HeaderName = HeaderName::from_static(SERVICE_ERROR);
+const SERVICE_ERROR_CODE_NAME: HeaderName = HeaderName::from_static(SERVICE_ERROR_CODE);
+const REPLY_STREAM_INDEX_NAME: HeaderName = HeaderName::from_static(REPLY_STREAM_INDEX);
+const REPLY_STREAM_TOTAL_NAME: HeaderName = HeaderName::from_static(REPLY_STREAM_TOTAL);
+
+fn header(headers: Option<&HeaderMap>, name: HeaderName) -> Option<&str> {
     headers.and_then(|h| h.get(name)).map(|v| v.as_str())
 }
 
 fn is_error_reply(headers: Option<&HeaderMap>) -> bool {
-    header(headers, SERVICE_ERROR_CODE).is_some() || header(headers, SERVICE_ERROR).is_some()
+    header(headers, SERVICE_ERROR_CODE_NAME).is_some()
+        || header(headers, SERVICE_ERROR_NAME).is_some()
 }
 
 /// Reads a reply: an error reply becomes `Remote`, otherwise the event is decoded. Returns the
@@ -685,8 +695,8 @@ pub(crate) fn interpret_reply(
     payload: &Bytes,
 ) -> Result<(Event, Option<(usize, usize)>), RequestError> {
     if is_error_reply(headers) {
-        let text = header(headers, SERVICE_ERROR).unwrap_or("remote error");
-        let code = header(headers, SERVICE_ERROR_CODE)
+        let text = header(headers, SERVICE_ERROR_NAME).unwrap_or("remote error");
+        let code = header(headers, SERVICE_ERROR_CODE_NAME)
             .and_then(|c| c.trim().parse().ok())
             .unwrap_or(500);
         return Err(RemoteError::new(code, text).into_request_error());
@@ -694,8 +704,8 @@ pub(crate) fn interpret_reply(
     let event =
         codec::decode(headers, payload).map_err(|e| e.map_kind(|_| RequestErrorKind::Decode))?;
     let position = match (
-        header(headers, REPLY_STREAM_INDEX).and_then(|v| v.trim().parse().ok()),
-        header(headers, REPLY_STREAM_TOTAL).and_then(|v| v.trim().parse().ok()),
+        header(headers, REPLY_STREAM_INDEX_NAME).and_then(|v| v.trim().parse().ok()),
+        header(headers, REPLY_STREAM_TOTAL_NAME).and_then(|v| v.trim().parse().ok()),
     ) {
         (Some(index), Some(total)) => Some((index, total)),
         _ => None,
@@ -1207,26 +1217,37 @@ async fn serve(
             return (Outcome::Finished, Some(400));
         }
     };
-    let op = event.ty().to_owned();
-    let tid = event.transaction_id();
     telemetry::record_event(&span, &event);
     let trace = telemetry::incoming(&event, !span.is_disabled());
     telemetry::record_trace(&span, trace.as_ref());
-    let writer = ReplyWriter::new(target, op.clone(), tid.clone(), mode, ctx.source.clone());
-    let Some(entry) = ctx.handlers.get(&op).cloned() else {
+    let writer = ReplyWriter::new(
+        target,
+        event.ty().to_owned(),
+        event.transaction_id(),
+        mode,
+        ctx.source.clone(),
+    );
+    let op = writer.op();
+    let Some(entry) = ctx.handlers.get(op) else {
         tracing::warn!(op = %op, "query for an op with no handler");
         let _ = telemetry::in_context(trace, writer.error(404, &format!("no handler for op {op}")))
             .await;
-        QueryOpMetrics::register(&op).handled(404);
+        QueryOpMetrics::register(op).handled(404);
         return (Outcome::Finished, Some(404));
     };
-    let metrics = entry.metrics.get_or_init(|| QueryOpMetrics::register(&op));
+    let metrics = entry.metrics.get_or_init(|| QueryOpMetrics::register(op));
     let (outcome, code) = telemetry::in_context(trace, async {
         let started = std::time::Instant::now();
-        let result = tokio::select! {
-            biased;
-            _ = work.abort.cancelled() => None,
-            result = call_handler(entry.handler.handle(event, writer.clone())).fuse() => Some(result),
+        // The abort is looked at before the handler starts and while it waits; a handler that
+        // is done at its first poll (most) never registers with the shared abort token.
+        let result = if work.abort.is_cancelled() {
+            None
+        } else {
+            tokio::select! {
+                biased;
+                result = call_handler(entry.handler.handle(event, writer.clone())).fuse() => Some(result),
+                _ = work.abort.cancelled() => None,
+            }
         };
         let Some(result) = result else {
             if !work.crashed() && !writer.is_sent() {

@@ -149,11 +149,20 @@ impl Intake {
     /// Feeds the pool until the listener stops. Holds the pool's submitter only while it
     /// runs: the workers see the end of the queue once it is dropped.
     async fn run(mut self, submitter: Submitter<RawRequest>) {
+        // One wait on the token for the whole loop, polled only when no message is ready: a
+        // fresh `cancelled()` per message would register with the token and leave again each
+        // time. Stopping still ends the loop before the next message is taken.
+        let stopping = self.stopping.clone();
+        let stopped = stopping.cancelled();
+        tokio::pin!(stopped);
         loop {
+            if stopping.is_cancelled() {
+                break;
+            }
             let message = tokio::select! {
                 biased;
-                _ = self.stopping.cancelled() => break,
                 message = self.subscriptions.next() => message,
+                _ = &mut stopped => break,
             };
             let Some(message) = message else {
                 // Every subscription ended: the connection was closed (or drained).
