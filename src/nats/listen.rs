@@ -61,7 +61,8 @@ fn raw_request(client: &Client, message: async_nats::Message) -> RawRequest {
         }) as Arc<dyn ReplyTarget>
     });
     RawRequest {
-        subject: message.subject.to_string(),
+        // Copied as a str: `to_string` would go through the formatting machinery.
+        subject: message.subject.as_str().to_owned(),
         headers: message.headers,
         payload: message.payload,
         reply,
