@@ -727,7 +727,7 @@ fn has_transaction_id(event: &Event) -> bool {
 /// Fills in what a request needs before it is sent: the source and a transaction id.
 pub(crate) fn prepare_request(request: &mut Event, source: &str) {
     populate_source(request, source);
-    if !has_transaction_id(&request) {
+    if !has_transaction_id(request) {
         request.set_transaction_id(&TransactionId::generate());
     }
     // Continues the current handler's trace; a new trace starts in [`traced_request`].
