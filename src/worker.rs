@@ -446,6 +446,25 @@ mod tests {
         assert_eq!(cleaned.load(Ordering::SeqCst), 2);
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn abort_ends_parked_workers_while_the_queue_is_still_open() {
+        for crash in [false, true] {
+            let pool = WorkerPool::start(4, 4, |_: u32, _| async { Outcome::Finished }.boxed());
+            // A submitter nobody drops keeps the queue open: only the abort (after the grace
+            // period, or at once for a crash) can end the parked workers.
+            let submitter = pool.submitter();
+            submitter.submit(1).await.unwrap();
+            let report = tokio::time::timeout(
+                Duration::from_secs(5),
+                pool.stop(Duration::from_millis(50), crash),
+            )
+            .await
+            .expect("stop returned although a submitter is still held");
+            assert_eq!(report.requeued + report.abandoned, 0);
+            assert_eq!(submitter.submit(2).await, Err(2));
+        }
+    }
+
     #[tokio::test]
     async fn submit_after_stop_gives_the_item_back() {
         let pool = WorkerPool::start(1, 1, |_: u32, _| async { Outcome::Finished }.boxed());
