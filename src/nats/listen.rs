@@ -39,7 +39,9 @@ const ROUND_TRIP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Publishes the replies to one request on its reply subject.
 struct NatsReplyTarget {
-    client: Client,
+    /// Shared with the intake: a `Client` clone per request would cost an allocation and about
+    /// ten reference counts.
+    client: Arc<Client>,
     subject: Subject,
 }
 
@@ -53,7 +55,7 @@ impl ReplyTarget for NatsReplyTarget {
     }
 }
 
-fn raw_request(client: &Client, message: async_nats::Message) -> RawRequest {
+fn raw_request(client: &Arc<Client>, message: async_nats::Message) -> RawRequest {
     let reply = message.reply.map(|subject| {
         Arc::new(NatsReplyTarget {
             client: client.clone(),
@@ -127,7 +129,7 @@ pub(super) async fn listen(
     });
     let token = CancellationToken::new();
     let intake = Intake {
-        client: inner.client.clone(),
+        client: Arc::new(inner.client.clone()),
         source: inner.source.clone(),
         subscriptions,
         stopping: pool.context().stopping,
@@ -139,7 +141,7 @@ pub(super) async fn listen(
 }
 
 struct Intake {
-    client: Client,
+    client: Arc<Client>,
     source: String,
     subscriptions: SelectAll<Subscriber>,
     stopping: CancellationToken,
