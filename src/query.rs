@@ -42,6 +42,8 @@ use futures::stream::BoxStream;
 use futures::{FutureExt, Stream, StreamExt};
 use serde::{de::DeserializeOwned, Serialize};
 
+use async_nats::HeaderName;
+
 use crate::codec::{self, ContentMode, HeaderMap};
 use crate::error::{
     BoxError, Error, ListenError, RemoteError, ReplyError, ReplyErrorKind, RequestError,
@@ -670,12 +672,20 @@ pub(crate) enum RawReply {
     NoResponders,
 }
 
-fn header<'a>(headers: Option<&'a HeaderMap>, name: &str) -> Option<&'a str> {
+// The reply headers as names built at compile time: a lookup by `&str` builds (allocates) a
+// header name per call, four of them per reply read.
+const SERVICE_ERROR_NAME: HeaderName = HeaderName::from_static(SERVICE_ERROR);
+const SERVICE_ERROR_CODE_NAME: HeaderName = HeaderName::from_static(SERVICE_ERROR_CODE);
+const REPLY_STREAM_INDEX_NAME: HeaderName = HeaderName::from_static(REPLY_STREAM_INDEX);
+const REPLY_STREAM_TOTAL_NAME: HeaderName = HeaderName::from_static(REPLY_STREAM_TOTAL);
+
+fn header(headers: Option<&HeaderMap>, name: HeaderName) -> Option<&str> {
     headers.and_then(|h| h.get(name)).map(|v| v.as_str())
 }
 
 fn is_error_reply(headers: Option<&HeaderMap>) -> bool {
-    header(headers, SERVICE_ERROR_CODE).is_some() || header(headers, SERVICE_ERROR).is_some()
+    header(headers, SERVICE_ERROR_CODE_NAME).is_some()
+        || header(headers, SERVICE_ERROR_NAME).is_some()
 }
 
 /// Reads a reply: an error reply becomes `Remote`, otherwise the event is decoded. Returns the
@@ -685,8 +695,8 @@ pub(crate) fn interpret_reply(
     payload: &Bytes,
 ) -> Result<(Event, Option<(usize, usize)>), RequestError> {
     if is_error_reply(headers) {
-        let text = header(headers, SERVICE_ERROR).unwrap_or("remote error");
-        let code = header(headers, SERVICE_ERROR_CODE)
+        let text = header(headers, SERVICE_ERROR_NAME).unwrap_or("remote error");
+        let code = header(headers, SERVICE_ERROR_CODE_NAME)
             .and_then(|c| c.trim().parse().ok())
             .unwrap_or(500);
         return Err(RemoteError::new(code, text).into_request_error());
@@ -694,8 +704,8 @@ pub(crate) fn interpret_reply(
     let event =
         codec::decode(headers, payload).map_err(|e| e.map_kind(|_| RequestErrorKind::Decode))?;
     let position = match (
-        header(headers, REPLY_STREAM_INDEX).and_then(|v| v.trim().parse().ok()),
-        header(headers, REPLY_STREAM_TOTAL).and_then(|v| v.trim().parse().ok()),
+        header(headers, REPLY_STREAM_INDEX_NAME).and_then(|v| v.trim().parse().ok()),
+        header(headers, REPLY_STREAM_TOTAL_NAME).and_then(|v| v.trim().parse().ok()),
     ) {
         (Some(index), Some(total)) => Some((index, total)),
         _ => None,
@@ -703,10 +713,21 @@ pub(crate) fn interpret_reply(
     Ok((event, position))
 }
 
+/// Whether [`EventExt::transaction_id`] would find one, without copying it out (the request
+/// and reply paths only ask whether to set one).
+fn has_transaction_id(event: &Event) -> bool {
+    use cloudevents::event::ExtensionValue;
+    match event.extension(crate::event::TRANSACTION_ID_EXTENSION) {
+        Some(ExtensionValue::String(s)) => !s.is_empty(),
+        Some(ExtensionValue::Integer(_) | ExtensionValue::Boolean(_)) => true,
+        None => false,
+    }
+}
+
 /// Fills in what a request needs before it is sent: the source and a transaction id.
 pub(crate) fn prepare_request(request: &mut Event, source: &str) {
     populate_source(request, source);
-    if request.transaction_id().is_none() {
+    if !has_transaction_id(request) {
         request.set_transaction_id(&TransactionId::generate());
     }
     // Continues the current handler's trace; a new trace starts in [`traced_request`].
@@ -735,7 +756,7 @@ where
         parent_span_id = Empty,
         outcome = Empty,
     );
-    if request.transaction_id().is_none() {
+    if !has_transaction_id(&request) {
         request.set_transaction_id(&TransactionId::generate());
     }
     let trace = telemetry::outgoing(&mut request, !span.is_disabled());
@@ -884,7 +905,7 @@ impl ReplyWriter {
 
     fn prepare(&self, mut event: Event) -> (Event, Option<telemetry::TraceContext>) {
         populate_source(&mut event, &self.inner.source);
-        if event.transaction_id().is_none() {
+        if !has_transaction_id(&event) {
             if let Some(tid) = &self.inner.request_tid {
                 event.set_transaction_id(tid);
             }
@@ -1207,26 +1228,37 @@ async fn serve(
             return (Outcome::Finished, Some(400));
         }
     };
-    let op = event.ty().to_owned();
-    let tid = event.transaction_id();
     telemetry::record_event(&span, &event);
     let trace = telemetry::incoming(&event, !span.is_disabled());
     telemetry::record_trace(&span, trace.as_ref());
-    let writer = ReplyWriter::new(target, op.clone(), tid.clone(), mode, ctx.source.clone());
-    let Some(entry) = ctx.handlers.get(&op).cloned() else {
+    let writer = ReplyWriter::new(
+        target,
+        event.ty().to_owned(),
+        event.transaction_id(),
+        mode,
+        ctx.source.clone(),
+    );
+    let op = writer.op();
+    let Some(entry) = ctx.handlers.get(op) else {
         tracing::warn!(op = %op, "query for an op with no handler");
         let _ = telemetry::in_context(trace, writer.error(404, &format!("no handler for op {op}")))
             .await;
-        QueryOpMetrics::register(&op).handled(404);
+        QueryOpMetrics::register(op).handled(404);
         return (Outcome::Finished, Some(404));
     };
-    let metrics = entry.metrics.get_or_init(|| QueryOpMetrics::register(&op));
+    let metrics = entry.metrics.get_or_init(|| QueryOpMetrics::register(op));
     let (outcome, code) = telemetry::in_context(trace, async {
         let started = std::time::Instant::now();
-        let result = tokio::select! {
-            biased;
-            _ = work.abort.cancelled() => None,
-            result = call_handler(entry.handler.handle(event, writer.clone())).fuse() => Some(result),
+        // The abort is looked at before the handler starts and while it waits; a handler that
+        // is done at its first poll (most) never registers with the shared abort token.
+        let result = if work.abort.is_cancelled() {
+            None
+        } else {
+            tokio::select! {
+                biased;
+                result = call_handler(entry.handler.handle(event, writer.clone())).fuse() => Some(result),
+                _ = work.abort.cancelled() => None,
+            }
         };
         let Some(result) = result else {
             if !work.crashed() && !writer.is_sent() {
@@ -1274,6 +1306,33 @@ async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn has_transaction_id_agrees_with_transaction_id() {
+        use cloudevents::event::ExtensionValue;
+        let mut event = crate::event::new_event("a.b", "test", &()).unwrap();
+        let values = [
+            None,
+            Some(ExtensionValue::String(String::new())),
+            Some(ExtensionValue::String("tid-1".into())),
+            Some(ExtensionValue::Integer(7)),
+            Some(ExtensionValue::Boolean(false)),
+        ];
+        for value in values {
+            match value {
+                Some(value) => event.set_extension(crate::event::TRANSACTION_ID_EXTENSION, value),
+                None => {
+                    event.remove_extension(crate::event::TRANSACTION_ID_EXTENSION);
+                }
+            }
+            assert_eq!(
+                has_transaction_id(&event),
+                event.transaction_id().is_some(),
+                "{:?}",
+                event.extension(crate::event::TRANSACTION_ID_EXTENSION)
+            );
+        }
+    }
 
     #[test]
     fn error_reply_headers_become_remote_errors() {

@@ -5,7 +5,11 @@
 //! Workers are long-lived tasks pulling from one bounded channel: no task is spawned per message.
 //! The hand-off costs one wake-up per item: a sender wakes one idle worker (`Notify`), which
 //! takes the next item with `try_recv` under a short synchronous lock (an async mutex around
-//! the receiver would wake the next waiting worker for every item as well).
+//! the receiver would wake the next waiting worker for every item as well). A worker that
+//! finds an item waiting takes it without registering anywhere; only a worker about to park
+//! registers with `Notify`, and the abort wakes parked workers through that same `Notify`
+//! instead of each one also waiting on the abort token (whose waiter list and lock every
+//! worker would otherwise touch per item).
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -90,6 +94,16 @@ impl<M> Tx<M> {
         let Some(tx) = self.tx.as_ref() else {
             return Err(item);
         };
+        // Room now (the usual case): no need to wait on `stopping` as well.
+        match tx.try_reserve() {
+            Ok(permit) => {
+                permit.send(item);
+                self.available.notify_one();
+                return Ok(());
+            }
+            Err(mpsc::error::TrySendError::Closed(())) => return Err(item),
+            Err(mpsc::error::TrySendError::Full(())) => {}
+        }
         tokio::select! {
             biased;
             _ = stopping.cancelled() => Err(item),
@@ -109,6 +123,10 @@ impl<M> Tx<M> {
 pub(crate) struct WorkerPool<M> {
     tx: Tx<M>,
     ctx: WorkContext,
+    /// Set with `ctx.abort`; what workers check (a load, where the token would take its lock).
+    aborted: Arc<AtomicBool>,
+    /// The workers' wake-up, also used to wake parked workers on abort.
+    available: Arc<Notify>,
     tracker: TaskTracker,
     counters: Arc<Counters>,
     // Kept so that a pool with zero senders left (intake ended) still closes the channel.
@@ -137,9 +155,11 @@ impl<M: Send + 'static> WorkerPool<M> {
         let tracker = TaskTracker::new();
         let counters = Arc::new(Counters::default());
         let process = Arc::new(process);
+        let aborted = Arc::new(AtomicBool::new(false));
         for _ in 0..workers {
             let rx = rx.clone();
             let ctx = ctx.clone();
+            let aborted = aborted.clone();
             let counters = counters.clone();
             let process = process.clone();
             let available = available.clone();
@@ -148,32 +168,37 @@ impl<M: Send + 'static> WorkerPool<M> {
                     // Dropped before the item is processed: a busy worker must not stay
                     // registered, or a send would wake it instead of an idle one (a
                     // notification it did receive is passed on to another waiter on drop).
+                    // The lock is held only for `try_recv`; it cannot be poisoned (nothing
+                    // under it panics), and if it were the worker stops as on a closed queue.
+                    let try_next = || match rx.lock() {
+                        Ok(mut rx) => rx.try_recv(),
+                        Err(_) => Err(TryRecvError::Disconnected),
+                    };
                     let item = loop {
-                        // Registered before looking at the queue, so an item sent after the
-                        // look still wakes this worker (or leaves a permit that completes it).
-                        let notified = available.notified();
-                        tokio::pin!(notified);
-                        notified.as_mut().enable();
-                        if ctx.abort.is_cancelled() {
+                        if aborted.load(Ordering::SeqCst) {
                             break None;
                         }
-                        // The lock is held only for `try_recv`; it cannot be poisoned (nothing
-                        // under it panics), and if it were the worker stops as on a closed
-                        // queue.
-                        let next = match rx.lock() {
-                            Ok(mut rx) => rx.try_recv(),
-                            Err(_) => Err(TryRecvError::Disconnected),
-                        };
-                        match next {
+                        // An item waiting: taken at once, no registration.
+                        match try_next() {
                             Ok(item) => break Some(item),
                             Err(TryRecvError::Disconnected) => break None,
                             Err(TryRecvError::Empty) => {}
                         }
-                        tokio::select! {
-                            biased;
-                            _ = ctx.abort.cancelled() => break None,
-                            _ = notified => {}
+                        // Registered before looking again, so an item sent (or an abort begun)
+                        // after that look still wakes this worker, or leaves a permit that
+                        // completes it.
+                        let notified = available.notified();
+                        tokio::pin!(notified);
+                        notified.as_mut().enable();
+                        if aborted.load(Ordering::SeqCst) {
+                            break None;
                         }
+                        match try_next() {
+                            Ok(item) => break Some(item),
+                            Err(TryRecvError::Disconnected) => break None,
+                            Err(TryRecvError::Empty) => {}
+                        }
+                        notified.await;
                     };
                     let Some(item) = item else { break };
                     let outcome = process(item, ctx.clone()).await;
@@ -189,6 +214,8 @@ impl<M: Send + 'static> WorkerPool<M> {
         WorkerPool {
             tx,
             ctx,
+            aborted,
+            available,
             tracker,
             counters,
             _marker: std::marker::PhantomData,
@@ -231,29 +258,43 @@ impl<M: Send + 'static> WorkerPool<M> {
     /// Drain-then-close: stop intake, let queued and in-flight items finish within `grace`,
     /// then abort the rest and wait until every worker has exited.
     pub async fn stop(self, grace: Duration, crash: bool) -> StopReport {
+        let WorkerPool {
+            tx,
+            ctx,
+            aborted,
+            available,
+            tracker,
+            counters,
+            _marker,
+        } = self;
+        // Tells in-flight work to give up and parked workers to exit (they registered with
+        // `available` before they last looked at `aborted`).
+        let abort = || {
+            aborted.store(true, Ordering::SeqCst);
+            ctx.abort.cancel();
+            available.notify_waiters();
+        };
         let started = Instant::now();
-        let finished_before = self.counters.finished.load(Ordering::Relaxed);
+        let finished_before = counters.finished.load(Ordering::Relaxed);
         if crash {
-            self.ctx.crashed.store(true, Ordering::SeqCst);
-            self.ctx.abort.cancel();
+            ctx.crashed.store(true, Ordering::SeqCst);
+            abort();
         }
-        self.ctx.stopping.cancel();
+        ctx.stopping.cancel();
         // Dropping our sender lets the workers see the end of the queue once intake is gone.
-        drop(self.tx);
-        self.tracker.close();
-        let drained = tokio::time::timeout(grace, self.tracker.wait())
-            .await
-            .is_ok();
+        drop(tx);
+        tracker.close();
+        let drained = tokio::time::timeout(grace, tracker.wait()).await.is_ok();
         if !drained {
-            self.ctx.abort.cancel();
-            self.tracker.wait().await;
+            abort();
+            tracker.wait().await;
         }
         StopReport {
-            finished: self.counters.finished.load(Ordering::Relaxed) - finished_before,
-            abandoned: self.counters.abandoned.load(Ordering::Relaxed),
-            requeued: self.counters.requeued.load(Ordering::Relaxed),
+            finished: counters.finished.load(Ordering::Relaxed) - finished_before,
+            abandoned: counters.abandoned.load(Ordering::Relaxed),
+            requeued: counters.requeued.load(Ordering::Relaxed),
             elapsed: started.elapsed(),
-            handled_total: self.counters.finished.load(Ordering::Relaxed),
+            handled_total: counters.finished.load(Ordering::Relaxed),
         }
     }
 }
@@ -403,6 +444,25 @@ mod tests {
         let report = pool.stop(Duration::from_millis(50), false).await;
         assert_eq!(report.abandoned, 2);
         assert_eq!(cleaned.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn abort_ends_parked_workers_while_the_queue_is_still_open() {
+        for crash in [false, true] {
+            let pool = WorkerPool::start(4, 4, |_: u32, _| async { Outcome::Finished }.boxed());
+            // A submitter nobody drops keeps the queue open: only the abort (after the grace
+            // period, or at once for a crash) can end the parked workers.
+            let submitter = pool.submitter();
+            submitter.submit(1).await.unwrap();
+            let report = tokio::time::timeout(
+                Duration::from_secs(5),
+                pool.stop(Duration::from_millis(50), crash),
+            )
+            .await
+            .expect("stop returned although a submitter is still held");
+            assert_eq!(report.requeued + report.abandoned, 0);
+            assert_eq!(submitter.submit(2).await, Err(2));
+        }
     }
 
     #[tokio::test]

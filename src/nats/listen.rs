@@ -39,7 +39,9 @@ const ROUND_TRIP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Publishes the replies to one request on its reply subject.
 struct NatsReplyTarget {
-    client: Client,
+    /// Shared with the intake: a `Client` clone per request would cost an allocation and about
+    /// ten reference counts.
+    client: Arc<Client>,
     subject: Subject,
 }
 
@@ -53,7 +55,7 @@ impl ReplyTarget for NatsReplyTarget {
     }
 }
 
-fn raw_request(client: &Client, message: async_nats::Message) -> RawRequest {
+fn raw_request(client: &Arc<Client>, message: async_nats::Message) -> RawRequest {
     let reply = message.reply.map(|subject| {
         Arc::new(NatsReplyTarget {
             client: client.clone(),
@@ -61,7 +63,8 @@ fn raw_request(client: &Client, message: async_nats::Message) -> RawRequest {
         }) as Arc<dyn ReplyTarget>
     });
     RawRequest {
-        subject: message.subject.to_string(),
+        // Copied as a str: `to_string` would go through the formatting machinery.
+        subject: message.subject.as_str().to_owned(),
         headers: message.headers,
         payload: message.payload,
         reply,
@@ -126,7 +129,7 @@ pub(super) async fn listen(
     });
     let token = CancellationToken::new();
     let intake = Intake {
-        client: inner.client.clone(),
+        client: Arc::new(inner.client.clone()),
         source: inner.source.clone(),
         subscriptions,
         stopping: pool.context().stopping,
@@ -138,7 +141,7 @@ pub(super) async fn listen(
 }
 
 struct Intake {
-    client: Client,
+    client: Arc<Client>,
     source: String,
     subscriptions: SelectAll<Subscriber>,
     stopping: CancellationToken,
@@ -149,11 +152,20 @@ impl Intake {
     /// Feeds the pool until the listener stops. Holds the pool's submitter only while it
     /// runs: the workers see the end of the queue once it is dropped.
     async fn run(mut self, submitter: Submitter<RawRequest>) {
+        // One wait on the token for the whole loop, polled only when no message is ready: a
+        // fresh `cancelled()` per message would register with the token and leave again each
+        // time. Stopping still ends the loop before the next message is taken.
+        let stopping = self.stopping.clone();
+        let stopped = stopping.cancelled();
+        tokio::pin!(stopped);
         loop {
+            if stopping.is_cancelled() {
+                break;
+            }
             let message = tokio::select! {
                 biased;
-                _ = self.stopping.cancelled() => break,
                 message = self.subscriptions.next() => message,
+                _ = &mut stopped => break,
             };
             let Some(message) = message else {
                 // Every subscription ended: the connection was closed (or drained).

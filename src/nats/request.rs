@@ -120,15 +120,16 @@ pub(super) async fn request(
     }
     let timeout = timeout.min(MAX_REQUEST_TIMEOUT);
     let out = prepare(inner, request)?;
+    // One timer per request: ours bounds both handing the request to the connection (which
+    // can block while the client's buffers are full) and the wait for the reply, so async-nats
+    // is told not to arm a second one.
     let nats_request = async_nats::Request::new()
         .headers(out.headers)
         .payload(out.payload)
-        .timeout(Some(timeout));
-    // async-nats' own timeout covers the wait for the reply; ours also bounds handing the
-    // request to the connection, which can block while the client's buffers are full.
+        .timeout(None);
     let sent = tokio::time::timeout(
         timeout,
-        inner.client.send_request(out.subject.clone(), nats_request),
+        inner.client.send_request(out.subject, nats_request),
     )
     .await;
     let message = match sent {
