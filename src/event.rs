@@ -316,7 +316,8 @@ pub trait EventExt {
     fn set_transaction_id(&mut self, tid: &TransactionId);
 
     /// Deserializes the data as JSON into `T`. Accepts JSON data, and string or binary data
-    /// holding JSON (as binary-mode messages decode).
+    /// holding JSON text: a decoded event carries JSON data as its text (see
+    /// [`codec::decode`](crate::codec::decode)), which is parsed here once, straight into `T`.
     fn data_as<T: DeserializeOwned>(&self) -> Result<T, EventError>;
 
     /// The event type as an [`EventType`].
