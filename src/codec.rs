@@ -442,31 +442,44 @@ impl EventParts<'_> {
     /// [`BinarySerializer`] route re-formats every attribute into a new string; this is the
     /// hot path, so it takes the direct route and leaves 0.3 to the trait.)
     fn build_v10(self) -> Result<Event, DecodeError> {
+        use cloudevents::{AttributesWriter, EventBuilder, EventBuilderV10};
         let [id, source, ty, subject, time, dataschema] = self.attributes;
-        let mut builder = <cloudevents::EventBuilderV10 as cloudevents::EventBuilder>::new();
-        if let Some(id) = id {
-            builder = builder.id(id.into_owned());
-        }
-        if let Some(source) = source {
-            builder = builder.source(source.into_owned());
-        }
-        if let Some(ty) = ty {
-            builder = builder.ty(ty.into_owned());
-        }
-        if let Some(subject) = subject {
-            builder = builder.subject(subject.into_owned());
-        }
-        if let Some(time) = time {
-            let parsed = chrono::DateTime::parse_from_rfc3339(&time).map_err(|e| {
-                Error::with_source(DecodeErrorKind::InvalidAttribute, e)
-                    .detail(format!("`time` is not RFC 3339: `{time}`"))
-            })?;
-            builder = builder.time(parsed.with_timezone(&chrono::Utc));
-        }
-        for (name, value) in self.extensions {
-            builder = builder.extension(&name, value);
-        }
-        let mut event = cloudevents::EventBuilder::build(builder).map_err(|e| {
+        let time = match time {
+            Some(time) => Some(
+                chrono::DateTime::parse_from_rfc3339(&time)
+                    .map_err(|e| {
+                        Error::with_source(DecodeErrorKind::InvalidAttribute, e)
+                            .detail(format!("`time` is not RFC 3339: `{time}`"))
+                    })?
+                    .with_timezone(&chrono::Utc),
+            ),
+            None => None,
+        };
+        // The builder is a large value moved through every call: only the required attributes
+        // go through it (in one chain, so that it is built in place); the rest are set on the
+        // event.
+        let built = match (id, source, ty) {
+            (Some(id), Some(source), Some(ty)) => EventBuilderV10::new()
+                .id(id.into_owned())
+                .source(source.into_owned())
+                .ty(ty.into_owned())
+                .build(),
+            (id, source, ty) => {
+                // Something is missing: let the builder say what.
+                let mut builder = EventBuilderV10::new();
+                if let Some(id) = id {
+                    builder = builder.id(id.into_owned());
+                }
+                if let Some(source) = source {
+                    builder = builder.source(source.into_owned());
+                }
+                if let Some(ty) = ty {
+                    builder = builder.ty(ty.into_owned());
+                }
+                builder.build()
+            }
+        };
+        let mut event = built.map_err(|e| {
             let kind = match e {
                 cloudevents::event::EventBuilderError::MissingRequiredAttribute { .. } => {
                     DecodeErrorKind::MissingAttribute
@@ -475,15 +488,24 @@ impl EventParts<'_> {
             };
             Error::with_source(kind, e)
         })?;
+        if let Some(subject) = subject {
+            event.set_subject(Some(subject.into_owned()));
+        }
+        if time.is_some() {
+            event.set_time(time);
+        }
+        for (name, value) in self.extensions {
+            event.set_extension(&name, value);
+        }
         if let Some(schema) = dataschema {
             let url = url::Url::parse(&schema).map_err(|e| {
                 Error::with_source(DecodeErrorKind::InvalidAttribute, e)
                     .detail(format!("`dataschema` is not a URL: `{schema}`"))
             })?;
-            cloudevents::AttributesWriter::set_dataschema(&mut event, Some(url));
+            event.set_dataschema(Some(url));
         }
         if let Some(ct) = self.datacontenttype {
-            cloudevents::AttributesWriter::set_datacontenttype(&mut event, Some(ct.into_owned()));
+            event.set_datacontenttype(Some(ct.into_owned()));
         }
         Ok(event)
     }
@@ -736,7 +758,11 @@ impl<'a> JsonEvent<'a> {
 
     /// Reads a structured-mode payload (see [`JsonEvent::into_parts`]).
     fn parse(payload: &'a Bytes) -> Result<Option<EventParts<'a>>, DecodeError> {
-        serde_json::from_slice::<JsonEvent<'a>>(payload)
+        // JSON text is UTF-8: checked once for the whole payload, which is cheaper than
+        // serde_json's check of each string as it reads it from bytes.
+        let text = std::str::from_utf8(payload)
+            .map_err(|e| Error::with_source(DecodeErrorKind::NotJson, e))?;
+        serde_json::from_str::<JsonEvent<'a>>(text)
             .map_err(|e| Error::with_source(DecodeErrorKind::NotJson, e))?
             .into_parts()
     }
