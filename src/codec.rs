@@ -42,7 +42,7 @@
 use std::borrow::Cow;
 
 use bytes::Bytes;
-use cloudevents::event::{Data, ExtensionValue, SpecVersion};
+use cloudevents::event::{AttributeValue, Data, ExtensionValue, SpecVersion};
 use cloudevents::message::{
     BinaryDeserializer, BinarySerializer, Error as MessageError, MessageAttributeValue,
     StructuredDeserializer, StructuredSerializer,
@@ -170,25 +170,81 @@ fn with_parsed_json_data(event: &Event) -> Option<Event> {
 }
 
 /// Feeds the event's attributes, extensions and data to the NATS [`BinarySerializer`] the way
-/// the sdk's `BinaryDeserializer for Event` does, but from a borrowed event: no clone of the
-/// data, which is serialized straight into the payload.
+/// the sdk's `BinaryDeserializer for Event` does, but from a borrowed event: string values go
+/// into the headers without a detour through an owned [`MessageAttributeValue`], and the data
+/// is serialized straight into the payload.
 fn encode_binary(event: &Event) -> cloudevents::message::Result<EncodedEvent> {
     let mut serializer = NatsSerializer::default().set_spec_version(event.specversion())?;
     for (name, value) in event.iter_attributes() {
-        if name == "specversion" {
-            continue;
-        }
-        serializer =
-            serializer.set_attribute(name, MessageAttributeValue::String(value.to_string()))?;
+        let text = match value {
+            AttributeValue::SpecVersion(_) => continue,
+            AttributeValue::String(text) => Cow::Borrowed(text),
+            AttributeValue::URIRef(text) => Cow::Borrowed(text.as_str()),
+            AttributeValue::URI(url) => Cow::Borrowed(url.as_str()),
+            AttributeValue::Time(time) => Cow::Owned(format_time(time)),
+            other => Cow::Owned(other.to_string()),
+        };
+        serializer = serializer.header(name, text)?;
     }
     for (name, value) in event.iter_extensions() {
-        serializer = serializer.set_extension(name, value.clone().into())?;
+        let text = match value {
+            ExtensionValue::String(text) => Cow::Borrowed(text.as_str()),
+            other => Cow::Owned(other.to_string()),
+        };
+        serializer = serializer.header(name, text)?;
     }
     match event.data() {
         None => serializer.end(),
         Some(Data::Binary(bytes)) => serializer.end_with_data(bytes.clone()),
         Some(Data::String(text)) => serializer.end_with_data(text.clone().into_bytes()),
         Some(Data::Json(value)) => serializer.end_with_data(serde_json::to_vec(value)?),
+    }
+}
+
+/// `time` exactly as chrono's `to_rfc3339` writes it (the sdk's form: `+00:00`, and 0, 3, 6
+/// or 9 fraction digits), without its formatting machinery for the common years 0-9999.
+fn format_time(time: &chrono::DateTime<chrono::Utc>) -> String {
+    use chrono::{Datelike, Timelike};
+    let (year, nanos) = (time.year(), time.nanosecond());
+    let Ok(year) = u32::try_from(year) else {
+        return time.to_rfc3339();
+    };
+    if year > 9999 || nanos >= 1_000_000_000 {
+        // Years with a sign or more digits, and leap seconds: chrono's own formatting.
+        return time.to_rfc3339();
+    }
+    let mut out = String::with_capacity(35);
+    push_digits(&mut out, year, 4);
+    out.push('-');
+    push_digits(&mut out, time.month(), 2);
+    out.push('-');
+    push_digits(&mut out, time.day(), 2);
+    out.push('T');
+    push_digits(&mut out, time.hour(), 2);
+    out.push(':');
+    push_digits(&mut out, time.minute(), 2);
+    out.push(':');
+    push_digits(&mut out, time.second(), 2);
+    if nanos != 0 {
+        out.push('.');
+        if nanos % 1_000_000 == 0 {
+            push_digits(&mut out, nanos / 1_000_000, 3);
+        } else if nanos % 1_000 == 0 {
+            push_digits(&mut out, nanos / 1_000, 6);
+        } else {
+            push_digits(&mut out, nanos, 9);
+        }
+    }
+    out.push_str("+00:00");
+    out
+}
+
+/// Appends the last `width` decimal digits of `value`, zero-padded.
+fn push_digits(out: &mut String, value: u32, width: u32) {
+    for i in (0..width).rev() {
+        let digit = value / 10u32.pow(i) % 10;
+        // `digit` is 0-9, so this is an ASCII digit.
+        out.push(char::from(b'0' + digit as u8));
     }
 }
 
@@ -852,11 +908,8 @@ struct NatsSerializer {
 }
 
 impl NatsSerializer {
-    fn header(
-        mut self,
-        name: &str,
-        value: &MessageAttributeValue,
-    ) -> cloudevents::message::Result<Self> {
+    /// Inserts `ce-<name>` with the percent-encoded `text`.
+    fn header(mut self, name: &str, text: Cow<'_, str>) -> cloudevents::message::Result<Self> {
         let header_name = match name {
             "specversion" => HeaderName::from_static("ce-specversion"),
             "id" => HeaderName::from_static("ce-id"),
@@ -866,26 +919,48 @@ impl NatsSerializer {
             "dataschema" => HeaderName::from_static("ce-dataschema"),
             "subject" => HeaderName::from_static("ce-subject"),
             "time" => HeaderName::from_static("ce-time"),
-            _ => HeaderName::try_from(format!("{CE_PREFIX}{name}")).map_err(|_| {
-                wrap_encode(Error::with_detail(
-                    EncodeErrorKind::InvalidHeader,
-                    format!("`{name}` cannot be a NATS header name"),
-                ))
-            })?,
+            // The extensions this library sets on most events: no allocation for their names.
+            "transactionid" => HeaderName::from_static("ce-transactionid"),
+            "traceparent" => HeaderName::from_static("ce-traceparent"),
+            "tracestate" => HeaderName::from_static("ce-tracestate"),
+            _ => {
+                let mut header_name = String::with_capacity(CE_PREFIX.len() + name.len());
+                header_name.push_str(CE_PREFIX);
+                header_name.push_str(name);
+                HeaderName::try_from(header_name).map_err(|_| {
+                    wrap_encode(Error::with_detail(
+                        EncodeErrorKind::InvalidHeader,
+                        format!("`{name}` cannot be a NATS header name"),
+                    ))
+                })?
+            }
         };
+        // Invariant: percent-encoding leaves only bytes U+0021..U+007E, so the value has no CR
+        // or LF, the only thing `HeaderValue::from` rejects.
+        let encoded = match percent_encode(&text) {
+            Cow::Owned(encoded) => Some(encoded),
+            Cow::Borrowed(_) => None,
+        };
+        let header_value = match (encoded, text) {
+            (Some(encoded), _) => HeaderValue::from(encoded),
+            (None, Cow::Owned(text)) => HeaderValue::from(text),
+            (None, Cow::Borrowed(text)) => HeaderValue::from(text),
+        };
+        self.headers.insert(header_name, header_value);
+        Ok(self)
+    }
+
+    /// [`Self::header`] for a value handed over by the sdk's serializer traits.
+    fn attribute(
+        self,
+        name: &str,
+        value: &MessageAttributeValue,
+    ) -> cloudevents::message::Result<Self> {
         let text = match value {
             MessageAttributeValue::String(s) => Cow::Borrowed(s.as_str()),
             other => Cow::Owned(other.to_string()),
         };
-        let encoded = percent_encode(&text);
-        let header_value: HeaderValue = encoded.parse().map_err(|_| {
-            wrap_encode(Error::with_detail(
-                EncodeErrorKind::InvalidHeader,
-                format!("value of `{name}`"),
-            ))
-        })?;
-        self.headers.insert(header_name, header_value);
-        Ok(self)
+        self.header(name, text)
     }
 }
 
@@ -915,10 +990,7 @@ impl StructuredSerializer<EncodedEvent> for NatsSerializer {
 
 impl BinarySerializer<EncodedEvent> for NatsSerializer {
     fn set_spec_version(self, spec_version: SpecVersion) -> cloudevents::message::Result<Self> {
-        self.header(
-            "specversion",
-            &MessageAttributeValue::String(spec_version.as_str().to_owned()),
-        )
+        self.header("specversion", Cow::Borrowed(spec_version.as_str()))
     }
 
     fn set_attribute(
@@ -926,7 +998,7 @@ impl BinarySerializer<EncodedEvent> for NatsSerializer {
         name: &str,
         value: MessageAttributeValue,
     ) -> cloudevents::message::Result<Self> {
-        self.header(name, &value)
+        self.attribute(name, &value)
     }
 
     fn set_extension(
@@ -934,7 +1006,7 @@ impl BinarySerializer<EncodedEvent> for NatsSerializer {
         name: &str,
         value: MessageAttributeValue,
     ) -> cloudevents::message::Result<Self> {
-        self.header(name, &value)
+        self.attribute(name, &value)
     }
 
     fn end_with_data(self, bytes: Vec<u8>) -> cloudevents::message::Result<EncodedEvent> {
@@ -1661,6 +1733,27 @@ mod tests {
                                     .any(|m| v.get(m) == Some(&serde_json::Value::Null))
                             }) => {}
                     (sdk, ours) => prop_assert!(false, "sdk {:?} ours {:?} for {:?}", sdk, ours, payload),
+                }
+            }
+
+            #[test]
+            fn time_is_written_as_chrono_writes_it(
+                secs in prop_oneof![
+                    // Years 0-9999 (the fast path), then any year chrono can hold.
+                    -62_167_219_200i64..253_402_300_800,
+                    -8_000_000_000_000i64..8_000_000_000_000,
+                ],
+                nanos in prop_oneof![
+                    Just(0u32),
+                    (0..1_000u32).prop_map(|ms| ms * 1_000_000),
+                    (0..1_000_000u32).prop_map(|us| us * 1_000),
+                    0..1_000_000_000u32,
+                    // Leap seconds (valid only at :59, else skipped).
+                    1_000_000_000..2_000_000_000u32,
+                ],
+            ) {
+                if let Some(time) = chrono::DateTime::from_timestamp(secs, nanos) {
+                    prop_assert_eq!(format_time(&time), time.to_rfc3339());
                 }
             }
 
