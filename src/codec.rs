@@ -61,8 +61,6 @@ pub const STRUCTURED_CONTENT_TYPE: &str = "application/cloudevents+json";
 
 /// Prefix of the binary-mode attribute headers.
 const CE_PREFIX: &str = "ce-";
-/// The header that marks a binary-mode message (compared case-insensitively).
-const CE_SPECVERSION: &str = "ce-specversion";
 /// The plain content type header (compared case-insensitively).
 const CONTENT_TYPE: &str = "content-type";
 
@@ -239,6 +237,47 @@ fn format_time(time: &chrono::DateTime<chrono::Utc>) -> String {
     out
 }
 
+/// `time` as chrono's `parse_from_rfc3339` reads it, with a fast path for the UTC form that
+/// this library and most senders write (`YYYY-MM-DDTHH:MM:SS[.fraction](Z|+00:00)`).
+fn parse_time(text: &str) -> Result<chrono::DateTime<chrono::Utc>, chrono::ParseError> {
+    match parse_utc_time(text.as_bytes()) {
+        Some(time) => Ok(time),
+        None => chrono::DateTime::parse_from_rfc3339(text).map(|t| t.with_timezone(&chrono::Utc)),
+    }
+}
+
+/// `YYYY-MM-DDTHH:MM:SS[.f]Z` or `...+00:00` with 1-9 fraction digits and a valid date and
+/// time (no leap second); `None` for anything else, which chrono then reads (or rejects).
+fn parse_utc_time(text: &[u8]) -> Option<chrono::DateTime<chrono::Utc>> {
+    let number = |range: std::ops::Range<usize>| -> Option<u32> {
+        text.get(range)?.iter().try_fold(0u32, |n, &b| {
+            b.is_ascii_digit().then(|| n * 10 + u32::from(b - b'0'))
+        })
+    };
+    let separators = [(4, b'-'), (7, b'-'), (10, b'T'), (13, b':'), (16, b':')];
+    if separators.iter().any(|&(i, c)| text.get(i) != Some(&c)) {
+        return None;
+    }
+    let (mut end, mut nanos) = (19, 0);
+    if text.get(19) == Some(&b'.') {
+        let digits = text[20..].iter().take_while(|b| b.is_ascii_digit()).count();
+        if !(1..=9).contains(&digits) {
+            return None;
+        }
+        // `digits` is 1-9: the power fits, and the product stays below 10^9.
+        nanos = number(20..20 + digits)? * 10u32.pow(9 - digits as u32);
+        end = 20 + digits;
+    }
+    if !matches!(text.get(end..), Some(b"Z" | b"+00:00")) {
+        return None;
+    }
+    // `number` reads at most 4 digits here, so the year fits an i32.
+    let date =
+        chrono::NaiveDate::from_ymd_opt(number(0..4)? as i32, number(5..7)?, number(8..10)?)?;
+    let time = date.and_hms_nano_opt(number(11..13)?, number(14..16)?, number(17..19)?, nanos)?;
+    Some(time.and_utc())
+}
+
 /// Appends the last `width` decimal digits of `value`, zero-padded.
 fn push_digits(out: &mut String, value: u32, width: u32) {
     for i in (0..width).rev() {
@@ -301,8 +340,8 @@ fn push_digits(out: &mut String, value: u32, width: u32) {
 /// ```
 pub fn decode(headers: Option<&HeaderMap>, payload: &Bytes) -> Result<Event, DecodeError> {
     let message = NatsMessage { headers, payload };
-    if message.is_binary() {
-        message.binary_parts()?.into_event()
+    if let Some(parts) = message.binary_parts() {
+        parts?.into_event()
     } else {
         // Structured, with or without a CloudEvents Content-Type (sdk-go sends none).
         let parsed = JsonEvent::parse(payload).map_err(|e| {
@@ -332,13 +371,6 @@ struct NatsMessage<'a> {
 }
 
 impl<'a> NatsMessage<'a> {
-    fn is_binary(&self) -> bool {
-        self.headers.is_some_and(|h| {
-            h.iter()
-                .any(|(name, _)| AsRef::<str>::as_ref(name).eq_ignore_ascii_case(CE_SPECVERSION))
-        })
-    }
-
     /// Whether `Content-Type` starts with `application/cloudevents` (case-insensitive).
     fn has_structured_content_type(&self) -> bool {
         const PREFIX: &[u8] = b"application/cloudevents";
@@ -354,21 +386,16 @@ impl<'a> NatsMessage<'a> {
     }
 
     /// Reads the `ce-*` headers (one pass, names case-insensitive, values percent-decoded) and
-    /// the payload as the data.
-    fn binary_parts(&self) -> Result<EventParts<'a>, DecodeError> {
+    /// the payload as the data; `None` when there is no `ce-specversion` header, so the
+    /// message is not in binary mode (an error in another `ce-*` header then does not count).
+    fn binary_parts(&self) -> Option<Result<EventParts<'a>, DecodeError>> {
+        let headers = self.headers?;
         let mut parts = EventParts::default();
-        let Some(headers) = self.headers else {
-            return Err(Error::with_detail(
-                DecodeErrorKind::MissingAttribute,
-                "no `ce-specversion` header",
-            ));
-        };
+        let mut is_binary = false;
+        let mut first_error = None;
         let mut content_type = None;
         for (name, values) in headers.iter() {
             let name: &'a str = name.as_ref();
-            let Some(value) = values.first().map(HeaderValue::as_str) else {
-                continue;
-            };
             if name.len() > CE_PREFIX.len()
                 && name.as_bytes()[..CE_PREFIX.len()].eq_ignore_ascii_case(CE_PREFIX.as_bytes())
             {
@@ -379,8 +406,19 @@ impl<'a> NatsMessage<'a> {
                 } else {
                     Cow::Borrowed(attr)
                 };
-                let value = percent_decode(value, name)?;
-                match Slot::of(&attr) {
+                let slot = Slot::of(&attr);
+                is_binary |= matches!(slot, Slot::SpecVersion);
+                let Some(value) = values.first().map(HeaderValue::as_str) else {
+                    continue;
+                };
+                let value = match percent_decode(value, name) {
+                    Ok(value) => value,
+                    Err(e) => {
+                        first_error.get_or_insert(e);
+                        continue;
+                    }
+                };
+                match slot {
                     Slot::SpecVersion => parts.specversion = Some(value),
                     Slot::DataContentType => parts.datacontenttype = Some(value),
                     Slot::Attribute(i) => parts.attributes[i] = Some(value),
@@ -389,8 +427,14 @@ impl<'a> NatsMessage<'a> {
                         .push((attr, ExtensionValue::String(value.into_owned()))),
                 }
             } else if name.eq_ignore_ascii_case(CONTENT_TYPE) {
-                content_type = Some(Cow::Borrowed(value));
+                content_type = values.first().map(|v| Cow::Borrowed(v.as_str()));
             }
+        }
+        if !is_binary {
+            return None;
+        }
+        if let Some(e) = first_error {
+            return Some(Err(e));
         }
         if parts.datacontenttype.is_none() {
             parts.datacontenttype = content_type;
@@ -398,7 +442,7 @@ impl<'a> NatsMessage<'a> {
         if !self.payload.is_empty() {
             parts.data = Some(PartsData::Bytes(self.payload));
         }
-        Ok(parts)
+        Some(Ok(parts))
     }
 }
 
@@ -501,14 +545,10 @@ impl EventParts<'_> {
         use cloudevents::{AttributesWriter, EventBuilder, EventBuilderV10};
         let [id, source, ty, subject, time, dataschema] = self.attributes;
         let time = match time {
-            Some(time) => Some(
-                chrono::DateTime::parse_from_rfc3339(&time)
-                    .map_err(|e| {
-                        Error::with_source(DecodeErrorKind::InvalidAttribute, e)
-                            .detail(format!("`time` is not RFC 3339: `{time}`"))
-                    })?
-                    .with_timezone(&chrono::Utc),
-            ),
+            Some(time) => Some(parse_time(&time).map_err(|e| {
+                Error::with_source(DecodeErrorKind::InvalidAttribute, e)
+                    .detail(format!("`time` is not RFC 3339: `{time}`"))
+            })?),
             None => None,
         };
         // The builder is a large value moved through every call: only the required attributes
@@ -1755,6 +1795,28 @@ mod tests {
                 if let Some(time) = chrono::DateTime::from_timestamp(secs, nanos) {
                     prop_assert_eq!(format_time(&time), time.to_rfc3339());
                 }
+            }
+
+            #[test]
+            fn time_is_read_as_chrono_reads_it(
+                text in prop_oneof![
+                    "[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\\.[0-9]{0,11})?(Z|z|\\+00:00|-00:00|\\+01:30)?",
+                    "[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])T([01][0-9]|2[0-4]):[0-5][0-9]:([0-5][0-9]|60)(\\.[0-9]{1,10})?(Z|\\+00:00)",
+                    (-62_167_219_200i64..253_402_300_800, 0..1_000_000_000u32).prop_map(|(s, n)| {
+                        let time = chrono::DateTime::from_timestamp(s, n).unwrap_or_default();
+                        if n % 2 == 0 {
+                            time.to_rfc3339()
+                        } else {
+                            time.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
+                        }
+                    }),
+                    ".{0,30}",
+                ],
+            ) {
+                let chrono = chrono::DateTime::parse_from_rfc3339(&text)
+                    .map(|t| t.with_timezone(&chrono::Utc))
+                    .ok();
+                prop_assert_eq!(parse_time(&text).ok(), chrono, "{}", text);
             }
 
             #[test]
