@@ -763,19 +763,20 @@ struct JsonEvent<'a> {
     extensions: Vec<(Cow<'a, str>, Member<'a>)>,
 }
 
-impl<'de> serde::Deserialize<'de> for JsonEvent<'de> {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct Visitor;
-        impl<'de> serde::de::Visitor<'de> for Visitor {
-            type Value = JsonEvent<'de>;
+/// Reads a JSON event into a [`JsonEvent`] in place (no moves of the large value through
+/// serde's return paths).
+impl<'de> serde::de::DeserializeSeed<'de> for &mut JsonEvent<'de> {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        struct Visitor<'e, 'de>(&'e mut JsonEvent<'de>);
+        impl<'de> serde::de::Visitor<'de> for Visitor<'_, 'de> {
+            type Value = ();
             fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
                 f.write_str("a JSON object")
             }
-            fn visit_map<A: serde::de::MapAccess<'de>>(
-                self,
-                mut map: A,
-            ) -> Result<Self::Value, A::Error> {
-                let mut event = JsonEvent::default();
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+                let event = self.0;
                 while let Some(JsonStr(key)) = map.next_key::<JsonStr<'de>>()? {
                     match key.as_ref() {
                         "data" => event.data = Some(map.next_value()?),
@@ -796,10 +797,10 @@ impl<'de> serde::Deserialize<'de> for JsonEvent<'de> {
                         },
                     }
                 }
-                Ok(event)
+                Ok(())
             }
         }
-        deserializer.deserialize_map(Visitor)
+        deserializer.deserialize_map(Visitor(self))
     }
 }
 
@@ -858,9 +859,12 @@ impl<'a> JsonEvent<'a> {
         // serde_json's check of each string as it reads it from bytes.
         let text = std::str::from_utf8(payload)
             .map_err(|e| Error::with_source(DecodeErrorKind::NotJson, e))?;
-        serde_json::from_str::<JsonEvent<'a>>(text)
-            .map_err(|e| Error::with_source(DecodeErrorKind::NotJson, e))?
-            .into_parts()
+        let mut event = JsonEvent::default();
+        let mut deserializer = serde_json::Deserializer::from_str(text);
+        serde::de::DeserializeSeed::deserialize(&mut event, &mut deserializer)
+            .and_then(|()| deserializer.end())
+            .map_err(|e| Error::with_source(DecodeErrorKind::NotJson, e))?;
+        event.into_parts()
     }
 }
 
