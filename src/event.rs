@@ -316,7 +316,8 @@ pub trait EventExt {
     fn set_transaction_id(&mut self, tid: &TransactionId);
 
     /// Deserializes the data as JSON into `T`. Accepts JSON data, and string or binary data
-    /// holding JSON (as binary-mode messages decode).
+    /// holding JSON text: a decoded event carries JSON data as its text (see
+    /// [`codec::decode`](crate::codec::decode)), which is parsed here once, straight into `T`.
     fn data_as<T: DeserializeOwned>(&self) -> Result<T, EventError>;
 
     /// The event type as an [`EventType`].
@@ -341,7 +342,12 @@ impl EventExt for Event {
         let result = match self.data() {
             None => return Err(Error::new(EventErrorKind::NoData)),
             Some(Data::Json(value)) => T::deserialize(value),
-            Some(Data::Binary(bytes)) => serde_json::from_slice(bytes),
+            // JSON text is UTF-8: checked once, which is cheaper than serde_json checking each
+            // string of a byte slice (bytes that are not UTF-8 get serde_json's own error).
+            Some(Data::Binary(bytes)) => match std::str::from_utf8(bytes) {
+                Ok(text) => serde_json::from_str(text),
+                Err(_) => serde_json::from_slice(bytes),
+            },
             Some(Data::String(text)) => serde_json::from_str(text),
         };
         result.map_err(|e| {
@@ -412,6 +418,12 @@ mod tests {
         assert_eq!(event.data_as::<Workspace>().unwrap(), expected);
         event.set_data_unchecked(r#"{"name":"é x","size":9}"#);
         assert_eq!(event.data_as::<Workspace>().unwrap(), expected);
+        // Bytes that are not UTF-8 are not JSON text.
+        event.set_data_unchecked(b"{\"name\":\"\xff\",\"size\":9}".to_vec());
+        assert_eq!(
+            event.data_as::<Workspace>().unwrap_err().kind(),
+            EventErrorKind::DataDeserialize
+        );
     }
 
     #[test]

@@ -22,10 +22,15 @@ pub fn json(value: &serde_json::Value) -> Result<(), Failure> {
     line(&value.to_string())
 }
 
-/// The event in the structured CloudEvents JSON format, on one line.
+/// The event in the structured CloudEvents JSON format, on one line. (Through the codec, so
+/// that JSON data a decoded event carries as its text prints as a `data` member.)
 pub fn event_line(event: &Event) -> Result<String, Failure> {
-    serde_json::to_string(event)
-        .map_err(|e| Failure::new(EXIT_OTHER, format!("cannot print the event as JSON: {e}")))
+    let cannot = |e: &dyn std::fmt::Display| {
+        Failure::new(EXIT_OTHER, format!("cannot print the event as JSON: {e}"))
+    };
+    let encoded = ce_messaging::codec::encode(event, ce_messaging::codec::ContentMode::Structured)
+        .map_err(|e| cannot(&e))?;
+    String::from_utf8(encoded.payload.to_vec()).map_err(|e| cannot(&e))
 }
 
 /// A note for the person at the terminal (stderr); never part of the results.
