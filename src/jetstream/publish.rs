@@ -232,8 +232,10 @@ pub(crate) async fn publish_all(
                 Ok(ack) => Ok(ack),
                 Err(AttemptError::Fail(err)) => Err(err),
                 // No responders: the retry loop tells a missing stream from an election.
+                // Boxed: the rare retry's state would otherwise make every in-flight future
+                // (one allocation each in the FuturesUnordered) several times larger.
                 Err(AttemptError::Retry(_) | AttemptError::NoResponders(_)) => {
-                    send_with_retry(inner, &mut prepared, &event, started).await
+                    Box::pin(send_with_retry(inner, &mut prepared, &event, started)).await
                 }
             };
             (
