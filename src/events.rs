@@ -795,17 +795,23 @@ where
     Fut: Future<Output = Vec<Result<PublishAck, PublishError>>>,
 {
     let span = tracing::info_span!("publish_all", count = events.len());
-    let start_new = !span.is_disabled();
-    let types: Vec<String> = events
-        .iter_mut()
-        .map(|event| {
-            telemetry::outgoing(event, start_new);
-            event.ty().to_owned()
-        })
-        .collect();
+    telemetry::outgoing_all(&mut events, !span.is_disabled());
+    // The metrics labels, one per run of consecutive events of the same type; taken before
+    // the events move into the backend.
+    let mut runs: Vec<(String, usize)> = Vec::new();
+    for event in &events {
+        match runs.last_mut() {
+            Some((ty, n)) if ty.as_str() == event.ty() => *n += 1,
+            _ => runs.push((event.ty().to_owned(), 1)),
+        }
+    }
     let results = tracing::Instrument::instrument(publish_all(events), span).await;
-    for (event_type, result) in types.into_iter().zip(&results) {
-        telemetry::count_publish(event_type, result);
+    let mut rest = results.as_slice();
+    for (event_type, n) in runs {
+        // A backend returns one result per event; `min` keeps a short answer from panicking.
+        let (run, after) = rest.split_at(n.min(rest.len()));
+        telemetry::count_publishes(&event_type, run);
+        rest = after;
     }
     results
 }

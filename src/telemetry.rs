@@ -610,6 +610,26 @@ pub(crate) fn outgoing(event: &mut Event, start_new: bool) -> Option<TraceContex
     Some(ctx)
 }
 
+/// [`outgoing`] for a batch published from one task: the current trace context is looked up
+/// once, and when there is none and no new trace is to be started, no event is touched (nor
+/// looked at).
+pub(crate) fn outgoing_all(events: &mut [Event], start_new: bool) {
+    let current = TraceContext::current();
+    if current.is_none() && !start_new {
+        return;
+    }
+    for event in events {
+        if TraceContext::from_event(event).is_some() {
+            continue;
+        }
+        let ctx = match &current {
+            Some(parent) => parent.child(),
+            None => TraceContext::new_root(),
+        };
+        ctx.inject(event);
+    }
+}
+
 /// The trace context a handler of `event` runs in: the next hop of the event's trace, or a
 /// new trace when `start_new` (a subscriber records the handler's span).
 pub(crate) fn incoming(event: &Event, start_new: bool) -> Option<TraceContext> {
@@ -750,6 +770,41 @@ pub(crate) fn count_publish(
                 .increment(1);
             "error"
         }
+    }
+}
+
+/// Counts the outcomes of a run of publishes of one `event_type` (a [`count_publish`] per
+/// result, with one counter update per outcome instead of one per event).
+pub(crate) fn count_publishes(
+    event_type: &str,
+    results: &[Result<crate::events::PublishAck, crate::events::PublishError>],
+) {
+    let (mut stored, mut duplicates) = (0u64, 0u64);
+    let mut errors: Vec<(&'static str, u64)> = Vec::new();
+    for result in results {
+        match result {
+            Ok(ack) if ack.duplicate => duplicates += 1,
+            Ok(_) => stored += 1,
+            Err(err) => {
+                let kind = publish_kind(err.kind());
+                match errors.iter_mut().find(|(k, _)| *k == kind) {
+                    Some((_, n)) => *n += 1,
+                    None => errors.push((kind, 1)),
+                }
+            }
+        }
+    }
+    if stored > 0 {
+        metrics::counter!(metric_names::PUBLISHED, "type" => event_type.to_owned())
+            .increment(stored);
+    }
+    if duplicates > 0 {
+        metrics::counter!(metric_names::DUPLICATES, "type" => event_type.to_owned())
+            .increment(duplicates);
+    }
+    for (kind, n) in errors {
+        metrics::counter!(metric_names::PUBLISH_ERRORS, "type" => event_type.to_owned(), "kind" => kind)
+            .increment(n);
     }
 }
 
@@ -1023,6 +1078,97 @@ mod tests {
         let carried = TraceContext::from_event(&second).expect("traceparent carried");
         assert_eq!(carried.trace_id(), parent.trace_id());
         assert_ne!(carried.span_id(), parent.span_id());
+    }
+
+    #[test]
+    fn publish_all_counts_each_type_and_outcome_and_carries_the_trace_like_publish() {
+        use crate::events::EventConnection;
+        use cloudevents::AttributesReader;
+
+        let recorder = capture::MetricsCapture::new();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _metrics = metrics::set_default_local_recorder(&recorder);
+        let _quiet = tracing::subscriber::set_default(tracing::subscriber::NoSubscriber::new());
+        let event = |ty: &str, n: u32| crate::event::new_event(ty, "test", &n).unwrap();
+        let (messages, parent, own) = rt.block_on(async {
+            let broker = crate::MemoryBroker::new();
+            let events = broker.event_connection(&crate::config::Config::default());
+            events.init_stream().await.unwrap();
+            let a1 = event("org.example.a", 1);
+            let batch = vec![
+                a1.clone(),
+                event("org.example.a", 2),
+                event("org.example.b", 3),
+                a1,
+                event("org.example.a", 4),
+            ];
+            let results = events.publish_all(batch).await;
+            let duplicates: Vec<bool> = results
+                .iter()
+                .map(|r| r.as_ref().unwrap().duplicate)
+                .collect();
+            assert_eq!(duplicates, vec![false, false, false, true, false]);
+            // Inside a trace: every event of the batch continues it, except one that carries
+            // its own traceparent.
+            let parent = TraceContext::new_root();
+            let own = TraceContext::new_root();
+            let mut with_own = event("org.example.c", 6);
+            own.inject(&mut with_own);
+            let batch = vec![event("org.example.c", 5), with_own];
+            for result in parent.clone().scope(events.publish_all(batch)).await {
+                result.unwrap();
+            }
+            (broker.stream_messages("CLOUDEVENTS").unwrap(), parent, own)
+        });
+        let ty = |t: &'static str| [("type", t)];
+        assert_eq!(
+            recorder.counter(metric_names::PUBLISHED, &ty("org.example.a")),
+            3
+        );
+        assert_eq!(
+            recorder.counter(metric_names::DUPLICATES, &ty("org.example.a")),
+            1
+        );
+        assert_eq!(
+            recorder.counter(metric_names::PUBLISHED, &ty("org.example.b")),
+            1
+        );
+        assert_eq!(
+            recorder.counter(metric_names::DUPLICATES, &ty("org.example.b")),
+            0
+        );
+        assert_eq!(
+            recorder.counter(metric_names::PUBLISHED, &ty("org.example.c")),
+            2
+        );
+
+        let decoded: Vec<Event> = messages
+            .iter()
+            .map(|m| crate::codec::decode(Some(&m.headers), &m.payload).unwrap())
+            .collect();
+        assert_eq!(decoded.len(), 6, "the duplicate is stored once");
+        for untraced in &decoded[..4] {
+            assert!(
+                untraced.extension(TRACEPARENT_EXTENSION).is_none(),
+                "nothing injected outside a trace without a subscriber ({})",
+                untraced.ty()
+            );
+        }
+        let continued = TraceContext::from_event(&decoded[4]).expect("traceparent carried");
+        assert_eq!(continued.trace_id(), parent.trace_id());
+        assert_ne!(
+            continued.span_id(),
+            parent.span_id(),
+            "a child of the current span"
+        );
+        assert_eq!(
+            TraceContext::from_event(&decoded[5]),
+            Some(own),
+            "its own is kept"
+        );
     }
 
     #[test]

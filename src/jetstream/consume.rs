@@ -39,8 +39,8 @@ use std::time::Duration;
 use async_nats::jetstream::consumer::pull::{BatchConfig, Config as PullConfig};
 use async_nats::jetstream::consumer::{AckPolicy, Consumer, DeliverPolicy};
 use async_nats::jetstream::context::ConsumerInfoErrorKind;
+use async_nats::jetstream::message::AckKind;
 use async_nats::jetstream::message::PublishMessage;
-use async_nats::jetstream::message::{AckKind, Acker as JsAcker};
 use async_nats::jetstream::Context;
 use async_nats::{HeaderMap, StatusCode, Subject};
 use async_trait::async_trait;
@@ -214,9 +214,12 @@ pub(crate) async fn listen(
         batch: options.buffer.clamp(1, max_ack_pending as usize),
         submitter: pool.submitter(),
         work: pool.context(),
+        ackers: Arc::new(AckerShared {
+            client: inner.client.clone(),
+            work: pool.context(),
+        }),
         listener_token: token.clone(),
         client: inner.client.clone(),
-        js: inner.js.clone(),
         durable: durable.clone(),
     };
     pool.spawn_intake(intake.run());
@@ -256,9 +259,10 @@ struct Intake {
     batch: usize,
     submitter: Submitter<Delivery>,
     work: WorkContext,
+    /// Shared by the deliveries' ackers.
+    ackers: Arc<AckerShared>,
     listener_token: CancellationToken,
     client: async_nats::Client,
-    js: Context,
     durable: String,
 }
 
@@ -460,18 +464,11 @@ impl Intake {
     }
 
     fn delivery(&self, message: async_nats::Message) -> Option<Delivery> {
-        let message = async_nats::jetstream::Message {
-            message,
-            context: self.js.clone(),
+        let Some((stream_sequence, delivered)) = message.reply.as_deref().and_then(ack_numbers)
+        else {
+            tracing::warn!(durable = %self.durable, subject = %message.subject, reply = ?message.reply, "message without JetStream metadata ignored");
+            return None;
         };
-        let (stream_sequence, delivered) = match message.info() {
-            Ok(info) => (info.stream_sequence, info.delivered.max(1) as u64),
-            Err(err) => {
-                tracing::warn!(durable = %self.durable, subject = %message.subject, error = %err, "message without JetStream metadata ignored");
-                return None;
-            }
-        };
-        let (message, acker) = message.split();
         Some(Delivery {
             subject: message.subject.to_string(),
             headers: message.headers,
@@ -479,9 +476,9 @@ impl Intake {
             stream_sequence,
             delivered,
             acker: Box::new(JetStreamAcker {
-                acker: Some(acker),
+                reply: message.reply,
                 settled: AtomicBool::new(false),
-                work: self.work.clone(),
+                shared: self.ackers.clone(),
             }),
         })
     }
@@ -530,6 +527,34 @@ impl Intake {
     }
 }
 
+/// The stream sequence and the (1-based) delivery count of a JetStream message, from its ack
+/// subject (ADR-15): `$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.
+/// <timestamp>.<pending>`, or with `<domain>.<account hash>.` before the stream and
+/// optionally more tokens after `<pending>`. `None` when it is not such a subject (the same
+/// shapes [`async_nats::jetstream::Message::info`] accepts; this reads the two numbers
+/// without building the rest).
+fn ack_numbers(reply: &str) -> Option<(u64, u64)> {
+    let rest = reply.strip_prefix("$JS.ACK.")?;
+    let mut tokens = [""; 10];
+    let mut count = 0;
+    for (slot, token) in tokens.iter_mut().zip(rest.split('.')) {
+        *slot = token;
+        count += 1;
+    }
+    // delivered, stream seq, consumer seq, timestamp, pending
+    let numbers = match count {
+        7 => &tokens[2..7],
+        9.. => &tokens[4..9],
+        _ => return None,
+    };
+    let delivered: i64 = numbers[0].parse().ok()?;
+    let stream_sequence: u64 = numbers[1].parse().ok()?;
+    numbers[2].parse::<u64>().ok()?;
+    numbers[3].parse::<i128>().ok()?;
+    numbers[4].parse::<u64>().ok()?;
+    Some((stream_sequence, delivered.max(1) as u64))
+}
+
 /// What a message read from the pull subscription is.
 enum Note {
     /// An event.
@@ -541,11 +566,30 @@ enum Note {
 /// Settles one message. One dropped unsettled (e.g. still queued for a worker when a stop's
 /// grace period ran out) is nak'ed, so it is redelivered at once instead of after the ack
 /// wait; unless the listener "crashed", where nothing is settled, as in a dead process.
+///
+/// An ack is what async-nats' `Acker::ack_with` sends (a publish of the [`AckKind`] to the
+/// message's reply subject), through a connection shared by the listener's deliveries
+/// instead of a JetStream context cloned per message.
 struct JetStreamAcker {
-    /// `Some` until dropped.
-    acker: Option<JsAcker>,
+    /// The message's `$JS.ACK...` subject; `Some` until dropped.
+    reply: Option<Subject>,
     settled: AtomicBool,
+    shared: Arc<AckerShared>,
+}
+
+/// What every [`JetStreamAcker`] of a listener shares.
+struct AckerShared {
+    client: async_nats::Client,
     work: WorkContext,
+}
+
+impl AckerShared {
+    async fn send(&self, reply: Subject, kind: AckKind) -> Result<(), BoxError> {
+        self.client
+            .publish(reply, Bytes::from(kind))
+            .await
+            .map_err(|err| Box::new(err) as BoxError)
+    }
 }
 
 impl JetStreamAcker {
@@ -553,8 +597,8 @@ impl JetStreamAcker {
         if settles {
             self.settled.store(true, Ordering::SeqCst);
         }
-        match &self.acker {
-            Some(acker) => acker.ack_with(kind).await,
+        match &self.reply {
+            Some(reply) => self.shared.send(reply.clone(), kind).await,
             None => Ok(()),
         }
     }
@@ -562,15 +606,16 @@ impl JetStreamAcker {
 
 impl Drop for JetStreamAcker {
     fn drop(&mut self) {
-        if self.settled.load(Ordering::SeqCst) || self.work.crashed() {
+        if self.settled.load(Ordering::SeqCst) || self.shared.work.crashed() {
             return;
         }
-        let (Some(acker), Ok(runtime)) = (self.acker.take(), tokio::runtime::Handle::try_current())
+        let (Some(reply), Ok(runtime)) = (self.reply.take(), tokio::runtime::Handle::try_current())
         else {
             return;
         };
+        let shared = self.shared.clone();
         runtime.spawn(async move {
-            if let Err(err) = acker.ack_with(AckKind::Nak(None)).await {
+            if let Err(err) = shared.send(reply, AckKind::Nak(None)).await {
                 tracing::warn!(error = %err, "nak of an unprocessed event failed; redelivered after the ack wait");
             }
         });
@@ -641,6 +686,44 @@ mod tests {
             "CE.7.dlq.billing"
         );
         assert_eq!(dead_letter_msg_id(Some(""), "CE", "7", "b"), "CE.7.dlq.b");
+    }
+
+    #[test]
+    fn ack_subjects_of_both_formats_give_the_stream_sequence_and_delivery_count() {
+        // The original 9-token form.
+        assert_eq!(
+            ack_numbers("$JS.ACK.CE.billing.3.1042.17.1732700000000000000.5"),
+            Some((1042, 3))
+        );
+        // Domain and account hash, with and without the trailing token, and a longer one.
+        assert_eq!(
+            ack_numbers("$JS.ACK._.ACCHASH.CE.billing.1.7.7.1732700000000000000.0"),
+            Some((7, 1))
+        );
+        assert_eq!(
+            ack_numbers("$JS.ACK.hub.ACCHASH.CE.billing.2.99.98.1732700000000000000.4.tok"),
+            Some((99, 2))
+        );
+        assert_eq!(
+            ack_numbers("$JS.ACK.hub.ACCHASH.CE.billing.2.99.98.1732700000000000000.4.tok.x.y"),
+            Some((99, 2))
+        );
+        // A delivery count of 0 (never sent by a server) counts as the first delivery.
+        assert_eq!(
+            ack_numbers("$JS.ACK.CE.billing.0.5.5.1732700000000000000.0"),
+            Some((5, 1))
+        );
+        for bad in [
+            "",
+            "_INBOX.abc.1",
+            "$JS.ACK.CE.billing.3.1042.17.1732700000000000000",
+            "$JS.ACK.a.b.CE.billing.3.1042.17.1732700000000000000",
+            "$JS.ACK.CE.billing.x.1042.17.1732700000000000000.5",
+            "$JS.ACK.CE.billing.3.1042.17.notatime.5",
+            "$JS.ACK.CE.billing.3.-1.17.1732700000000000000.5",
+        ] {
+            assert_eq!(ack_numbers(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

@@ -12,13 +12,14 @@ use std::time::Duration;
 
 use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind as JsPublishErrorKind};
 use async_nats::jetstream::message::PublishMessage;
-use async_nats::HeaderMap;
+use async_nats::{HeaderMap, Subject};
 use bytes::Bytes;
 use cloudevents::{AttributesReader, Event};
 use futures::StreamExt;
 use tokio::time::Instant;
 
-use crate::codec;
+use crate::codec::{self, ContentMode};
+use crate::config::Config;
 use crate::error::{Error, PublishErrorKind};
 use crate::event::populate_source;
 use crate::events::{PublishAck, PublishError};
@@ -71,43 +72,90 @@ impl Default for PublishRetry {
 }
 
 /// An event ready to send.
+///
+/// The headers go into the first attempt as they are (no copy); a retry rebuilds them from
+/// the event, which the caller still holds ([`Prepared::headers_for_retry`]).
 struct Prepared {
-    subject: String,
-    headers: HeaderMap,
+    /// `<prefix>.<type>`; cheap to clone (shared bytes).
+    subject: Subject,
+    /// `Some` until the first attempt takes them.
+    headers: Option<HeaderMap>,
     payload: Bytes,
-    event_id: String,
 }
 
-/// Fills in the source, encodes in the connection's content mode, sets `Nats-Msg-Id` and
-/// checks the size against the server's max payload.
-fn prepare(inner: &Inner, event: &mut Event) -> Result<Prepared, Error<PublishErrorKind>> {
-    populate_source(event, &inner.config.client_id);
-    let encoded = codec::encode(event, inner.config.ce_mode)
-        .map_err(|e| e.map_kind(|_| PublishErrorKind::Encode))?;
+impl Prepared {
+    /// The headers for an attempt: the encoded ones for the first, rebuilt from `event` (the
+    /// same encoding and `Nats-Msg-Id`, so the server de-duplicates) for a retry.
+    fn take_headers(
+        &mut self,
+        mode: ContentMode,
+        event: &Event,
+    ) -> Result<HeaderMap, Error<PublishErrorKind>> {
+        match self.headers.take() {
+            Some(headers) => Ok(headers),
+            None => Ok(encode(mode, event)?.0),
+        }
+    }
+}
+
+/// The most recent type's subject, so that a batch of one type formats it once.
+#[derive(Default)]
+struct SubjectCache {
+    last: Option<(String, Subject)>,
+}
+
+impl SubjectCache {
+    fn subject(&mut self, config: &Config, event_type: &str) -> Subject {
+        match &self.last {
+            Some((ty, subject)) if ty == event_type => subject.clone(),
+            _ => {
+                let subject = Subject::from(config.events_subject(event_type));
+                self.last = Some((event_type.to_owned(), subject.clone()));
+                subject
+            }
+        }
+    }
+}
+
+/// Encodes in the connection's content mode and sets `Nats-Msg-Id` to the event id.
+fn encode(mode: ContentMode, event: &Event) -> Result<(HeaderMap, Bytes), Error<PublishErrorKind>> {
+    let encoded =
+        codec::encode(event, mode).map_err(|e| e.map_kind(|_| PublishErrorKind::Encode))?;
     let mut headers = encoded.headers;
-    let event_id = event.id().to_owned();
-    let msg_id: async_nats::HeaderValue = event_id.parse().map_err(|_| {
+    let msg_id: async_nats::HeaderValue = event.id().parse().map_err(|_| {
         Error::with_detail(
             PublishErrorKind::Encode,
-            format!("event id {event_id:?} cannot be a Nats-Msg-Id header"),
+            format!("event id {:?} cannot be a Nats-Msg-Id header", event.id()),
         )
     })?;
     headers.insert(NATS_MSG_ID, msg_id);
-    let size = wire_size(&headers, encoded.payload.len());
+    Ok((headers, encoded.payload))
+}
+
+/// Fills in the source, encodes (see [`encode`]) and checks the size against the server's
+/// max payload.
+fn prepare(
+    inner: &Inner,
+    event: &mut Event,
+    subjects: &mut SubjectCache,
+) -> Result<Prepared, Error<PublishErrorKind>> {
+    populate_source(event, &inner.config.client_id);
+    let (headers, payload) = encode(inner.config.ce_mode, event)?;
+    let size = wire_size(&headers, payload.len());
     let limit = inner.client.max_payload();
     if size > limit {
         return Err(Error::with_detail(
             PublishErrorKind::TooLarge,
             format!(
-                "event {event_id} is {size} bytes (headers + payload), the server's max payload is {limit} bytes"
+                "event {} is {size} bytes (headers + payload), the server's max payload is {limit} bytes",
+                event.id()
             ),
         ));
     }
     Ok(Prepared {
-        subject: inner.config.events_subject(event.ty()),
-        headers,
-        payload: encoded.payload,
-        event_id,
+        subject: subjects.subject(&inner.config, event.ty()),
+        headers: Some(headers),
+        payload,
     })
 }
 
@@ -142,13 +190,14 @@ pub(crate) async fn publish(
     inner: &Arc<Inner>,
     mut event: Event,
 ) -> Result<PublishAck, PublishError> {
-    let prepared = match prepare(inner, &mut event) {
+    let mut prepared = match prepare(inner, &mut event, &mut SubjectCache::default()) {
         Ok(prepared) => prepared,
         Err(err) => return Err(PublishError::from_error(err, Some(event))),
     };
-    send_with_retry(inner, &prepared, Instant::now())
-        .await
-        .map_err(|err| PublishError::from_error(err, Some(event)))
+    match send_with_retry(inner, &mut prepared, &event, Instant::now()).await {
+        Ok(ack) => Ok(ack),
+        Err(err) => Err(PublishError::from_error(err, Some(event))),
+    }
 }
 
 /// Pipelined: every event is sent in order without waiting, at most [`PIPELINE_WINDOW`] acks
@@ -162,8 +211,9 @@ pub(crate) async fn publish_all(
     let mut results: Vec<Option<Result<PublishAck, PublishError>>> =
         (0..count).map(|_| None).collect();
     let mut in_flight = futures::stream::FuturesUnordered::new();
+    let mut subjects = SubjectCache::default();
     for (index, mut event) in events.into_iter().enumerate() {
-        let prepared = match prepare(inner, &mut event) {
+        let mut prepared = match prepare(inner, &mut event, &mut subjects) {
             Ok(prepared) => prepared,
             Err(err) => {
                 results[index] = Some(Err(PublishError::from_error(err, Some(event))));
@@ -171,20 +221,21 @@ pub(crate) async fn publish_all(
             }
         };
         let started = Instant::now();
-        let sent = send(inner, &prepared, inner.retry.attempt_timeout).await;
+        let timeout = inner.retry.attempt_timeout;
+        let sent = send(inner, &mut prepared, &event, timeout).await;
         in_flight.push(async move {
             let first = match sent {
-                Ok(ack_future) => {
-                    await_ack(ack_future, &prepared, inner.retry.attempt_timeout).await
-                }
+                Ok(ack_future) => await_ack(inner, ack_future, &prepared, timeout).await,
                 Err(err) => Err(err),
             };
             let result = match first {
                 Ok(ack) => Ok(ack),
                 Err(AttemptError::Fail(err)) => Err(err),
                 // No responders: the retry loop tells a missing stream from an election.
+                // Boxed: the rare retry's state would otherwise make every in-flight future
+                // (one allocation each in the FuturesUnordered) several times larger.
                 Err(AttemptError::Retry(_) | AttemptError::NoResponders(_)) => {
-                    send_with_retry(inner, &prepared, started).await
+                    Box::pin(send_with_retry(inner, &mut prepared, &event, started)).await
                 }
             };
             (
@@ -213,7 +264,8 @@ pub(crate) async fn publish_all(
 /// Sends until the server acknowledged the message or the retry budget is spent.
 async fn send_with_retry(
     inner: &Inner,
-    prepared: &Prepared,
+    prepared: &mut Prepared,
+    event: &Event,
     started: Instant,
 ) -> Result<PublishAck, Error<PublishErrorKind>> {
     let retry = inner.retry;
@@ -227,10 +279,10 @@ async fn send_with_retry(
         attempts += 1;
         let remaining = deadline.saturating_duration_since(Instant::now());
         let attempt_timeout = retry.attempt_timeout.min(remaining);
-        let why = match attempt(inner, prepared, attempt_timeout).await {
+        let why = match attempt(inner, prepared, event, attempt_timeout).await {
             Ok(ack) => {
                 if attempts > 1 {
-                    tracing::info!(event_id = %prepared.event_id, attempts, duplicate = ack.duplicate, "publish succeeded after retry");
+                    tracing::info!(event_id = %event.id(), attempts, duplicate = ack.duplicate, "publish succeeded after retry");
                 }
                 return Ok(ack);
             }
@@ -252,7 +304,7 @@ async fn send_with_retry(
         if client_closed(&inner.client).await {
             return Err(Error::with_detail(
                 PublishErrorKind::ConnectionClosed,
-                format!("event {} not published: {why}", prepared.event_id),
+                format!("event {} not published: {why}", event.id()),
             ));
         }
         if Instant::now() + retry.pause >= deadline {
@@ -260,35 +312,63 @@ async fn send_with_retry(
                 PublishErrorKind::TimedOut,
                 format!(
                     "event {} not acknowledged after {attempts} attempts in {:?}: {why}",
-                    prepared.event_id,
+                    event.id(),
                     started.elapsed()
                 ),
             ));
         }
-        tracing::debug!(event_id = %prepared.event_id, attempts, reason = %why, "publish not acknowledged; retrying with the same id");
+        tracing::debug!(event_id = %event.id(), attempts, reason = %why, "publish not acknowledged; retrying with the same id");
         tokio::time::sleep(retry.pause).await;
     }
 }
 
 async fn attempt(
     inner: &Inner,
-    prepared: &Prepared,
+    prepared: &mut Prepared,
+    event: &Event,
     timeout: Duration,
 ) -> Result<PublishAck, AttemptError> {
-    let ack_future = send(inner, prepared, timeout).await?;
-    await_ack(ack_future, prepared, timeout).await
+    let ack_future = send(inner, prepared, event, timeout).await?;
+    await_ack(inner, ack_future, prepared, timeout).await
+}
+
+/// Bounds the ack wait by `timeout`. The ack future bounds itself by the JetStream context's
+/// timeout, which is [`PublishRetry::attempt_timeout`] (the context is built with it), and
+/// reports `TimedOut`, retried like an own timeout; so an own timer is armed only when this
+/// attempt has less time than that (the last one inside the retry budget).
+async fn within_ack_timeout<F, T>(
+    inner: &Inner,
+    timeout: Duration,
+    ack: F,
+) -> Result<T, AttemptError>
+where
+    F: std::future::Future<Output = T>,
+{
+    if timeout >= inner.retry.attempt_timeout {
+        Ok(ack.await)
+    } else {
+        tokio::time::timeout(timeout, ack)
+            .await
+            .map_err(|_| AttemptError::Retry("no ack in time".into()))
+    }
 }
 
 /// Hands the message to the connection; returns the future of its ack.
 async fn send(
     inner: &Inner,
-    prepared: &Prepared,
+    prepared: &mut Prepared,
+    event: &Event,
     timeout: Duration,
 ) -> Result<PublishAckFuture, AttemptError> {
+    let headers = prepared
+        .take_headers(inner.config.ce_mode, event)
+        .map_err(AttemptError::Fail)?;
     let message = PublishMessage::build()
         .payload(prepared.payload.clone())
-        .headers(prepared.headers.clone());
+        .headers(headers);
     let sending = inner.js.send_publish(prepared.subject.clone(), message);
+    // Also bounds the wait for an in-flight permit (the context allows 5,000 unacked
+    // publishes and waits for a permit when they are all taken).
     match tokio::time::timeout(timeout, sending).await {
         Err(_) => Err(AttemptError::Retry("send timed out".into())),
         Ok(Err(err)) => Err(classify(err, prepared)),
@@ -297,14 +377,14 @@ async fn send(
 }
 
 async fn await_ack(
+    inner: &Inner,
     ack_future: PublishAckFuture,
     prepared: &Prepared,
     timeout: Duration,
 ) -> Result<PublishAck, AttemptError> {
-    match tokio::time::timeout(timeout, ack_future.into_future()).await {
-        Err(_) => Err(AttemptError::Retry("no ack in time".into())),
-        Ok(Err(err)) => Err(classify(err, prepared)),
-        Ok(Ok(ack)) => Ok(PublishAck {
+    match within_ack_timeout(inner, timeout, ack_future.into_future()).await? {
+        Err(err) => Err(classify(err, prepared)),
+        Ok(ack) => Ok(PublishAck {
             stream: ack.stream,
             sequence: ack.sequence,
             duplicate: ack.duplicate,
@@ -377,6 +457,60 @@ mod tests {
         headers.insert("Nats-Msg-Id", "abc");
         // "NATS/1.0\r\n" + "Nats-Msg-Id: abc\r\n" + "\r\n"
         assert_eq!(wire_size(&headers, 5), 10 + 18 + 2 + 5);
+    }
+
+    fn sample_event() -> Event {
+        crate::event::new_event(
+            "org.example.thing.happened",
+            "tests",
+            &serde_json::json!({"n": 1}),
+        )
+        .expect("a valid sample event")
+    }
+
+    #[test]
+    fn a_retry_sends_the_same_headers_as_the_first_attempt() {
+        for mode in [ContentMode::Structured, ContentMode::Binary] {
+            let event = sample_event();
+            let (headers, payload) = encode(mode, &event).expect("sample event encodes");
+            let mut prepared = Prepared {
+                subject: Subject::from("events.org.example.thing.happened"),
+                headers: Some(headers.clone()),
+                payload,
+            };
+            let first = prepared.take_headers(mode, &event).expect("first attempt");
+            let retry = prepared
+                .take_headers(mode, &event)
+                .expect("rebuilt for a retry");
+            assert_eq!(
+                first, headers,
+                "{mode:?}: the first attempt sends the encoded headers"
+            );
+            assert_eq!(
+                retry, first,
+                "{mode:?}: a retry sends the same headers again"
+            );
+            assert_eq!(
+                retry.get(NATS_MSG_ID).map(|v| v.as_str()),
+                Some(event.id()),
+                "{mode:?}: Nats-Msg-Id is the event id on every attempt"
+            );
+        }
+    }
+
+    #[test]
+    fn the_subject_follows_the_type_of_each_event_in_a_batch() {
+        let config = Config::default();
+        let mut cache = SubjectCache::default();
+        let subjects: Vec<String> = ["a.x", "a.x", "b.y", "a.x"]
+            .iter()
+            .map(|ty| cache.subject(&config, ty).to_string())
+            .collect();
+        let expected: Vec<String> = ["a.x", "a.x", "b.y", "a.x"]
+            .iter()
+            .map(|ty| config.events_subject(ty))
+            .collect();
+        assert_eq!(subjects, expected);
     }
 
     #[test]
