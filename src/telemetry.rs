@@ -912,6 +912,50 @@ mod tests {
         assert_ne!(local.span_id(), remote.span_id());
     }
 
+    /// A global subscriber that records nothing but keeps every callsite's cached interest at
+    /// "sometimes", so a thread's own capture (`set_default`) always gets asked.
+    ///
+    /// Without it, run beside the memory backend's tests (other threads, no subscriber), the
+    /// span-capture test below saw the `publish` callsite cached as "never" every time, and in
+    /// about 1 of 10 full `--lib` runs. Suspected cause: tracing-core computes a callsite's
+    /// interest from the registering thread's own default alone while only one dispatcher is
+    /// registered, so another thread with none could cache "never" for everybody. With this
+    /// one registered for good there are always at least two, and every answer counts.
+    struct KeepInterested;
+
+    impl tracing::Subscriber for KeepInterested {
+        fn register_callsite(
+            &self,
+            _: &'static tracing::Metadata<'static>,
+        ) -> tracing::subscriber::Interest {
+            tracing::subscriber::Interest::sometimes()
+        }
+        fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+            false
+        }
+        fn max_level_hint(&self) -> Option<tracing::level_filters::LevelFilter> {
+            Some(tracing::level_filters::LevelFilter::TRACE)
+        }
+        fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+            tracing::span::Id::from_u64(1)
+        }
+        fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+        fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+        fn event(&self, _: &tracing::Event<'_>) {}
+        fn enter(&self, _: &tracing::span::Id) {}
+        fn exit(&self, _: &tracing::span::Id) {}
+    }
+
+    /// Installs [`KeepInterested`] as the global default once per test process.
+    fn keep_callsites_interested() {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            // Nothing else in the unit tests sets a global default; if something did, its
+            // dispatcher would stay registered for good too, which is all this needs.
+            let _ = tracing::subscriber::set_global_default(KeepInterested);
+        });
+    }
+
     /// Polls `cond` (yielding to the runtime in between) until it holds, for at most 5 s.
     async fn until(mut cond: impl FnMut() -> bool) {
         tokio::time::timeout(std::time::Duration::from_secs(5), async {
@@ -942,6 +986,7 @@ mod tests {
             .enable_all()
             .build()
             .unwrap();
+        keep_callsites_interested();
         let _tracing = tracing::subscriber::set_default(spans.clone());
         let _metrics = metrics::set_default_local_recorder(&recorder);
         let (event_id, handler_ctx, reply_id) = rt.block_on(async {
@@ -970,13 +1015,6 @@ mod tests {
                 .unwrap();
             let event = crate::event::new_event("org.example.traced", "test", &1).unwrap();
             let event_id = event.id().to_owned();
-            // tracing caches each callsite's interest process-wide. Run beside the memory
-            // backend's tests (other threads, no subscriber), this test saw the `publish`
-            // callsite cached as "never" every time: no publish span at all. Recomputing the
-            // caches here, with this thread's subscriber set, fixed 9 of 10 such runs; the
-            // exact interleaving that still loses is not understood yet (hitting the callsites
-            // before registering the subscriber did not help).
-            tracing::callsite::rebuild_interest_cache();
             events.publish(event).await.unwrap();
             let handler_ctx = tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv())
                 .await
@@ -1189,6 +1227,7 @@ mod tests {
             .enable_all()
             .build()
             .unwrap();
+        keep_callsites_interested();
         let _tracing = tracing::subscriber::set_default(spans.clone());
         let _metrics = metrics::set_default_local_recorder(&recorder);
         let (request_id, reply, failed) = rt.block_on(async {
