@@ -294,6 +294,16 @@ pub fn populate_source(event: &mut Event, source: &str) {
     }
 }
 
+/// Whether [`EventExt::transaction_id`] would find one, without copying it out (the request,
+/// reply and response paths only ask whether to set one).
+pub(crate) fn has_transaction_id(event: &Event) -> bool {
+    match event.extension(TRANSACTION_ID_EXTENSION) {
+        Some(ExtensionValue::String(s)) => !s.is_empty(),
+        Some(ExtensionValue::Integer(_) | ExtensionValue::Boolean(_)) => true,
+        None => false,
+    }
+}
+
 /// Read and write this library's conventions on a [`cloudevents::Event`].
 ///
 /// # Examples
@@ -373,6 +383,32 @@ mod tests {
     struct Workspace {
         name: String,
         size: u64,
+    }
+
+    #[test]
+    fn has_transaction_id_agrees_with_transaction_id() {
+        let mut event = new_event("a.b", "test", &()).unwrap();
+        let values = [
+            None,
+            Some(ExtensionValue::String(String::new())),
+            Some(ExtensionValue::String("tid-1".into())),
+            Some(ExtensionValue::Integer(7)),
+            Some(ExtensionValue::Boolean(false)),
+        ];
+        for value in values {
+            match value {
+                Some(value) => event.set_extension(TRANSACTION_ID_EXTENSION, value),
+                None => {
+                    event.remove_extension(TRANSACTION_ID_EXTENSION);
+                }
+            }
+            assert_eq!(
+                has_transaction_id(&event),
+                event.transaction_id().is_some(),
+                "{:?}",
+                event.extension(TRANSACTION_ID_EXTENSION)
+            );
+        }
     }
 
     #[test]

@@ -624,7 +624,7 @@ impl EventResponseWriter {
     ///
     /// As [`EventConnection::publish`].
     pub async fn respond(&self, mut event: Event) -> Result<PublishAck, PublishError> {
-        if event.transaction_id().is_none() {
+        if !crate::event::has_transaction_id(&event) {
             if let Some(tid) = &self.tid {
                 event.set_transaction_id(tid);
             }

@@ -713,21 +713,10 @@ pub(crate) fn interpret_reply(
     Ok((event, position))
 }
 
-/// Whether [`EventExt::transaction_id`] would find one, without copying it out (the request
-/// and reply paths only ask whether to set one).
-fn has_transaction_id(event: &Event) -> bool {
-    use cloudevents::event::ExtensionValue;
-    match event.extension(crate::event::TRANSACTION_ID_EXTENSION) {
-        Some(ExtensionValue::String(s)) => !s.is_empty(),
-        Some(ExtensionValue::Integer(_) | ExtensionValue::Boolean(_)) => true,
-        None => false,
-    }
-}
-
 /// Fills in what a request needs before it is sent: the source and a transaction id.
 pub(crate) fn prepare_request(request: &mut Event, source: &str) {
     populate_source(request, source);
-    if !has_transaction_id(request) {
+    if !crate::event::has_transaction_id(request) {
         request.set_transaction_id(&TransactionId::generate());
     }
     // Continues the current handler's trace; a new trace starts in [`traced_request`].
@@ -756,7 +745,7 @@ where
         parent_span_id = Empty,
         outcome = Empty,
     );
-    if !has_transaction_id(&request) {
+    if !crate::event::has_transaction_id(&request) {
         request.set_transaction_id(&TransactionId::generate());
     }
     let trace = telemetry::outgoing(&mut request, !span.is_disabled());
@@ -905,7 +894,7 @@ impl ReplyWriter {
 
     fn prepare(&self, mut event: Event) -> (Event, Option<telemetry::TraceContext>) {
         populate_source(&mut event, &self.inner.source);
-        if !has_transaction_id(&event) {
+        if !crate::event::has_transaction_id(&event) {
             if let Some(tid) = &self.inner.request_tid {
                 event.set_transaction_id(tid);
             }
@@ -1306,33 +1295,6 @@ async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn has_transaction_id_agrees_with_transaction_id() {
-        use cloudevents::event::ExtensionValue;
-        let mut event = crate::event::new_event("a.b", "test", &()).unwrap();
-        let values = [
-            None,
-            Some(ExtensionValue::String(String::new())),
-            Some(ExtensionValue::String("tid-1".into())),
-            Some(ExtensionValue::Integer(7)),
-            Some(ExtensionValue::Boolean(false)),
-        ];
-        for value in values {
-            match value {
-                Some(value) => event.set_extension(crate::event::TRANSACTION_ID_EXTENSION, value),
-                None => {
-                    event.remove_extension(crate::event::TRANSACTION_ID_EXTENSION);
-                }
-            }
-            assert_eq!(
-                has_transaction_id(&event),
-                event.transaction_id().is_some(),
-                "{:?}",
-                event.extension(crate::event::TRANSACTION_ID_EXTENSION)
-            );
-        }
-    }
 
     #[test]
     fn error_reply_headers_become_remote_errors() {
