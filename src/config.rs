@@ -1389,6 +1389,117 @@ mod tests {
     }
 
     #[test]
+    fn durations_and_counts_beyond_their_documented_range_name_their_variable() {
+        let cases = [
+            // Seconds that wrapped as nanoseconds on the server (1e12 s -> 3,875,820,019 s).
+            ("NATS_JS_ACK_WAIT", "1e12"),
+            ("NATS_JS_ACK_WAIT", "1e10"),
+            ("NATS_JS_ACK_WAIT", "86400.5"),
+            ("NATS_JS_DUPLICATE_WINDOW", "1e12"),
+            ("NATS_JS_DUPLICATE_WINDOW", "1e10"),
+            ("NATS_JS_DUPLICATE_WINDOW", "86401"),
+            ("NATS_JS_DUPLICATE_WINDOW", "0.5"),
+            ("NATS_JS_MAX_DELIVER", "9223372036854775807"),
+            ("NATS_JS_MAX_DELIVER", "1000001"),
+            ("NATS_JS_MAX_DELIVER", "9223372036854775808"),
+            ("NATS_MAX_RECONNECTS", "1000001"),
+            ("NATS_RECONNECT_WAIT", "3601"),
+            ("NATS_RECONNECT_WAIT", "-0.5"),
+            ("NATS_REQUEST_TIMEOUT", "301"),
+            ("NATS_REQUEST_TIMEOUT", "1e12"),
+            ("NATS_EVENTS_TIMEOUT", "3601"),
+            ("NATS_EVENTS_TIMEOUT", "1e-12"),
+            ("NATS_JS_REPLICAS", "18446744073709551616"),
+            ("NATS_JS_SUBJECT_PREFIX", &"p".repeat(256)),
+        ];
+        for (var, value) in cases {
+            let err = from(&[(var, value)]).expect_err(&format!("{var}={value}"));
+            assert_names(err, ConfigErrorKind::InvalidValue, var);
+        }
+    }
+
+    #[test]
+    fn the_bounds_themselves_are_accepted() {
+        let config = from(&[
+            ("NATS_JS_ACK_WAIT", "86400"),
+            ("NATS_JS_DUPLICATE_WINDOW", "86400"),
+            ("NATS_JS_MAX_DELIVER", "1000000"),
+            ("NATS_MAX_RECONNECTS", "1000000"),
+            ("NATS_RECONNECT_WAIT", "3600"),
+            ("NATS_REQUEST_TIMEOUT", "300"),
+            ("NATS_EVENTS_TIMEOUT", "3600"),
+            ("NATS_JS_REPLICAS", "5"),
+            ("NATS_JS_SUBJECT_PREFIX", &"p".repeat(255)),
+        ])
+        .unwrap();
+        assert_eq!(config.js_ack_wait, Duration::from_secs(86_400));
+        assert_eq!(config.js_duplicate_window, Duration::from_secs(86_400));
+        assert_eq!(config.js_max_deliver, 1_000_000);
+        assert_eq!(config.max_reconnects, 1_000_000);
+        assert_eq!(config.reconnect_wait, Duration::from_secs(3600));
+        assert_eq!(config.request_timeout, MAX_REQUEST_TIMEOUT);
+        assert_eq!(config.events_timeout, Duration::from_secs(3600));
+        let config = from(&[
+            ("NATS_JS_ACK_WAIT", "0.001"),
+            ("NATS_JS_DUPLICATE_WINDOW", "1"),
+            ("NATS_RECONNECT_WAIT", "0"),
+            ("NATS_REQUEST_TIMEOUT", "0.001"),
+            ("NATS_EVENTS_TIMEOUT", "0.001"),
+        ])
+        .unwrap();
+        assert_eq!(config.js_ack_wait, Duration::from_millis(1));
+        assert_eq!(config.reconnect_wait, Duration::ZERO);
+    }
+
+    #[test]
+    fn a_config_built_in_code_is_held_to_the_same_bounds() {
+        let cases: [(&str, Config); 5] = [
+            (
+                "NATS_JS_ACK_WAIT",
+                Config {
+                    js_ack_wait: Duration::from_secs(1_000_000_000_000),
+                    ..Default::default()
+                },
+            ),
+            (
+                "NATS_JS_DUPLICATE_WINDOW",
+                Config {
+                    js_duplicate_window: Duration::MAX,
+                    ..Default::default()
+                },
+            ),
+            (
+                "NATS_JS_MAX_DELIVER",
+                Config {
+                    js_max_deliver: i64::MAX,
+                    ..Default::default()
+                },
+            ),
+            (
+                "NATS_EVENTS_TIMEOUT",
+                Config {
+                    events_timeout: Duration::from_secs(86_400),
+                    ..Default::default()
+                },
+            ),
+            (
+                "NATS_RECONNECT_WAIT",
+                Config {
+                    reconnect_wait: Duration::from_secs(86_400),
+                    ..Default::default()
+                },
+            ),
+        ];
+        for (var, config) in cases {
+            assert_names(
+                config.validate().expect_err(var),
+                ConfigErrorKind::InvalidValue,
+                var,
+            );
+        }
+    }
+
+    #[test]
     fn request_timeout_is_clamped() {
         let config = from(&[("NATS_REQUEST_TIMEOUT", "301")]).unwrap();
         assert_eq!(config.request_timeout, MAX_REQUEST_TIMEOUT);

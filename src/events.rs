@@ -531,6 +531,9 @@ impl EventListenOptions {
         if handlers.is_empty() {
             return Err(Error::with_detail(InvalidOptions, "no event handlers"));
         }
+        for event_type in handlers.types() {
+            crate::event::check_type(event_type).map_err(|e| e.map_kind(|_| InvalidOptions))?;
+        }
         if self.workers == 0 || self.buffer == 0 {
             return Err(Error::with_detail(
                 InvalidOptions,

@@ -21,7 +21,7 @@ use tokio::time::Instant;
 use crate::codec::{self, ContentMode};
 use crate::config::Config;
 use crate::error::{Error, PublishErrorKind};
-use crate::event::populate_source;
+use crate::event::{check_type, populate_source};
 use crate::events::{PublishAck, PublishError};
 use crate::headers::NATS_MSG_ID;
 
@@ -132,13 +132,14 @@ fn encode(mode: ContentMode, event: &Event) -> Result<(HeaderMap, Bytes), Error<
     Ok((headers, encoded.payload))
 }
 
-/// Fills in the source, encodes (see [`encode`]) and checks the size against the server's
-/// max payload.
+/// Checks the type (see [`check_type`]), fills in the source, encodes (see [`encode`]) and
+/// checks the size against the server's max payload.
 fn prepare(
     inner: &Inner,
     event: &mut Event,
     subjects: &mut SubjectCache,
 ) -> Result<Prepared, Error<PublishErrorKind>> {
+    check_type(event.ty()).map_err(|e| e.map_kind(|_| PublishErrorKind::InvalidType))?;
     populate_source(event, &inner.config.client_id);
     let (headers, payload) = encode(inner.config.ce_mode, event)?;
     let size = wire_size(&headers, payload.len());
@@ -431,8 +432,20 @@ fn classify(
             // A server error (a JetStream API error in the ack) will not change on retry; a
             // failure to hand the message to the connection might (the caller checks whether
             // the connection is closed for good before retrying).
-            let server_error = std::error::Error::source(&err)
-                .and_then(|s| s.downcast_ref::<async_nats::jetstream::Error>());
+            let source = std::error::Error::source(&err);
+            if source.is_some_and(|s| s.is::<async_nats::SubjectError>()) {
+                // The client refused the subject: the same subject is refused again on every
+                // retry. (The type is checked before this; the prefix by the configuration.)
+                return AttemptError::Fail(
+                    Error::with_detail(
+                        PublishErrorKind::InvalidType,
+                        format!("{} is not a valid subject", prepared.subject),
+                    )
+                    .source(err),
+                );
+            }
+            let server_error =
+                source.and_then(|s| s.downcast_ref::<async_nats::jetstream::Error>());
             if server_error.is_some_and(|e| e.error_code().0 == DUPLICATE_IN_PROCESS_CODE) {
                 // An earlier attempt with this id is still being stored (a clustered stream
                 // replicating it): ask again, and the answer will be its ack or "duplicate".
@@ -511,6 +524,31 @@ mod tests {
             .map(|ty| config.events_subject(ty))
             .collect();
         assert_eq!(subjects, expected);
+    }
+
+    #[test]
+    fn a_subject_the_client_refuses_fails_at_once_instead_of_being_retried() {
+        let prepared = Prepared {
+            subject: Subject::from("events.a b"),
+            headers: None,
+            payload: Bytes::new(),
+        };
+        let refused = async_nats::jetstream::context::PublishError::with_source(
+            JsPublishErrorKind::Other,
+            async_nats::SubjectError::InvalidFormat,
+        );
+        match classify(refused, &prepared) {
+            AttemptError::Fail(err) => assert_eq!(err.kind(), PublishErrorKind::InvalidType),
+            AttemptError::Retry(why) | AttemptError::NoResponders(why) => {
+                panic!("an invalid subject was retried: {why}")
+            }
+        }
+        // A failure to hand the message over (no server answer) is still retried.
+        let lost = async_nats::jetstream::context::PublishError::with_source(
+            JsPublishErrorKind::Other,
+            std::io::Error::other("channel closed"),
+        );
+        assert!(matches!(classify(lost, &prepared), AttemptError::Retry(_)));
     }
 
     #[test]
