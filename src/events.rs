@@ -534,6 +534,25 @@ impl EventListenOptions {
         for event_type in handlers.types() {
             crate::event::check_type(event_type).map_err(|e| e.map_kind(|_| InvalidOptions))?;
         }
+        // The bounds of NATS_JS_MAX_DELIVER / NATS_JS_ACK_WAIT hold for the overrides too.
+        let max_deliver_ok = self
+            .max_deliver
+            .is_none_or(|n| n <= crate::config::MAX_COUNT);
+        let ack_wait_ok = self
+            .ack_wait
+            .is_none_or(|w| w <= crate::config::MAX_JS_DURATION);
+        if !max_deliver_ok || !ack_wait_ok {
+            return Err(Error::with_detail(
+                InvalidOptions,
+                format!(
+                    "max_deliver {:?} must be at most {}, ack_wait {:?} at most {:?}",
+                    self.max_deliver,
+                    crate::config::MAX_COUNT,
+                    self.ack_wait,
+                    crate::config::MAX_JS_DURATION
+                ),
+            ));
+        }
         if self.workers == 0 || self.buffer == 0 {
             return Err(Error::with_detail(
                 InvalidOptions,
@@ -1046,5 +1065,23 @@ mod tests {
         .map(|r| r.as_str())
         .collect();
         assert_eq!(reasons, vec!["decode", "rejected", "max-deliveries"]);
+    }
+
+    #[test]
+    fn listen_overrides_beyond_the_config_bounds_are_invalid_options() {
+        let handlers = EventHandlers::new().on("a.b", event_handler_fn(|_, _| async { Ok(()) }));
+        let too_many = EventListenOptions {
+            max_deliver: Some(i64::MAX),
+            ..Default::default()
+        };
+        let too_long = EventListenOptions {
+            ack_wait: Some(Duration::from_secs(1_000_000_000_000)),
+            ..Default::default()
+        };
+        for options in [too_many, too_long] {
+            let err = options.validate(&handlers).unwrap_err();
+            assert_eq!(err.kind(), crate::error::ListenErrorKind::InvalidOptions);
+        }
+        assert!(EventListenOptions::default().validate(&handlers).is_ok());
     }
 }
