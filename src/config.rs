@@ -2,9 +2,10 @@
 //! the NATS connection options built from it: client name, ping interval, reconnect policy,
 //! request timeout, authentication and TLS.
 //!
-//! Durations are given in seconds, as an integer (`"2"`) or a fraction (`"0.5"`). A value that
-//! does not parse is a [`ConfigError`] whose detail starts with the variable's name; nothing
-//! falls back silently. An empty variable counts as unset. Secrets (password, token) are held in
+//! Durations are given in seconds, as an integer (`"2"`) or a fraction (`"0.5"`). Every
+//! duration and count has a range (`docs/configuration.md`; [`Config::validate`]). A value that
+//! does not parse or is out of range is a [`ConfigError`] whose detail starts with the
+//! variable's name; nothing falls back, wraps or is clamped silently. An empty variable counts as unset. Secrets (password, token) are held in
 //! [`Secret`], and neither `Debug` of [`Config`] nor any error shows them, the NKey seed, the
 //! credentials file's JWT or the user-info part of `NATS_URL`.
 //!

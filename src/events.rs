@@ -169,7 +169,10 @@ pub trait EventConnection: Send + Sync {
     /// An empty or `AUTO_POPULATE` source is filled in with the client id. The event id is the
     /// de-duplication id: a retry of the same event within the duplicate window is reported
     /// as a duplicate, not stored twice. An event larger than the server accepts is refused
-    /// before sending (`TooLarge`).
+    /// before sending (`TooLarge`), and so is a type that breaks the subject-token rule
+    /// (`InvalidType`, see [`check_type`](crate::event::check_type)). While the client is
+    /// disconnected, a JetStream publish waits for the connection within its bounded time and
+    /// then fails with `Disconnected`.
     async fn publish(&self, event: Event) -> Result<PublishAck, PublishError>;
 
     /// Publishes many events pipelined (many in flight at once) and waits for every ack.

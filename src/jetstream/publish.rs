@@ -44,7 +44,10 @@ pub(crate) const PIPELINE_WINDOW: usize = 1024;
 ///
 /// Every attempt re-sends the same event with the same `Nats-Msg-Id`, so the server stores it
 /// once and reports later copies as duplicates. Retrying stops at `total` (default: the
-/// connection's `NATS_EVENTS_TIMEOUT`), never later than the stream's duplicate window.
+/// connection's `NATS_EVENTS_TIMEOUT`), never later than the stream's duplicate window. While
+/// the client is disconnected nothing is sent: the publish looks at the connection every
+/// `pause` (at least 10 ms) and goes on when it is back, or fails with `Disconnected` at the
+/// end of `total`.
 ///
 /// # Examples
 ///
