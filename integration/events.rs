@@ -371,6 +371,7 @@ async fn a_publish_during_an_outage_reports_the_disconnection_and_works_after_it
         .expect("a publish during the outage must end within its bounded time")
         .expect_err("no server to store the event");
     let took = started.elapsed();
+    eprintln!("a publish during the outage ended after {took:?}: {err}");
     assert_eq!(err.kind(), PublishErrorKind::Disconnected, "{err}");
     let detail = err.error().detail_text().unwrap_or_default().to_owned();
     assert!(
