@@ -788,3 +788,40 @@ async fn an_event_larger_than_the_server_accepts_is_refused_with_7() {
     assert!(refused.stderr.contains("too large"), "{}", refused.stderr);
     assert_eq!(events_stream_messages(&server).await, 0);
 }
+
+/// Issue 15: a type or op that is not a literal subject-token sequence is refused at once by
+/// every command (exit 1, one line, nothing stored, nothing served), as the library refuses
+/// it; and an out-of-range `NATS_*` duration names its variable.
+#[tokio::test]
+async fn invalid_types_and_ops_are_refused_at_once_with_1() {
+    let server = server_with_streams().await;
+    let url = server.url();
+    for bad in ["probe.*", ">", "*", "a b", "a..b", ".a", "a\tb"] {
+        let started = std::time::Instant::now();
+        let publish = run(cemsg(&url, &["publish", bad])).await.fails_with(1);
+        assert!(publish.stderr.contains("invalid event type"), "{publish:?}");
+        run(cemsg(&url, &["listen", bad, "--idle", "1"]))
+            .await
+            .fails_with(1);
+        run(cemsg(&url, &["reply", bad])).await.fails_with(1);
+        run(cemsg(&url, &["request", bad, "--timeout", "10"]))
+            .await
+            .fails_with(1);
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{bad:?}: refusing took {:?}",
+            started.elapsed()
+        );
+    }
+    assert_eq!(events_stream_messages(&server).await, 0, "nothing stored");
+    for (var, value) in [
+        ("NATS_JS_ACK_WAIT", "1e12"),
+        ("NATS_JS_DUPLICATE_WINDOW", "1e10"),
+        ("NATS_JS_MAX_DELIVER", "9223372036854775807"),
+    ] {
+        let mut command = cemsg(&url, &["stream", "init"]);
+        command.env(var, value);
+        let refused = run(command).await.fails_with(1);
+        assert!(refused.stderr.contains(var), "{refused:?}");
+    }
+}

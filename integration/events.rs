@@ -342,6 +342,144 @@ async fn publishes_survive_a_dropped_connection_without_double_storing() {
     assert!(ids.iter().all(|id| distinct.contains(id)));
 }
 
+/// Issue 15: a publish while the client is disconnected (server stopped) says so: kind
+/// `Disconnected` with how long the connection has been down, within the publish's bounded
+/// time, and the event handed back. After the server is back the client reconnects by itself,
+/// publishing works, and publishing the handed-back event again is safe. Accounting: a listener
+/// handles every stored event exactly once, the consumer settles, nothing is dead-lettered.
+#[tokio::test]
+async fn a_publish_during_an_outage_reports_the_disconnection_and_works_after_it() {
+    let (server, config, _) = ready("outage").await;
+    let config = Config {
+        events_timeout: Duration::from_secs(3),
+        ..config
+    };
+    let client = support::connect(&server.url()).await;
+    let events = JetStreamEvents::from_client(client.clone(), &config);
+    let before = new_event_auto_source(TYPE_A, &"before").unwrap();
+    publish_ok(&events, before.clone()).await;
+
+    server.kill();
+    support::eventually(WAIT, || async {
+        client.connection_state() != async_nats::connection::State::Connected
+    })
+    .await;
+    let during = new_event_auto_source(TYPE_A, &"during").unwrap();
+    let started = Instant::now();
+    let err = tokio::time::timeout(WAIT, events.publish(during.clone()))
+        .await
+        .expect("a publish during the outage must end within its bounded time")
+        .expect_err("no server to store the event");
+    let took = started.elapsed();
+    eprintln!("a publish during the outage ended after {took:?}: {err}");
+    assert_eq!(err.kind(), PublishErrorKind::Disconnected, "{err}");
+    let detail = err.error().detail_text().unwrap_or_default().to_owned();
+    assert!(
+        detail.contains("not connected") && detail.contains(during.id()),
+        "the detail says the connection is down and names the event: {detail}"
+    );
+    assert!(
+        took <= config.events_timeout + Duration::from_secs(1),
+        "took {took:?}, the budget is {:?}",
+        config.events_timeout
+    );
+    let back = err.into_event().expect("the event is handed back");
+    assert_eq!(back.id(), during.id());
+
+    server.restart();
+    let after = new_event_auto_source(TYPE_A, &"after").unwrap();
+    publish_ok(&events, after.clone()).await;
+    publish_ok(&events, back).await;
+
+    let seen = Seen::default();
+    let listener = listen(
+        &events,
+        seen.handlers(&[TYPE_A]),
+        EventListenOptions {
+            durable_name: Some("outage".into()),
+            ..Default::default()
+        },
+    )
+    .await;
+    let expected: HashSet<String> = [&before, &during, &after]
+        .iter()
+        .map(|e| e.id().to_owned())
+        .collect();
+    support::eventually(WAIT, || async { seen.ids() == expected }).await;
+    let js = raw_js(&server).await;
+    support::eventually(WAIT, || async {
+        let mut c: jetstream::consumer::PullConsumer = js
+            .get_consumer_from_stream("outage", &config.js_stream)
+            .await
+            .unwrap();
+        let info = c.info().await.unwrap();
+        info.num_ack_pending == 0 && info.num_pending == 0
+    })
+    .await;
+    stop(&listener, Duration::from_secs(5)).await;
+    assert_eq!(
+        stream_messages(&js, &config.js_stream).await,
+        3,
+        "each stored once"
+    );
+    assert_eq!(seen.calls(), 3, "each handled once");
+    assert_eq!(
+        stream_messages(&js, &config.js_dlq_stream).await,
+        0,
+        "no dead letter"
+    );
+}
+
+/// The configuration's largest durations and counts (issue 15) are ones the server accepts:
+/// a stream with a one-day duplicate window, and a consumer with a one-day ack wait and the
+/// largest max deliver.
+#[tokio::test]
+async fn the_largest_configured_values_are_accepted_by_the_server() {
+    let server = NatsServer::start();
+    let config = Config::from_vars([
+        ("NATS_URL".to_string(), server.url()),
+        ("NATS_CLIENT_ID".to_string(), "bounds".to_string()),
+        ("NATS_JS_ACK_WAIT".to_string(), "86400".to_string()),
+        ("NATS_JS_DUPLICATE_WINDOW".to_string(), "86400".to_string()),
+        ("NATS_JS_MAX_DELIVER".to_string(), "1000000".to_string()),
+    ])
+    .expect("the bounds are valid configuration");
+    let events = connection(&server, &config).await;
+    tokio::time::timeout(WAIT, events.init_stream())
+        .await
+        .expect("init_stream timed out")
+        .expect("the server accepts a one-day duplicate window");
+    let seen = Seen::default();
+    let listener = listen(
+        &events,
+        seen.handlers(&[TYPE_A]),
+        EventListenOptions::default(),
+    )
+    .await;
+    let js = raw_js(&server).await;
+    let mut consumer: jetstream::consumer::PullConsumer = js
+        .get_consumer_from_stream("bounds", &config.js_stream)
+        .await
+        .unwrap();
+    let info = consumer.info().await.unwrap();
+    assert_eq!(info.config.ack_wait, Duration::from_secs(86_400));
+    assert_eq!(
+        info.config.max_deliver, 1_000_001,
+        "one more than configured, to dead-letter"
+    );
+    let mut stream = js.get_stream(&config.js_stream).await.unwrap();
+    let stream_info = stream.info().await.unwrap();
+    assert_eq!(
+        stream_info.config.duplicate_window,
+        Duration::from_secs(86_400)
+    );
+    let e = new_event_auto_source(TYPE_A, &1).unwrap();
+    publish_ok(&events, e.clone()).await;
+    support::eventually(WAIT, || async { seen.ids().contains(e.id()) }).await;
+    stop(&listener, Duration::from_secs(5)).await;
+    assert_eq!(stream_messages(&js, &config.js_dlq_stream).await, 0);
+}
+
 #[tokio::test]
 async fn an_event_larger_than_max_payload_is_refused_before_sending() {
     let server = NatsServer::start_with(ServerOptions {

@@ -2,9 +2,10 @@
 //! the NATS connection options built from it: client name, ping interval, reconnect policy,
 //! request timeout, authentication and TLS.
 //!
-//! Durations are given in seconds, as an integer (`"2"`) or a fraction (`"0.5"`). A value that
-//! does not parse is a [`ConfigError`] whose detail starts with the variable's name; nothing
-//! falls back silently. An empty variable counts as unset. Secrets (password, token) are held in
+//! Durations are given in seconds, as an integer (`"2"`) or a fraction (`"0.5"`). Every
+//! duration and count has a range (`docs/configuration.md`; [`Config::validate`]). A value that
+//! does not parse or is out of range is a [`ConfigError`] whose detail starts with the
+//! variable's name; nothing falls back, wraps or is clamped silently. An empty variable counts as unset. Secrets (password, token) are held in
 //! [`Secret`], and neither `Debug` of [`Config`] nor any error shows them, the NKey seed, the
 //! credentials file's JWT or the user-info part of `NATS_URL`.
 //!
@@ -35,17 +36,71 @@ use serde::Deserialize;
 use crate::codec::ContentMode;
 use crate::error::{ConfigError, ConfigErrorKind, ConnectError, ConnectErrorKind, Error};
 
-/// The largest request timeout a configuration may ask for; larger values are clamped to it.
+/// The largest request timeout: `NATS_REQUEST_TIMEOUT` above it is an error; a timeout passed
+/// to a request in code is clamped to it.
 ///
 /// # Examples
 ///
 /// ```
 /// use ce_messaging::config::{Config, MAX_REQUEST_TIMEOUT};
-/// let config = Config::from_vars([("NATS_REQUEST_TIMEOUT".to_string(), "100000".to_string())])?;
+/// let config = Config::from_vars([("NATS_REQUEST_TIMEOUT".to_string(), "300".to_string())])?;
 /// assert_eq!(config.request_timeout, MAX_REQUEST_TIMEOUT);
+/// let err = Config::from_vars([("NATS_REQUEST_TIMEOUT".to_string(), "301".to_string())]);
+/// assert!(err.unwrap_err().to_string().contains("NATS_REQUEST_TIMEOUT"));
 /// # Ok::<(), ce_messaging::error::ConfigError>(())
 /// ```
 pub const MAX_REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// The largest `NATS_JS_ACK_WAIT` and `NATS_JS_DUPLICATE_WINDOW`: one day. The server keeps
+/// both in nanoseconds (a signed 64-bit count, so a value beyond ~292 years wraps); a day is
+/// far beyond any sensible use (a long handler keeps its event with in-progress acks; the
+/// server holds every message id of the duplicate window in memory).
+///
+/// # Examples
+///
+/// ```
+/// use ce_messaging::config::{Config, MAX_JS_DURATION};
+/// let config = Config { js_ack_wait: MAX_JS_DURATION * 2, ..Default::default() };
+/// assert!(config.validate().unwrap_err().to_string().contains("NATS_JS_ACK_WAIT"));
+/// ```
+pub const MAX_JS_DURATION: Duration = Duration::from_secs(86_400);
+
+/// The smallest `NATS_JS_DUPLICATE_WINDOW`: one second. The window also bounds how long a
+/// publish retries (a retry after the window could store the event twice), so a shorter one
+/// would leave a publish no time to get its ack.
+///
+/// # Examples
+///
+/// ```
+/// use ce_messaging::config::{Config, MIN_DUPLICATE_WINDOW};
+/// let config = Config { js_duplicate_window: MIN_DUPLICATE_WINDOW / 2, ..Default::default() };
+/// assert!(config.validate().is_err());
+/// ```
+pub const MIN_DUPLICATE_WINDOW: Duration = Duration::from_secs(1);
+
+/// The largest `NATS_RECONNECT_WAIT` and `NATS_EVENTS_TIMEOUT`: one hour.
+///
+/// # Examples
+///
+/// ```
+/// use ce_messaging::config::{Config, MAX_CLIENT_DURATION};
+/// let config = Config { events_timeout: MAX_CLIENT_DURATION, ..Default::default() };
+/// assert!(config.validate().is_ok());
+/// ```
+pub const MAX_CLIENT_DURATION: Duration = Duration::from_secs(3600);
+
+/// The largest count of `NATS_JS_MAX_DELIVER` and `NATS_MAX_RECONNECTS` (`-1`, unlimited, is
+/// allowed besides): far beyond any retry policy, and it keeps the consumer's limit (one
+/// delivery more than `NATS_JS_MAX_DELIVER`, to dead-letter) far from overflowing.
+///
+/// # Examples
+///
+/// ```
+/// use ce_messaging::config::{Config, MAX_COUNT};
+/// let config = Config { js_max_deliver: MAX_COUNT + 1, ..Default::default() };
+/// assert!(config.validate().unwrap_err().to_string().contains("NATS_JS_MAX_DELIVER"));
+/// ```
+pub const MAX_COUNT: i64 = 1_000_000;
 
 /// The server URL used when `NATS_URL` is not set.
 ///
@@ -484,6 +539,38 @@ fn must_be_positive(var: &str, value: Duration) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// A duration within `min..=max`; the error names the variable and the range.
+fn check_duration(
+    var: &str,
+    value: Duration,
+    min: Duration,
+    max: Duration,
+) -> Result<(), ConfigError> {
+    if value < min || value > max {
+        return Err(invalid(
+            var,
+            format!(
+                "{} seconds is out of range {}..={} seconds",
+                value.as_secs_f64(),
+                min.as_secs_f64(),
+                max.as_secs_f64()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A count that is `-1` (unlimited) or within `1..=MAX_COUNT`.
+fn check_count(var: &str, value: i64) -> Result<(), ConfigError> {
+    if value != -1 && !(1..=MAX_COUNT).contains(&value) {
+        return Err(invalid(
+            var,
+            format!("{value} is out of range: use -1 for unlimited or a count 1..={MAX_COUNT}"),
+        ));
+    }
+    Ok(())
+}
+
 impl Config {
     /// Reads the configuration from the process environment (`NATS_*` variables; others are
     /// ignored), then [validates](Config::validate) it.
@@ -572,15 +659,7 @@ impl Config {
             config.reconnect_wait = parse_seconds("NATS_RECONNECT_WAIT", &v)?;
         }
         if let Some(v) = non_empty(raw.request_timeout) {
-            let timeout = parse_seconds("NATS_REQUEST_TIMEOUT", &v)?;
-            if timeout > MAX_REQUEST_TIMEOUT {
-                tracing::warn!(
-                    requested = ?timeout,
-                    max = ?MAX_REQUEST_TIMEOUT,
-                    "NATS_REQUEST_TIMEOUT clamped to the maximum"
-                );
-            }
-            config.request_timeout = timeout.min(MAX_REQUEST_TIMEOUT);
+            config.request_timeout = parse_seconds("NATS_REQUEST_TIMEOUT", &v)?;
         }
         config.durable_name = non_empty(raw.durable_name).map(|v| v.trim().to_string());
         if let Some(v) = non_empty(raw.js_stream) {
@@ -626,9 +705,13 @@ impl Config {
     }
 
     /// Checks ranges and consistency: server URLs parse, names and subjects are valid NATS
-    /// names, timeouts are above zero, `js_replicas` is 1..=5, `js_max_deliver` is >= 1 or -1,
-    /// `max_reconnects` is >= 1 or -1, at most one authentication method is set, a user has a
-    /// password, and a client certificate has a key.
+    /// names, every duration and count is within its documented range (`docs/configuration.md`:
+    /// timeouts above zero, `js_ack_wait` and `js_duplicate_window` at most
+    /// [`MAX_JS_DURATION`], the window at least [`MIN_DUPLICATE_WINDOW`], `request_timeout` at
+    /// most [`MAX_REQUEST_TIMEOUT`], `reconnect_wait` and `events_timeout` at most
+    /// [`MAX_CLIENT_DURATION`], `js_replicas` 1..=5, `js_max_deliver` and `max_reconnects` -1 or
+    /// 1..=[`MAX_COUNT`]), at most one authentication method is set, a user has a password,
+    /// and a client certificate has a key.
     ///
     /// # Errors
     ///
@@ -670,15 +753,13 @@ impl Config {
         if let Some(wildcard) = &self.wildcard_subject {
             check_subject("NATS_WILDCARD_SUBJECT", wildcard, true)?;
         }
-        if self.max_reconnects < -1 || self.max_reconnects == 0 {
-            return Err(invalid(
-                "NATS_MAX_RECONNECTS",
-                format!(
-                    "{} is out of range: use -1 for unlimited or a count >= 1",
-                    self.max_reconnects
-                ),
-            ));
-        }
+        check_count("NATS_MAX_RECONNECTS", self.max_reconnects)?;
+        check_duration(
+            "NATS_RECONNECT_WAIT",
+            self.reconnect_wait,
+            Duration::ZERO,
+            MAX_CLIENT_DURATION,
+        )?;
         must_be_positive("NATS_REQUEST_TIMEOUT", self.request_timeout)?;
         if self.request_timeout > MAX_REQUEST_TIMEOUT {
             return Err(invalid(
@@ -694,23 +775,36 @@ impl Config {
         check_name(durable_var, self.durable_name())?;
         check_name("NATS_JS_STREAM", &self.js_stream)?;
         check_subject("NATS_JS_SUBJECT_PREFIX", &self.js_subject_prefix, false)?;
-        must_be_positive("NATS_JS_ACK_WAIT", self.js_ack_wait)?;
-        if self.js_max_deliver < -1 || self.js_max_deliver == 0 {
+        if self.js_subject_prefix.len() > crate::event::MAX_TYPE_LEN {
             return Err(invalid(
-                "NATS_JS_MAX_DELIVER",
+                "NATS_JS_SUBJECT_PREFIX",
                 format!(
-                    "{} is out of range: use -1 for unlimited or a count >= 1",
-                    self.js_max_deliver
+                    "is {} bytes long, at most {} are allowed",
+                    self.js_subject_prefix.len(),
+                    crate::event::MAX_TYPE_LEN
                 ),
             ));
         }
+        must_be_positive("NATS_JS_ACK_WAIT", self.js_ack_wait)?;
+        check_duration(
+            "NATS_JS_ACK_WAIT",
+            self.js_ack_wait,
+            Duration::ZERO,
+            MAX_JS_DURATION,
+        )?;
+        check_count("NATS_JS_MAX_DELIVER", self.js_max_deliver)?;
         if !(1..=5).contains(&self.js_replicas) {
             return Err(invalid(
                 "NATS_JS_REPLICAS",
                 format!("{} is out of range 1..=5", self.js_replicas),
             ));
         }
-        must_be_positive("NATS_JS_DUPLICATE_WINDOW", self.js_duplicate_window)?;
+        check_duration(
+            "NATS_JS_DUPLICATE_WINDOW",
+            self.js_duplicate_window,
+            MIN_DUPLICATE_WINDOW,
+            MAX_JS_DURATION,
+        )?;
         check_name("NATS_JS_DLQ_STREAM", &self.js_dlq_stream)?;
         if self.js_dlq_stream == self.js_stream {
             return Err(Error::with_detail(
@@ -719,6 +813,12 @@ impl Config {
             ));
         }
         must_be_positive("NATS_EVENTS_TIMEOUT", self.events_timeout)?;
+        check_duration(
+            "NATS_EVENTS_TIMEOUT",
+            self.events_timeout,
+            Duration::ZERO,
+            MAX_CLIENT_DURATION,
+        )?;
         must_be_positive("ping interval", self.ping_interval)?;
 
         match (&self.user, &self.password) {
@@ -1389,9 +1489,123 @@ mod tests {
     }
 
     #[test]
-    fn request_timeout_is_clamped() {
-        let config = from(&[("NATS_REQUEST_TIMEOUT", "301")]).unwrap();
+    fn durations_and_counts_beyond_their_documented_range_name_their_variable() {
+        let cases = [
+            // Seconds that wrapped as nanoseconds on the server (1e12 s -> 3,875,820,019 s).
+            ("NATS_JS_ACK_WAIT", "1e12"),
+            ("NATS_JS_ACK_WAIT", "1e10"),
+            ("NATS_JS_ACK_WAIT", "86400.5"),
+            ("NATS_JS_DUPLICATE_WINDOW", "1e12"),
+            ("NATS_JS_DUPLICATE_WINDOW", "1e10"),
+            ("NATS_JS_DUPLICATE_WINDOW", "86401"),
+            ("NATS_JS_DUPLICATE_WINDOW", "0.5"),
+            ("NATS_JS_MAX_DELIVER", "9223372036854775807"),
+            ("NATS_JS_MAX_DELIVER", "1000001"),
+            ("NATS_JS_MAX_DELIVER", "9223372036854775808"),
+            ("NATS_MAX_RECONNECTS", "1000001"),
+            ("NATS_RECONNECT_WAIT", "3601"),
+            ("NATS_RECONNECT_WAIT", "-0.5"),
+            ("NATS_REQUEST_TIMEOUT", "301"),
+            ("NATS_REQUEST_TIMEOUT", "1e12"),
+            ("NATS_EVENTS_TIMEOUT", "3601"),
+            ("NATS_EVENTS_TIMEOUT", "1e-12"),
+            ("NATS_JS_REPLICAS", "18446744073709551616"),
+            ("NATS_JS_SUBJECT_PREFIX", &"p".repeat(256)),
+        ];
+        for (var, value) in cases {
+            let err = from(&[(var, value)]).expect_err(&format!("{var}={value}"));
+            assert_names(err, ConfigErrorKind::InvalidValue, var);
+        }
+    }
+
+    #[test]
+    fn the_bounds_themselves_are_accepted() {
+        let config = from(&[
+            ("NATS_JS_ACK_WAIT", "86400"),
+            ("NATS_JS_DUPLICATE_WINDOW", "86400"),
+            ("NATS_JS_MAX_DELIVER", "1000000"),
+            ("NATS_MAX_RECONNECTS", "1000000"),
+            ("NATS_RECONNECT_WAIT", "3600"),
+            ("NATS_REQUEST_TIMEOUT", "300"),
+            ("NATS_EVENTS_TIMEOUT", "3600"),
+            ("NATS_JS_REPLICAS", "5"),
+            ("NATS_JS_SUBJECT_PREFIX", &"p".repeat(255)),
+        ])
+        .unwrap();
+        assert_eq!(config.js_ack_wait, Duration::from_secs(86_400));
+        assert_eq!(config.js_duplicate_window, Duration::from_secs(86_400));
+        assert_eq!(config.js_max_deliver, 1_000_000);
+        assert_eq!(config.max_reconnects, 1_000_000);
+        assert_eq!(config.reconnect_wait, Duration::from_secs(3600));
         assert_eq!(config.request_timeout, MAX_REQUEST_TIMEOUT);
+        assert_eq!(config.events_timeout, Duration::from_secs(3600));
+        let config = from(&[
+            ("NATS_JS_ACK_WAIT", "0.001"),
+            ("NATS_JS_DUPLICATE_WINDOW", "1"),
+            ("NATS_RECONNECT_WAIT", "0"),
+            ("NATS_REQUEST_TIMEOUT", "0.001"),
+            ("NATS_EVENTS_TIMEOUT", "0.001"),
+        ])
+        .unwrap();
+        assert_eq!(config.js_ack_wait, Duration::from_millis(1));
+        assert_eq!(config.reconnect_wait, Duration::ZERO);
+    }
+
+    #[test]
+    fn a_config_built_in_code_is_held_to_the_same_bounds() {
+        let cases: [(&str, Config); 5] = [
+            (
+                "NATS_JS_ACK_WAIT",
+                Config {
+                    js_ack_wait: Duration::from_secs(1_000_000_000_000),
+                    ..Default::default()
+                },
+            ),
+            (
+                "NATS_JS_DUPLICATE_WINDOW",
+                Config {
+                    js_duplicate_window: Duration::MAX,
+                    ..Default::default()
+                },
+            ),
+            (
+                "NATS_JS_MAX_DELIVER",
+                Config {
+                    js_max_deliver: i64::MAX,
+                    ..Default::default()
+                },
+            ),
+            (
+                "NATS_EVENTS_TIMEOUT",
+                Config {
+                    events_timeout: Duration::from_secs(86_400),
+                    ..Default::default()
+                },
+            ),
+            (
+                "NATS_RECONNECT_WAIT",
+                Config {
+                    reconnect_wait: Duration::from_secs(86_400),
+                    ..Default::default()
+                },
+            ),
+        ];
+        for (var, config) in cases {
+            assert_names(
+                config.validate().expect_err(var),
+                ConfigErrorKind::InvalidValue,
+                var,
+            );
+        }
+    }
+
+    #[test]
+    fn request_timeout_above_the_maximum_is_an_error() {
+        assert_names(
+            from(&[("NATS_REQUEST_TIMEOUT", "301")]).unwrap_err(),
+            ConfigErrorKind::InvalidValue,
+            "NATS_REQUEST_TIMEOUT",
+        );
         let config = from(&[("NATS_REQUEST_TIMEOUT", "299.5")]).unwrap();
         assert_eq!(config.request_timeout, Duration::from_millis(299_500));
         let config = Config {

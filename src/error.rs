@@ -241,6 +241,9 @@ error_kind! {
         DataDeserialize => "event data could not be deserialized",
         /// The event has no data.
         NoData => "event has no data",
+        /// The event type (or query op) breaks the subject-token rule of the wire contract
+        /// (see [`check_type`](crate::event::check_type)); the detail says how.
+        InvalidType => "invalid event type",
     }
 }
 
@@ -344,6 +347,13 @@ error_kind! {
         ConnectionClosed => "connection closed",
         /// Any other failure; see the source.
         Other => "publish failed",
+        /// The event type breaks the subject-token rule of the wire contract (wildcards,
+        /// whitespace, control characters, empty tokens, too long); refused before sending,
+        /// never retried.
+        InvalidType => "invalid event type",
+        /// The client is not connected to a server (it is reconnecting) and did not get back
+        /// in time; the detail says for how long it has been down.
+        Disconnected => "not connected to NATS",
     }
 }
 

@@ -172,6 +172,127 @@ impl TransactionId {
     }
 }
 
+/// The longest event type or query op, in bytes (UTF-8): the NATS recommendation for a whole
+/// subject (under 256 characters). An event's subject adds `NATS_JS_SUBJECT_PREFIX` (itself at
+/// most 255 bytes) and a dot, so it stays far below the server's 4 KiB protocol line.
+///
+/// # Examples
+///
+/// ```
+/// use ce_messaging::event::{check_type, MAX_TYPE_LEN};
+/// assert!(check_type(&"x".repeat(MAX_TYPE_LEN)).is_ok());
+/// assert!(check_type(&"x".repeat(MAX_TYPE_LEN + 1)).is_err());
+/// ```
+pub const MAX_TYPE_LEN: usize = 255;
+
+/// Checks the one rule for event types and query ops, which become NATS subjects (an op is the
+/// request subject, a type the last tokens of `<prefix>.<type>`): dot-separated tokens, none
+/// empty (no leading, trailing or double dot), no wildcard character (`*`, `>`) anywhere, no
+/// whitespace (also Unicode whitespace) and no control characters, at most [`MAX_TYPE_LEN`]
+/// bytes. Every entry point checks it (publish, listen, EventSource, request, reply streams,
+/// the CLI through them) and refuses a bad name at once, before anything is sent or
+/// subscribed.
+///
+/// # Errors
+///
+/// [`EventErrorKind::InvalidType`] with a detail that quotes the name (escaped, cut at 80
+/// characters) and says what is wrong.
+///
+/// # Examples
+///
+/// ```
+/// use ce_messaging::event::check_type;
+/// use ce_messaging::error::EventErrorKind;
+///
+/// assert!(check_type("org.example.order.created").is_ok());
+/// for bad in ["probe.*", ">", "a b", "a..b", ".a", "a\tb", ""] {
+///     assert_eq!(check_type(bad).unwrap_err().kind(), EventErrorKind::InvalidType);
+/// }
+/// ```
+pub fn check_type(name: &str) -> Result<(), EventError> {
+    let refuse = |why: String| {
+        Err(Error::with_detail(
+            EventErrorKind::InvalidType,
+            format!("{}: {why}", quoted_prefix(name)),
+        ))
+    };
+    if name.is_empty() {
+        return refuse("is empty".into());
+    }
+    if name.len() > MAX_TYPE_LEN {
+        return refuse(format!(
+            "is {} bytes long, at most {MAX_TYPE_LEN} are allowed",
+            name.len()
+        ));
+    }
+    if let Some((at, c)) = name
+        .char_indices()
+        .find(|(_, c)| c.is_whitespace() || c.is_control() || matches!(c, '*' | '>'))
+    {
+        let what = if matches!(c, '*' | '>') {
+            "a wildcard"
+        } else if c.is_whitespace() {
+            "whitespace"
+        } else {
+            "a control character"
+        };
+        return refuse(format!(
+            "contains {what} ({c:?} at byte {at}); types and ops are literal subject tokens"
+        ));
+    }
+    if name.split('.').any(str::is_empty) {
+        return refuse("has an empty token (a leading, trailing or double '.')".into());
+    }
+    Ok(())
+}
+
+/// `name` quoted with escapes, cut after 80 characters so a huge name stays readable.
+fn quoted_prefix(name: &str) -> String {
+    const SHOWN: usize = 80;
+    match name.char_indices().nth(SHOWN) {
+        Some((cut, _)) => format!("{:?}... ({} bytes)", &name[..cut], name.len()),
+        None => format!("{name:?}"),
+    }
+}
+
+impl EventType {
+    /// Checks this type against the subject-token rule, see [`check_type`].
+    ///
+    /// # Errors
+    ///
+    /// As [`check_type`].
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use ce_messaging::event::EventType;
+    /// assert!(EventType::from("org.example.order.created").check().is_ok());
+    /// assert!(EventType::from("org.example.*").check().is_err());
+    /// ```
+    pub fn check(&self) -> Result<(), EventError> {
+        check_type(&self.0)
+    }
+}
+
+impl QueryOp {
+    /// Checks this op against the subject-token rule, see [`check_type`].
+    ///
+    /// # Errors
+    ///
+    /// As [`check_type`].
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use ce_messaging::event::QueryOp;
+    /// assert!(QueryOp::from("cyverse.workspace.get").check().is_ok());
+    /// assert!(QueryOp::from("cyverse..get").check().is_err());
+    /// ```
+    pub fn check(&self) -> Result<(), EventError> {
+        check_type(&self.0)
+    }
+}
+
 /// A new, globally unique event id `cloudevent-<xid>`.
 ///
 /// # Examples
@@ -496,6 +617,57 @@ mod tests {
         assert_eq!(event.source().as_str(), "svc");
         populate_source(&mut event, "other");
         assert_eq!(event.source().as_str(), "svc", "an explicit source is kept");
+    }
+
+    #[test]
+    fn the_subject_token_rule_accepts_literal_tokens_and_refuses_the_rest() {
+        for good in [
+            "a",
+            "org.example.order.created",
+            "a-b_c.d$e.F9",
+            "caf\u{e9}.cr\u{e8}me",
+            "a#b.c+d",
+        ] {
+            assert!(check_type(good).is_ok(), "{good:?} is valid");
+        }
+        let long = "x".repeat(MAX_TYPE_LEN + 1);
+        let cases: [(&str, &str); 17] = [
+            ("", "empty"),
+            ("probe.*", "wildcard"),
+            ("probe.>", "wildcard"),
+            ("*", "wildcard"),
+            (">", "wildcard"),
+            ("a.b*c", "wildcard"),
+            ("a>b", "wildcard"),
+            ("a b", "whitespace"),
+            ("a\tb", "whitespace"),
+            ("a\r\nb", "whitespace"),
+            ("a\u{a0}b", "whitespace"),
+            ("a\u{0}b", "control"),
+            ("a\u{7f}b", "control"),
+            ("a..b", "empty token"),
+            (".a", "empty token"),
+            ("a.", "empty token"),
+            (&long, "bytes long"),
+        ];
+        for (bad, why) in cases {
+            let err = check_type(bad).expect_err(bad);
+            assert_eq!(err.kind(), EventErrorKind::InvalidType);
+            assert!(err.to_string().contains(why), "{bad:?}: {err}");
+        }
+        // Multi-byte characters count in bytes, as the server counts them.
+        let accents = "\u{e9}".repeat(MAX_TYPE_LEN / 2 + 1);
+        assert!(check_type(&accents).is_err());
+    }
+
+    #[test]
+    fn an_invalid_type_is_quoted_escaped_and_cut() {
+        let err = check_type("a\tb").unwrap_err();
+        assert!(err.to_string().contains(r#""a\tb""#), "{err}");
+        let huge = format!("{}.*", "y".repeat(5000));
+        let text = check_type(&huge).unwrap_err().to_string();
+        assert!(text.len() < 300, "{text}");
+        assert!(text.contains("5002 bytes"), "{text}");
     }
 
     #[test]

@@ -224,6 +224,11 @@ impl EventSource {
                 "a listener needs an event type, a transaction id, or both",
             ));
         }
+        if let Some(event_type) = &filter.event_type {
+            event_type
+                .check()
+                .map_err(|e| e.map_kind(|_| ListenErrorKind::InvalidOptions))?;
+        }
         let id = ListenerId(self.inner.next_id.fetch_add(1, Ordering::Relaxed));
         let key = filter.key();
         let _setup = self.inner.setup.lock().await;

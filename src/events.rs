@@ -169,7 +169,10 @@ pub trait EventConnection: Send + Sync {
     /// An empty or `AUTO_POPULATE` source is filled in with the client id. The event id is the
     /// de-duplication id: a retry of the same event within the duplicate window is reported
     /// as a duplicate, not stored twice. An event larger than the server accepts is refused
-    /// before sending (`TooLarge`).
+    /// before sending (`TooLarge`), and so is a type that breaks the subject-token rule
+    /// (`InvalidType`, see [`check_type`](crate::event::check_type)). While the client is
+    /// disconnected, a JetStream publish waits for the connection within its bounded time and
+    /// then fails with `Disconnected`.
     async fn publish(&self, event: Event) -> Result<PublishAck, PublishError>;
 
     /// Publishes many events pipelined (many in flight at once) and waits for every ack.
@@ -530,6 +533,28 @@ impl EventListenOptions {
         use crate::error::ListenErrorKind::InvalidOptions;
         if handlers.is_empty() {
             return Err(Error::with_detail(InvalidOptions, "no event handlers"));
+        }
+        for event_type in handlers.types() {
+            crate::event::check_type(event_type).map_err(|e| e.map_kind(|_| InvalidOptions))?;
+        }
+        // The bounds of NATS_JS_MAX_DELIVER / NATS_JS_ACK_WAIT hold for the overrides too.
+        let max_deliver_ok = self
+            .max_deliver
+            .is_none_or(|n| n <= crate::config::MAX_COUNT);
+        let ack_wait_ok = self
+            .ack_wait
+            .is_none_or(|w| w <= crate::config::MAX_JS_DURATION);
+        if !max_deliver_ok || !ack_wait_ok {
+            return Err(Error::with_detail(
+                InvalidOptions,
+                format!(
+                    "max_deliver {:?} must be at most {}, ack_wait {:?} at most {:?}",
+                    self.max_deliver,
+                    crate::config::MAX_COUNT,
+                    self.ack_wait,
+                    crate::config::MAX_JS_DURATION
+                ),
+            ));
         }
         if self.workers == 0 || self.buffer == 0 {
             return Err(Error::with_detail(
@@ -1043,5 +1068,23 @@ mod tests {
         .map(|r| r.as_str())
         .collect();
         assert_eq!(reasons, vec!["decode", "rejected", "max-deliveries"]);
+    }
+
+    #[test]
+    fn listen_overrides_beyond_the_config_bounds_are_invalid_options() {
+        let handlers = EventHandlers::new().on("a.b", event_handler_fn(|_, _| async { Ok(()) }));
+        let too_many = EventListenOptions {
+            max_deliver: Some(i64::MAX),
+            ..Default::default()
+        };
+        let too_long = EventListenOptions {
+            ack_wait: Some(Duration::from_secs(1_000_000_000_000)),
+            ..Default::default()
+        };
+        for options in [too_many, too_long] {
+            let err = options.validate(&handlers).unwrap_err();
+            assert_eq!(err.kind(), crate::error::ListenErrorKind::InvalidOptions);
+        }
+        assert!(EventListenOptions::default().validate(&handlers).is_ok());
     }
 }

@@ -393,6 +393,9 @@ impl QueryListenOptions {
         if handlers.is_empty() {
             return Err(Error::with_detail(InvalidOptions, "no query handlers"));
         }
+        for op in handlers.ops() {
+            crate::event::check_type(op).map_err(|e| e.map_kind(|_| InvalidOptions))?;
+        }
         if self.workers == 0 || self.buffer == 0 {
             return Err(Error::with_detail(
                 InvalidOptions,
@@ -713,14 +716,19 @@ pub(crate) fn interpret_reply(
     Ok((event, position))
 }
 
-/// Fills in what a request needs before it is sent: the source and a transaction id.
-pub(crate) fn prepare_request(request: &mut Event, source: &str) {
+/// Fills in what a request needs before it is sent: the source and a transaction id; refuses
+/// an op that breaks the subject-token rule ([`check_type`](crate::event::check_type)) first.
+/// Every backend's request and reply stream goes through here.
+pub(crate) fn prepare_request(request: &mut Event, source: &str) -> Result<(), RequestError> {
+    crate::event::check_type(request.ty())
+        .map_err(|e| e.map_kind(|_| RequestErrorKind::InvalidOptions))?;
     populate_source(request, source);
     if !crate::event::has_transaction_id(request) {
         request.set_transaction_id(&TransactionId::generate());
     }
     // Continues the current handler's trace; a new trace starts in [`traced_request`].
     telemetry::outgoing(request, false);
+    Ok(())
 }
 
 /// One request inside a `request` span: the request gets its transaction id and trace

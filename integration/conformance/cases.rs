@@ -176,3 +176,24 @@ impl Peak {
         .await
     }
 }
+
+/// Event types / query ops that break the subject-token rule of the wire contract: wildcards,
+/// whitespace (also Unicode), control characters, empty tokens, and one byte over the 255-byte
+/// bound. Every backend refuses each at once with a typed error.
+pub fn invalid_types() -> Vec<String> {
+    let mut types: Vec<String> = [
+        "probe.*", "probe.>", ">", "*", "a.b*c", "a>b", "a b", "a\tb", "a\nb", "a\u{0}b",
+        "a\u{7f}b", "a\u{a0}b", "a..b", ".a", "a.", ".", "",
+    ]
+    .iter()
+    .map(|t| t.to_string())
+    .collect();
+    types.push(format!("conf.{}", "x".repeat(256 - 5)));
+    types
+}
+
+/// A valid type of exactly the 255-byte bound, unique to this run.
+pub fn longest_valid_type() -> String {
+    let head = format!("conf.{}.", crate::backend::unique());
+    format!("{head}{}", "x".repeat(255 - head.len()))
+}

@@ -66,6 +66,7 @@ macro_rules! query_cases {
             query_cancelled_token_stops_listener,
             query_listeners_close_concurrently,
             closing_the_connection_stops_its_listeners,
+            invalid_ops_are_refused_at_once,
         );
     };
 }
@@ -104,6 +105,7 @@ macro_rules! event_cases {
             promise_times_out_without_response,
             event_source_add_remove_once,
             event_source_filters_by_transaction,
+            invalid_event_types_are_refused_at_once,
         );
     };
 }

@@ -5,6 +5,11 @@
 //!
 //! The pipelined form runs the same per-event publish for many events at once (at most
 //! [`PIPELINE_WINDOW`] in flight) and waits for every ack.
+//!
+//! While the client is disconnected (reconnecting) nothing is sent: a publish waits for the
+//! connection within its bounded time, and when that runs out it fails with
+//! `PublishErrorKind::Disconnected` saying for how long the connection has been down, instead
+//! of "no ack in time".
 
 use std::future::IntoFuture;
 use std::sync::Arc;
@@ -21,7 +26,7 @@ use tokio::time::Instant;
 use crate::codec::{self, ContentMode};
 use crate::config::Config;
 use crate::error::{Error, PublishErrorKind};
-use crate::event::populate_source;
+use crate::event::{check_type, populate_source};
 use crate::events::{PublishAck, PublishError};
 use crate::headers::NATS_MSG_ID;
 
@@ -39,7 +44,10 @@ pub(crate) const PIPELINE_WINDOW: usize = 1024;
 ///
 /// Every attempt re-sends the same event with the same `Nats-Msg-Id`, so the server stores it
 /// once and reports later copies as duplicates. Retrying stops at `total` (default: the
-/// connection's `NATS_EVENTS_TIMEOUT`), never later than the stream's duplicate window.
+/// connection's `NATS_EVENTS_TIMEOUT`), never later than the stream's duplicate window. While
+/// the client is disconnected nothing is sent: the publish looks at the connection every
+/// `pause` (at least 10 ms) and goes on when it is back, or fails with `Disconnected` at the
+/// end of `total`.
 ///
 /// # Examples
 ///
@@ -132,13 +140,14 @@ fn encode(mode: ContentMode, event: &Event) -> Result<(HeaderMap, Bytes), Error<
     Ok((headers, encoded.payload))
 }
 
-/// Fills in the source, encodes (see [`encode`]) and checks the size against the server's
-/// max payload.
+/// Checks the type (see [`check_type`]), fills in the source, encodes (see [`encode`]) and
+/// checks the size against the server's max payload.
 fn prepare(
     inner: &Inner,
     event: &mut Event,
     subjects: &mut SubjectCache,
 ) -> Result<Prepared, Error<PublishErrorKind>> {
+    check_type(event.ty()).map_err(|e| e.map_kind(|_| PublishErrorKind::InvalidType))?;
     populate_source(event, &inner.config.client_id);
     let (headers, payload) = encode(inner.config.ce_mode, event)?;
     let size = wire_size(&headers, payload.len());
@@ -261,7 +270,69 @@ pub(crate) async fn publish_all(
         .collect()
 }
 
-/// Sends until the server acknowledged the message or the retry budget is spent.
+/// Whether the client has a connection to a server right now (not reconnecting).
+fn connected(inner: &Inner) -> bool {
+    inner.client.connection_state() == async_nats::connection::State::Connected
+}
+
+/// How often a publish looks at the connection state while it waits for the connection or
+/// for an ack: the retry pause, but never a busy loop.
+fn state_poll(retry: &PublishRetry) -> Duration {
+    retry.pause.max(Duration::from_millis(10))
+}
+
+/// Waits until the client is connected again or `deadline` passes; whether it is connected.
+async fn wait_connected(inner: &Inner, deadline: Instant) -> bool {
+    let poll = state_poll(&inner.retry);
+    loop {
+        if connected(inner) {
+            return true;
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return false;
+        }
+        tokio::time::sleep(poll.min(deadline - now)).await;
+    }
+}
+
+/// The error of a publish whose time ran out while the client was disconnected: `Disconnected`
+/// with how long this publish saw the connection down, or `ConnectionClosed` if the client
+/// gave up reconnecting.
+async fn disconnected_error(
+    inner: &Inner,
+    event: &Event,
+    down_since: Instant,
+    attempts: u32,
+) -> Error<PublishErrorKind> {
+    if client_closed(&inner.client).await {
+        return Error::with_detail(
+            PublishErrorKind::ConnectionClosed,
+            format!(
+                "event {} not published: the connection is closed",
+                event.id()
+            ),
+        );
+    }
+    let maybe_sent = if attempts > 0 {
+        "; an attempt made before the connection dropped may have been stored: publishing the \
+         event again is safe (same id, the server stores it once)"
+    } else {
+        ""
+    };
+    Error::with_detail(
+        PublishErrorKind::Disconnected,
+        format!(
+            "event {} not published: not connected to the server for at least {:.1} s (the \
+             client is reconnecting){maybe_sent}",
+            event.id(),
+            down_since.elapsed().as_secs_f64()
+        ),
+    )
+}
+
+/// Sends until the server acknowledged the message or the retry budget is spent. While the
+/// client is disconnected, waits for the connection instead of sending into its buffer.
 async fn send_with_retry(
     inner: &Inner,
     prepared: &mut Prepared,
@@ -275,7 +346,15 @@ async fn send_with_retry(
         .min(inner.config.js_duplicate_window);
     let deadline = started + budget;
     let mut attempts = 0u32;
+    let mut down_since: Option<Instant> = None;
     loop {
+        if !connected(inner) {
+            let since = *down_since.get_or_insert_with(Instant::now);
+            if !wait_connected(inner, deadline).await {
+                return Err(disconnected_error(inner, event, since, attempts).await);
+            }
+            tracing::debug!(event_id = %event.id(), down_for = ?since.elapsed(), "connection back; publishing");
+        }
         attempts += 1;
         let remaining = deadline.saturating_duration_since(Instant::now());
         let attempt_timeout = retry.attempt_timeout.min(remaining);
@@ -301,6 +380,11 @@ async fn send_with_retry(
                 why
             }
         };
+        if !connected(inner) {
+            // Waited for at the top of the loop, within the deadline.
+            down_since.get_or_insert_with(Instant::now);
+            continue;
+        }
         if client_closed(&inner.client).await {
             return Err(Error::with_detail(
                 PublishErrorKind::ConnectionClosed,
@@ -322,6 +406,8 @@ async fn send_with_retry(
     }
 }
 
+/// One send and its ack wait, cut short when the connection drops (an ack sent on a dropped
+/// connection never arrives; the retry goes out on the new one).
 async fn attempt(
     inner: &Inner,
     prepared: &mut Prepared,
@@ -329,7 +415,22 @@ async fn attempt(
     timeout: Duration,
 ) -> Result<PublishAck, AttemptError> {
     let ack_future = send(inner, prepared, event, timeout).await?;
-    await_ack(inner, ack_future, prepared, timeout).await
+    let ack = await_ack(inner, ack_future, prepared, timeout);
+    tokio::pin!(ack);
+    let poll = state_poll(&inner.retry);
+    loop {
+        tokio::select! {
+            biased;
+            result = &mut ack => return result,
+            () = tokio::time::sleep(poll) => {
+                if !connected(inner) {
+                    return Err(AttemptError::Retry(
+                        "the connection dropped while waiting for the ack".into(),
+                    ));
+                }
+            }
+        }
+    }
 }
 
 /// Bounds the ack wait by `timeout`. The ack future bounds itself by the JetStream context's
@@ -353,13 +454,18 @@ where
     }
 }
 
-/// Hands the message to the connection; returns the future of its ack.
+/// Hands the message to the connection; returns the future of its ack. Nothing is handed over
+/// while the client is disconnected: the client would buffer it and send it after the
+/// reconnect, possibly after this publish already reported its failure.
 async fn send(
     inner: &Inner,
     prepared: &mut Prepared,
     event: &Event,
     timeout: Duration,
 ) -> Result<PublishAckFuture, AttemptError> {
+    if !connected(inner) {
+        return Err(AttemptError::Retry("not connected".into()));
+    }
     let headers = prepared
         .take_headers(inner.config.ce_mode, event)
         .map_err(AttemptError::Fail)?;
@@ -431,8 +537,20 @@ fn classify(
             // A server error (a JetStream API error in the ack) will not change on retry; a
             // failure to hand the message to the connection might (the caller checks whether
             // the connection is closed for good before retrying).
-            let server_error = std::error::Error::source(&err)
-                .and_then(|s| s.downcast_ref::<async_nats::jetstream::Error>());
+            let source = std::error::Error::source(&err);
+            if source.is_some_and(|s| s.is::<async_nats::SubjectError>()) {
+                // The client refused the subject: the same subject is refused again on every
+                // retry. (The type is checked before this; the prefix by the configuration.)
+                return AttemptError::Fail(
+                    Error::with_detail(
+                        PublishErrorKind::InvalidType,
+                        format!("{} is not a valid subject", prepared.subject),
+                    )
+                    .source(err),
+                );
+            }
+            let server_error =
+                source.and_then(|s| s.downcast_ref::<async_nats::jetstream::Error>());
             if server_error.is_some_and(|e| e.error_code().0 == DUPLICATE_IN_PROCESS_CODE) {
                 // An earlier attempt with this id is still being stored (a clustered stream
                 // replicating it): ask again, and the answer will be its ack or "duplicate".
@@ -511,6 +629,31 @@ mod tests {
             .map(|ty| config.events_subject(ty))
             .collect();
         assert_eq!(subjects, expected);
+    }
+
+    #[test]
+    fn a_subject_the_client_refuses_fails_at_once_instead_of_being_retried() {
+        let prepared = Prepared {
+            subject: Subject::from("events.a b"),
+            headers: None,
+            payload: Bytes::new(),
+        };
+        let refused = async_nats::jetstream::context::PublishError::with_source(
+            JsPublishErrorKind::Other,
+            async_nats::SubjectError::InvalidFormat,
+        );
+        match classify(refused, &prepared) {
+            AttemptError::Fail(err) => assert_eq!(err.kind(), PublishErrorKind::InvalidType),
+            AttemptError::Retry(why) | AttemptError::NoResponders(why) => {
+                panic!("an invalid subject was retried: {why}")
+            }
+        }
+        // A failure to hand the message over (no server answer) is still retried.
+        let lost = async_nats::jetstream::context::PublishError::with_source(
+            JsPublishErrorKind::Other,
+            std::io::Error::other("channel closed"),
+        );
+        assert!(matches!(classify(lost, &prepared), AttemptError::Retry(_)));
     }
 
     #[test]

@@ -13,7 +13,6 @@ use futures::stream::BoxStream;
 use futures::{FutureExt, StreamExt};
 use tokio_util::sync::CancellationToken;
 
-use super::bus::is_valid_publish_subject;
 use super::stream::{ConsumerSettings, Next, StreamSettings};
 use super::MemoryBroker;
 use crate::codec::{self, ContentMode, HeaderMap};
@@ -21,7 +20,7 @@ use crate::config::Config;
 use crate::error::{
     BoxError, Error, ListenError, ListenErrorKind, PublishErrorKind, StreamError, StreamErrorKind,
 };
-use crate::event::populate_source;
+use crate::event::{check_type, populate_source};
 use crate::event_source::{EventSource, RawEvent, SourceBackend};
 use crate::events::{
     process_delivery, Acker, DeadLetterSink, Delivery, DeliveryContext, EventConnection,
@@ -221,14 +220,11 @@ impl MemoryEvents {
             ));
         }
         populate_source(&mut event, &inner.client_id);
-        let subject = format!("{}.{}", inner.subject_prefix, event.ty());
-        if !is_valid_publish_subject(&subject) {
-            let err = Error::with_detail(
-                PublishErrorKind::Other,
-                format!("the event type gives the invalid subject {subject:?}"),
-            );
+        if let Err(err) = check_type(event.ty()) {
+            let err = err.map_kind(|_| PublishErrorKind::InvalidType);
             return Err(PublishError::from_error(err, Some(event)));
         }
+        let subject = format!("{}.{}", inner.subject_prefix, event.ty());
         let encoded = match codec::encode(&event, inner.mode) {
             Ok(encoded) => encoded,
             Err(err) => {

@@ -10,7 +10,7 @@ use cloudevents::{AttributesReader, Event};
 use futures::{FutureExt, StreamExt};
 use tokio_util::sync::CancellationToken;
 
-use super::bus::{is_valid_pattern, is_valid_publish_subject, BusMessage, Inbox};
+use super::bus::{is_valid_pattern, BusMessage, Inbox};
 use super::MemoryBroker;
 use crate::codec::{self, ContentMode, HeaderMap};
 use crate::config::{Config, MAX_REQUEST_TIMEOUT};
@@ -158,14 +158,8 @@ impl MemoryQueries {
         if self.is_closed() {
             return Err(Error::new(RequestErrorKind::ConnectionClosed));
         }
-        prepare_request(&mut request, &self.inner.client_id);
+        prepare_request(&mut request, &self.inner.client_id)?;
         let subject = request.ty().to_owned();
-        if !is_valid_publish_subject(&subject) {
-            return Err(Error::with_detail(
-                RequestErrorKind::InvalidOptions,
-                format!("the op (event type) {subject:?} is not a valid NATS subject"),
-            ));
-        }
         let encoded = codec::encode(&request, self.inner.mode)
             .map_err(|e| e.map_kind(|_| RequestErrorKind::Encode))?;
         self.inner

@@ -26,7 +26,7 @@ struct Outgoing {
 /// Fills in source and transaction id, encodes in the connection's content mode, and refuses
 /// a message larger than the server accepts before anything is sent.
 fn prepare(inner: &Inner, mut request: Event) -> Result<Outgoing, RequestError> {
-    prepare_request(&mut request, &inner.source);
+    prepare_request(&mut request, &inner.source)?;
     let subject = request.ty().to_owned();
     let encoded = codec::encode(&request, inner.mode)
         .map_err(|e| e.map_kind(|_| RequestErrorKind::Encode))?;

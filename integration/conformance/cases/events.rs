@@ -1452,3 +1452,114 @@ pub async fn event_source_filters_by_transaction<B: EventBackend>() {
         .await;
     assert_eq!(ids(&by_both.snapshot()), ids(&[sequence[1].clone()]));
 }
+
+/// An event of `event_type` (which need not be valid: the type is set after building).
+fn event_of_type(event_type: &str) -> Event {
+    let mut e = event("conf.placeholder", &json!("bad"));
+    e.set_type(event_type);
+    e
+}
+
+/// A type that is not a valid subject-token sequence is refused at once with a typed error
+/// wherever it enters: publish (`InvalidType`, the event handed back), each bad event of a
+/// `publish_all` batch (the good ones are stored), listen and EventSource (`InvalidOptions`),
+/// and the response types of a request (`Listen`). Nothing of it is stored; a 255-byte type
+/// (the bound) works.
+pub async fn invalid_event_types_are_refused_at_once<B: EventBackend>() {
+    let env = B::start().await;
+    let config = env.config("svc");
+    let connection = env.events(&config).await;
+    let at_once = Duration::from_secs(2);
+    for bad in super::invalid_types() {
+        let e = event_of_type(&bad);
+        let err = super::within_for(
+            at_once,
+            &format!("publish {bad:?}"),
+            connection.publish(e.clone()),
+        )
+        .await
+        .expect_err(&format!("publishing type {bad:?} must fail"));
+        assert_eq!(err.kind(), PublishErrorKind::InvalidType, "{bad:?}: {err}");
+        assert_eq!(
+            err.into_event().map(|b| b.id().to_owned()),
+            Some(e.id().to_owned())
+        );
+
+        let handlers = recording(&bad, &Seen::new());
+        let err = super::within_for(
+            at_once,
+            &format!("listen {bad:?}"),
+            connection.listen(handlers, options(&new_durable())),
+        )
+        .await
+        .expect_err(&format!("listening to type {bad:?} must fail"));
+        assert_eq!(
+            err.kind(),
+            ce_messaging::error::ListenErrorKind::InvalidOptions,
+            "{bad:?}: {err}"
+        );
+
+        let err = super::within_for(
+            at_once,
+            &format!("add_listener {bad:?}"),
+            connection
+                .event_source()
+                .add_listener(EventFilter::by_type(bad.as_str()), |_| {}),
+        )
+        .await
+        .expect_err(&format!(
+            "an EventSource listener of type {bad:?} must fail"
+        ));
+        assert_eq!(
+            err.kind(),
+            ce_messaging::error::ListenErrorKind::InvalidOptions,
+            "{bad:?}: {err}"
+        );
+
+        let request = event(&new_type("ask"), &json!(1));
+        let err = super::within_for(
+            at_once,
+            &format!("request awaiting {bad:?}"),
+            connection.request(request, &[EventType::from(bad.as_str())]),
+        )
+        .await
+        .expect_err(&format!("a promise of type {bad:?} must fail"));
+        assert_eq!(err.kind(), ResponseErrorKind::Listen, "{bad:?}: {err}");
+    }
+    assert_eq!(connection.event_source().listener_count(), 0);
+
+    let good_type = new_type("good");
+    let batch = vec![
+        event(&good_type, &json!(1)),
+        event_of_type("conf.bad..type"),
+        event(&good_type, &json!(2)),
+        event_of_type("conf.bad.*"),
+    ];
+    let results = super::within_for(
+        at_once,
+        "publish_all",
+        connection.publish_all(batch.clone()),
+    )
+    .await;
+    assert_eq!(results.len(), 4);
+    assert!(results[0].is_ok() && results[2].is_ok(), "{results:?}");
+    for i in [1, 3] {
+        let err = results[i].as_ref().expect_err("a bad type in a batch");
+        assert_eq!(err.kind(), PublishErrorKind::InvalidType, "{err}");
+    }
+    let longest = super::longest_valid_type();
+    publish(&connection, event(&longest, &json!("at the bound"))).await;
+
+    let stored = env.stored(&config.js_stream).await;
+    let stored_types: Vec<String> = stored.iter().map(|m| m.subject.clone()).collect();
+    assert_eq!(
+        stored_types,
+        vec![
+            config.events_subject(&good_type),
+            config.events_subject(&good_type),
+            config.events_subject(&longest),
+        ],
+        "only the valid events are stored"
+    );
+    assert!(env.stored(&config.js_dlq_stream).await.is_empty());
+}

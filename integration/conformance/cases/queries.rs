@@ -901,3 +901,90 @@ pub async fn closing_the_connection_stops_its_listeners<B: QueryBackend>() {
     })
     .await;
 }
+
+/// A request of `op` (which need not be valid: the type is set after building).
+fn request_of_op(op: &str) -> Event {
+    let mut e = request_event("conf.placeholder", &json!("bad"));
+    e.set_type(op);
+    e
+}
+
+/// An op that is not a valid subject-token sequence is refused at once with a typed error
+/// wherever it enters: request and request_stream (`InvalidOptions`, not a timeout, not "no
+/// responders") and listen (`InvalidOptions`, so no listener sits on a wildcard and answers
+/// other services' requests). A healthy listener beside it keeps serving; a 255-byte op (the
+/// bound) works.
+pub async fn invalid_ops_are_refused_at_once<B: QueryBackend>() {
+    let env = B::start().await;
+    let server = env.queries(&env.config("svc")).await;
+    let client = env.queries(&env.config("cli")).await;
+    let real = new_op("real");
+    let longest = super::longest_valid_type();
+    let listener = listen(
+        &server,
+        named(&real, "real").on(
+            &longest,
+            handler_fn(|_, reply| async move {
+                reply.reply_data("conf.longest.reply", &"longest").await?;
+                Ok(())
+            }),
+        ),
+        options(),
+    )
+    .await;
+    let at_once = Duration::from_secs(2);
+    for bad in super::invalid_types() {
+        let err = within_for(
+            at_once,
+            &format!("request {bad:?}"),
+            client.request_with_timeout(request_of_op(&bad), Duration::from_secs(10)),
+        )
+        .await
+        .expect_err(&format!("a request of op {bad:?} must fail"));
+        assert_eq!(
+            err.kind(),
+            RequestErrorKind::InvalidOptions,
+            "{bad:?}: {err}"
+        );
+
+        let err = within_for(
+            at_once,
+            &format!("request_stream {bad:?}"),
+            client.request_stream(request_of_op(&bad), ReplyStreamOptions::default()),
+        )
+        .await
+        .expect_err(&format!("a reply stream of op {bad:?} must fail"));
+        assert_eq!(
+            err.kind(),
+            RequestErrorKind::InvalidOptions,
+            "{bad:?}: {err}"
+        );
+
+        let err = within_for(
+            at_once,
+            &format!("listen {bad:?}"),
+            server.listen(named(&bad, "wildcard"), options()),
+        )
+        .await
+        .expect_err(&format!("listening to op {bad:?} must fail"));
+        assert_eq!(
+            err.kind(),
+            ce_messaging::error::ListenErrorKind::InvalidOptions,
+            "{bad:?}: {err}"
+        );
+    }
+    for _ in 0..5 {
+        let reply = within("reply", client.request(request_event(&real, &json!(null))))
+            .await
+            .expect("the real op is served by its own listener only");
+        assert_eq!(reply.data_as::<String>().expect("data"), "real");
+    }
+    let reply = within(
+        "reply",
+        client.request(request_event(&longest, &json!(null))),
+    )
+    .await
+    .expect("an op at the bound is served");
+    assert_eq!(reply.data_as::<String>().expect("data"), "longest");
+    listener.stop(Duration::from_secs(5)).await;
+}

@@ -82,8 +82,8 @@ impl From<PublishError> for Failure {
         let code = match err.kind() {
             PublishErrorKind::TimedOut => EXIT_TIMEOUT,
             PublishErrorKind::StreamNotFound => EXIT_NOT_FOUND,
-            PublishErrorKind::Encode => EXIT_USAGE,
-            PublishErrorKind::ConnectionClosed => EXIT_CONNECTION,
+            PublishErrorKind::Encode | PublishErrorKind::InvalidType => EXIT_USAGE,
+            PublishErrorKind::ConnectionClosed | PublishErrorKind::Disconnected => EXIT_CONNECTION,
             _ => EXIT_OTHER,
         };
         failure(code, err.error())
@@ -192,6 +192,14 @@ mod tests {
         let remote = Failure::from(RemoteError::new(404, "unknown op").into_request_error());
         assert_eq!(remote.code, EXIT_REMOTE);
         assert_eq!(remote.message, "remote error 404: unknown op");
+    }
+
+    #[test]
+    fn publish_errors_map_to_the_documented_codes() {
+        let code = |kind| Failure::from(PublishError::new(kind, None)).code;
+        assert_eq!(code(PublishErrorKind::InvalidType), EXIT_USAGE);
+        assert_eq!(code(PublishErrorKind::Disconnected), EXIT_CONNECTION);
+        assert_eq!(code(PublishErrorKind::TimedOut), EXIT_TIMEOUT);
     }
 
     #[test]
