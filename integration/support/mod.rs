@@ -7,6 +7,7 @@
 
 pub mod checker;
 pub mod cluster;
+pub mod netns;
 pub mod server;
 
 use std::future::Future;
