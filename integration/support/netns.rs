@@ -723,10 +723,10 @@ fn owner_is_gone(name: &str) -> bool {
     pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists()
 }
 
-/// Moves the calling thread into the network namespace `ns` (`/run/netns/<ns>`). Sockets it
-/// opens from then on belong to that namespace.
+/// Moves the calling thread into the network namespace `ns` (`/var/run/netns/<ns>`, where
+/// `ip netns add` mounts it). Sockets it opens from then on belong to that namespace.
 pub fn enter_netns(ns: &str) -> Result<(), String> {
-    let path = format!("/run/netns/{ns}");
+    let path = format!("/var/run/netns/{ns}");
     let file = File::open(&path).map_err(|e| format!("open {path}: {e}"))?;
     // SAFETY: setns(2) with a valid open namespace file descriptor and CLONE_NEWNET only
     // changes the calling thread's network namespace; no memory is shared with the kernel.
