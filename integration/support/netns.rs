@@ -122,8 +122,6 @@ fn link(a: End, b: End) -> Link {
 struct Node {
     name: String,
     ns: String,
-    end: End,
-    config_path: PathBuf,
     log_path: PathBuf,
     child: Mutex<Option<Child>>,
 }
@@ -529,8 +527,6 @@ impl NetCluster {
         Node {
             name,
             ns,
-            end,
-            config_path,
             log_path,
             child: Mutex::new(Some(child)),
         }
@@ -664,9 +660,13 @@ pub fn check_available() -> Result<(), Unavailable> {
         .get_or_init(|| {
             let probe = format!("{PREFIX}{}-probe", std::process::id());
             ip(&["netns", "add", &probe]).map_err(Unavailable)?;
-            let entered = in_netns(&probe, || Ok(()));
+            // Also what the clusters need besides a namespace: veth links, and entering it.
+            let works = ip(&[
+                "-n", &probe, "link", "add", "probe-a", "type", "veth", "peer", "name", "probe-b",
+            ])
+            .and_then(|()| in_netns(&probe, || Ok(())));
             let _ = ip(&["netns", "del", &probe]);
-            entered.map_err(Unavailable)
+            works.map_err(Unavailable)
         })
         .clone()
 }
