@@ -601,7 +601,10 @@ fn ip(args: &[&str]) -> Result<(), String> {
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| format!("ip {}: {e}", args.join(" ")))?;
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => "`ip` (iproute2) not found in PATH".to_owned(),
+            _ => format!("ip {}: {e}", args.join(" ")),
+        })?;
     let deadline = Instant::now() + IP_TIMEOUT;
     loop {
         match child.try_wait() {
