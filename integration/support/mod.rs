@@ -1,5 +1,6 @@
 //! Test support shared by the integration tests (`mod support;`): real `nats-server` processes
 //! ([`server::NatsServer`], [`cluster::NatsCluster`]), a client helper and a polling helper.
+//! [`netns::NetCluster`] is a cluster split across network namespaces, for partitions.
 //!
 //! Each integration test binary compiles this module and uses only part of it, so unused items
 //! are expected there; hence the crate-level `dead_code` allowance below.
@@ -7,6 +8,7 @@
 
 pub mod checker;
 pub mod cluster;
+pub mod netns;
 pub mod server;
 
 use std::future::Future;
