@@ -2546,6 +2546,28 @@ mod tests {
             }
 
             #[test]
+            fn a_quoted_header_value_reads_as_the_text_it_quotes(
+                // Any text but `%` (percent-decoding follows the unquoting) and CR/LF (not
+                // allowed in a header value), with quotes and backslashes likely.
+                text in "([^%\r\n]|\"|\\\\){1,24}",
+                escape_all in any::<bool>(),
+            ) {
+                let mut quoted = String::from("\"");
+                for c in text.chars() {
+                    // RFC 7230 lets any character be escaped; `"` and `\` must be.
+                    if escape_all || c == '"' || c == '\\' {
+                        quoted.push('\\');
+                    }
+                    quoted.push(c);
+                }
+                quoted.push('"');
+                let h = binary(&[("ce-subject", &quoted)]);
+                let event = decode(h.as_ref(), &Bytes::new());
+                let subject = event.map(|e| e.subject().map(str::to_owned)).map_err(|e| e.to_string());
+                prop_assert_eq!(subject, Ok(Some(text)));
+            }
+
+            #[test]
             fn any_text_values_round_trip_in_binary_mode(
                 // (An empty `subject` is refused on receive: present means not empty.)
                 id in "\\PC{1,16}", subject in ".{1,24}", ext in any::<String>(),
