@@ -23,14 +23,16 @@
 //! unanswered) is recreated with the same configuration, as users of a durable listener
 //! expect.
 //!
-//! Dead letters keep the original headers and payload and add the `Dead-Letter-*` headers,
-//! with one exception: `Nats-Msg-Id` is a directive to the server that stores the message,
-//! and the dead-letter stream de-duplicates on it. Kept as is, two services dead-lettering the
-//! same event would collide (the second dead letter would be reported as a duplicate and not
+//! Dead letters are built by the shared processing (`dead_letter_record` in `events.rs`): the
+//! original payload and headers without the server's `Nats-*` directives, the `Dead-Letter-*`
+//! headers, and, when that would exceed the server's max payload (from its INFO), a reference
+//! record instead. `Nats-Msg-Id` is a directive to the server that stores the message, and the
+//! dead-letter stream de-duplicates on it. Kept as is, two services dead-lettering the same
+//! event would collide (the second dead letter would be reported as a duplicate and not
 //! stored). So a dead letter carries `Nats-Msg-Id: <original id>.dlq.<durable>` (see
-//! [`dead_letter_msg_id`](crate::events::dead_letter_msg_id)): re-dead-lettering by the same durable (a term that got lost) is
-//! still de-duplicated, other durables' dead letters are not, and the original id is the part
-//! before the last `.dlq.` ([`original_msg_id`]).
+//! [`dead_letter_msg_id`](crate::events::dead_letter_msg_id)): re-dead-lettering by the same
+//! durable (a term that got lost) is still de-duplicated, other durables' dead letters are
+//! not, and the original id is the part before the last `.dlq.` ([`original_msg_id`]).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -39,9 +41,11 @@ use std::time::Duration;
 use async_nats::jetstream::consumer::pull::{BatchConfig, Config as PullConfig};
 use async_nats::jetstream::consumer::{AckPolicy, Consumer, DeliverPolicy};
 use async_nats::jetstream::context::ConsumerInfoErrorKind;
+use async_nats::jetstream::context::PublishErrorKind as JsPublishErrorKind;
 use async_nats::jetstream::message::AckKind;
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::Context;
+use async_nats::jetstream::ErrorCode;
 use async_nats::{HeaderMap, StatusCode, Subject};
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -51,8 +55,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::{BoxError, Error, ListenError, ListenErrorKind};
 use crate::events::{
-    process_delivery, Acker, DeadLetterSink, Delivery, DeliveryContext, EventConnection,
-    EventHandlers, EventListenOptions,
+    process_delivery, Acker, DeadLetterPublishError, DeadLetterSink, Delivery, DeliveryContext,
+    EventConnection, EventHandlers, EventListenOptions,
 };
 use crate::listener::Listener;
 use crate::worker::{Submitter, WorkContext, WorkerPool};
@@ -184,6 +188,7 @@ pub(crate) async fn listen(
 
     let dead_letters = Arc::new(JetStreamDeadLetters {
         js: inner.js.clone(),
+        client: inner.client.clone(),
         subject: format!("deadletter.{}.{durable}", config.js_stream),
         events_stream: config.js_stream.clone(),
         durable: durable.clone(),
@@ -641,8 +646,10 @@ impl Acker for JetStreamAcker {
     }
 }
 
+/// Publishes dead letters to `deadletter.<events stream>.<durable>` and waits for the PubAck.
 struct JetStreamDeadLetters {
     js: Context,
+    client: async_nats::Client,
     subject: String,
     events_stream: String,
     durable: String,
@@ -650,22 +657,60 @@ struct JetStreamDeadLetters {
 
 #[async_trait]
 impl DeadLetterSink for JetStreamDeadLetters {
+    fn events_stream(&self) -> &str {
+        &self.events_stream
+    }
+
+    fn durable(&self) -> &str {
+        &self.durable
+    }
+
+    /// The max payload of the server this client is connected to (from its INFO).
+    fn max_payload(&self) -> usize {
+        self.client.max_payload()
+    }
+
     async fn publish_dead_letter(
         &self,
-        mut headers: HeaderMap,
+        headers: HeaderMap,
         payload: Bytes,
-    ) -> Result<(), BoxError> {
-        crate::events::stamp_dead_letter_msg_id(&mut headers, &self.events_stream, &self.durable)?;
-        let ack = self
-            .js
-            .send_publish(
-                self.subject.clone(),
-                PublishMessage::build().headers(headers).payload(payload),
-            )
-            .await?
-            .await?;
-        tracing::debug!(subject = %self.subject, stream = %ack.stream, seq = ack.sequence, duplicate = ack.duplicate, "dead letter stored");
-        Ok(())
+    ) -> Result<(), DeadLetterPublishError> {
+        // Never send what the server refuses by size: it would close the connection.
+        let size = super::publish::wire_size(&headers, payload.len());
+        let max = self.client.max_payload();
+        if size > max {
+            return Err(DeadLetterPublishError::TooLarge(format!(
+                "{size} bytes, the server's max payload is {max}"
+            )));
+        }
+        let sent = async {
+            self.js
+                .send_publish(
+                    self.subject.clone(),
+                    PublishMessage::build().headers(headers).payload(payload),
+                )
+                .await?
+                .await
+        };
+        match sent.await {
+            Ok(ack) => {
+                tracing::debug!(subject = %self.subject, stream = %ack.stream, seq = ack.sequence, duplicate = ack.duplicate, "dead letter stored");
+                Ok(())
+            }
+            Err(err) => {
+                let too_large = matches!(err.kind(), JsPublishErrorKind::MaxPayloadExceeded)
+                    || std::error::Error::source(&err)
+                        .and_then(|s| s.downcast_ref::<async_nats::jetstream::Error>())
+                        .is_some_and(|e| {
+                            e.error_code() == ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM
+                        });
+                if too_large {
+                    Err(DeadLetterPublishError::TooLarge(err.to_string()))
+                } else {
+                    Err(DeadLetterPublishError::Other(Box::new(err)))
+                }
+            }
+        }
     }
 }
 

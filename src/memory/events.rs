@@ -24,8 +24,8 @@ use crate::error::{
 use crate::event::populate_source;
 use crate::event_source::{EventSource, RawEvent, SourceBackend};
 use crate::events::{
-    process_delivery, Acker, DeadLetterSink, Delivery, DeliveryContext, EventConnection,
-    EventHandlers, EventListenOptions, PublishAck, PublishError,
+    process_delivery, Acker, DeadLetterPublishError, DeadLetterSink, Delivery, DeliveryContext,
+    EventConnection, EventHandlers, EventListenOptions, PublishAck, PublishError,
 };
 use crate::headers::NATS_MSG_ID;
 use crate::listener::Listener;
@@ -461,14 +461,30 @@ struct MemoryDeadLetters {
 
 #[async_trait]
 impl DeadLetterSink for MemoryDeadLetters {
+    fn events_stream(&self) -> &str {
+        &self.events_stream
+    }
+
+    fn durable(&self) -> &str {
+        &self.durable
+    }
+
+    fn max_payload(&self) -> usize {
+        self.broker.options().max_payload
+    }
+
     async fn publish_dead_letter(
         &self,
-        mut headers: HeaderMap,
+        headers: HeaderMap,
         payload: Bytes,
-    ) -> Result<(), BoxError> {
-        crate::events::stamp_dead_letter_msg_id(&mut headers, &self.events_stream, &self.durable)?;
-        self.broker.check_size(&headers, &payload)?;
-        let ack = self.broker.js_publish(&self.subject, headers, payload)?;
+    ) -> Result<(), DeadLetterPublishError> {
+        self.broker
+            .check_size(&headers, &payload)
+            .map_err(DeadLetterPublishError::TooLarge)?;
+        let ack = self
+            .broker
+            .js_publish(&self.subject, headers, payload)
+            .map_err(|err| DeadLetterPublishError::Other(Box::new(err)))?;
         tracing::debug!(subject = %self.subject, stream = %ack.stream, seq = ack.sequence, duplicate = ack.duplicate, "dead letter stored");
         Ok(())
     }

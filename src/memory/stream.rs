@@ -424,6 +424,30 @@ impl Streams {
                 format!("no stream holds subject {subject}"),
             ));
         };
+        // Publisher directives JetStream checks before storing (errors 10060, 10071).
+        if let Some(expected) = headers.get("Nats-Expected-Stream") {
+            if expected.as_str() != name.as_str() {
+                return Err(Error::with_detail(
+                    PublishErrorKind::Other,
+                    format!(
+                        "expected stream {} does not match stream {name} (JetStream error 10060)",
+                        expected.as_str()
+                    ),
+                ));
+            }
+        }
+        if let Some(expected) = headers.get("Nats-Expected-Last-Sequence") {
+            if expected.as_str().trim().parse::<u64>().ok() != Some(stream.last_seq) {
+                return Err(Error::with_detail(
+                    PublishErrorKind::Other,
+                    format!(
+                        "wrong last sequence: expected {}, stream {name} is at {} (JetStream error 10071)",
+                        expected.as_str(),
+                        stream.last_seq
+                    ),
+                ));
+            }
+        }
         stream.prune_dedupe(now);
         let msg_id = headers
             .get(NATS_MSG_ID)
@@ -821,6 +845,25 @@ mod tests {
             .publish("other.a", HeaderMap::new(), Bytes::new())
             .unwrap_err();
         assert_eq!(err.kind(), PublishErrorKind::StreamNotFound);
+    }
+
+    #[test]
+    fn expected_stream_and_last_sequence_directives_are_checked_like_jetstream() {
+        let s = streams();
+        let mut h = HeaderMap::new();
+        h.insert("Nats-Expected-Stream", "OTHER");
+        let err = s.publish("ev.a", h, Bytes::new()).unwrap_err();
+        assert!(err.to_string().contains("10060"), "{err}");
+        let mut h = HeaderMap::new();
+        h.insert("Nats-Expected-Stream", "S");
+        h.insert("Nats-Expected-Last-Sequence", "0");
+        assert_eq!(
+            s.publish("ev.a", h.clone(), Bytes::new()).unwrap().sequence,
+            1
+        );
+        let err = s.publish("ev.a", h, Bytes::new()).unwrap_err();
+        assert!(err.to_string().contains("10071"), "{err}");
+        assert_eq!(s.len("S").unwrap(), 1);
     }
 
     #[test]
