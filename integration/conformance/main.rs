@@ -104,6 +104,9 @@ macro_rules! event_cases {
             promise_times_out_without_response,
             event_source_add_remove_once,
             event_source_filters_by_transaction,
+            poison_with_directives_is_dead_lettered_without_them,
+            oversized_poison_is_dead_lettered_as_a_reference,
+            one_durable_refuses_a_second_type_set,
         );
     };
 }

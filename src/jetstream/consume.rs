@@ -147,6 +147,7 @@ pub(crate) async fn listen(
                 config.js_stream
             ))
         })?;
+    check_durable_types(&stream, &durable, &subjects, &config.js_subject_prefix).await?;
     let max_ack_pending = (options.workers + options.buffer) as i64;
     let consumer_config = PullConfig {
         durable_name: Some(durable.clone()),
@@ -247,6 +248,69 @@ pub(crate) async fn listen(
         .boxed()
         },
     ))
+}
+
+/// The rule "one durable, one type set": instances of a durable share its consumer, whose
+/// filter is the subjects of their types, so two instances with different types would
+/// overwrite each other's filter and one would stop getting its events. A listener whose
+/// types differ from the existing consumer's filter is therefore refused
+/// ([`ListenErrorKind::DurableInUse`]) while another instance pulls from it (the consumer has
+/// pull requests waiting); when nobody pulls (every instance stopped: a restart or deploy
+/// with a changed type set), the new types are taken over and the filter is updated.
+async fn check_durable_types(
+    stream: &async_nats::jetstream::stream::Stream,
+    durable: &str,
+    subjects: &[String],
+    prefix: &str,
+) -> Result<(), ListenError> {
+    let info = match stream.consumer_info(durable).await {
+        Ok(info) => info,
+        Err(err) if err.kind() == ConsumerInfoErrorKind::NotFound => return Ok(()),
+        Err(err) => {
+            return Err(Error::with_source(ListenErrorKind::Consumer, err)
+                .detail(format!("looking up durable consumer {durable}")))
+        }
+    };
+    let mut existing = if info.config.filter_subjects.is_empty() {
+        vec![info.config.filter_subject.clone()]
+    } else {
+        info.config.filter_subjects.clone()
+    };
+    existing.retain(|s| !s.is_empty());
+    existing.sort();
+    if existing == subjects {
+        return Ok(());
+    }
+    let types = |subjects: &[String]| type_list(subjects, prefix);
+    if info.num_waiting > 0 {
+        return Err(Error::with_detail(
+            ListenErrorKind::DurableInUse,
+            durable_in_use(durable, &types(&existing), &types(subjects)),
+        ));
+    }
+    tracing::info!(durable, from = %types(&existing), to = %types(subjects), "no instance pulls from the durable: its event types change");
+    Ok(())
+}
+
+/// The event types of a consumer's filter subjects, for messages: `[a, b]` (`[every type]` for
+/// an unfiltered consumer).
+pub(crate) fn type_list(subjects: &[String], prefix: &str) -> String {
+    if subjects.is_empty() {
+        return "[every type]".to_owned();
+    }
+    let prefix = format!("{prefix}.");
+    let types: Vec<&str> = subjects
+        .iter()
+        .map(|s| s.strip_prefix(&prefix).unwrap_or(s))
+        .collect();
+    format!("[{}]", types.join(", "))
+}
+
+/// The detail of a [`ListenErrorKind::DurableInUse`] error.
+pub(crate) fn durable_in_use(durable: &str, theirs: &str, mine: &str) -> String {
+    format!(
+        "durable {durable} is in use by a listener of event types {theirs}; this listener handles {mine}. Instances of one durable must handle the same types: stop the other instances first (the durable then takes the new types), or give this listener its own durable name"
+    )
 }
 
 struct Intake {

@@ -41,6 +41,9 @@ use crate::events::{EventConnection, EventHandlers, EventListenOptions, PublishA
 use crate::listener::Listener;
 
 pub use consume::original_msg_id;
+pub(crate) use consume::{
+    durable_in_use as durable_in_use_detail, type_list as consumer_type_list,
+};
 pub use publish::PublishRetry;
 
 /// Persisted events over NATS JetStream: publish after the server stored the event, durable

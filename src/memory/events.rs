@@ -304,10 +304,24 @@ impl EventConnection for MemoryEvents {
         }
         let max_deliver = options.max_deliver.unwrap_or(inner.max_deliver);
         let ack_wait = options.ack_wait.unwrap_or(inner.ack_wait);
-        let filter_subjects: Vec<String> = handlers
+        let mut filter_subjects: Vec<String> = handlers
             .types()
             .map(|t| format!("{}.{t}", inner.subject_prefix))
             .collect();
+        filter_subjects.sort();
+        let claim = DurableClaim::claim(&inner.broker, &inner.stream, &durable, &filter_subjects)
+            .map_err(|theirs| {
+            let types =
+                |s: &[String]| crate::jetstream::consumer_type_list(s, &inner.subject_prefix);
+            Error::with_detail(
+                ListenErrorKind::DurableInUse,
+                crate::jetstream::durable_in_use_detail(
+                    &durable,
+                    &types(&theirs),
+                    &types(&filter_subjects),
+                ),
+            )
+        })?;
         streams
             .create_or_update_consumer(
                 &inner.stream,
@@ -350,6 +364,8 @@ impl EventConnection for MemoryEvents {
         let stream: Arc<str> = Arc::from(inner.stream.as_str());
         let durable: Arc<str> = Arc::from(durable.as_str());
         pool.spawn_intake(async move {
+            // Held while this listener pulls from the durable.
+            let _claim = claim;
             loop {
                 let next = tokio::select! {
                     biased;
@@ -409,6 +425,42 @@ impl EventConnection for MemoryEvents {
 
     fn events_timeout(&self) -> Duration {
         self.inner.events_timeout
+    }
+}
+
+/// A listener's registration with its durable ("one durable, one type set"); released when
+/// dropped, i.e. when the listener stops pulling.
+struct DurableClaim {
+    broker: MemoryBroker,
+    stream: String,
+    durable: String,
+}
+
+impl DurableClaim {
+    /// Registers a listener of `durable` with `filter_subjects`, or gives the filter of the
+    /// other listeners of the durable when it differs.
+    fn claim(
+        broker: &MemoryBroker,
+        stream: &str,
+        durable: &str,
+        filter_subjects: &[String],
+    ) -> Result<DurableClaim, Vec<String>> {
+        broker
+            .streams()
+            .claim_durable(stream, durable, filter_subjects)?;
+        Ok(DurableClaim {
+            broker: broker.clone(),
+            stream: stream.to_owned(),
+            durable: durable.to_owned(),
+        })
+    }
+}
+
+impl Drop for DurableClaim {
+    fn drop(&mut self) {
+        self.broker
+            .streams()
+            .release_durable(&self.stream, &self.durable);
     }
 }
 

@@ -301,6 +301,15 @@ pub(crate) enum Next {
 #[derive(Default)]
 pub(crate) struct Streams {
     state: Mutex<HashMap<String, StreamState>>,
+    /// The listeners pulling from each durable (by stream and durable) and the filter subjects
+    /// they listen with: "one durable, one type set" (see [`Streams::claim_durable`]).
+    live: Mutex<HashMap<(String, String), LiveDurable>>,
+}
+
+/// The listeners pulling from one durable.
+struct LiveDurable {
+    filter_subjects: Vec<String>,
+    listeners: usize,
 }
 
 /// Whether two subject patterns can match a common subject.
@@ -324,6 +333,43 @@ impl Streams {
         self.state
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Registers a listener of `durable` with `filter_subjects` (sorted), unless other
+    /// listeners of the durable are pulling with a different filter: then their (sorted)
+    /// filter is the error. Every successful claim is paired with a
+    /// [`release_durable`](Self::release_durable) when the listener stops pulling.
+    pub fn claim_durable(
+        &self,
+        stream: &str,
+        durable: &str,
+        filter_subjects: &[String],
+    ) -> Result<(), Vec<String>> {
+        let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = live
+            .entry((stream.to_owned(), durable.to_owned()))
+            .or_insert_with(|| LiveDurable {
+                filter_subjects: filter_subjects.to_vec(),
+                listeners: 0,
+            });
+        if entry.listeners > 0 && entry.filter_subjects != filter_subjects {
+            return Err(entry.filter_subjects.clone());
+        }
+        entry.filter_subjects = filter_subjects.to_vec();
+        entry.listeners += 1;
+        Ok(())
+    }
+
+    /// A listener of `durable` stopped pulling.
+    pub fn release_durable(&self, stream: &str, durable: &str) {
+        let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (stream.to_owned(), durable.to_owned());
+        if let Some(entry) = live.get_mut(&key) {
+            entry.listeners = entry.listeners.saturating_sub(1);
+            if entry.listeners == 0 {
+                live.remove(&key);
+            }
+        }
     }
 
     /// Creates a stream, or updates its subjects and limits when it exists.

@@ -116,6 +116,7 @@ impl From<ListenError> for Failure {
             ListenErrorKind::StreamNotFound => EXIT_NOT_FOUND,
             ListenErrorKind::ConnectionClosed => EXIT_CONNECTION,
             ListenErrorKind::InvalidOptions => EXIT_USAGE,
+            // Another instance of the durable listens with other types: refused, exit 7.
             _ => EXIT_OTHER,
         };
         failure(code, &err)
