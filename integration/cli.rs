@@ -788,3 +788,92 @@ async fn an_event_larger_than_the_server_accepts_is_refused_with_7() {
     assert!(refused.stderr.contains("too large"), "{}", refused.stderr);
     assert_eq!(events_stream_messages(&server).await, 0);
 }
+
+/// Issue 15 item 7: when another stream now captures a dead letter's original subject, replay
+/// refuses (exit 7, the dead letter kept, nothing stored in the other stream) unless
+/// `--to-stream` names that stream.
+#[tokio::test]
+async fn replay_refuses_to_land_in_another_stream_unless_told() {
+    let server = server_with_streams().await;
+    let url = server.url();
+    let raw = support::connect(server.url()).await;
+    let js = async_nats::jetstream::new(raw.clone());
+    js.publish("events.org.example.moved", "not an event".into())
+        .await
+        .expect("publish garbage")
+        .await
+        .expect("garbage stored");
+    run(cemsg(
+        &url,
+        &[
+            "listen",
+            "org.example.moved",
+            "--durable",
+            "sink",
+            "--idle",
+            "1",
+        ],
+    ))
+    .await
+    .success();
+    let listed = cemsg_ok(&url, &["deadletter", "list"]).await;
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    let seq = listed[0]["seq"]
+        .as_u64()
+        .expect("dead-letter seq")
+        .to_string();
+    // The events stream gives the subject up; another stream takes it.
+    let mut events = js.get_stream("CLOUDEVENTS").await.expect("events stream");
+    let mut config = events.info().await.expect("info").config.clone();
+    config.subjects = vec!["events.kept.>".into()];
+    js.update_stream(config).await.expect("narrow CLOUDEVENTS");
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "MOVED".into(),
+        subjects: vec!["events.org.example.moved".into()],
+        ..Default::default()
+    })
+    .await
+    .expect("create MOVED");
+    let moved_messages = || {
+        let js = js.clone();
+        async move {
+            let mut stream = js.get_stream("MOVED").await.expect("MOVED");
+            stream.info().await.expect("info").state.messages
+        }
+    };
+
+    let refused = run(cemsg(&url, &["deadletter", "replay", "--seq", &seq]))
+        .await
+        .fails_with(7);
+    assert!(
+        refused.stderr.contains("MOVED") && refused.stderr.contains("CLOUDEVENTS"),
+        "names both streams: {}",
+        refused.stderr
+    );
+    assert_eq!(moved_messages().await, 0, "nothing stored in MOVED");
+    assert_eq!(
+        cemsg_ok(&url, &["deadletter", "list"]).await.len(),
+        1,
+        "the dead letter is kept"
+    );
+    let refused_all = run(cemsg(&url, &["deadletter", "replay", "--all"])).await;
+    assert_eq!(refused_all.code, 7, "{refused_all:?}");
+    assert_eq!(moved_messages().await, 0);
+
+    let replayed = cemsg_ok(
+        &url,
+        &[
+            "deadletter",
+            "replay",
+            "--seq",
+            &seq,
+            "--to-stream",
+            "MOVED",
+        ],
+    )
+    .await;
+    assert_eq!(replayed[0]["stream"], "MOVED");
+    assert_eq!(replayed[0]["deleted"], true);
+    assert_eq!(moved_messages().await, 1);
+    assert!(cemsg_ok(&url, &["deadletter", "list"]).await.is_empty());
+}

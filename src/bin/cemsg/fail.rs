@@ -142,7 +142,9 @@ impl From<DeadLetterError> for Failure {
 /// The exit code of a dead-letter error kind.
 pub fn dead_letter_code(kind: DeadLetterErrorKind) -> u8 {
     match kind {
-        DeadLetterErrorKind::StreamNotFound | DeadLetterErrorKind::NotFound => EXIT_NOT_FOUND,
+        DeadLetterErrorKind::StreamNotFound
+        | DeadLetterErrorKind::NotFound
+        | DeadLetterErrorKind::OriginalGone => EXIT_NOT_FOUND,
         DeadLetterErrorKind::TimedOut => EXIT_TIMEOUT,
         _ => EXIT_OTHER,
     }
@@ -210,5 +212,13 @@ mod tests {
             EXIT_TIMEOUT
         );
         assert_eq!(dead_letter_code(DeadLetterErrorKind::Publish), EXIT_OTHER);
+        assert_eq!(
+            dead_letter_code(DeadLetterErrorKind::WrongStream),
+            EXIT_OTHER
+        );
+        assert_eq!(
+            dead_letter_code(DeadLetterErrorKind::OriginalGone),
+            EXIT_NOT_FOUND
+        );
     }
 }

@@ -143,8 +143,11 @@ enum DeadletterCommand {
     /// List dead letters (oldest first): reason, error, original subject, delivery count.
     #[command(after_help = "\
 Prints one JSON line per dead letter: {\"seq\",\"durable\",\"reason\",\"error\",\"subject\",
-\"deliveries\",\"stream_seq\",\"id\",\"type\",\"time\"} (seq: in the dead-letter stream, for replay;
-subject and stream_seq: where it came from; id and type: null when it is not a CloudEvent).
+\"deliveries\",\"stream\",\"stream_seq\",\"id\",\"type\",\"time\",\"payload\",\"size\"} (seq: in the
+dead-letter stream, for replay; subject, stream and stream_seq: where it came from; id and type:
+null when it is not a CloudEvent; payload: \"kept\", or \"omitted\" for a reference dead letter whose
+original was too large to copy, replayed from the events stream while it holds it; size: the
+original's bytes, for a reference).
 
 Example:
   cemsg deadletter list --limit 20 --durable billing")]
@@ -156,11 +159,15 @@ Nats-Msg-Id: <original id>.replay.<dead-letter seq>, then deletes the dead lette
 Prints one JSON line per replay. Replaying twice loses nothing: a replayed dead letter is gone
 (--seq: exit 6, --all: nothing to replay); one whose republish was stored but not deleted is
 reported as a duplicate and then deleted. Every durable consumer of the original subject gets
-the republished event.
+the republished event. A replay lands only in the dead letter's original events stream: when
+another stream holds the subject now, it is refused (exit 7, the dead letter kept) unless
+--to-stream names that stream. A reference dead letter whose original the events stream no
+longer holds cannot be replayed (exit 6, kept).
 
 Examples:
   cemsg deadletter replay --seq 42
-  cemsg deadletter replay --all --durable billing")]
+  cemsg deadletter replay --all --durable billing
+  cemsg deadletter replay --seq 42 --to-stream ORDERS_V2")]
     Replay(deadletter::ReplayArgs),
 }
 
