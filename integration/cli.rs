@@ -877,3 +877,87 @@ async fn replay_refuses_to_land_in_another_stream_unless_told() {
     assert_eq!(moved_messages().await, 1);
     assert!(cemsg_ok(&url, &["deadletter", "list"]).await.is_empty());
 }
+
+/// A poison message too large to be copied into its dead letter is dead-lettered as a
+/// reference: `deadletter list` says so and where the original is, replay reads the original
+/// from the events stream by sequence, and once the stream no longer holds it replay fails
+/// with exit 6 and keeps the dead letter.
+#[tokio::test]
+async fn a_reference_dead_letter_is_listed_and_replayed_from_the_events_stream() {
+    let server = NatsServer::start_with(ServerOptions {
+        extra_config: "max_payload: 4096".into(),
+        ..Default::default()
+    });
+    let url = server.url();
+    cemsg_ok(&url, &["stream", "init"]).await;
+    let js = async_nats::jetstream::new(support::connect(server.url()).await);
+    let mut headers = HeaderMap::new();
+    headers.insert("X-Conf", "kept");
+    headers.insert("Nats-Expected-Stream", "CLOUDEVENTS");
+    let original: Vec<u8> = std::iter::once(b'{').chain([b'x'; 3899]).collect();
+    for _ in 0..2 {
+        js.publish_with_headers(
+            "events.org.example.big",
+            headers.clone(),
+            original.clone().into(),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("stored");
+    }
+    run(cemsg(
+        &url,
+        &[
+            "listen",
+            "org.example.big",
+            "--durable",
+            "sink",
+            "--idle",
+            "1",
+        ],
+    ))
+    .await
+    .success();
+    let listed = cemsg_ok(&url, &["deadletter", "list"]).await;
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    for (line, stream_seq) in listed.iter().zip([1, 2]) {
+        assert_eq!(line["payload"], "omitted", "{line}");
+        assert_eq!(line["reason"], "decode");
+        assert_eq!(line["stream"], "CLOUDEVENTS");
+        assert_eq!(line["stream_seq"], stream_seq);
+        assert_eq!(line["subject"], "events.org.example.big");
+        assert!(line["size"].as_u64().is_some_and(|s| s > 3900), "{line}");
+    }
+    let first = listed[0]["seq"].as_u64().unwrap().to_string();
+    let replayed = cemsg_ok(&url, &["deadletter", "replay", "--seq", &first]).await;
+    assert_eq!(replayed[0]["stream"], "CLOUDEVENTS");
+    let republished = js
+        .get_stream("CLOUDEVENTS")
+        .await
+        .expect("stream")
+        .get_raw_message(replayed[0]["seq"].as_u64().unwrap())
+        .await
+        .expect("republished message");
+    assert_eq!(
+        &republished.payload[..],
+        &original[..],
+        "the original payload"
+    );
+    assert_eq!(
+        republished.headers.get("X-Conf").map(|v| v.as_str()),
+        Some("kept")
+    );
+
+    // The second one's original is removed from the events stream: nothing left to replay.
+    let events = js.get_stream("CLOUDEVENTS").await.expect("stream");
+    assert!(events.delete_message(2).await.expect("delete original"));
+    let second = listed[1]["seq"].as_u64().unwrap().to_string();
+    let gone = run(cemsg(&url, &["deadletter", "replay", "--seq", &second]))
+        .await
+        .fails_with(6);
+    assert!(gone.stderr.contains("no longer holds"), "{}", gone.stderr);
+    let left = cemsg_ok(&url, &["deadletter", "list"]).await;
+    assert_eq!(left.len(), 1, "the dead letter is kept: {left:?}");
+    assert_eq!(left[0]["seq"].as_u64().unwrap().to_string(), second);
+}
