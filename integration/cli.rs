@@ -188,7 +188,7 @@ async fn events_stream_messages(server: &NatsServer) -> u64 {
 
 #[tokio::test]
 async fn every_command_has_help_with_an_example() {
-    let commands: [&[&str]; 10] = [
+    let commands: [&[&str]; 12] = [
         &[],
         &["stream"],
         &["stream", "init"],
@@ -199,6 +199,8 @@ async fn every_command_has_help_with_an_example() {
         &["deadletter"],
         &["deadletter", "list"],
         &["deadletter", "replay"],
+        &["consumer"],
+        &["consumer", "info"],
     ];
     for command in commands {
         let mut args = command.to_vec();
@@ -960,4 +962,48 @@ async fn a_reference_dead_letter_is_listed_and_replayed_from_the_events_stream()
     let left = cemsg_ok(&url, &["deadletter", "list"]).await;
     assert_eq!(left.len(), 1, "the dead letter is kept: {left:?}");
     assert_eq!(left[0]["seq"].as_u64().unwrap().to_string(), second);
+}
+
+/// `cemsg consumer info <durable>`: one JSON line with the consumer's state; exit 6 for a
+/// durable that does not exist.
+#[tokio::test]
+async fn consumer_info_prints_the_state_of_a_durable() {
+    let server = server_with_streams().await;
+    let url = server.url();
+    for id in ["c-1", "c-2", "c-3"] {
+        cemsg_ok(&url, &["publish", ORDER_CREATED, "--id", id]).await;
+    }
+    let printed = cemsg_ok(
+        &url,
+        &[
+            "listen",
+            ORDER_CREATED,
+            "--durable",
+            "audit",
+            "--count",
+            "2",
+        ],
+    )
+    .await;
+    assert_eq!(printed.len(), 2);
+    let info = cemsg_ok(&url, &["consumer", "info", "audit"]).await;
+    assert_eq!(info.len(), 1, "{info:?}");
+    let info = &info[0];
+    assert_eq!(info["stream"], "CLOUDEVENTS");
+    assert_eq!(info["durable"], "audit");
+    assert_eq!(
+        info["filter_subjects"],
+        json!([format!("events.{ORDER_CREATED}")])
+    );
+    assert_eq!(info["ack_floor"], 2, "{info}");
+    assert_eq!(info["parked"], 0, "{info}");
+    assert!(info["last_delivered"].as_u64().unwrap() >= 2, "{info}");
+    // The third event is not settled: pending, or (pulled and handed back by the stop) ack
+    // pending until it is delivered again.
+    let unsettled = info["pending"].as_u64().unwrap() + info["ack_pending"].as_u64().unwrap();
+    assert_eq!(unsettled, 1, "{info}");
+    let missing = run(cemsg(&url, &["consumer", "info", "nobody"]))
+        .await
+        .fails_with(6);
+    assert!(missing.stderr.contains("nobody"), "{}", missing.stderr);
 }

@@ -72,6 +72,53 @@ pub struct PublishAck {
     pub duplicate: bool,
 }
 
+/// The state of a durable consumer, for operators (`cemsg consumer info`), the same on every
+/// backend ([`JetStreamEvents::consumer_info`](crate::jetstream::JetStreamEvents::consumer_info),
+/// [`MemoryEvents::consumer_info`](crate::memory::MemoryEvents::consumer_info)).
+///
+/// Sequences are stream sequences of the events stream.
+///
+/// # Examples
+///
+/// ```no_run
+/// # async fn demo(events: ce_messaging::jetstream::JetStreamEvents) -> Result<(), Box<dyn std::error::Error>> {
+/// let info = events.consumer_info("billing").await?;
+/// println!("{} waiting, {} in handlers or awaiting redelivery, {} parked", info.pending, info.ack_pending, info.parked);
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DurableInfo {
+    /// The events stream.
+    pub stream: String,
+    /// The durable name.
+    pub durable: String,
+    /// The subjects it is filtered to (`<prefix>.<type>`, sorted).
+    pub filter_subjects: Vec<String>,
+    /// Stored events of its types never delivered yet.
+    pub pending: u64,
+    /// Delivered events neither acked nor terminated yet: in a handler, queued in a listener,
+    /// or waiting for their redelivery.
+    pub ack_pending: u64,
+    /// Events delivered more than once and not settled (ack pending, or parked).
+    pub redelivered: u64,
+    /// Every event up to this stream sequence is settled (acked or terminated).
+    pub ack_floor: u64,
+    /// The highest stream sequence delivered so far.
+    pub last_delivered: u64,
+    /// Deliveries made in total (first deliveries and redeliveries).
+    pub deliveries: u64,
+    /// The broker's delivery limit of the consumer (the library's `NATS_JS_MAX_DELIVER` plus
+    /// one, see the wire contract); 0 or less: unlimited.
+    pub max_deliver: i64,
+    /// Events that reached the broker's delivery limit without being settled: the broker will
+    /// not deliver them again, and they are in no dead-letter stream. Should be 0. JetStream
+    /// has no per-event view of this: it is `num_redelivered - num_ack_pending` of the
+    /// consumer info (the server keeps the delivery count of an event it stopped delivering),
+    /// a lower bound that is exact when nothing is ack pending. The memory backend counts them.
+    pub parked: u64,
+}
+
 /// A failed publish; gives the event back so the caller can retry without rebuilding it.
 ///
 /// # Examples

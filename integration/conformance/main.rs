@@ -107,6 +107,7 @@ macro_rules! event_cases {
             poison_with_directives_is_dead_lettered_without_them,
             oversized_poison_is_dead_lettered_as_a_reference,
             one_durable_refuses_a_second_type_set,
+            consumer_info_reports_the_same_numbers,
         );
     };
 }

@@ -186,6 +186,51 @@ impl MemoryEvents {
         self.inner.closed.cancel();
     }
 
+    /// The state of durable consumer `durable` on this connection's events stream, as
+    /// [`JetStreamEvents::consumer_info`](crate::jetstream::JetStreamEvents::consumer_info)
+    /// reports it (here `parked` is counted exactly).
+    ///
+    /// # Errors
+    ///
+    /// `StreamErrorKind::NotFound` when the stream or the durable does not exist.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// use ce_messaging::error::StreamErrorKind;
+    /// let broker = ce_messaging::memory::MemoryBroker::with_auto_streams();
+    /// let events = broker.event_connection(&ce_messaging::config::Config::default());
+    /// let err = events.consumer_info("billing").unwrap_err();
+    /// assert_eq!(err.kind(), StreamErrorKind::NotFound);
+    /// # }
+    /// ```
+    pub fn consumer_info(&self, durable: &str) -> Result<crate::events::DurableInfo, StreamError> {
+        let inner = &self.inner;
+        let Some(info) = inner.broker.consumer_info(&inner.stream, durable) else {
+            return Err(Error::with_detail(
+                StreamErrorKind::NotFound,
+                format!("no durable consumer {durable} on stream {}", inner.stream),
+            ));
+        };
+        let mut filter_subjects = info.filter_subjects.clone();
+        filter_subjects.sort();
+        Ok(crate::events::DurableInfo {
+            stream: info.stream,
+            durable: info.name,
+            filter_subjects,
+            pending: info.num_pending,
+            ack_pending: info.num_ack_pending,
+            redelivered: info.num_redelivered + info.exhausted,
+            ack_floor: info.ack_floor,
+            last_delivered: info.last_delivered,
+            deliveries: info.delivered,
+            max_deliver: info.max_deliver,
+            parked: info.exhausted,
+        })
+    }
+
     /// Creates or updates the events stream (`<prefix>.>`) and the dead-letter stream
     /// (`deadletter.<stream>.>`).
     pub(super) fn create_streams(&self) -> Result<(), StreamError> {

@@ -127,6 +127,13 @@ pub struct ConsumerInfo {
     /// Messages that reached the consumer's delivery limit without an ack and are no longer
     /// redelivered.
     pub exhausted: u64,
+    /// Every matching message up to this stream sequence is acked or terminated (as
+    /// JetStream's ack floor).
+    pub ack_floor: u64,
+    /// The highest stream sequence delivered (as JetStream's `delivered.stream_seq`).
+    pub last_delivered: u64,
+    /// The delivery limit (<= 0: unlimited).
+    pub max_deliver: i64,
 }
 
 /// Settings of a stream.
@@ -176,6 +183,8 @@ struct ConsumerState {
     acked: u64,
     terminated: u64,
     exhausted: u64,
+    /// The highest stream sequence delivered for the first time.
+    last_delivered: u64,
 }
 
 impl ConsumerState {
@@ -571,6 +580,7 @@ impl Streams {
                         acked: 0,
                         terminated: 0,
                         exhausted: 0,
+                        last_delivered: 0,
                     },
                 );
             }
@@ -653,6 +663,7 @@ impl Streams {
                 },
             );
             consumer.delivered += 1;
+            consumer.last_delivered = consumer.last_delivered.max(seq);
             return Ok(Next::Message(Delivered {
                 message: message.clone(),
                 deliveries: 1,
@@ -803,6 +814,13 @@ impl Streams {
             acked: c.acked,
             terminated: c.terminated,
             exhausted: c.exhausted,
+            ack_floor: c
+                .tracked
+                .keys()
+                .next()
+                .map_or(c.last_delivered, |first| first - 1),
+            last_delivered: c.last_delivered,
+            max_deliver: c.settings.max_deliver,
         })
     }
 }

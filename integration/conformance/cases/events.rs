@@ -1640,3 +1640,90 @@ pub async fn one_durable_refuses_a_second_type_set<B: EventBackend>() {
     assert_eq!(ids(&seen_a.snapshot()), ids(&[a]));
     second.stop(Duration::from_secs(5)).await;
 }
+
+/// `consumer_info` reports the same numbers on every backend: pending, ack pending, redelivered,
+/// ack floor, last delivered, deliveries, nothing parked; while an event is in its handler on
+/// its second delivery, once everything is settled, and with a backlog nobody listens to.
+pub async fn consumer_info_reports_the_same_numbers<B: EventBackend>() {
+    let env = B::start().await;
+    let config = env.config("svc");
+    let connection = env.events(&config).await;
+    let event_type = new_type("info");
+    let durable = new_durable();
+    let gate = Gate::new();
+    let attempts = Arc::new(AtomicUsize::new(0));
+    let seen = Seen::new();
+    let (g, a, s) = (gate.clone(), attempts.clone(), seen.clone());
+    let handlers = EventHandlers::new().on(
+        &event_type,
+        typed_event_handler(move |event: TypedEvent<u64>| {
+            let (gate, attempts, seen) = (g.clone(), a.clone(), s.clone());
+            async move {
+                if event.data == 2 {
+                    if attempts.fetch_add(1, Ordering::SeqCst) == 0 {
+                        return Err(HandlerError::new("first try fails")
+                            .retry_after(Duration::from_millis(20)));
+                    }
+                    gate.wait().await;
+                }
+                seen.push(event.data);
+                Ok(())
+            }
+        }),
+    );
+    let listener = listen(&connection, handlers, one_worker(&durable)).await;
+    for n in 0..3u64 {
+        publish(&connection, event(&event_type, &json!(n))).await;
+    }
+    seen.wait_len("events 0 and 1", 2).await;
+    eventually("event 2 in its handler on its second delivery", || async {
+        attempts.load(Ordering::SeqCst) == 2
+    })
+    .await;
+    let busy = B::durable_info(&connection, &durable).await;
+    assert_eq!(busy.durable, durable);
+    assert_eq!(busy.stream, config.js_stream);
+    assert_eq!(
+        busy.filter_subjects,
+        vec![config.events_subject(&event_type)]
+    );
+    assert_eq!(
+        (
+            busy.pending,
+            busy.ack_pending,
+            busy.redelivered,
+            busy.parked
+        ),
+        (0, 1, 1, 0),
+        "{busy:?}"
+    );
+    assert_eq!(
+        (busy.ack_floor, busy.last_delivered, busy.deliveries),
+        (2, 3, 4),
+        "{busy:?}"
+    );
+    gate.open();
+    seen.wait_len("event 2", 3).await;
+    wait_settled(&env, &config, &durable).await;
+    listener.stop(Duration::from_secs(5)).await;
+    for n in 3..5u64 {
+        publish(&connection, event(&event_type, &json!(n))).await;
+    }
+    let idle = B::durable_info(&connection, &durable).await;
+    assert_eq!(
+        (
+            idle.pending,
+            idle.ack_pending,
+            idle.redelivered,
+            idle.parked
+        ),
+        (2, 0, 0, 0),
+        "{idle:?}"
+    );
+    assert_eq!(
+        (idle.ack_floor, idle.last_delivered, idle.deliveries),
+        (3, 3, 4),
+        "{idle:?}"
+    );
+    assert_eq!(idle.max_deliver, busy.max_deliver);
+}

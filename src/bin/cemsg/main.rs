@@ -1,12 +1,13 @@
 //! `cemsg`: a CloudEvents-aware command line for NATS, built on ce-messaging's public API.
 //!
 //! Commands: `stream init`, `publish`, `listen`, `request`, `reply`, `deadletter list`, `bench`,
-//! `deadletter replay`. Configuration comes from the `NATS_*` environment variables of the wire
+//! `deadletter replay`, `consumer info`. Configuration comes from the `NATS_*` environment variables of the wire
 //! contract; flags override. Results go to stdout as one JSON line each; errors go to stderr as
 //! one line and set the exit code documented in `cemsg --help` (see [`fail`]).
 #![forbid(unsafe_code)]
 
 mod bench;
+mod consumer;
 mod deadletter;
 mod events;
 mod fail;
@@ -107,6 +108,9 @@ Example:
         after_help = "Examples:\n  cemsg deadletter list --limit 20\n  cemsg deadletter replay --seq 42"
     )]
     Deadletter(DeadletterCommand),
+    /// Inspect durable consumers.
+    #[command(subcommand, after_help = "Example:\n  cemsg consumer info billing")]
+    Consumer(ConsumerCommand),
     /// Measure the library against raw async-nats and cloudevents-sdk, side by side.
     #[command(after_help = "\
 Scenarios: 1 query latency (sequential p50/p99), 2 query throughput (64 concurrent requesters,
@@ -171,6 +175,25 @@ Examples:
     Replay(deadletter::ReplayArgs),
 }
 
+#[derive(Debug, Subcommand)]
+enum ConsumerCommand {
+    /// The state of a durable consumer: pending, ack pending, redelivered, ack floor, last
+    /// delivered, and events parked at the server's delivery limit.
+    #[command(after_help = "\
+Prints one JSON line: {\"stream\",\"durable\",\"filter_subjects\",\"pending\",\"ack_pending\",
+\"redelivered\",\"ack_floor\",\"last_delivered\",\"deliveries\",\"max_deliver\",\"parked\"}
+(pending: stored events of its types never delivered; ack_pending: delivered, not yet acked or
+terminated; redelivered: delivered more than once and not settled; ack_floor and last_delivered:
+stream sequences; deliveries: made in total; parked: events the server stopped delivering at
+max_deliver without an ack, which are in no dead-letter stream (num_redelivered minus
+num_ack_pending of the server's consumer info: exact when nothing is ack pending); a note on
+stderr when it is not 0). A missing stream or durable exits 6.
+
+Example:
+  cemsg consumer info billing")]
+    Info(consumer::InfoArgs),
+}
+
 /// Options shared by commands that send events.
 #[derive(Debug, Args, Clone, Default)]
 struct ModeArgs {
@@ -219,6 +242,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Deadletter(DeadletterCommand::Replay(args)) => {
             deadletter::replay(&config, args).await
         }
+        Command::Consumer(ConsumerCommand::Info(args)) => consumer::info(&config, args).await,
         Command::Bench(args) => bench::run(config, args).await,
         Command::BenchListen(args) => bench::listen_child(config, args).await,
     }
