@@ -147,7 +147,16 @@ pub(crate) async fn listen(
                 config.js_stream
             ))
         })?;
-    check_durable_types(&stream, &durable, &subjects, &config.js_subject_prefix).await?;
+    let presence = presence_subject(&config.js_stream, &durable);
+    check_durable_types(
+        &inner.client,
+        &presence,
+        &stream,
+        &durable,
+        &subjects,
+        &config.js_subject_prefix,
+    )
+    .await?;
     let max_ack_pending = (options.workers + options.buffer) as i64;
     let consumer_config = PullConfig {
         durable_name: Some(durable.clone()),
@@ -209,6 +218,14 @@ pub(crate) async fn listen(
         async move { process_delivery(delivery, &ctx, &work).await }.boxed()
     });
     let token = CancellationToken::new();
+    serve_presence(
+        &inner.client,
+        presence,
+        &subjects,
+        pool.context().stopping,
+        token.clone(),
+    )
+    .await;
     let intake = Intake {
         consumer,
         stream,
@@ -250,19 +267,103 @@ pub(crate) async fn listen(
     ))
 }
 
+/// How long a starting listener waits for the running instances of its durable to say which
+/// types they handle (they answer at once; nobody running is a "no responders" at once).
+const PRESENCE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The core NATS subject on which the running listeners of a durable say which filter subjects
+/// (types) they listen with: `_CE_DURABLE.<events stream>.<durable>`.
+pub(crate) fn presence_subject(stream: &str, durable: &str) -> String {
+    format!("_CE_DURABLE.{stream}.{durable}")
+}
+
+/// The filter subjects the running instances of a durable listen with, if one answers on its
+/// presence subject; `None` when none answers (none runs, or presence is not permitted).
+async fn live_filter(client: &async_nats::Client, presence: &str) -> Option<Vec<String>> {
+    let asked = tokio::time::timeout(
+        PRESENCE_TIMEOUT,
+        client.request(presence.to_owned(), Bytes::new()),
+    )
+    .await;
+    match asked {
+        Ok(Ok(reply)) => serde_json::from_slice(&reply.payload).ok(),
+        _ => None,
+    }
+}
+
+/// Answers on the durable's presence subject with this listener's filter subjects until the
+/// listener stops pulling (or ends). Subscribed (and flushed) before `listen` returns, so a
+/// listener of another type set started afterwards sees this one.
+async fn serve_presence(
+    client: &async_nats::Client,
+    presence: String,
+    subjects: &[String],
+    stopping: CancellationToken,
+    ended: CancellationToken,
+) {
+    let mut subscription = match client.subscribe(presence.clone()).await {
+        Ok(subscription) => subscription,
+        Err(err) => {
+            tracing::warn!(subject = %presence, error = %err, "presence subscription failed; other type sets on this durable are only told apart by the consumer's pull requests");
+            return;
+        }
+    };
+    if tokio::time::timeout(PRESENCE_TIMEOUT, client.flush())
+        .await
+        .is_err()
+    {
+        tracing::debug!(subject = %presence, "presence subscription not flushed in time");
+    }
+    let answer = Bytes::from(serde_json::to_vec(subjects).unwrap_or_default());
+    let client = client.clone();
+    tokio::spawn(async move {
+        loop {
+            let asked = tokio::select! {
+                _ = stopping.cancelled() => break,
+                _ = ended.cancelled() => break,
+                asked = subscription.next() => asked,
+            };
+            let Some(asked) = asked else { break };
+            if let Some(reply) = asked.reply {
+                if let Err(err) = client.publish(reply, answer.clone()).await {
+                    tracing::debug!(error = %err, "presence answer failed");
+                }
+            }
+        }
+        if let Err(err) = subscription.unsubscribe().await {
+            tracing::debug!(error = %err, "presence unsubscribe failed");
+        }
+    });
+}
+
 /// The rule "one durable, one type set": instances of a durable share its consumer, whose
 /// filter is the subjects of their types, so two instances with different types would
 /// overwrite each other's filter and one would stop getting its events. A listener whose
-/// types differ from the existing consumer's filter is therefore refused
-/// ([`ListenErrorKind::DurableInUse`]) while another instance pulls from it (the consumer has
-/// pull requests waiting); when nobody pulls (every instance stopped: a restart or deploy
-/// with a changed type set), the new types are taken over and the filter is updated.
+/// types differ from those of a running instance of its durable is therefore refused
+/// ([`ListenErrorKind::DurableInUse`]). Running instances are found by asking on the durable's
+/// presence subject (each running listener answers with its filter), and, should nobody
+/// answer (presence not permitted), by the consumer having pull requests waiting. When no
+/// instance runs (every one stopped: a restart or deploy with a changed type set), the new
+/// types take the durable over and its filter is updated.
 async fn check_durable_types(
+    client: &async_nats::Client,
+    presence: &str,
     stream: &async_nats::jetstream::stream::Stream,
     durable: &str,
     subjects: &[String],
     prefix: &str,
 ) -> Result<(), ListenError> {
+    let types = |subjects: &[String]| type_list(subjects, prefix);
+    if let Some(mut theirs) = live_filter(client, presence).await {
+        theirs.sort();
+        if theirs == subjects {
+            return Ok(());
+        }
+        return Err(Error::with_detail(
+            ListenErrorKind::DurableInUse,
+            durable_in_use(durable, &types(&theirs), &types(subjects)),
+        ));
+    }
     let info = match stream.consumer_info(durable).await {
         Ok(info) => info,
         Err(err) if err.kind() == ConsumerInfoErrorKind::NotFound => return Ok(()),
@@ -281,14 +382,13 @@ async fn check_durable_types(
     if existing == subjects {
         return Ok(());
     }
-    let types = |subjects: &[String]| type_list(subjects, prefix);
     if info.num_waiting > 0 {
         return Err(Error::with_detail(
             ListenErrorKind::DurableInUse,
             durable_in_use(durable, &types(&existing), &types(subjects)),
         ));
     }
-    tracing::info!(durable, from = %types(&existing), to = %types(subjects), "no instance pulls from the durable: its event types change");
+    tracing::info!(durable, from = %types(&existing), to = %types(subjects), "no instance runs on the durable: its event types change");
     Ok(())
 }
 
