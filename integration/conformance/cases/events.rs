@@ -1709,6 +1709,11 @@ pub async fn consumer_info_reports_the_same_numbers<B: EventBackend>() {
     for n in 3..5u64 {
         publish(&connection, event(&event_type, &json!(n))).await;
     }
+    // JetStream counts a consumer's pending events a moment after the publish acks.
+    eventually("the two new events counted as pending", || async {
+        B::durable_info(&connection, &durable).await.pending == 2
+    })
+    .await;
     let idle = B::durable_info(&connection, &durable).await;
     assert_eq!(
         (
