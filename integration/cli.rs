@@ -188,7 +188,7 @@ async fn events_stream_messages(server: &NatsServer) -> u64 {
 
 #[tokio::test]
 async fn every_command_has_help_with_an_example() {
-    let commands: [&[&str]; 10] = [
+    let commands: [&[&str]; 12] = [
         &[],
         &["stream"],
         &["stream", "init"],
@@ -199,6 +199,8 @@ async fn every_command_has_help_with_an_example() {
         &["deadletter"],
         &["deadletter", "list"],
         &["deadletter", "replay"],
+        &["consumer"],
+        &["consumer", "info"],
     ];
     for command in commands {
         let mut args = command.to_vec();
@@ -824,4 +826,221 @@ async fn invalid_types_and_ops_are_refused_at_once_with_1() {
         let refused = run(command).await.fails_with(1);
         assert!(refused.stderr.contains(var), "{refused:?}");
     }
+}
+
+/// Issue 15 item 7: when another stream now captures a dead letter's original subject, replay
+/// refuses (exit 7, the dead letter kept, nothing stored in the other stream) unless
+/// `--to-stream` names that stream.
+#[tokio::test]
+async fn replay_refuses_to_land_in_another_stream_unless_told() {
+    let server = server_with_streams().await;
+    let url = server.url();
+    let raw = support::connect(server.url()).await;
+    let js = async_nats::jetstream::new(raw.clone());
+    js.publish("events.org.example.moved", "not an event".into())
+        .await
+        .expect("publish garbage")
+        .await
+        .expect("garbage stored");
+    run(cemsg(
+        &url,
+        &[
+            "listen",
+            "org.example.moved",
+            "--durable",
+            "sink",
+            "--idle",
+            "1",
+        ],
+    ))
+    .await
+    .success();
+    let listed = cemsg_ok(&url, &["deadletter", "list"]).await;
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    let seq = listed[0]["seq"]
+        .as_u64()
+        .expect("dead-letter seq")
+        .to_string();
+    // The events stream gives the subject up; another stream takes it.
+    let mut events = js.get_stream("CLOUDEVENTS").await.expect("events stream");
+    let mut config = events.info().await.expect("info").config.clone();
+    config.subjects = vec!["events.kept.>".into()];
+    js.update_stream(config).await.expect("narrow CLOUDEVENTS");
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "MOVED".into(),
+        subjects: vec!["events.org.example.moved".into()],
+        ..Default::default()
+    })
+    .await
+    .expect("create MOVED");
+    let moved_messages = || {
+        let js = js.clone();
+        async move {
+            let mut stream = js.get_stream("MOVED").await.expect("MOVED");
+            stream.info().await.expect("info").state.messages
+        }
+    };
+
+    let refused = run(cemsg(&url, &["deadletter", "replay", "--seq", &seq]))
+        .await
+        .fails_with(7);
+    assert!(
+        refused.stderr.contains("MOVED") && refused.stderr.contains("CLOUDEVENTS"),
+        "names both streams: {}",
+        refused.stderr
+    );
+    assert_eq!(moved_messages().await, 0, "nothing stored in MOVED");
+    assert_eq!(
+        cemsg_ok(&url, &["deadletter", "list"]).await.len(),
+        1,
+        "the dead letter is kept"
+    );
+    let refused_all = run(cemsg(&url, &["deadletter", "replay", "--all"])).await;
+    assert_eq!(refused_all.code, 7, "{refused_all:?}");
+    assert_eq!(moved_messages().await, 0);
+
+    let replayed = cemsg_ok(
+        &url,
+        &[
+            "deadletter",
+            "replay",
+            "--seq",
+            &seq,
+            "--to-stream",
+            "MOVED",
+        ],
+    )
+    .await;
+    assert_eq!(replayed[0]["stream"], "MOVED");
+    assert_eq!(replayed[0]["deleted"], true);
+    assert_eq!(moved_messages().await, 1);
+    assert!(cemsg_ok(&url, &["deadletter", "list"]).await.is_empty());
+}
+
+/// A poison message too large to be copied into its dead letter is dead-lettered as a
+/// reference: `deadletter list` says so and where the original is, replay reads the original
+/// from the events stream by sequence, and once the stream no longer holds it replay fails
+/// with exit 6 and keeps the dead letter.
+#[tokio::test]
+async fn a_reference_dead_letter_is_listed_and_replayed_from_the_events_stream() {
+    let server = NatsServer::start_with(ServerOptions {
+        extra_config: "max_payload: 4096".into(),
+        ..Default::default()
+    });
+    let url = server.url();
+    cemsg_ok(&url, &["stream", "init"]).await;
+    let js = async_nats::jetstream::new(support::connect(server.url()).await);
+    let mut headers = HeaderMap::new();
+    headers.insert("X-Conf", "kept");
+    headers.insert("Nats-Expected-Stream", "CLOUDEVENTS");
+    let original: Vec<u8> = std::iter::once(b'{').chain([b'x'; 3899]).collect();
+    for _ in 0..2 {
+        js.publish_with_headers(
+            "events.org.example.big",
+            headers.clone(),
+            original.clone().into(),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("stored");
+    }
+    run(cemsg(
+        &url,
+        &[
+            "listen",
+            "org.example.big",
+            "--durable",
+            "sink",
+            "--idle",
+            "1",
+        ],
+    ))
+    .await
+    .success();
+    let listed = cemsg_ok(&url, &["deadletter", "list"]).await;
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    for (line, stream_seq) in listed.iter().zip([1, 2]) {
+        assert_eq!(line["payload"], "omitted", "{line}");
+        assert_eq!(line["reason"], "decode");
+        assert_eq!(line["stream"], "CLOUDEVENTS");
+        assert_eq!(line["stream_seq"], stream_seq);
+        assert_eq!(line["subject"], "events.org.example.big");
+        assert!(line["size"].as_u64().is_some_and(|s| s > 3900), "{line}");
+    }
+    let first = listed[0]["seq"].as_u64().unwrap().to_string();
+    let replayed = cemsg_ok(&url, &["deadletter", "replay", "--seq", &first]).await;
+    assert_eq!(replayed[0]["stream"], "CLOUDEVENTS");
+    let republished = js
+        .get_stream("CLOUDEVENTS")
+        .await
+        .expect("stream")
+        .get_raw_message(replayed[0]["seq"].as_u64().unwrap())
+        .await
+        .expect("republished message");
+    assert_eq!(
+        &republished.payload[..],
+        &original[..],
+        "the original payload"
+    );
+    assert_eq!(
+        republished.headers.get("X-Conf").map(|v| v.as_str()),
+        Some("kept")
+    );
+
+    // The second one's original is removed from the events stream: nothing left to replay.
+    let events = js.get_stream("CLOUDEVENTS").await.expect("stream");
+    assert!(events.delete_message(2).await.expect("delete original"));
+    let second = listed[1]["seq"].as_u64().unwrap().to_string();
+    let gone = run(cemsg(&url, &["deadletter", "replay", "--seq", &second]))
+        .await
+        .fails_with(6);
+    assert!(gone.stderr.contains("no longer holds"), "{}", gone.stderr);
+    let left = cemsg_ok(&url, &["deadletter", "list"]).await;
+    assert_eq!(left.len(), 1, "the dead letter is kept: {left:?}");
+    assert_eq!(left[0]["seq"].as_u64().unwrap().to_string(), second);
+}
+
+/// `cemsg consumer info <durable>`: one JSON line with the consumer's state; exit 6 for a
+/// durable that does not exist.
+#[tokio::test]
+async fn consumer_info_prints_the_state_of_a_durable() {
+    let server = server_with_streams().await;
+    let url = server.url();
+    for id in ["c-1", "c-2", "c-3"] {
+        cemsg_ok(&url, &["publish", ORDER_CREATED, "--id", id]).await;
+    }
+    let printed = cemsg_ok(
+        &url,
+        &[
+            "listen",
+            ORDER_CREATED,
+            "--durable",
+            "audit",
+            "--count",
+            "2",
+        ],
+    )
+    .await;
+    assert_eq!(printed.len(), 2);
+    let info = cemsg_ok(&url, &["consumer", "info", "audit"]).await;
+    assert_eq!(info.len(), 1, "{info:?}");
+    let info = &info[0];
+    assert_eq!(info["stream"], "CLOUDEVENTS");
+    assert_eq!(info["durable"], "audit");
+    assert_eq!(
+        info["filter_subjects"],
+        json!([format!("events.{ORDER_CREATED}")])
+    );
+    assert_eq!(info["ack_floor"], 2, "{info}");
+    assert_eq!(info["parked"], 0, "{info}");
+    assert!(info["last_delivered"].as_u64().unwrap() >= 2, "{info}");
+    // The third event is not settled: pending, or (pulled and handed back by the stop) ack
+    // pending until it is delivered again.
+    let unsettled = info["pending"].as_u64().unwrap() + info["ack_pending"].as_u64().unwrap();
+    assert_eq!(unsettled, 1, "{info}");
+    let missing = run(cemsg(&url, &["consumer", "info", "nobody"]))
+        .await
+        .fails_with(6);
+    assert!(missing.stderr.contains("nobody"), "{}", missing.stderr);
 }

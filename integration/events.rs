@@ -1623,3 +1623,80 @@ async fn event_source_listeners_by_type_tid_and_once_come_and_go_without_leaks()
     support::eventually(WAIT, || async { again.ids().contains(event.id()) }).await;
     source.remove_listener(again_id).await;
 }
+
+/// `consumer_info` counts events the server stopped delivering at its `max_deliver` without an
+/// ack (parked): here a consumer made outside the library with `max_deliver: 2` whose event is
+/// nak'ed on both deliveries.
+#[tokio::test]
+async fn consumer_info_counts_events_parked_at_the_servers_delivery_limit() {
+    use async_nats::jetstream::consumer::{pull, AckPolicy};
+    use async_nats::jetstream::AckKind;
+    use futures::StreamExt;
+    let (server, _config, events) = ready("parker").await;
+    publish_ok(&events, new_event(TYPE_A, "test", &1).unwrap()).await;
+    publish_ok(&events, new_event(TYPE_A, "test", &2).unwrap()).await;
+    let js = raw_js(&server).await;
+    let stream = js.get_stream("CLOUDEVENTS").await.expect("stream");
+    let consumer = stream
+        .create_consumer(pull::Config {
+            durable_name: Some("parker".into()),
+            ack_policy: AckPolicy::Explicit,
+            max_deliver: 2,
+            filter_subject: format!("events.{TYPE_A}"),
+            ..Default::default()
+        })
+        .await
+        .expect("consumer");
+    // Event 1 is nak'ed on both deliveries (parked); event 2 is acked.
+    let mut settled = 0;
+    while settled < 3 {
+        let mut batch = consumer
+            .fetch()
+            .max_messages(1)
+            .expires(Duration::from_secs(2))
+            .messages()
+            .await
+            .expect("fetch");
+        let Some(message) = tokio::time::timeout(WAIT, batch.next())
+            .await
+            .expect("a delivery in time")
+        else {
+            continue;
+        };
+        let message = message.expect("message");
+        let seq = message.info().expect("metadata").stream_sequence;
+        let kind = if seq == 1 {
+            AckKind::Nak(None)
+        } else {
+            AckKind::Ack
+        };
+        message.double_ack_with(kind).await.expect("settled");
+        settled += 1;
+    }
+    let info = tokio::time::timeout(WAIT, async {
+        loop {
+            let info = events.consumer_info("parker").await.expect("consumer info");
+            if info.ack_pending == 0 {
+                return info;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("nothing ack pending");
+    assert_eq!(
+        (
+            info.pending,
+            info.ack_pending,
+            info.parked,
+            info.max_deliver
+        ),
+        (0, 0, 1, 2),
+        "{info:?}"
+    );
+    assert_eq!(info.last_delivered, 2);
+    assert_eq!(info.deliveries, 3);
+    let err = events.consumer_info("nobody").await.unwrap_err();
+    assert_eq!(err.kind(), ce_messaging::error::StreamErrorKind::NotFound);
+    assert!(err.to_string().contains("nobody"), "{err}");
+}

@@ -368,6 +368,10 @@ error_kind! {
         StreamNotFound => "stream not found",
         /// The listen options are invalid (no handlers, zero workers, ...).
         InvalidOptions => "invalid listen options",
+        /// Another instance of the durable is listening with a different set of event types;
+        /// instances of one durable must handle the same types (the detail names the durable
+        /// and both type sets).
+        DurableInUse => "durable in use with other event types",
         /// The connection is closed.
         ConnectionClosed => "connection closed",
         /// Any other failure; see the source.

@@ -46,8 +46,8 @@ use crate::event::{new_event_with_tid, EventExt, EventType, TransactionId};
 use crate::event_source::{EventResponsePromise, EventSource};
 use crate::handler::{call_handler, HandlerError};
 use crate::headers::{
-    text_value, DEAD_LETTER_DELIVERIES, DEAD_LETTER_ERROR, DEAD_LETTER_REASON,
-    DEAD_LETTER_STREAM_SEQ, DEAD_LETTER_SUBJECT, NATS_MSG_ID,
+    text_value, DEAD_LETTER_DELIVERIES, DEAD_LETTER_ERROR, DEAD_LETTER_PAYLOAD, DEAD_LETTER_REASON,
+    DEAD_LETTER_SIZE, DEAD_LETTER_STREAM, DEAD_LETTER_STREAM_SEQ, DEAD_LETTER_SUBJECT, NATS_MSG_ID,
 };
 use crate::listener::Listener;
 use crate::telemetry::{self, EventTypeMetrics, LazyMetrics};
@@ -70,6 +70,53 @@ pub struct PublishAck {
     /// True when the server had already stored an event with this id within the duplicate
     /// window (a retried publish): it was not stored twice.
     pub duplicate: bool,
+}
+
+/// The state of a durable consumer, for operators (`cemsg consumer info`), the same on every
+/// backend ([`JetStreamEvents::consumer_info`](crate::jetstream::JetStreamEvents::consumer_info),
+/// [`MemoryEvents::consumer_info`](crate::memory::MemoryEvents::consumer_info)).
+///
+/// Sequences are stream sequences of the events stream.
+///
+/// # Examples
+///
+/// ```no_run
+/// # async fn demo(events: ce_messaging::jetstream::JetStreamEvents) -> Result<(), Box<dyn std::error::Error>> {
+/// let info = events.consumer_info("billing").await?;
+/// println!("{} waiting, {} in handlers or awaiting redelivery, {} parked", info.pending, info.ack_pending, info.parked);
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DurableInfo {
+    /// The events stream.
+    pub stream: String,
+    /// The durable name.
+    pub durable: String,
+    /// The subjects it is filtered to (`<prefix>.<type>`, sorted).
+    pub filter_subjects: Vec<String>,
+    /// Stored events of its types never delivered yet.
+    pub pending: u64,
+    /// Delivered events neither acked nor terminated yet: in a handler, queued in a listener,
+    /// or waiting for their redelivery.
+    pub ack_pending: u64,
+    /// Events delivered more than once and not settled (ack pending, or parked).
+    pub redelivered: u64,
+    /// Every event up to this stream sequence is settled (acked or terminated).
+    pub ack_floor: u64,
+    /// The highest stream sequence delivered so far.
+    pub last_delivered: u64,
+    /// Deliveries made in total (first deliveries and redeliveries).
+    pub deliveries: u64,
+    /// The broker's delivery limit of the consumer (the library's `NATS_JS_MAX_DELIVER` plus
+    /// one, see the wire contract); 0 or less: unlimited.
+    pub max_deliver: i64,
+    /// Events that reached the broker's delivery limit without being settled: the broker will
+    /// not deliver them again, and they are in no dead-letter stream. Should be 0. JetStream
+    /// has no per-event view of this: it is `num_redelivered - num_ack_pending` of the
+    /// consumer info (the server keeps the delivery count of an event it stopped delivering),
+    /// a lower bound that is exact when nothing is ack pending. The memory backend counts them.
+    pub parked: u64,
 }
 
 /// A failed publish; gives the event back so the caller can retry without rebuilding it.
@@ -711,17 +758,51 @@ pub(crate) trait Acker: Send + Sync {
     async fn term(&self) -> Result<(), BoxError>;
 }
 
+/// Why a [`DeadLetterSink`] did not store a dead letter.
+#[derive(Debug)]
+pub(crate) enum DeadLetterPublishError {
+    /// The record is larger than the broker accepts (refused before sending, or by the
+    /// dead-letter stream's message size limit): store a reference record instead.
+    TooLarge(String),
+    /// Anything else (no dead-letter stream, timeout, connection lost): retry later.
+    Other(BoxError),
+}
+
+impl fmt::Display for DeadLetterPublishError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeadLetterPublishError::TooLarge(detail) => write!(f, "too large: {detail}"),
+            DeadLetterPublishError::Other(err) => fmt::Display::fmt(err, f),
+        }
+    }
+}
+
 /// Stores a dead letter and returns after the broker acknowledged it.
 #[async_trait]
 pub(crate) trait DeadLetterSink: Send + Sync {
-    async fn publish_dead_letter(&self, headers: HeaderMap, payload: Bytes)
-        -> Result<(), BoxError>;
+    /// The events stream the dead-lettered messages were delivered from.
+    fn events_stream(&self) -> &str;
+    /// The durable consumer that dead-letters them.
+    fn durable(&self) -> &str;
+    /// The largest message (headers and payload, as on the wire) the broker accepts.
+    fn max_payload(&self) -> usize;
+    /// Stores one dead letter (headers complete, `Nats-Msg-Id` included).
+    async fn publish_dead_letter(
+        &self,
+        headers: HeaderMap,
+        payload: Bytes,
+    ) -> Result<(), DeadLetterPublishError>;
 }
+
+/// The longest original `Nats-Msg-Id` a dead letter's id is built from; a longer one (never
+/// made by this library) gives the `<stream>.<stream seq>` form instead, so the id stays small.
+const MAX_ORIGINAL_MSG_ID: usize = 256;
 
 /// The `Nats-Msg-Id` of the dead letter of a message with `original` id (or, without one, of
 /// stream sequence `stream_seq` in `stream`) dead-lettered by `durable`: `<original>.dlq.<durable>`,
 /// so one event dead-lettered by two durables gives two dead letters, while the same durable
-/// dead-lettering it twice (a lost term) is de-duplicated.
+/// dead-lettering it twice (a lost term) is de-duplicated. An original id longer than 256 bytes
+/// is replaced by `<stream>.<stream seq>`.
 pub(crate) fn dead_letter_msg_id(
     original: Option<&str>,
     stream: &str,
@@ -729,29 +810,70 @@ pub(crate) fn dead_letter_msg_id(
     durable: &str,
 ) -> String {
     match original {
-        Some(id) if !id.is_empty() => format!("{id}.dlq.{durable}"),
+        Some(id) if !id.is_empty() && id.len() <= MAX_ORIGINAL_MSG_ID => {
+            format!("{id}.dlq.{durable}")
+        }
         _ => format!("{stream}.{stream_seq}.dlq.{durable}"),
     }
 }
 
-/// Replaces the `Nats-Msg-Id` of a dead letter's headers (built by the shared processing from
-/// the original's) with [`dead_letter_msg_id`]. Every backend's [`DeadLetterSink`] calls it.
-pub(crate) fn stamp_dead_letter_msg_id(
-    headers: &mut HeaderMap,
-    events_stream: &str,
-    durable: &str,
-) -> Result<(), BoxError> {
-    let original = headers.get(NATS_MSG_ID).map(|v| v.as_str().to_owned());
-    let seq = headers
-        .get(DEAD_LETTER_STREAM_SEQ)
-        .map(|v| v.as_str().to_owned())
-        .unwrap_or_default();
-    let id = dead_letter_msg_id(original.as_deref(), events_stream, &seq, durable);
-    let id: async_nats::HeaderValue = id
-        .parse()
-        .map_err(|_| format!("dead-letter id {id:?} is not a valid header value"))?;
-    headers.insert(NATS_MSG_ID, id);
-    Ok(())
+/// The longest `Dead-Letter-Error` value, in bytes: a longer error text (e.g. a decode error
+/// quoting a huge attribute) is cut on a character boundary and says how much was left out.
+pub const MAX_DEAD_LETTER_ERROR: usize = 1024;
+
+/// `Dead-Letter-Payload` value of a reference record: the original was too large to be copied.
+pub const DEAD_LETTER_PAYLOAD_OMITTED: &str = "omitted";
+
+/// Whether a header of a dead-lettered message is dropped from its dead letter: every `Nats-*`
+/// header is a directive to (or an annotation by) the server that stored the original
+/// (`Nats-Expected-*`, `Nats-TTL`, `Nats-Rollup`, `Nats-Schedule*`, `Nats-Batch-*`,
+/// `Nats-Incr`, ...). Sent on to the dead-letter stream, a directive would be applied there and
+/// could make the server refuse the dead letter. `Nats-Msg-Id` is dropped too and replaced by
+/// the dead letter's own id; `Dead-Letter-*` headers are set anew.
+///
+/// # Examples
+///
+/// ```
+/// use ce_messaging::events::is_dropped_from_dead_letters;
+/// assert!(is_dropped_from_dead_letters("Nats-Expected-Last-Sequence"));
+/// assert!(is_dropped_from_dead_letters("nats-ttl"));
+/// assert!(!is_dropped_from_dead_letters("ce-type"));
+/// assert!(!is_dropped_from_dead_letters("traceparent"));
+/// ```
+pub fn is_dropped_from_dead_letters(name: &str) -> bool {
+    let lower = name.to_ascii_lowercase();
+    lower.starts_with("nats-") || lower.starts_with("dead-letter-")
+}
+
+/// `text` cut to at most [`MAX_DEAD_LETTER_ERROR`] bytes on a character boundary, saying how
+/// many bytes were left out.
+pub(crate) fn cap_dead_letter_error(text: &str) -> String {
+    if text.len() <= MAX_DEAD_LETTER_ERROR {
+        return text.to_owned();
+    }
+    // The note is at most 40 bytes ("... [18446744073709551615 bytes cut]").
+    let mut end = MAX_DEAD_LETTER_ERROR - 40;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}... [{} bytes cut]", &text[..end], text.len() - end)
+}
+
+/// Size of headers + payload as the server counts it against `max_payload` (as `HPUB`).
+fn wire_size(headers: &HeaderMap, payload_len: usize) -> usize {
+    let mut block = 0;
+    for (name, values) in headers.iter() {
+        let name: &str = name.as_ref();
+        for value in values {
+            let value: &str = value.as_ref();
+            block += name.len() + 2 + value.len() + 2;
+        }
+    }
+    if block == 0 {
+        payload_len
+    } else {
+        b"NATS/1.0\r\n".len() + block + b"\r\n".len() + payload_len
+    }
 }
 
 /// One delivered message, as a backend hands it to the shared processing.
@@ -841,8 +963,13 @@ where
     results
 }
 
-/// Delay before a message whose dead-letter publish failed is offered again.
-const DEAD_LETTER_RETRY_DELAY: Duration = Duration::from_secs(5);
+/// Redelivery delays of a message whose dead-letter publish failed (no dead-letter stream, a
+/// timeout, a lost connection): 5 s after the first failed delivery, doubling per delivery, at
+/// most 5 min.
+const DEAD_LETTER_RETRY: Backoff = Backoff {
+    initial: Duration::from_secs(5),
+    max: Duration::from_secs(300),
+};
 
 /// Processes one delivery per the contract. Backends configure their consumer to allow one
 /// delivery more than `max_deliver`, so that a message that ran out of deliveries (also by ack
@@ -1000,8 +1127,91 @@ fn settle(result: Result<(), BoxError>, what: &str) {
     }
 }
 
-/// Publishes the original headers and payload plus the `Dead-Letter-*` headers, then terms the
-/// original; if the dead-letter publish fails, naks the original with a delay instead.
+/// A dead letter ready to be stored.
+#[derive(Debug)]
+pub(crate) struct DeadLetterRecord {
+    pub headers: HeaderMap,
+    pub payload: Bytes,
+    /// A reference record: the original did not fit, only where it is was kept.
+    pub reference: bool,
+}
+
+/// Builds the dead letter of `delivery`: the original payload and headers without the
+/// server's directives ([`is_dropped_from_dead_letters`]), the `Dead-Letter-*` headers with the
+/// error capped at [`MAX_DEAD_LETTER_ERROR`], and the dead letter's own `Nats-Msg-Id`. When
+/// that would exceed `max_payload`, or `force_reference`, a reference record instead: the same
+/// `Dead-Letter-*` headers plus `Dead-Letter-Payload: omitted` and `Dead-Letter-Size`, no
+/// original headers, no payload.
+pub(crate) fn dead_letter_record(
+    delivery: &Delivery,
+    reason: DeadLetterReason,
+    error: &str,
+    events_stream: &str,
+    durable: &str,
+    max_payload: usize,
+    force_reference: bool,
+) -> DeadLetterRecord {
+    let original_id = delivery
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(NATS_MSG_ID))
+        .map(|v| v.as_str().to_owned());
+    let seq = delivery.stream_sequence.to_string();
+    let mut own = HeaderMap::new();
+    own.insert(DEAD_LETTER_REASON, reason.as_str());
+    own.insert(DEAD_LETTER_ERROR, text_value(&cap_dead_letter_error(error)));
+    own.insert(DEAD_LETTER_SUBJECT, text_value(&delivery.subject));
+    own.insert(DEAD_LETTER_STREAM, text_value(events_stream));
+    own.insert(DEAD_LETTER_STREAM_SEQ, seq.as_str());
+    own.insert(
+        DEAD_LETTER_DELIVERIES,
+        delivery.delivered.to_string().as_str(),
+    );
+    let id = dead_letter_msg_id(original_id.as_deref(), events_stream, &seq, durable);
+    own.insert(NATS_MSG_ID, text_value(&id));
+    if !force_reference {
+        let mut headers = HeaderMap::new();
+        if let Some(original) = &delivery.headers {
+            for (name, values) in original.iter() {
+                if is_dropped_from_dead_letters(name.as_ref()) {
+                    continue;
+                }
+                for value in values {
+                    headers.append(name.clone(), value.clone());
+                }
+            }
+        }
+        for (name, values) in own.iter() {
+            for value in values {
+                headers.append(name.clone(), value.clone());
+            }
+        }
+        if wire_size(&headers, delivery.payload.len()) <= max_payload {
+            return DeadLetterRecord {
+                headers,
+                payload: delivery.payload.clone(),
+                reference: false,
+            };
+        }
+    }
+    let original_size = wire_size(
+        delivery.headers.as_ref().unwrap_or(&HeaderMap::new()),
+        delivery.payload.len(),
+    );
+    own.insert(DEAD_LETTER_PAYLOAD, DEAD_LETTER_PAYLOAD_OMITTED);
+    own.insert(DEAD_LETTER_SIZE, original_size.to_string().as_str());
+    DeadLetterRecord {
+        headers: own,
+        payload: Bytes::new(),
+        reference: true,
+    }
+}
+
+/// Stores the dead letter of `delivery` (see [`dead_letter_record`]; a record the broker
+/// refuses as too large is stored as a reference record), then terms the original. If the
+/// dead-letter publish fails for another reason, the original is neither acked nor terminated:
+/// it is nak'ed with a growing delay ([`DEAD_LETTER_RETRY`]), counted in
+/// `ce_messaging_events_dead_letter_failures_total`, and the log says why.
 async fn dead_letter(
     delivery: &Delivery,
     ctx: &DeliveryContext,
@@ -1009,34 +1219,50 @@ async fn dead_letter(
     error: &str,
 ) -> &'static str {
     tracing::Span::current().record("reason", reason.as_str());
-    let mut headers = delivery.headers.clone().unwrap_or_default();
-    headers.insert(DEAD_LETTER_REASON, reason.as_str());
-    headers.insert(DEAD_LETTER_ERROR, text_value(error));
-    headers.insert(DEAD_LETTER_SUBJECT, text_value(&delivery.subject));
-    headers.insert(
-        DEAD_LETTER_STREAM_SEQ,
-        delivery.stream_sequence.to_string().as_str(),
-    );
-    headers.insert(
-        DEAD_LETTER_DELIVERIES,
-        delivery.delivered.to_string().as_str(),
-    );
-    match ctx
-        .dead_letters
-        .publish_dead_letter(headers, delivery.payload.clone())
-        .await
-    {
+    let sink = &ctx.dead_letters;
+    let build = |force_reference| {
+        dead_letter_record(
+            delivery,
+            reason,
+            error,
+            sink.events_stream(),
+            sink.durable(),
+            sink.max_payload(),
+            force_reference,
+        )
+    };
+    let record = build(false);
+    let mut reference = record.reference;
+    let mut stored = sink
+        .publish_dead_letter(record.headers, record.payload)
+        .await;
+    if let (Err(DeadLetterPublishError::TooLarge(detail)), false) = (&stored, reference) {
+        tracing::warn!(subject = %delivery.subject, seq = delivery.stream_sequence, detail = %detail, "dead letter refused as too large; storing a reference record");
+        let record = build(true);
+        reference = true;
+        stored = sink
+            .publish_dead_letter(record.headers, record.payload)
+            .await;
+    }
+    match stored {
         Ok(()) => {
-            tracing::warn!(subject = %delivery.subject, seq = delivery.stream_sequence, reason = reason.as_str(), error = %error, "event dead-lettered");
+            if reference {
+                tracing::warn!(subject = %delivery.subject, seq = delivery.stream_sequence, reason = reason.as_str(), error = %cap_dead_letter_error(error), "event dead-lettered as a reference record (too large to copy; the original stays in the events stream until its limits remove it)");
+            } else {
+                tracing::warn!(subject = %delivery.subject, seq = delivery.stream_sequence, reason = reason.as_str(), error = %cap_dead_letter_error(error), "event dead-lettered");
+            }
             settle(delivery.acker.term().await, "term");
             "dead-letter"
         }
         Err(err) => {
-            tracing::error!(subject = %delivery.subject, seq = delivery.stream_sequence, error = %err, "dead-letter publish failed; nak with delay");
-            settle(
-                delivery.acker.nak(Some(DEAD_LETTER_RETRY_DELAY)).await,
-                "nak",
-            );
+            let delay = DEAD_LETTER_RETRY.delay(delivery.delivered);
+            metrics::counter!(
+                telemetry::metric_names::DEAD_LETTER_FAILURES,
+                "reason" => reason.as_str()
+            )
+            .increment(1);
+            tracing::error!(subject = %delivery.subject, seq = delivery.stream_sequence, reason = reason.as_str(), error = %err, ?delay, "dead-letter publish failed; the event is kept and offered again after the delay");
+            settle(delivery.acker.nak(Some(delay)).await, "nak");
             "nak"
         }
     }
@@ -1086,5 +1312,343 @@ mod tests {
             assert_eq!(err.kind(), crate::error::ListenErrorKind::InvalidOptions);
         }
         assert!(EventListenOptions::default().validate(&handlers).is_ok());
+    }
+
+    /// What a fake acker was told.
+    #[derive(Default)]
+    struct Settled {
+        calls: std::sync::Mutex<Vec<String>>,
+    }
+
+    struct FakeAcker(Arc<Settled>);
+
+    #[async_trait]
+    impl Acker for FakeAcker {
+        async fn ack(&self) -> Result<(), BoxError> {
+            self.0.calls.lock().unwrap().push("ack".into());
+            Ok(())
+        }
+        async fn nak(&self, delay: Option<Duration>) -> Result<(), BoxError> {
+            self.0.calls.lock().unwrap().push(format!("nak {delay:?}"));
+            Ok(())
+        }
+        async fn in_progress(&self) -> Result<(), BoxError> {
+            Ok(())
+        }
+        async fn term(&self) -> Result<(), BoxError> {
+            self.0.calls.lock().unwrap().push("term".into());
+            Ok(())
+        }
+    }
+
+    /// A dead-letter sink that stores what it is given, or fails as told.
+    struct FakeSink {
+        max_payload: usize,
+        /// Refuse records larger than this as `TooLarge` (a stream's max message size).
+        refuse_above: usize,
+        fail: bool,
+        stored: std::sync::Mutex<Vec<(HeaderMap, Bytes)>>,
+    }
+
+    #[async_trait]
+    impl DeadLetterSink for FakeSink {
+        fn events_stream(&self) -> &str {
+            "CE"
+        }
+        fn durable(&self) -> &str {
+            "svc"
+        }
+        fn max_payload(&self) -> usize {
+            self.max_payload
+        }
+        async fn publish_dead_letter(
+            &self,
+            headers: HeaderMap,
+            payload: Bytes,
+        ) -> Result<(), DeadLetterPublishError> {
+            if self.fail {
+                return Err(DeadLetterPublishError::Other(
+                    "no dead-letter stream".into(),
+                ));
+            }
+            if wire_size(&headers, payload.len()) > self.refuse_above {
+                return Err(DeadLetterPublishError::TooLarge("stream limit".into()));
+            }
+            self.stored.lock().unwrap().push((headers, payload));
+            Ok(())
+        }
+    }
+
+    fn sink(max_payload: usize, refuse_above: usize, fail: bool) -> Arc<FakeSink> {
+        Arc::new(FakeSink {
+            max_payload,
+            refuse_above,
+            fail,
+            stored: std::sync::Mutex::new(Vec::new()),
+        })
+    }
+
+    fn poison(payload: &[u8], delivered: u64) -> (Delivery, Arc<Settled>) {
+        let mut headers = HeaderMap::new();
+        headers.insert("X-Kept", "yes");
+        headers.insert("ce-type", "org.example.kept");
+        headers.insert(NATS_MSG_ID, "evt-1");
+        headers.insert("Nats-Expected-Stream", "CE");
+        headers.insert("Nats-Expected-Last-Sequence", "41");
+        headers.insert("Nats-TTL", "1h");
+        headers.insert("Nats-Rollup", "sub");
+        headers.insert("Nats-Schedule", "@every 1m");
+        headers.insert("Nats-Schedule-Target", "events.x");
+        headers.insert("Dead-Letter-Reason", "forged");
+        let settled = Arc::new(Settled::default());
+        let delivery = Delivery {
+            subject: "events.org.example.kept".into(),
+            headers: Some(headers),
+            payload: Bytes::copy_from_slice(payload),
+            stream_sequence: 42,
+            delivered,
+            acker: Box::new(FakeAcker(settled.clone())),
+        };
+        (delivery, settled)
+    }
+
+    fn context(dead_letters: Arc<FakeSink>) -> DeliveryContext {
+        let broker = crate::memory::MemoryBroker::new();
+        DeliveryContext {
+            handlers: EventHandlers::new(),
+            max_deliver: 5,
+            ack_wait: Duration::from_secs(30),
+            backoff: Backoff::default(),
+            dead_letters,
+            connection: Arc::new(broker.event_connection(&crate::config::Config::default())),
+            source: "test".into(),
+        }
+    }
+
+    fn names(headers: &HeaderMap) -> Vec<String> {
+        let mut names: Vec<String> = headers.iter().map(|(n, _)| n.to_string()).collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn a_long_error_is_cut_on_a_character_boundary() {
+        assert_eq!(cap_dead_letter_error("short"), "short");
+        let exact = "e".repeat(MAX_DEAD_LETTER_ERROR);
+        assert_eq!(cap_dead_letter_error(&exact), exact);
+        // Three-byte characters: a cut at a fixed byte offset would split one.
+        let long = format!("invalid attribute: {}", "€".repeat(100_000));
+        let capped = cap_dead_letter_error(&long);
+        assert!(capped.len() <= MAX_DEAD_LETTER_ERROR, "{}", capped.len());
+        assert!(capped.starts_with("invalid attribute: €€"));
+        assert!(capped.ends_with(" bytes cut]"), "{capped}");
+        let cut: usize = capped
+            .rsplit("... [")
+            .next()
+            .and_then(|n| n.strip_suffix(" bytes cut]"))
+            .and_then(|n| n.parse().ok())
+            .expect("says how much was cut");
+        assert_eq!(capped.find("... [").unwrap() + cut, long.len());
+    }
+
+    #[test]
+    fn a_dead_letter_keeps_payload_and_user_headers_and_drops_directives() {
+        let (delivery, _) = poison(b"not an event", 3);
+        let error = "x".repeat(5000);
+        let record = dead_letter_record(
+            &delivery,
+            DeadLetterReason::Decode,
+            &error,
+            "CE",
+            "svc",
+            1024 * 1024,
+            false,
+        );
+        assert!(!record.reference);
+        assert_eq!(&record.payload[..], b"not an event");
+        assert_eq!(
+            names(&record.headers),
+            vec![
+                "Dead-Letter-Deliveries",
+                "Dead-Letter-Error",
+                "Dead-Letter-Reason",
+                "Dead-Letter-Stream",
+                "Dead-Letter-Stream-Seq",
+                "Dead-Letter-Subject",
+                "Nats-Msg-Id",
+                "X-Kept",
+                "ce-type",
+            ]
+        );
+        let get = |name| record.headers.get(name).map(|v| v.as_str().to_owned());
+        assert_eq!(get(DEAD_LETTER_REASON).as_deref(), Some("decode"));
+        assert_eq!(get(NATS_MSG_ID).as_deref(), Some("evt-1.dlq.svc"));
+        assert_eq!(get(DEAD_LETTER_STREAM).as_deref(), Some("CE"));
+        assert_eq!(get(DEAD_LETTER_STREAM_SEQ).as_deref(), Some("42"));
+        assert_eq!(get(DEAD_LETTER_DELIVERIES).as_deref(), Some("3"));
+        assert!(get(DEAD_LETTER_ERROR).unwrap().len() <= MAX_DEAD_LETTER_ERROR);
+    }
+
+    #[test]
+    fn a_dead_letter_over_max_payload_becomes_a_reference_record() {
+        let payload = vec![b'x'; 4000];
+        let (delivery, _) = poison(&payload, 1);
+        let full = dead_letter_record(
+            &delivery,
+            DeadLetterReason::Rejected,
+            "no",
+            "CE",
+            "svc",
+            8192,
+            false,
+        );
+        assert!(!full.reference, "fits in 8 KiB");
+        let record = dead_letter_record(
+            &delivery,
+            DeadLetterReason::Rejected,
+            "no",
+            "CE",
+            "svc",
+            4096,
+            false,
+        );
+        assert!(record.reference);
+        assert!(record.payload.is_empty());
+        assert!(wire_size(&record.headers, 0) <= 4096);
+        let get = |name| record.headers.get(name).map(|v| v.as_str().to_owned());
+        assert_eq!(get(DEAD_LETTER_PAYLOAD).as_deref(), Some("omitted"));
+        assert_eq!(
+            get(DEAD_LETTER_SIZE),
+            Some(wire_size(delivery.headers.as_ref().unwrap(), payload.len()).to_string())
+        );
+        assert_eq!(
+            get(DEAD_LETTER_SUBJECT).as_deref(),
+            Some("events.org.example.kept")
+        );
+        assert_eq!(get(NATS_MSG_ID).as_deref(), Some("evt-1.dlq.svc"));
+        assert!(
+            get("X-Kept").is_none(),
+            "no original headers in a reference"
+        );
+    }
+
+    #[test]
+    fn a_huge_original_id_gives_the_stream_sequence_form() {
+        let id = "i".repeat(MAX_ORIGINAL_MSG_ID + 1);
+        assert_eq!(
+            dead_letter_msg_id(Some(&id), "CE", "42", "svc"),
+            "CE.42.dlq.svc"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_record_refused_as_too_large_is_stored_as_a_reference() {
+        // The broker's max payload lets the copy through, the stream's size limit does not.
+        let sink = sink(1024 * 1024, 2048, false);
+        let ctx = context(sink.clone());
+        let (delivery, settled) = poison(&[b'x'; 4000], 1);
+        let settled_as = dead_letter(&delivery, &ctx, DeadLetterReason::Rejected, "no").await;
+        assert_eq!(settled_as, "dead-letter");
+        let stored = sink.stored.lock().unwrap();
+        assert_eq!(stored.len(), 1);
+        assert_eq!(
+            stored[0].0.get(DEAD_LETTER_PAYLOAD).map(|v| v.as_str()),
+            Some("omitted")
+        );
+        assert_eq!(*settled.calls.lock().unwrap(), vec!["term".to_string()]);
+    }
+
+    #[tokio::test]
+    async fn a_failed_dead_letter_publish_naks_with_a_growing_delay_and_is_counted() {
+        let sink = sink(1024 * 1024, usize::MAX, true);
+        let ctx = context(sink.clone());
+        let recorder = counting::Recorder::default();
+        let mut calls = Vec::new();
+        for delivered in [1, 2, 3, 10] {
+            let (delivery, settled) = poison(b"bad", delivered);
+            let settled_as = metrics::with_local_recorder(&recorder, || {
+                futures::executor::block_on(dead_letter(
+                    &delivery,
+                    &ctx,
+                    DeadLetterReason::Decode,
+                    "bad",
+                ))
+            });
+            assert_eq!(settled_as, "nak");
+            calls.extend(settled.calls.lock().unwrap().clone());
+        }
+        assert_eq!(
+            calls,
+            vec![
+                "nak Some(5s)",
+                "nak Some(10s)",
+                "nak Some(20s)",
+                "nak Some(300s)"
+            ],
+            "never acked or terminated; the delay grows to its bound"
+        );
+        assert!(sink.stored.lock().unwrap().is_empty());
+        assert_eq!(
+            recorder.count(telemetry::metric_names::DEAD_LETTER_FAILURES),
+            4
+        );
+    }
+
+    /// A metrics recorder that counts counter increments by name.
+    mod counting {
+        use std::collections::HashMap;
+        use std::sync::atomic::{AtomicU64, Ordering};
+        use std::sync::{Arc, Mutex};
+
+        use metrics::{Counter, Gauge, Histogram, Key, KeyName, Metadata, SharedString, Unit};
+
+        #[derive(Default)]
+        pub struct Recorder {
+            counters: Mutex<HashMap<String, Arc<Cell>>>,
+        }
+
+        #[derive(Default)]
+        pub struct Cell(AtomicU64);
+
+        impl metrics::CounterFn for Cell {
+            fn increment(&self, value: u64) {
+                self.0.fetch_add(value, Ordering::SeqCst);
+            }
+            fn absolute(&self, value: u64) {
+                self.0.store(value, Ordering::SeqCst);
+            }
+        }
+
+        impl Recorder {
+            pub fn count(&self, name: &str) -> u64 {
+                self.counters
+                    .lock()
+                    .unwrap()
+                    .get(name)
+                    .map_or(0, |c| c.0.load(Ordering::SeqCst))
+            }
+        }
+
+        impl metrics::Recorder for Recorder {
+            fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+            fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+            fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+            fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
+                let cell = self
+                    .counters
+                    .lock()
+                    .unwrap()
+                    .entry(key.name().to_owned())
+                    .or_default()
+                    .clone();
+                Counter::from_arc(cell)
+            }
+            fn register_gauge(&self, _: &Key, _: &Metadata<'_>) -> Gauge {
+                Gauge::noop()
+            }
+            fn register_histogram(&self, _: &Key, _: &Metadata<'_>) -> Histogram {
+                Histogram::noop()
+            }
+        }
     }
 }

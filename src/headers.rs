@@ -32,6 +32,13 @@ pub const DEAD_LETTER_SUBJECT: &str = "Dead-Letter-Subject";
 pub const DEAD_LETTER_STREAM_SEQ: &str = "Dead-Letter-Stream-Seq";
 /// How many times the event had been delivered when it was dead-lettered.
 pub const DEAD_LETTER_DELIVERIES: &str = "Dead-Letter-Deliveries";
+/// The stream the dead-lettered event was stored in (the events stream).
+pub const DEAD_LETTER_STREAM: &str = "Dead-Letter-Stream";
+/// `omitted` on a reference record: the original was too large to be copied into the dead
+/// letter, which then holds no payload and none of the original headers.
+pub const DEAD_LETTER_PAYLOAD: &str = "Dead-Letter-Payload";
+/// On a reference record: the original's size in bytes (headers and payload, as on the wire).
+pub const DEAD_LETTER_SIZE: &str = "Dead-Letter-Size";
 
 /// Turns free text (error messages) into a header value: line breaks become spaces, so the
 /// value can never make `HeaderMap::insert` panic.

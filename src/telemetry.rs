@@ -159,6 +159,16 @@ pub mod metric_names {
     /// assert!(ce_messaging::telemetry::metric_names::DEAD_LETTERED.ends_with("_total"));
     /// ```
     pub const DEAD_LETTERED: &str = "ce_messaging_events_dead_lettered_total";
+    /// Counter: dead-letter publishes that failed for a reason other than size (no dead-letter
+    /// stream, a timeout, a lost connection); the event was nak'ed with a growing delay and is
+    /// offered again (label `reason`, the dead-letter reason).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// assert!(ce_messaging::telemetry::metric_names::DEAD_LETTER_FAILURES.ends_with("_total"));
+    /// ```
+    pub const DEAD_LETTER_FAILURES: &str = "ce_messaging_events_dead_letter_failures_total";
     /// Histogram, seconds: how long handlers ran (labels `type`, `kind` = `event` | `query`).
     ///
     /// # Examples

@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use ce_messaging::codec::HeaderMap;
 use ce_messaging::config::Config;
-use ce_messaging::events::EventConnection;
+use ce_messaging::events::{DurableInfo, EventConnection};
 use ce_messaging::query::QueryConnection;
 
 /// A fresh random name part (xid: 20 base32 characters), for ids, subjects and durables.
@@ -119,4 +119,7 @@ pub trait EventBackend: Send + Sync + Sized + 'static {
 
     /// Stores raw bytes on `subject` (only called when [`EventCaps::raw_publish`] is `None`).
     async fn publish_raw(&self, subject: &str, headers: HeaderMap, payload: Bytes);
+
+    /// The library's view of durable `durable` (`consumer_info` of the connection type).
+    async fn durable_info(connection: &Self::Events, durable: &str) -> DurableInfo;
 }

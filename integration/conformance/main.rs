@@ -106,6 +106,10 @@ macro_rules! event_cases {
             event_source_add_remove_once,
             event_source_filters_by_transaction,
             invalid_event_types_are_refused_at_once,
+            poison_with_directives_is_dead_lettered_without_them,
+            oversized_poison_is_dead_lettered_as_a_reference,
+            one_durable_refuses_a_second_type_set,
+            consumer_info_reports_the_same_numbers,
         );
     };
 }

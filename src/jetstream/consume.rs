@@ -23,14 +23,16 @@
 //! unanswered) is recreated with the same configuration, as users of a durable listener
 //! expect.
 //!
-//! Dead letters keep the original headers and payload and add the `Dead-Letter-*` headers,
-//! with one exception: `Nats-Msg-Id` is a directive to the server that stores the message,
-//! and the dead-letter stream de-duplicates on it. Kept as is, two services dead-lettering the
-//! same event would collide (the second dead letter would be reported as a duplicate and not
+//! Dead letters are built by the shared processing (`dead_letter_record` in `events.rs`): the
+//! original payload and headers without the server's `Nats-*` directives, the `Dead-Letter-*`
+//! headers, and, when that would exceed the server's max payload (from its INFO), a reference
+//! record instead. `Nats-Msg-Id` is a directive to the server that stores the message, and the
+//! dead-letter stream de-duplicates on it. Kept as is, two services dead-lettering the same
+//! event would collide (the second dead letter would be reported as a duplicate and not
 //! stored). So a dead letter carries `Nats-Msg-Id: <original id>.dlq.<durable>` (see
-//! [`dead_letter_msg_id`](crate::events::dead_letter_msg_id)): re-dead-lettering by the same durable (a term that got lost) is
-//! still de-duplicated, other durables' dead letters are not, and the original id is the part
-//! before the last `.dlq.` ([`original_msg_id`]).
+//! [`dead_letter_msg_id`](crate::events::dead_letter_msg_id)): re-dead-lettering by the same
+//! durable (a term that got lost) is still de-duplicated, other durables' dead letters are
+//! not, and the original id is the part before the last `.dlq.` ([`original_msg_id`]).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -39,9 +41,11 @@ use std::time::Duration;
 use async_nats::jetstream::consumer::pull::{BatchConfig, Config as PullConfig};
 use async_nats::jetstream::consumer::{AckPolicy, Consumer, DeliverPolicy};
 use async_nats::jetstream::context::ConsumerInfoErrorKind;
+use async_nats::jetstream::context::PublishErrorKind as JsPublishErrorKind;
 use async_nats::jetstream::message::AckKind;
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::Context;
+use async_nats::jetstream::ErrorCode;
 use async_nats::{HeaderMap, StatusCode, Subject};
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -51,8 +55,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::{BoxError, Error, ListenError, ListenErrorKind};
 use crate::events::{
-    process_delivery, Acker, DeadLetterSink, Delivery, DeliveryContext, EventConnection,
-    EventHandlers, EventListenOptions,
+    process_delivery, Acker, DeadLetterPublishError, DeadLetterSink, Delivery, DeliveryContext,
+    EventConnection, EventHandlers, EventListenOptions,
 };
 use crate::listener::Listener;
 use crate::worker::{Submitter, WorkContext, WorkerPool};
@@ -143,6 +147,16 @@ pub(crate) async fn listen(
                 config.js_stream
             ))
         })?;
+    let presence = presence_subject(&config.js_stream, &durable);
+    check_durable_types(
+        &inner.client,
+        &presence,
+        &stream,
+        &durable,
+        &subjects,
+        &config.js_subject_prefix,
+    )
+    .await?;
     let max_ack_pending = (options.workers + options.buffer) as i64;
     let consumer_config = PullConfig {
         durable_name: Some(durable.clone()),
@@ -184,6 +198,7 @@ pub(crate) async fn listen(
 
     let dead_letters = Arc::new(JetStreamDeadLetters {
         js: inner.js.clone(),
+        client: inner.client.clone(),
         subject: format!("deadletter.{}.{durable}", config.js_stream),
         events_stream: config.js_stream.clone(),
         durable: durable.clone(),
@@ -203,6 +218,14 @@ pub(crate) async fn listen(
         async move { process_delivery(delivery, &ctx, &work).await }.boxed()
     });
     let token = CancellationToken::new();
+    serve_presence(
+        &inner.client,
+        presence,
+        &subjects,
+        pool.context().stopping,
+        token.clone(),
+    )
+    .await;
     let intake = Intake {
         consumer,
         stream,
@@ -242,6 +265,152 @@ pub(crate) async fn listen(
         .boxed()
         },
     ))
+}
+
+/// How long a starting listener waits for the running instances of its durable to say which
+/// types they handle (they answer at once; nobody running is a "no responders" at once).
+const PRESENCE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The core NATS subject on which the running listeners of a durable say which filter subjects
+/// (types) they listen with: `_CE_DURABLE.<events stream>.<durable>`.
+pub(crate) fn presence_subject(stream: &str, durable: &str) -> String {
+    format!("_CE_DURABLE.{stream}.{durable}")
+}
+
+/// The filter subjects the running instances of a durable listen with, if one answers on its
+/// presence subject; `None` when none answers (none runs, or presence is not permitted).
+async fn live_filter(client: &async_nats::Client, presence: &str) -> Option<Vec<String>> {
+    let asked = tokio::time::timeout(
+        PRESENCE_TIMEOUT,
+        client.request(presence.to_owned(), Bytes::new()),
+    )
+    .await;
+    match asked {
+        Ok(Ok(reply)) => serde_json::from_slice(&reply.payload).ok(),
+        _ => None,
+    }
+}
+
+/// Answers on the durable's presence subject with this listener's filter subjects until the
+/// listener stops pulling (or ends). Subscribed (and flushed) before `listen` returns, so a
+/// listener of another type set started afterwards sees this one.
+async fn serve_presence(
+    client: &async_nats::Client,
+    presence: String,
+    subjects: &[String],
+    stopping: CancellationToken,
+    ended: CancellationToken,
+) {
+    let mut subscription = match client.subscribe(presence.clone()).await {
+        Ok(subscription) => subscription,
+        Err(err) => {
+            tracing::warn!(subject = %presence, error = %err, "presence subscription failed; other type sets on this durable are only told apart by the consumer's pull requests");
+            return;
+        }
+    };
+    if tokio::time::timeout(PRESENCE_TIMEOUT, client.flush())
+        .await
+        .is_err()
+    {
+        tracing::debug!(subject = %presence, "presence subscription not flushed in time");
+    }
+    let answer = Bytes::from(serde_json::to_vec(subjects).unwrap_or_default());
+    let client = client.clone();
+    tokio::spawn(async move {
+        loop {
+            let asked = tokio::select! {
+                _ = stopping.cancelled() => break,
+                _ = ended.cancelled() => break,
+                asked = subscription.next() => asked,
+            };
+            let Some(asked) = asked else { break };
+            if let Some(reply) = asked.reply {
+                if let Err(err) = client.publish(reply, answer.clone()).await {
+                    tracing::debug!(error = %err, "presence answer failed");
+                }
+            }
+        }
+        if let Err(err) = subscription.unsubscribe().await {
+            tracing::debug!(error = %err, "presence unsubscribe failed");
+        }
+    });
+}
+
+/// The rule "one durable, one type set": instances of a durable share its consumer, whose
+/// filter is the subjects of their types, so two instances with different types would
+/// overwrite each other's filter and one would stop getting its events. A listener whose
+/// types differ from those of a running instance of its durable is therefore refused
+/// ([`ListenErrorKind::DurableInUse`]). Running instances are found by asking on the durable's
+/// presence subject (each running listener answers with its filter), and, should nobody
+/// answer (presence not permitted), by the consumer having pull requests waiting. When no
+/// instance runs (every one stopped: a restart or deploy with a changed type set), the new
+/// types take the durable over and its filter is updated.
+async fn check_durable_types(
+    client: &async_nats::Client,
+    presence: &str,
+    stream: &async_nats::jetstream::stream::Stream,
+    durable: &str,
+    subjects: &[String],
+    prefix: &str,
+) -> Result<(), ListenError> {
+    let types = |subjects: &[String]| type_list(subjects, prefix);
+    if let Some(mut theirs) = live_filter(client, presence).await {
+        theirs.sort();
+        if theirs == subjects {
+            return Ok(());
+        }
+        return Err(Error::with_detail(
+            ListenErrorKind::DurableInUse,
+            durable_in_use(durable, &types(&theirs), &types(subjects)),
+        ));
+    }
+    let info = match stream.consumer_info(durable).await {
+        Ok(info) => info,
+        Err(err) if err.kind() == ConsumerInfoErrorKind::NotFound => return Ok(()),
+        Err(err) => {
+            return Err(Error::with_source(ListenErrorKind::Consumer, err)
+                .detail(format!("looking up durable consumer {durable}")))
+        }
+    };
+    let mut existing = if info.config.filter_subjects.is_empty() {
+        vec![info.config.filter_subject.clone()]
+    } else {
+        info.config.filter_subjects.clone()
+    };
+    existing.retain(|s| !s.is_empty());
+    existing.sort();
+    if existing == subjects {
+        return Ok(());
+    }
+    if info.num_waiting > 0 {
+        return Err(Error::with_detail(
+            ListenErrorKind::DurableInUse,
+            durable_in_use(durable, &types(&existing), &types(subjects)),
+        ));
+    }
+    tracing::info!(durable, from = %types(&existing), to = %types(subjects), "no instance runs on the durable: its event types change");
+    Ok(())
+}
+
+/// The event types of a consumer's filter subjects, for messages: `[a, b]` (`[every type]` for
+/// an unfiltered consumer).
+pub(crate) fn type_list(subjects: &[String], prefix: &str) -> String {
+    if subjects.is_empty() {
+        return "[every type]".to_owned();
+    }
+    let prefix = format!("{prefix}.");
+    let types: Vec<&str> = subjects
+        .iter()
+        .map(|s| s.strip_prefix(&prefix).unwrap_or(s))
+        .collect();
+    format!("[{}]", types.join(", "))
+}
+
+/// The detail of a [`ListenErrorKind::DurableInUse`] error.
+pub(crate) fn durable_in_use(durable: &str, theirs: &str, mine: &str) -> String {
+    format!(
+        "durable {durable} is in use by a listener of event types {theirs}; this listener handles {mine}. Instances of one durable must handle the same types: stop the other instances first (the durable then takes the new types), or give this listener its own durable name"
+    )
 }
 
 struct Intake {
@@ -641,8 +810,10 @@ impl Acker for JetStreamAcker {
     }
 }
 
+/// Publishes dead letters to `deadletter.<events stream>.<durable>` and waits for the PubAck.
 struct JetStreamDeadLetters {
     js: Context,
+    client: async_nats::Client,
     subject: String,
     events_stream: String,
     durable: String,
@@ -650,22 +821,60 @@ struct JetStreamDeadLetters {
 
 #[async_trait]
 impl DeadLetterSink for JetStreamDeadLetters {
+    fn events_stream(&self) -> &str {
+        &self.events_stream
+    }
+
+    fn durable(&self) -> &str {
+        &self.durable
+    }
+
+    /// The max payload of the server this client is connected to (from its INFO).
+    fn max_payload(&self) -> usize {
+        self.client.max_payload()
+    }
+
     async fn publish_dead_letter(
         &self,
-        mut headers: HeaderMap,
+        headers: HeaderMap,
         payload: Bytes,
-    ) -> Result<(), BoxError> {
-        crate::events::stamp_dead_letter_msg_id(&mut headers, &self.events_stream, &self.durable)?;
-        let ack = self
-            .js
-            .send_publish(
-                self.subject.clone(),
-                PublishMessage::build().headers(headers).payload(payload),
-            )
-            .await?
-            .await?;
-        tracing::debug!(subject = %self.subject, stream = %ack.stream, seq = ack.sequence, duplicate = ack.duplicate, "dead letter stored");
-        Ok(())
+    ) -> Result<(), DeadLetterPublishError> {
+        // Never send what the server refuses by size: it would close the connection.
+        let size = super::publish::wire_size(&headers, payload.len());
+        let max = self.client.max_payload();
+        if size > max {
+            return Err(DeadLetterPublishError::TooLarge(format!(
+                "{size} bytes, the server's max payload is {max}"
+            )));
+        }
+        let sent = async {
+            self.js
+                .send_publish(
+                    self.subject.clone(),
+                    PublishMessage::build().headers(headers).payload(payload),
+                )
+                .await?
+                .await
+        };
+        match sent.await {
+            Ok(ack) => {
+                tracing::debug!(subject = %self.subject, stream = %ack.stream, seq = ack.sequence, duplicate = ack.duplicate, "dead letter stored");
+                Ok(())
+            }
+            Err(err) => {
+                let too_large = matches!(err.kind(), JsPublishErrorKind::MaxPayloadExceeded)
+                    || std::error::Error::source(&err)
+                        .and_then(|s| s.downcast_ref::<async_nats::jetstream::Error>())
+                        .is_some_and(|e| {
+                            e.error_code() == ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM
+                        });
+                if too_large {
+                    Err(DeadLetterPublishError::TooLarge(err.to_string()))
+                } else {
+                    Err(DeadLetterPublishError::Other(Box::new(err)))
+                }
+            }
+        }
     }
 }
 

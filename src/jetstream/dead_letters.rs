@@ -33,10 +33,12 @@ use cloudevents::Event;
 
 use crate::codec::{self, HeaderMap};
 use crate::error::{DecodeError, Error};
-use crate::events::{DeadLetterReason, PublishAck};
+use crate::events::{
+    is_dropped_from_dead_letters, DeadLetterReason, PublishAck, DEAD_LETTER_PAYLOAD_OMITTED,
+};
 use crate::headers::{
-    DEAD_LETTER_DELIVERIES, DEAD_LETTER_ERROR, DEAD_LETTER_REASON, DEAD_LETTER_STREAM_SEQ,
-    DEAD_LETTER_SUBJECT, NATS_MSG_ID,
+    DEAD_LETTER_DELIVERIES, DEAD_LETTER_ERROR, DEAD_LETTER_PAYLOAD, DEAD_LETTER_REASON,
+    DEAD_LETTER_SIZE, DEAD_LETTER_STREAM, DEAD_LETTER_STREAM_SEQ, DEAD_LETTER_SUBJECT, NATS_MSG_ID,
 };
 
 use super::consume::original_msg_id;
@@ -67,6 +69,15 @@ pub enum DeadLetterErrorKind {
     NotADeadLetter,
     /// The republish was refused (e.g. no stream holds the original subject any more).
     Publish,
+    /// The republish would have been stored in a stream other than the dead letter's original
+    /// events stream (another stream now holds the subject): refused by the server
+    /// (`Nats-Expected-Stream`), nothing stored, the dead letter kept. Replay to that stream
+    /// only when told to ([`ReplayOptions::to_stream`], `cemsg deadletter replay --to-stream`).
+    WrongStream,
+    /// A reference dead letter (its original was too large to be copied) whose original is no
+    /// longer in the events stream (removed by the stream's limits, deleted, or the sequence
+    /// now holds another message): there is nothing to replay; the dead letter is kept.
+    OriginalGone,
     /// The republish or a request to the server got no answer in time.
     TimedOut,
     /// The republish succeeded but the dead letter could not be deleted; replaying it again is
@@ -83,6 +94,10 @@ impl fmt::Display for DeadLetterErrorKind {
             DeadLetterErrorKind::NotFound => "dead letter not found",
             DeadLetterErrorKind::NotADeadLetter => "not a dead letter",
             DeadLetterErrorKind::Publish => "replay publish failed",
+            DeadLetterErrorKind::WrongStream => "replay refused: another stream holds the subject",
+            DeadLetterErrorKind::OriginalGone => {
+                "the original of this reference dead letter is gone"
+            }
             DeadLetterErrorKind::TimedOut => "timed out",
             DeadLetterErrorKind::Delete => "dead letter replayed but not deleted",
             DeadLetterErrorKind::Other => "dead-letter operation failed",
@@ -95,9 +110,13 @@ pub type DeadLetterError = Error<DeadLetterErrorKind>;
 
 /// One dead-lettered event as stored in the dead-letter stream.
 ///
-/// `headers` and `payload` are the original message's, as the listener received it: the
-/// `Dead-Letter-*` headers and the dead letter's own `Nats-Msg-Id` are taken out (they are in
-/// the fields). `Debug` shows the payload's size, not its content.
+/// `headers` and `payload` are the original message's, as the listener received it, without
+/// the server's `Nats-*` directives: the `Dead-Letter-*` headers and the dead letter's own
+/// `Nats-Msg-Id` are taken out (they are in the fields). A **reference** dead letter
+/// ([`is_reference`](Self::is_reference), `Dead-Letter-Payload: omitted`) holds neither: its
+/// original was too large to be copied and is read from the events stream by sequence
+/// ([`JetStreamEvents::dead_letter_original`], which replay uses). `Debug` shows the payload's
+/// size, not its content.
 ///
 /// # Examples
 ///
@@ -128,16 +147,23 @@ pub struct DeadLetter {
     pub original_subject: String,
     /// `Dead-Letter-Stream-Seq`: its sequence in the events stream.
     pub original_sequence: Option<u64>,
+    /// `Dead-Letter-Stream`: the events stream it was stored in (for dead letters stored
+    /// before that header existed: the events stream named in the dead-letter subject). A
+    /// replay must land there.
+    pub original_stream: String,
+    /// `Dead-Letter-Size` of a reference dead letter: the original's size in bytes.
+    pub original_size: Option<u64>,
     /// `Dead-Letter-Deliveries`: how many times it had been delivered.
     pub deliveries: Option<u64>,
     /// The original `Nats-Msg-Id` (the event id for events published by this library).
     pub original_msg_id: String,
     /// When the dead letter was stored.
     pub stored_at: DateTime<Utc>,
-    /// The original headers.
+    /// The original headers (none in a reference dead letter).
     pub headers: HeaderMap,
-    /// The original payload.
+    /// The original payload (empty in a reference dead letter).
     pub payload: Bytes,
+    reference: bool,
 }
 
 impl fmt::Debug for DeadLetter {
@@ -149,6 +175,8 @@ impl fmt::Debug for DeadLetter {
             .field("error", &self.error)
             .field("original_subject", &self.original_subject)
             .field("original_sequence", &self.original_sequence)
+            .field("original_stream", &self.original_stream)
+            .field("reference", &self.reference)
             .field("deliveries", &self.deliveries)
             .field("original_msg_id", &self.original_msg_id)
             .field("stored_at", &self.stored_at)
@@ -179,8 +207,25 @@ impl DeadLetter {
         }
     }
 
+    /// Whether this is a reference dead letter (`Dead-Letter-Payload: omitted`): the original
+    /// was too large to be copied; [`JetStreamEvents::dead_letter_original`] reads it from the
+    /// events stream while the stream still holds it.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # fn demo(dead: ce_messaging::jetstream::dead_letters::DeadLetter) {
+    /// if dead.is_reference() {
+    ///     println!("original: {} #{:?}", dead.original_stream, dead.original_sequence);
+    /// }
+    /// # }
+    /// ```
+    pub fn is_reference(&self) -> bool {
+        self.reference
+    }
+
     /// The original event, decoded from the original headers and payload (fails for dead
-    /// letters of reason `decode`).
+    /// letters of reason `decode`, and for reference dead letters, which hold no payload).
     ///
     /// # Errors
     ///
@@ -257,16 +302,11 @@ impl DeadLetter {
                 None => format!("dead-letter-{sequence}"),
             },
         };
-        let mut headers = HeaderMap::new();
-        for (name, values) in stored.iter() {
-            let lower = name.to_string().to_ascii_lowercase();
-            if lower.starts_with("dead-letter-") || lower == NATS_MSG_ID.to_ascii_lowercase() {
-                continue;
-            }
-            for value in values {
-                headers.append(name.clone(), value.clone());
-            }
-        }
+        let headers = original_headers(stored);
+        let reference = text(DEAD_LETTER_PAYLOAD).as_deref() == Some(DEAD_LETTER_PAYLOAD_OMITTED);
+        let original_stream = text(DEAD_LETTER_STREAM)
+            .filter(|s| !s.is_empty())
+            .unwrap_or(events_stream);
         Ok(DeadLetter {
             sequence,
             dead_letter_subject,
@@ -275,13 +315,49 @@ impl DeadLetter {
             error: text(DEAD_LETTER_ERROR).unwrap_or_default(),
             original_subject,
             original_sequence,
+            original_stream,
+            original_size: number(DEAD_LETTER_SIZE),
             deliveries: number(DEAD_LETTER_DELIVERIES),
             original_msg_id,
             stored_at,
             headers,
             payload,
+            reference,
         })
     }
+}
+
+/// The headers of a stored message without what a replay must not send: the server's
+/// directives and annotations (`Nats-*`, the message id included: replay sets its own) and the
+/// `Dead-Letter-*` headers.
+fn original_headers(stored: &HeaderMap) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    for (name, values) in stored.iter() {
+        if is_dropped_from_dead_letters(name.as_ref()) {
+            continue;
+        }
+        for value in values {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    headers
+}
+
+/// How [`JetStreamEvents::replay_dead_letter_with`] replays.
+///
+/// # Examples
+///
+/// ```
+/// use ce_messaging::jetstream::dead_letters::ReplayOptions;
+/// let options = ReplayOptions { to_stream: Some("ORDERS_V2".into()) };
+/// assert_eq!(options.to_stream.as_deref(), Some("ORDERS_V2"));
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReplayOptions {
+    /// The stream the republish must land in; `None`: the dead letter's original events
+    /// stream ([`DeadLetter::original_stream`]). A republish that another stream would store
+    /// is refused by the server ([`DeadLetterErrorKind::WrongStream`]).
+    pub to_stream: Option<String>,
 }
 
 /// Which dead letters [`JetStreamEvents::list_dead_letters`] returns: those of this
@@ -496,23 +572,93 @@ impl JetStreamEvents {
         Ok(info.state.last_sequence)
     }
 
-    /// Replays the dead letter at `sequence`: republishes its original headers and payload to
-    /// its original subject with `Nats-Msg-Id: <original msg id>.replay.<sequence>` (the
-    /// CloudEvent id is unchanged, so handlers can still recognise the event), waits for the
-    /// server's ack, then deletes the dead letter.
-    ///
-    /// Repeating a replay loses nothing: a dead letter that is gone is `NotFound`; one whose
-    /// earlier replay was acked but not deleted is republished as a duplicate (not stored
-    /// twice, within the duplicate window) and then deleted.
-    ///
-    /// Every durable consumer filtering the original subject gets the republished event, not
-    /// only the one that dead-lettered it.
+    /// The original headers and payload of `dead`: its own for a dead letter that holds
+    /// them, read from the events stream by sequence for a reference dead letter
+    /// ([`DeadLetter::is_reference`]). The server's directives (`Nats-*`) are left out.
     ///
     /// # Errors
     ///
-    /// `NotFound`, `NotADeadLetter`, `StreamNotFound`, `Publish` (the dead letter is kept),
-    /// `TimedOut` (no ack in `NATS_EVENTS_TIMEOUT`; the dead letter is kept; replaying again is
-    /// safe), `Delete` (republished but not deleted; replaying again is safe).
+    /// [`DeadLetterErrorKind::OriginalGone`] when the events stream no longer holds the
+    /// original (removed by its limits or deleted, or the sequence now holds another message:
+    /// the subject or message id differ); `TimedOut`, `Other`.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo(events: ce_messaging::jetstream::JetStreamEvents) -> Result<(), Box<dyn std::error::Error>> {
+    /// let dead = events.dead_letter(3).await?;
+    /// let (headers, payload) = events.dead_letter_original(&dead).await?;
+    /// println!("{} header(s), {} bytes", headers.len(), payload.len());
+    /// # Ok(()) }
+    /// ```
+    pub async fn dead_letter_original(
+        &self,
+        dead: &DeadLetter,
+    ) -> Result<(HeaderMap, Bytes), DeadLetterError> {
+        if !dead.reference {
+            return Ok((dead.headers.clone(), dead.payload.clone()));
+        }
+        let gone = |why: String| {
+            Error::with_detail(
+                DeadLetterErrorKind::OriginalGone,
+                format!(
+                    "dead letter #{} is a reference to #{} in stream {}, {why}; the dead letter was kept",
+                    dead.sequence,
+                    dead.original_sequence.map_or("?".to_owned(), |s| s.to_string()),
+                    dead.original_stream
+                ),
+            )
+        };
+        let Some(original_sequence) = dead.original_sequence else {
+            return Err(gone("which has no sequence".into()));
+        };
+        let stream = self
+            .inner()
+            .js
+            .get_stream_no_info(&dead.original_stream)
+            .await
+            .map_err(|err| {
+                Error::with_source(DeadLetterErrorKind::Other, err)
+                    .detail(format!("stream {}", dead.original_stream))
+            })?;
+        let message = match stream.get_raw_message(original_sequence).await {
+            Ok(message) => message,
+            Err(err) => match err.kind() {
+                RawMessageErrorKind::NoMessageFound => {
+                    return Err(gone("which the stream no longer holds".into()))
+                }
+                RawMessageErrorKind::JetStream(js)
+                    if js.error_code() == ErrorCode::STREAM_NOT_FOUND =>
+                {
+                    return Err(gone("a stream that no longer exists".into()))
+                }
+                _ => return Err(raw_get_error(err, &dead.original_stream)),
+            },
+        };
+        if message.subject.as_str() != dead.original_subject {
+            return Err(gone(format!(
+                "which now holds a message on {} instead of {}",
+                message.subject, dead.original_subject
+            )));
+        }
+        let stored_id = message.headers.get(NATS_MSG_ID).map(|v| v.as_str());
+        if let Some(stored_id) = stored_id.filter(|id| !id.is_empty()) {
+            let expected = dead.original_msg_id.as_str();
+            if stored_id.len() <= 256 && stored_id != expected {
+                return Err(gone(format!(
+                    "which now holds message {stored_id:?}, not {expected:?}"
+                )));
+            }
+        }
+        Ok((original_headers(&message.headers), message.payload))
+    }
+
+    /// Replays the dead letter at `sequence` into its original events stream (see
+    /// [`replay_dead_letter_with`](Self::replay_dead_letter_with)).
+    ///
+    /// # Errors
+    ///
+    /// As [`replay_dead_letter_with`](Self::replay_dead_letter_with).
     ///
     /// # Examples
     ///
@@ -526,10 +672,53 @@ impl JetStreamEvents {
         &self,
         sequence: u64,
     ) -> Result<ReplayOutcome, DeadLetterError> {
+        self.replay_dead_letter_with(sequence, &ReplayOptions::default())
+            .await
+    }
+
+    /// Replays the dead letter at `sequence`: republishes its original headers and payload
+    /// (for a reference dead letter: read from the events stream, see
+    /// [`dead_letter_original`](Self::dead_letter_original)) to its original subject with
+    /// `Nats-Msg-Id: <original msg id>.replay.<sequence>` (the CloudEvent id is unchanged, so
+    /// handlers can still recognise the event) and `Nats-Expected-Stream: <stream>` (its
+    /// original events stream, or [`ReplayOptions::to_stream`]), waits for the server's ack,
+    /// then deletes the dead letter.
+    ///
+    /// Repeating a replay loses nothing: a dead letter that is gone is `NotFound`; one whose
+    /// earlier replay was acked but not deleted is republished as a duplicate (not stored
+    /// twice, within the duplicate window) and then deleted.
+    ///
+    /// Every durable consumer filtering the original subject gets the republished event, not
+    /// only the one that dead-lettered it.
+    ///
+    /// # Errors
+    ///
+    /// `NotFound`, `NotADeadLetter`, `StreamNotFound`, `WrongStream` (another stream holds the
+    /// subject now: nothing stored, the dead letter is kept), `OriginalGone` (a reference dead
+    /// letter whose original is no longer in the events stream; kept), `Publish` (the dead
+    /// letter is kept), `TimedOut` (no ack in `NATS_EVENTS_TIMEOUT`; the dead letter is kept;
+    /// replaying again is safe), `Delete` (republished but not deleted; replaying again is
+    /// safe).
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo(events: ce_messaging::jetstream::JetStreamEvents) -> Result<(), Box<dyn std::error::Error>> {
+    /// use ce_messaging::jetstream::dead_letters::ReplayOptions;
+    /// let options = ReplayOptions { to_stream: Some("ORDERS_V2".into()) };
+    /// let outcome = events.replay_dead_letter_with(7, &options).await?;
+    /// assert_eq!(outcome.ack.stream, "ORDERS_V2");
+    /// # Ok(()) }
+    /// ```
+    pub async fn replay_dead_letter_with(
+        &self,
+        sequence: u64,
+        options: &ReplayOptions,
+    ) -> Result<ReplayOutcome, DeadLetterError> {
         let dead = self.dead_letter(sequence).await?;
         let inner = self.inner();
         let msg_id = dead.replay_msg_id();
-        let mut headers = dead.headers.clone();
+        let (mut headers, payload) = self.dead_letter_original(&dead).await?;
         let id_value: async_nats::HeaderValue = msg_id.parse().map_err(|_| {
             Error::with_detail(
                 DeadLetterErrorKind::Publish,
@@ -537,12 +726,21 @@ impl JetStreamEvents {
             )
         })?;
         headers.insert(NATS_MSG_ID, id_value);
+        let expected_stream = options
+            .to_stream
+            .clone()
+            .unwrap_or_else(|| dead.original_stream.clone());
+        let stream_value: async_nats::HeaderValue = expected_stream.parse().map_err(|_| {
+            Error::with_detail(
+                DeadLetterErrorKind::Publish,
+                format!("stream name {expected_stream:?} is not a valid header value"),
+            )
+        })?;
+        headers.insert(EXPECTED_STREAM, stream_value);
         let timeout = inner.config.events_timeout;
         let subject = dead.original_subject.clone();
         let publish = async {
-            let message = PublishMessage::build()
-                .headers(headers)
-                .payload(dead.payload.clone());
+            let message = PublishMessage::build().headers(headers).payload(payload);
             inner.js.send_publish(subject.clone(), message).await?.await
         };
         let ack = match tokio::time::timeout(timeout, publish).await {
@@ -552,16 +750,38 @@ impl JetStreamEvents {
                     format!("no ack for the replay of dead letter #{sequence} within {timeout:?}; it was kept, replaying again is safe"),
                 ))
             }
-            Ok(Err(err)) => return Err(publish_error(err, sequence, &subject)),
+            Ok(Err(err)) => {
+                let wrong_stream = std::error::Error::source(&err)
+                    .and_then(|s| s.downcast_ref::<async_nats::jetstream::Error>())
+                    .is_some_and(|e| e.error_code() == ErrorCode::STREAM_NOT_MATCH);
+                if wrong_stream {
+                    let holder = self.stream_holding(&subject).await;
+                    return Err(wrong_stream_error(sequence, &subject, &expected_stream, &holder));
+                }
+                return Err(publish_error(err, sequence, &subject));
+            }
             Ok(Ok(ack)) => ack,
         };
+        if ack.stream != expected_stream {
+            // A server that ignored Nats-Expected-Stream stored it elsewhere: keep the dead
+            // letter and say where the copy went.
+            let mut err = wrong_stream_error(sequence, &subject, &expected_stream, &ack.stream);
+            let detail = format!(
+                "{}; the server ignored Nats-Expected-Stream and stored a copy as #{} in {}",
+                err.detail_text().unwrap_or_default(),
+                ack.sequence,
+                ack.stream
+            );
+            err = err.detail(detail);
+            return Err(err);
+        }
         let ack = PublishAck {
             stream: ack.stream,
             sequence: ack.sequence,
             duplicate: ack.duplicate,
         };
         let deleted = self.delete_dead_letter(sequence).await?;
-        tracing::info!(dead_letter = sequence, subject = %subject, msg_id = %msg_id, stream = %ack.stream, seq = ack.sequence, duplicate = ack.duplicate, deleted, "dead letter replayed");
+        tracing::info!(dead_letter = sequence, subject = %subject, msg_id = %msg_id, stream = %ack.stream, seq = ack.sequence, duplicate = ack.duplicate, deleted, reference = dead.reference, "dead letter replayed");
         Ok(ReplayOutcome {
             dead_letter_sequence: sequence,
             subject,
@@ -569,6 +789,19 @@ impl JetStreamEvents {
             ack,
             deleted,
         })
+    }
+
+    /// The name of the stream that holds `subject` now, or `"another stream"`.
+    async fn stream_holding(&self, subject: &str) -> String {
+        match tokio::time::timeout(
+            self.inner().config.events_timeout,
+            self.inner().js.stream_by_subject(subject),
+        )
+        .await
+        {
+            Ok(Ok(name)) => name,
+            _ => "another stream".to_owned(),
+        }
     }
 
     /// Deletes one message of the dead-letter stream; false if it was already gone.
@@ -626,6 +859,23 @@ fn raw_get_error(
     Error::with_source(kind, err).detail(format!(
         "stream {dlq} (create it with init_stream / `cemsg stream init`)"
     ))
+}
+
+/// The publisher directive that makes the server refuse a replay stored by any other stream.
+const EXPECTED_STREAM: &str = "Nats-Expected-Stream";
+
+fn wrong_stream_error(
+    sequence: u64,
+    subject: &str,
+    expected: &str,
+    holder: &str,
+) -> DeadLetterError {
+    Error::with_detail(
+        DeadLetterErrorKind::WrongStream,
+        format!(
+            "dead letter #{sequence}: subject {subject} is now held by stream {holder}, not by {expected}; the dead letter was kept (replay into {holder} only on purpose: --to-stream {holder} / ReplayOptions::to_stream)"
+        ),
+    )
 }
 
 fn publish_error(

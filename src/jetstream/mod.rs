@@ -35,12 +35,17 @@ use async_trait::async_trait;
 use cloudevents::Event;
 
 use crate::config::Config;
-use crate::error::{ConnectError, ListenError, StreamError};
+use crate::error::{ConnectError, Error, ListenError, StreamError, StreamErrorKind};
 use crate::event_source::EventSource;
-use crate::events::{EventConnection, EventHandlers, EventListenOptions, PublishAck, PublishError};
+use crate::events::{
+    DurableInfo, EventConnection, EventHandlers, EventListenOptions, PublishAck, PublishError,
+};
 use crate::listener::Listener;
 
 pub use consume::original_msg_id;
+pub(crate) use consume::{
+    durable_in_use as durable_in_use_detail, type_list as consumer_type_list,
+};
 pub use publish::PublishRetry;
 
 /// Persisted events over NATS JetStream: publish after the server stored the event, durable
@@ -177,6 +182,84 @@ impl JetStreamEvents {
         if let Err(err) = self.inner.client.drain().await {
             tracing::debug!(error = %err, "drain on close failed (already closed?)");
         }
+    }
+
+    /// The state of durable consumer `durable` on the events stream: pending, ack pending,
+    /// redelivered, ack floor, last delivered, and the events parked at the server's delivery
+    /// limit (see [`DurableInfo::parked`] for how that is computed).
+    ///
+    /// # Errors
+    ///
+    /// `StreamErrorKind::NotFound` when the stream or the durable does not exist, `Other` when
+    /// the server does not answer.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo(events: ce_messaging::jetstream::JetStreamEvents) -> Result<(), Box<dyn std::error::Error>> {
+    /// let info = events.consumer_info("billing").await?;
+    /// assert_eq!(info.parked, 0, "nothing parked");
+    /// # Ok(()) }
+    /// ```
+    pub async fn consumer_info(&self, durable: &str) -> Result<DurableInfo, StreamError> {
+        use async_nats::jetstream::context::ConsumerInfoErrorKind;
+        use async_nats::jetstream::ErrorCode;
+        let stream_name = &self.inner.config.js_stream;
+        let not_found = |what: String| Error::with_detail(StreamErrorKind::NotFound, what);
+        let stream = self
+            .inner
+            .js
+            .get_stream_no_info(stream_name)
+            .await
+            .map_err(|err| {
+                Error::with_source(StreamErrorKind::Other, err)
+                    .detail(format!("stream {stream_name}"))
+            })?;
+        let info = match stream.consumer_info(durable).await {
+            Ok(info) => info,
+            Err(err) => {
+                let stream_missing = std::error::Error::source(&err)
+                    .and_then(|s| s.downcast_ref::<async_nats::jetstream::Error>())
+                    .is_some_and(|e| e.error_code() == ErrorCode::STREAM_NOT_FOUND);
+                return Err(if stream_missing {
+                    not_found(format!("stream {stream_name} does not exist"))
+                } else if err.kind() == ConsumerInfoErrorKind::NotFound {
+                    not_found(format!(
+                        "no durable consumer {durable} on stream {stream_name}"
+                    ))
+                } else {
+                    Error::with_source(StreamErrorKind::Other, err)
+                        .detail(format!("consumer info of {durable} on {stream_name}"))
+                });
+            }
+        };
+        let mut filter_subjects = if info.config.filter_subjects.is_empty() {
+            vec![info.config.filter_subject.clone()]
+        } else {
+            info.config.filter_subjects.clone()
+        };
+        filter_subjects.retain(|s| !s.is_empty());
+        filter_subjects.sort();
+        let redelivered = info.num_redelivered as u64;
+        let ack_pending = info.num_ack_pending as u64;
+        let max_deliver = info.config.max_deliver;
+        Ok(DurableInfo {
+            stream: info.stream_name,
+            durable: info.name,
+            filter_subjects,
+            pending: info.num_pending,
+            ack_pending,
+            redelivered,
+            ack_floor: info.ack_floor.stream_sequence,
+            last_delivered: info.delivered.stream_sequence,
+            deliveries: info.delivered.consumer_sequence,
+            max_deliver,
+            parked: if max_deliver > 0 {
+                redelivered.saturating_sub(ack_pending)
+            } else {
+                0
+            },
+        })
     }
 
     pub(crate) fn inner(&self) -> &Arc<Inner> {

@@ -23,8 +23,8 @@ use crate::error::{
 use crate::event::{check_type, populate_source};
 use crate::event_source::{EventSource, RawEvent, SourceBackend};
 use crate::events::{
-    process_delivery, Acker, DeadLetterSink, Delivery, DeliveryContext, EventConnection,
-    EventHandlers, EventListenOptions, PublishAck, PublishError,
+    process_delivery, Acker, DeadLetterPublishError, DeadLetterSink, Delivery, DeliveryContext,
+    EventConnection, EventHandlers, EventListenOptions, PublishAck, PublishError,
 };
 use crate::headers::NATS_MSG_ID;
 use crate::listener::Listener;
@@ -185,6 +185,51 @@ impl MemoryEvents {
         self.inner.closed.cancel();
     }
 
+    /// The state of durable consumer `durable` on this connection's events stream, as
+    /// [`JetStreamEvents::consumer_info`](crate::jetstream::JetStreamEvents::consumer_info)
+    /// reports it (here `parked` is counted exactly).
+    ///
+    /// # Errors
+    ///
+    /// `StreamErrorKind::NotFound` when the stream or the durable does not exist.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// use ce_messaging::error::StreamErrorKind;
+    /// let broker = ce_messaging::memory::MemoryBroker::with_auto_streams();
+    /// let events = broker.event_connection(&ce_messaging::config::Config::default());
+    /// let err = events.consumer_info("billing").unwrap_err();
+    /// assert_eq!(err.kind(), StreamErrorKind::NotFound);
+    /// # }
+    /// ```
+    pub fn consumer_info(&self, durable: &str) -> Result<crate::events::DurableInfo, StreamError> {
+        let inner = &self.inner;
+        let Some(info) = inner.broker.consumer_info(&inner.stream, durable) else {
+            return Err(Error::with_detail(
+                StreamErrorKind::NotFound,
+                format!("no durable consumer {durable} on stream {}", inner.stream),
+            ));
+        };
+        let mut filter_subjects = info.filter_subjects.clone();
+        filter_subjects.sort();
+        Ok(crate::events::DurableInfo {
+            stream: info.stream,
+            durable: info.name,
+            filter_subjects,
+            pending: info.num_pending,
+            ack_pending: info.num_ack_pending,
+            redelivered: info.num_redelivered + info.exhausted,
+            ack_floor: info.ack_floor,
+            last_delivered: info.last_delivered,
+            deliveries: info.delivered,
+            max_deliver: info.max_deliver,
+            parked: info.exhausted,
+        })
+    }
+
     /// Creates or updates the events stream (`<prefix>.>`) and the dead-letter stream
     /// (`deadletter.<stream>.>`).
     pub(super) fn create_streams(&self) -> Result<(), StreamError> {
@@ -300,10 +345,24 @@ impl EventConnection for MemoryEvents {
         }
         let max_deliver = options.max_deliver.unwrap_or(inner.max_deliver);
         let ack_wait = options.ack_wait.unwrap_or(inner.ack_wait);
-        let filter_subjects: Vec<String> = handlers
+        let mut filter_subjects: Vec<String> = handlers
             .types()
             .map(|t| format!("{}.{t}", inner.subject_prefix))
             .collect();
+        filter_subjects.sort();
+        let claim = DurableClaim::claim(&inner.broker, &inner.stream, &durable, &filter_subjects)
+            .map_err(|theirs| {
+            let types =
+                |s: &[String]| crate::jetstream::consumer_type_list(s, &inner.subject_prefix);
+            Error::with_detail(
+                ListenErrorKind::DurableInUse,
+                crate::jetstream::durable_in_use_detail(
+                    &durable,
+                    &types(&theirs),
+                    &types(&filter_subjects),
+                ),
+            )
+        })?;
         streams
             .create_or_update_consumer(
                 &inner.stream,
@@ -346,6 +405,8 @@ impl EventConnection for MemoryEvents {
         let stream: Arc<str> = Arc::from(inner.stream.as_str());
         let durable: Arc<str> = Arc::from(durable.as_str());
         pool.spawn_intake(async move {
+            // Held while this listener pulls from the durable.
+            let _claim = claim;
             loop {
                 let next = tokio::select! {
                     biased;
@@ -408,6 +469,42 @@ impl EventConnection for MemoryEvents {
     }
 }
 
+/// A listener's registration with its durable ("one durable, one type set"); released when
+/// dropped, i.e. when the listener stops pulling.
+struct DurableClaim {
+    broker: MemoryBroker,
+    stream: String,
+    durable: String,
+}
+
+impl DurableClaim {
+    /// Registers a listener of `durable` with `filter_subjects`, or gives the filter of the
+    /// other listeners of the durable when it differs.
+    fn claim(
+        broker: &MemoryBroker,
+        stream: &str,
+        durable: &str,
+        filter_subjects: &[String],
+    ) -> Result<DurableClaim, Vec<String>> {
+        broker
+            .streams()
+            .claim_durable(stream, durable, filter_subjects)?;
+        Ok(DurableClaim {
+            broker: broker.clone(),
+            stream: stream.to_owned(),
+            durable: durable.to_owned(),
+        })
+    }
+}
+
+impl Drop for DurableClaim {
+    fn drop(&mut self) {
+        self.broker
+            .streams()
+            .release_durable(&self.stream, &self.durable);
+    }
+}
+
 /// Settles deliveries with the broker's consumer.
 struct MemoryAcker {
     broker: MemoryBroker,
@@ -457,14 +554,30 @@ struct MemoryDeadLetters {
 
 #[async_trait]
 impl DeadLetterSink for MemoryDeadLetters {
+    fn events_stream(&self) -> &str {
+        &self.events_stream
+    }
+
+    fn durable(&self) -> &str {
+        &self.durable
+    }
+
+    fn max_payload(&self) -> usize {
+        self.broker.options().max_payload
+    }
+
     async fn publish_dead_letter(
         &self,
-        mut headers: HeaderMap,
+        headers: HeaderMap,
         payload: Bytes,
-    ) -> Result<(), BoxError> {
-        crate::events::stamp_dead_letter_msg_id(&mut headers, &self.events_stream, &self.durable)?;
-        self.broker.check_size(&headers, &payload)?;
-        let ack = self.broker.js_publish(&self.subject, headers, payload)?;
+    ) -> Result<(), DeadLetterPublishError> {
+        self.broker
+            .check_size(&headers, &payload)
+            .map_err(DeadLetterPublishError::TooLarge)?;
+        let ack = self
+            .broker
+            .js_publish(&self.subject, headers, payload)
+            .map_err(|err| DeadLetterPublishError::Other(Box::new(err)))?;
         tracing::debug!(subject = %self.subject, stream = %ack.stream, seq = ack.sequence, duplicate = ack.duplicate, "dead letter stored");
         Ok(())
     }

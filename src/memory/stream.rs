@@ -127,6 +127,13 @@ pub struct ConsumerInfo {
     /// Messages that reached the consumer's delivery limit without an ack and are no longer
     /// redelivered.
     pub exhausted: u64,
+    /// Every matching message up to this stream sequence is acked or terminated (as
+    /// JetStream's ack floor).
+    pub ack_floor: u64,
+    /// The highest stream sequence delivered (as JetStream's `delivered.stream_seq`).
+    pub last_delivered: u64,
+    /// The delivery limit (<= 0: unlimited).
+    pub max_deliver: i64,
 }
 
 /// Settings of a stream.
@@ -176,6 +183,8 @@ struct ConsumerState {
     acked: u64,
     terminated: u64,
     exhausted: u64,
+    /// The highest stream sequence delivered for the first time.
+    last_delivered: u64,
 }
 
 impl ConsumerState {
@@ -301,6 +310,15 @@ pub(crate) enum Next {
 #[derive(Default)]
 pub(crate) struct Streams {
     state: Mutex<HashMap<String, StreamState>>,
+    /// The listeners pulling from each durable (by stream and durable) and the filter subjects
+    /// they listen with: "one durable, one type set" (see [`Streams::claim_durable`]).
+    live: Mutex<HashMap<(String, String), LiveDurable>>,
+}
+
+/// The listeners pulling from one durable.
+struct LiveDurable {
+    filter_subjects: Vec<String>,
+    listeners: usize,
 }
 
 /// Whether two subject patterns can match a common subject.
@@ -324,6 +342,43 @@ impl Streams {
         self.state
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Registers a listener of `durable` with `filter_subjects` (sorted), unless other
+    /// listeners of the durable are pulling with a different filter: then their (sorted)
+    /// filter is the error. Every successful claim is paired with a
+    /// [`release_durable`](Self::release_durable) when the listener stops pulling.
+    pub fn claim_durable(
+        &self,
+        stream: &str,
+        durable: &str,
+        filter_subjects: &[String],
+    ) -> Result<(), Vec<String>> {
+        let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = live
+            .entry((stream.to_owned(), durable.to_owned()))
+            .or_insert_with(|| LiveDurable {
+                filter_subjects: filter_subjects.to_vec(),
+                listeners: 0,
+            });
+        if entry.listeners > 0 && entry.filter_subjects != filter_subjects {
+            return Err(entry.filter_subjects.clone());
+        }
+        entry.filter_subjects = filter_subjects.to_vec();
+        entry.listeners += 1;
+        Ok(())
+    }
+
+    /// A listener of `durable` stopped pulling.
+    pub fn release_durable(&self, stream: &str, durable: &str) {
+        let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (stream.to_owned(), durable.to_owned());
+        if let Some(entry) = live.get_mut(&key) {
+            entry.listeners = entry.listeners.saturating_sub(1);
+            if entry.listeners == 0 {
+                live.remove(&key);
+            }
+        }
     }
 
     /// Creates a stream, or updates its subjects and limits when it exists.
@@ -424,6 +479,30 @@ impl Streams {
                 format!("no stream holds subject {subject}"),
             ));
         };
+        // Publisher directives JetStream checks before storing (errors 10060, 10071).
+        if let Some(expected) = headers.get("Nats-Expected-Stream") {
+            if expected.as_str() != name.as_str() {
+                return Err(Error::with_detail(
+                    PublishErrorKind::Other,
+                    format!(
+                        "expected stream {} does not match stream {name} (JetStream error 10060)",
+                        expected.as_str()
+                    ),
+                ));
+            }
+        }
+        if let Some(expected) = headers.get("Nats-Expected-Last-Sequence") {
+            if expected.as_str().trim().parse::<u64>().ok() != Some(stream.last_seq) {
+                return Err(Error::with_detail(
+                    PublishErrorKind::Other,
+                    format!(
+                        "wrong last sequence: expected {}, stream {name} is at {} (JetStream error 10071)",
+                        expected.as_str(),
+                        stream.last_seq
+                    ),
+                ));
+            }
+        }
         stream.prune_dedupe(now);
         let msg_id = headers
             .get(NATS_MSG_ID)
@@ -501,6 +580,7 @@ impl Streams {
                         acked: 0,
                         terminated: 0,
                         exhausted: 0,
+                        last_delivered: 0,
                     },
                 );
             }
@@ -583,6 +663,7 @@ impl Streams {
                 },
             );
             consumer.delivered += 1;
+            consumer.last_delivered = consumer.last_delivered.max(seq);
             return Ok(Next::Message(Delivered {
                 message: message.clone(),
                 deliveries: 1,
@@ -733,6 +814,13 @@ impl Streams {
             acked: c.acked,
             terminated: c.terminated,
             exhausted: c.exhausted,
+            ack_floor: c
+                .tracked
+                .keys()
+                .next()
+                .map_or(c.last_delivered, |first| first - 1),
+            last_delivered: c.last_delivered,
+            max_deliver: c.settings.max_deliver,
         })
     }
 }
@@ -821,6 +909,25 @@ mod tests {
             .publish("other.a", HeaderMap::new(), Bytes::new())
             .unwrap_err();
         assert_eq!(err.kind(), PublishErrorKind::StreamNotFound);
+    }
+
+    #[test]
+    fn expected_stream_and_last_sequence_directives_are_checked_like_jetstream() {
+        let s = streams();
+        let mut h = HeaderMap::new();
+        h.insert("Nats-Expected-Stream", "OTHER");
+        let err = s.publish("ev.a", h, Bytes::new()).unwrap_err();
+        assert!(err.to_string().contains("10060"), "{err}");
+        let mut h = HeaderMap::new();
+        h.insert("Nats-Expected-Stream", "S");
+        h.insert("Nats-Expected-Last-Sequence", "0");
+        assert_eq!(
+            s.publish("ev.a", h.clone(), Bytes::new()).unwrap().sequence,
+            1
+        );
+        let err = s.publish("ev.a", h, Bytes::new()).unwrap_err();
+        assert!(err.to_string().contains("10071"), "{err}");
+        assert_eq!(s.len("S").unwrap(), 1);
     }
 
     #[test]

@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use ce_messaging::codec::HeaderMap;
 use ce_messaging::config::Config;
-use ce_messaging::events::EventConnection;
+use ce_messaging::events::{DurableInfo, EventConnection};
 use ce_messaging::JetStreamEvents;
 
 use crate::backend::{base_config, ConsumerState, EventBackend, EventCaps, Stored};
@@ -84,6 +84,13 @@ impl EventBackend for JetStream {
             pending: info.num_pending,
             ack_pending: info.num_ack_pending as u64,
         })
+    }
+
+    async fn durable_info(connection: &JetStreamEvents, durable: &str) -> DurableInfo {
+        connection
+            .consumer_info(durable)
+            .await
+            .expect("consumer info")
     }
 
     async fn publish_raw(&self, subject: &str, headers: HeaderMap, payload: Bytes) {

@@ -5,7 +5,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use ce_messaging::codec::HeaderMap;
 use ce_messaging::config::Config;
-use ce_messaging::events::EventConnection;
+use ce_messaging::events::{DurableInfo, EventConnection};
 use ce_messaging::{MemoryBroker, MemoryEvents, MemoryQueries};
 
 use crate::backend::{base_config, ConsumerState, EventBackend, EventCaps, QueryBackend, Stored};
@@ -89,6 +89,10 @@ impl EventBackend for Memory {
                 pending: info.num_pending,
                 ack_pending: info.num_ack_pending,
             })
+    }
+
+    async fn durable_info(connection: &MemoryEvents, durable: &str) -> DurableInfo {
+        connection.consumer_info(durable).expect("consumer info")
     }
 
     async fn publish_raw(&self, subject: &str, headers: HeaderMap, payload: Bytes) {

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use ce_messaging::codec::{self, ContentMode, HeaderMap};
 use ce_messaging::config::Config;
-use ce_messaging::error::{PublishErrorKind, ResponseErrorKind};
+use ce_messaging::error::{ListenErrorKind, PublishErrorKind, ResponseErrorKind};
 use ce_messaging::event::{
     new_event_auto_source, new_event_with_tid, EventExt, EventType, TransactionId,
 };
@@ -1562,4 +1562,284 @@ pub async fn invalid_event_types_are_refused_at_once<B: EventBackend>() {
         "only the valid events are stored"
     );
     assert!(env.stored(&config.js_dlq_stream).await.is_empty());
+}
+
+/// Publisher directives on a poison message (`Nats-Expected-Stream`,
+/// `Nats-Expected-Last-Sequence`) are for the stream that stored the original: the dead letter
+/// goes without them (JetStream would refuse it: errors 10060 / 10071), keeping the payload and
+/// the other headers, and nothing is left parked.
+pub async fn poison_with_directives_is_dead_lettered_without_them<B: EventBackend>() {
+    if let Some(why) = B::caps().raw_publish {
+        skip(
+            B::NAME,
+            "poison_with_directives_is_dead_lettered_without_them",
+            why,
+        );
+        return;
+    }
+    let env = B::start().await;
+    let config = env.config("svc");
+    let connection = env.events(&config).await;
+    let event_type = new_type("directives");
+    let durable = new_durable();
+    let seen = Seen::new();
+    let listener = listen(
+        &connection,
+        recording(&event_type, &seen),
+        one_worker(&durable),
+    )
+    .await;
+    let subject = config.events_subject(&event_type);
+    let mut raw_headers = HeaderMap::new();
+    raw_headers.insert("X-Conf", "kept");
+    raw_headers.insert("Nats-Expected-Stream", config.js_stream.as_str());
+    // The stream is fresh: this is its first message.
+    raw_headers.insert("Nats-Expected-Last-Sequence", "0");
+    env.publish_raw(&subject, raw_headers, Bytes::from_static(b"not an event"))
+        .await;
+    let good = event(&event_type, &json!(1));
+    publish(&connection, good.clone()).await;
+    seen.wait_len("the good event after the poison", 1).await;
+    let letters = wait_dead_letters(&env, &config, 1).await;
+    wait_settled(&env, &config, &durable).await;
+    let letter = &letters[0];
+    assert_eq!(
+        letter.header(headers::DEAD_LETTER_REASON).as_deref(),
+        Some("decode")
+    );
+    assert_eq!(letter.header(headers::DEAD_LETTER_SUBJECT), Some(subject));
+    assert_eq!(
+        letter.header(headers::DEAD_LETTER_STREAM_SEQ).as_deref(),
+        Some("1")
+    );
+    assert_eq!(letter.header("X-Conf").as_deref(), Some("kept"));
+    let names: Vec<String> = letter
+        .headers
+        .iter()
+        .map(|(name, _)| name.to_string())
+        .collect();
+    assert!(
+        !names
+            .iter()
+            .any(|n| n.to_ascii_lowercase().starts_with("nats-expected-")),
+        "directives dropped: {names:?}"
+    );
+    assert_eq!(&letter.payload[..], b"not an event", "payload kept");
+    assert_eq!(letters.len(), 1);
+    listener.stop(Duration::from_secs(5)).await;
+}
+
+/// A poison message that fits the broker's max payload but whose dead letter (original plus
+/// `Dead-Letter-*` headers) would not is dead-lettered as a reference record: no payload,
+/// `Dead-Letter-Payload: omitted`, and where the original is (subject, stream, sequence).
+pub async fn oversized_poison_is_dead_lettered_as_a_reference<B: EventBackend>() {
+    if let Some(why) = B::caps().raw_publish {
+        skip(
+            B::NAME,
+            "oversized_poison_is_dead_lettered_as_a_reference",
+            why,
+        );
+        return;
+    }
+    // Both backends default to NATS' max payload of 1 MiB.
+    const MAX_PAYLOAD: usize = 1024 * 1024;
+    let env = B::start().await;
+    let config = env.config("svc");
+    let connection = env.events(&config).await;
+    let event_type = new_type("oversized");
+    let durable = new_durable();
+    let seen = Seen::new();
+    let listener = listen(
+        &connection,
+        recording(&event_type, &seen),
+        one_worker(&durable),
+    )
+    .await;
+    let subject = config.events_subject(&event_type);
+    let mut raw_headers = HeaderMap::new();
+    raw_headers.insert("X-Conf", "kept");
+    // "NATS/1.0\r\n" + "X-Conf: kept\r\n" + "\r\n": 26 bytes; 64 bytes left below the limit.
+    let mut payload = vec![b'x'; MAX_PAYLOAD - 26 - 64];
+    payload[0] = 0xff;
+    env.publish_raw(&subject, raw_headers, Bytes::from(payload))
+        .await;
+    let good = event(&event_type, &json!(1));
+    publish(&connection, good.clone()).await;
+    seen.wait_len("the good event after the poison", 1).await;
+    let letters = wait_dead_letters(&env, &config, 1).await;
+    wait_settled(&env, &config, &durable).await;
+    let letter = &letters[0];
+    assert_eq!(
+        letter.subject,
+        format!("deadletter.{}.{}", config.js_stream, durable)
+    );
+    assert_eq!(
+        letter.header("Dead-Letter-Payload").as_deref(),
+        Some("omitted")
+    );
+    assert!(letter.payload.is_empty(), "no payload in a reference");
+    assert_eq!(
+        letter.header(headers::DEAD_LETTER_REASON).as_deref(),
+        Some("decode")
+    );
+    assert_eq!(letter.header(headers::DEAD_LETTER_SUBJECT), Some(subject));
+    assert_eq!(
+        letter.header(headers::DEAD_LETTER_STREAM_SEQ).as_deref(),
+        Some("1")
+    );
+    assert_eq!(
+        letter.header("Dead-Letter-Stream"),
+        Some(config.js_stream.clone())
+    );
+    assert!(letter
+        .header(headers::DEAD_LETTER_ERROR)
+        .is_some_and(|e| !e.is_empty() && e.len() <= 1024));
+    assert_eq!(letters.len(), 1);
+    listener.stop(Duration::from_secs(5)).await;
+}
+
+/// Two instances of one durable with different type sets would overwrite each other's filter
+/// (one of them would stop getting its types): the second is refused while the first runs,
+/// with an error naming the durable and both type sets. Once the first has stopped, a listener
+/// with another type set may take the durable over (a restart with changed types).
+pub async fn one_durable_refuses_a_second_type_set<B: EventBackend>() {
+    let env = B::start().await;
+    let config = env.config("svc");
+    let first_conn = env.events(&config).await;
+    let second_conn = env.events(&env.config("svc")).await;
+    let (type_a, type_b) = (new_type("a"), new_type("b"));
+    let durable = new_durable();
+    let seen_a = Seen::new();
+    let first = listen(&first_conn, recording(&type_a, &seen_a), options(&durable)).await;
+    let seen_b = Seen::new();
+    for handlers in [
+        recording(&type_b, &seen_b),
+        recording(&type_b, &seen_b).on(&type_a, event_handler_fn(|_, _| async { Ok(()) })),
+    ] {
+        let refused = within("listen", second_conn.listen(handlers, options(&durable))).await;
+        let err = match refused {
+            Ok(listener) => {
+                listener.stop(Duration::from_secs(5)).await;
+                panic!("a second type set on durable {durable} was accepted");
+            }
+            Err(err) => err,
+        };
+        assert_eq!(err.kind(), ListenErrorKind::DurableInUse, "{err}");
+        let text = err.to_string();
+        assert!(
+            text.contains(&durable) && text.contains(&type_a) && text.contains(&type_b),
+            "the error names the durable and both type sets: {text}"
+        );
+    }
+    // The first instance still gets its type.
+    let a = event(&type_a, &json!(1));
+    publish(&first_conn, a.clone()).await;
+    seen_a.wait_len("type a still delivered", 1).await;
+    wait_settled(&env, &config, &durable).await;
+    // The same type set on a second instance is fine (instances share the work).
+    let same = listen(&second_conn, recording(&type_a, &seen_a), options(&durable)).await;
+    stop_all(&[first, same]).await;
+    // Nobody listens any more: a restart with another type set takes the durable over.
+    let second = listen(&second_conn, recording(&type_b, &seen_b), options(&durable)).await;
+    let b = event(&type_b, &json!(2));
+    publish(&first_conn, b.clone()).await;
+    seen_b
+        .wait_len("type b delivered after the takeover", 1)
+        .await;
+    wait_settled(&env, &config, &durable).await;
+    assert_eq!(ids(&seen_b.snapshot()), ids(&[b]));
+    assert_eq!(ids(&seen_a.snapshot()), ids(&[a]));
+    second.stop(Duration::from_secs(5)).await;
+}
+
+/// `consumer_info` reports the same numbers on every backend: pending, ack pending, redelivered,
+/// ack floor, last delivered, deliveries, nothing parked; while an event is in its handler on
+/// its second delivery, once everything is settled, and with a backlog nobody listens to.
+pub async fn consumer_info_reports_the_same_numbers<B: EventBackend>() {
+    let env = B::start().await;
+    let config = env.config("svc");
+    let connection = env.events(&config).await;
+    let event_type = new_type("info");
+    let durable = new_durable();
+    let gate = Gate::new();
+    let attempts = Arc::new(AtomicUsize::new(0));
+    let seen = Seen::new();
+    let (g, a, s) = (gate.clone(), attempts.clone(), seen.clone());
+    let handlers = EventHandlers::new().on(
+        &event_type,
+        typed_event_handler(move |event: TypedEvent<u64>| {
+            let (gate, attempts, seen) = (g.clone(), a.clone(), s.clone());
+            async move {
+                if event.data == 2 {
+                    if attempts.fetch_add(1, Ordering::SeqCst) == 0 {
+                        return Err(HandlerError::new("first try fails")
+                            .retry_after(Duration::from_millis(20)));
+                    }
+                    gate.wait().await;
+                }
+                seen.push(event.data);
+                Ok(())
+            }
+        }),
+    );
+    let listener = listen(&connection, handlers, one_worker(&durable)).await;
+    for n in 0..3u64 {
+        publish(&connection, event(&event_type, &json!(n))).await;
+    }
+    seen.wait_len("events 0 and 1", 2).await;
+    eventually("event 2 in its handler on its second delivery", || async {
+        attempts.load(Ordering::SeqCst) == 2
+    })
+    .await;
+    let busy = B::durable_info(&connection, &durable).await;
+    assert_eq!(busy.durable, durable);
+    assert_eq!(busy.stream, config.js_stream);
+    assert_eq!(
+        busy.filter_subjects,
+        vec![config.events_subject(&event_type)]
+    );
+    assert_eq!(
+        (
+            busy.pending,
+            busy.ack_pending,
+            busy.redelivered,
+            busy.parked
+        ),
+        (0, 1, 1, 0),
+        "{busy:?}"
+    );
+    assert_eq!(
+        (busy.ack_floor, busy.last_delivered, busy.deliveries),
+        (2, 3, 4),
+        "{busy:?}"
+    );
+    gate.open();
+    seen.wait_len("event 2", 3).await;
+    wait_settled(&env, &config, &durable).await;
+    listener.stop(Duration::from_secs(5)).await;
+    for n in 3..5u64 {
+        publish(&connection, event(&event_type, &json!(n))).await;
+    }
+    // JetStream counts a consumer's pending events a moment after the publish acks.
+    eventually("the two new events counted as pending", || async {
+        B::durable_info(&connection, &durable).await.pending == 2
+    })
+    .await;
+    let idle = B::durable_info(&connection, &durable).await;
+    assert_eq!(
+        (
+            idle.pending,
+            idle.ack_pending,
+            idle.redelivered,
+            idle.parked
+        ),
+        (2, 0, 0, 0),
+        "{idle:?}"
+    );
+    assert_eq!(
+        (idle.ack_floor, idle.last_delivered, idle.deliveries),
+        (3, 3, 4),
+        "{idle:?}"
+    );
+    assert_eq!(idle.max_deliver, busy.max_deliver);
 }

@@ -4,7 +4,7 @@
 use ce_messaging::cloudevents::AttributesReader;
 use ce_messaging::config::Config;
 use ce_messaging::jetstream::dead_letters::{
-    DeadLetter, DeadLetterErrorKind, DeadLetterQuery, ReplayOutcome,
+    DeadLetter, DeadLetterErrorKind, DeadLetterQuery, ReplayOptions, ReplayOutcome,
 };
 use ce_messaging::jetstream::JetStreamEvents;
 use clap::{ArgGroup, Args};
@@ -48,10 +48,15 @@ pub async fn list(config: &Config, args: ListArgs) -> Result<(), Failure> {
     Ok(())
 }
 
-/// The JSON line of one dead letter.
+/// The JSON line of one dead letter. A reference dead letter (`"payload":"omitted"`: the
+/// original was too large to be copied) names where the original is (`stream`, `stream_seq`)
+/// and its size; its id and type are not known without reading the original.
 fn describe(dead: &DeadLetter) -> serde_json::Value {
-    let event = dead.event().ok();
+    let event = (!dead.is_reference()).then(|| dead.event().ok()).flatten();
     json!({
+        "payload": if dead.is_reference() { "omitted" } else { "kept" },
+        "size": dead.original_size,
+        "stream": dead.original_stream,
         "seq": dead.sequence,
         "durable": dead.durable,
         "reason": dead.reason,
@@ -77,13 +82,20 @@ pub struct ReplayArgs {
     /// With --all: only the dead letters of this durable consumer (service).
     #[arg(long, value_name = "NAME", requires = "all")]
     durable: Option<String>,
+    /// Replay into this stream. Without it, a replay lands only in the dead letter's original
+    /// events stream: one that another stream would store is refused (exit 7, kept).
+    #[arg(long, value_name = "NAME")]
+    to_stream: Option<String>,
 }
 
 pub async fn replay(config: &Config, args: ReplayArgs) -> Result<(), Failure> {
     let events = JetStreamEvents::connect(config).await?;
+    let options = ReplayOptions {
+        to_stream: args.to_stream,
+    };
     let result = match args.seq {
-        Some(seq) => replay_one(&events, seq).await,
-        None => replay_all(&events, args.durable).await,
+        Some(seq) => replay_one(&events, seq, &options).await,
+        None => replay_all(&events, args.durable, &options).await,
     };
     events.close().await;
     result
@@ -101,8 +113,12 @@ fn replayed(outcome: &ReplayOutcome) -> serde_json::Value {
     })
 }
 
-async fn replay_one(events: &JetStreamEvents, seq: u64) -> Result<(), Failure> {
-    let outcome = events.replay_dead_letter(seq).await?;
+async fn replay_one(
+    events: &JetStreamEvents,
+    seq: u64,
+    options: &ReplayOptions,
+) -> Result<(), Failure> {
+    let outcome = events.replay_dead_letter_with(seq, options).await?;
     output::json(&replayed(&outcome))?;
     if outcome.ack.duplicate {
         output::note(&format!(
@@ -115,7 +131,11 @@ async fn replay_one(events: &JetStreamEvents, seq: u64) -> Result<(), Failure> {
 /// Replays every dead letter up to the newest one there is when it starts, so that events
 /// dead-lettered again meanwhile are not replayed in a loop. Goes on after a failure and
 /// exits with the code of the first one.
-async fn replay_all(events: &JetStreamEvents, durable: Option<String>) -> Result<(), Failure> {
+async fn replay_all(
+    events: &JetStreamEvents,
+    durable: Option<String>,
+    options: &ReplayOptions,
+) -> Result<(), Failure> {
     let last = events.last_dead_letter_sequence().await?;
     let mut query = DeadLetterQuery {
         durable,
@@ -129,7 +149,7 @@ async fn replay_all(events: &JetStreamEvents, durable: Option<String>) -> Result
         let Some(newest) = page.last() else { break };
         query.from_sequence = newest.sequence + 1;
         for dead in &page {
-            match events.replay_dead_letter(dead.sequence).await {
+            match events.replay_dead_letter_with(dead.sequence, options).await {
                 Ok(outcome) => {
                     replayed_count += 1;
                     output::json(&replayed(&outcome))?;

@@ -116,6 +116,7 @@ impl From<ListenError> for Failure {
             ListenErrorKind::StreamNotFound => EXIT_NOT_FOUND,
             ListenErrorKind::ConnectionClosed => EXIT_CONNECTION,
             ListenErrorKind::InvalidOptions => EXIT_USAGE,
+            // Another instance of the durable listens with other types: refused, exit 7.
             _ => EXIT_OTHER,
         };
         failure(code, &err)
@@ -141,7 +142,9 @@ impl From<DeadLetterError> for Failure {
 /// The exit code of a dead-letter error kind.
 pub fn dead_letter_code(kind: DeadLetterErrorKind) -> u8 {
     match kind {
-        DeadLetterErrorKind::StreamNotFound | DeadLetterErrorKind::NotFound => EXIT_NOT_FOUND,
+        DeadLetterErrorKind::StreamNotFound
+        | DeadLetterErrorKind::NotFound
+        | DeadLetterErrorKind::OriginalGone => EXIT_NOT_FOUND,
         DeadLetterErrorKind::TimedOut => EXIT_TIMEOUT,
         _ => EXIT_OTHER,
     }
@@ -217,5 +220,13 @@ mod tests {
             EXIT_TIMEOUT
         );
         assert_eq!(dead_letter_code(DeadLetterErrorKind::Publish), EXIT_OTHER);
+        assert_eq!(
+            dead_letter_code(DeadLetterErrorKind::WrongStream),
+            EXIT_OTHER
+        );
+        assert_eq!(
+            dead_letter_code(DeadLetterErrorKind::OriginalGone),
+            EXIT_NOT_FOUND
+        );
     }
 }

@@ -1,12 +1,13 @@
 //! `cemsg`: a CloudEvents-aware command line for NATS, built on ce-messaging's public API.
 //!
 //! Commands: `stream init`, `publish`, `listen`, `request`, `reply`, `deadletter list`, `bench`,
-//! `deadletter replay`. Configuration comes from the `NATS_*` environment variables of the wire
+//! `deadletter replay`, `consumer info`. Configuration comes from the `NATS_*` environment variables of the wire
 //! contract; flags override. Results go to stdout as one JSON line each; errors go to stderr as
 //! one line and set the exit code documented in `cemsg --help` (see [`fail`]).
 #![forbid(unsafe_code)]
 
 mod bench;
+mod consumer;
 mod deadletter;
 mod events;
 mod fail;
@@ -107,6 +108,9 @@ Example:
         after_help = "Examples:\n  cemsg deadletter list --limit 20\n  cemsg deadletter replay --seq 42"
     )]
     Deadletter(DeadletterCommand),
+    /// Inspect durable consumers.
+    #[command(subcommand, after_help = "Example:\n  cemsg consumer info billing")]
+    Consumer(ConsumerCommand),
     /// Measure the library against raw async-nats and cloudevents-sdk, side by side.
     #[command(after_help = "\
 Scenarios: 1 query latency (sequential p50/p99), 2 query throughput (64 concurrent requesters,
@@ -143,8 +147,11 @@ enum DeadletterCommand {
     /// List dead letters (oldest first): reason, error, original subject, delivery count.
     #[command(after_help = "\
 Prints one JSON line per dead letter: {\"seq\",\"durable\",\"reason\",\"error\",\"subject\",
-\"deliveries\",\"stream_seq\",\"id\",\"type\",\"time\"} (seq: in the dead-letter stream, for replay;
-subject and stream_seq: where it came from; id and type: null when it is not a CloudEvent).
+\"deliveries\",\"stream\",\"stream_seq\",\"id\",\"type\",\"time\",\"payload\",\"size\"} (seq: in the
+dead-letter stream, for replay; subject, stream and stream_seq: where it came from; id and type:
+null when it is not a CloudEvent; payload: \"kept\", or \"omitted\" for a reference dead letter whose
+original was too large to copy, replayed from the events stream while it holds it; size: the
+original's bytes, for a reference).
 
 Example:
   cemsg deadletter list --limit 20 --durable billing")]
@@ -156,12 +163,35 @@ Nats-Msg-Id: <original id>.replay.<dead-letter seq>, then deletes the dead lette
 Prints one JSON line per replay. Replaying twice loses nothing: a replayed dead letter is gone
 (--seq: exit 6, --all: nothing to replay); one whose republish was stored but not deleted is
 reported as a duplicate and then deleted. Every durable consumer of the original subject gets
-the republished event.
+the republished event. A replay lands only in the dead letter's original events stream: when
+another stream holds the subject now, it is refused (exit 7, the dead letter kept) unless
+--to-stream names that stream. A reference dead letter whose original the events stream no
+longer holds cannot be replayed (exit 6, kept).
 
 Examples:
   cemsg deadletter replay --seq 42
-  cemsg deadletter replay --all --durable billing")]
+  cemsg deadletter replay --all --durable billing
+  cemsg deadletter replay --seq 42 --to-stream ORDERS_V2")]
     Replay(deadletter::ReplayArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum ConsumerCommand {
+    /// The state of a durable consumer: pending, ack pending, redelivered, ack floor, last
+    /// delivered, and events parked at the server's delivery limit.
+    #[command(after_help = "\
+Prints one JSON line: {\"stream\",\"durable\",\"filter_subjects\",\"pending\",\"ack_pending\",
+\"redelivered\",\"ack_floor\",\"last_delivered\",\"deliveries\",\"max_deliver\",\"parked\"}
+(pending: stored events of its types never delivered; ack_pending: delivered, not yet acked or
+terminated; redelivered: delivered more than once and not settled; ack_floor and last_delivered:
+stream sequences; deliveries: made in total; parked: events the server stopped delivering at
+max_deliver without an ack, which are in no dead-letter stream (num_redelivered minus
+num_ack_pending of the server's consumer info: exact when nothing is ack pending); a note on
+stderr when it is not 0). A missing stream or durable exits 6.
+
+Example:
+  cemsg consumer info billing")]
+    Info(consumer::InfoArgs),
 }
 
 /// Options shared by commands that send events.
@@ -212,6 +242,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Deadletter(DeadletterCommand::Replay(args)) => {
             deadletter::replay(&config, args).await
         }
+        Command::Consumer(ConsumerCommand::Info(args)) => consumer::info(&config, args).await,
         Command::Bench(args) => bench::run(config, args).await,
         Command::BenchListen(args) => bench::listen_child(config, args).await,
     }
