@@ -22,6 +22,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::events::Acker;
 use crate::listener::StopReport;
 
 /// How one item's processing ended.
@@ -32,6 +33,9 @@ pub(crate) enum Outcome {
     /// Processing was cut off by the grace period running out (the item was nak'ed or dropped).
     Abandoned,
     /// The item was not started because the listener was stopping; it was handed back (nak).
+    /// Event listeners no longer do this (what they received is run within the grace period,
+    /// see [`DeliveryWindow`]); kept for the report's field.
+    #[allow(dead_code)]
     Requeued,
 }
 
@@ -42,6 +46,8 @@ pub(crate) struct WorkContext {
     pub stopping: CancellationToken,
     /// Set when the grace period ran out: in-flight work must give up now.
     pub abort: CancellationToken,
+    /// Set when the stop is over (every worker and the intake have ended).
+    pub finished: CancellationToken,
     crashed: Arc<AtomicBool>,
 }
 
@@ -150,6 +156,7 @@ impl<M: Send + 'static> WorkerPool<M> {
         let ctx = WorkContext {
             stopping: CancellationToken::new(),
             abort: CancellationToken::new(),
+            finished: CancellationToken::new(),
             crashed: Arc::new(AtomicBool::new(false)),
         };
         let tracker = TaskTracker::new();
@@ -289,6 +296,7 @@ impl<M: Send + 'static> WorkerPool<M> {
             abort();
             tracker.wait().await;
         }
+        ctx.finished.cancel();
         StopReport {
             finished: counters.finished.load(Ordering::Relaxed) - finished_before,
             abandoned: counters.abandoned.load(Ordering::Relaxed),
@@ -319,6 +327,182 @@ impl<M: Send + 'static> Submitter<M> {
     /// stopping, so the caller can hand it back to the broker.
     pub async fn submit(&self, item: M) -> Result<(), M> {
         self.tx.send(item, &self.stopping).await
+    }
+
+    /// Queues an item even while the pool is stopping (it is run within the grace period),
+    /// waiting for room; gives it back only when the workers are gone (aborted) or the queue
+    /// is closed. For an intake whose items already hold a place in a [`DeliveryWindow`], so
+    /// that room is there.
+    pub async fn submit_draining(&self, item: M) -> Result<(), M> {
+        let never = CancellationToken::new();
+        self.tx.send(item, &never).await
+    }
+}
+
+/// A listener's window of deliveries: at most `capacity` deliveries are held at once (pulled
+/// from the broker and not yet settled: queued for a worker or being handled), so that pulls
+/// never outrun the workers, and a stop has at most that many events in hand, all of which
+/// it can run within the grace period instead of handing them back. Deliveries in the
+/// window that no worker has started yet are kept alive with in-progress signals
+/// ([`keep_alive`](Self::keep_alive)), so waiting for a worker never makes the broker
+/// redeliver them.
+///
+/// Places are taken with [`reserve`](Self::reserve) before asking the broker for messages
+/// and turned into a [`Hold`] per delivery received; a `Hold` gives its place back when
+/// dropped (the delivery was settled, or dropped unsettled).
+#[derive(Clone)]
+pub(crate) struct DeliveryWindow {
+    inner: Arc<WindowInner>,
+}
+
+struct WindowInner {
+    slots: Arc<tokio::sync::Semaphore>,
+    capacity: usize,
+    /// Deliveries received and not yet started, with weak references (a dropped delivery
+    /// settles as usual through its acker's drop).
+    waiting: std::sync::Mutex<Vec<Waiting>>,
+}
+
+struct Waiting {
+    acker: std::sync::Weak<dyn Acker>,
+    started: Arc<AtomicBool>,
+}
+
+/// Places taken in a [`DeliveryWindow`] and not yet used; unused ones go back on drop.
+pub(crate) struct Reserved {
+    slots: Arc<tokio::sync::Semaphore>,
+    count: usize,
+}
+
+impl Reserved {
+    /// Places still unused.
+    pub fn count(&self) -> usize {
+        self.count
+    }
+}
+
+impl Drop for Reserved {
+    fn drop(&mut self) {
+        if self.count > 0 {
+            self.slots.add_permits(self.count);
+        }
+    }
+}
+
+/// One delivery's place in a [`DeliveryWindow`]; given back when dropped.
+pub(crate) struct Hold {
+    slots: Option<Arc<tokio::sync::Semaphore>>,
+    started: Arc<AtomicBool>,
+}
+
+impl Hold {
+    /// Marks the delivery as started by a worker: no more keep-alive signals from the window
+    /// (the handler's own in-progress ticks take over).
+    pub fn start(&self) {
+        self.started.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        self.started.store(true, Ordering::SeqCst);
+        if let Some(slots) = self.slots.take() {
+            slots.add_permits(1);
+        }
+    }
+}
+
+impl DeliveryWindow {
+    /// A window of `capacity` places (at least 1).
+    pub fn new(capacity: usize) -> Self {
+        let capacity = capacity.clamp(1, tokio::sync::Semaphore::MAX_PERMITS);
+        DeliveryWindow {
+            inner: Arc::new(WindowInner {
+                slots: Arc::new(tokio::sync::Semaphore::new(capacity)),
+                capacity,
+                waiting: std::sync::Mutex::new(Vec::new()),
+            }),
+        }
+    }
+
+    /// Places in the window.
+    pub fn capacity(&self) -> usize {
+        self.inner.capacity
+    }
+
+    /// Waits until at least `min` places are free (clamped to the capacity), then takes every
+    /// free place. Cancel-safe: nothing is taken until it returns.
+    pub async fn reserve(&self, min: usize) -> Reserved {
+        let min = min.clamp(1, self.inner.capacity) as u32;
+        let mut count = 0usize;
+        // The semaphore is never closed, so acquiring cannot fail; if it ever did, nothing
+        // is taken and the caller asks again.
+        if let Ok(permit) = self.inner.slots.acquire_many(min).await {
+            permit.forget();
+            count = min as usize;
+        }
+        while let Ok(permit) = self.inner.slots.try_acquire() {
+            permit.forget();
+            count += 1;
+        }
+        Reserved {
+            slots: self.inner.slots.clone(),
+            count,
+        }
+    }
+
+    /// Takes one place of `reserved` (or, when none is left, e.g. for a message of an
+    /// abandoned pull request, waits for a free one) for a delivery settled through `acker`.
+    pub async fn hold(&self, reserved: &mut Reserved, acker: &Arc<dyn Acker>) -> Hold {
+        if reserved.count > 0 {
+            reserved.count -= 1;
+        } else if let Ok(permit) = self.inner.slots.acquire().await {
+            permit.forget();
+        }
+        let started = Arc::new(AtomicBool::new(false));
+        if let Ok(mut waiting) = self.inner.waiting.lock() {
+            waiting.push(Waiting {
+                acker: Arc::downgrade(acker),
+                started: started.clone(),
+            });
+        }
+        Hold {
+            slots: Some(self.inner.slots.clone()),
+            started,
+        }
+    }
+
+    /// Sends an in-progress signal for every delivery in the window that no worker has
+    /// started yet; returns how many.
+    pub async fn keep_alive(&self) -> usize {
+        let ackers: Vec<Arc<dyn Acker>> = match self.inner.waiting.lock() {
+            Ok(mut waiting) => {
+                waiting.retain(|w| !w.started.load(Ordering::SeqCst) && w.acker.strong_count() > 0);
+                waiting.iter().filter_map(|w| w.acker.upgrade()).collect()
+            }
+            Err(_) => Vec::new(),
+        };
+        for acker in &ackers {
+            if let Err(err) = acker.in_progress().await {
+                tracing::debug!(error = %err, "in-progress for a queued event failed");
+            }
+        }
+        ackers.len()
+    }
+
+    /// Keeps the window's queued deliveries alive every `tick` until `done` is cancelled.
+    pub fn spawn_keep_alive(&self, tick: Duration, done: CancellationToken) {
+        let window = self.clone();
+        let tick = tick.max(Duration::from_millis(20));
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + tick, tick);
+            loop {
+                tokio::select! {
+                    _ = done.cancelled() => break,
+                    _ = ticker.tick() => { window.keep_alive().await; }
+                }
+            }
+        });
     }
 }
 

@@ -119,4 +119,8 @@ pub trait EventBackend: Send + Sync + Sized + 'static {
 
     /// Stores raw bytes on `subject` (only called when [`EventCaps::raw_publish`] is `None`).
     async fn publish_raw(&self, subject: &str, headers: HeaderMap, payload: Bytes);
+
+    /// How many deliveries durable `durable` on `stream` has made, redeliveries included
+    /// (JetStream: the consumer's delivered consumer sequence); `None` if it does not exist.
+    async fn deliveries(&self, stream: &str, durable: &str) -> Option<u64>;
 }

@@ -104,6 +104,10 @@ macro_rules! event_cases {
             promise_times_out_without_response,
             event_source_add_remove_once,
             event_source_filters_by_transaction,
+            repeated_stops_over_a_backlog_cost_no_deliveries,
+            slow_handler_never_redelivers_queued_events,
+            crash_on_the_last_allowed_delivery_ends_dead_lettered,
+            handler_time_limit_frees_the_worker_and_dead_letters_at_the_limit,
         );
     };
 }
