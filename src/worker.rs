@@ -145,6 +145,23 @@ impl<M: Send + 'static> WorkerPool<M> {
     where
         F: Fn(M, WorkContext) -> BoxFuture<'static, Outcome> + Send + Sync + 'static,
     {
+        Self::start_stopping_with(workers, buffer, CancellationToken::new(), process)
+    }
+
+    /// Like [`start`](Self::start), with `stopping` as the pool's stopping signal: a child of
+    /// the listener's token, so that a stop is seen by the intake at once (in the same
+    /// step that cancels the token), not only once the supervisor task has run. A handler
+    /// that stops its own listener (e.g. `cemsg listen --count`) thus stops the pulls before
+    /// its event's place in the window is free again.
+    pub fn start_stopping_with<F>(
+        workers: usize,
+        buffer: usize,
+        stopping: CancellationToken,
+        process: F,
+    ) -> Self
+    where
+        F: Fn(M, WorkContext) -> BoxFuture<'static, Outcome> + Send + Sync + 'static,
+    {
         let workers = workers.max(1);
         let (tx, rx) = mpsc::channel::<M>(buffer.max(1));
         let rx = Arc::new(std::sync::Mutex::new(rx));
@@ -154,7 +171,7 @@ impl<M: Send + 'static> WorkerPool<M> {
             available: available.clone(),
         };
         let ctx = WorkContext {
-            stopping: CancellationToken::new(),
+            stopping,
             abort: CancellationToken::new(),
             finished: CancellationToken::new(),
             crashed: Arc::new(AtomicBool::new(false)),

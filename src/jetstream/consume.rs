@@ -200,12 +200,17 @@ pub(crate) async fn listen(
         source: config.client_id.clone(),
     });
     // The queue has room for the whole window, so queueing a delivery never waits.
-    let pool = WorkerPool::start(options.workers, window.capacity(), move |delivery, work| {
-        let ctx = ctx.clone();
-        async move { process_delivery(delivery, &ctx, &work).await }.boxed()
-    });
-    window.spawn_keep_alive(ack_wait / 3, pool.context().finished);
     let token = CancellationToken::new();
+    let pool = WorkerPool::start_stopping_with(
+        options.workers,
+        window.capacity(),
+        token.child_token(),
+        move |delivery, work| {
+            let ctx = ctx.clone();
+            async move { process_delivery(delivery, &ctx, &work).await }.boxed()
+        },
+    );
+    window.spawn_keep_alive(ack_wait / 3, pool.context().finished);
     let intake = Intake {
         consumer,
         stream,

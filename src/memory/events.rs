@@ -346,15 +346,20 @@ impl EventConnection for MemoryEvents {
         // there are free places (workers + buffer); the queue has room for all of them.
         let window = DeliveryWindow::new(options.window());
         let threshold = options.pull_threshold();
-        let pool = WorkerPool::start(options.workers, window.capacity(), move |delivery, work| {
-            let ctx = ctx.clone();
-            async move { process_delivery(delivery, &ctx, &work).await }.boxed()
-        });
+        // The listener's token: the intake stops the listener when the stream goes away.
+        let token = inner.closing.child_token();
+        let pool = WorkerPool::start_stopping_with(
+            options.workers,
+            window.capacity(),
+            token.child_token(),
+            move |delivery, work| {
+                let ctx = ctx.clone();
+                async move { process_delivery(delivery, &ctx, &work).await }.boxed()
+            },
+        );
         window.spawn_keep_alive(ack_wait / 3, pool.context().finished);
         let submitter = pool.submitter();
         let work = pool.context();
-        // The listener's token: the intake stops the listener when the stream goes away.
-        let token = inner.closing.child_token();
         let stop_listener = token.clone();
         let broker = inner.broker.clone();
         let stream: Arc<str> = Arc::from(inner.stream.as_str());
