@@ -3,21 +3,21 @@
 //! ([`process_delivery`](crate::events)), and dead letters published to the dead-letter stream.
 //!
 //! Consumer: durable (`NATS_DURABLE_NAME` or the listen options), filtered to the subjects of
-//! the handled types, explicit ack, ack wait, **max deliver = configured + 1** so the delivery
-//! after the last allowed one is still seen and dead-lettered (`max-deliveries`) instead of
-//! being silently parked by the server, and max ack pending = workers + buffer.
+//! the handled types, explicit ack, ack wait, and the delivery limits of [`delivery_limits`]:
+//! **no server-side max deliver** (the library enforces it, so nothing is parked by the
+//! server) and max ack pending = the listener's window (workers + buffer).
 //!
-//! Intake: one subscription on a private inbox for the listener's life; pull requests of at
-//! most `buffer` messages that expire after [`PULL_EXPIRES`], with idle heartbeats so a request
+//! Intake: one subscription on a private inbox for the listener's life; pull requests for as
+//! many messages as the listener's [`DeliveryWindow`] has free places (waiting for at least
+//! half the read-ahead), that expire after [`PULL_EXPIRES`], with idle heartbeats so a request
 //! lost with its server (restart, failover) is noticed within [`PULL_HEARTBEAT`] × 3 and made
 //! again. On stop no new request is made, but the subscription stays open until the request
 //! still open at the server has ended (its 408, a full batch, or its expiry plus a margin):
-//! the server may fill it after the stop, and what it sends then must not fall on a closed
-//! subscription (it would come back only after the ack wait). Every message that was not
-//! started is nak'ed, so it is redelivered at once; so is one still queued for a worker when
-//! the grace period ran out (dropped unsettled: its acker naks it). Pull requests are kept short
-//! ([`PULL_EXPIRES`]) so that this wait is short too. When the connection closes for good, the
-//! listener ends and reports.
+//! the server may fill it after the stop, and what it sends then has a place in the window and
+//! is run within the grace period like everything else received (a hand-back would spend a
+//! delivery). One still queued for a worker when the grace period ran out is dropped
+//! unsettled: its acker naks it. Pull requests are kept short ([`PULL_EXPIRES`]) so that this
+//! wait is short too. When the connection closes for good, the listener ends and reports.
 //!
 //! A consumer deleted under a running listener (409 on the pull request, or requests that go
 //! unanswered) is recreated with the same configuration, as users of a durable listener
