@@ -1203,6 +1203,7 @@ mod tests {
         assert_eq!(config.js_subject_prefix, "events");
         assert_eq!(config.js_ack_wait, Duration::from_secs(30));
         assert_eq!(config.js_max_deliver, 5);
+        assert_eq!(config.js_handler_timeout, Duration::from_secs(300));
         assert_eq!(config.js_replicas, 1);
         assert_eq!(config.js_duplicate_window, Duration::from_secs(120));
         assert_eq!(config.js_dlq_stream, "DEADLETTER");
@@ -1338,6 +1339,7 @@ mod tests {
             ("NATS_JS_REPLICAS", "0"),
             ("NATS_JS_REPLICAS", "6"),
             ("NATS_JS_MAX_DELIVER", "0"),
+            ("NATS_JS_HANDLER_TIMEOUT", "0"),
             ("NATS_JS_MAX_DELIVER", "-2"),
             ("NATS_MAX_RECONNECTS", "0"),
             ("NATS_MAX_RECONNECTS", "-5"),

@@ -674,6 +674,78 @@ mod tests {
         assert_eq!(pool.submit(9).await, Err(9));
     }
 
+    /// An acker that counts in-progress signals.
+    #[derive(Default)]
+    struct CountingAcker(AtomicUsize);
+
+    #[async_trait::async_trait]
+    impl Acker for CountingAcker {
+        async fn ack(&self) -> Result<(), crate::error::BoxError> {
+            Ok(())
+        }
+        async fn nak(&self, _: Option<Duration>) -> Result<(), crate::error::BoxError> {
+            Ok(())
+        }
+        async fn in_progress(&self) -> Result<(), crate::error::BoxError> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+        async fn term(&self) -> Result<(), crate::error::BoxError> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn the_window_never_gives_out_more_places_than_it_has_and_takes_them_back() {
+        let window = DeliveryWindow::new(3);
+        let acker: Arc<dyn Acker> = Arc::new(CountingAcker::default());
+        let mut reserved = window.reserve(1).await;
+        assert_eq!(reserved.count(), 3, "every free place");
+        let a = window.hold(&mut reserved, &acker).await;
+        let b = window.hold(&mut reserved, &acker).await;
+        drop(reserved);
+        // One place is free again (the unused one), two are held.
+        let more = window.reserve(1).await;
+        assert_eq!(more.count(), 1);
+        // Waiting for two places blocks until a hold is dropped.
+        drop(more);
+        let waiting = tokio::spawn({
+            let window = window.clone();
+            async move { window.reserve(2).await.count() }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        drop(a);
+        let got = tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("a place came back")
+            .unwrap();
+        assert_eq!(got, 2);
+        drop(b);
+        assert_eq!(window.reserve(3).await.count(), 3);
+    }
+
+    #[tokio::test]
+    async fn keep_alive_signals_only_deliveries_not_started_and_not_dropped() {
+        let window = DeliveryWindow::new(4);
+        let waiting = Arc::new(CountingAcker::default());
+        let started = Arc::new(CountingAcker::default());
+        let dropped = Arc::new(CountingAcker::default());
+        let (w, s, d): (Arc<dyn Acker>, Arc<dyn Acker>, Arc<dyn Acker>) =
+            (waiting.clone(), started.clone(), dropped.clone());
+        let mut reserved = window.reserve(3).await;
+        let _waiting_hold = window.hold(&mut reserved, &w).await;
+        let started_hold = window.hold(&mut reserved, &s).await;
+        let dropped_hold = window.hold(&mut reserved, &d).await;
+        started_hold.start();
+        drop(dropped_hold);
+        drop(d);
+        assert_eq!(window.keep_alive().await, 1);
+        assert_eq!(waiting.0.load(Ordering::SeqCst), 1);
+        assert_eq!(started.0.load(Ordering::SeqCst), 0);
+        assert_eq!(dropped.0.load(Ordering::SeqCst), 0);
+    }
+
     #[tokio::test]
     async fn submitter_queues_until_stopping() {
         let pool = WorkerPool::start(1, 1, |_: u32, _| async { Outcome::Finished }.boxed());
