@@ -517,12 +517,18 @@ impl Intake {
     /// then unsubscribes. A message of a request given up as lost that arrives now is handed
     /// back (nak). A "crashed" listener (as a dead process) settles and runs nothing.
     async fn hand_back_rest(mut self) {
-        let crashed = self.work.crashed();
         let mut queued = 0usize;
-        if !crashed {
+        // The stop of a crash is seen here as soon as the listener's token is cancelled, which
+        // can be a moment before the pool marks the crash (and aborts): so the crash (or the
+        // end of the grace period) is watched while reading, not only checked once.
+        if !self.work.crashed() {
             while let Some(deadline) = self.open.as_ref().map(|open| open.deadline) {
-                let message = match tokio::time::timeout_at(deadline, self.subscriber.next()).await
-                {
+                let next = tokio::select! {
+                    biased;
+                    _ = self.work.abort.cancelled() => break,
+                    next = tokio::time::timeout_at(deadline, self.subscriber.next()) => next,
+                };
+                let message = match next {
                     Ok(Some(message)) => message,
                     Ok(None) | Err(_) => break,
                 };
@@ -536,6 +542,7 @@ impl Intake {
             }
         }
         self.open = None;
+        let crashed = self.work.crashed();
         if let Err(err) = self.subscriber.unsubscribe().await {
             tracing::debug!(error = %err, "unsubscribe of the pull subscription failed");
         }

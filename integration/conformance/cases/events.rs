@@ -1630,13 +1630,17 @@ pub async fn crash_on_the_last_allowed_delivery_ends_dead_lettered<B: EventBacke
             }
         }),
     );
-    let crashed = listen(&connection, failing, options.clone()).await;
+    // The listener that dies has its own connection, which goes away with it (as with a
+    // killed process): a pull request it left open at the server must not take deliveries.
+    let doomed = env.events(&config).await;
+    let crashed = listen(&doomed, failing, options.clone()).await;
     let e = event(&event_type, &json!("last"));
     let ack = publish(&connection, e.clone()).await;
     started
         .wait_until("the last allowed delivery", |s| s == [1, 2])
         .await;
     within("abort", crashed.abort()).await;
+    B::close_events(&doomed).await;
 
     // The next listener is busy with another event and stops while the redelivery (after
     // the ack wait) waits in its queue.
