@@ -518,14 +518,24 @@ impl Intake {
     /// back (nak). A "crashed" listener (as a dead process) settles and runs nothing.
     async fn hand_back_rest(mut self) {
         let mut queued = 0usize;
+        // Deliveries that can no longer run (the grace period is over): handed back once the
+        // open request has ended, since a nak before would bring the event straight back into
+        // that request.
+        let mut held: Vec<Delivery> = Vec::new();
         // The stop of a crash is seen here as soon as the listener's token is cancelled, which
-        // can be a moment before the pool marks the crash (and aborts): so the crash (or the
-        // end of the grace period) is watched while reading, not only checked once.
+        // can be a moment before the pool marks the crash (and aborts): so the crash is watched
+        // while reading, not only checked once.
         if !self.work.crashed() {
             while let Some(deadline) = self.open.as_ref().map(|open| open.deadline) {
+                let aborted = self.work.abort.is_cancelled();
                 let next = tokio::select! {
                     biased;
-                    _ = self.work.abort.cancelled() => break,
+                    _ = self.work.abort.cancelled(), if !aborted => {
+                        if self.work.crashed() {
+                            break;
+                        }
+                        continue;
+                    }
                     next = tokio::time::timeout_at(deadline, self.subscriber.next()) => next,
                 };
                 let message = match next {
@@ -534,9 +544,14 @@ impl Intake {
                 };
                 if let Some(Note::Data) = self.note(&message) {
                     if let Some(delivery) = self.delivery(message).await {
-                        queued += 1;
-                        // Refused once the workers are gone: dropped, its acker naks it.
-                        let _ = self.submitter.submit_draining(delivery).await;
+                        if self.work.abort.is_cancelled() {
+                            held.push(delivery);
+                        } else if let Err(delivery) = self.submitter.submit_draining(delivery).await
+                        {
+                            held.push(delivery);
+                        } else {
+                            queued += 1;
+                        }
                     }
                 }
             }
@@ -557,6 +572,14 @@ impl Intake {
             if let Some(reply) = message.reply {
                 handed_back += 1;
                 if let Err(err) = self.ackers.send(reply, AckKind::Nak(None)).await {
+                    tracing::warn!(error = %err, "nak on stop failed; redelivered after the ack wait");
+                }
+            }
+        }
+        if !crashed {
+            for delivery in held.drain(..) {
+                handed_back += 1;
+                if let Err(err) = delivery.acker.nak(None).await {
                     tracing::warn!(error = %err, "nak on stop failed; redelivered after the ack wait");
                 }
             }
