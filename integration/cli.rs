@@ -1044,3 +1044,70 @@ async fn consumer_info_prints_the_state_of_a_durable() {
         .fails_with(6);
     assert!(missing.stderr.contains("nobody"), "{}", missing.stderr);
 }
+
+/// `cemsg listen --count 1` run 50 times in a row over a 30-event backlog, with
+/// `NATS_JS_MAX_DELIVER=3`: every event is printed exactly once, nothing is dead-lettered,
+/// and the durable ends with nothing pending or unacknowledged (nothing parked). Before the
+/// delivery window, each run pulled events it did not print and handed them back on exit,
+/// spending their deliveries until the server parked them.
+#[tokio::test]
+async fn listen_count_one_in_a_loop_prints_every_event_once_and_parks_nothing() {
+    let server = server_with_streams().await;
+    let url = server.url();
+    let js = async_nats::jetstream::new(support::connect(server.url()).await);
+    let mut published = Vec::new();
+    for n in 0..30 {
+        let line = cemsg_ok(&url, &["publish", ORDER_CREATED, "--data", &n.to_string()]).await;
+        published.push(line[0]["id"].as_str().expect("id").to_owned());
+    }
+    let mut printed: Vec<String> = Vec::new();
+    for _ in 0..50 {
+        let mut command = cemsg(
+            &url,
+            &[
+                "listen",
+                ORDER_CREATED,
+                "--durable",
+                "looper",
+                "--count",
+                "1",
+                "--idle",
+                "0.5",
+            ],
+        );
+        command.env("NATS_JS_MAX_DELIVER", "3");
+        let lines = run(command).await.success().json_lines();
+        assert!(lines.len() <= 1, "--count 1 printed {}", lines.len());
+        printed.extend(lines.iter().map(|l| l["id"].as_str().unwrap().to_owned()));
+    }
+    let unique: HashSet<&String> = printed.iter().collect();
+    assert_eq!(unique.len(), printed.len(), "an event was printed twice");
+    assert_eq!(
+        unique,
+        published.iter().collect::<HashSet<_>>(),
+        "every event printed"
+    );
+    let mut consumer = js
+        .get_consumer_from_stream::<async_nats::jetstream::consumer::pull::Config, _, _>(
+            "looper",
+            "CLOUDEVENTS",
+        )
+        .await
+        .expect("durable looper");
+    let info = consumer.info().await.expect("consumer info");
+    assert_eq!(
+        (info.num_pending, info.num_ack_pending),
+        (0, 0),
+        "nothing pending or parked: {info:?}"
+    );
+    assert_eq!(info.ack_floor.stream_sequence, 30, "ack floor at the end");
+    let mut dlq = js
+        .get_stream("DEADLETTER")
+        .await
+        .expect("dead-letter stream");
+    assert_eq!(
+        dlq.info().await.expect("dlq info").state.messages,
+        0,
+        "nothing dead-lettered"
+    );
+}

@@ -281,6 +281,9 @@ pub struct Config {
     /// `NATS_JS_MAX_DELIVER`: deliveries before an event is dead-lettered; `-1` is unlimited.
     /// Default 5.
     pub js_max_deliver: i64,
+    /// `NATS_JS_HANDLER_TIMEOUT`: the longest one event handler run may take (seconds); after
+    /// it the run is cancelled and the event is settled as a failure. Default 300 s.
+    pub js_handler_timeout: Duration,
     /// `NATS_JS_REPLICAS`: stream replicas, 1 to 5. Default 1.
     pub js_replicas: usize,
     /// `NATS_JS_DUPLICATE_WINDOW`: stream duplicate window (seconds). Default 120 s.
@@ -335,6 +338,7 @@ impl Default for Config {
             js_subject_prefix: "events".to_string(),
             js_ack_wait: Duration::from_secs(30),
             js_max_deliver: 5,
+            js_handler_timeout: Duration::from_secs(300),
             js_replicas: 1,
             js_duplicate_window: Duration::from_secs(120),
             js_dlq_stream: "DEADLETTER".to_string(),
@@ -369,6 +373,7 @@ impl fmt::Debug for Config {
             .field("js_subject_prefix", &self.js_subject_prefix)
             .field("js_ack_wait", &self.js_ack_wait)
             .field("js_max_deliver", &self.js_max_deliver)
+            .field("js_handler_timeout", &self.js_handler_timeout)
             .field("js_replicas", &self.js_replicas)
             .field("js_duplicate_window", &self.js_duplicate_window)
             .field("js_dlq_stream", &self.js_dlq_stream)
@@ -404,6 +409,7 @@ struct RawVars {
     js_subject_prefix: Option<String>,
     js_ack_wait: Option<String>,
     js_max_deliver: Option<String>,
+    js_handler_timeout: Option<String>,
     js_replicas: Option<String>,
     js_duplicate_window: Option<String>,
     js_dlq_stream: Option<String>,
@@ -674,6 +680,9 @@ impl Config {
         if let Some(v) = non_empty(raw.js_max_deliver) {
             config.js_max_deliver = parse_int("NATS_JS_MAX_DELIVER", &v)?;
         }
+        if let Some(v) = non_empty(raw.js_handler_timeout) {
+            config.js_handler_timeout = parse_seconds("NATS_JS_HANDLER_TIMEOUT", &v)?;
+        }
         if let Some(v) = non_empty(raw.js_replicas) {
             config.js_replicas = parse_int("NATS_JS_REPLICAS", &v)?;
         }
@@ -789,6 +798,13 @@ impl Config {
         check_duration(
             "NATS_JS_ACK_WAIT",
             self.js_ack_wait,
+            Duration::ZERO,
+            MAX_JS_DURATION,
+        )?;
+        must_be_positive("NATS_JS_HANDLER_TIMEOUT", self.js_handler_timeout)?;
+        check_duration(
+            "NATS_JS_HANDLER_TIMEOUT",
+            self.js_handler_timeout,
             Duration::ZERO,
             MAX_JS_DURATION,
         )?;
@@ -1293,6 +1309,7 @@ mod tests {
         assert_eq!(config.js_subject_prefix, "events");
         assert_eq!(config.js_ack_wait, Duration::from_secs(30));
         assert_eq!(config.js_max_deliver, 5);
+        assert_eq!(config.js_handler_timeout, Duration::from_secs(300));
         assert_eq!(config.js_replicas, 1);
         assert_eq!(config.js_duplicate_window, Duration::from_secs(120));
         assert_eq!(config.js_dlq_stream, "DEADLETTER");
@@ -1428,6 +1445,7 @@ mod tests {
             ("NATS_JS_REPLICAS", "0"),
             ("NATS_JS_REPLICAS", "6"),
             ("NATS_JS_MAX_DELIVER", "0"),
+            ("NATS_JS_HANDLER_TIMEOUT", "0"),
             ("NATS_JS_MAX_DELIVER", "-2"),
             ("NATS_MAX_RECONNECTS", "0"),
             ("NATS_MAX_RECONNECTS", "-5"),

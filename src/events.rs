@@ -51,7 +51,7 @@ use crate::headers::{
 };
 use crate::listener::Listener;
 use crate::telemetry::{self, EventTypeMetrics, LazyMetrics};
-use crate::worker::{Outcome, WorkContext};
+use crate::worker::{Hold, Outcome, WorkContext};
 
 /// What the server said when it stored an event.
 ///
@@ -535,19 +535,31 @@ impl Backoff {
 
 /// How an event listener runs. `None` fields come from the configuration.
 ///
+/// # Workers and buffer
+///
+/// A listener holds at most `workers + buffer` events at once (pulled from the broker and not
+/// yet settled): it asks the broker only for as many events as it has free places, so the
+/// pulls never outrun the workers. `workers` events are handled at once; up to `buffer` more
+/// wait for a worker (a read-ahead that keeps the workers busy while the next pull is on its
+/// way). Waiting events are kept alive with in-progress signals, so a slow handler never
+/// makes the broker redeliver an event that is merely queued. A stop has at most
+/// `workers + buffer` events in hand and runs them all within the grace period: a stop hands
+/// an event back (one delivery spent) only when the grace period runs out before its handler
+/// finished or started.
+///
 /// # Examples
 ///
 /// ```
 /// use ce_messaging::events::EventListenOptions;
 /// let options = EventListenOptions { workers: 8, durable_name: Some("billing".into()), ..Default::default() };
-/// assert_eq!(options.buffer, 256);
+/// assert_eq!(options.buffer, 4);
 /// ```
 #[derive(Debug, Clone)]
 pub struct EventListenOptions {
     /// At most this many handlers run at once.
     pub workers: usize,
-    /// At most this many delivered events wait for a worker (with `workers`, this bounds the
-    /// consumer's max ack pending).
+    /// Read-ahead: at most this many events beyond `workers` are pulled and wait for a worker
+    /// (0: pull only for free workers). With `workers` this is the consumer's max ack pending.
     pub buffer: usize,
     /// How long in-flight handlers get to finish when the listener is stopped by its token.
     pub grace: Duration,
@@ -557,6 +569,10 @@ pub struct EventListenOptions {
     pub max_deliver: Option<i64>,
     /// Time the server waits for an ack before redelivering; `None`: `NATS_JS_ACK_WAIT`.
     pub ack_wait: Option<Duration>,
+    /// The longest one handler run may take; after it the run is cancelled and the event is
+    /// settled as a failure (redelivered with back-off, dead-lettered at the delivery limit).
+    /// `None`: `NATS_JS_HANDLER_TIMEOUT` (default 5 minutes).
+    pub handler_timeout: Option<Duration>,
     /// Redelivery delays after retryable failures.
     pub backoff: Backoff,
 }
@@ -565,11 +581,12 @@ impl Default for EventListenOptions {
     fn default() -> Self {
         EventListenOptions {
             workers: 16,
-            buffer: 256,
+            buffer: 4,
             grace: Duration::from_secs(30),
             durable_name: None,
             max_deliver: None,
             ack_wait: None,
+            handler_timeout: None,
             backoff: Backoff::default(),
         }
     }
@@ -603,13 +620,37 @@ impl EventListenOptions {
                 ),
             ));
         }
-        if self.workers == 0 || self.buffer == 0 {
+        if self.workers == 0 {
             return Err(Error::with_detail(
                 InvalidOptions,
-                "workers and buffer must be at least 1",
+                "workers must be at least 1",
+            ));
+        }
+        if self
+            .handler_timeout
+            .is_some_and(|t| t.is_zero() || t > crate::config::MAX_JS_DURATION)
+        {
+            return Err(Error::with_detail(
+                InvalidOptions,
+                format!(
+                    "the handler time limit must be more than zero and at most {:?}",
+                    crate::config::MAX_JS_DURATION
+                ),
             ));
         }
         Ok(())
+    }
+
+    /// The places of the listener's [`DeliveryWindow`](crate::worker::DeliveryWindow):
+    /// `workers + buffer`.
+    pub(crate) fn window(&self) -> usize {
+        self.workers.saturating_add(self.buffer).max(1)
+    }
+
+    /// How many free places a pull waits for before asking (so that a fast listener does not
+    /// pull one event at a time): half the read-ahead, at least 1.
+    pub(crate) fn pull_threshold(&self) -> usize {
+        (self.buffer / 2).max(1)
     }
 }
 
@@ -884,7 +925,11 @@ pub(crate) struct Delivery {
     pub stream_sequence: u64,
     /// 1-based delivery count.
     pub delivered: u64,
-    pub acker: Box<dyn Acker>,
+    /// Shared with the listener's window, which keeps the delivery alive while it waits for
+    /// a worker (it holds only a weak reference, so dropping the delivery still drops this).
+    pub acker: Arc<dyn Acker>,
+    /// The delivery's place in the listener's window, given back when it is dropped.
+    pub hold: Hold,
 }
 
 /// What processing deliveries needs besides the delivery.
@@ -893,6 +938,8 @@ pub(crate) struct DeliveryContext {
     /// Deliveries allowed before dead-lettering; <= 0 means unlimited.
     pub max_deliver: i64,
     pub ack_wait: Duration,
+    /// The longest one handler run may take.
+    pub handler_timeout: Duration,
     pub backoff: Backoff,
     pub dead_letters: Arc<dyn DeadLetterSink>,
     pub connection: Arc<dyn EventConnection>,
@@ -971,9 +1018,14 @@ const DEAD_LETTER_RETRY: Backoff = Backoff {
     max: Duration::from_secs(300),
 };
 
-/// Processes one delivery per the contract. Backends configure their consumer to allow one
-/// delivery more than `max_deliver`, so that a message that ran out of deliveries (also by ack
-/// wait expiry) is seen once more and dead-lettered instead of silently parked.
+/// Processes one delivery per the contract. The library, not the broker, enforces
+/// `max_deliver`: backends configure their consumer without a delivery limit, so a message
+/// that ran out of deliveries (by failures, ack wait expiry or a listener that died holding
+/// it) is always seen once more and dead-lettered (`max-deliveries`) before any handler runs,
+/// never parked by the broker.
+///
+/// A delivery that reached a worker is always processed, also while the listener stops (the
+/// window bounds how many there are); only the end of the grace period cuts it off.
 pub(crate) async fn process_delivery(
     delivery: Delivery,
     ctx: &DeliveryContext,
@@ -1006,9 +1058,14 @@ async fn deliver(
     work: &WorkContext,
     span: tracing::Span,
 ) -> (Outcome, &'static str) {
-    if work.stopping.is_cancelled() {
-        settle(delivery.acker.nak(None).await, "nak");
-        return (Outcome::Requeued, "requeued");
+    delivery.hold.start();
+    if work.abort.is_cancelled() {
+        // Taken by a worker as the grace period ran out: hand it back untouched (a crash
+        // settles nothing).
+        if !work.crashed() {
+            settle(delivery.acker.nak(None).await, "nak");
+        }
+        return (Outcome::Abandoned, "abandoned");
     }
     let event = match codec::decode(delivery.headers.as_ref(), &delivery.payload) {
         Ok(event) => event,
@@ -1057,6 +1114,8 @@ async fn deliver(
         .get_or_init(|| EventTypeMetrics::register(event_type));
     metrics.delivered.increment(1);
     let tid = event.transaction_id();
+    // For the time-limit warning (the event moves into the handler).
+    let (event_type, event_id) = (event_type.to_owned(), event.id().to_owned());
     let responses = EventResponseWriter::new(ctx.connection.clone(), tid, ctx.source.clone())
         .with_delivery_count(delivery.delivered);
     let started = std::time::Instant::now();
@@ -1067,6 +1126,8 @@ async fn deliver(
     // so a late tick on a loaded machine still comes in time).
     let tick = (ctx.ack_wait / 3).max(Duration::from_millis(20));
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + tick, tick);
+    let time_limit = tokio::time::sleep(ctx.handler_timeout);
+    futures::pin_mut!(time_limit);
     let result = loop {
         tokio::select! {
             biased;
@@ -1077,6 +1138,19 @@ async fn deliver(
                 return (Outcome::Abandoned, "abandoned");
             }
             result = &mut handling => break result,
+            _ = &mut time_limit => {
+                tracing::warn!(
+                    event_type = %event_type,
+                    event_id = %event_id,
+                    delivered = delivery.delivered,
+                    limit = ?ctx.handler_timeout,
+                    "handler exceeded its time limit; cancelled and settled as a failure"
+                );
+                break Err(HandlerError::new(format!(
+                    "handler time limit {:?} exceeded",
+                    ctx.handler_timeout
+                )));
+            }
             _ = ticker.tick() => settle(delivery.acker.in_progress().await, "in-progress"),
         }
     };
@@ -1407,7 +1481,8 @@ mod tests {
             payload: Bytes::copy_from_slice(payload),
             stream_sequence: 42,
             delivered,
-            acker: Box::new(FakeAcker(settled.clone())),
+            acker: Arc::new(FakeAcker(settled.clone())),
+            hold: crate::worker::Hold::detached(),
         };
         (delivery, settled)
     }
@@ -1418,6 +1493,7 @@ mod tests {
             handlers: EventHandlers::new(),
             max_deliver: 5,
             ack_wait: Duration::from_secs(30),
+            handler_timeout: Duration::from_secs(300),
             backoff: Backoff::default(),
             dead_letters,
             connection: Arc::new(broker.event_connection(&crate::config::Config::default())),

@@ -29,7 +29,9 @@ pub struct StopReport {
     pub finished: u64,
     /// Items cut off when the grace period ran out (events: nak'ed for immediate redelivery).
     pub abandoned: u64,
-    /// Queued events that were not started and were handed back at once (nak).
+    /// Queued items that were not started and were handed back at once. Event listeners run
+    /// what they received instead (see [`Listener::stop`]), so for them this stays 0; events
+    /// still queued when the grace period ends are nak'ed as they are dropped (not counted).
     pub requeued: u64,
     /// How long the stop took.
     pub elapsed: Duration,
@@ -140,7 +142,10 @@ impl Listener {
 
     /// Stops gracefully: no new messages are taken, in-flight handlers get up to `grace` to
     /// finish (and reply / ack), what is left is abandoned (events: nak'ed so they are
-    /// redelivered at once). Returns when no handler of this listener runs any more.
+    /// redelivered at once). An event listener also runs, within `grace`, the events it had
+    /// already received and queued (at most its `buffer`), instead of handing them back: a
+    /// hand-back would spend one of the event's deliveries. Returns when no handler of this
+    /// listener runs any more.
     ///
     /// Calling it again, or on a clone, waits for the same stop and returns the same report.
     ///

@@ -22,6 +22,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::events::Acker;
 use crate::listener::StopReport;
 
 /// How one item's processing ended.
@@ -32,6 +33,9 @@ pub(crate) enum Outcome {
     /// Processing was cut off by the grace period running out (the item was nak'ed or dropped).
     Abandoned,
     /// The item was not started because the listener was stopping; it was handed back (nak).
+    /// Event listeners no longer do this (what they received is run within the grace period,
+    /// see [`DeliveryWindow`]); kept for the report's field.
+    #[allow(dead_code)]
     Requeued,
 }
 
@@ -42,6 +46,8 @@ pub(crate) struct WorkContext {
     pub stopping: CancellationToken,
     /// Set when the grace period ran out: in-flight work must give up now.
     pub abort: CancellationToken,
+    /// Set when the stop is over (every worker and the intake have ended).
+    pub finished: CancellationToken,
     crashed: Arc<AtomicBool>,
 }
 
@@ -139,6 +145,23 @@ impl<M: Send + 'static> WorkerPool<M> {
     where
         F: Fn(M, WorkContext) -> BoxFuture<'static, Outcome> + Send + Sync + 'static,
     {
+        Self::start_stopping_with(workers, buffer, CancellationToken::new(), process)
+    }
+
+    /// Like [`start`](Self::start), with `stopping` as the pool's stopping signal: a child of
+    /// the listener's token, so that a stop is seen by the intake at once (in the same
+    /// step that cancels the token), not only once the supervisor task has run. A handler
+    /// that stops its own listener (e.g. `cemsg listen --count`) thus stops the pulls before
+    /// its event's place in the window is free again.
+    pub fn start_stopping_with<F>(
+        workers: usize,
+        buffer: usize,
+        stopping: CancellationToken,
+        process: F,
+    ) -> Self
+    where
+        F: Fn(M, WorkContext) -> BoxFuture<'static, Outcome> + Send + Sync + 'static,
+    {
         let workers = workers.max(1);
         let (tx, rx) = mpsc::channel::<M>(buffer.max(1));
         let rx = Arc::new(std::sync::Mutex::new(rx));
@@ -148,8 +171,9 @@ impl<M: Send + 'static> WorkerPool<M> {
             available: available.clone(),
         };
         let ctx = WorkContext {
-            stopping: CancellationToken::new(),
+            stopping,
             abort: CancellationToken::new(),
+            finished: CancellationToken::new(),
             crashed: Arc::new(AtomicBool::new(false)),
         };
         let tracker = TaskTracker::new();
@@ -289,6 +313,7 @@ impl<M: Send + 'static> WorkerPool<M> {
             abort();
             tracker.wait().await;
         }
+        ctx.finished.cancel();
         StopReport {
             finished: counters.finished.load(Ordering::Relaxed) - finished_before,
             abandoned: counters.abandoned.load(Ordering::Relaxed),
@@ -319,6 +344,191 @@ impl<M: Send + 'static> Submitter<M> {
     /// stopping, so the caller can hand it back to the broker.
     pub async fn submit(&self, item: M) -> Result<(), M> {
         self.tx.send(item, &self.stopping).await
+    }
+
+    /// Queues an item even while the pool is stopping (it is run within the grace period),
+    /// waiting for room; gives it back only when the workers are gone (aborted) or the queue
+    /// is closed. For an intake whose items already hold a place in a [`DeliveryWindow`], so
+    /// that room is there.
+    pub async fn submit_draining(&self, item: M) -> Result<(), M> {
+        let never = CancellationToken::new();
+        self.tx.send(item, &never).await
+    }
+}
+
+/// A listener's window of deliveries: at most `capacity` deliveries are held at once (pulled
+/// from the broker and not yet settled: queued for a worker or being handled), so that pulls
+/// never outrun the workers, and a stop has at most that many events in hand, all of which
+/// it can run within the grace period instead of handing them back. Deliveries in the
+/// window that no worker has started yet are kept alive with in-progress signals
+/// ([`keep_alive`](Self::keep_alive)), so waiting for a worker never makes the broker
+/// redeliver them.
+///
+/// Places are taken with [`reserve`](Self::reserve) before asking the broker for messages
+/// and turned into a [`Hold`] per delivery received; a `Hold` gives its place back when
+/// dropped (the delivery was settled, or dropped unsettled).
+#[derive(Clone)]
+pub(crate) struct DeliveryWindow {
+    inner: Arc<WindowInner>,
+}
+
+struct WindowInner {
+    slots: Arc<tokio::sync::Semaphore>,
+    capacity: usize,
+    /// Deliveries received and not yet started, with weak references (a dropped delivery
+    /// settles as usual through its acker's drop).
+    waiting: std::sync::Mutex<Vec<Waiting>>,
+}
+
+struct Waiting {
+    acker: std::sync::Weak<dyn Acker>,
+    started: Arc<AtomicBool>,
+}
+
+/// Places taken in a [`DeliveryWindow`] and not yet used; unused ones go back on drop.
+pub(crate) struct Reserved {
+    slots: Arc<tokio::sync::Semaphore>,
+    count: usize,
+}
+
+impl Reserved {
+    /// Places still unused.
+    pub fn count(&self) -> usize {
+        self.count
+    }
+}
+
+impl Drop for Reserved {
+    fn drop(&mut self) {
+        if self.count > 0 {
+            self.slots.add_permits(self.count);
+        }
+    }
+}
+
+/// One delivery's place in a [`DeliveryWindow`]; given back when dropped.
+pub(crate) struct Hold {
+    slots: Option<Arc<tokio::sync::Semaphore>>,
+    started: Arc<AtomicBool>,
+}
+
+impl Hold {
+    /// A place in no window (tests that build a delivery by hand).
+    #[cfg(test)]
+    pub fn detached() -> Hold {
+        Hold {
+            slots: None,
+            started: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Marks the delivery as started by a worker: no more keep-alive signals from the window
+    /// (the handler's own in-progress ticks take over).
+    pub fn start(&self) {
+        self.started.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        self.started.store(true, Ordering::SeqCst);
+        if let Some(slots) = self.slots.take() {
+            slots.add_permits(1);
+        }
+    }
+}
+
+impl DeliveryWindow {
+    /// A window of `capacity` places (at least 1).
+    pub fn new(capacity: usize) -> Self {
+        let capacity = capacity.clamp(1, tokio::sync::Semaphore::MAX_PERMITS);
+        DeliveryWindow {
+            inner: Arc::new(WindowInner {
+                slots: Arc::new(tokio::sync::Semaphore::new(capacity)),
+                capacity,
+                waiting: std::sync::Mutex::new(Vec::new()),
+            }),
+        }
+    }
+
+    /// Places in the window.
+    pub fn capacity(&self) -> usize {
+        self.inner.capacity
+    }
+
+    /// Waits until at least `min` places are free (clamped to the capacity), then takes every
+    /// free place. Cancel-safe: nothing is taken until it returns.
+    pub async fn reserve(&self, min: usize) -> Reserved {
+        let min = min.clamp(1, self.inner.capacity) as u32;
+        let mut count = 0usize;
+        // The semaphore is never closed, so acquiring cannot fail; if it ever did, nothing
+        // is taken and the caller asks again.
+        if let Ok(permit) = self.inner.slots.acquire_many(min).await {
+            permit.forget();
+            count = min as usize;
+        }
+        while let Ok(permit) = self.inner.slots.try_acquire() {
+            permit.forget();
+            count += 1;
+        }
+        Reserved {
+            slots: self.inner.slots.clone(),
+            count,
+        }
+    }
+
+    /// Takes one place of `reserved` (or, when none is left, e.g. for a message of an
+    /// abandoned pull request, waits for a free one) for a delivery settled through `acker`.
+    pub async fn hold(&self, reserved: &mut Reserved, acker: &Arc<dyn Acker>) -> Hold {
+        if reserved.count > 0 {
+            reserved.count -= 1;
+        } else if let Ok(permit) = self.inner.slots.acquire().await {
+            permit.forget();
+        }
+        let started = Arc::new(AtomicBool::new(false));
+        if let Ok(mut waiting) = self.inner.waiting.lock() {
+            waiting.push(Waiting {
+                acker: Arc::downgrade(acker),
+                started: started.clone(),
+            });
+        }
+        Hold {
+            slots: Some(self.inner.slots.clone()),
+            started,
+        }
+    }
+
+    /// Sends an in-progress signal for every delivery in the window that no worker has
+    /// started yet; returns how many.
+    pub async fn keep_alive(&self) -> usize {
+        let ackers: Vec<Arc<dyn Acker>> = match self.inner.waiting.lock() {
+            Ok(mut waiting) => {
+                waiting.retain(|w| !w.started.load(Ordering::SeqCst) && w.acker.strong_count() > 0);
+                waiting.iter().filter_map(|w| w.acker.upgrade()).collect()
+            }
+            Err(_) => Vec::new(),
+        };
+        for acker in &ackers {
+            if let Err(err) = acker.in_progress().await {
+                tracing::debug!(error = %err, "in-progress for a queued event failed");
+            }
+        }
+        ackers.len()
+    }
+
+    /// Keeps the window's queued deliveries alive every `tick` until `done` is cancelled.
+    pub fn spawn_keep_alive(&self, tick: Duration, done: CancellationToken) {
+        let window = self.clone();
+        let tick = tick.max(Duration::from_millis(20));
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + tick, tick);
+            loop {
+                tokio::select! {
+                    _ = done.cancelled() => break,
+                    _ = ticker.tick() => { window.keep_alive().await; }
+                }
+            }
+        });
     }
 }
 
@@ -471,6 +681,78 @@ mod tests {
         let ctx = pool.context();
         ctx.stopping.cancel();
         assert_eq!(pool.submit(9).await, Err(9));
+    }
+
+    /// An acker that counts in-progress signals.
+    #[derive(Default)]
+    struct CountingAcker(AtomicUsize);
+
+    #[async_trait::async_trait]
+    impl Acker for CountingAcker {
+        async fn ack(&self) -> Result<(), crate::error::BoxError> {
+            Ok(())
+        }
+        async fn nak(&self, _: Option<Duration>) -> Result<(), crate::error::BoxError> {
+            Ok(())
+        }
+        async fn in_progress(&self) -> Result<(), crate::error::BoxError> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+        async fn term(&self) -> Result<(), crate::error::BoxError> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn the_window_never_gives_out_more_places_than_it_has_and_takes_them_back() {
+        let window = DeliveryWindow::new(3);
+        let acker: Arc<dyn Acker> = Arc::new(CountingAcker::default());
+        let mut reserved = window.reserve(1).await;
+        assert_eq!(reserved.count(), 3, "every free place");
+        let a = window.hold(&mut reserved, &acker).await;
+        let b = window.hold(&mut reserved, &acker).await;
+        drop(reserved);
+        // One place is free again (the unused one), two are held.
+        let more = window.reserve(1).await;
+        assert_eq!(more.count(), 1);
+        // Waiting for two places blocks until a hold is dropped.
+        drop(more);
+        let waiting = tokio::spawn({
+            let window = window.clone();
+            async move { window.reserve(2).await.count() }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        drop(a);
+        let got = tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("a place came back")
+            .unwrap();
+        assert_eq!(got, 2);
+        drop(b);
+        assert_eq!(window.reserve(3).await.count(), 3);
+    }
+
+    #[tokio::test]
+    async fn keep_alive_signals_only_deliveries_not_started_and_not_dropped() {
+        let window = DeliveryWindow::new(4);
+        let waiting = Arc::new(CountingAcker::default());
+        let started = Arc::new(CountingAcker::default());
+        let dropped = Arc::new(CountingAcker::default());
+        let (w, s, d): (Arc<dyn Acker>, Arc<dyn Acker>, Arc<dyn Acker>) =
+            (waiting.clone(), started.clone(), dropped.clone());
+        let mut reserved = window.reserve(3).await;
+        let _waiting_hold = window.hold(&mut reserved, &w).await;
+        let started_hold = window.hold(&mut reserved, &s).await;
+        let dropped_hold = window.hold(&mut reserved, &d).await;
+        started_hold.start();
+        drop(dropped_hold);
+        drop(d);
+        assert_eq!(window.keep_alive().await, 1);
+        assert_eq!(waiting.0.load(Ordering::SeqCst), 1);
+        assert_eq!(started.0.load(Ordering::SeqCst), 0);
+        assert_eq!(dropped.0.load(Ordering::SeqCst), 0);
     }
 
     #[tokio::test]

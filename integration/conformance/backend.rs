@@ -122,4 +122,8 @@ pub trait EventBackend: Send + Sync + Sized + 'static {
 
     /// The library's view of durable `durable` (`consumer_info` of the connection type).
     async fn durable_info(connection: &Self::Events, durable: &str) -> DurableInfo;
+
+    /// How many deliveries durable `durable` on `stream` has made, redeliveries included
+    /// (JetStream: the consumer's delivered consumer sequence); `None` if it does not exist.
+    async fn deliveries(&self, stream: &str, durable: &str) -> Option<u64>;
 }

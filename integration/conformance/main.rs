@@ -110,6 +110,10 @@ macro_rules! event_cases {
             oversized_poison_is_dead_lettered_as_a_reference,
             one_durable_refuses_a_second_type_set,
             consumer_info_reports_the_same_numbers,
+            repeated_stops_over_a_backlog_cost_no_deliveries,
+            slow_handler_never_redelivers_queued_events,
+            crash_on_the_last_allowed_delivery_ends_dead_lettered,
+            handler_time_limit_frees_the_worker_and_dead_letters_at_the_limit,
         );
     };
 }

@@ -3,21 +3,21 @@
 //! ([`process_delivery`](crate::events)), and dead letters published to the dead-letter stream.
 //!
 //! Consumer: durable (`NATS_DURABLE_NAME` or the listen options), filtered to the subjects of
-//! the handled types, explicit ack, ack wait, **max deliver = configured + 1** so the delivery
-//! after the last allowed one is still seen and dead-lettered (`max-deliveries`) instead of
-//! being silently parked by the server, and max ack pending = workers + buffer.
+//! the handled types, explicit ack, ack wait, and the delivery limits of [`delivery_limits`]:
+//! **no server-side max deliver** (the library enforces it, so nothing is parked by the
+//! server) and max ack pending = the listener's window (workers + buffer).
 //!
-//! Intake: one subscription on a private inbox for the listener's life; pull requests of at
-//! most `buffer` messages that expire after [`PULL_EXPIRES`], with idle heartbeats so a request
+//! Intake: one subscription on a private inbox for the listener's life; pull requests for as
+//! many messages as the listener's [`DeliveryWindow`] has free places (waiting for at least
+//! half the read-ahead), that expire after [`PULL_EXPIRES`], with idle heartbeats so a request
 //! lost with its server (restart, failover) is noticed within [`PULL_HEARTBEAT`] × 3 and made
 //! again. On stop no new request is made, but the subscription stays open until the request
 //! still open at the server has ended (its 408, a full batch, or its expiry plus a margin):
-//! the server may fill it after the stop, and what it sends then must not fall on a closed
-//! subscription (it would come back only after the ack wait). Every message that was not
-//! started is nak'ed, so it is redelivered at once; so is one still queued for a worker when
-//! the grace period ran out (dropped unsettled: its acker naks it). Pull requests are kept short
-//! ([`PULL_EXPIRES`]) so that this wait is short too. When the connection closes for good, the
-//! listener ends and reports.
+//! the server may fill it after the stop, and what it sends then has a place in the window and
+//! is run within the grace period like everything else received (a hand-back would spend a
+//! delivery). One still queued for a worker when the grace period ran out is dropped
+//! unsettled: its acker naks it. Pull requests are kept short ([`PULL_EXPIRES`]) so that this
+//! wait is short too. When the connection closes for good, the listener ends and reports.
 //!
 //! A consumer deleted under a running listener (409 on the pull request, or requests that go
 //! unanswered) is recreated with the same configuration, as users of a durable listener
@@ -59,7 +59,7 @@ use crate::events::{
     EventConnection, EventHandlers, EventListenOptions,
 };
 use crate::listener::Listener;
-use crate::worker::{Submitter, WorkContext, WorkerPool};
+use crate::worker::{DeliveryWindow, Reserved, Submitter, WorkContext, WorkerPool};
 
 use super::streams::STREAM_NOT_FOUND_CODE;
 use super::{client_closed, JetStreamEvents};
@@ -157,15 +157,15 @@ pub(crate) async fn listen(
         &config.js_subject_prefix,
     )
     .await?;
-    let max_ack_pending = (options.workers + options.buffer) as i64;
+    let window = DeliveryWindow::new(options.window());
     let consumer_config = PullConfig {
         durable_name: Some(durable.clone()),
         description: Some(format!("ce-messaging listener {durable}")),
         deliver_policy: DeliverPolicy::All,
         ack_policy: AckPolicy::Explicit,
         ack_wait,
-        // One delivery more than allowed, so the last one can still be dead-lettered.
-        max_deliver: if max_deliver > 0 { max_deliver + 1 } else { -1 },
+        // Delivery limits (see `delivery_limits`): set below.
+        max_deliver: -1,
         filter_subject: if subjects.len() == 1 {
             subjects[0].clone()
         } else {
@@ -176,9 +176,9 @@ pub(crate) async fn listen(
         } else {
             Vec::new()
         },
-        max_ack_pending,
         ..Default::default()
     };
+    let consumer_config = delivery_limits(consumer_config, &window);
     let consumer: Consumer<PullConfig> = stream
         .create_consumer(consumer_config.clone())
         .await
@@ -208,16 +208,24 @@ pub(crate) async fn listen(
         handlers,
         max_deliver,
         ack_wait,
+        handler_timeout: options.handler_timeout.unwrap_or(config.js_handler_timeout),
         backoff: options.backoff,
         dead_letters,
         connection,
         source: config.client_id.clone(),
     });
-    let pool = WorkerPool::start(options.workers, options.buffer, move |delivery, work| {
-        let ctx = ctx.clone();
-        async move { process_delivery(delivery, &ctx, &work).await }.boxed()
-    });
+    // The queue has room for the whole window, so queueing a delivery never waits.
     let token = CancellationToken::new();
+    let pool = WorkerPool::start_stopping_with(
+        options.workers,
+        window.capacity(),
+        token.child_token(),
+        move |delivery, work| {
+            let ctx = ctx.clone();
+            async move { process_delivery(delivery, &ctx, &work).await }.boxed()
+        },
+    );
+    window.spawn_keep_alive(ack_wait / 3, pool.context().finished);
     serve_presence(
         &inner.client,
         presence,
@@ -231,10 +239,10 @@ pub(crate) async fn listen(
         stream,
         consumer_config,
         open: None,
-        held: Vec::new(),
         subscriber,
         inbox,
-        batch: options.buffer.clamp(1, max_ack_pending as usize),
+        window,
+        threshold: options.pull_threshold(),
         submitter: pool.submitter(),
         work: pool.context(),
         ackers: Arc::new(AckerShared {
@@ -420,12 +428,12 @@ struct Intake {
     consumer_config: PullConfig,
     /// The pull request the server may still be filling.
     open: Option<OpenPull>,
-    /// Deliveries received after the stop began, nak'ed once the open request has ended (a
-    /// nak before would bring the event straight back into that request).
-    held: Vec<Delivery>,
     subscriber: async_nats::Subscriber,
     inbox: String,
-    batch: usize,
+    /// Places for deliveries; a pull asks for as many events as it reserved.
+    window: DeliveryWindow,
+    /// Free places a pull waits for before asking.
+    threshold: usize,
     submitter: Submitter<Delivery>,
     work: WorkContext,
     /// Shared by the deliveries' ackers.
@@ -438,8 +446,9 @@ struct Intake {
 /// A pull request sent and not yet ended.
 struct OpenPull {
     reply: String,
-    /// Messages the server may still send for it.
-    remaining: usize,
+    /// Places reserved for the messages the server may still send for it (as many as it
+    /// asked for); what is unused goes back to the window when the request ends.
+    reserved: Reserved,
     /// When the server ends it at the latest (plus a margin for the 408 to arrive).
     deadline: Instant,
 }
@@ -466,10 +475,17 @@ impl Intake {
             if self.work.stopping.is_cancelled() {
                 break PullEnd::Stopping;
             }
+            // Ask only for events there is room for.
+            let reserved = tokio::select! {
+                biased;
+                _ = self.work.stopping.cancelled() => break PullEnd::Stopping,
+                reserved = self.window.reserve(self.threshold) => reserved,
+            };
+            let batch = reserved.count();
             request += 1;
             let reply = format!("{}.{request}", self.inbox);
             let pull = BatchConfig {
-                batch: self.batch,
+                batch,
                 expires: Some(PULL_EXPIRES),
                 idle_heartbeat: PULL_HEARTBEAT,
                 ..Default::default()
@@ -491,7 +507,7 @@ impl Intake {
             }
             self.open = Some(OpenPull {
                 reply,
-                remaining: self.batch,
+                reserved,
                 deadline: sent + PULL_EXPIRES + PULL_MARGIN,
             });
             match self.read_pull().await {
@@ -581,9 +597,10 @@ impl Intake {
             };
             match self.note(&message) {
                 Some(Note::Data) => {
-                    if let Some(delivery) = self.delivery(message) {
-                        if let Err(delivery) = self.submitter.submit(delivery).await {
-                            self.held.push(delivery);
+                    if let Some(delivery) = self.delivery(message).await {
+                        // The window made room for it: queueing does not wait. Refused only
+                        // when the workers are gone (dropped: its acker hands it back).
+                        if self.submitter.submit_draining(delivery).await.is_err() {
                             return PullEnd::Stopping;
                         }
                     }
@@ -603,19 +620,12 @@ impl Intake {
     }
 
     /// Classifies a message read from the subscription and keeps the open request's account:
-    /// data counts against it, and its end status (or a full batch) closes it. Heartbeats and
-    /// the statuses of older requests are `None`.
+    /// its end status closes it (a full batch is closed by [`delivery`](Self::delivery), which
+    /// takes the request's last place). Heartbeats and the statuses of older requests are
+    /// `None`.
     fn note(&mut self, message: &async_nats::Message) -> Option<Note> {
         match message.status {
-            None | Some(StatusCode::OK) => {
-                if let Some(open) = &mut self.open {
-                    open.remaining = open.remaining.saturating_sub(1);
-                    if open.remaining == 0 {
-                        self.open = None;
-                    }
-                }
-                Some(Note::Data)
-            }
+            None | Some(StatusCode::OK) => Some(Note::Data),
             Some(StatusCode::IDLE_HEARTBEAT) => None,
             Some(status) => {
                 if self
@@ -632,11 +642,32 @@ impl Intake {
         }
     }
 
-    fn delivery(&self, message: async_nats::Message) -> Option<Delivery> {
+    /// Makes a delivery of a data message, in a place of the window: one reserved by the
+    /// open request (its last place closes it: the batch is full), or, for a message of a
+    /// request given up as lost, a free one (waiting for it).
+    async fn delivery(&mut self, message: async_nats::Message) -> Option<Delivery> {
         let Some((stream_sequence, delivered)) = message.reply.as_deref().and_then(ack_numbers)
         else {
             tracing::warn!(durable = %self.durable, subject = %message.subject, reply = ?message.reply, "message without JetStream metadata ignored");
             return None;
+        };
+        let acker: Arc<dyn Acker> = Arc::new(JetStreamAcker {
+            reply: message.reply,
+            settled: AtomicBool::new(false),
+            shared: self.ackers.clone(),
+        });
+        let hold = match self.open.as_mut() {
+            Some(open) if open.reserved.count() > 0 => {
+                let hold = self.window.hold(&mut open.reserved, &acker).await;
+                if open.reserved.count() == 0 {
+                    self.open = None;
+                }
+                hold
+            }
+            _ => {
+                let mut none = self.window.reserve(0).await;
+                self.window.hold(&mut none, &acker).await
+            }
         };
         Some(Delivery {
             subject: message.subject.to_string(),
@@ -644,56 +675,102 @@ impl Intake {
             payload: message.payload,
             stream_sequence,
             delivered,
-            acker: Box::new(JetStreamAcker {
-                reply: message.reply,
-                settled: AtomicBool::new(false),
-                shared: self.ackers.clone(),
-            }),
+            acker,
+            hold,
         })
     }
 
-    /// Holds an event read after the stop began, to be nak'ed at the end.
-    fn hold(&mut self, message: async_nats::Message) {
-        if matches!(self.note(&message), Some(Note::Data)) {
-            if let Some(delivery) = self.delivery(message) {
-                self.held.push(delivery);
-            }
-        }
-    }
-
-    /// Stops pulling: keeps reading until the open pull request has ended, holding whatever
-    /// the server sent, unsubscribes, then naks everything held (unless the listener
-    /// "crashed": a dead process settles nothing), so it is redelivered at once.
+    /// Stops pulling: keeps reading until the open pull request has ended and queues whatever
+    /// the server sent for it (it has places in the window, so the workers run it within the
+    /// grace period instead of handing it back: a hand-back would cost the event a delivery),
+    /// then unsubscribes. A message of a request given up as lost that arrives now is handed
+    /// back (nak). A "crashed" listener (as a dead process) settles and runs nothing.
     async fn hand_back_rest(mut self) {
-        let crashed = self.work.crashed();
-        if !crashed {
+        let mut queued = 0usize;
+        // Deliveries that can no longer run (the grace period is over): handed back once the
+        // open request has ended, since a nak before would bring the event straight back into
+        // that request.
+        let mut held: Vec<Delivery> = Vec::new();
+        // The stop of a crash is seen here as soon as the listener's token is cancelled, which
+        // can be a moment before the pool marks the crash (and aborts): so the crash is watched
+        // while reading, not only checked once.
+        if !self.work.crashed() {
             while let Some(deadline) = self.open.as_ref().map(|open| open.deadline) {
-                match tokio::time::timeout_at(deadline, self.subscriber.next()).await {
-                    Ok(Some(message)) => self.hold(message),
+                let aborted = self.work.abort.is_cancelled();
+                let next = tokio::select! {
+                    biased;
+                    _ = self.work.abort.cancelled(), if !aborted => {
+                        if self.work.crashed() {
+                            break;
+                        }
+                        continue;
+                    }
+                    next = tokio::time::timeout_at(deadline, self.subscriber.next()) => next,
+                };
+                let message = match next {
+                    Ok(Some(message)) => message,
                     Ok(None) | Err(_) => break,
+                };
+                if let Some(Note::Data) = self.note(&message) {
+                    if let Some(delivery) = self.delivery(message).await {
+                        if self.work.abort.is_cancelled() {
+                            held.push(delivery);
+                        } else if let Err(delivery) = self.submitter.submit_draining(delivery).await
+                        {
+                            held.push(delivery);
+                        } else {
+                            queued += 1;
+                        }
+                    }
                 }
             }
         }
+        self.open = None;
+        let crashed = self.work.crashed();
         if let Err(err) = self.subscriber.unsubscribe().await {
             tracing::debug!(error = %err, "unsubscribe of the pull subscription failed");
         }
         let deadline = Instant::now() + STOP_FLUSH_TIMEOUT;
+        let mut handed_back = 0usize;
         while let Ok(Some(message)) =
             tokio::time::timeout_at(deadline, self.subscriber.next()).await
         {
-            self.hold(message);
+            if crashed || !matches!(self.note(&message), Some(Note::Data)) {
+                continue;
+            }
+            if let Some(reply) = message.reply {
+                handed_back += 1;
+                if let Err(err) = self.ackers.send(reply, AckKind::Nak(None)).await {
+                    tracing::warn!(error = %err, "nak on stop failed; redelivered after the ack wait");
+                }
+            }
         }
-        let handed_back = self.held.len();
         if !crashed {
-            for delivery in std::mem::take(&mut self.held) {
+            for delivery in held.drain(..) {
+                handed_back += 1;
                 if let Err(err) = delivery.acker.nak(None).await {
                     tracing::warn!(error = %err, "nak on stop failed; redelivered after the ack wait");
                 }
             }
         }
         drop(self.submitter);
-        tracing::info!(durable = %self.durable, handed_back, "event listener stopped pulling");
+        tracing::info!(durable = %self.durable, queued, handed_back, "event listener stopped pulling");
     }
+}
+
+/// The consumer's delivery limits, kept apart from the rest of its configuration: **no
+/// server-side delivery limit** (`max_deliver` -1), because the library enforces
+/// `NATS_JS_MAX_DELIVER` itself (a delivery beyond it is dead-lettered before any handler
+/// runs; see [`process_delivery`]). A server limit would let the server stop delivering an
+/// event whose last allowed delivery was lost (a listener killed, a hand-back), parking it
+/// for good. Max ack pending is the listener's window (`workers + buffer`), which the
+/// listener already never exceeds. `create_consumer` creates or updates, so consumers made
+/// by older versions (`max_deliver` = limit + 1, `max_ack_pending` = workers + 256) get these
+/// values when a listener starts.
+fn delivery_limits(mut config: PullConfig, window: &DeliveryWindow) -> PullConfig {
+    config.max_deliver = -1;
+    config.max_ack_pending = window.capacity() as i64;
+    config
 }
 
 /// The stream sequence and the (1-based) delivery count of a JetStream message, from its ack

@@ -3,6 +3,7 @@
 //! into the shared bounded worker pool, where the shared delivery processing acks, naks,
 //! reports progress and dead-letters.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -28,7 +29,7 @@ use crate::events::{
 };
 use crate::headers::NATS_MSG_ID;
 use crate::listener::Listener;
-use crate::worker::WorkerPool;
+use crate::worker::{DeliveryWindow, WorkContext, WorkerPool};
 
 struct Inner {
     broker: MemoryBroker,
@@ -39,6 +40,7 @@ struct Inner {
     durable_name: String,
     ack_wait: Duration,
     max_deliver: i64,
+    handler_timeout: Duration,
     duplicate_window: Duration,
     dlq_stream: String,
     events_timeout: Duration,
@@ -116,6 +118,7 @@ impl MemoryEvents {
                 durable_name: config.durable_name().to_owned(),
                 ack_wait: config.js_ack_wait,
                 max_deliver: config.js_max_deliver,
+                handler_timeout: config.js_handler_timeout,
                 duplicate_window: config.js_duplicate_window,
                 dlq_stream: config.js_dlq_stream.clone(),
                 events_timeout: config.events_timeout,
@@ -370,10 +373,11 @@ impl EventConnection for MemoryEvents {
                 ConsumerSettings {
                     filter_subjects,
                     ack_wait,
-                    // One delivery more than allowed, so that the shared processing sees a
-                    // message that ran out of deliveries once more and dead-letters it.
-                    max_deliver: if max_deliver > 0 { max_deliver + 1 } else { 0 },
-                    max_ack_pending: options.workers + options.buffer,
+                    // No broker-side limit: the shared processing enforces `max_deliver`
+                    // (dead-letters a delivery beyond it before any handler runs), so the
+                    // broker never parks an event, as with JetStream.
+                    max_deliver: 0,
+                    max_ack_pending: options.window(),
                 },
             )
             .map_err(|e| Error::with_source(ListenErrorKind::Consumer, e))?;
@@ -382,6 +386,7 @@ impl EventConnection for MemoryEvents {
             handlers,
             max_deliver,
             ack_wait,
+            handler_timeout: options.handler_timeout.unwrap_or(inner.handler_timeout),
             backoff: options.backoff,
             dead_letters: Arc::new(MemoryDeadLetters {
                 broker: inner.broker.clone(),
@@ -392,14 +397,24 @@ impl EventConnection for MemoryEvents {
             connection: Arc::new(self.clone()),
             source: inner.client_id.clone(),
         });
-        let pool = WorkerPool::start(options.workers, options.buffer, move |delivery, work| {
-            let ctx = ctx.clone();
-            async move { process_delivery(delivery, &ctx, &work).await }.boxed()
-        });
-        let submitter = pool.submitter();
-        let stopping = pool.context().stopping;
+        // The listener's window, as the JetStream intake's: take only as many messages as
+        // there are free places (workers + buffer); the queue has room for all of them.
+        let window = DeliveryWindow::new(options.window());
+        let threshold = options.pull_threshold();
         // The listener's token: the intake stops the listener when the stream goes away.
         let token = inner.closing.child_token();
+        let pool = WorkerPool::start_stopping_with(
+            options.workers,
+            window.capacity(),
+            token.child_token(),
+            move |delivery, work| {
+                let ctx = ctx.clone();
+                async move { process_delivery(delivery, &ctx, &work).await }.boxed()
+            },
+        );
+        window.spawn_keep_alive(ack_wait / 3, pool.context().finished);
+        let submitter = pool.submitter();
+        let work = pool.context();
         let stop_listener = token.clone();
         let broker = inner.broker.clone();
         let stream: Arc<str> = Arc::from(inner.stream.as_str());
@@ -407,38 +422,51 @@ impl EventConnection for MemoryEvents {
         pool.spawn_intake(async move {
             // Held while this listener pulls from the durable.
             let _claim = claim;
-            loop {
-                let next = tokio::select! {
+            'intake: loop {
+                let mut reserved = tokio::select! {
                     biased;
-                    _ = stopping.cancelled() => break,
-                    next = broker.streams().next(&stream, &durable) => next,
+                    _ = work.stopping.cancelled() => break,
+                    reserved = window.reserve(threshold) => reserved,
                 };
-                let delivered = match next {
-                    Next::Message(delivered) => delivered,
-                    Next::Gone => {
-                        tracing::warn!(stream = %stream, durable = %durable, "stream or consumer deleted; listener stops");
-                        stop_listener.cancel();
-                        break;
-                    }
-                };
-                let message = delivered.message;
-                let delivery = Delivery {
-                    subject: message.subject.clone(),
-                    headers: (!message.headers.is_empty()).then(|| message.headers.clone()),
-                    payload: message.payload.clone(),
-                    stream_sequence: message.sequence,
-                    delivered: delivered.deliveries,
-                    acker: Box::new(MemoryAcker {
+                while reserved.count() > 0 {
+                    let next = tokio::select! {
+                        biased;
+                        _ = work.stopping.cancelled() => break 'intake,
+                        next = broker.streams().next(&stream, &durable) => next,
+                    };
+                    let delivered = match next {
+                        Next::Message(delivered) => delivered,
+                        Next::Gone => {
+                            tracing::warn!(stream = %stream, durable = %durable, "stream or consumer deleted; listener stops");
+                            stop_listener.cancel();
+                            break 'intake;
+                        }
+                    };
+                    let message = delivered.message;
+                    let acker: Arc<dyn Acker> = Arc::new(MemoryAcker {
                         broker: broker.clone(),
                         stream: stream.clone(),
                         durable: durable.clone(),
                         seq: message.sequence,
-                    }),
-                };
-                if let Err(delivery) = submitter.submit(delivery).await {
-                    // Stopping: hand it back for immediate redelivery to another instance.
-                    let _ = delivery.acker.nak(None).await;
-                    break;
+                        settled: AtomicBool::new(false),
+                        work: work.clone(),
+                    });
+                    let hold = window.hold(&mut reserved, &acker).await;
+                    let delivery = Delivery {
+                        subject: message.subject.clone(),
+                        headers: (!message.headers.is_empty()).then(|| message.headers.clone()),
+                        payload: message.payload.clone(),
+                        stream_sequence: message.sequence,
+                        delivered: delivered.deliveries,
+                        acker,
+                        hold,
+                    };
+                    // The window made room: queueing does not wait, and a delivery taken is run
+                    // even while stopping. Refused only when the workers are gone: dropped, its
+                    // acker hands it back.
+                    if submitter.submit_draining(delivery).await.is_err() {
+                        break 'intake;
+                    }
                 }
             }
         });
@@ -505,17 +533,32 @@ impl Drop for DurableClaim {
     }
 }
 
-/// Settles deliveries with the broker's consumer.
+/// Settles deliveries with the broker's consumer. One dropped unsettled (e.g. still queued
+/// when a stop's grace period ran out) is nak'ed, as the JetStream acker does; unless the
+/// listener "crashed", where nothing is settled.
 struct MemoryAcker {
     broker: MemoryBroker,
     stream: Arc<str>,
     durable: Arc<str>,
     seq: u64,
+    settled: AtomicBool,
+    work: WorkContext,
+}
+
+impl Drop for MemoryAcker {
+    fn drop(&mut self) {
+        if !self.settled.load(Ordering::SeqCst) && !self.work.crashed() {
+            self.broker
+                .streams()
+                .nak(&self.stream, &self.durable, self.seq, None);
+        }
+    }
 }
 
 #[async_trait]
 impl Acker for MemoryAcker {
     async fn ack(&self) -> Result<(), BoxError> {
+        self.settled.store(true, Ordering::SeqCst);
         self.broker
             .streams()
             .ack(&self.stream, &self.durable, self.seq);
@@ -523,6 +566,7 @@ impl Acker for MemoryAcker {
     }
 
     async fn nak(&self, delay: Option<Duration>) -> Result<(), BoxError> {
+        self.settled.store(true, Ordering::SeqCst);
         self.broker
             .streams()
             .nak(&self.stream, &self.durable, self.seq, delay);
@@ -537,6 +581,7 @@ impl Acker for MemoryAcker {
     }
 
     async fn term(&self) -> Result<(), BoxError> {
+        self.settled.store(true, Ordering::SeqCst);
         self.broker
             .streams()
             .term(&self.stream, &self.durable, self.seq);
@@ -1495,23 +1540,20 @@ mod tests {
             !listener.is_stopped(),
             "the in-flight handler holds the stop"
         );
-        release.add_permits(1);
+        // The queued events are run too (a hand-back would cost each a delivery).
+        release.add_permits(3);
         let report = stopping.await.unwrap();
         assert_eq!(
             (report.finished, report.requeued, report.abandoned),
-            (1, 2, 0),
+            (3, 0, 0),
             "{report:?}"
         );
-        assert_eq!(
-            started.load(Ordering::SeqCst),
-            1,
-            "queued events were not started"
-        );
+        assert_eq!(started.load(Ordering::SeqCst), 3, "queued events were run");
         let info = broker.consumer_info("CLOUDEVENTS", "svc").unwrap();
         assert_eq!(
-            (info.acked, info.num_ack_pending),
-            (1, 2),
-            "two handed back for redelivery"
+            (info.acked, info.num_ack_pending, info.num_redelivered),
+            (3, 0, 0),
+            "all handled, none handed back"
         );
     }
 }

@@ -93,6 +93,12 @@ impl EventBackend for JetStream {
             .expect("consumer info")
     }
 
+    async fn deliveries(&self, stream: &str, durable: &str) -> Option<u64> {
+        let handle = self.js.get_stream(stream).await.ok()?;
+        let info = handle.consumer_info(durable).await.ok()?;
+        Some(info.delivered.consumer_sequence)
+    }
+
     async fn publish_raw(&self, subject: &str, headers: HeaderMap, payload: Bytes) {
         self.js
             .publish_with_headers(subject.to_owned(), headers, payload)

@@ -95,6 +95,12 @@ impl EventBackend for Memory {
         connection.consumer_info(durable).expect("consumer info")
     }
 
+    async fn deliveries(&self, stream: &str, durable: &str) -> Option<u64> {
+        self.broker
+            .consumer_info(stream, durable)
+            .map(|info| info.delivered)
+    }
+
     async fn publish_raw(&self, subject: &str, headers: HeaderMap, payload: Bytes) {
         self.broker
             .publish_raw(subject, headers, payload)

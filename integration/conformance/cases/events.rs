@@ -47,6 +47,7 @@ fn options(durable: &str) -> EventListenOptions {
         durable_name: Some(durable.to_owned()),
         max_deliver: Some(5),
         ack_wait: Some(Duration::from_secs(5)),
+        handler_timeout: None,
         backoff: Backoff {
             initial: Duration::from_millis(50),
             max: Duration::from_millis(500),
@@ -1842,4 +1843,303 @@ pub async fn consumer_info_reports_the_same_numbers<B: EventBackend>() {
         "{idle:?}"
     );
     assert_eq!(idle.max_deliver, busy.max_deliver);
+}
+
+/// Records `(event id, delivery count)` of every handler run, works for `work`, and acks.
+fn counting(event_type: &str, runs: &Seen<(String, u64)>, work: Duration) -> EventHandlers {
+    let runs = runs.clone();
+    EventHandlers::new().on(
+        event_type,
+        event_handler_fn(move |e, responses| {
+            let runs = runs.clone();
+            async move {
+                runs.push((e.id().to_owned(), responses.delivery_count()));
+                tokio::time::sleep(work).await;
+                Ok(())
+            }
+        }),
+    )
+}
+
+/// Every run was a first delivery, and each event ran once: no delivery was spent on an
+/// event whose handler never started.
+fn assert_each_once_first_delivery(runs: &[(String, u64)], sent: &[Event]) {
+    let mut per_id: HashMap<&str, Vec<u64>> = HashMap::new();
+    for (id, count) in runs {
+        per_id.entry(id.as_str()).or_default().push(*count);
+    }
+    let repeated: Vec<_> = per_id
+        .iter()
+        .filter(|(_, counts)| counts.as_slice() != [1])
+        .collect();
+    assert!(
+        repeated.is_empty(),
+        "events run more than once or on a later delivery (id: delivery counts): {repeated:?}"
+    );
+    assert_eq!(
+        per_id
+            .keys()
+            .map(|id| id.to_string())
+            .collect::<BTreeSet<_>>(),
+        ids(sent),
+        "every event handled"
+    );
+}
+
+/// Repeated graceful stops over a backlog (a rolling deploy, `cemsg listen --count 1` in a
+/// loop) cost no deliveries: each listener is stopped right after its first handled event,
+/// and still every event is handled exactly once, on its first delivery, nothing is
+/// dead-lettered and the consumer ends with nothing pending (nothing parked).
+pub async fn repeated_stops_over_a_backlog_cost_no_deliveries<B: EventBackend>() {
+    let env = B::start().await;
+    let config = env.config("svc");
+    let connection = env.events(&config).await;
+    let event_type = new_type("restarts");
+    let durable = new_durable();
+    let sent: Vec<Event> = (0..20).map(|n| event(&event_type, &json!(n))).collect();
+    for e in &sent {
+        publish(&connection, e.clone()).await;
+    }
+    let runs: Seen<(String, u64)> = Seen::new();
+    let options = EventListenOptions {
+        workers: 1,
+        buffer: 4,
+        max_deliver: Some(3),
+        ..options(&durable)
+    };
+    let mut stops = 0;
+    let handled_all = |runs: &Seen<(String, u64)>| {
+        let handled: BTreeSet<String> = runs.snapshot().into_iter().map(|(id, _)| id).collect();
+        handled == ids(&sent)
+    };
+    while !handled_all(&runs) {
+        assert!(
+            stops < sent.len(),
+            "{stops} stops and still not all handled"
+        );
+        let before = runs.len();
+        // Each event takes a moment, so events wait in the listener's queue when it stops.
+        let handlers = counting(&event_type, &runs, Duration::from_millis(30));
+        let listener = listen(&connection, handlers, options.clone()).await;
+        runs.wait_len(
+            "one more event handled (none parked or dead-lettered)",
+            before + 1,
+        )
+        .await;
+        let report = within("the stop", listener.stop(Duration::from_secs(5))).await;
+        assert_eq!(report.abandoned, 0, "{report:?}");
+        stops += 1;
+    }
+    assert_each_once_first_delivery(&runs.snapshot(), &sent);
+    wait_settled(&env, &config, &durable).await;
+    assert!(
+        env.stored(&config.js_dlq_stream).await.is_empty(),
+        "nothing dead-lettered"
+    );
+    assert_eq!(
+        env.deliveries(&config.js_stream, &durable).await,
+        Some(sent.len() as u64),
+        "one delivery per event: stops handed nothing back"
+    );
+}
+
+/// A slow handler (queued events wait longer than the ack wait for a worker) causes no
+/// redelivery of events that never started: queued events are kept alive.
+pub async fn slow_handler_never_redelivers_queued_events<B: EventBackend>() {
+    let env = B::start().await;
+    let config = env.config("svc");
+    let connection = env.events(&config).await;
+    let event_type = new_type("slow");
+    let durable = new_durable();
+    let sent: Vec<Event> = (0..12).map(|n| event(&event_type, &json!(n))).collect();
+    for e in &sent {
+        publish(&connection, e.clone()).await;
+    }
+    let runs: Seen<(String, u64)> = Seen::new();
+    let recorder = runs.clone();
+    let handlers = EventHandlers::new().on(
+        &event_type,
+        event_handler_fn(move |e, responses| {
+            let runs = recorder.clone();
+            async move {
+                runs.push((e.id().to_owned(), responses.delivery_count()));
+                // Work that takes most of the ack wait: the third event in line waits
+                // longer than the ack wait for a worker.
+                tokio::time::sleep(Duration::from_millis(700)).await;
+                Ok(())
+            }
+        }),
+    );
+    let options = EventListenOptions {
+        workers: 2,
+        buffer: 4,
+        ack_wait: Some(Duration::from_secs(1)),
+        ..options(&durable)
+    };
+    let listener = listen(&connection, handlers, options).await;
+    wait_settled(&env, &config, &durable).await;
+    within("the stop", listener.stop(Duration::from_secs(5))).await;
+    assert_each_once_first_delivery(&runs.snapshot(), &sent);
+    assert_eq!(
+        env.deliveries(&config.js_stream, &durable).await,
+        Some(sent.len() as u64),
+        "no redeliveries"
+    );
+}
+
+/// A listener that dies (crash abort) while handling an event's last allowed delivery: the
+/// event is not parked by the broker; the next listener dead-letters it (`max-deliveries`)
+/// before running any handler, also when that listener is stopping as it arrives.
+pub async fn crash_on_the_last_allowed_delivery_ends_dead_lettered<B: EventBackend>() {
+    let env = B::start().await;
+    let config = env.config("svc");
+    let connection = env.events(&config).await;
+    let event_type = new_type("lastdelivery");
+    let durable = new_durable();
+    let options = EventListenOptions {
+        workers: 1,
+        buffer: 1,
+        max_deliver: Some(2),
+        ack_wait: Some(Duration::from_secs(1)),
+        ..options(&durable)
+    };
+    // Delivery 1 fails, delivery 2 (the last allowed) hangs until the listener is killed.
+    let started: Seen<u64> = Seen::new();
+    let s = started.clone();
+    let failing = EventHandlers::new().on(
+        &event_type,
+        event_handler_fn(move |_, responses| {
+            let started = s.clone();
+            async move {
+                started.push(responses.delivery_count());
+                if responses.delivery_count() == 1 {
+                    return Err(
+                        HandlerError::new("first try fails").retry_after(Duration::from_millis(20))
+                    );
+                }
+                std::future::pending().await
+            }
+        }),
+    );
+    // The listener that dies has its own connection, which goes away with it (as with a
+    // killed process): a pull request it left open at the server must not take deliveries.
+    let doomed = env.events(&config).await;
+    let crashed = listen(&doomed, failing, options.clone()).await;
+    let e = event(&event_type, &json!("last"));
+    let ack = publish(&connection, e.clone()).await;
+    started
+        .wait_until("the last allowed delivery", |s| s == [1, 2])
+        .await;
+    within("abort", crashed.abort()).await;
+    B::close_events(&doomed).await;
+
+    // The next listener is busy with another event and stops while the redelivery (after
+    // the ack wait) waits in its queue.
+    let other = event(&event_type, &json!("other"));
+    publish(&connection, other.clone()).await;
+    let gate = Gate::new();
+    let (busy_started, busy_finished) = (Seen::new(), Seen::new());
+    let listener = listen(
+        &connection,
+        gated_recording(&event_type, &gate, &busy_started, &busy_finished),
+        options,
+    )
+    .await;
+    let got = busy_started.wait_len("the other event", 1).await;
+    assert_eq!(got[0].id(), other.id());
+    eventually("the redelivery to reach the listener", || async {
+        env.deliveries(&config.js_stream, &durable).await == Some(4)
+    })
+    .await;
+    let stopping = tokio::spawn({
+        let listener = listener.clone();
+        async move { listener.stop(Duration::from_secs(5)).await }
+    });
+    gate.open();
+    within("the stop", stopping).await.expect("stop task");
+    let letters = wait_dead_letters(&env, &config, 1).await;
+    assert_eq!(
+        letters.len(),
+        1,
+        "only the exhausted event is dead-lettered"
+    );
+    assert_dead_letter(
+        &letters[0],
+        &config,
+        &durable,
+        &e,
+        ack.sequence,
+        "max-deliveries",
+        3,
+    );
+    assert_eq!(
+        ids(&busy_started.snapshot()),
+        ids(std::slice::from_ref(&other)),
+        "no handler ran on the exhausted event"
+    );
+    wait_settled(&env, &config, &durable).await;
+}
+
+/// A handler that never returns is cut off by the handler time limit: the event is settled
+/// as a failure (redelivered, dead-lettered at the delivery limit) and the worker is freed
+/// for the next event.
+pub async fn handler_time_limit_frees_the_worker_and_dead_letters_at_the_limit<B: EventBackend>() {
+    let env = B::start().await;
+    let config = env.config("svc");
+    let connection = env.events(&config).await;
+    let event_type = new_type("hangs");
+    let durable = new_durable();
+    let runs: Seen<(String, u64)> = Seen::new();
+    let recorder = runs.clone();
+    let handlers = EventHandlers::new().on(
+        &event_type,
+        event_handler_fn(move |e, responses| {
+            let runs = recorder.clone();
+            async move {
+                runs.push((e.id().to_owned(), responses.delivery_count()));
+                if e.data_as::<String>().ok().as_deref() == Some("hang") {
+                    std::future::pending::<()>().await;
+                }
+                Ok(())
+            }
+        }),
+    );
+    let options = EventListenOptions {
+        workers: 1,
+        buffer: 0,
+        max_deliver: Some(2),
+        handler_timeout: Some(Duration::from_millis(300)),
+        ..options(&durable)
+    };
+    let listener = listen(&connection, handlers, options).await;
+    let hang = event(&event_type, &json!("hang"));
+    let ack = publish(&connection, hang.clone()).await;
+    let fine = event(&event_type, &json!("fine"));
+    publish(&connection, fine.clone()).await;
+    let letters = wait_dead_letters(&env, &config, 1).await;
+    assert_dead_letter(
+        &letters[0],
+        &config,
+        &durable,
+        &hang,
+        ack.sequence,
+        "max-deliveries",
+        2,
+    );
+    assert!(letters[0]
+        .header(headers::DEAD_LETTER_ERROR)
+        .is_some_and(|e| e.contains("time limit")));
+    runs.wait_until("the other event handled by the freed worker", |runs| {
+        runs.iter().any(|(id, _)| id == fine.id())
+    })
+    .await;
+    wait_settled(&env, &config, &durable).await;
+    let hang_runs: Vec<u64> = runs
+        .snapshot()
+        .into_iter()
+        .filter(|(id, _)| id == hang.id())
+        .map(|(_, n)| n)
+        .collect();
+    assert_eq!(hang_runs, vec![1, 2], "cut off twice, then dead-lettered");
+    within("the stop", listener.stop(Duration::from_secs(5))).await;
 }

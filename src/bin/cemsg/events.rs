@@ -243,6 +243,9 @@ struct Printed {
     printed: watch::Sender<u64>,
     /// Set when stdout failed: the command stops with this.
     failed: watch::Sender<Option<Failure>>,
+    /// The listener's token, cancelled by the handler that printed the last of `--count`
+    /// events before that event is acked, so the listener pulls nothing more.
+    stop: std::sync::OnceLock<tokio_util::sync::CancellationToken>,
 }
 
 pub async fn listen(config: Config, args: ListenArgs) -> Result<(), Failure> {
@@ -268,6 +271,7 @@ pub async fn listen(config: Config, args: ListenArgs) -> Result<(), Failure> {
         limit: args.count,
         printed: printed_tx,
         failed: failed_tx,
+        stop: std::sync::OnceLock::new(),
     });
     let mut handlers = EventHandlers::new();
     for event_type in &args.event_types {
@@ -284,8 +288,9 @@ pub async fn listen(config: Config, args: ListenArgs) -> Result<(), Failure> {
     let options = EventListenOptions {
         // One worker: events are printed in the order they are delivered.
         workers: 1,
-        // With --count, pull one at a time so that few events are pulled beyond N.
-        buffer: if args.count.is_some() { 1 } else { 64 },
+        // With --count, no read-ahead: pull only for the one worker, so nothing is pulled
+        // beyond N (the handler of the N-th event stops the listener before it is acked).
+        buffer: if args.count.is_some() { 0 } else { 16 },
         grace: LISTEN_GRACE,
         durable_name: Some(durable.clone()),
         ..Default::default()
@@ -297,6 +302,7 @@ pub async fn listen(config: Config, args: ListenArgs) -> Result<(), Failure> {
             return Err(err.into());
         }
     };
+    let _ = shared.stop.set(listener.cancellation_token());
     output::note(&format!(
         "listening for {} on durable {durable} (stream {})",
         args.event_types.join(", "),
@@ -308,6 +314,9 @@ pub async fn listen(config: Config, args: ListenArgs) -> Result<(), Failure> {
     let outcome = loop {
         let idle_deadline = idle.map(|idle| last_event + idle);
         tokio::select! {
+            // A handler that printed the last of --count stops the listener itself: the count
+            // is seen before the stop.
+            biased;
             changed = printed_rx.changed() => {
                 if changed.is_err() { break Ok(()); }
                 last_event = tokio::time::Instant::now();
@@ -323,6 +332,10 @@ pub async fn listen(config: Config, args: ListenArgs) -> Result<(), Failure> {
             _ = until(idle_deadline) => break Ok(()),
             _ = &mut shutdown => break Ok(()),
             _ = listener.stopped() => {
+                // Stopped by the handler of the last of --count: done.
+                if args.count.is_some_and(|count| *printed_rx.borrow() >= count) {
+                    break Ok(());
+                }
                 break Err(Failure::new(crate::fail::EXIT_CONNECTION, "the listener stopped: connection closed"));
             }
         }
@@ -360,6 +373,12 @@ async fn print_event(shared: &Printed, event: &Event) -> Result<(), HandlerError
         // Not printed, so not acked: handed back when the command stops.
         shared.failed.send_replace(Some(failure));
         return std::future::pending().await;
+    }
+    if shared.limit == Some(n) {
+        // The last one: stop pulling before this event is acked and its place is free.
+        if let Some(stop) = shared.stop.get() {
+            stop.cancel();
+        }
     }
     shared.printed.send_modify(|printed| *printed += 1);
     Ok(())
