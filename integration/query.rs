@@ -1522,7 +1522,7 @@ async fn requests_carry_their_remaining_timeout() {
 }
 
 /// Issue 15, item 4: requests whose caller gave up while they waited for a worker are dropped,
-/// not handled: one worker busy for 400 ms, four more requests with a 200 ms timeout queued
+/// not handled: one worker busy for 1 s, four more requests with a 200 ms timeout queued
 /// behind it; only the first handler ever starts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queued_requests_whose_caller_gave_up_are_dropped() {
@@ -1539,7 +1539,9 @@ async fn queued_requests_whose_caller_gave_up_are_dropped() {
                 let data: String = request.data_as()?;
                 if data != "probe" {
                     count.fetch_add(1, Ordering::SeqCst);
-                    tokio::time::sleep(Duration::from_millis(400)).await;
+                    // Long enough that the four queued behind it expire on the listener's
+                    // clock (deadline = receipt + 200 ms) even if they arrive late.
+                    tokio::time::sleep(Duration::from_secs(1)).await;
                 }
                 reply.reply_data("test.slow.reply", &data).await?;
                 Ok(())

@@ -200,8 +200,13 @@ impl Intake {
 
     /// Unsubscribes, makes sure the server saw it, then answers what was already delivered.
     async fn unsubscribe(mut self) {
+        // `drain`, not `unsubscribe`: `unsubscribe` closes the receiving end at once, so a
+        // request the server routed here before it saw the UNSUB was dropped by the client,
+        // unanswered (its requester waited out its timeout; seen under load in
+        // `requests_caught_by_a_stopping_listener_fail_fast`). A drained subscription keeps
+        // receiving until the server answered the PING sent after the UNSUB, then ends.
         for subscriber in self.subscriptions.iter_mut() {
-            if let Err(err) = subscriber.unsubscribe().await {
+            if let Err(err) = subscriber.drain().await {
                 tracing::debug!(error = %err, "unsubscribe on a closed connection");
             }
         }
@@ -209,7 +214,7 @@ impl Intake {
         if let Err(err) = server_round_trip(&self.client, ROUND_TRIP_TIMEOUT).await {
             tracing::warn!(error = %err, "unsubscribe not confirmed by the server");
         }
-        // After `unsubscribe` the buffers only hold what was delivered before; they end.
+        // The drained subscriptions end after what was delivered before the UNSUB.
         let leftovers = tokio::time::timeout(ROUND_TRIP_TIMEOUT, async {
             while let Some(message) = self.subscriptions.next().await {
                 let request = raw_request(&self.client, message);

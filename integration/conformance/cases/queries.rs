@@ -1088,9 +1088,11 @@ pub async fn request_whose_caller_gave_up_is_not_handled<B: QueryBackend>() {
     let op = new_op("expired");
     let gate = Gate::new();
     let started = Seen::new();
+    // One worker and one queue slot: the impatient request fills the slot, so a later request
+    // answered busy proves the listener received the impatient one before it.
     let options = QueryListenOptions {
         workers: 1,
-        buffer: 4,
+        buffer: 1,
         ..options()
     };
     let listener = listen(&server, gated(&op, &gate, &started), options).await;
@@ -1101,13 +1103,27 @@ pub async fn request_whose_caller_gave_up_is_not_handled<B: QueryBackend>() {
     started.wait_len("the first handler", 1).await;
     let impatient = request_event(&op, &json!("impatient"));
     let impatient_id = impatient.id().to_owned();
+    let timeout = Duration::from_millis(200);
     let err = within(
         "impatient request",
-        client.request_with_timeout(impatient, Duration::from_millis(200)),
+        client.request_with_timeout(impatient, timeout),
     )
     .await
     .expect_err("the worker is busy");
     assert_eq!(err.kind(), RequestErrorKind::TimedOut, "{err}");
+    let marker = within(
+        "busy marker",
+        client.request(request_event(&op, &json!("marker"))),
+    )
+    .await
+    .expect_err("the queue is full");
+    assert_eq!(remote_code(&marker).0, 503, "{marker}");
+    // The listener takes a request's deadline on receipt (its own clock: receipt + the
+    // requester's remaining time, so transit counts in the requester's favour). The impatient
+    // request was received before the marker was answered; one timeout after that answer its
+    // deadline has passed on the listener's clock too. This wait is the duration under test,
+    // not synchronisation.
+    tokio::time::sleep(timeout).await;
     gate.open();
     within("first", first)
         .await
