@@ -95,12 +95,21 @@ fn disconnected(inner: &Inner, prefix: &str) -> Option<RequestError> {
 }
 
 /// Refuses at once a request that cannot be sent: closed, or disconnected.
-fn check_connection(inner: &Inner) -> Result<(), RequestError> {
-    if inner.events.is_closed() {
-        return Err(Error::new(RequestErrorKind::ConnectionClosed));
-    }
-    match disconnected(inner, "") {
-        Some(err) => Err(err),
+///
+/// A refusal yields to the runtime first: it is otherwise ready at its first poll, and a
+/// caller retrying in a loop would never give the connection's own task (on the same worker
+/// thread) a turn to reconnect.
+async fn check_connection(inner: &Inner) -> Result<(), RequestError> {
+    let refused = if inner.events.is_closed() {
+        Some(Error::new(RequestErrorKind::ConnectionClosed))
+    } else {
+        disconnected(inner, "")
+    };
+    match refused {
+        Some(err) => {
+            tokio::task::yield_now().await;
+            Err(err)
+        }
         None => Ok(()),
     }
 }
@@ -126,7 +135,7 @@ pub(super) async fn request(
     request: Event,
     timeout: Duration,
 ) -> Result<Event, RequestError> {
-    check_connection(inner)?;
+    check_connection(inner).await?;
     let timeout = timeout.min(MAX_REQUEST_TIMEOUT);
     let out = prepare(inner, request, timeout)?;
     // One timer bounds registering, handing the request to the connection (which can block
@@ -177,7 +186,7 @@ pub(super) async fn request_stream(
     request: Event,
     mut options: ReplyStreamOptions,
 ) -> Result<ReplyStream, RequestError> {
-    check_connection(inner)?;
+    check_connection(inner).await?;
     if options.max_replies == Some(0) {
         return Err(Error::with_detail(
             RequestErrorKind::InvalidOptions,
