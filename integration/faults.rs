@@ -747,10 +747,13 @@ async fn s4_paused_server_is_noticed_and_everything_resumes_on_its_own() {
     .await
     .expect("request during the pause hung");
     let err = outcome.expect_err("a request to a frozen server cannot succeed");
+    // `Disconnected` (issue 15): the client noticed, so the request says so at once.
     assert!(
         matches!(
             err.kind(),
-            RequestErrorKind::TimedOut | RequestErrorKind::NoResponders
+            RequestErrorKind::TimedOut
+                | RequestErrorKind::NoResponders
+                | RequestErrorKind::Disconnected
         ),
         "unexpected error kind: {err}"
     );
@@ -998,7 +1001,9 @@ async fn s9_requests_across_a_server_restart_fail_as_documented_and_never_cross(
         assert!(
             matches!(
                 kind,
-                RequestErrorKind::TimedOut | RequestErrorKind::NoResponders
+                RequestErrorKind::TimedOut
+                    | RequestErrorKind::NoResponders
+                    | RequestErrorKind::Disconnected
             ),
             "undocumented error during a restart: {kind:?}"
         );

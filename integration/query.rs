@@ -855,9 +855,11 @@ async fn four_workers_never_run_more_than_four_handlers_and_answer_all_200() {
             }
         }),
     );
+    // Room in the queue for every request: a full queue is answered 503 at once (shedding,
+    // tested below); here every request must wait for one of the 4 workers.
     let options = QueryListenOptions {
         workers: 4,
-        buffer: 8,
+        buffer: 200,
         ..Default::default()
     };
     let listener = listen_with(&queries, handlers, options).await;
@@ -1022,13 +1024,20 @@ async fn listener_serves_again_after_kill_9_and_restart() {
         .await
         .expect("kill");
 
-    // During the outage a request fails within its timeout.
+    // During the outage a request fails within its timeout: `Disconnected` once the client
+    // noticed the outage (at once, or when the timeout ran out), `TimedOut` if it had not.
     let timeout = Duration::from_millis(500);
     let started = Instant::now();
     let err = within("request", requester.request_with_timeout(ping(), timeout))
         .await
         .expect_err("server is down");
-    assert_eq!(err.kind(), RequestErrorKind::TimedOut, "{err}");
+    assert!(
+        matches!(
+            err.kind(),
+            RequestErrorKind::Disconnected | RequestErrorKind::TimedOut
+        ),
+        "{err}"
+    );
     assert!(started.elapsed() < timeout + Duration::from_secs(1));
 
     let restarted = server.clone();
@@ -1277,51 +1286,434 @@ async fn slow_consumer_events_are_counted() {
     let queries = within("connect", NatsQueries::connect_with_options(&cfg, options))
         .await
         .expect("connect");
-    let held = new_held();
+    assert_eq!(queries.slow_consumer_events(), 0);
+    // A listener's intake reads as fast as requests come (a full worker queue is answered 503),
+    // so a slow consumer is now a subscription of the connection that nobody reads: four
+    // buffered messages, the rest of 100 overflow and the client reports it.
+    let unread = queries
+        .client()
+        .subscribe("test.unread")
+        .await
+        .expect("subscribe");
+    synced(queries.client()).await;
+    let raw = support::connect(&server.url()).await;
+    for i in 0..100 {
+        raw.publish("test.unread", format!("m{i}").into())
+            .await
+            .expect("publish");
+    }
+    within("flush", raw.flush()).await.expect("flush");
+    support::eventually(WAIT, || async { queries.slow_consumer_events() > 0 }).await;
+    drop(unread);
+
+    // Nothing else broke: a listener on the same connection still serves.
+    let listener = listen(&queries, ping_handlers("test.ping")).await;
+    let requester = connect(&cfg).await;
+    within(
+        "request",
+        requester.request(request_event("test.ping", serde_json::json!(1))),
+    )
+    .await
+    .expect("served");
+    within("stop", listener.stop(WAIT)).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hardening (issue 15): dispatch by subject, reply size, overload and deadlines, outages
+// ---------------------------------------------------------------------------------------------
+
+/// Sends raw `headers`/`payload` as a request on `subject` from a plain client and returns the
+/// reply message.
+async fn raw_request(
+    client: &async_nats::Client,
+    subject: &str,
+    event: &Event,
+    mode: ContentMode,
+) -> async_nats::Message {
+    let encoded = codec::encode(event, mode).expect("encode");
+    let request = async_nats::Request::new()
+        .headers(encoded.headers)
+        .payload(encoded.payload)
+        .timeout(Some(WAIT));
+    within(
+        "raw request",
+        client.send_request(subject.to_owned(), request),
+    )
+    .await
+    .expect("a reply")
+}
+
+fn reply_header<'a>(message: &'a async_nats::Message, name: &str) -> Option<&'a str> {
+    message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(name))
+        .map(|v| v.as_str())
+}
+
+/// Issue 15, item 2: a request published on `test.public` that carries type `test.admin` is
+/// answered with a 400 naming both; the `test.admin` handler never runs (the subject is what
+/// subject-based permissions look at).
+#[tokio::test]
+async fn request_whose_type_disagrees_with_its_subject_is_400_naming_both() {
+    let server = core_server();
+    let cfg = config(&server);
+    let serving = connect(&cfg).await;
+    let admin_calls = Arc::new(AtomicUsize::new(0));
+    let calls = admin_calls.clone();
+    let handlers = ping_handlers("test.public").on(
+        "test.admin",
+        handler_fn(move |_request: Event, reply| {
+            let calls = calls.clone();
+            async move {
+                calls.fetch_add(1, Ordering::SeqCst);
+                reply.reply_data("test.admin.reply", &"secret").await?;
+                Ok(())
+            }
+        }),
+    );
+    let listener = listen(&serving, handlers).await;
+    let raw = support::connect(&server.url()).await;
+    for mode in [ContentMode::Structured, ContentMode::Binary] {
+        let sneaky = request_event("test.admin", serde_json::json!("x"));
+        let reply = raw_request(&raw, "test.public", &sneaky, mode).await;
+        assert_eq!(
+            reply_header(&reply, "Nats-Service-Error-Code"),
+            Some("400"),
+            "{mode:?}: {:?}",
+            reply.headers
+        );
+        let text = reply_header(&reply, "Nats-Service-Error").unwrap_or_default();
+        assert!(
+            text.contains("test.admin") && text.contains("test.public"),
+            "{text}"
+        );
+    }
+    assert_eq!(admin_calls.load(Ordering::SeqCst), 0);
+    // The matching requests are served as before.
+    let requester = connect(&cfg).await;
+    within(
+        "request",
+        requester.request(request_event("test.admin", serde_json::json!(1))),
+    )
+    .await
+    .expect("admin on its own subject");
+    within(
+        "request",
+        requester.request(request_event("test.public", serde_json::json!(1))),
+    )
+    .await
+    .expect("public on its own subject");
+    assert_eq!(admin_calls.load(Ordering::SeqCst), 1);
+    within("stop", listener.stop(WAIT)).await;
+}
+
+/// Issue 15, item 2 (wildcard mode): dispatch stays by type, so the `test.admin` handler of a
+/// `test.>` listener answers a request published on `test.public` (documented: subject
+/// permissions do not choose the handler there).
+#[tokio::test]
+async fn wildcard_listener_still_dispatches_by_type() {
+    let server = core_server();
+    let cfg = config(&server);
+    let serving = connect(&cfg).await;
     let listener = listen_with(
-        &queries,
-        held_handlers(held.clone()),
+        &serving,
+        ping_handlers("test.admin"),
         QueryListenOptions {
-            workers: 1,
-            buffer: 1,
+            wildcard_subject: Some("test.>".into()),
             ..Default::default()
         },
     )
     .await;
-    assert_eq!(queries.slow_consumer_events(), 0);
-
-    // One handler held, one request queued, one waiting in intake, four buffered: the rest of
-    // 100 requests overflow the subscription and the client reports a slow consumer.
     let raw = support::connect(&server.url()).await;
-    let inbox = raw.new_inbox();
-    let mut replies = raw.subscribe(inbox.clone()).await.expect("inbox");
-    for i in 0..100 {
-        let encoded = codec::encode(
-            &request_event("test.hold", serde_json::json!(format!("r{i}"))),
-            ContentMode::Structured,
-        )
-        .expect("encode");
-        raw.publish_with_reply_and_headers(
-            "test.hold",
-            inbox.clone(),
-            encoded.headers,
-            encoded.payload,
-        )
-        .await
-        .expect("publish");
-    }
-    within("flush", raw.flush()).await.expect("flush");
-    support::eventually(WAIT, || async { queries.slow_consumer_events() > 0 }).await;
+    let request = request_event("test.admin", serde_json::json!("w"));
+    let reply = raw_request(&raw, "test.public", &request, ContentMode::Structured).await;
+    assert_eq!(reply_header(&reply, "Nats-Service-Error-Code"), None);
+    let event = codec::decode(reply.headers.as_ref(), &reply.payload).expect("reply");
+    assert_eq!(event.ty(), "test.pong");
+    within("stop", listener.stop(WAIT)).await;
+}
 
-    // Nothing else broke: once released, the listener answers what it kept.
-    held.gate.add_permits(1000);
-    let first = within("a reply", replies.next()).await.expect("reply");
-    let event = codec::decode(first.headers.as_ref(), &first.payload).expect("reply event");
-    assert_eq!(event.ty(), "test.hold.reply");
-    let report = within("stop", listener.stop(WAIT)).await;
-    assert!(report.handled_total >= 1);
-    assert!(
-        report.handled_total < 100,
-        "some requests were dropped: {report:?}"
+/// Issue 15, item 3: a reply larger than the server's `max_payload` becomes a prompt 500
+/// ("reply too large") instead of a requester waiting out its timeout, and the handler's
+/// `reply` gets a typed error.
+#[tokio::test]
+async fn oversized_reply_is_a_prompt_500_and_a_typed_error_for_the_handler() {
+    let server = NatsServer::start_with(ServerOptions {
+        jetstream: false,
+        extra_config: "max_payload: 65536".into(),
+        ..Default::default()
+    });
+    let cfg = config(&server);
+    let serving = connect(&cfg).await;
+    let (seen_tx, mut seen_rx) = tokio::sync::mpsc::channel::<String>(4);
+    let handlers = QueryHandlers::new().on(
+        "test.big",
+        handler_fn(move |_request: Event, reply| {
+            let seen_tx = seen_tx.clone();
+            async move {
+                let big = "x".repeat(100_000);
+                let result = reply.reply_data("test.big.reply", &big).await;
+                let _ = seen_tx
+                    .send(match &result {
+                        Ok(()) => "ok".to_owned(),
+                        Err(e) => format!("{:?}: {e}", e.kind()),
+                    })
+                    .await;
+                result?;
+                Ok(())
+            }
+        }),
     );
+    let listener = listen(&serving, handlers).await;
+    let requester = connect(&cfg).await;
+    let timeout = Duration::from_secs(8);
+    let err = within(
+        "request",
+        requester.request_with_timeout(request_event("test.big", serde_json::json!(1)), timeout),
+    )
+    .await
+    .expect_err("the reply is too large");
+    assert_eq!(err.kind(), RequestErrorKind::Remote, "{err}");
+    let remote = remote(&err);
+    assert_eq!(remote.code(), 500);
+    assert!(
+        remote.text().contains("reply too large") && remote.text().contains("65536"),
+        "{}",
+        remote.text()
+    );
+    let seen = within("handler's result", seen_rx.recv())
+        .await
+        .expect("handler ran");
+    assert!(seen.starts_with("TooLarge"), "{seen}");
+    within("stop", listener.stop(WAIT)).await;
+}
+
+/// Issue 15, item 4: the requester says how long it waits (`Request-Timeout-Ms`).
+#[tokio::test]
+async fn requests_carry_their_remaining_timeout() {
+    let server = core_server();
+    let cfg = config(&server);
+    let raw = support::connect(&server.url()).await;
+    let mut requests = raw.subscribe("test.deadline").await.expect("subscribe");
+    synced(&raw).await;
+    let requester = connect(&cfg).await;
+    let sent = tokio::spawn(async move {
+        requester
+            .request_with_timeout(
+                request_event("test.deadline", serde_json::json!(1)),
+                Duration::from_millis(1500),
+            )
+            .await
+    });
+    let message = within("request", requests.next()).await.expect("a request");
+    let value: u64 = message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get("Request-Timeout-Ms"))
+        .map(|v| v.as_str().parse().expect("a number of milliseconds"))
+        .expect("Request-Timeout-Ms header");
+    assert!(value > 0 && value <= 1500, "{value}");
+    let err = within("timeout", sent)
+        .await
+        .expect("join")
+        .expect_err("no reply");
+    assert_eq!(err.kind(), RequestErrorKind::TimedOut);
+}
+
+/// Issue 15, item 4: requests whose caller gave up while they waited for a worker are dropped,
+/// not handled: one worker busy for 1 s, four more requests with a 200 ms timeout queued
+/// behind it; only the first handler ever starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_requests_whose_caller_gave_up_are_dropped() {
+    let server = core_server();
+    let cfg = config(&server);
+    let serving = connect(&cfg).await;
+    let started = Arc::new(AtomicUsize::new(0));
+    let count = started.clone();
+    let handlers = QueryHandlers::new().on(
+        "test.slow",
+        handler_fn(move |request: Event, reply| {
+            let count = count.clone();
+            async move {
+                let data: String = request.data_as()?;
+                if data != "probe" {
+                    count.fetch_add(1, Ordering::SeqCst);
+                    // Long enough that the four queued behind it expire on the listener's
+                    // clock (deadline = receipt + 200 ms) even if they arrive late.
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                reply.reply_data("test.slow.reply", &data).await?;
+                Ok(())
+            }
+        }),
+    );
+    let listener = listen_with(
+        &serving,
+        handlers,
+        QueryListenOptions {
+            workers: 1,
+            buffer: 8,
+            ..Default::default()
+        },
+    )
+    .await;
+    let requester = connect(&cfg).await;
+    let burst = futures::future::join_all((0..5).map(|i| {
+        requester.request_with_timeout(
+            request_event("test.slow", serde_json::json!(format!("r{i}"))),
+            Duration::from_millis(200),
+        )
+    }))
+    .await;
+    for result in &burst {
+        let err = result.as_ref().expect_err("the caller gave up");
+        assert_eq!(err.kind(), RequestErrorKind::TimedOut, "{err}");
+    }
+    // The probe queues behind whatever is left: once it is answered, the four were taken out.
+    within(
+        "probe",
+        requester.request(request_event("test.slow", serde_json::json!("probe"))),
+    )
+    .await
+    .expect("probe served");
+    assert_eq!(
+        started.load(Ordering::SeqCst),
+        1,
+        "handlers ran for callers that had given up"
+    );
+    within("stop", listener.stop(WAIT)).await;
+}
+
+/// Issue 15, item 4, the measurement: a 500 ms handler, 2 workers, buffer 4, 400 concurrent
+/// requests with a 2 s timeout. The listener answers what it cannot queue with 503 at once,
+/// and a fresh request sent after the burst's deadline is served within about one handler
+/// time (before: it timed out behind stale work).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn burst_of_400_is_shed_and_a_fresh_request_is_served_after_it() {
+    const HANDLER: Duration = Duration::from_millis(500);
+    let server = core_server();
+    let cfg = config(&server);
+    let serving = connect(&cfg).await;
+    let started = Arc::new(AtomicUsize::new(0));
+    let count = started.clone();
+    let handlers = QueryHandlers::new().on(
+        "test.work",
+        handler_fn(move |request: Event, reply| {
+            let count = count.clone();
+            async move {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(HANDLER).await;
+                let data: serde_json::Value = request.data_as()?;
+                reply.reply_data("test.work.reply", &data).await?;
+                Ok(())
+            }
+        }),
+    );
+    let listener = listen_with(
+        &serving,
+        handlers,
+        QueryListenOptions {
+            workers: 2,
+            buffer: 4,
+            ..Default::default()
+        },
+    )
+    .await;
+    let requester = connect(&cfg).await;
+    let burst_started = Instant::now();
+    let results = within(
+        "the burst",
+        futures::future::join_all((0..400).map(|i| {
+            requester.request_with_timeout(
+                request_event("test.work", serde_json::json!(i)),
+                Duration::from_secs(2),
+            )
+        })),
+    )
+    .await;
+    let burst_took = burst_started.elapsed();
+    let (mut ok, mut busy, mut timed_out, mut other) = (0, 0, 0, Vec::new());
+    for result in &results {
+        match result {
+            Ok(_) => ok += 1,
+            Err(e) if e.kind() == RequestErrorKind::TimedOut => timed_out += 1,
+            Err(e) if RemoteError::of(e).is_some_and(|r| r.code() == 503) => busy += 1,
+            Err(e) => other.push(e.to_string()),
+        }
+    }
+    let handled_in_burst = started.load(Ordering::SeqCst);
+    // Fresh request after the burst's deadline, with a timeout of one handler time + margin.
+    let fresh_started = Instant::now();
+    let fresh = within(
+        "fresh request",
+        requester.request_with_timeout(
+            request_event("test.work", serde_json::json!("fresh")),
+            HANDLER + Duration::from_millis(1500),
+        ),
+    )
+    .await;
+    let fresh_took = fresh_started.elapsed();
+    eprintln!(
+        "burst: {ok} ok, {busy} busy (503), {timed_out} timed out, {} other, {handled_in_burst} handlers started, burst ended after {burst_took:?}; fresh request: {:?} after {fresh_took:?}",
+        other.len(),
+        fresh.as_ref().map(|_| "ok").map_err(|e| e.to_string()),
+    );
+    assert!(other.is_empty(), "{other:?}");
+    assert_eq!(ok + busy + timed_out, 400);
+    assert!(busy > 0, "nothing was shed");
+    assert!(ok >= 2, "the listener served nothing");
+    fresh.expect("a fresh request after the burst is served");
+    // Accounting: every request served had its handler started; no handler started for a
+    // request answered busy.
+    assert!(
+        handled_in_burst >= ok,
+        "{handled_in_burst} started, {ok} ok"
+    );
+    assert!(
+        handled_in_burst + busy <= 400,
+        "{handled_in_burst} started, {busy} busy"
+    );
+    within("stop", listener.stop(WAIT)).await;
+}
+
+/// Issue 15: a request while the connection is down says so at once, instead of only timing
+/// out after the full timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_during_an_outage_says_disconnected() {
+    let server = Arc::new(core_server());
+    let cfg = config(&server);
+    let requester = connect(&cfg).await;
+    let killed = server.clone();
+    tokio::task::spawn_blocking(move || killed.kill())
+        .await
+        .expect("kill");
+    support::eventually(WAIT, || async {
+        requester.client().connection_state() == async_nats::connection::State::Disconnected
+    })
+    .await;
+    let timeout = Duration::from_secs(5);
+    let started = Instant::now();
+    let err = within(
+        "request",
+        requester.request_with_timeout(request_event("test.ping", serde_json::json!(1)), timeout),
+    )
+    .await
+    .expect_err("server is down");
+    let took = started.elapsed();
+    eprintln!("request during the outage: {err} after {took:?}");
+    assert_eq!(err.kind(), RequestErrorKind::Disconnected, "{err}");
+    assert!(err.to_string().contains("not connected"), "{err}");
+    assert!(took < timeout, "reported only after the full timeout");
+    // A reply stream says so too.
+    let err = within(
+        "request stream",
+        requester.request_stream(
+            request_event("test.ping", serde_json::json!(1)),
+            ReplyStreamOptions::default(),
+        ),
+    )
+    .await
+    .expect_err("server is down");
+    assert_eq!(err.kind(), RequestErrorKind::Disconnected, "{err}");
 }

@@ -329,6 +329,9 @@ error_kind! {
         InvalidOptions => "invalid request options",
         /// Any other failure; see the source.
         Other => "request failed",
+        /// The client is not connected to a server (it is reconnecting); reported at once,
+        /// with how long the connection has been down when known.
+        Disconnected => "disconnected",
     }
 }
 
@@ -416,6 +419,9 @@ error_kind! {
         Send => "reply could not be sent",
         /// A reply stream grew past its bound.
         TooMany => "too many replies",
+        /// The encoded reply is larger than the server's `max_payload`; the requester got a
+        /// 500 error reply instead.
+        TooLarge => "reply too large",
     }
 }
 

@@ -20,6 +20,9 @@ pub const SERVICE_ERROR_CODE: &str = "Nats-Service-Error-Code";
 pub const REPLY_STREAM_INDEX: &str = "Reply-Stream-Index";
 /// Number of replies in a reply stream.
 pub const REPLY_STREAM_TOTAL: &str = "Reply-Stream-Total";
+/// A request's timeout as the requester had it left when it sent the request, in whole
+/// milliseconds; a listener drops a request whose time ran out before a worker took it.
+pub const REQUEST_TIMEOUT_MS: &str = "Request-Timeout-Ms";
 /// JetStream de-duplication id (set to the event id).
 pub const NATS_MSG_ID: &str = "Nats-Msg-Id";
 /// Why an event was dead-lettered: `decode`, `rejected` or `max-deliveries`.

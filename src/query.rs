@@ -52,7 +52,8 @@ use crate::error::{
 use crate::event::{new_event_with_tid, populate_source, EventExt, QueryOp, TransactionId};
 use crate::handler::{call_handler, HandlerError};
 use crate::headers::{
-    text_value, REPLY_STREAM_INDEX, REPLY_STREAM_TOTAL, SERVICE_ERROR, SERVICE_ERROR_CODE,
+    text_value, REPLY_STREAM_INDEX, REPLY_STREAM_TOTAL, REQUEST_TIMEOUT_MS, SERVICE_ERROR,
+    SERVICE_ERROR_CODE,
 };
 use crate::listener::Listener;
 use crate::telemetry::{self, LazyMetrics, QueryOpMetrics};
@@ -363,8 +364,9 @@ impl QueryHandlers {
 pub struct QueryListenOptions {
     /// At most this many handlers run at once.
     pub workers: usize,
-    /// At most this many requests wait for a worker; beyond that the listener stops reading
-    /// (backpressure).
+    /// At most this many requests wait for a worker; a request that finds the queue full is
+    /// answered at once with a 503 error reply (`listener busy`) instead of waiting (load
+    /// shedding; the requester may retry, possibly reaching another instance of the group).
     pub buffer: usize,
     /// How long in-flight handlers get to finish when the listener is stopped by its token.
     pub grace: Duration,
@@ -781,6 +783,7 @@ fn request_outcome(kind: RequestErrorKind) -> &'static str {
         RequestErrorKind::Encode => "encode",
         RequestErrorKind::ConnectionClosed => "connection-closed",
         RequestErrorKind::InvalidOptions => "invalid-options",
+        RequestErrorKind::Disconnected => "disconnected",
         _ => "other",
     }
 }
@@ -802,11 +805,66 @@ pub(crate) fn content_mode_of(headers: Option<&HeaderMap>) -> ContentMode {
 #[async_trait]
 pub(crate) trait ReplyTarget: Send + Sync {
     async fn send(&self, headers: HeaderMap, payload: Bytes) -> Result<(), BoxError>;
+
+    /// The largest message (headers and payload) this target accepts; 0 when unknown.
+    fn max_payload(&self) -> usize {
+        0
+    }
+}
+
+/// The size of a message's headers on the wire (`NATS/1.0\r\n`, `name: value\r\n` each,
+/// `\r\n`), as the server counts it against `max_payload`.
+pub(crate) fn header_size(headers: &HeaderMap) -> usize {
+    let lines: usize = headers
+        .iter()
+        .map(|(name, values)| {
+            let name = AsRef::<str>::as_ref(name).len();
+            values
+                .iter()
+                .map(|v| name + 2 + v.as_str().len() + 2)
+                .sum::<usize>()
+        })
+        .sum();
+    if lines == 0 {
+        0
+    } else {
+        "NATS/1.0\r\n".len() + lines + 2
+    }
+}
+
+/// Puts the requester's remaining timeout on a request ([`REQUEST_TIMEOUT_MS`]).
+pub(crate) fn set_request_timeout(headers: &mut HeaderMap, timeout: Duration) {
+    let ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+    headers.insert(REQUEST_TIMEOUT_MS, ms.to_string().as_str());
+}
+
+const REQUEST_TIMEOUT_MS_NAME: HeaderName = HeaderName::from_static(REQUEST_TIMEOUT_MS);
+
+/// When the requester of a message received now gives up: now + its `Request-Timeout-Ms`.
+/// `None` when the header is absent or not a number (a requester of another library): such a
+/// request is never dropped as expired.
+pub(crate) fn request_deadline(headers: Option<&HeaderMap>) -> Option<tokio::time::Instant> {
+    let ms: u64 = header(headers, REQUEST_TIMEOUT_MS_NAME)?
+        .trim()
+        .parse()
+        .ok()?;
+    // Clamped: a huge value must not overflow the clock.
+    let left = Duration::from_millis(ms).min(crate::config::MAX_REQUEST_TIMEOUT);
+    Some(tokio::time::Instant::now() + left)
 }
 
 struct ReplyState {
     sent: bool,
+    /// The status of what was sent (200, or an error reply's code); meaningful once `sent`.
+    code: u16,
     buffered: Vec<Event>,
+}
+
+/// One reply, encoded, with its `reply` span.
+struct EncodedReply {
+    headers: HeaderMap,
+    payload: Bytes,
+    span: tracing::Span,
 }
 
 struct ReplyInner {
@@ -866,6 +924,7 @@ impl ReplyWriter {
                 source,
                 state: Mutex::new(ReplyState {
                     sent: false,
+                    code: 200,
                     buffered: Vec::new(),
                 }),
             }),
@@ -882,7 +941,7 @@ impl ReplyWriter {
         self.inner.request_tid.as_ref()
     }
 
-    fn mark_sent(&self) -> Result<(), ReplyError> {
+    fn mark_sent(&self, code: u16) -> Result<(), ReplyError> {
         let mut state = self
             .inner
             .state
@@ -892,7 +951,13 @@ impl ReplyWriter {
             return Err(Error::new(ReplyErrorKind::AlreadyReplied));
         }
         state.sent = true;
+        state.code = code;
         Ok(())
+    }
+
+    /// The status of what was sent: 200, or the error reply's code.
+    fn sent_code(&self) -> u16 {
+        self.inner.state.lock().map(|s| s.code).unwrap_or(200)
     }
 
     /// Whether a reply (or error reply) has been sent.
@@ -912,11 +977,13 @@ impl ReplyWriter {
         (event, trace)
     }
 
-    async fn send_event(
+    /// Encodes one reply (in its `reply` span), with its stream position when it is part of
+    /// a reply stream.
+    fn encode_reply(
         &self,
         event: Event,
         position: Option<(usize, usize)>,
-    ) -> Result<(), ReplyError> {
+    ) -> Result<EncodedReply, ReplyError> {
         let (event, trace) = self.prepare(event);
         let span = tracing::info_span!(
             "reply",
@@ -941,22 +1008,61 @@ impl ReplyWriter {
                 .insert(REPLY_STREAM_TOTAL, total.to_string().as_str());
         }
         drop(_entered);
-        tracing::Instrument::instrument(
-            self.inner.target.send(encoded.headers, encoded.payload),
+        Ok(EncodedReply {
+            headers: encoded.headers,
+            payload: encoded.payload,
             span,
+        })
+    }
+
+    /// `Some((size, max))` when `reply` is larger than the target accepts.
+    fn oversized(&self, reply: &EncodedReply) -> Option<(usize, usize)> {
+        let max = self.inner.target.max_payload();
+        let size = header_size(&reply.headers) + reply.payload.len();
+        (max > 0 && size > max).then_some((size, max))
+    }
+
+    async fn send_encoded(&self, reply: EncodedReply) -> Result<(), ReplyError> {
+        tracing::Instrument::instrument(
+            self.inner.target.send(reply.headers, reply.payload),
+            reply.span,
         )
         .await
         .map_err(|e| Error::with_source(ReplyErrorKind::Send, e))
     }
 
+    /// Answers a reply that is too large with a 500 instead (already marked sent), and gives
+    /// the handler its `TooLarge` error.
+    async fn refuse_oversized(&self, size: usize, max: usize) -> ReplyError {
+        let text = format!("reply too large: {size} bytes, max_payload {max}");
+        tracing::warn!(op = %self.inner.op, size, max, "reply too large; answered with a 500");
+        if let Err(e) = self.send_error_reply(500, &text).await {
+            tracing::warn!(error = %e, "error reply not sent");
+        }
+        Error::with_detail(ReplyErrorKind::TooLarge, text)
+    }
+
     /// Sends the one reply.
+    ///
+    /// The reply is encoded and its size checked before it counts as sent: a reply larger
+    /// than the server's `max_payload` is answered with a 500 error reply (`reply too large:
+    /// N bytes, max_payload M`) at once, and this returns `TooLarge`.
     ///
     /// # Errors
     ///
-    /// `AlreadyReplied` if a reply was sent before; `Encode`; `Send`.
+    /// `AlreadyReplied` if a reply was sent before; `Encode` (nothing was sent, the handler
+    /// may still answer); `TooLarge`; `Send`.
     pub async fn reply(&self, event: Event) -> Result<(), ReplyError> {
-        self.mark_sent()?;
-        self.send_event(event, None).await
+        if self.is_sent() {
+            return Err(Error::new(ReplyErrorKind::AlreadyReplied));
+        }
+        let encoded = self.encode_reply(event, None)?;
+        let oversized = self.oversized(&encoded);
+        self.mark_sent(if oversized.is_some() { 500 } else { 200 })?;
+        if let Some((size, max)) = oversized {
+            return Err(self.refuse_oversized(size, max).await);
+        }
+        self.send_encoded(encoded).await
     }
 
     /// Sends the one reply, an event of `event_type` with JSON `data`.
@@ -994,7 +1100,11 @@ impl ReplyWriter {
     ///
     /// `AlreadyReplied`; `Send`.
     pub async fn error(&self, code: u16, text: &str) -> Result<(), ReplyError> {
-        self.mark_sent()?;
+        self.mark_sent(code)?;
+        self.send_error_reply(code, text).await
+    }
+
+    async fn send_error_reply(&self, code: u16, text: &str) -> Result<(), ReplyError> {
         send_error_reply(
             self.inner.target.as_ref(),
             &self.inner.op,
@@ -1029,11 +1139,38 @@ impl ReplyWriter {
             state.sent = true;
             std::mem::take(&mut state.buffered)
         };
+        // Every reply is encoded and measured before the first is sent: a stream is answered
+        // whole, or with one error reply.
         let total = buffered.len();
+        let mut encoded = Vec::with_capacity(total);
         for (index, event) in buffered.into_iter().enumerate() {
-            self.send_event(event, Some((index, total))).await?;
+            let reply = match self.encode_reply(event, Some((index, total))) {
+                Ok(reply) => reply,
+                Err(err) => {
+                    self.set_code(500);
+                    let text = format!("reply {index} of {total} could not be encoded: {err}");
+                    if let Err(e) = self.send_error_reply(500, &text).await {
+                        tracing::warn!(error = %e, "error reply not sent");
+                    }
+                    return Err(err);
+                }
+            };
+            if let Some((size, max)) = self.oversized(&reply) {
+                self.set_code(500);
+                return Err(self.refuse_oversized(size, max).await);
+            }
+            encoded.push(reply);
+        }
+        for reply in encoded {
+            self.send_encoded(reply).await?;
         }
         Ok(true)
+    }
+
+    fn set_code(&self, code: u16) {
+        if let Ok(mut state) = self.inner.state.lock() {
+            state.code = code;
+        }
     }
 }
 
@@ -1155,12 +1292,80 @@ pub(crate) struct RawRequest {
     pub headers: Option<HeaderMap>,
     pub payload: Bytes,
     pub reply: Option<Arc<dyn ReplyTarget>>,
+    /// When the requester gives up, computed on receipt from `Request-Timeout-Ms`.
+    pub deadline: Option<tokio::time::Instant>,
+}
+
+impl RawRequest {
+    /// A request received now; its deadline is read from its headers.
+    pub(crate) fn received(
+        subject: String,
+        headers: Option<HeaderMap>,
+        payload: Bytes,
+        reply: Option<Arc<dyn ReplyTarget>>,
+    ) -> Self {
+        let deadline = request_deadline(headers.as_ref());
+        RawRequest {
+            subject,
+            headers,
+            payload,
+            reply,
+            deadline,
+        }
+    }
 }
 
 /// What serving needs besides the request.
 pub(crate) struct ServeContext {
     pub handlers: QueryHandlers,
     pub source: String,
+    /// One subscription per op: the handler is the subject's, and a request whose `type`
+    /// differs is refused (400). `false` on a wildcard listener, which dispatches by `type`.
+    pub by_subject: bool,
+}
+
+/// Why a listener did not run a request's handler (label `reason` of
+/// [`QUERIES_SHED`](telemetry::metric_names::QUERIES_SHED)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Shed {
+    /// The worker queue was full: answered 503 at once.
+    Busy,
+    /// The requester's timeout ran out before a worker took it: dropped without a reply.
+    Expired,
+}
+
+impl Shed {
+    pub(crate) fn count(self, subject: &str) {
+        let reason = match self {
+            Shed::Busy => "busy",
+            Shed::Expired => "expired",
+        };
+        metrics::counter!(telemetry::metric_names::QUERIES_SHED, "type" => subject.to_owned(), "reason" => reason)
+            .increment(1);
+    }
+}
+
+/// Text of the error reply to a request refused because the worker queue is full.
+pub(crate) const BUSY_TEXT: &str = "listener busy: every worker and queue slot is taken";
+
+/// Answers a request the listener will not serve (stopping, or busy) with an error reply, so
+/// the requester fails at once instead of waiting for its timeout.
+pub(crate) async fn refuse_request(request: RawRequest, source: &str, code: u16, text: &str) {
+    let Some(target) = request.reply else { return };
+    tracing::debug!(subject = %request.subject, code, text, "query refused");
+    let tid = codec::decode(request.headers.as_ref(), &request.payload)
+        .ok()
+        .and_then(|event| event.transaction_id());
+    let writer = ReplyWriter::new(
+        target,
+        request.subject,
+        tid,
+        content_mode_of(request.headers.as_ref()),
+        source.to_owned(),
+    );
+    if let Err(err) = writer.error(code, text).await {
+        tracing::warn!(error = %err, "error reply not sent");
+    }
 }
 
 /// Serves one request per the contract: decode (400), dispatch by type (404), run the handler
@@ -1203,6 +1408,15 @@ async fn serve(
         tracing::debug!(subject = %request.subject, "query without reply subject ignored");
         return (Outcome::Finished, None);
     };
+    if request
+        .deadline
+        .is_some_and(|deadline| deadline <= tokio::time::Instant::now())
+    {
+        // Its requester gave up while it waited for a worker: nobody reads a reply.
+        tracing::debug!(subject = %request.subject, "query dropped: its requester's timeout ran out");
+        Shed::Expired.count(&request.subject);
+        return (Outcome::Finished, None);
+    }
     let mode = content_mode_of(request.headers.as_ref());
     let event = match codec::decode(request.headers.as_ref(), &request.payload) {
         Ok(event) => event,
@@ -1228,6 +1442,26 @@ async fn serve(
     telemetry::record_event(&span, &event);
     let trace = telemetry::incoming(&event, !span.is_disabled());
     telemetry::record_trace(&span, trace.as_ref());
+    if ctx.by_subject && event.ty() != request.subject {
+        // The subject chose this listener (and is what permissions look at); a request whose
+        // type names another op must not reach that op's handler.
+        let text = format!(
+            "request type {:?} does not match its subject {:?}",
+            event.ty(),
+            request.subject
+        );
+        tracing::warn!(subject = %request.subject, "event.type" = event.ty(), "query type does not match its subject");
+        let writer = ReplyWriter::new(
+            target,
+            request.subject,
+            event.transaction_id(),
+            mode,
+            ctx.source.clone(),
+        );
+        let _ = telemetry::in_context(trace, writer.error(400, &text)).await;
+        QueryOpMetrics::register(writer.op()).handled(400);
+        return (Outcome::Finished, Some(400));
+    }
     let writer = ReplyWriter::new(
         target,
         event.ty().to_owned(),
@@ -1271,18 +1505,18 @@ async fn serve(
             .record(started.elapsed().as_secs_f64());
         let (sent, code) = match result {
             Ok(()) => match writer.flush_buffered().await {
-                Ok(true) => (Ok(()), 200),
-                Ok(false) if writer.is_sent() => (Ok(()), 200),
+                Ok(true) => (Ok(()), writer.sent_code()),
+                Ok(false) if writer.is_sent() => (Ok(()), writer.sent_code()),
                 Ok(false) => (
                     writer.error(500, "handler returned without replying").await,
                     500,
                 ),
-                Err(e) => (Err(e), 200),
+                Err(e) => (Err(e), writer.sent_code()),
             },
             Err(err) => {
                 tracing::warn!(op = %op, error = %err, code = err.code(), "query handler failed");
                 if writer.is_sent() {
-                    (Ok(()), 200)
+                    (Ok(()), writer.sent_code())
                 } else {
                     (writer.error(err.code(), err.message()).await, err.code())
                 }
@@ -1326,6 +1560,191 @@ mod tests {
         futures::stream::iter(items)
             .chain(futures::stream::pending())
             .boxed()
+    }
+
+    /// Counts `ce_messaging_queries_shed_total` increments by `reason`, on this thread.
+    #[derive(Default)]
+    struct ShedRecorder {
+        counts: Arc<Mutex<HashMap<String, u64>>>,
+    }
+
+    struct ShedCounter {
+        reason: Option<String>,
+        counts: Arc<Mutex<HashMap<String, u64>>>,
+    }
+
+    impl metrics::CounterFn for ShedCounter {
+        fn increment(&self, value: u64) {
+            if let Some(reason) = &self.reason {
+                *self
+                    .counts
+                    .lock()
+                    .unwrap()
+                    .entry(reason.clone())
+                    .or_default() += value;
+            }
+        }
+        fn absolute(&self, _value: u64) {}
+    }
+
+    impl metrics::Recorder for ShedRecorder {
+        fn describe_counter(
+            &self,
+            _: metrics::KeyName,
+            _: Option<metrics::Unit>,
+            _: metrics::SharedString,
+        ) {
+        }
+        fn describe_gauge(
+            &self,
+            _: metrics::KeyName,
+            _: Option<metrics::Unit>,
+            _: metrics::SharedString,
+        ) {
+        }
+        fn describe_histogram(
+            &self,
+            _: metrics::KeyName,
+            _: Option<metrics::Unit>,
+            _: metrics::SharedString,
+        ) {
+        }
+        fn register_counter(
+            &self,
+            key: &metrics::Key,
+            _: &metrics::Metadata<'_>,
+        ) -> metrics::Counter {
+            let reason = (key.name() == telemetry::metric_names::QUERIES_SHED)
+                .then(|| {
+                    key.labels()
+                        .find(|l| l.key() == "reason")
+                        .map(|l| l.value().to_owned())
+                })
+                .flatten();
+            metrics::Counter::from_arc(Arc::new(ShedCounter {
+                reason,
+                counts: self.counts.clone(),
+            }))
+        }
+        fn register_gauge(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
+            metrics::Gauge::noop()
+        }
+        fn register_histogram(
+            &self,
+            _: &metrics::Key,
+            _: &metrics::Metadata<'_>,
+        ) -> metrics::Histogram {
+            metrics::Histogram::noop()
+        }
+    }
+
+    struct Recorded(Mutex<Vec<(HeaderMap, Bytes)>>);
+
+    #[async_trait]
+    impl ReplyTarget for Recorded {
+        async fn send(&self, headers: HeaderMap, payload: Bytes) -> Result<(), BoxError> {
+            self.0.lock().unwrap().push((headers, payload));
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_request_whose_deadline_passed_is_dropped_unanswered_and_counted() {
+        let recorder = ShedRecorder::default();
+        let counts = recorder.counts.clone();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        metrics::with_local_recorder(&recorder, || {
+            runtime.block_on(async {
+                let ran = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+                let r = ran.clone();
+                let ctx = ServeContext {
+                    handlers: QueryHandlers::new().on(
+                        "t.op",
+                        handler_fn(move |_, reply| {
+                            let r = r.clone();
+                            async move {
+                                r.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                                reply.reply_data("t.op.reply", &1).await?;
+                                Ok(())
+                            }
+                        }),
+                    ),
+                    source: "svc".into(),
+                    by_subject: true,
+                };
+                let pool = crate::worker::WorkerPool::start(1, 1, |_: (), _| {
+                    async { Outcome::Finished }.boxed()
+                });
+                let work = pool.context();
+                let encoded = codec::encode(
+                    &crate::event::new_event("t.op", "c", &1).unwrap(),
+                    ContentMode::Structured,
+                )
+                .unwrap();
+                let request = |ms: &str| {
+                    let target = Arc::new(Recorded(Mutex::new(Vec::new())));
+                    let mut headers = encoded.headers.clone();
+                    headers.insert(REQUEST_TIMEOUT_MS, ms);
+                    let request = RawRequest::received(
+                        "t.op".into(),
+                        Some(headers),
+                        encoded.payload.clone(),
+                        Some(target.clone() as Arc<dyn ReplyTarget>),
+                    );
+                    (request, target)
+                };
+                // No time left: dropped without a reply, the handler never runs.
+                let (expired, target) = request("0");
+                serve_request(expired, &ctx, &work).await;
+                assert!(target.0.lock().unwrap().is_empty());
+                assert_eq!(ran.load(std::sync::atomic::Ordering::SeqCst), 0);
+                // Time left: served.
+                let (fresh, target) = request("5000");
+                serve_request(fresh, &ctx, &work).await;
+                assert_eq!(target.0.lock().unwrap().len(), 1);
+                assert_eq!(ran.load(std::sync::atomic::Ordering::SeqCst), 1);
+                pool.stop(Duration::from_secs(1), false).await;
+            })
+        });
+        assert_eq!(
+            counts.lock().unwrap().get("expired").copied(),
+            Some(1),
+            "{counts:?}"
+        );
+    }
+
+    #[test]
+    fn request_deadline_reads_the_header_and_ignores_garbage() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let now = tokio::time::Instant::now();
+            let mut headers = HeaderMap::new();
+            set_request_timeout(&mut headers, Duration::from_millis(1500));
+            assert_eq!(
+                headers.get(REQUEST_TIMEOUT_MS).map(|v| v.as_str()),
+                Some("1500")
+            );
+            assert_eq!(
+                request_deadline(Some(&headers)),
+                Some(now + Duration::from_millis(1500))
+            );
+            headers.insert(REQUEST_TIMEOUT_MS, "soon");
+            assert_eq!(request_deadline(Some(&headers)), None);
+            assert_eq!(request_deadline(None), None);
+            // Clamped to the longest request timeout.
+            headers.insert(REQUEST_TIMEOUT_MS, u64::MAX.to_string().as_str());
+            assert_eq!(
+                request_deadline(Some(&headers)),
+                Some(now + crate::config::MAX_REQUEST_TIMEOUT)
+            );
+        });
     }
 
     #[tokio::test(start_paused = true)]

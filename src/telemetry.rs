@@ -194,6 +194,17 @@ pub mod metric_names {
     /// assert!(ce_messaging::telemetry::metric_names::REQUEST_DURATION.ends_with("_seconds"));
     /// ```
     pub const REQUEST_DURATION: &str = "ce_messaging_request_duration_seconds";
+    /// Counter: queries a listener did not run a handler for (labels `type` (the subject),
+    /// `reason` = `busy`: answered 503 because every worker and queue slot was taken, or
+    /// `expired`: dropped because its requester's `Request-Timeout-Ms` ran out before a worker
+    /// took it).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// assert!(ce_messaging::telemetry::metric_names::QUERIES_SHED.ends_with("_total"));
+    /// ```
+    pub const QUERIES_SHED: &str = "ce_messaging_queries_shed_total";
 }
 
 /// A W3C trace id (16 bytes, printed as 32 lowercase hex digits). Never all zeros.

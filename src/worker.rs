@@ -342,6 +342,8 @@ impl<M> Clone for Submitter<M> {
 impl<M: Send + 'static> Submitter<M> {
     /// Queues an item, waiting for room (backpressure). Gives the item back when the pool is
     /// stopping, so the caller can hand it back to the broker.
+    // Listeners use `submit_draining` (events) or `try_submit` (queries); the tests use this.
+    #[cfg(test)]
     pub async fn submit(&self, item: M) -> Result<(), M> {
         self.tx.send(item, &self.stopping).await
     }
@@ -354,6 +356,35 @@ impl<M: Send + 'static> Submitter<M> {
         let never = CancellationToken::new();
         self.tx.send(item, &never).await
     }
+
+    /// Queues an item only if there is room now (load shedding); gives it back, saying why,
+    /// when the queue is full or the pool is stopping.
+    pub fn try_submit(&self, item: M) -> Result<(), (M, Refused)> {
+        if self.stopping.is_cancelled() {
+            return Err((item, Refused::Stopping));
+        }
+        let Some(tx) = self.tx.tx.as_ref() else {
+            return Err((item, Refused::Stopping));
+        };
+        match tx.try_reserve() {
+            Ok(permit) => {
+                permit.send(item);
+                self.tx.available.notify_one();
+                Ok(())
+            }
+            Err(mpsc::error::TrySendError::Full(())) => Err((item, Refused::Full)),
+            Err(mpsc::error::TrySendError::Closed(())) => Err((item, Refused::Stopping)),
+        }
+    }
+}
+
+/// Why [`Submitter::try_submit`] gave an item back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refused {
+    /// `buffer` items already wait for a worker.
+    Full,
+    /// The pool is stopping.
+    Stopping,
 }
 
 /// A listener's window of deliveries: at most `capacity` deliveries are held at once (pulled
@@ -753,6 +784,42 @@ mod tests {
         assert_eq!(waiting.0.load(Ordering::SeqCst), 1);
         assert_eq!(started.0.load(Ordering::SeqCst), 0);
         assert_eq!(dropped.0.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn try_submit_refuses_when_full_and_when_stopping() {
+        let gate = Arc::new(Notify::new());
+        let g = gate.clone();
+        let pool = WorkerPool::start(1, 1, move |_: u32, _| {
+            let g = g.clone();
+            async move {
+                g.notified().await;
+                Outcome::Finished
+            }
+            .boxed()
+        });
+        let submitter = pool.submitter();
+        // One item taken by the worker, one waiting: the queue (1) is then full.
+        submitter.try_submit(1).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match submitter.try_submit(2) {
+                Ok(()) => break,
+                Err((_, Refused::Full)) if Instant::now() < deadline => {
+                    tokio::task::yield_now().await
+                }
+                Err(other) => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(submitter.try_submit(3), Err((3, Refused::Full)));
+        pool.context().stopping.cancel();
+        assert_eq!(submitter.try_submit(4), Err((4, Refused::Stopping)));
+        drop(submitter);
+        gate.notify_waiters();
+        gate.notify_one();
+        gate.notify_one();
+        let report = pool.stop(Duration::from_secs(5), false).await;
+        assert_eq!(report.handled_total + report.abandoned, 2);
     }
 
     #[tokio::test]

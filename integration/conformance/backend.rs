@@ -50,6 +50,17 @@ pub trait QueryBackend: Send + Sync + Sized + 'static {
 
     /// Closes a connection (drain then close).
     async fn close_queries(connection: &Self::Queries);
+
+    /// Sends raw `headers` and `payload` as a request on `subject` (a request the library
+    /// would not send, e.g. a type that differs from its subject) and returns the reply's
+    /// headers and payload as they came. Panics when no reply arrives within `timeout`.
+    async fn request_raw(
+        &self,
+        subject: &str,
+        headers: HeaderMap,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> (HeaderMap, Bytes);
 }
 
 /// Why a backend honestly cannot do something a case needs; `None` means it can.

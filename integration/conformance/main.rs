@@ -67,6 +67,11 @@ macro_rules! query_cases {
             query_listeners_close_concurrently,
             closing_the_connection_stops_its_listeners,
             invalid_ops_are_refused_at_once,
+            request_type_must_match_its_subject,
+            wildcard_listener_dispatches_by_type,
+            oversized_reply_is_answered_500,
+            full_queue_is_answered_busy,
+            request_whose_caller_gave_up_is_not_handled,
         );
     };
 }

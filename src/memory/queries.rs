@@ -14,15 +14,15 @@ use super::bus::{is_valid_pattern, BusMessage, Inbox};
 use super::MemoryBroker;
 use crate::codec::{self, ContentMode, HeaderMap};
 use crate::config::{Config, MAX_REQUEST_TIMEOUT};
+use crate::error::BoxError;
 use crate::error::{Error, ListenError, ListenErrorKind, RequestError, RequestErrorKind};
-use crate::event::EventExt;
 use crate::listener::Listener;
 use crate::query::{
-    content_mode_of, interpret_reply, prepare_request, serve_request, QueryConnection,
-    QueryHandlers, QueryListenOptions, RawReply, RawRequest, ReplyStream, ReplyStreamOptions,
-    ReplyWriter, ServeContext,
+    header_size, interpret_reply, prepare_request, refuse_request, serve_request,
+    set_request_timeout, QueryConnection, QueryHandlers, QueryListenOptions, RawReply, RawRequest,
+    ReplyStream, ReplyStreamOptions, ReplyTarget, ServeContext, Shed, BUSY_TEXT,
 };
-use crate::worker::WorkerPool;
+use crate::worker::{Refused, WorkerPool};
 
 struct Inner {
     broker: MemoryBroker,
@@ -154,14 +154,16 @@ impl MemoryQueries {
         self.inner.closed.cancel();
     }
 
-    fn prepare(&self, mut request: Event) -> Result<Prepared, RequestError> {
+    /// Encodes a request that its requester waits `timeout` for (`Request-Timeout-Ms`).
+    fn prepare(&self, mut request: Event, timeout: Duration) -> Result<Prepared, RequestError> {
         if self.is_closed() {
             return Err(Error::new(RequestErrorKind::ConnectionClosed));
         }
         prepare_request(&mut request, &self.inner.client_id)?;
         let subject = request.ty().to_owned();
-        let encoded = codec::encode(&request, self.inner.mode)
+        let mut encoded = codec::encode(&request, self.inner.mode)
             .map_err(|e| e.map_kind(|_| RequestErrorKind::Encode))?;
+        set_request_timeout(&mut encoded.headers, timeout);
         self.inner
             .broker
             .check_size(&encoded.headers, &encoded.payload)
@@ -192,7 +194,7 @@ impl MemoryQueries {
     /// One request on the bus and its one reply (inside [`traced_request`](crate::query::traced_request)).
     async fn request_once(&self, request: Event, timeout: Duration) -> Result<Event, RequestError> {
         let timeout = timeout.min(MAX_REQUEST_TIMEOUT);
-        let prepared = self.prepare(request)?;
+        let prepared = self.prepare(request, timeout)?;
         // One reply is all a request reads; a second one is dropped like a NATS reply to an
         // inbox that was already unsubscribed.
         let (inbox, mut replies) = Inbox::single();
@@ -245,7 +247,8 @@ impl QueryConnection for MemoryQueries {
                 .unwrap_or(self.inner.request_timeout)
                 .min(MAX_REQUEST_TIMEOUT),
         );
-        let prepared = self.prepare(request)?;
+        let deadline = options.deadline.unwrap_or(self.inner.request_timeout);
+        let prepared = self.prepare(request, deadline)?;
         let (inbox, replies) = Inbox::new(self.capacity());
         let delivered = self.send(prepared, inbox.clone());
         let first: Vec<RawReply> = if delivered == 0 {
@@ -283,11 +286,12 @@ impl QueryConnection for MemoryQueries {
             .queue_group
             .clone()
             .unwrap_or_else(|| self.inner.queue_group.clone());
-        let subjects: Vec<String> = match options
+        let wildcard = options
             .wildcard_subject
             .clone()
-            .or_else(|| self.inner.wildcard_subject.clone())
-        {
+            .or_else(|| self.inner.wildcard_subject.clone());
+        let by_subject = wildcard.is_none();
+        let subjects: Vec<String> = match wildcard {
             Some(wildcard) => vec![wildcard],
             None => handlers.ops().map(str::to_owned).collect(),
         };
@@ -304,6 +308,7 @@ impl QueryConnection for MemoryQueries {
         let ctx = Arc::new(ServeContext {
             handlers,
             source: self.inner.client_id.clone(),
+            by_subject,
         });
         let pool = WorkerPool::start(options.workers, options.buffer, move |request, work| {
             let ctx = ctx.clone();
@@ -312,6 +317,7 @@ impl QueryConnection for MemoryQueries {
         let submitter = pool.submitter();
         let stopping = pool.context().stopping;
         let source = self.inner.client_id.clone();
+        let max_payload = self.inner.broker.options().max_payload;
         pool.spawn_intake(async move {
             loop {
                 let message = tokio::select! {
@@ -322,9 +328,17 @@ impl QueryConnection for MemoryQueries {
                         None => break,
                     },
                 };
-                if let Err(request) = submitter.submit(raw_request(message)).await {
-                    refuse(request, &source).await;
-                    break;
+                // As on NATS: never wait for room; a full queue is answered 503 at once.
+                match submitter.try_submit(raw_request(message, max_payload)) {
+                    Ok(()) => {}
+                    Err((request, Refused::Full)) => {
+                        Shed::Busy.count(&request.subject);
+                        refuse_request(request, &source, 503, BUSY_TEXT).await;
+                    }
+                    Err((request, Refused::Stopping)) => {
+                        refuse(request, &source).await;
+                        break;
+                    }
                 }
             }
             drop(submitter);
@@ -335,7 +349,7 @@ impl QueryConnection for MemoryQueries {
                 subscription.unsubscribe();
             }
             while let Some(message) = incoming.next().await {
-                refuse(raw_request(message), &source).await;
+                refuse(raw_request(message, max_payload), &source).await;
             }
         });
         let token = self.inner.closing.child_token();
@@ -348,33 +362,43 @@ impl QueryConnection for MemoryQueries {
     }
 }
 
-fn raw_request(message: BusMessage) -> RawRequest {
-    RawRequest {
-        subject: message.subject,
-        headers: message.headers,
-        payload: message.payload,
-        reply: message.reply,
+fn raw_request(message: BusMessage, max_payload: usize) -> RawRequest {
+    let reply = message
+        .reply
+        .map(|inbox| Arc::new(SizedReply { inbox, max_payload }) as Arc<dyn ReplyTarget>);
+    RawRequest::received(message.subject, message.headers, message.payload, reply)
+}
+
+/// A requester's inbox as a reply target that knows the broker's `max_payload`, so a reply
+/// too large is refused as on NATS (where the client refuses it before sending).
+struct SizedReply {
+    inbox: Arc<dyn ReplyTarget>,
+    max_payload: usize,
+}
+
+#[async_trait]
+impl ReplyTarget for SizedReply {
+    async fn send(&self, headers: HeaderMap, payload: bytes::Bytes) -> Result<(), BoxError> {
+        let size = header_size(&headers) + payload.len();
+        if size > self.max_payload {
+            return Err(format!(
+                "message of {size} bytes exceeds max payload {}",
+                self.max_payload
+            )
+            .into());
+        }
+        self.inbox.send(headers, payload).await
+    }
+
+    fn max_payload(&self) -> usize {
+        self.max_payload
     }
 }
 
 /// Answers a request the stopping listener will not serve: 503, so the requester fails at once
 /// instead of waiting for its timeout.
 async fn refuse(request: RawRequest, source: &str) {
-    let Some(target) = request.reply else { return };
-    tracing::debug!(subject = %request.subject, "query refused: listener stopping");
-    let tid = codec::decode(request.headers.as_ref(), &request.payload)
-        .ok()
-        .and_then(|event| event.transaction_id());
-    let writer = ReplyWriter::new(
-        target,
-        request.subject.clone(),
-        tid,
-        content_mode_of(request.headers.as_ref()),
-        source.to_owned(),
-    );
-    if let Err(err) = writer.error(503, "listener stopping").await {
-        tracing::warn!(error = %err, "error reply not sent");
-    }
+    refuse_request(request, source, 503, "listener stopping").await;
 }
 
 /// Draining closes the connection ([`MemoryQueries::close`]), as the last step of a
@@ -394,8 +418,10 @@ mod tests {
     use super::*;
     use crate::codec::ContentMode;
     use crate::error::RemoteError;
+    use crate::event::EventExt;
     use crate::event::{new_event, TransactionId};
     use crate::handler::HandlerError;
+    use crate::query::content_mode_of;
     use crate::query::{handler_fn, typed_handler, TypedRequest};
 
     const WAIT: Duration = Duration::from_secs(10);
@@ -703,9 +729,10 @@ mod tests {
                     Ok(())
                 }
             });
+            // Room for every request in either member's queue: a full queue is answered 503.
             let options = QueryListenOptions {
                 workers: 2,
-                buffer: 4,
+                buffer: 40,
                 ..Default::default()
             };
             listeners.push(

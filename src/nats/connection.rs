@@ -3,8 +3,8 @@
 //! counted, and a closed connection is remembered so that later requests say so.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use async_nats::ConnectOptions;
 
@@ -16,6 +16,8 @@ use crate::error::{BoxError, ConnectError, ConnectErrorKind, Error};
 pub(crate) struct ConnectionEvents {
     slow_consumers: AtomicU64,
     closed: AtomicBool,
+    /// When the connection was lost; `None` while connected.
+    down_since: Mutex<Option<Instant>>,
 }
 
 impl ConnectionEvents {
@@ -25,6 +27,24 @@ impl ConnectionEvents {
 
     pub(crate) fn is_closed(&self) -> bool {
         self.closed.load(Ordering::SeqCst)
+    }
+
+    /// How long the connection has been down, if it is (as the events told).
+    pub(crate) fn down_for(&self) -> Option<Duration> {
+        self.down_since
+            .lock()
+            .ok()
+            .and_then(|since| since.map(|t| t.elapsed()))
+    }
+
+    fn set_down(&self, down: bool) {
+        if let Ok(mut since) = self.down_since.lock() {
+            match (down, *since) {
+                (true, None) => *since = Some(Instant::now()),
+                (false, _) => *since = None,
+                (true, Some(_)) => {}
+            }
+        }
     }
 
     pub(crate) fn mark_closed(&self) {
@@ -42,8 +62,14 @@ impl ConnectionEvents {
                     "slow consumer: messages for this subscription were dropped"
                 );
             }
-            Event::Connected => tracing::info!("NATS connection (re)established"),
-            Event::Disconnected => tracing::warn!("NATS connection lost; reconnecting"),
+            Event::Connected => {
+                self.set_down(false);
+                tracing::info!("NATS connection (re)established");
+            }
+            Event::Disconnected => {
+                self.set_down(true);
+                tracing::warn!("NATS connection lost; reconnecting");
+            }
             Event::LameDuckMode => tracing::warn!("NATS server entered lame duck mode"),
             Event::Draining => tracing::info!("NATS connection draining"),
             Event::Closed => {

@@ -2,9 +2,12 @@
 //! bounded worker pool through an intake loop; replies are published to each request's reply
 //! subject.
 //!
-//! The intake loop waits for room in the pool before it reads the next message (backpressure).
-//! While it waits, messages collect in the subscription's buffer; when that is full the client
-//! drops messages and reports a slow consumer, which the connection logs and counts.
+//! The intake loop reads the subscriptions as fast as requests come and never waits for room
+//! in the pool: a request that finds every worker busy and the queue (`buffer`) full is
+//! answered with a 503 (`listener busy`) at once, so the subscription's own buffer (65,536
+//! messages in async-nats) never becomes a hidden queue of requests whose callers gave up.
+//! Each request's deadline is taken on receipt from `Request-Timeout-Ms`; a worker drops a
+//! request whose deadline passed while it was queued.
 //!
 //! Stopping: the intake loop unsubscribes, waits for the server to confirm (so it no longer
 //! routes requests here once the stop returns), answers the requests that were delivered but not yet queued
@@ -23,15 +26,14 @@ use tokio_util::sync::CancellationToken;
 
 use super::connection::server_round_trip;
 use super::Inner;
-use crate::codec::{self, HeaderMap};
+use crate::codec::HeaderMap;
 use crate::error::{BoxError, Error, ListenError, ListenErrorKind};
-use crate::event::EventExt;
 use crate::listener::Listener;
 use crate::query::{
-    content_mode_of, serve_request, QueryHandlers, QueryListenOptions, RawRequest, ReplyTarget,
-    ReplyWriter, ServeContext,
+    refuse_request, serve_request, QueryHandlers, QueryListenOptions, RawRequest, ReplyTarget,
+    ServeContext, Shed, BUSY_TEXT,
 };
-use crate::worker::{Submitter, WorkerPool};
+use crate::worker::{Refused, Submitter, WorkerPool};
 
 /// How long `listen` and stopping wait for the server to confirm (un)subscribing, and
 /// stopping for the requests left in the buffers to be answered.
@@ -53,6 +55,10 @@ impl ReplyTarget for NatsReplyTarget {
             .await
             .map_err(BoxError::from)
     }
+
+    fn max_payload(&self) -> usize {
+        self.client.max_payload()
+    }
 }
 
 fn raw_request(client: &Arc<Client>, message: async_nats::Message) -> RawRequest {
@@ -62,13 +68,13 @@ fn raw_request(client: &Arc<Client>, message: async_nats::Message) -> RawRequest
             subject,
         }) as Arc<dyn ReplyTarget>
     });
-    RawRequest {
+    RawRequest::received(
         // Copied as a str: `to_string` would go through the formatting machinery.
-        subject: message.subject.as_str().to_owned(),
-        headers: message.headers,
-        payload: message.payload,
+        message.subject.as_str().to_owned(),
+        message.headers,
+        message.payload,
         reply,
-    }
+    )
 }
 
 /// Subscribes and starts serving `handlers`.
@@ -89,6 +95,7 @@ pub(super) async fn listen(
         .wildcard_subject
         .clone()
         .or_else(|| inner.wildcard_subject.clone());
+    let by_subject = wildcard.is_none();
     let subjects: Vec<String> = match wildcard {
         Some(subject) => vec![subject],
         None => {
@@ -122,6 +129,7 @@ pub(super) async fn listen(
     let serve = Arc::new(ServeContext {
         handlers,
         source: inner.source.clone(),
+        by_subject,
     });
     let pool = WorkerPool::start(options.workers, options.buffer, move |request, work| {
         let serve = serve.clone();
@@ -174,10 +182,16 @@ impl Intake {
                 return;
             };
             let request = raw_request(&self.client, message);
-            if let Err(request) = submitter.submit(request).await {
-                // The listener began to stop while this request waited for room.
-                self.refuse(request).await;
-                break;
+            match submitter.try_submit(request) {
+                Ok(()) => {}
+                Err((request, Refused::Full)) => {
+                    Shed::Busy.count(&request.subject);
+                    refuse_request(request, &self.source, 503, BUSY_TEXT).await;
+                }
+                Err((request, Refused::Stopping)) => {
+                    self.refuse(request).await;
+                    break;
+                }
             }
         }
         drop(submitter);
@@ -186,8 +200,13 @@ impl Intake {
 
     /// Unsubscribes, makes sure the server saw it, then answers what was already delivered.
     async fn unsubscribe(mut self) {
+        // `drain`, not `unsubscribe`: `unsubscribe` closes the receiving end at once, so a
+        // request the server routed here before it saw the UNSUB was dropped by the client,
+        // unanswered (its requester waited out its timeout; seen under load in
+        // `requests_caught_by_a_stopping_listener_fail_fast`). A drained subscription keeps
+        // receiving until the server answered the PING sent after the UNSUB, then ends.
         for subscriber in self.subscriptions.iter_mut() {
-            if let Err(err) = subscriber.unsubscribe().await {
+            if let Err(err) = subscriber.drain().await {
                 tracing::debug!(error = %err, "unsubscribe on a closed connection");
             }
         }
@@ -195,7 +214,7 @@ impl Intake {
         if let Err(err) = server_round_trip(&self.client, ROUND_TRIP_TIMEOUT).await {
             tracing::warn!(error = %err, "unsubscribe not confirmed by the server");
         }
-        // After `unsubscribe` the buffers only hold what was delivered before; they end.
+        // The drained subscriptions end after what was delivered before the UNSUB.
         let leftovers = tokio::time::timeout(ROUND_TRIP_TIMEOUT, async {
             while let Some(message) = self.subscriptions.next().await {
                 let request = raw_request(&self.client, message);
@@ -210,20 +229,6 @@ impl Intake {
     /// Answers a request the stopping listener will not serve: 503, so the requester fails at
     /// once instead of waiting for its timeout.
     async fn refuse(&self, request: RawRequest) {
-        let Some(target) = request.reply else { return };
-        tracing::debug!(subject = %request.subject, "query refused: listener stopping");
-        let tid = codec::decode(request.headers.as_ref(), &request.payload)
-            .ok()
-            .and_then(|event| event.transaction_id());
-        let writer = ReplyWriter::new(
-            target,
-            request.subject.clone(),
-            tid,
-            content_mode_of(request.headers.as_ref()),
-            self.source.clone(),
-        );
-        if let Err(err) = writer.error(503, "listener stopping").await {
-            tracing::warn!(error = %err, "error reply not sent");
-        }
+        refuse_request(request, &self.source, 503, "listener stopping").await;
     }
 }

@@ -30,6 +30,7 @@
 
 mod connection;
 mod listen;
+mod mux;
 mod request;
 
 use std::sync::Arc;
@@ -85,6 +86,9 @@ struct Inner {
     queue_group: String,
     wildcard_subject: Option<String>,
     events: Arc<ConnectionEvents>,
+    /// Routes the replies of requests and reply streams (instead of async-nats' own request
+    /// multiplexer, which keeps an entry per timed-out request).
+    mux: mux::Multiplexer,
 }
 
 impl std::fmt::Debug for NatsQueries {
@@ -175,6 +179,7 @@ impl NatsQueries {
     ) -> NatsQueries {
         NatsQueries {
             inner: Arc::new(Inner {
+                mux: mux::Multiplexer::new(client.clone()),
                 client,
                 source: config.client_id.clone(),
                 mode: config.ce_mode,
@@ -201,6 +206,21 @@ impl NatsQueries {
     /// ```
     pub fn slow_consumer_events(&self) -> u64 {
         self.inner.events.slow_consumers()
+    }
+
+    /// How many requests and reply streams of this connection wait for replies now. Each
+    /// entry goes away when its request gets its reply, times out or is dropped, so this is 0
+    /// whenever no request is in flight.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # fn demo(queries: ce_messaging::nats::NatsQueries) {
+    /// assert_eq!(queries.pending_requests(), 0);
+    /// # }
+    /// ```
+    pub fn pending_requests(&self) -> usize {
+        self.inner.mux.pending()
     }
 
     /// The underlying async-nats client (e.g. to share the connection).

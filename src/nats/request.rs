@@ -5,16 +5,24 @@
 
 use std::time::Duration;
 
-use async_nats::{HeaderMap, StatusCode};
+use async_nats::connection::State;
+use async_nats::{HeaderMap, Message, StatusCode};
 use bytes::Bytes;
 use cloudevents::{AttributesReader, Event};
-use futures::StreamExt;
 
+use super::mux::RegisterError;
 use super::Inner;
 use crate::codec;
 use crate::config::MAX_REQUEST_TIMEOUT;
 use crate::error::{Error, RequestError, RequestErrorKind};
-use crate::query::{interpret_reply, prepare_request, RawReply, ReplyStream, ReplyStreamOptions};
+use crate::query::{
+    header_size, interpret_reply, prepare_request, set_request_timeout, RawReply, ReplyStream,
+    ReplyStreamOptions,
+};
+
+/// Replies a reply stream holds before it is read (as an async-nats subscription's buffer);
+/// beyond that further replies are discarded as for a slow consumer.
+const STREAM_CAPACITY: usize = 65_536;
 
 /// A request ready to go: its subject (the op) and the encoded event.
 struct Outgoing {
@@ -23,13 +31,15 @@ struct Outgoing {
     payload: Bytes,
 }
 
-/// Fills in source and transaction id, encodes in the connection's content mode, and refuses
-/// a message larger than the server accepts before anything is sent.
-fn prepare(inner: &Inner, mut request: Event) -> Result<Outgoing, RequestError> {
+/// Fills in source and transaction id, encodes in the connection's content mode with the
+/// requester's `timeout` (`Request-Timeout-Ms`), and refuses a message larger than the server
+/// accepts before anything is sent.
+fn prepare(inner: &Inner, mut request: Event, timeout: Duration) -> Result<Outgoing, RequestError> {
     prepare_request(&mut request, &inner.source)?;
     let subject = request.ty().to_owned();
-    let encoded = codec::encode(&request, inner.mode)
+    let mut encoded = codec::encode(&request, inner.mode)
         .map_err(|e| e.map_kind(|_| RequestErrorKind::Encode))?;
+    set_request_timeout(&mut encoded.headers, timeout);
     let max = inner.client.max_payload();
     let size = encoded.payload.len() + header_size(&encoded.headers);
     if max > 0 && size > max {
@@ -45,25 +55,6 @@ fn prepare(inner: &Inner, mut request: Event) -> Result<Outgoing, RequestError> 
     })
 }
 
-/// The size of the headers on the wire (`NATS/1.0\r\n`, `name: value\r\n` each, `\r\n`).
-fn header_size(headers: &HeaderMap) -> usize {
-    let lines: usize = headers
-        .iter()
-        .map(|(name, values)| {
-            let name = AsRef::<str>::as_ref(name).len();
-            values
-                .iter()
-                .map(|v| name + 2 + v.as_str().len() + 2)
-                .sum::<usize>()
-        })
-        .sum();
-    if lines == 0 {
-        0
-    } else {
-        "NATS/1.0\r\n".len() + lines + 2
-    }
-}
-
 /// A closed connection is reported as such; anything else keeps the client's error as source.
 fn other_error(inner: &Inner, err: impl Into<crate::error::BoxError>) -> RequestError {
     if inner.events.is_closed() {
@@ -73,25 +64,53 @@ fn other_error(inner: &Inner, err: impl Into<crate::error::BoxError>) -> Request
     }
 }
 
-fn map_request_error(
-    inner: &Inner,
-    err: async_nats::RequestError,
-    timeout: Duration,
-) -> RequestError {
-    use async_nats::RequestErrorKind as Nats;
-    match err.kind() {
-        Nats::TimedOut => Error::with_detail(
-            RequestErrorKind::TimedOut,
-            format!("no reply within {timeout:?}"),
+fn register_error(inner: &Inner, err: RegisterError) -> RequestError {
+    match err {
+        RegisterError::Closed => Error::new(RequestErrorKind::ConnectionClosed),
+        RegisterError::TooMany => Error::with_detail(
+            RequestErrorKind::Other,
+            format!(
+                "{} requests already wait for replies on this connection",
+                super::mux::MAX_PENDING
+            ),
         ),
-        Nats::NoResponders => Error::new(RequestErrorKind::NoResponders),
-        Nats::InvalidSubject => Error::with_detail(
-            RequestErrorKind::InvalidOptions,
-            "the op (event type) is not a valid NATS subject",
-        )
-        .source(err),
-        Nats::MaxPayloadExceeded => Error::with_source(RequestErrorKind::Encode, err),
-        _ => other_error(inner, err),
+        RegisterError::Subscribe(e) => other_error(inner, e),
+    }
+}
+
+/// `Disconnected` when the client is not connected now (it is reconnecting), saying for how
+/// long when the connection's events were seen; `prefix` says what was going on.
+fn disconnected(inner: &Inner, prefix: &str) -> Option<RequestError> {
+    if inner.client.connection_state() != State::Disconnected {
+        return None;
+    }
+    let down = match inner.events.down_for() {
+        Some(down) => format!("connection lost {:.1}s ago", down.as_secs_f64()),
+        None => "connection lost".to_owned(),
+    };
+    Some(Error::with_detail(
+        RequestErrorKind::Disconnected,
+        format!("{prefix}not connected to the NATS server ({down}; reconnecting)"),
+    ))
+}
+
+/// Refuses at once a request that cannot be sent: closed, or disconnected.
+///
+/// A refusal yields to the runtime first: it is otherwise ready at its first poll, and a
+/// caller retrying in a loop would never give the connection's own task (on the same worker
+/// thread) a turn to reconnect.
+async fn check_connection(inner: &Inner) -> Result<(), RequestError> {
+    let refused = if inner.events.is_closed() {
+        Some(Error::new(RequestErrorKind::ConnectionClosed))
+    } else {
+        disconnected(inner, "")
+    };
+    match refused {
+        Some(err) => {
+            tokio::task::yield_now().await;
+            Err(err)
+        }
+        None => Ok(()),
     }
 }
 
@@ -109,89 +128,109 @@ fn map_publish_error(inner: &Inner, err: async_nats::PublishError) -> RequestErr
 }
 
 /// Sends `request` on its op and waits up to `timeout` (clamped to
-/// [`MAX_REQUEST_TIMEOUT`]) for the one reply.
+/// [`MAX_REQUEST_TIMEOUT`]) for the one reply, through the connection's multiplexer (whose
+/// entry for this request is gone when this returns, whatever the outcome).
 pub(super) async fn request(
     inner: &Inner,
     request: Event,
     timeout: Duration,
 ) -> Result<Event, RequestError> {
-    if inner.events.is_closed() {
-        return Err(Error::new(RequestErrorKind::ConnectionClosed));
-    }
+    check_connection(inner).await?;
     let timeout = timeout.min(MAX_REQUEST_TIMEOUT);
-    let out = prepare(inner, request)?;
-    // One timer per request: ours bounds both handing the request to the connection (which
-    // can block while the client's buffers are full) and the wait for the reply, so async-nats
-    // is told not to arm a second one.
-    let nats_request = async_nats::Request::new()
-        .headers(out.headers)
-        .payload(out.payload)
-        .timeout(None);
-    let sent = tokio::time::timeout(
-        timeout,
-        inner.client.send_request(out.subject, nats_request),
-    )
-    .await;
-    let message = match sent {
-        Err(_) => {
-            return Err(Error::with_detail(
-                RequestErrorKind::TimedOut,
-                format!("no reply within {timeout:?}"),
-            ))
-        }
-        Ok(result) => result.map_err(|e| map_request_error(inner, e, timeout))?,
+    let out = prepare(inner, request, timeout)?;
+    // One timer bounds registering, handing the request to the connection (which can block
+    // while the client's buffers are full) and the wait for the reply.
+    let exchange = async {
+        let mut waiter = inner
+            .mux
+            .one()
+            .await
+            .map_err(|e| register_error(inner, e))?;
+        inner
+            .client
+            .publish_with_reply_and_headers(
+                out.subject,
+                waiter.reply_subject(),
+                out.headers,
+                out.payload,
+            )
+            .await
+            .map_err(|e| map_publish_error(inner, e))?;
+        (&mut waiter.replies)
+            .await
+            .map_err(|_| Error::new(RequestErrorKind::ConnectionClosed))
     };
+    let message: Message = match tokio::time::timeout(timeout, exchange).await {
+        Err(_) => {
+            let prefix = format!("no reply within {timeout:?}: ");
+            return Err(disconnected(inner, &prefix).unwrap_or_else(|| {
+                Error::with_detail(
+                    RequestErrorKind::TimedOut,
+                    format!("no reply within {timeout:?}"),
+                )
+            }));
+        }
+        Ok(result) => result?,
+    };
+    if message.status == Some(StatusCode::NO_RESPONDERS) {
+        return Err(Error::new(RequestErrorKind::NoResponders));
+    }
     interpret_reply(message.headers.as_ref(), &message.payload).map(|(event, _)| event)
 }
 
-/// Subscribes to a fresh inbox, sends `request` with that inbox as reply subject, and returns
-/// the stream of what arrives there, ended by the shared rules.
+/// Registers a reply stream with the multiplexer, sends `request` with its reply subject, and
+/// returns the stream of what arrives there, ended by the shared rules. Dropping the stream
+/// removes its entry.
 pub(super) async fn request_stream(
     inner: &Inner,
     request: Event,
     mut options: ReplyStreamOptions,
 ) -> Result<ReplyStream, RequestError> {
-    if inner.events.is_closed() {
-        return Err(Error::new(RequestErrorKind::ConnectionClosed));
-    }
+    check_connection(inner).await?;
     if options.max_replies == Some(0) {
         return Err(Error::with_detail(
             RequestErrorKind::InvalidOptions,
             "max_replies must be at least 1",
         ));
     }
-    options.deadline = Some(
-        options
-            .deadline
-            .unwrap_or(inner.default_timeout)
-            .min(MAX_REQUEST_TIMEOUT),
-    );
-    let out = prepare(inner, request)?;
-    let inbox = inner.client.new_inbox();
-    let subscriber = inner
-        .client
-        .subscribe(inbox.clone())
+    let deadline = options
+        .deadline
+        .unwrap_or(inner.default_timeout)
+        .min(MAX_REQUEST_TIMEOUT);
+    options.deadline = Some(deadline);
+    let out = prepare(inner, request, deadline)?;
+    let waiter = inner
+        .mux
+        .many(STREAM_CAPACITY)
         .await
-        .map_err(|e| other_error(inner, e))?;
+        .map_err(|e| register_error(inner, e))?;
     inner
         .client
-        .publish_with_reply_and_headers(out.subject, inbox, out.headers, out.payload)
+        .publish_with_reply_and_headers(
+            out.subject,
+            waiter.reply_subject(),
+            out.headers,
+            out.payload,
+        )
         .await
         .map_err(|e| map_publish_error(inner, e))?;
-    // Dropping the stream drops the subscriber, which unsubscribes from the inbox.
-    let raw = subscriber
-        .map(|message| {
-            if message.status == Some(StatusCode::NO_RESPONDERS) {
-                RawReply::NoResponders
-            } else {
-                RawReply::Message {
-                    headers: message.headers,
-                    payload: message.payload,
-                }
+    let raw = futures::stream::unfold(waiter, |mut waiter| async move {
+        let message = waiter.replies.recv().await?;
+        let raw = if message.status == Some(StatusCode::NO_RESPONDERS) {
+            RawReply::NoResponders
+        } else {
+            RawReply::Message {
+                headers: message.headers,
+                payload: message.payload,
             }
-        })
-        .boxed();
-    Ok(ReplyStream::from_raw(raw, &options, inner.default_timeout))
+        };
+        Some((raw, waiter))
+    });
+    Ok(ReplyStream::from_raw(
+        Box::pin(raw),
+        &options,
+        inner.default_timeout,
+    ))
 }
 
 #[cfg(test)]

@@ -36,6 +36,19 @@ impl QueryBackend for Memory {
     async fn close_queries(connection: &MemoryQueries) {
         connection.close().await;
     }
+
+    async fn request_raw(
+        &self,
+        subject: &str,
+        headers: HeaderMap,
+        payload: Bytes,
+        timeout: std::time::Duration,
+    ) -> (HeaderMap, Bytes) {
+        self.broker
+            .request_raw(subject, headers, payload, timeout)
+            .await
+            .expect("a reply to the raw request")
+    }
 }
 
 #[async_trait]

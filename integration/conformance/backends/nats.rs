@@ -2,6 +2,8 @@
 //! for the test (JetStream off: queries do not need it).
 
 use async_trait::async_trait;
+use bytes::Bytes;
+use ce_messaging::codec::HeaderMap;
 use ce_messaging::config::Config;
 use ce_messaging::NatsQueries;
 
@@ -40,5 +42,24 @@ impl QueryBackend for CoreNats {
 
     async fn close_queries(connection: &NatsQueries) {
         connection.close().await;
+    }
+
+    async fn request_raw(
+        &self,
+        subject: &str,
+        headers: HeaderMap,
+        payload: Bytes,
+        timeout: std::time::Duration,
+    ) -> (HeaderMap, Bytes) {
+        let client = crate::support::connect(self.server.url()).await;
+        let request = async_nats::Request::new()
+            .headers(headers)
+            .payload(payload)
+            .timeout(Some(timeout));
+        let reply = client
+            .send_request(subject.to_owned(), request)
+            .await
+            .expect("a reply to the raw request");
+        (reply.headers.unwrap_or_default(), reply.payload)
     }
 }

@@ -20,7 +20,7 @@ use cloudevents::{AttributesReader, AttributesWriter};
 use futures::future::join_all;
 use serde_json::{json, Value};
 
-use super::{within, within_for, Gate, Peak, Seen};
+use super::{within, within_for, Gate, Peak, Seen, WAIT};
 use crate::backend::{unique, QueryBackend};
 
 /// A fresh op name, unique to this case run.
@@ -245,7 +245,12 @@ pub async fn concurrent_requests_get_their_own_replies<B: QueryBackend>() {
         &op,
         typed_handler(|req: TypedRequest<u64>| async move { Ok::<_, HandlerError>(req.data * 2) }),
     );
-    let listener = listen(&server, handlers, options()).await;
+    // Room in the queue for all 50 (a full queue is answered 503 at once).
+    let options = QueryListenOptions {
+        buffer: 50,
+        ..options()
+    };
+    let listener = listen(&server, handlers, options).await;
     let requests = (0..50u64).map(|n| {
         let client = client.clone();
         let op = op.clone();
@@ -645,7 +650,13 @@ pub async fn queue_group_shares_requests<B: QueryBackend>() {
     let mut listeners = Vec::new();
     for name in ["a", "b"] {
         let server = env.queries(&env.config(name)).await;
-        listeners.push(listen(&server, named(&op, name), in_group(&group)).await);
+        // Room for all 40 requests below in either member's queue (a full queue is answered
+        // 503 at once, and the group may send most of a burst to one member).
+        let options = QueryListenOptions {
+            buffer: 40,
+            ..in_group(&group)
+        };
+        listeners.push(listen(&server, named(&op, name), options).await);
     }
     // Gathering from the group: exactly one member answers a request.
     let stream = within(
@@ -719,9 +730,11 @@ pub async fn query_worker_bound_is_never_exceeded<B: QueryBackend>() {
             }
         }),
     );
+    // Room in the queue for all 12, even before a worker took one (a full queue is answered
+    // 503 at once).
     let options = QueryListenOptions {
         workers: 2,
-        buffer: 4,
+        buffer: 12,
         ..options()
     };
     let listener = listen(&server, handlers, options).await;
@@ -900,6 +913,233 @@ pub async fn closing_the_connection_stops_its_listeners<B: QueryBackend>() {
         }
     })
     .await;
+}
+
+/// A request is served by the handler of the op it was sent on: one whose `type` names another
+/// op is answered 400 naming both, and that op's handler does not run.
+pub async fn request_type_must_match_its_subject<B: QueryBackend>() {
+    let env = B::start().await;
+    let server = env.queries(&env.config("svc")).await;
+    let public = new_op("public");
+    let admin = new_op("admin");
+    let admin_calls = Seen::<String>::new();
+    let calls = admin_calls.clone();
+    let handlers = named(&public, "public").on(
+        &admin,
+        handler_fn(move |request: Event, reply| {
+            let calls = calls.clone();
+            async move {
+                calls.push(request.id().to_owned());
+                reply.reply_data("conf.admin.reply", &"secret").await?;
+                Ok(())
+            }
+        }),
+    );
+    let listener = listen(&server, handlers, options()).await;
+    for mode in [ContentMode::Structured, ContentMode::Binary] {
+        let sneaky = request_event(&admin, &json!(1));
+        let encoded = ce_messaging::codec::encode(&sneaky, mode).expect("encode");
+        let (headers, _) = within(
+            "error reply",
+            env.request_raw(&public, encoded.headers, encoded.payload, WAIT),
+        )
+        .await;
+        let header = |name: &str| headers.get(name).map(|v| v.as_str().to_owned());
+        assert_eq!(
+            header("Nats-Service-Error-Code").as_deref(),
+            Some("400"),
+            "{mode:?}"
+        );
+        let text = header("Nats-Service-Error").unwrap_or_default();
+        assert!(text.contains(&admin) && text.contains(&public), "{text}");
+    }
+    assert_eq!(admin_calls.len(), 0, "the other op's handler ran");
+    listener.stop(Duration::from_secs(5)).await;
+}
+
+/// A wildcard listener dispatches by `type`, whatever subject under it the request came on.
+pub async fn wildcard_listener_dispatches_by_type<B: QueryBackend>() {
+    let env = B::start().await;
+    let server = env.queries(&env.config("svc")).await;
+    let prefix = format!("conf.{}", unique());
+    let admin = format!("{prefix}.admin");
+    let options = QueryListenOptions {
+        wildcard_subject: Some(format!("{prefix}.>")),
+        ..options()
+    };
+    let listener = listen(&server, named(&admin, "admin"), options).await;
+    let request = request_event(&admin, &json!(1));
+    let encoded = ce_messaging::codec::encode(&request, ContentMode::Structured).expect("encode");
+    let (headers, payload) = within(
+        "reply",
+        env.request_raw(
+            &format!("{prefix}.public"),
+            encoded.headers,
+            encoded.payload,
+            WAIT,
+        ),
+    )
+    .await;
+    assert!(headers.get("Nats-Service-Error-Code").is_none());
+    let reply = ce_messaging::codec::decode(Some(&headers), &payload).expect("reply event");
+    assert_eq!(reply.data_as::<String>().expect("data"), "admin");
+    listener.stop(Duration::from_secs(5)).await;
+}
+
+/// A reply larger than the max payload is answered at once with a 500 ("reply too large"),
+/// and the handler's `reply` returns `TooLarge`.
+pub async fn oversized_reply_is_answered_500<B: QueryBackend>() {
+    let env = B::start().await;
+    let server = env.queries(&env.config("svc")).await;
+    let client = env.queries(&env.config("cli")).await;
+    let op = new_op("big");
+    let outcomes = Seen::<String>::new();
+    let seen = outcomes.clone();
+    let handlers = QueryHandlers::new().on(
+        &op,
+        handler_fn(move |_request: Event, reply| {
+            let seen = seen.clone();
+            async move {
+                // Both backends default to a 1 MiB max payload.
+                let big = "x".repeat(1_500_000);
+                let result = reply.reply_data("conf.big.reply", &big).await;
+                seen.push(match &result {
+                    Ok(()) => "ok".to_owned(),
+                    Err(e) => format!("{:?}", e.kind()),
+                });
+                result?;
+                Ok(())
+            }
+        }),
+    );
+    let listener = listen(&server, handlers, options()).await;
+    let err = within(
+        "error reply",
+        client.request_with_timeout(request_event(&op, &json!(1)), Duration::from_secs(8)),
+    )
+    .await
+    .expect_err("too large");
+    let (code, text) = remote_code(&err);
+    assert_eq!(code, 500, "{err}");
+    assert!(text.starts_with("reply too large: "), "{text}");
+    assert_eq!(outcomes.wait_len("handler outcome", 1).await, ["TooLarge"]);
+    listener.stop(Duration::from_secs(5)).await;
+}
+
+/// With every worker busy and the queue full, a request is answered 503 at once instead of
+/// waiting; the queued one is served once a worker is free.
+pub async fn full_queue_is_answered_busy<B: QueryBackend>() {
+    let env = B::start().await;
+    let server = env.queries(&env.config("svc")).await;
+    let client = env.queries(&env.config("cli")).await;
+    let op = new_op("busy");
+    let gate = Gate::new();
+    let started = Seen::new();
+    let options = QueryListenOptions {
+        workers: 1,
+        buffer: 1,
+        ..options()
+    };
+    let listener = listen(&server, gated(&op, &gate, &started), options).await;
+    let first = tokio::spawn({
+        let (client, op) = (client.clone(), op.clone());
+        async move { client.request(request_event(&op, &json!(0))).await }
+    });
+    started.wait_len("the first handler", 1).await;
+    // The worker is busy and the queue empty: of two more, one queues and one is refused at
+    // once, while the gate is still closed.
+    let request = |i: u32| {
+        let (client, op) = (client.clone(), op.clone());
+        tokio::spawn(async move { client.request(request_event(&op, &json!(i))).await })
+    };
+    let (done, other) = match within(
+        "a busy answer",
+        futures::future::select(request(1), request(2)),
+    )
+    .await
+    {
+        futures::future::Either::Left((done, other)) => (done, other),
+        futures::future::Either::Right((done, other)) => (done, other),
+    };
+    let err = done.expect("join").expect_err("answered busy");
+    let (code, text) = remote_code(&err);
+    assert_eq!(code, 503, "{err}");
+    assert!(text.starts_with("listener busy"), "{text}");
+    assert_eq!(started.len(), 1, "only the first handler runs");
+    gate.open();
+    within("the queued one", other)
+        .await
+        .expect("join")
+        .expect("the queued one is served");
+    within("first", first)
+        .await
+        .expect("join")
+        .expect("first served");
+    assert_eq!(started.len(), 2);
+    listener.stop(Duration::from_secs(5)).await;
+}
+
+/// A request whose requester gave up (its `Request-Timeout-Ms` ran out) while it waited for
+/// a worker is dropped, never handled.
+pub async fn request_whose_caller_gave_up_is_not_handled<B: QueryBackend>() {
+    let env = B::start().await;
+    let server = env.queries(&env.config("svc")).await;
+    let client = env.queries(&env.config("cli")).await;
+    let op = new_op("expired");
+    let gate = Gate::new();
+    let started = Seen::new();
+    // One worker and one queue slot: the impatient request fills the slot, so a later request
+    // answered busy proves the listener received the impatient one before it.
+    let options = QueryListenOptions {
+        workers: 1,
+        buffer: 1,
+        ..options()
+    };
+    let listener = listen(&server, gated(&op, &gate, &started), options).await;
+    let first = tokio::spawn({
+        let (client, op) = (client.clone(), op.clone());
+        async move { client.request(request_event(&op, &json!(0))).await }
+    });
+    started.wait_len("the first handler", 1).await;
+    let impatient = request_event(&op, &json!("impatient"));
+    let impatient_id = impatient.id().to_owned();
+    let timeout = Duration::from_millis(200);
+    let err = within(
+        "impatient request",
+        client.request_with_timeout(impatient, timeout),
+    )
+    .await
+    .expect_err("the worker is busy");
+    assert_eq!(err.kind(), RequestErrorKind::TimedOut, "{err}");
+    let marker = within(
+        "busy marker",
+        client.request(request_event(&op, &json!("marker"))),
+    )
+    .await
+    .expect_err("the queue is full");
+    assert_eq!(remote_code(&marker).0, 503, "{marker}");
+    // The listener takes a request's deadline on receipt (its own clock: receipt + the
+    // requester's remaining time, so transit counts in the requester's favour). The impatient
+    // request was received before the marker was answered; one timeout after that answer its
+    // deadline has passed on the listener's clock too. This wait is the duration under test,
+    // not synchronisation.
+    tokio::time::sleep(timeout).await;
+    gate.open();
+    within("first", first)
+        .await
+        .expect("join")
+        .expect("first served");
+    // Queued after the impatient one: once it is answered, the impatient one was taken out.
+    within("probe", client.request(request_event(&op, &json!("probe"))))
+        .await
+        .expect("probe served");
+    let ids = started.snapshot();
+    assert_eq!(ids.len(), 2, "{ids:?}");
+    assert!(
+        !ids.contains(&impatient_id),
+        "handled after its caller gave up"
+    );
+    listener.stop(Duration::from_secs(5)).await;
 }
 
 /// A request of `op` (which need not be valid: the type is set after building).

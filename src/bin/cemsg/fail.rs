@@ -96,7 +96,7 @@ impl From<RequestError> for Failure {
             RequestErrorKind::TimedOut => EXIT_TIMEOUT,
             RequestErrorKind::NoResponders => EXIT_NO_RESPONDERS,
             RequestErrorKind::Remote => EXIT_REMOTE,
-            RequestErrorKind::ConnectionClosed => EXIT_CONNECTION,
+            RequestErrorKind::ConnectionClosed | RequestErrorKind::Disconnected => EXIT_CONNECTION,
             RequestErrorKind::Encode | RequestErrorKind::InvalidOptions => EXIT_USAGE,
             _ => EXIT_OTHER,
         };
@@ -192,6 +192,7 @@ mod tests {
         assert_eq!(code(RequestErrorKind::TimedOut), EXIT_TIMEOUT);
         assert_eq!(code(RequestErrorKind::NoResponders), EXIT_NO_RESPONDERS);
         assert_eq!(code(RequestErrorKind::ConnectionClosed), EXIT_CONNECTION);
+        assert_eq!(code(RequestErrorKind::Disconnected), EXIT_CONNECTION);
         let remote = Failure::from(RemoteError::new(404, "unknown op").into_request_error());
         assert_eq!(remote.code, EXIT_REMOTE);
         assert_eq!(remote.message, "remote error 404: unknown op");
