@@ -1054,9 +1054,11 @@ pub async fn event_stop_after_grace_hands_the_event_back<B: EventBackend>() {
 /// A stop whose grace period runs out hands back every event it holds (the one cut off and
 /// those still queued for a worker) before it returns, so closing the connection right after
 /// the stop (as `Shutdown` does) loses none of the hand-backs: a successor gets them all well
-/// before the 30 s ack wait.
+/// before the 30 s ack wait. (JetStream: queued deliveries nak from their ackers' drop; before
+/// the stop waited for those naks, some were sent after the connection had closed.)
 pub async fn stop_then_close_hands_back_every_queued_event<B: EventBackend>() {
-    const QUEUED: usize = 16;
+    const WORKERS: usize = 4;
+    const QUEUED: usize = 32;
     let env = B::start().await;
     let config = env.config("svc");
     let publisher = env.events(&config).await;
@@ -1066,12 +1068,12 @@ pub async fn stop_then_close_hands_back_every_queued_event<B: EventBackend>() {
     let gate = Gate::new();
     let (started, finished) = (Seen::new(), Seen::new());
     let long_ack_wait = EventListenOptions {
-        workers: 1,
+        workers: WORKERS,
         buffer: QUEUED,
         ack_wait: Some(Duration::from_secs(30)),
         ..options(&durable)
     };
-    let sent: Vec<Event> = (0..=QUEUED)
+    let sent: Vec<Event> = (0..WORKERS + QUEUED)
         .map(|n| event(&event_type, &json!(n)))
         .collect();
     for e in &sent {
@@ -1083,8 +1085,8 @@ pub async fn stop_then_close_hands_back_every_queued_event<B: EventBackend>() {
         long_ack_wait.clone(),
     )
     .await;
-    started.wait_len("the first handler to start", 1).await;
-    // Every event is in the listener's hands: one running, the rest queued for the worker.
+    started.wait_len("every worker busy", WORKERS).await;
+    // Every event is in the listener's hands: one per worker running, the rest queued.
     eventually("every event delivered and unacknowledged", || async {
         env.consumer_state(&config.js_stream, &durable).await
             == Some(ConsumerState {
@@ -1095,8 +1097,8 @@ pub async fn stop_then_close_hands_back_every_queued_event<B: EventBackend>() {
     .await;
     let report = within("the stop", listener.stop(Duration::from_millis(200))).await;
     B::close_events(&connection).await;
-    assert_eq!(report.abandoned, 1, "{report:?}");
-    assert_eq!(started.len(), 1, "queued events did not start");
+    assert_eq!(report.abandoned, WORKERS as u64, "{report:?}");
+    assert_eq!(started.len(), WORKERS, "queued events did not start");
     assert_eq!(finished.len(), 0);
     let next = Seen::new();
     let successor = listen(&publisher, recording(&event_type, &next), long_ack_wait).await;
