@@ -145,7 +145,8 @@ impl Listener {
     /// redelivered at once). An event listener also runs, within `grace`, the events it had
     /// already received and queued (at most its `buffer`), instead of handing them back: a
     /// hand-back would spend one of the event's deliveries. Returns when no handler of this
-    /// listener runs any more.
+    /// listener runs any more and every event it did not ack was handed back (nak) and
+    /// flushed to the broker, so closing the connection right after loses no hand-back.
     ///
     /// Calling it again, or on a clone, waits for the same stop and returns the same report.
     ///

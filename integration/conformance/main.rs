@@ -101,6 +101,7 @@ macro_rules! event_cases {
             event_worker_bound_is_never_exceeded,
             event_graceful_stop_finishes_in_flight_and_refuses_new,
             event_stop_after_grace_hands_the_event_back,
+            stop_then_close_hands_back_every_queued_event,
             cancelled_token_stops_event_listener,
             event_listeners_close_concurrently,
             publisher_close_keeps_acknowledged_publishes,

@@ -16,7 +16,9 @@
 //! the server may fill it after the stop, and what it sends then has a place in the window and
 //! is run within the grace period like everything else received (a hand-back would spend a
 //! delivery). One still queued for a worker when the grace period ran out is dropped
-//! unsettled: its acker naks it. Pull requests are kept short ([`PULL_EXPIRES`]) so that this
+//! unsettled: its acker naks it, and the stop waits until every acker is gone and its nak
+//! handed to the client, then flushes, before it returns (a connection closed right after the
+//! stop, as by [`Shutdown`](crate::shutdown::Shutdown), loses no hand-back). Pull requests are kept short ([`PULL_EXPIRES`]) so that this
 //! wait is short too. When the connection closes for good, the listener ends and reports.
 //!
 //! A consumer deleted under a running listener (409 on the pull request, or requests that go
@@ -52,6 +54,8 @@ use bytes::Bytes;
 use futures::{FutureExt, StreamExt};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::task_tracker::TaskTrackerToken;
+use tokio_util::task::TaskTracker;
 
 use crate::error::{BoxError, Error, ListenError, ListenErrorKind};
 use crate::events::{
@@ -226,6 +230,11 @@ pub(crate) async fn listen(
         },
     );
     window.spawn_keep_alive(ack_wait / 3, pool.context().finished);
+    let ackers = Arc::new(AckerShared {
+        client: inner.client.clone(),
+        work: pool.context(),
+        live: TaskTracker::new(),
+    });
     serve_presence(
         &inner.client,
         presence,
@@ -245,10 +254,7 @@ pub(crate) async fn listen(
         threshold: options.pull_threshold(),
         submitter: pool.submitter(),
         work: pool.context(),
-        ackers: Arc::new(AckerShared {
-            client: inner.client.clone(),
-            work: pool.context(),
-        }),
+        ackers: ackers.clone(),
         listener_token: token.clone(),
         client: inner.client.clone(),
         durable: durable.clone(),
@@ -262,6 +268,20 @@ pub(crate) async fn listen(
         token,
         move || {
             async move {
+            // Every worker and the intake have ended, but deliveries dropped unsettled (those
+            // still queued when the grace period ran out) nak from their acker's drop, in a
+            // task of its own; and the window's keep-alive may still hold an acker for a
+            // moment. Wait until every acker is gone and every such nak was handed to the
+            // client, or the flush below would miss them and a connection closed right
+            // after the stop (`Shutdown`) would lose them: the events would come back only
+            // after the ack wait.
+            ackers.live.close();
+            if tokio::time::timeout(STOP_FLUSH_TIMEOUT, ackers.live.wait())
+                .await
+                .is_err()
+            {
+                tracing::warn!(unsettled = ackers.live.len(), "deliveries still held {STOP_FLUSH_TIMEOUT:?} after the stop; the server redelivers them after the ack wait");
+            }
             // Acks and naks are fire-and-forget publishes: make sure they left the client.
             if tokio::time::timeout(STOP_FLUSH_TIMEOUT, client.flush())
                 .await
@@ -655,6 +675,7 @@ impl Intake {
             reply: message.reply,
             settled: AtomicBool::new(false),
             shared: self.ackers.clone(),
+            _live: self.ackers.live.token(),
         });
         let hold = match self.open.as_mut() {
             Some(open) if open.reserved.count() > 0 => {
@@ -811,7 +832,9 @@ enum Note {
 
 /// Settles one message. One dropped unsettled (e.g. still queued for a worker when a stop's
 /// grace period ran out) is nak'ed, so it is redelivered at once instead of after the ack
-/// wait; unless the listener "crashed", where nothing is settled, as in a dead process.
+/// wait; unless the listener "crashed", where nothing is settled, as in a dead process. The
+/// nak is sent by a task tracked in [`AckerShared::live`], which the listener's stop waits
+/// for before its final flush.
 ///
 /// An ack is what async-nats' `Acker::ack_with` sends (a publish of the [`AckKind`] to the
 /// message's reply subject), through a connection shared by the listener's deliveries
@@ -821,12 +844,16 @@ struct JetStreamAcker {
     reply: Option<Subject>,
     settled: AtomicBool,
     shared: Arc<AckerShared>,
+    /// Counts this acker as live in `shared.live` until it is dropped.
+    _live: TaskTrackerToken,
 }
 
 /// What every [`JetStreamAcker`] of a listener shares.
 struct AckerShared {
     client: async_nats::Client,
     work: WorkContext,
+    /// Every acker not yet dropped, and every nak a dropped one still has to send.
+    live: TaskTracker,
 }
 
 impl AckerShared {
@@ -860,11 +887,11 @@ impl Drop for JetStreamAcker {
             return;
         };
         let shared = self.shared.clone();
-        runtime.spawn(async move {
+        self.shared.live.spawn_on(async move {
             if let Err(err) = shared.send(reply, AckKind::Nak(None)).await {
                 tracing::warn!(error = %err, "nak of an unprocessed event failed; redelivered after the ack wait");
             }
-        });
+        }, &runtime);
     }
 }
 

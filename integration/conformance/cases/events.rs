@@ -1051,6 +1051,73 @@ pub async fn event_stop_after_grace_hands_the_event_back<B: EventBackend>() {
     listener.stop(Duration::from_secs(5)).await;
 }
 
+/// A stop whose grace period runs out hands back every event it holds (the one cut off and
+/// those still queued for a worker) before it returns, so closing the connection right after
+/// the stop (as `Shutdown` does) loses none of the hand-backs: a successor gets them all well
+/// before the 30 s ack wait. (JetStream: queued deliveries nak from their ackers' drop; before
+/// the stop waited for those naks, some were sent after the connection had closed.)
+pub async fn stop_then_close_hands_back_every_queued_event<B: EventBackend>() {
+    const WORKERS: usize = 4;
+    const QUEUED: usize = 32;
+    let env = B::start().await;
+    let config = env.config("svc");
+    let publisher = env.events(&config).await;
+    let connection = env.events(&config).await;
+    let event_type = new_type("handback");
+    let durable = new_durable();
+    let gate = Gate::new();
+    let (started, finished) = (Seen::new(), Seen::new());
+    let long_ack_wait = EventListenOptions {
+        workers: WORKERS,
+        buffer: QUEUED,
+        ack_wait: Some(Duration::from_secs(30)),
+        ..options(&durable)
+    };
+    let sent: Vec<Event> = (0..WORKERS + QUEUED)
+        .map(|n| event(&event_type, &json!(n)))
+        .collect();
+    for e in &sent {
+        publish(&publisher, e.clone()).await;
+    }
+    let listener = listen(
+        &connection,
+        gated_recording(&event_type, &gate, &started, &finished),
+        long_ack_wait.clone(),
+    )
+    .await;
+    started.wait_len("every worker busy", WORKERS).await;
+    // Every event is in the listener's hands: one per worker running, the rest queued.
+    eventually("every event delivered and unacknowledged", || async {
+        env.consumer_state(&config.js_stream, &durable).await
+            == Some(ConsumerState {
+                pending: 0,
+                ack_pending: sent.len() as u64,
+            })
+    })
+    .await;
+    let report = within("the stop", listener.stop(Duration::from_millis(200))).await;
+    B::close_events(&connection).await;
+    assert_eq!(report.abandoned, WORKERS as u64, "{report:?}");
+    assert_eq!(started.len(), WORKERS, "queued events did not start");
+    assert_eq!(finished.len(), 0);
+    let next = Seen::new();
+    let successor = listen(&publisher, recording(&event_type, &next), long_ack_wait).await;
+    let got = next
+        .wait_len(
+            "every handed-back event (well before the 30 s ack wait)",
+            sent.len(),
+        )
+        .await;
+    assert_eq!(ids(&got), ids(&sent));
+    wait_settled(&env, &config, &durable).await;
+    gate.open();
+    successor.stop(Duration::from_secs(5)).await;
+    assert!(
+        env.stored(&config.js_dlq_stream).await.is_empty(),
+        "nothing dead-lettered"
+    );
+}
+
 /// Cancelling the listener's token stops it; what is published afterwards waits for the next.
 pub async fn cancelled_token_stops_event_listener<B: EventBackend>() {
     let env = B::start().await;
