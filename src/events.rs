@@ -1018,6 +1018,30 @@ const DEAD_LETTER_RETRY: Backoff = Backoff {
     max: Duration::from_secs(300),
 };
 
+/// Starts a listener's workers over its delivery `window` (the queue has room for the whole
+/// window, so queueing a delivery never waits) and the window's keep-alive, which sends
+/// in-progress for queued deliveries every third of the ack wait. Both backends' listeners
+/// start here.
+pub(crate) fn start_delivery_pool(
+    workers: usize,
+    window: &crate::worker::DeliveryWindow,
+    stopping: tokio_util::sync::CancellationToken,
+    ctx: Arc<DeliveryContext>,
+) -> crate::worker::WorkerPool<Delivery> {
+    let keep_alive_every = ctx.ack_wait / 3;
+    let pool = crate::worker::WorkerPool::start_stopping_with(
+        workers,
+        window.capacity(),
+        stopping,
+        move |delivery, work| {
+            let ctx = ctx.clone();
+            async move { process_delivery(delivery, &ctx, &work).await }.boxed()
+        },
+    );
+    window.spawn_keep_alive(keep_alive_every, pool.context().finished);
+    pool
+}
+
 /// Processes one delivery per the contract. The library, not the broker, enforces
 /// `max_deliver`: backends configure their consumer without a delivery limit, so a message
 /// that ran out of deliveries (by failures, ack wait expiry or a listener that died holding

@@ -59,11 +59,11 @@ use tokio_util::task::TaskTracker;
 
 use crate::error::{BoxError, Error, ListenError, ListenErrorKind};
 use crate::events::{
-    process_delivery, Acker, DeadLetterPublishError, DeadLetterSink, Delivery, DeliveryContext,
+    start_delivery_pool, Acker, DeadLetterPublishError, DeadLetterSink, Delivery, DeliveryContext,
     EventConnection, EventHandlers, EventListenOptions,
 };
 use crate::listener::Listener;
-use crate::worker::{DeliveryWindow, Reserved, Submitter, WorkContext, WorkerPool};
+use crate::worker::{DeliveryWindow, Reserved, Submitter, WorkContext};
 
 use super::streams::STREAM_NOT_FOUND_CODE;
 use super::{client_closed, JetStreamEvents};
@@ -218,18 +218,8 @@ pub(crate) async fn listen(
         connection,
         source: config.client_id.clone(),
     });
-    // The queue has room for the whole window, so queueing a delivery never waits.
     let token = CancellationToken::new();
-    let pool = WorkerPool::start_stopping_with(
-        options.workers,
-        window.capacity(),
-        token.child_token(),
-        move |delivery, work| {
-            let ctx = ctx.clone();
-            async move { process_delivery(delivery, &ctx, &work).await }.boxed()
-        },
-    );
-    window.spawn_keep_alive(ack_wait / 3, pool.context().finished);
+    let pool = start_delivery_pool(options.workers, &window, token.child_token(), ctx);
     let ackers = Arc::new(AckerShared {
         client: inner.client.clone(),
         work: pool.context(),

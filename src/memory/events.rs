@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use cloudevents::{AttributesReader, Event};
 use futures::stream::BoxStream;
-use futures::{FutureExt, StreamExt};
+use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use super::stream::{ConsumerSettings, Next, StreamSettings};
@@ -24,12 +24,12 @@ use crate::error::{
 use crate::event::{check_type, populate_source};
 use crate::event_source::{EventSource, RawEvent, SourceBackend};
 use crate::events::{
-    process_delivery, Acker, DeadLetterPublishError, DeadLetterSink, Delivery, DeliveryContext,
+    start_delivery_pool, Acker, DeadLetterPublishError, DeadLetterSink, Delivery, DeliveryContext,
     EventConnection, EventHandlers, EventListenOptions, PublishAck, PublishError,
 };
 use crate::headers::NATS_MSG_ID;
 use crate::listener::Listener;
-use crate::worker::{DeliveryWindow, WorkContext, WorkerPool};
+use crate::worker::{DeliveryWindow, WorkContext};
 
 struct Inner {
     broker: MemoryBroker,
@@ -403,16 +403,7 @@ impl EventConnection for MemoryEvents {
         let threshold = options.pull_threshold();
         // The listener's token: the intake stops the listener when the stream goes away.
         let token = inner.closing.child_token();
-        let pool = WorkerPool::start_stopping_with(
-            options.workers,
-            window.capacity(),
-            token.child_token(),
-            move |delivery, work| {
-                let ctx = ctx.clone();
-                async move { process_delivery(delivery, &ctx, &work).await }.boxed()
-            },
-        );
-        window.spawn_keep_alive(ack_wait / 3, pool.context().finished);
+        let pool = start_delivery_pool(options.workers, &window, token.child_token(), ctx);
         let submitter = pool.submitter();
         let work = pool.context();
         let stop_listener = token.clone();
