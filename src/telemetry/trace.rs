@@ -842,7 +842,7 @@ fn publish_kind(kind: crate::error::PublishErrorKind) -> &'static str {
 }
 
 #[cfg(test)]
-#[path = "../integration/capture.rs"]
+#[path = "../../integration/capture.rs"]
 pub(crate) mod capture;
 
 #[cfg(test)]

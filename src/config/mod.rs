@@ -1,0 +1,5 @@
+//! Configuration from environment variables.
+
+mod env;
+
+pub use env::*;

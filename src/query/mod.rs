@@ -1,0 +1,5 @@
+//! Queries over request/reply.
+
+mod reply;
+
+pub use reply::*;

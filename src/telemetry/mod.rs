@@ -1,0 +1,5 @@
+//! Observability.
+
+mod trace;
+
+pub use trace::*;
