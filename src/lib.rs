@@ -7,7 +7,7 @@
 //!   streams, scatter-gather) and listeners served by a bounded worker pool.
 //! - [`EventConnection`](events::EventConnection): persisted events over JetStream (publish after
 //!   the server stored them, durable listeners with ack/nak/dead letters, request/response
-//!   promises matched by transaction id, and a dynamic [`EventSource`](event_source::EventSource)).
+//!   promises matched by transaction id, and a dynamic [`EventSource`](events::EventSource)).
 //!
 //! The wire format (structured and binary CloudEvents content modes, subjects, headers) is
 //! implemented by [`codec`]; configuration comes from environment variables through [`config`].
