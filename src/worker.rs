@@ -22,8 +22,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::events::Acker;
-use crate::listener::StopReport;
+use crate::error::BoxError;
 
 /// How one item's processing ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -561,6 +560,42 @@ impl DeliveryWindow {
             }
         });
     }
+}
+
+/// Settles one delivered message with the broker (what a [`Hold`] keeps alive with
+/// `in_progress` while the handler runs).
+#[async_trait::async_trait]
+pub(crate) trait Acker: Send + Sync {
+    async fn ack(&self) -> Result<(), BoxError>;
+    async fn nak(&self, delay: Option<Duration>) -> Result<(), BoxError>;
+    async fn in_progress(&self) -> Result<(), BoxError>;
+    async fn term(&self) -> Result<(), BoxError>;
+}
+
+/// What a stop did.
+///
+/// # Examples
+///
+/// ```
+/// let report = ce_messaging::listener::StopReport::default();
+/// assert_eq!(report.finished + report.abandoned + report.requeued, 0);
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StopReport {
+    /// Items that were in flight or queued when the stop began and finished within the grace
+    /// period (handler ran, reply sent / event settled).
+    pub finished: u64,
+    /// Items cut off when the grace period ran out (events: nak'ed for immediate redelivery).
+    pub abandoned: u64,
+    /// Queued items that were not started and were handed back at once. Event listeners run
+    /// what they received instead (see [`Listener::stop`](crate::listener::Listener::stop)), so for them this stays 0; events
+    /// still queued when the grace period ends are nak'ed as they are dropped (not counted).
+    pub requeued: u64,
+    /// How long the stop took.
+    pub elapsed: Duration,
+    /// Items finished over the listener's whole life.
+    pub handled_total: u64,
 }
 
 #[cfg(test)]

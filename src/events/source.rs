@@ -5,22 +5,6 @@
 //! event published while nobody listens is not replayed to them). One subscription is made
 //! per event type that has listeners (and one for all event subjects while a listener filters
 //! by transaction id only); it starts with the first listener and stops after the last.
-//!
-//! # Examples
-//!
-//! ```no_run
-//! # async fn demo(events: &dyn ce_messaging::events::EventConnection) -> Result<(), ce_messaging::error::ListenError> {
-//! use ce_messaging::event_source::EventFilter;
-//!
-//! let source = events.event_source();
-//! let id = source
-//!     .add_listener(EventFilter::by_type("org.example.order.created"), |event| println!("{event}"))
-//!     .await?;
-//! // ...
-//! source.remove_listener(id).await;
-//! assert_eq!(source.subscription_count(), 0);
-//! # Ok(()) }
-//! ```
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -169,7 +153,21 @@ struct Inner {
 
 /// Dynamic listeners on published events. Cheap to clone; clones share the listeners.
 ///
-/// See the [module documentation](self) for an example.
+/// # Examples
+///
+/// ```no_run
+/// # async fn demo(events: &dyn ce_messaging::events::EventConnection) -> Result<(), ce_messaging::error::ListenError> {
+/// use ce_messaging::events::EventFilter;
+///
+/// let source = events.event_source();
+/// let id = source
+///     .add_listener(EventFilter::by_type("org.example.order.created"), |event| println!("{event}"))
+///     .await?;
+/// // ...
+/// source.remove_listener(id).await;
+/// assert_eq!(source.subscription_count(), 0);
+/// # Ok(()) }
+/// ```
 #[derive(Clone)]
 pub struct EventSource {
     inner: Arc<Inner>,

@@ -1,0 +1,231 @@
+//! What a publish returns ([`PublishAck`], [`PublishError`]) and what every backend's publish
+//! shares: the `publish` span, the trace context put on the event, the outcome counted by type.
+
+use std::fmt;
+use std::future::Future;
+
+use cloudevents::{AttributesReader, Event};
+
+use crate::error::{Error, PublishErrorKind};
+use crate::telemetry::{self};
+
+/// What the server said when it stored an event.
+///
+/// # Examples
+///
+/// ```
+/// let ack = ce_messaging::events::PublishAck { stream: "CLOUDEVENTS".into(), sequence: 7, duplicate: false };
+/// assert_eq!(ack.sequence, 7);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishAck {
+    /// The stream that stored the event.
+    pub stream: String,
+    /// Its sequence in that stream.
+    pub sequence: u64,
+    /// True when the server had already stored an event with this id within the duplicate
+    /// window (a retried publish): it was not stored twice.
+    pub duplicate: bool,
+}
+
+/// A failed publish; gives the event back so the caller can retry without rebuilding it.
+///
+/// # Examples
+///
+/// ```
+/// use ce_messaging::error::PublishErrorKind;
+/// use ce_messaging::events::PublishError;
+///
+/// let event = ce_messaging::event::new_event("t", "s", &1).unwrap();
+/// let err = PublishError::new(PublishErrorKind::TimedOut, Some(event));
+/// assert_eq!(err.kind(), PublishErrorKind::TimedOut);
+/// assert!(err.into_event().is_some());
+/// ```
+pub struct PublishError {
+    error: Error<PublishErrorKind>,
+    event: Option<Box<Event>>,
+}
+
+impl PublishError {
+    /// A publish error of `kind`, holding the event that was not published.
+    pub fn new(kind: PublishErrorKind, event: Option<Event>) -> Self {
+        PublishError {
+            error: Error::new(kind),
+            event: event.map(Box::new),
+        }
+    }
+
+    /// Wraps an error, holding the event that was not published.
+    pub fn from_error(error: Error<PublishErrorKind>, event: Option<Event>) -> Self {
+        PublishError {
+            error,
+            event: event.map(Box::new),
+        }
+    }
+
+    /// What went wrong.
+    pub fn kind(&self) -> PublishErrorKind {
+        self.error.kind()
+    }
+
+    /// The error itself.
+    pub fn error(&self) -> &Error<PublishErrorKind> {
+        &self.error
+    }
+
+    /// The event that was not published, for a retry.
+    pub fn into_event(self) -> Option<Event> {
+        self.event.map(|e| *e)
+    }
+}
+
+impl fmt::Display for PublishError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.error, f)
+    }
+}
+
+impl fmt::Debug for PublishError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PublishError")
+            .field("error", &self.error)
+            .field("event_id", &self.event.as_ref().map(|e| e.id().to_owned()))
+            .finish()
+    }
+}
+
+impl std::error::Error for PublishError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.error)
+    }
+}
+
+/// One publish inside a `publish` span: the event gets its trace context (see
+/// [`telemetry`]), the outcome is counted by type. Every backend's
+/// [`EventConnection::publish`] goes through here.
+pub(crate) async fn traced_publish<F, Fut>(
+    mut event: Event,
+    publish: F,
+) -> Result<PublishAck, PublishError>
+where
+    F: FnOnce(Event) -> Fut,
+    Fut: Future<Output = Result<PublishAck, PublishError>>,
+{
+    use tracing::field::Empty;
+    let span = tracing::info_span!(
+        "publish",
+        "event.id" = Empty,
+        "event.type" = Empty,
+        transaction_id = Empty,
+        trace_id = Empty,
+        span_id = Empty,
+        parent_span_id = Empty,
+        outcome = Empty,
+    );
+    let trace = telemetry::outgoing(&mut event, !span.is_disabled());
+    telemetry::record_event(&span, &event);
+    telemetry::record_trace(&span, trace.as_ref());
+    // The metrics label; taken before the event moves into the backend.
+    let event_type = event.ty().to_owned();
+    let result = tracing::Instrument::instrument(publish(event), span.clone()).await;
+    span.record("outcome", count_publish(event_type, &result));
+    result
+}
+
+/// [`traced_publish`] for a batch: one `publish_all` span, a trace context per event, each
+/// outcome counted by type.
+pub(crate) async fn traced_publish_all<F, Fut>(
+    mut events: Vec<Event>,
+    publish_all: F,
+) -> Vec<Result<PublishAck, PublishError>>
+where
+    F: FnOnce(Vec<Event>) -> Fut,
+    Fut: Future<Output = Vec<Result<PublishAck, PublishError>>>,
+{
+    let span = tracing::info_span!("publish_all", count = events.len());
+    telemetry::outgoing_all(&mut events, !span.is_disabled());
+    // The metrics labels, one per run of consecutive events of the same type; taken before
+    // the events move into the backend.
+    let mut runs: Vec<(String, usize)> = Vec::new();
+    for event in &events {
+        match runs.last_mut() {
+            Some((ty, n)) if ty.as_str() == event.ty() => *n += 1,
+            _ => runs.push((event.ty().to_owned(), 1)),
+        }
+    }
+    let results = tracing::Instrument::instrument(publish_all(events), span).await;
+    let mut rest = results.as_slice();
+    for (event_type, n) in runs {
+        // A backend returns one result per event; `min` keeps a short answer from panicking.
+        let (run, after) = rest.split_at(n.min(rest.len()));
+        count_publishes(&event_type, run);
+        rest = after;
+    }
+    results
+}
+
+/// Counts a publish outcome for `event_type` (labels are registered per call: publishes of
+/// any type are allowed, so there is no fixed set to register up front).
+fn count_publish(event_type: String, result: &Result<PublishAck, PublishError>) -> &'static str {
+    match result {
+        Ok(ack) if ack.duplicate => {
+            metrics::counter!(telemetry::metric_names::DUPLICATES, "type" => event_type)
+                .increment(1);
+            "duplicate"
+        }
+        Ok(_) => {
+            metrics::counter!(telemetry::metric_names::PUBLISHED, "type" => event_type)
+                .increment(1);
+            "stored"
+        }
+        Err(err) => {
+            metrics::counter!(telemetry::metric_names::PUBLISH_ERRORS, "type" => event_type, "kind" => publish_kind(err.kind()))
+                .increment(1);
+            "error"
+        }
+    }
+}
+
+/// Counts the outcomes of a run of publishes of one `event_type` (a [`count_publish`] per
+/// result, with one counter update per outcome instead of one per event).
+fn count_publishes(event_type: &str, results: &[Result<PublishAck, PublishError>]) {
+    let (mut stored, mut duplicates) = (0u64, 0u64);
+    let mut errors: Vec<(&'static str, u64)> = Vec::new();
+    for result in results {
+        match result {
+            Ok(ack) if ack.duplicate => duplicates += 1,
+            Ok(_) => stored += 1,
+            Err(err) => {
+                let kind = publish_kind(err.kind());
+                match errors.iter_mut().find(|(k, _)| *k == kind) {
+                    Some((_, n)) => *n += 1,
+                    None => errors.push((kind, 1)),
+                }
+            }
+        }
+    }
+    if stored > 0 {
+        metrics::counter!(telemetry::metric_names::PUBLISHED, "type" => event_type.to_owned())
+            .increment(stored);
+    }
+    if duplicates > 0 {
+        metrics::counter!(telemetry::metric_names::DUPLICATES, "type" => event_type.to_owned())
+            .increment(duplicates);
+    }
+    for (kind, n) in errors {
+        metrics::counter!(telemetry::metric_names::PUBLISH_ERRORS, "type" => event_type.to_owned(), "kind" => kind)
+            .increment(n);
+    }
+}
+
+fn publish_kind(kind: crate::error::PublishErrorKind) -> &'static str {
+    use crate::error::PublishErrorKind as K;
+    match kind {
+        K::TimedOut => "timed-out",
+        K::StreamNotFound => "stream-not-found",
+        K::TooLarge => "too-large",
+        K::Encode => "encode",
+        K::ConnectionClosed => "connection-closed",
+        _ => "other",
+    }
+}

@@ -1,0 +1,157 @@
+//! The client side of queries: the [`QueryConnection`] trait and what every backend's
+//! `request` shares (the request's source and transaction id, its `request` span and metrics,
+//! the requester's timeout carried in a header).
+
+use std::future::Future;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use cloudevents::{AttributesReader, Event};
+
+use crate::codec::HeaderMap;
+use crate::error::{ListenError, RequestError, RequestErrorKind};
+use crate::event::{populate_source, EventExt, TransactionId};
+use crate::headers::REQUEST_TIMEOUT_MS;
+use crate::listener::Listener;
+use crate::telemetry::{self};
+
+use super::{QueryHandlers, QueryListenOptions, ReplyStream, ReplyStreamOptions};
+
+/// The most replies a buffered [`ReplyStreamWriter`](super::ReplyStreamWriter) holds before it refuses more.
+pub const MAX_BUFFERED_REPLIES: usize = 100_000;
+
+/// Sends queries and serves them.
+///
+/// Implemented by [`NatsQueries`](crate::nats::NatsQueries) (core NATS) and by the in-memory
+/// backend. Write services against this trait.
+///
+/// # Examples
+///
+/// ```no_run
+/// use ce_messaging::query::QueryConnection;
+/// use ce_messaging::event::new_event;
+///
+/// async fn get_workspace(queries: &dyn QueryConnection) -> Result<(), Box<dyn std::error::Error>> {
+///     let request = new_event("cyverse.workspace.get", "client", &serde_json::json!({"name": "w1"}))?;
+///     let reply = queries.request(request).await?;
+///     println!("{reply}");
+///     Ok(())
+/// }
+/// ```
+#[async_trait]
+pub trait QueryConnection: Send + Sync {
+    /// The timeout [`request`](Self::request) uses (from `NATS_REQUEST_TIMEOUT`).
+    fn default_timeout(&self) -> Duration;
+
+    /// Sends a query and waits for its one reply, up to [`default_timeout`](Self::default_timeout).
+    ///
+    /// The request's `source` is filled in when empty or `AUTO_POPULATE`, and it gets a
+    /// transaction id when it has none; the reply carries that transaction id.
+    ///
+    /// Errors, by [`RequestErrorKind`]: `TimedOut`, `NoResponders` (at once), `Remote` (see
+    /// [`RemoteError::of`](crate::error::RemoteError::of)), `Decode`, `Encode`, `ConnectionClosed`.
+    async fn request(&self, request: Event) -> Result<Event, RequestError> {
+        self.request_with_timeout(request, self.default_timeout())
+            .await
+    }
+
+    /// Like [`request`](Self::request) with a timeout of its own (clamped to
+    /// [`MAX_REQUEST_TIMEOUT`](crate::config::MAX_REQUEST_TIMEOUT)).
+    async fn request_with_timeout(
+        &self,
+        request: Event,
+        timeout: Duration,
+    ) -> Result<Event, RequestError>;
+
+    /// Sends a query and returns the stream of its replies: the replies of one replier that
+    /// streams (ends after `Reply-Stream-Total`), or of many repliers (ends on the first of the
+    /// [`ReplyStreamOptions`] strategies).
+    async fn request_stream(
+        &self,
+        request: Event,
+        options: ReplyStreamOptions,
+    ) -> Result<ReplyStream, RequestError>;
+
+    /// Serves the given query ops until the returned [`Listener`] is stopped.
+    async fn listen(
+        &self,
+        handlers: QueryHandlers,
+        options: QueryListenOptions,
+    ) -> Result<Listener, ListenError>;
+}
+
+/// Fills in what a request needs before it is sent: the source and a transaction id; refuses
+/// an op that breaks the subject-token rule ([`check_type`](crate::event::check_type)) first.
+/// Every backend's request and reply stream goes through here.
+pub(crate) fn prepare_request(request: &mut Event, source: &str) -> Result<(), RequestError> {
+    crate::event::check_type(request.ty())
+        .map_err(|e| e.map_kind(|_| RequestErrorKind::InvalidOptions))?;
+    populate_source(request, source);
+    if !crate::event::has_transaction_id(request) {
+        request.set_transaction_id(&TransactionId::generate());
+    }
+    // Continues the current handler's trace; a new trace starts in [`traced_request`].
+    telemetry::outgoing(request, false);
+    Ok(())
+}
+
+/// One request inside a `request` span: the request gets its transaction id and trace
+/// context here, and the time to its reply (or error) is recorded by op and outcome. Every
+/// backend's [`QueryConnection::request_with_timeout`] goes through here.
+pub(crate) async fn traced_request<F, Fut>(
+    mut request: Event,
+    send: F,
+) -> Result<Event, RequestError>
+where
+    F: FnOnce(Event) -> Fut,
+    Fut: Future<Output = Result<Event, RequestError>>,
+{
+    use tracing::field::Empty;
+    let span = tracing::info_span!(
+        "request",
+        "event.id" = Empty,
+        "event.type" = Empty,
+        transaction_id = Empty,
+        trace_id = Empty,
+        span_id = Empty,
+        parent_span_id = Empty,
+        outcome = Empty,
+    );
+    if !crate::event::has_transaction_id(&request) {
+        request.set_transaction_id(&TransactionId::generate());
+    }
+    let trace = telemetry::outgoing(&mut request, !span.is_disabled());
+    telemetry::record_event(&span, &request);
+    telemetry::record_trace(&span, trace.as_ref());
+    let op = request.ty().to_owned();
+    let started = std::time::Instant::now();
+    let result = tracing::Instrument::instrument(send(request), span.clone()).await;
+    let outcome = match &result {
+        Ok(_) => "ok",
+        Err(err) => request_outcome(err.kind()),
+    };
+    metrics::histogram!(telemetry::metric_names::REQUEST_DURATION, "type" => op, "outcome" => outcome)
+        .record(started.elapsed().as_secs_f64());
+    span.record("outcome", outcome);
+    result
+}
+
+fn request_outcome(kind: RequestErrorKind) -> &'static str {
+    match kind {
+        RequestErrorKind::TimedOut => "timed-out",
+        RequestErrorKind::NoResponders => "no-responders",
+        RequestErrorKind::Remote => "remote-error",
+        RequestErrorKind::Decode => "decode",
+        RequestErrorKind::Encode => "encode",
+        RequestErrorKind::ConnectionClosed => "connection-closed",
+        RequestErrorKind::InvalidOptions => "invalid-options",
+        RequestErrorKind::Disconnected => "disconnected",
+        _ => "other",
+    }
+}
+
+/// Puts the requester's remaining timeout on a request ([`REQUEST_TIMEOUT_MS`]).
+pub(crate) fn set_request_timeout(headers: &mut HeaderMap, timeout: Duration) {
+    let ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+    headers.insert(REQUEST_TIMEOUT_MS, ms.to_string().as_str());
+}

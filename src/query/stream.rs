@@ -1,0 +1,327 @@
+//! Reading replies: [`ReplyStreamOptions`] and the [`ReplyStream`] of a request that gets many
+//! replies, and how a raw reply becomes an event or a remote error.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use cloudevents::Event;
+use futures::stream::BoxStream;
+use futures::{Stream, StreamExt};
+
+use async_nats::HeaderName;
+
+use crate::codec::{self, HeaderMap};
+use crate::error::{Error, RemoteError, RequestError, RequestErrorKind};
+use crate::headers::{REPLY_STREAM_INDEX, REPLY_STREAM_TOTAL, SERVICE_ERROR, SERVICE_ERROR_CODE};
+
+/// When a [`ReplyStream`] ends, besides a replier's `Reply-Stream-Total` (the NATS "request
+/// many" strategies; the first one reached wins).
+///
+/// # Examples
+///
+/// ```
+/// use ce_messaging::query::ReplyStreamOptions;
+/// use std::time::Duration;
+///
+/// // scatter-gather: up to 5 answers, at most 2 s, give up after 200 ms of silence
+/// let options = ReplyStreamOptions::default()
+///     .max_replies(5)
+///     .deadline(Duration::from_secs(2))
+///     .stall(Duration::from_millis(200));
+/// assert_eq!(options.max_replies, Some(5));
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct ReplyStreamOptions {
+    /// End after this many replies.
+    pub max_replies: Option<usize>,
+    /// End this long after the request was sent; `None`: the connection's request timeout.
+    pub deadline: Option<Duration>,
+    /// End when no reply arrived for this long (after the first one).
+    pub stall: Option<Duration>,
+    /// End on an empty-payload message (a replier's "no more" sentinel).
+    pub sentinel: bool,
+}
+
+impl ReplyStreamOptions {
+    /// Sets [`max_replies`](Self::max_replies).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let o = ce_messaging::query::ReplyStreamOptions::default().max_replies(3);
+    /// assert_eq!(o.max_replies, Some(3));
+    /// ```
+    #[must_use]
+    pub fn max_replies(mut self, n: usize) -> Self {
+        self.max_replies = Some(n);
+        self
+    }
+
+    /// Sets [`deadline`](Self::deadline).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let o = ce_messaging::query::ReplyStreamOptions::default().deadline(std::time::Duration::from_secs(1));
+    /// assert!(o.deadline.is_some());
+    /// ```
+    #[must_use]
+    pub fn deadline(mut self, d: Duration) -> Self {
+        self.deadline = Some(d);
+        self
+    }
+
+    /// Sets [`stall`](Self::stall).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let o = ce_messaging::query::ReplyStreamOptions::default().stall(std::time::Duration::from_millis(100));
+    /// assert!(o.stall.is_some());
+    /// ```
+    #[must_use]
+    pub fn stall(mut self, d: Duration) -> Self {
+        self.stall = Some(d);
+        self
+    }
+
+    /// Sets [`sentinel`](Self::sentinel).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// assert!(ce_messaging::query::ReplyStreamOptions::default().sentinel(true).sentinel);
+    /// ```
+    #[must_use]
+    pub fn sentinel(mut self, on: bool) -> Self {
+        self.sentinel = on;
+        self
+    }
+}
+
+/// The replies of a [`QueryConnection::request_stream`](super::QueryConnection::request_stream), as they arrive.
+///
+/// A `futures::Stream` of `Result<Event, RequestError>`; an error reply from one replier is
+/// yielded as an `Err` item (`Remote`) and the stream goes on. A stream that gets no reply at
+/// all before its deadline yields one `TimedOut` error; a replier's stream that stops short of
+/// its `Reply-Stream-Total` yields `TimedOut` too.
+///
+/// # Examples
+///
+/// ```no_run
+/// # async fn demo(queries: &dyn ce_messaging::query::QueryConnection, request: ce_messaging::Event)
+/// # -> Result<(), ce_messaging::error::RequestError> {
+/// use ce_messaging::query::ReplyStreamOptions;
+/// let mut replies = queries.request_stream(request, ReplyStreamOptions::default()).await?;
+/// let first = replies.expect_next().await?;
+/// while let Some(reply) = replies.next().await {
+///     println!("{}", reply?);
+/// }
+/// # Ok(()) }
+/// ```
+pub struct ReplyStream {
+    inner: BoxStream<'static, Result<Event, RequestError>>,
+}
+
+impl std::fmt::Debug for ReplyStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplyStream").finish_non_exhaustive()
+    }
+}
+
+impl ReplyStream {
+    /// The next reply, or `None` when the stream ended.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: a reply not returned stays in the stream.
+    pub async fn next(&mut self) -> Option<Result<Event, RequestError>> {
+        self.inner.next().await
+    }
+
+    /// The next reply; the end of the stream is a `TimedOut` error.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe, as [`next`](Self::next).
+    pub async fn expect_next(&mut self) -> Result<Event, RequestError> {
+        match self.inner.next().await {
+            Some(result) => result,
+            None => Err(Error::with_detail(
+                RequestErrorKind::TimedOut,
+                "reply stream ended",
+            )),
+        }
+    }
+
+    /// All remaining replies; the first error ends collection.
+    pub async fn collect_all(mut self) -> Result<Vec<Event>, RequestError> {
+        let mut out = Vec::new();
+        while let Some(item) = self.inner.next().await {
+            out.push(item?);
+        }
+        Ok(out)
+    }
+
+    /// Builds a reply stream from raw replies (the backend's part) and the termination rules.
+    pub(crate) fn from_raw(
+        raw: BoxStream<'static, RawReply>,
+        options: &ReplyStreamOptions,
+        default_deadline: Duration,
+    ) -> Self {
+        let deadline = tokio::time::Instant::now() + options.deadline.unwrap_or(default_deadline);
+        let state = StreamState {
+            raw,
+            deadline,
+            stall: options.stall,
+            last: None,
+            max: options.max_replies,
+            sentinel: options.sentinel,
+            received: 0,
+            total: None,
+            done: false,
+        };
+        let inner = futures::stream::unfold(state, |mut st| async move {
+            if st.done {
+                return None;
+            }
+            let wake = match (st.stall, st.last) {
+                (Some(stall), Some(last)) => st.deadline.min(last + stall),
+                _ => st.deadline,
+            };
+            tokio::select! {
+                item = st.raw.next() => match item {
+                    None => {
+                        st.done = true;
+                        st.incomplete_error().map(|e| (Err(e), st))
+                    }
+                    Some(RawReply::NoResponders) => {
+                        st.done = true;
+                        Some((Err(Error::new(RequestErrorKind::NoResponders)), st))
+                    }
+                    Some(RawReply::Message { headers, payload }) => {
+                        if st.sentinel && payload.is_empty() && !is_error_reply(headers.as_ref()) {
+                            st.done = true;
+                            return st.incomplete_error().map(|e| (Err(e), st));
+                        }
+                        st.received += 1;
+                        st.last = Some(tokio::time::Instant::now());
+                        let result = interpret_reply(headers.as_ref(), &payload).map(|(event, position)| {
+                            if let Some((_, total)) = position {
+                                st.total = Some(total);
+                            }
+                            event
+                        });
+                        if st.total.is_some_and(|t| st.received >= t)
+                            || st.max.is_some_and(|m| st.received >= m)
+                        {
+                            st.done = true;
+                        }
+                        Some((result, st))
+                    }
+                },
+                _ = tokio::time::sleep_until(wake) => {
+                    st.done = true;
+                    if st.received == 0 {
+                        Some((Err(Error::with_detail(RequestErrorKind::TimedOut, "no reply before the deadline")), st))
+                    } else {
+                        st.incomplete_error().map(|e| (Err(e), st))
+                    }
+                }
+            }
+        });
+        ReplyStream {
+            inner: inner.boxed(),
+        }
+    }
+}
+
+struct StreamState {
+    raw: BoxStream<'static, RawReply>,
+    deadline: tokio::time::Instant,
+    stall: Option<Duration>,
+    last: Option<tokio::time::Instant>,
+    max: Option<usize>,
+    sentinel: bool,
+    received: usize,
+    total: Option<usize>,
+    done: bool,
+}
+
+impl StreamState {
+    fn incomplete_error(&self) -> Option<RequestError> {
+        match self.total {
+            Some(total) if self.received < total => Some(Error::with_detail(
+                RequestErrorKind::TimedOut,
+                format!(
+                    "reply stream incomplete: {} of {total} replies",
+                    self.received
+                ),
+            )),
+            _ => None,
+        }
+    }
+}
+
+impl Stream for ReplyStream {
+    type Item = Result<Event, RequestError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.inner.poll_next_unpin(cx)
+    }
+}
+
+/// A raw reply as a backend receives it.
+#[derive(Debug)]
+pub(crate) enum RawReply {
+    /// A message on the reply subject.
+    Message {
+        headers: Option<HeaderMap>,
+        payload: Bytes,
+    },
+    /// The server said nobody listens (NATS status 503).
+    NoResponders,
+}
+
+// The reply headers as names built at compile time: a lookup by `&str` builds (allocates) a
+// header name per call, four of them per reply read.
+const SERVICE_ERROR_NAME: HeaderName = HeaderName::from_static(SERVICE_ERROR);
+const SERVICE_ERROR_CODE_NAME: HeaderName = HeaderName::from_static(SERVICE_ERROR_CODE);
+const REPLY_STREAM_INDEX_NAME: HeaderName = HeaderName::from_static(REPLY_STREAM_INDEX);
+const REPLY_STREAM_TOTAL_NAME: HeaderName = HeaderName::from_static(REPLY_STREAM_TOTAL);
+
+pub(super) fn header(headers: Option<&HeaderMap>, name: HeaderName) -> Option<&str> {
+    headers.and_then(|h| h.get(name)).map(|v| v.as_str())
+}
+
+fn is_error_reply(headers: Option<&HeaderMap>) -> bool {
+    header(headers, SERVICE_ERROR_CODE_NAME).is_some()
+        || header(headers, SERVICE_ERROR_NAME).is_some()
+}
+
+/// Reads a reply: an error reply becomes `Remote`, otherwise the event is decoded. Returns the
+/// stream position (`index`, `total`) when the reply is part of a reply stream.
+pub(crate) fn interpret_reply(
+    headers: Option<&HeaderMap>,
+    payload: &Bytes,
+) -> Result<(Event, Option<(usize, usize)>), RequestError> {
+    if is_error_reply(headers) {
+        let text = header(headers, SERVICE_ERROR_NAME).unwrap_or("remote error");
+        let code = header(headers, SERVICE_ERROR_CODE_NAME)
+            .and_then(|c| c.trim().parse().ok())
+            .unwrap_or(500);
+        return Err(RemoteError::new(code, text).into_request_error());
+    }
+    let event =
+        codec::decode(headers, payload).map_err(|e| e.map_kind(|_| RequestErrorKind::Decode))?;
+    let position = match (
+        header(headers, REPLY_STREAM_INDEX_NAME).and_then(|v| v.trim().parse().ok()),
+        header(headers, REPLY_STREAM_TOTAL_NAME).and_then(|v| v.trim().parse().ok()),
+    ) {
+        (Some(index), Some(total)) => Some((index, total)),
+        _ => None,
+    };
+    Ok((event, position))
+}
