@@ -13,7 +13,7 @@
 //! has a timeout; the only fixed pauses are the faults' own durations and simulated work.
 //! Run alone: `cargo test --features natsjs_integration --test faults` (see docs/faults.md).
 
-mod support;
+use ce_messaging_test_support as support;
 
 use std::collections::HashMap;
 use std::future::Future;

@@ -18,7 +18,7 @@
 //! `cargo test --features natsjs_integration --test partitions -- --nocapture`
 //! (see docs/faults.md).
 
-mod support;
+use ce_messaging_test_support as support;
 
 use std::collections::HashMap;
 use std::future::Future;

@@ -23,8 +23,7 @@ mod backends;
 mod cases;
 
 #[cfg(feature = "nats_integration")]
-#[path = "../support/mod.rs"]
-mod support;
+use ce_messaging_test_support as support;
 
 /// One `#[tokio::test]` per listed case, calling `cases::<module>::<case>::<backend>()`.
 macro_rules! instantiate {
