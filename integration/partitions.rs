@@ -15,7 +15,7 @@
 //!
 //! The tests need root and iproute2 (network namespaces); elsewhere each prints why it is
 //! skipped and passes. Run alone:
-//! `cargo test --features natsjs_integration --test partitions -- --nocapture`
+//! `cargo test -p ce-messaging-test-support --features natsjs_integration --test partitions -- --nocapture`
 //! (see docs/faults.md).
 
 use ce_messaging_test_support as support;
