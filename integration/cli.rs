@@ -5,7 +5,7 @@
 //! Every child process is waited for with a timeout and killed when its handle is dropped
 //! (also when a test panics). No sleep is used to synchronise.
 
-mod support;
+use ce_messaging_test_support as support;
 
 use std::collections::HashSet;
 use std::process::Stdio;

@@ -6,7 +6,7 @@
 //!
 //! Every wait has a timeout; no sleep is used to synchronise.
 
-mod support;
+use ce_messaging_test_support as support;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};

@@ -11,9 +11,9 @@
 //! Timings are short (ack waits of 1-2 s, 250 ms client pings) so that the whole suite takes
 //! about a minute and a half; most of it is the ~10 s raft elections of scenario 6. Every wait
 //! has a timeout; the only fixed pauses are the faults' own durations and simulated work.
-//! Run alone: `cargo test --features natsjs_integration --test faults` (see docs/faults.md).
+//! Run alone: `cargo test -p ce-messaging-test-support --features natsjs_integration --test faults` (see docs/faults.md).
 
-mod support;
+use ce_messaging_test_support as support;
 
 use std::collections::HashMap;
 use std::future::Future;

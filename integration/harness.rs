@@ -1,7 +1,7 @@
 //! Tests of the integration-test harness itself: real nats-server processes are started,
 //! killed, restarted, paused and clustered, and keep their JetStream data where they should.
 
-mod support;
+use ce_messaging_test_support as support;
 
 use std::time::Duration;
 

@@ -15,10 +15,10 @@
 //!
 //! The tests need root and iproute2 (network namespaces); elsewhere each prints why it is
 //! skipped and passes. Run alone:
-//! `cargo test --features natsjs_integration --test partitions -- --nocapture`
+//! `cargo test -p ce-messaging-test-support --features natsjs_integration --test partitions -- --nocapture`
 //! (see docs/faults.md).
 
-mod support;
+use ce_messaging_test_support as support;
 
 use std::collections::HashMap;
 use std::future::Future;

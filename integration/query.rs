@@ -3,7 +3,7 @@
 //! pool, queue groups, a listener surviving panics, garbage and a server kill, graceful stop,
 //! and slow-consumer counting (issue 3, "Done when").
 
-mod support;
+use ce_messaging_test_support as support;
 
 use std::collections::BTreeSet;
 use std::future::Future;

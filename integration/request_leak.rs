@@ -4,7 +4,7 @@
 //! allocator; one test per binary so nothing else allocates meanwhile) around 20,000
 //! requests that time out against a responder that never answers.
 
-mod support;
+use ce_messaging_test_support as support;
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicIsize, AtomicUsize, Ordering};

@@ -6,7 +6,7 @@
 //!
 //! Certificates (rcgen), NKeys and JWTs (nkeys + ed25519 signatures) are made at test time.
 
-mod support;
+use ce_messaging_test_support as support;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};

@@ -8,7 +8,7 @@
 //! Every wait has a timeout; no sleep is used to synchronise.
 
 mod capture;
-mod support;
+use ce_messaging_test_support as support;
 
 use std::time::Duration;
 

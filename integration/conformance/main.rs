@@ -3,7 +3,7 @@
 //!
 //! Test names say case and backend: `conformance::memory::request_times_out`,
 //! `conformance::nats::request_times_out`, `conformance::jetstream::max_deliveries_go_to_dead_letter`.
-//! The memory backend runs in plain `cargo test`; core NATS with the `nats_integration` feature,
+//! The memory backend runs without features; core NATS with the `nats_integration` feature,
 //! JetStream with `natsjs_integration` (each against its own nats-server per test).
 //!
 //! Query cases run on query backends (memory, core NATS); event cases on event backends (memory,
@@ -15,16 +15,16 @@
 //! empty reply; `ReplyWriter` always sends an event; unit-tested in `src/query.rs`,
 //! `sentinel_ends_the_stream`) and a replier's stream cut short of its `Reply-Stream-Total`.
 //!
-//! Run: `cargo test --test conformance` (memory);
-//! `cargo test --test conformance --features natsjs_integration` (all three backends).
+//! Run: `cargo test -p ce-messaging-test-support --test conformance` (memory);
+//! `cargo test -p ce-messaging-test-support --test conformance --features natsjs_integration` (all
+//! three backends).
 
 mod backend;
 mod backends;
 mod cases;
 
 #[cfg(feature = "nats_integration")]
-#[path = "../support/mod.rs"]
-mod support;
+use ce_messaging_test_support as support;
 
 /// One `#[tokio::test]` per listed case, calling `cases::<module>::<case>::<backend>()`.
 macro_rules! instantiate {

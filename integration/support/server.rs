@@ -508,7 +508,10 @@ pub fn free_ports(n: usize) -> Vec<u16> {
 pub fn nats_server_binary() -> PathBuf {
     locate_nats_server(
         std::env::var_os("NATS_SERVER_BIN"),
-        Path::new(env!("CARGO_MANIFEST_DIR")),
+        // This crate is integration/ in the workspace; `.tools` is at the workspace root.
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("the test-support crate is a directory inside the workspace"),
         std::env::var_os("PATH"),
     )
     .unwrap_or_else(|message| panic!("{message}"))

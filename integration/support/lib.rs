@@ -1,10 +1,10 @@
-//! Test support shared by the integration tests (`mod support;`): real `nats-server` processes
+//! Test support shared by the integration tests (crate `ce-messaging-test-support`, imported by
+//! each test as `use ce_messaging_test_support as support;`): real `nats-server` processes
 //! ([`server::NatsServer`], [`cluster::NatsCluster`]), a client helper and a polling helper.
 //! [`netns::NetCluster`] is a cluster split across network namespaces, for partitions.
 //!
-//! Each integration test binary compiles this module and uses only part of it, so unused items
-//! are expected there; hence the crate-level `dead_code` allowance below.
-#![allow(dead_code)]
+//! A crate of its own so that the library's users never compile what the tests need (nix,
+//! tempfile, rcgen, ...).
 
 pub mod checker;
 pub mod cluster;
