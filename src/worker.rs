@@ -578,6 +578,7 @@ mod tests {
         let running = Arc::new(AtomicUsize::new(0));
         let peak = Arc::new(AtomicUsize::new(0));
         let (r, p) = (running.clone(), peak.clone());
+        // The future runs in place in the worker's task (not boxed).
         let pool = WorkerPool::start(3, 2, move |_: u32, _ctx| {
             let (r, p) = (r.clone(), p.clone());
             async move {
@@ -588,7 +589,6 @@ mod tests {
                 r.fetch_sub(1, Ordering::SeqCst);
                 Outcome::Finished
             }
-            .boxed()
         });
         for i in 0..50 {
             pool.submit(i).await.unwrap();

@@ -33,6 +33,7 @@ mod listen;
 mod mux;
 mod request;
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -241,9 +242,13 @@ impl NatsQueries {
     /// let reply = queries.request(new_event("org.example.ping", "demo", &())?).await?;
     /// # Ok(()) }
     /// ```
-    pub async fn request(&self, request: Event) -> Result<Event, RequestError> {
+    // Returns the inner future itself (no `async fn` layer): each layer would move the whole
+    // request future into its own state once more.
+    pub fn request(
+        &self,
+        request: Event,
+    ) -> impl Future<Output = Result<Event, RequestError>> + Send + '_ {
         self.request_with_timeout(request, self.inner.default_timeout)
-            .await
     }
 
     /// Like [`request`](Self::request) with a timeout of its own (clamped to
@@ -265,15 +270,14 @@ impl NatsQueries {
     ///     .await?;
     /// # Ok(()) }
     /// ```
-    pub async fn request_with_timeout(
+    pub fn request_with_timeout(
         &self,
         request: Event,
         timeout: Duration,
-    ) -> Result<Event, RequestError> {
-        crate::query::traced_request(request, |request| {
+    ) -> impl Future<Output = Result<Event, RequestError>> + Send + '_ {
+        crate::query::traced_request(request, move |request| {
             request::request(&self.inner, request, timeout)
         })
-        .await
     }
 
     /// The underlying async-nats client (e.g. to share the connection).
