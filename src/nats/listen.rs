@@ -165,9 +165,9 @@ impl Subscriptions {
         let mut subscribers = subscribers.into_iter();
         match (subscribers.next(), subscribers.next()) {
             (Some(one), None) => Subscriptions::One(one),
-            (first, second) => Subscriptions::Many(
-                first.into_iter().chain(second).chain(subscribers).collect(),
-            ),
+            (first, second) => {
+                Subscriptions::Many(first.into_iter().chain(second).chain(subscribers).collect())
+            }
         }
     }
 

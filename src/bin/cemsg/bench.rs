@@ -1004,10 +1004,10 @@ async fn event_scenarios(
                     Side::HandWritten => {
                         let batch = bench_events(n, &tag)?;
                         let started = Instant::now();
-                        let latencies =
-                            one_by_one(js, batch.len(), |i| {
+                        let latencies = one_by_one(js, batch.len(), |i| {
                             hand_message(args.hand_codec, &batch[i])
-                        }).await?;
+                        })
+                        .await?;
                         (started, latencies)
                     }
                     Side::Raw => {
@@ -1280,7 +1280,11 @@ async fn slow_consumer(
         let mut sent = 0;
         while sent < args.backlog {
             let chunk = (args.backlog - sent).min(10_000);
-            raw_pipelined(js, raw_messages(chunk, &format!("slow-{side_name}-{sent}"))?).await?;
+            raw_pipelined(
+                js,
+                raw_messages(chunk, &format!("slow-{side_name}-{sent}"))?,
+            )
+            .await?;
             sent += chunk;
         }
         Ok::<(), Failure>(())
@@ -1382,9 +1386,7 @@ async fn listen_child_sized(config: Config, args: ListenChildArgs) -> Result<(),
                         // The hand-written consumer decodes with the sdk as a handler would;
                         // the raw one does no CloudEvents work. Then take our time.
                         if let Some(hand) = decode {
-                            black_box(
-                                hand.decode(message.headers.as_ref(), &message.payload).ok(),
-                            );
+                            black_box(hand.decode(message.headers.as_ref(), &message.payload).ok());
                         }
                         tokio::time::sleep(delay).await;
                         if message.ack().await.is_ok() {
@@ -1724,8 +1726,14 @@ mod tests {
     #[test]
     fn targets_compare_the_right_figure() {
         let throughput = row([Some(95.0), Some(75.0), Some(100.0)], false, vec![]);
-        assert_eq!(Target::RatioAtLeast(Side::Raw, 0.9).met(&throughput), Some(true));
-        assert_eq!(Target::RatioAtLeast(Side::Raw, 0.96).met(&throughput), Some(false));
+        assert_eq!(
+            Target::RatioAtLeast(Side::Raw, 0.9).met(&throughput),
+            Some(true)
+        );
+        assert_eq!(
+            Target::RatioAtLeast(Side::Raw, 0.96).met(&throughput),
+            Some(false)
+        );
         assert_eq!(
             Target::RatioAtLeast(Side::HandWritten, 1.2).met(&throughput),
             Some(true)
@@ -1744,10 +1752,7 @@ mod tests {
         assert_eq!(all.0, Side::ALL);
         let firsts: Vec<Side> = (0..3).map(|round| all.order(round)[0]).collect();
         assert_eq!(firsts, Side::ALL);
-        assert_eq!(
-            all.order(1),
-            [Side::HandWritten, Side::Raw, Side::Library]
-        );
+        assert_eq!(all.order(1), [Side::HandWritten, Side::Raw, Side::Library]);
         let two = Sides::new(&[Side::Raw, Side::Library]);
         assert_eq!(two.0, [Side::Library, Side::Raw], "in the usual order");
         assert!(!two.has(Side::HandWritten));
@@ -1774,8 +1779,7 @@ mod tests {
             let reply = hand.reply_to(back).unwrap();
             assert_eq!(reply.ty(), REPLY_TYPE);
             assert_ne!(reply.id(), event.id());
-            let data: serde_json::Value =
-                ce_messaging::event::EventExt::data_as(&reply).unwrap();
+            let data: serde_json::Value = ce_messaging::event::EventExt::data_as(&reply).unwrap();
             let sent: serde_json::Value = ce_messaging::event::EventExt::data_as(&event).unwrap();
             assert_eq!(data, sent, "{hand:?}");
         }
