@@ -1271,6 +1271,51 @@ async fn cancelling_the_token_stops_the_listener() {
     assert!(probe_is_no_responders(&queries).await);
 }
 
+/// A listener of one op polls its one subscription directly; a listener of several ops merges
+/// their subscriptions. Both serve every op and both end, having answered what they took,
+/// when their connection closes under them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_op_and_two_op_listeners_serve_and_end_when_their_connection_closes() {
+    let server = core_server();
+    let requester = connect(&config(&server)).await;
+    for ops in [vec!["test.one"], vec!["test.one", "test.two"]] {
+        let serving = connect(&config(&server)).await;
+        let mut handlers = QueryHandlers::new();
+        for op in &ops {
+            handlers = handlers.on(
+                *op,
+                handler_fn(|request: Event, reply| async move {
+                    let data: String = request.data_as()?;
+                    reply.reply_data("test.reply", &data).await?;
+                    Ok(())
+                }),
+            );
+        }
+        let listener = listen(&serving, handlers).await;
+        for op in &ops {
+            let reply = within(
+                "request",
+                requester.request(request_event(op, serde_json::json!(op))),
+            )
+            .await
+            .expect("answered");
+            assert_eq!(reply.data_as::<String>().unwrap(), *op);
+        }
+        serving.close().await;
+        let report = within("the listener ends with its connection", listener.stopped()).await;
+        assert_eq!(report.handled_total, ops.len() as u64, "{ops:?}");
+        assert!(listener.is_stopped());
+        for op in &ops {
+            let late = requester.request_with_timeout(
+                request_event(op, serde_json::json!("late")),
+                Duration::from_secs(2),
+            );
+            let err = within("request after close", late).await.unwrap_err();
+            assert_eq!(err.kind(), RequestErrorKind::NoResponders, "{ops:?}: {err}");
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Slow consumers
 // ---------------------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ use ce_messaging::config::Config;
 use ce_messaging::error::RequestErrorKind;
 use ce_messaging::event::new_event;
 use ce_messaging::nats::NatsQueries;
-use ce_messaging::query::QueryConnection;
 use futures::StreamExt;
 use support::server::{NatsServer, ServerOptions};
 

@@ -16,7 +16,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::future::BoxFuture;
 use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
@@ -140,9 +139,13 @@ pub(crate) struct WorkerPool<M> {
 
 impl<M: Send + 'static> WorkerPool<M> {
     /// Starts `workers` worker tasks reading from a channel of capacity `buffer`.
-    pub fn start<F>(workers: usize, buffer: usize, process: F) -> Self
+    ///
+    /// `process` returns a future of its own type, run in place inside the worker's task: a
+    /// listener that names no boxed future pays no heap allocation per item.
+    pub fn start<F, Fut>(workers: usize, buffer: usize, process: F) -> Self
     where
-        F: Fn(M, WorkContext) -> BoxFuture<'static, Outcome> + Send + Sync + 'static,
+        F: Fn(M, WorkContext) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Outcome> + Send + 'static,
     {
         Self::start_stopping_with(workers, buffer, CancellationToken::new(), process)
     }
@@ -152,14 +155,15 @@ impl<M: Send + 'static> WorkerPool<M> {
     /// step that cancels the token), not only once the supervisor task has run. A handler
     /// that stops its own listener (e.g. `cemsg listen --count`) thus stops the pulls before
     /// its event's place in the window is free again.
-    pub fn start_stopping_with<F>(
+    pub fn start_stopping_with<F, Fut>(
         workers: usize,
         buffer: usize,
         stopping: CancellationToken,
         process: F,
     ) -> Self
     where
-        F: Fn(M, WorkContext) -> BoxFuture<'static, Outcome> + Send + Sync + 'static,
+        F: Fn(M, WorkContext) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Outcome> + Send + 'static,
     {
         let workers = workers.max(1);
         let (tx, rx) = mpsc::channel::<M>(buffer.max(1));
@@ -609,6 +613,7 @@ mod tests {
         let running = Arc::new(AtomicUsize::new(0));
         let peak = Arc::new(AtomicUsize::new(0));
         let (r, p) = (running.clone(), peak.clone());
+        // The future runs in place in the worker's task (not boxed).
         let pool = WorkerPool::start(3, 2, move |_: u32, _ctx| {
             let (r, p) = (r.clone(), p.clone());
             async move {
@@ -619,7 +624,6 @@ mod tests {
                 r.fetch_sub(1, Ordering::SeqCst);
                 Outcome::Finished
             }
-            .boxed()
         });
         for i in 0..50 {
             pool.submit(i).await.unwrap();

@@ -1,10 +1,21 @@
-//! `cemsg bench`: what the library costs over raw async-nats (and cloudevents-sdk's serde), in
-//! one run, on one server.
+//! `cemsg bench`: what the library costs against the code a user would write without it
+//! (async-nats + cloudevents-sdk's serde), and against raw async-nats bytes (the limit), in one
+//! run, on one server.
 //!
-//! Every scenario runs the library path and the raw path with the same payload and concurrency,
-//! in alternating rounds (so a burst of other load on the machine hits both sides alike), and
-//! keeps the median of each side. Scenario 7 runs the listener in a child process (`cemsg
-//! bench-listen`, hidden) and reads its peak RSS (`VmHWM` in `/proc/<pid>/status`).
+//! Every scenario runs three sides with the same payload and concurrency:
+//! - **library**: ce-messaging;
+//! - **hand-written**: async-nats plus cloudevents-sdk, the way the sdk's documentation shows
+//!   (`EventBuilderV10`, `serde_json::to_vec` / `serde_json::from_slice::<Event>`, structured
+//!   JSON in the payload), doing the same CloudEvents work as the library side;
+//! - **raw**: async-nats moving bytes encoded before the clock starts, no CloudEvents work at all:
+//!   the physical limit of this client.
+//!
+//! The sides run in alternating rounds (each round starts with the next side, so a burst of
+//! other load on the machine hits every side alike), and each figure is the median over the
+//! rounds. The bench runs on a tokio runtime of its own sized to the machine (`--threads`):
+//! `cemsg`'s own runtime has 2 worker threads whatever the machine, which would measure the
+//! harness on a big one. Scenario 7 runs the listener in a child process (`cemsg bench-listen`,
+//! hidden, same thread count) and reads its peak RSS (`VmHWM` in `/proc/<pid>/status`).
 //!
 //! The JetStream scenarios use their own streams (`CEMSG_BENCH`, `CEMSG_BENCH_DLQ`, subjects
 //! `cemsgbench.>`) and delete them at the end, so a bench against a shared server leaves the
@@ -22,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer::pull, consumer::AckPolicy};
 use bytes::Bytes;
-use ce_messaging::cloudevents::AttributesReader;
+use ce_messaging::cloudevents::{AttributesReader, EventBuilder, EventBuilderV10};
 use ce_messaging::codec::{self, ContentMode};
 use ce_messaging::config::Config;
 use ce_messaging::event::new_event;
@@ -31,7 +42,7 @@ use ce_messaging::jetstream::JetStreamEvents;
 use ce_messaging::nats::NatsQueries;
 use ce_messaging::query::{handler_fn, QueryConnection, QueryHandlers, QueryListenOptions};
 use ce_messaging::Event;
-use clap::Args;
+use clap::{Args, ValueEnum};
 use futures::StreamExt;
 use serde_json::json;
 
@@ -41,6 +52,8 @@ use crate::output;
 const OP: &str = "cemsgbench.workspace.get";
 const REPLY_TYPE: &str = "cemsgbench.workspace.got";
 const RAW_SUBJECT: &str = "cemsgbench.raw.echo";
+const HAND_SUBJECT: &str = "cemsgbench.hand.echo";
+const HAND_SOURCE: &str = "bench-hand-written";
 const EVENT_TYPE: &str = "org.example.bench.happened";
 const STREAM: &str = "CEMSG_BENCH";
 const DLQ_STREAM: &str = "CEMSG_BENCH_DLQ";
@@ -66,12 +79,28 @@ pub struct BenchArgs {
     /// Run only these scenarios (comma-separated numbers 1-7).
     #[arg(long, value_delimiter = ',', value_name = "N,..", value_parser = clap::value_parser!(u8).range(1..=7))]
     scenarios: Vec<u8>,
+    /// Run only these sides (default: all three). A ratio whose side did not run is empty.
+    #[arg(long, value_delimiter = ',', value_name = "SIDE,..")]
+    sides: Vec<Side>,
+    /// Tokio worker threads of the bench's runtime, shared by every side (default: the
+    /// machine's cores). Scenario 7's listening process gets as many.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    threads: Option<u16>,
+    /// The hand-written side's codec: the sdk's serde (what a user writes), or this library's
+    /// codec inline, so that library / hand-written shows what the library's machinery costs
+    /// apart from CloudEvents work (for profiling; the table still says hand-written).
+    #[arg(long, default_value = "sdk", hide = true)]
+    hand_codec: HandCodec,
     /// Alternating rounds per side; each figure is the median.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     rounds: u32,
     /// Scenario 1: sequential requests per round.
     #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(10..))]
     requests: u64,
+    /// Scenario 1 and 2: requests per side before the first round (connections hot, caches
+    /// warm).
+    #[arg(long, default_value_t = 200)]
+    warm_up: u64,
     /// Scenario 2: requests per round, and how many are in flight.
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(10..))]
     concurrent_requests: u64,
@@ -107,76 +136,243 @@ pub struct ListenChildArgs {
     durable: String,
     #[arg(long)]
     handler_us: u64,
-    /// Use a raw async-nats pull consumer instead of the library.
-    #[arg(long)]
-    raw: bool,
+    /// Which side listens: the library, a hand-written async-nats + cloudevents-sdk consumer,
+    /// or a raw async-nats pull consumer.
+    #[arg(long, default_value = "library")]
+    side: Side,
+    /// The hand-written consumer's codec.
+    #[arg(long, default_value = "sdk")]
+    hand_codec: HandCodec,
+    /// Tokio worker threads (default: the machine's cores).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    threads: Option<u16>,
 }
 
-/// One measured figure, library and raw side by side.
+/// One side of a comparison.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Side {
+    /// ce-messaging.
+    Library,
+    /// async-nats + cloudevents-sdk (serde), as a user writes it without this library.
+    HandWritten,
+    /// async-nats with bytes encoded before the clock starts: no CloudEvents work.
+    Raw,
+}
+
+impl Side {
+    const ALL: [Side; 3] = [Side::Library, Side::HandWritten, Side::Raw];
+
+    fn index(self) -> usize {
+        self as usize
+    }
+
+    fn key(self) -> &'static str {
+        match self {
+            Side::Library => "library",
+            Side::HandWritten => "hand_written",
+            Side::Raw => "raw",
+        }
+    }
+}
+
+/// The codec of the hand-written side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum HandCodec {
+    /// cloudevents-sdk's serde, structured JSON in the payload: what a user writes.
+    Sdk,
+    /// This library's codec (`ce_messaging::codec`, structured mode) called inline.
+    Library,
+}
+
+impl HandCodec {
+    /// The headers and payload of `event`.
+    fn encode(self, event: &Event) -> Result<(Option<async_nats::HeaderMap>, Bytes), Failure> {
+        match self {
+            HandCodec::Sdk => serde_json::to_vec(event)
+                .map(|payload| (None, Bytes::from(payload)))
+                .map_err(err("hand-written encode")),
+            HandCodec::Library => codec::encode(event, ContentMode::Structured)
+                .map(|encoded| (Some(encoded.headers), encoded.payload))
+                .map_err(err("hand-written encode")),
+        }
+    }
+
+    fn decode(
+        self,
+        headers: Option<&async_nats::HeaderMap>,
+        payload: &Bytes,
+    ) -> Result<Event, Failure> {
+        match self {
+            HandCodec::Sdk => {
+                serde_json::from_slice::<Event>(payload).map_err(err("hand-written decode"))
+            }
+            HandCodec::Library => {
+                codec::decode(headers, payload).map_err(err("hand-written decode"))
+            }
+        }
+    }
+
+    /// The reply to `request`: a new event of [`REPLY_TYPE`] carrying the request's data.
+    fn reply_to(self, mut request: Event) -> Result<Event, Failure> {
+        match self {
+            HandCodec::Sdk => {
+                // As the sdk's documentation builds events.
+                let (_, _, data) = request.take_data();
+                let mut reply = EventBuilderV10::new()
+                    .id(xid::new().to_string())
+                    .source(HAND_SOURCE)
+                    .ty(REPLY_TYPE)
+                    .time(chrono::Utc::now());
+                if let Some(data) = data {
+                    reply = reply.data("application/json", data);
+                }
+                reply.build().map_err(err("hand-written reply"))
+            }
+            HandCodec::Library => {
+                // As the library's handler in this bench: read the data, answer with it.
+                let data: serde_json::Value = ce_messaging::event::EventExt::data_as(&request)
+                    .map_err(err("hand-written data"))?;
+                new_event(REPLY_TYPE, HAND_SOURCE, &data).map_err(err("hand-written reply"))
+            }
+        }
+    }
+}
+
+/// `--hand-codec`'s value for `hand`.
+fn hand_codec_name(hand: HandCodec) -> &'static str {
+    match hand {
+        HandCodec::Sdk => "sdk",
+        HandCodec::Library => "library",
+    }
+}
+
+/// The sides a run measures, and the order of each round.
+#[derive(Debug, Clone)]
+struct Sides(Vec<Side>);
+
+impl Sides {
+    fn new(wanted: &[Side]) -> Sides {
+        Sides(
+            Side::ALL
+                .into_iter()
+                .filter(|s| wanted.is_empty() || wanted.contains(s))
+                .collect(),
+        )
+    }
+
+    fn has(&self, side: Side) -> bool {
+        self.0.contains(&side)
+    }
+
+    /// The sides in the order of round `round`: each side goes first in turn.
+    fn order(&self, round: u32) -> Vec<Side> {
+        let mut order = self.0.clone();
+        if !order.is_empty() {
+            let first = round as usize % order.len();
+            order.rotate_left(first);
+        }
+        order
+    }
+}
+
+/// What each side measured over the rounds, by [`Side::index`].
+#[derive(Default)]
+struct Samples([Vec<f64>; 3]);
+
+impl Samples {
+    fn push(&mut self, side: Side, value: f64) {
+        self.0[side.index()].push(value);
+    }
+
+    /// The median of each side; `None` for a side that did not run.
+    fn medians(self) -> [Option<f64>; 3] {
+        self.0
+            .map(|values| (!values.is_empty()).then(|| median_f64(values)))
+    }
+}
+
+/// One measured figure, the three sides side by side.
 struct Row {
     scenario: u8,
     name: String,
-    library: f64,
-    raw: f64,
+    /// By [`Side::index`]; `None` where a side did not run or has no counterpart (raw codec).
+    figures: [Option<f64>; 3],
     unit: &'static str,
     /// Latency and memory: lower is better.
     lower_is_better: bool,
-    target: Option<Target>,
+    /// Tokio worker threads each side ran on (every side shares the bench's runtime).
+    threads: usize,
+    targets: Vec<Target>,
 }
 
 #[derive(Clone, Copy)]
 enum Target {
-    /// library / raw at least this.
-    RatioAtLeast(f64),
-    /// library / raw at most this.
-    RatioAtMost(f64),
-    /// The library figure at least this.
-    LibraryAtLeast(f64),
+    /// library / `Side` at least this.
+    RatioAtLeast(Side, f64),
+    /// library / `Side` at most this.
+    RatioAtMost(Side, f64),
     /// The library figure below this.
     LibraryBelow(f64),
 }
 
 impl Target {
     fn describe(self) -> String {
+        let versus = |side: Side| match side {
+            Side::HandWritten => "vs hand",
+            Side::Raw => "vs raw",
+            Side::Library => "library",
+        };
         match self {
-            Target::RatioAtLeast(r) => format!("ratio >= {r}"),
-            Target::RatioAtMost(r) => format!("ratio <= {r}"),
-            Target::LibraryAtLeast(v) => format!("library >= {v}"),
+            Target::RatioAtLeast(side, r) => format!("{} >= {r}", versus(side)),
+            Target::RatioAtMost(side, r) => format!("{} <= {r}", versus(side)),
             Target::LibraryBelow(v) => format!("library < {v}"),
         }
     }
 
-    fn met(self, row: &Row) -> bool {
+    /// `None` when a figure it needs was not measured.
+    fn met(self, row: &Row) -> Option<bool> {
         match self {
-            Target::RatioAtLeast(r) => row.ratio() >= r,
-            Target::RatioAtMost(r) => row.ratio() <= r,
-            Target::LibraryAtLeast(v) => row.library >= v,
-            Target::LibraryBelow(v) => row.library < v,
+            Target::RatioAtLeast(side, r) => row.ratio(side).map(|ratio| ratio >= r),
+            Target::RatioAtMost(side, r) => row.ratio(side).map(|ratio| ratio <= r),
+            Target::LibraryBelow(v) => row.figure(Side::Library).map(|l| l < v),
         }
     }
 }
 
 impl Row {
-    fn ratio(&self) -> f64 {
-        if self.raw > 0.0 {
-            self.library / self.raw
-        } else {
-            f64::NAN
-        }
+    fn figure(&self, side: Side) -> Option<f64> {
+        self.figures[side.index()]
+    }
+
+    /// library / `side`; `None` when either is missing or the divisor is 0.
+    fn ratio(&self, side: Side) -> Option<f64> {
+        let (library, other) = (self.figure(Side::Library)?, self.figure(side)?);
+        let ratio = library / other;
+        ratio.is_finite().then_some(ratio)
     }
 
     fn to_json(&self) -> serde_json::Value {
-        let ratio = self.ratio();
+        let figure = |side| self.figure(side).map(round3);
+        let ratio = |side| self.ratio(side).map(round3);
+        let mut threads = serde_json::Map::new();
+        for side in Side::ALL {
+            threads.insert(side.key().into(), json!(self.threads));
+        }
         json!({
             "scenario": self.scenario,
             "name": self.name,
-            "library": round3(self.library),
-            "raw": round3(self.raw),
+            "library": figure(Side::Library),
+            "hand_written": figure(Side::HandWritten),
+            "raw": figure(Side::Raw),
             "unit": self.unit,
-            "ratio": if ratio.is_finite() { json!(round3(ratio)) } else { serde_json::Value::Null },
+            "ratio_hand_written": ratio(Side::HandWritten),
+            "ratio_raw": ratio(Side::Raw),
             "better": if self.lower_is_better { "lower" } else { "higher" },
-            "target": self.target.map(Target::describe),
-            "met": self.target.map(|t| t.met(self)),
+            "threads": threads,
+            "targets": self.targets.iter().map(|t| json!({
+                "target": t.describe(),
+                "met": t.met(self),
+            })).collect::<Vec<_>>(),
         })
     }
 }
@@ -201,7 +397,46 @@ async fn bounded<T>(what: &'static str, future: impl Future<Output = T>) -> Resu
         })
 }
 
-pub async fn run(mut config: Config, args: BenchArgs) -> Result<(), Failure> {
+/// The machine's cores (1 when unknown).
+fn cores() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+/// Runs `work` on a multi-thread tokio runtime with `threads` worker threads: the caller's
+/// when it has that many already, else one of its own, run from a blocking thread of the
+/// caller's runtime (a runtime cannot block inside another's worker). A second runtime beside
+/// an idle one costs the process memory (scenario 7 reads its peak RSS), so it is made only
+/// when needed.
+async fn on_runtime<F, Fut, T>(threads: usize, work: F) -> Result<T, Failure>
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: Future<Output = Result<T, Failure>>,
+    T: Send + 'static,
+{
+    let current = tokio::runtime::Handle::current();
+    if current.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
+        && current.metrics().num_workers() == threads
+    {
+        return work().await;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()
+        .map_err(err("start the bench's runtime"))?;
+    tokio::task::spawn_blocking(move || runtime.block_on(work()))
+        .await
+        .map_err(err("the bench's runtime"))?
+}
+
+pub async fn run(config: Config, args: BenchArgs) -> Result<(), Failure> {
+    let threads = args.threads.map_or_else(cores, usize::from);
+    on_runtime(threads, move || run_sized(config, args, threads)).await
+}
+
+async fn run_sized(mut config: Config, args: BenchArgs, threads: usize) -> Result<(), Failure> {
     let server = if args.spawn_server {
         let server = SpawnedServer::start()?;
         config.nats_url = server.url.clone();
@@ -210,17 +445,18 @@ pub async fn run(mut config: Config, args: BenchArgs) -> Result<(), Failure> {
         None
     };
     let config = bench_config(config);
+    let sides = Sides::new(&args.sides);
     let wanted = |n: u8| args.scenarios.is_empty() || args.scenarios.contains(&n);
     let started = Instant::now();
     let mut rows = Vec::new();
     if wanted(1) || wanted(2) {
-        rows.extend(query_scenarios(&config, &args, wanted(1), wanted(2)).await?);
+        rows.extend(query_scenarios(&config, &args, &sides, wanted(1), wanted(2)).await?);
     }
     if wanted(3) || wanted(4) || wanted(5) || wanted(7) {
         let events = JetStreamEvents::connect(&config).await?;
         events.init_stream().await?;
         let js = jetstream::new(config.connect().await?);
-        let result = event_scenarios(&config, &args, &events, &js, &wanted).await;
+        let result = event_scenarios(&config, &args, &sides, &events, &js, &wanted).await;
         for stream in [STREAM, DLQ_STREAM] {
             // Best effort: the streams are the bench's own.
             let _ = js.delete_stream(stream).await;
@@ -229,7 +465,12 @@ pub async fn run(mut config: Config, args: BenchArgs) -> Result<(), Failure> {
         rows.extend(result?);
     }
     if wanted(6) {
-        rows.extend(codec_scenario(&args)?);
+        rows.extend(codec_scenario(&args, &sides)?);
+    }
+    for row in rows.iter_mut() {
+        if row.scenario != 6 {
+            row.threads = threads;
+        }
     }
     rows.sort_by_key(|row| row.scenario);
     let elapsed = started.elapsed();
@@ -237,13 +478,16 @@ pub async fn run(mut config: Config, args: BenchArgs) -> Result<(), Failure> {
     if args.json {
         output::json(&json!({
             "machine": machine(),
+            "cores": cores(),
+            "threads": threads,
             "server": if args.spawn_server { "spawned" } else { "NATS_URL" },
             "rounds": args.rounds,
+            "sides": sides.0.iter().map(|s| s.key()).collect::<Vec<_>>(),
             "elapsed_secs": round3(elapsed.as_secs_f64()),
             "scenarios": rows.iter().map(Row::to_json).collect::<Vec<_>>(),
         }))
     } else {
-        print_table(&rows, &args, elapsed)
+        print_table(&rows, &args, threads, elapsed)
     }
 }
 
@@ -257,33 +501,51 @@ fn bench_config(mut config: Config) -> Config {
     config
 }
 
-fn print_table(rows: &[Row], args: &BenchArgs, elapsed: Duration) -> Result<(), Failure> {
+fn print_table(
+    rows: &[Row],
+    args: &BenchArgs,
+    threads: usize,
+    elapsed: Duration,
+) -> Result<(), Failure> {
     output::line(&format!(
-        "{:<3} {:<40} {:>14} {:>14} {:<9} {:>7}  target",
-        "#", "scenario", "library", "raw", "unit", "ratio"
+        "{:<3} {:<40} {:>12} {:>12} {:>12} {:<9} {:>7} {:>7} {:>4}  targets",
+        "#", "scenario", "library", "hand-written", "raw", "unit", "vs hand", "vs raw", "thr"
     ))?;
+    let figure = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.1}"));
+    let ratio = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.2}"));
     for row in rows {
-        let target = match row.target {
-            Some(t) => format!(
-                "{} {}",
-                t.describe(),
-                if t.met(row) { "ok" } else { "MISSED" }
-            ),
-            None => String::new(),
-        };
+        let targets: Vec<String> = row
+            .targets
+            .iter()
+            .map(|t| {
+                let verdict = match t.met(row) {
+                    Some(true) => "ok",
+                    Some(false) => "MISSED",
+                    None => "n/a",
+                };
+                format!("{} {verdict}", t.describe())
+            })
+            .collect();
         output::line(&format!(
-            "{:<3} {:<40} {:>14.1} {:>14.1} {:<9} {:>7.2}  {target}",
+            "{:<3} {:<40} {:>12} {:>12} {:>12} {:<9} {:>7} {:>7} {:>4}  {}",
             row.scenario,
             row.name,
-            row.library,
-            row.raw,
+            figure(row.figure(Side::Library)),
+            figure(row.figure(Side::HandWritten)),
+            figure(row.figure(Side::Raw)),
             row.unit,
-            row.ratio()
+            ratio(row.ratio(Side::HandWritten)),
+            ratio(row.ratio(Side::Raw)),
+            row.threads,
+            targets.join(", ")
         ))?;
     }
     output::line(&format!(
-        "median of {} alternating rounds per side; raw = async-nats (1-5, 7) or cloudevents-sdk \
-         serde_json (6); {:.1} s in all; {}",
+        "median of {} alternating rounds per side; vs = library / that side; hand-written = \
+         async-nats + cloudevents-sdk serde (1-5, 7) or the sdk's serde_json alone (6); raw = \
+         async-nats with bytes encoded before the clock starts (no raw side for 6); thr = tokio \
+         worker threads every side had ({threads} for 1-5 and 7's listening process, one thread \
+         for 6); {:.1} s in all; {}",
         args.rounds,
         elapsed.as_secs_f64(),
         machine()
@@ -292,9 +554,6 @@ fn print_table(rows: &[Row], args: &BenchArgs, elapsed: Duration) -> Result<(), 
 
 /// `N cores, CPU model` from /proc, best effort.
 fn machine() -> String {
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(0);
     let model = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|info| {
@@ -304,7 +563,7 @@ fn machine() -> String {
                 .map(|(_, m)| m.trim().to_owned())
         })
         .unwrap_or_else(|| "unknown CPU".into());
-    format!("{cores} cores, {model}")
+    format!("{} cores, {model}", cores())
 }
 
 fn median_f64(mut values: Vec<f64>) -> f64 {
@@ -368,9 +627,47 @@ where
     Ok(n as f64 / started.elapsed().as_secs_f64())
 }
 
+/// The hand-written responder: decodes each request, answers with a new event carrying the
+/// request's data, encoded with the same codec, inline in its subscription loop as the raw echo
+/// responder.
+async fn hand_written_responder(
+    client: async_nats::Client,
+    mut requests: async_nats::Subscriber,
+    hand: HandCodec,
+) {
+    while let Some(message) = requests.next().await {
+        let Some(reply_to) = message.reply else {
+            continue;
+        };
+        let reply = hand
+            .decode(message.headers.as_ref(), &message.payload)
+            .and_then(|request| hand.reply_to(request))
+            .and_then(|reply| hand.encode(&reply));
+        let sent = match reply {
+            Ok((None, payload)) => client.publish(reply_to, payload).await,
+            Ok((Some(headers), payload)) => {
+                client
+                    .publish_with_headers(reply_to, headers, payload)
+                    .await
+            }
+            // The bench's own requests always decode: a failure shows as the requester's
+            // timeout, and is said here.
+            Err(e) => {
+                eprintln!("hand-written responder: {e}");
+                continue;
+            }
+        };
+        // A publish fails only on a closed connection: the bench is over.
+        if sent.is_err() {
+            break;
+        }
+    }
+}
+
 async fn query_scenarios(
     config: &Config,
     args: &BenchArgs,
+    sides: &Sides,
     latency: bool,
     throughput: bool,
 ) -> Result<Vec<Row>, Failure> {
@@ -418,7 +715,23 @@ async fn query_scenarios(
             }
         }
     });
+    // Hand-written: async-nats + cloudevents-sdk on both ends.
+    let hand_server = config.connect().await?;
+    let hand_sub = hand_server
+        .subscribe(HAND_SUBJECT)
+        .await
+        .map_err(err("subscribe"))?;
+    let hand_task = tokio::spawn(hand_written_responder(
+        hand_server.clone(),
+        hand_sub,
+        args.hand_codec,
+    ));
     let raw_client = config.connect().await?;
+    let hand_client = config.connect().await?;
+    // Round trips on both: the subscriptions are known to the server before the first request.
+    for client in [&raw_server, &hand_server] {
+        client.flush().await.map_err(err("flush"))?;
+    }
     let (headers, payload) = (encoded.headers.clone(), encoded.payload.clone());
     let raw_one = || {
         let (client, headers, payload) = (&raw_client, headers.clone(), payload.clone());
@@ -428,6 +741,23 @@ async fn query_scenarios(
                 .await
                 .map(|_| ())
                 .map_err(|e| Failure::new(EXIT_OTHER, format!("raw request: {e}")))
+        }
+    };
+    let hand = args.hand_codec;
+    let hand_one = || {
+        let (client, request) = (&hand_client, request.clone());
+        async move {
+            let reply = match hand.encode(&request)? {
+                (None, payload) => client.request(HAND_SUBJECT, payload).await,
+                (Some(headers), payload) => {
+                    client
+                        .request_with_headers(HAND_SUBJECT, headers, payload)
+                        .await
+                }
+            }
+            .map_err(|e| Failure::new(EXIT_OTHER, format!("hand-written request: {e}")))?;
+            black_box(hand.decode(reply.headers.as_ref(), &reply.payload)?);
+            Ok(())
         }
     };
     let ours_one = || {
@@ -440,66 +770,86 @@ async fn query_scenarios(
                 .map_err(Failure::from)
         }
     };
-    // Warm-up: both responders are up and connections are hot.
-    for _ in 0..200 {
-        raw_one().await?;
-        ours_one().await?;
-    }
-    let (mut p50, mut p99, mut rate) = ([vec![], vec![]], [vec![], vec![]], [vec![], vec![]]);
-    for _ in 0..args.rounds {
-        if latency {
-            let ours = sequential(args.requests, &ours_one).await?;
-            let raw = sequential(args.requests, &raw_one).await?;
-            for (side, l) in [ours, raw].into_iter().enumerate() {
-                p50[side].push(micros(percentile(&l, 0.50)));
-                p99[side].push(micros(percentile(&l, 0.99)));
+    // Warm-up: every responder is up and connections are hot.
+    for _ in 0..args.warm_up {
+        for side in &sides.0 {
+            match side {
+                Side::Library => ours_one().await?,
+                Side::HandWritten => hand_one().await?,
+                Side::Raw => raw_one().await?,
             }
         }
-        if throughput {
-            let n = args.concurrent_requests;
-            rate[0].push(concurrent(n, args.concurrency, &ours_one).await?);
-            rate[1].push(concurrent(n, args.concurrency, &raw_one).await?);
+    }
+    let (mut p50, mut p99, mut rate) = (Samples::default(), Samples::default(), Samples::default());
+    for round in 0..args.rounds {
+        for side in sides.order(round) {
+            if latency {
+                let n = args.requests;
+                let l = match side {
+                    Side::Library => sequential(n, &ours_one).await?,
+                    Side::HandWritten => sequential(n, &hand_one).await?,
+                    Side::Raw => sequential(n, &raw_one).await?,
+                };
+                p50.push(side, micros(percentile(&l, 0.50)));
+                p99.push(side, micros(percentile(&l, 0.99)));
+            }
+            if throughput {
+                let (n, c) = (args.concurrent_requests, args.concurrency);
+                let r = match side {
+                    Side::Library => concurrent(n, c, &ours_one).await?,
+                    Side::HandWritten => concurrent(n, c, &hand_one).await?,
+                    Side::Raw => concurrent(n, c, &raw_one).await?,
+                };
+                rate.push(side, r);
+            }
         }
     }
     listener.stop(Duration::from_secs(5)).await;
     raw_task.abort();
+    hand_task.abort();
     requester.close().await;
     serving.close().await;
 
     let mut rows = Vec::new();
-    let [ours, raw] = p50;
+    let row = |name: String, figures, unit, lower_is_better, targets| Row {
+        scenario: if unit == "req/s" { 2 } else { 1 },
+        name,
+        figures,
+        unit,
+        lower_is_better,
+        threads: 0,
+        targets,
+    };
     if latency {
-        rows.push(Row {
-            scenario: 1,
-            name: "query sequential latency p50".into(),
-            library: median_f64(ours),
-            raw: median_f64(raw),
-            unit: "us",
-            lower_is_better: true,
-            target: Some(Target::RatioAtMost(1.1)),
-        });
-        let [ours, raw] = p99;
-        rows.push(Row {
-            scenario: 1,
-            name: "query sequential latency p99".into(),
-            library: median_f64(ours),
-            raw: median_f64(raw),
-            unit: "us",
-            lower_is_better: true,
-            target: None,
-        });
+        rows.push(row(
+            "query sequential latency p50".into(),
+            p50.medians(),
+            "us",
+            true,
+            vec![
+                Target::RatioAtMost(Side::HandWritten, 0.9),
+                Target::RatioAtMost(Side::Raw, 1.15),
+            ],
+        ));
+        rows.push(row(
+            "query sequential latency p99".into(),
+            p99.medians(),
+            "us",
+            true,
+            vec![Target::RatioAtMost(Side::HandWritten, 0.9)],
+        ));
     }
     if throughput {
-        let [ours, raw] = rate;
-        rows.push(Row {
-            scenario: 2,
-            name: format!("query {}-concurrent throughput", args.concurrency),
-            library: median_f64(ours),
-            raw: median_f64(raw),
-            unit: "req/s",
-            lower_is_better: false,
-            target: Some(Target::RatioAtLeast(0.9)),
-        });
+        rows.push(row(
+            format!("query {}-concurrent throughput", args.concurrency),
+            rate.medians(),
+            "req/s",
+            false,
+            vec![
+                Target::RatioAtLeast(Side::HandWritten, 1.2),
+                Target::RatioAtLeast(Side::Raw, 0.75),
+            ],
+        ));
     }
     Ok(rows)
 }
@@ -528,6 +878,16 @@ fn raw_messages(n: u64, tag: &str) -> Result<Vec<RawMessage>, Failure> {
     bench_events(n, tag)?.iter().map(raw_message).collect()
 }
 
+/// What a hand-written producer sends for `event`: the sdk's structured JSON on the event
+/// type's subject, with the event id as `Nats-Msg-Id` (JetStream's de-duplication, as the
+/// library sets it).
+fn hand_message(hand: HandCodec, event: &Event) -> Result<RawMessage, Failure> {
+    let (headers, payload) = hand.encode(event)?;
+    let mut headers = headers.unwrap_or_default();
+    headers.insert("Nats-Msg-Id", event.id());
+    Ok((format!("{PREFIX}.{}", event.ty()), headers, payload))
+}
+
 async fn purge(js: &jetstream::Context) -> Result<(), Failure> {
     js.get_stream(STREAM)
         .await
@@ -538,157 +898,251 @@ async fn purge(js: &jetstream::Context) -> Result<(), Failure> {
     Ok(())
 }
 
-async fn raw_pipelined(js: &jetstream::Context, batch: Vec<RawMessage>) -> Result<(), Failure> {
+/// Publishes `n` messages made by `message(i)` (inside the clock) with at most [`PIPELINE`]
+/// PubAcks in flight.
+async fn pipelined<F>(js: &jetstream::Context, n: usize, mut message: F) -> Result<(), Failure>
+where
+    F: FnMut(usize) -> Result<RawMessage, Failure>,
+{
     let mut acks = futures::stream::FuturesUnordered::new();
-    for (subject, headers, payload) in batch {
+    for i in 0..n {
+        let (subject, headers, payload) = message(i)?;
         let ack = js
             .publish_with_headers(subject, headers, payload)
             .await
-            .map_err(err("raw publish"))?;
+            .map_err(err("publish"))?;
         acks.push(ack.into_future());
         while acks.len() >= PIPELINE {
             if let Some(ack) = acks.next().await {
-                ack.map_err(err("raw PubAck"))?;
+                ack.map_err(err("PubAck"))?;
             }
         }
     }
     while let Some(ack) = acks.next().await {
-        ack.map_err(err("raw PubAck"))?;
+        ack.map_err(err("PubAck"))?;
     }
     Ok(())
+}
+
+/// Raw: messages encoded before the clock starts, moved out one by one.
+async fn raw_pipelined(js: &jetstream::Context, batch: Vec<RawMessage>) -> Result<(), Failure> {
+    let n = batch.len();
+    let mut batch = batch.into_iter();
+    pipelined(js, n, |_| {
+        batch
+            .next()
+            .ok_or_else(|| Failure::new(EXIT_OTHER, "raw batch ran out"))
+    })
+    .await
+}
+
+/// Publishes `n` messages one by one, each waiting for its PubAck; returns the sorted
+/// latencies.
+async fn one_by_one<F>(
+    js: &jetstream::Context,
+    n: usize,
+    mut message: F,
+) -> Result<Vec<Duration>, Failure>
+where
+    F: FnMut(usize) -> Result<RawMessage, Failure>,
+{
+    let mut latencies = Vec::with_capacity(n);
+    for i in 0..n {
+        let t = Instant::now();
+        let (subject, headers, payload) = message(i)?;
+        let ack = js
+            .publish_with_headers(subject, headers, payload)
+            .await
+            .map_err(err("publish"))?;
+        bounded("PubAck", ack.into_future())
+            .await?
+            .map_err(err("PubAck"))?;
+        latencies.push(t.elapsed());
+    }
+    latencies.sort();
+    Ok(latencies)
 }
 
 async fn event_scenarios(
     config: &Config,
     args: &BenchArgs,
+    sides: &Sides,
     ours: &JetStreamEvents,
     js: &jetstream::Context,
     wanted: &dyn Fn(u8) -> bool,
 ) -> Result<Vec<Row>, Failure> {
     let mut rows = Vec::new();
     let rounds = args.rounds;
+    let row = |scenario, name: String, figures, unit, lower_is_better, targets| Row {
+        scenario,
+        name,
+        figures,
+        unit,
+        lower_is_better,
+        threads: 0,
+        targets,
+    };
     if wanted(3) {
         let n = args.one_by_one;
-        let (mut rate, mut p50) = ([vec![], vec![]], [vec![], vec![]]);
+        let (mut rate, mut p50) = (Samples::default(), Samples::default());
         for round in 0..rounds {
-            let batch = bench_events(n, &format!("ours-1-{round}"))?;
-            let mut latencies = Vec::with_capacity(n as usize);
-            let started = Instant::now();
-            for event in batch {
-                let t = Instant::now();
-                bounded("publish", ours.publish(event)).await??;
-                latencies.push(t.elapsed());
+            for side in sides.order(round) {
+                let tag = format!("{}-1-{round}", side.key());
+                let (started, latencies) = match side {
+                    Side::Library => {
+                        let batch = bench_events(n, &tag)?;
+                        let mut latencies = Vec::with_capacity(n as usize);
+                        let started = Instant::now();
+                        for event in batch {
+                            let t = Instant::now();
+                            bounded("publish", ours.publish(event)).await??;
+                            latencies.push(t.elapsed());
+                        }
+                        latencies.sort();
+                        (started, latencies)
+                    }
+                    Side::HandWritten => {
+                        let batch = bench_events(n, &tag)?;
+                        let started = Instant::now();
+                        let latencies = one_by_one(js, batch.len(), |i| {
+                            hand_message(args.hand_codec, &batch[i])
+                        })
+                        .await?;
+                        (started, latencies)
+                    }
+                    Side::Raw => {
+                        let mut batch = raw_messages(n, &tag)?.into_iter();
+                        let started = Instant::now();
+                        let latencies = one_by_one(js, n as usize, |_| {
+                            batch
+                                .next()
+                                .ok_or_else(|| Failure::new(EXIT_OTHER, "raw batch ran out"))
+                        })
+                        .await?;
+                        (started, latencies)
+                    }
+                };
+                rate.push(side, n as f64 / started.elapsed().as_secs_f64());
+                p50.push(side, micros(percentile(&latencies, 0.5)));
+                purge(js).await?;
             }
-            rate[0].push(n as f64 / started.elapsed().as_secs_f64());
-            latencies.sort();
-            p50[0].push(micros(percentile(&latencies, 0.5)));
-
-            let batch = raw_messages(n, &format!("raw-1-{round}"))?;
-            let mut latencies = Vec::with_capacity(n as usize);
-            let started = Instant::now();
-            for (subject, headers, payload) in batch {
-                let t = Instant::now();
-                let ack = js
-                    .publish_with_headers(subject, headers, payload)
-                    .await
-                    .map_err(err("raw publish"))?;
-                bounded("raw PubAck", ack.into_future())
-                    .await?
-                    .map_err(err("raw PubAck"))?;
-                latencies.push(t.elapsed());
-            }
-            rate[1].push(n as f64 / started.elapsed().as_secs_f64());
-            latencies.sort();
-            p50[1].push(micros(percentile(&latencies, 0.5)));
-            purge(js).await?;
         }
-        let [o, r] = rate;
-        rows.push(Row {
-            scenario: 3,
-            name: "event publish one-by-one".into(),
-            library: median_f64(o),
-            raw: median_f64(r),
-            unit: "events/s",
-            lower_is_better: false,
-            target: Some(Target::RatioAtLeast(0.95)),
-        });
-        let [o, r] = p50;
-        rows.push(Row {
-            scenario: 3,
-            name: "event publish one-by-one latency p50".into(),
-            library: median_f64(o),
-            raw: median_f64(r),
-            unit: "us",
-            lower_is_better: true,
-            target: None,
-        });
+        rows.push(row(
+            3,
+            "event publish one-by-one".into(),
+            rate.medians(),
+            "events/s",
+            false,
+            vec![
+                Target::RatioAtLeast(Side::HandWritten, 1.2),
+                Target::RatioAtLeast(Side::Raw, 0.95),
+            ],
+        ));
+        rows.push(row(
+            3,
+            "event publish one-by-one latency p50".into(),
+            p50.medians(),
+            "us",
+            true,
+            vec![Target::RatioAtMost(Side::HandWritten, 0.9)],
+        ));
     }
     if wanted(4) {
         let n = args.events;
-        let mut rate = [vec![], vec![]];
+        let mut rate = Samples::default();
         for round in 0..rounds {
-            let batch = bench_events(n, &format!("ours-p-{round}"))?;
-            let started = Instant::now();
-            for result in bounded("publish_all", ours.publish_all(batch)).await? {
-                result?;
+            for side in sides.order(round) {
+                let tag = format!("{}-p-{round}", side.key());
+                let elapsed = match side {
+                    Side::Library => {
+                        let batch = bench_events(n, &tag)?;
+                        let started = Instant::now();
+                        for result in bounded("publish_all", ours.publish_all(batch)).await? {
+                            result?;
+                        }
+                        started.elapsed()
+                    }
+                    Side::HandWritten => {
+                        let batch = bench_events(n, &tag)?;
+                        let started = Instant::now();
+                        bounded(
+                            "hand-written pipelined",
+                            pipelined(js, batch.len(), |i| {
+                                hand_message(args.hand_codec, &batch[i])
+                            }),
+                        )
+                        .await??;
+                        started.elapsed()
+                    }
+                    Side::Raw => {
+                        let batch = raw_messages(n, &tag)?;
+                        let started = Instant::now();
+                        bounded("raw pipelined", raw_pipelined(js, batch)).await??;
+                        started.elapsed()
+                    }
+                };
+                rate.push(side, n as f64 / elapsed.as_secs_f64());
+                purge(js).await?;
             }
-            rate[0].push(n as f64 / started.elapsed().as_secs_f64());
-            let batch = raw_messages(n, &format!("raw-p-{round}"))?;
-            let started = Instant::now();
-            bounded("raw pipelined", raw_pipelined(js, batch)).await??;
-            rate[1].push(n as f64 / started.elapsed().as_secs_f64());
-            purge(js).await?;
         }
-        let [o, r] = rate;
-        rows.push(Row {
-            scenario: 4,
-            name: format!("event publish pipelined ({PIPELINE} in flight)"),
-            library: median_f64(o),
-            raw: median_f64(r),
-            unit: "events/s",
-            lower_is_better: false,
-            target: Some(Target::RatioAtLeast(0.9)),
-        });
+        rows.push(row(
+            4,
+            format!("event publish pipelined ({PIPELINE} in flight)"),
+            rate.medians(),
+            "events/s",
+            false,
+            vec![
+                Target::RatioAtLeast(Side::HandWritten, 1.2),
+                Target::RatioAtLeast(Side::Raw, 0.95),
+            ],
+        ));
     }
     if wanted(5) {
         let n = args.events;
-        let mut rate = [vec![], vec![]];
+        let mut rate = Samples::default();
         for round in 0..rounds {
             purge(js).await?;
             raw_pipelined(js, raw_messages(n, &format!("consume-{round}"))?).await?;
-            let ours_time = consume_ours(ours, n, &format!("bench-ours-{round}")).await?;
-            let raw_time = consume_raw(js, n, &format!("bench-raw-{round}")).await?;
-            rate[0].push(n as f64 / ours_time.as_secs_f64());
-            rate[1].push(n as f64 / raw_time.as_secs_f64());
+            for side in sides.order(round) {
+                let durable = format!("bench-{}-{round}", side.key().replace('_', "-"));
+                let elapsed = match side {
+                    Side::Library => consume_ours(ours, n, &durable).await?,
+                    Side::HandWritten => {
+                        consume_pulled(js, n, &durable, Some(args.hand_codec)).await?
+                    }
+                    Side::Raw => consume_pulled(js, n, &durable, None).await?,
+                };
+                rate.push(side, n as f64 / elapsed.as_secs_f64());
+            }
         }
         purge(js).await?;
-        let [o, r] = rate;
-        rows.push(Row {
-            scenario: 5,
-            name: "event listen + ack".into(),
-            library: median_f64(o),
-            raw: median_f64(r),
-            unit: "events/s",
-            lower_is_better: false,
-            target: Some(Target::RatioAtLeast(0.9)),
-        });
+        rows.push(row(
+            5,
+            "event listen + ack".into(),
+            rate.medians(),
+            "events/s",
+            false,
+            vec![
+                Target::RatioAtLeast(Side::HandWritten, 1.2),
+                Target::RatioAtLeast(Side::Raw, 0.95),
+            ],
+        ));
     }
     if wanted(7) {
-        let mut peak = [0.0, 0.0];
-        for (side, raw) in [false, true].into_iter().enumerate() {
+        let mut peak = Samples::default();
+        for side in sides.order(0) {
             purge(js).await?;
-            peak[side] = slow_consumer(config, args, js, raw).await?;
+            peak.push(side, slow_consumer(config, args, js, side).await?);
         }
         purge(js).await?;
-        rows.push(Row {
-            scenario: 7,
-            name: format!("slow consumer peak RSS ({} backlog)", args.backlog),
-            library: peak[0],
-            raw: peak[1],
-            unit: "MB",
-            lower_is_better: true,
-            target: Some(Target::LibraryBelow(args.rss_limit_mb as f64)),
-        });
+        rows.push(row(
+            7,
+            format!("slow consumer peak RSS ({} backlog)", args.backlog),
+            peak.medians(),
+            "MB",
+            true,
+            vec![Target::LibraryBelow(args.rss_limit_mb as f64)],
+        ));
     }
     Ok(rows)
 }
@@ -731,8 +1185,14 @@ async fn consume_ours(ours: &JetStreamEvents, n: u64, durable: &str) -> Result<D
     Ok(elapsed)
 }
 
-/// Time for a raw pull consumer (`messages()`, same max ack pending) to receive and ack `n`.
-async fn consume_raw(js: &jetstream::Context, n: u64, durable: &str) -> Result<Duration, Failure> {
+/// Time for an async-nats pull consumer (`messages()`, same max ack pending) to receive and
+/// ack `n`; the hand-written one (`decode`) reads each event with its codec first.
+async fn consume_pulled(
+    js: &jetstream::Context,
+    n: u64,
+    durable: &str,
+    decode: Option<HandCodec>,
+) -> Result<Duration, Failure> {
     let started = Instant::now();
     let stream = js.get_stream(STREAM).await.map_err(err("get stream"))?;
     let consumer = stream
@@ -745,14 +1205,17 @@ async fn consume_raw(js: &jetstream::Context, n: u64, durable: &str) -> Result<D
         .await
         .map_err(err("create consumer"))?;
     let mut messages = consumer.messages().await.map_err(err("messages"))?;
-    bounded("raw consume", async {
+    bounded("pull consume", async {
         for _ in 0..n {
             let message = messages
                 .next()
                 .await
-                .ok_or_else(|| Failure::new(EXIT_OTHER, "raw consumer ended"))?
-                .map_err(err("raw message"))?;
-            message.ack().await.map_err(err("raw ack"))?;
+                .ok_or_else(|| Failure::new(EXIT_OTHER, "pull consumer ended"))?
+                .map_err(err("pulled message"))?;
+            if let Some(hand) = decode {
+                black_box(hand.decode(message.headers.as_ref(), &message.payload)?);
+            }
+            message.ack().await.map_err(err("ack"))?;
         }
         Ok::<(), Failure>(())
     })
@@ -763,27 +1226,28 @@ async fn consume_raw(js: &jetstream::Context, n: u64, durable: &str) -> Result<D
 // ---------------------------------------------------------------------------------------------
 // Scenario 7: slow consumer, peak RSS of a child process.
 
-/// Runs a listening child (library or raw), publishes the backlog while it handles events
+/// Runs a listening child (of `side`), publishes the backlog while it handles events
 /// slowly, and returns the child's peak RSS in MB once it handled them all.
 async fn slow_consumer(
     config: &Config,
     args: &BenchArgs,
     js: &jetstream::Context,
-    raw: bool,
+    side: Side,
 ) -> Result<f64, Failure> {
     let exe = std::env::current_exe().map_err(err("locate cemsg"))?;
-    let durable = format!("bench-slow-{}", if raw { "raw" } else { "ours" });
+    let side_name = side.key().replace('_', "-");
+    let durable = format!("bench-slow-{side_name}");
+    let threads = args.threads.map_or_else(cores, usize::from);
     let mut command = Command::new(exe);
     command
         .args(["--server", &config.nats_url, "bench-listen"])
         .args(["--count", &args.backlog.to_string(), "--durable", &durable])
         .args(["--handler-us", &args.handler_us.to_string()])
+        .args(["--side", &side_name, "--threads", &threads.to_string()])
+        .args(["--hand-codec", hand_codec_name(args.hand_codec)])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
-    if raw {
-        command.arg("--raw");
-    }
     let mut child = ChildGuard(
         command
             .spawn()
@@ -816,7 +1280,11 @@ async fn slow_consumer(
         let mut sent = 0;
         while sent < args.backlog {
             let chunk = (args.backlog - sent).min(10_000);
-            raw_pipelined(js, raw_messages(chunk, &format!("slow-{raw}-{sent}"))?).await?;
+            raw_pipelined(
+                js,
+                raw_messages(chunk, &format!("slow-{side_name}-{sent}"))?,
+            )
+            .await?;
             sent += chunk;
         }
         Ok::<(), Failure>(())
@@ -873,8 +1341,14 @@ fn peak_rss_mb(pid: u32) -> Result<f64, Failure> {
 }
 
 /// The listening process of scenario 7: prints `ready` once consuming, `done` after `count`
-/// events, then exits when stdin closes.
+/// events, then exits when stdin closes. Runs on a runtime of `--threads` worker threads, as
+/// the bench.
 pub async fn listen_child(config: Config, args: ListenChildArgs) -> Result<(), Failure> {
+    let threads = args.threads.map_or_else(cores, usize::from);
+    on_runtime(threads, move || listen_child_sized(config, args)).await
+}
+
+async fn listen_child_sized(config: Config, args: ListenChildArgs) -> Result<(), Failure> {
     let config = bench_config(config);
     let delay = Duration::from_micros(args.handler_us);
     let handled = Arc::new(AtomicUsize::new(0));
@@ -886,7 +1360,8 @@ pub async fn listen_child(config: Config, args: ListenChildArgs) -> Result<(), F
             let _ = std::io::Read::read_to_end(&mut std::io::stdin().lock(), &mut sink);
         })
     };
-    if args.raw {
+    if args.side != Side::Library {
+        let decode = (args.side == Side::HandWritten).then_some(args.hand_codec);
         let client = config.connect().await?;
         let js = jetstream::new(client.clone());
         let stream = js.get_stream(STREAM).await.map_err(err("get stream"))?;
@@ -908,8 +1383,11 @@ pub async fn listen_child(config: Config, args: ListenChildArgs) -> Result<(), F
                 let handled = handled.clone();
                 async move {
                     if let Ok(message) = message {
-                        // Decode like a handler would, then take our time.
-                        black_box(codec::decode(message.headers.as_ref(), &message.payload).ok());
+                        // The hand-written consumer decodes with the sdk as a handler would;
+                        // the raw one does no CloudEvents work. Then take our time.
+                        if let Some(hand) = decode {
+                            black_box(hand.decode(message.headers.as_ref(), &message.payload).ok());
+                        }
                         tokio::time::sleep(delay).await;
                         if message.ack().await.is_ok() {
                             handled.fetch_add(1, Ordering::Relaxed);
@@ -1008,7 +1486,9 @@ impl<'a> Case<'a> {
     }
 }
 
-fn codec_scenario(args: &BenchArgs) -> Result<Vec<Row>, Failure> {
+/// The library's codec against the sdk's serde (the hand-written side); bytes need no codec,
+/// so there is no raw side.
+fn codec_scenario(args: &BenchArgs, sides: &Sides) -> Result<Vec<Row>, Failure> {
     #[derive(serde::Serialize)]
     struct Workspace<'a> {
         name: &'a str,
@@ -1076,30 +1556,21 @@ fn codec_scenario(args: &BenchArgs) -> Result<Vec<Row>, Failure> {
         }
     }
     let f: Vec<f64> = cases.iter().map(Case::figure).collect();
-    let row = |name: &str, library: f64, raw: f64, target| Row {
+    let (library, hand) = (sides.has(Side::Library), sides.has(Side::HandWritten));
+    let row = |name: &str, ours: f64, sdk: f64, at_least: f64| Row {
         scenario: 6,
         name: name.into(),
-        library,
-        raw,
+        figures: [library.then_some(ours), hand.then_some(sdk), None],
         unit: "events/s",
         lower_is_better: false,
-        target,
+        threads: 1,
+        targets: vec![Target::RatioAtLeast(Side::HandWritten, at_least)],
     };
     Ok(vec![
-        row("codec encode structured (vs sdk)", f[2], f[0], None),
-        row("codec encode binary (vs sdk)", f[3], f[0], None),
-        row(
-            "codec decode structured (vs sdk)",
-            f[4],
-            f[1],
-            Some(Target::RatioAtLeast(3.0)),
-        ),
-        row(
-            "codec decode binary (vs sdk)",
-            f[5],
-            f[1],
-            Some(Target::LibraryAtLeast(1_000_000.0)),
-        ),
+        row("codec encode structured (vs sdk)", f[2], f[0], 1.2),
+        row("codec encode binary (vs sdk)", f[3], f[0], 1.0),
+        row("codec decode structured (vs sdk)", f[4], f[1], 5.0),
+        row("codec decode binary (vs sdk)", f[5], f[1], 1.2),
     ])
 }
 
@@ -1188,45 +1659,165 @@ fn server_binary() -> PathBuf {
 mod tests {
     use super::*;
 
-    fn row(library: f64, raw: f64, lower_is_better: bool, target: Option<Target>) -> Row {
+    fn row(figures: [Option<f64>; 3], lower_is_better: bool, targets: Vec<Target>) -> Row {
         Row {
             scenario: 1,
             name: "query sequential latency p50".into(),
-            library,
-            raw,
+            figures,
             unit: "us",
             lower_is_better,
-            target,
+            threads: 8,
+            targets,
         }
     }
 
     #[test]
-    fn json_rows_carry_both_figures_units_and_the_ratio() {
-        let json = row(110.0, 100.0, true, Some(Target::RatioAtMost(1.1))).to_json();
+    fn json_rows_carry_three_figures_both_ratios_threads_and_targets() {
+        let targets = vec![
+            Target::RatioAtMost(Side::HandWritten, 0.9),
+            Target::RatioAtMost(Side::Raw, 1.15),
+        ];
+        let json = row([Some(110.0), Some(200.0), Some(100.0)], true, targets).to_json();
         assert_eq!(json["library"], 110.0);
+        assert_eq!(json["hand_written"], 200.0);
         assert_eq!(json["raw"], 100.0);
         assert_eq!(json["unit"], "us");
-        assert_eq!(json["ratio"], 1.1);
+        assert_eq!(json["ratio_hand_written"], 0.55);
+        assert_eq!(json["ratio_raw"], 1.1);
         assert_eq!(json["better"], "lower");
-        assert_eq!(json["met"], true);
-        let missed = row(120.0, 100.0, true, Some(Target::RatioAtMost(1.1))).to_json();
-        assert_eq!(missed["met"], false);
+        for side in ["library", "hand_written", "raw"] {
+            assert_eq!(json["threads"][side], 8);
+        }
+        assert_eq!(json["targets"][0]["target"], "vs hand <= 0.9");
+        assert_eq!(json["targets"][0]["met"], true);
+        assert_eq!(json["targets"][1]["target"], "vs raw <= 1.15");
+        assert_eq!(json["targets"][1]["met"], true);
+        let missed = row(
+            [Some(120.0), Some(130.0), Some(100.0)],
+            true,
+            vec![
+                Target::RatioAtMost(Side::HandWritten, 0.9),
+                Target::RatioAtMost(Side::Raw, 1.15),
+            ],
+        )
+        .to_json();
+        assert_eq!(missed["targets"][0]["met"], false);
+        assert_eq!(missed["targets"][1]["met"], false);
     }
 
     #[test]
-    fn a_raw_figure_of_zero_gives_a_null_ratio_not_infinity() {
-        let json = row(1.0, 0.0, false, None).to_json();
-        assert!(json["ratio"].is_null());
-        assert!(json["met"].is_null());
+    fn a_missing_or_zero_figure_gives_null_ratios_not_infinity() {
+        let json = row(
+            [Some(1.0), None, Some(0.0)],
+            false,
+            vec![
+                Target::RatioAtLeast(Side::HandWritten, 1.2),
+                Target::RatioAtLeast(Side::Raw, 0.9),
+            ],
+        )
+        .to_json();
+        assert!(json["hand_written"].is_null());
+        assert!(json["ratio_hand_written"].is_null());
+        assert!(json["ratio_raw"].is_null());
+        assert!(json["targets"][0]["met"].is_null());
+        assert!(json["targets"][1]["met"].is_null());
     }
 
     #[test]
     fn targets_compare_the_right_figure() {
-        let throughput = row(95.0, 100.0, false, None);
-        assert!(Target::RatioAtLeast(0.9).met(&throughput));
-        assert!(!Target::RatioAtLeast(0.96).met(&throughput));
-        assert!(Target::LibraryBelow(96.0).met(&throughput));
-        assert!(!Target::LibraryAtLeast(96.0).met(&throughput));
+        let throughput = row([Some(95.0), Some(75.0), Some(100.0)], false, vec![]);
+        assert_eq!(
+            Target::RatioAtLeast(Side::Raw, 0.9).met(&throughput),
+            Some(true)
+        );
+        assert_eq!(
+            Target::RatioAtLeast(Side::Raw, 0.96).met(&throughput),
+            Some(false)
+        );
+        assert_eq!(
+            Target::RatioAtLeast(Side::HandWritten, 1.2).met(&throughput),
+            Some(true)
+        );
+        assert_eq!(
+            Target::RatioAtLeast(Side::HandWritten, 1.3).met(&throughput),
+            Some(false)
+        );
+        assert_eq!(Target::LibraryBelow(96.0).met(&throughput), Some(true));
+        assert_eq!(Target::LibraryBelow(95.0).met(&throughput), Some(false));
+    }
+
+    #[test]
+    fn every_side_goes_first_in_turn_and_unwanted_sides_are_left_out() {
+        let all = Sides::new(&[]);
+        assert_eq!(all.0, Side::ALL);
+        let firsts: Vec<Side> = (0..3).map(|round| all.order(round)[0]).collect();
+        assert_eq!(firsts, Side::ALL);
+        assert_eq!(all.order(1), [Side::HandWritten, Side::Raw, Side::Library]);
+        let two = Sides::new(&[Side::Raw, Side::Library]);
+        assert_eq!(two.0, [Side::Library, Side::Raw], "in the usual order");
+        assert!(!two.has(Side::HandWritten));
+        assert_eq!(two.order(1), [Side::Raw, Side::Library]);
+    }
+
+    #[test]
+    fn samples_give_a_median_per_side_and_none_for_a_side_not_run() {
+        let mut samples = Samples::default();
+        for v in [3.0, 1.0, 2.0] {
+            samples.push(Side::Raw, v);
+        }
+        samples.push(Side::Library, 7.0);
+        assert_eq!(samples.medians(), [Some(7.0), None, Some(2.0)]);
+    }
+
+    #[test]
+    fn the_hand_written_codecs_round_trip_the_event_and_answer_with_its_data() {
+        let event = sample_request().unwrap();
+        for hand in [HandCodec::Sdk, HandCodec::Library] {
+            let (headers, payload) = hand.encode(&event).unwrap();
+            assert_eq!(headers.is_some(), hand == HandCodec::Library);
+            let back = hand.decode(headers.as_ref(), &payload).unwrap();
+            let reply = hand.reply_to(back).unwrap();
+            assert_eq!(reply.ty(), REPLY_TYPE);
+            assert_ne!(reply.id(), event.id());
+            let data: serde_json::Value = ce_messaging::event::EventExt::data_as(&reply).unwrap();
+            let sent: serde_json::Value = ce_messaging::event::EventExt::data_as(&event).unwrap();
+            assert_eq!(data, sent, "{hand:?}");
+        }
+        assert_eq!(
+            HandCodec::Sdk
+                .decode(None, &Bytes::from(serde_json::to_vec(&event).unwrap()))
+                .unwrap(),
+            event
+        );
+        // The library's structured encoding is what the hand-written consumer reads in
+        // scenario 5: the sdk must read it to the same event.
+        let ours = codec::encode(&event, ContentMode::Structured).unwrap();
+        assert_eq!(HandCodec::Sdk.decode(None, &ours.payload).unwrap(), event);
+    }
+
+    #[test]
+    fn the_listening_child_is_given_the_hand_codec_it_parses() {
+        for hand in [HandCodec::Sdk, HandCodec::Library] {
+            let parsed = HandCodec::from_str(hand_codec_name(hand), false).unwrap();
+            assert_eq!(parsed, hand);
+        }
+    }
+
+    #[test]
+    fn the_bench_runs_on_a_runtime_of_the_asked_size() {
+        let outer = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        for threads in [5, 2, 1] {
+            let workers = outer
+                .block_on(on_runtime(threads, || async {
+                    Ok(tokio::runtime::Handle::current().metrics().num_workers())
+                }))
+                .unwrap();
+            assert_eq!(workers, threads);
+        }
     }
 
     #[test]

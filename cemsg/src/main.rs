@@ -111,14 +111,17 @@ Example:
     /// Inspect durable consumers.
     #[command(subcommand, after_help = "Example:\n  cemsg consumer info billing")]
     Consumer(ConsumerCommand),
-    /// Measure the library against raw async-nats and cloudevents-sdk, side by side.
+    /// Measure the library against hand-written async-nats + cloudevents-sdk code and raw
+    /// async-nats, side by side.
     #[command(after_help = "\
 Scenarios: 1 query latency (sequential p50/p99), 2 query throughput (64 concurrent requesters,
 listener worker pool), 3 event publish one by one, 4 event publish pipelined, 5 event listen +
 ack, 6 codec encode/decode per content mode (one core), 7 slow consumer (peak RSS of a listening
-child process). Each runs the library path and the raw path in alternating rounds and reports
-the medians and their ratio (library / raw). The JetStream scenarios use their own streams
-(CEMSG_BENCH, CEMSG_BENCH_DLQ) and delete them at the end.
+child process). Each runs three sides in alternating rounds: library, hand-written
+(async-nats + cloudevents-sdk serde) and raw (async-nats bytes, no CloudEvents work), and
+reports the medians and both ratios (library / hand-written, library / raw). The bench runs on
+a runtime of --threads worker threads (default: the machine's cores). The JetStream scenarios
+use their own streams (CEMSG_BENCH, CEMSG_BENCH_DLQ) and delete them at the end.
 
 Examples:
   cemsg bench --spawn-server

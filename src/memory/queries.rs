@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use cloudevents::{AttributesReader, Event};
-use futures::{FutureExt, StreamExt};
+use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use super::bus::{is_valid_pattern, BusMessage, Inbox};
@@ -312,7 +312,7 @@ impl QueryConnection for MemoryQueries {
         });
         let pool = WorkerPool::start(options.workers, options.buffer, move |request, work| {
             let ctx = ctx.clone();
-            async move { serve_request(request, &ctx, &work).await }.boxed()
+            async move { serve_request(request, &ctx, &work).await }
         });
         let submitter = pool.submitter();
         let stopping = pool.context().stopping;

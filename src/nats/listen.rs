@@ -14,14 +14,16 @@
 //! with a 503 error reply, and exits; the worker pool lets queued and in-flight handlers
 //! finish within the grace period.
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use async_nats::{Client, Subject, Subscriber};
+use async_nats::{Client, Message, Subject, Subscriber};
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures::stream::SelectAll;
-use futures::{FutureExt, StreamExt};
+use futures::stream::{SelectAll, Stream};
+use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use super::connection::server_round_trip;
@@ -105,7 +107,7 @@ pub(super) async fn listen(
         }
     };
     // If one subscription fails, the ones made before are dropped, which unsubscribes them.
-    let mut subscriptions = SelectAll::new();
+    let mut subscriptions = Vec::with_capacity(subjects.len());
     for subject in &subjects {
         let subscriber = inner
             .client
@@ -131,15 +133,16 @@ pub(super) async fn listen(
         source: inner.source.clone(),
         by_subject,
     });
+    // The serving future lives in place in its worker's task: no heap box per request.
     let pool = WorkerPool::start(options.workers, options.buffer, move |request, work| {
         let serve = serve.clone();
-        async move { serve_request(request, &serve, &work).await }.boxed()
+        async move { serve_request(request, &serve, &work).await }
     });
     let token = CancellationToken::new();
     let intake = Intake {
         client: Arc::new(inner.client.clone()),
         source: inner.source.clone(),
-        subscriptions,
+        subscriptions: Subscriptions::new(subscriptions),
         stopping: pool.context().stopping,
         listener_token: token.clone(),
     };
@@ -148,10 +151,55 @@ pub(super) async fn listen(
     Ok(Listener::supervise(pool, options.grace, token))
 }
 
+/// A listener's subscriptions as one stream of requests. One subscription (one op, or a
+/// wildcard subject: the usual case) is polled directly; `SelectAll` over one stream would add
+/// a future, a ready queue and a wake-up of its own to every message. Several (one per op) are
+/// merged with `SelectAll`. The stream ends once every subscription ended.
+enum Subscriptions {
+    One(Subscriber),
+    Many(SelectAll<Subscriber>),
+}
+
+impl Subscriptions {
+    fn new(subscribers: Vec<Subscriber>) -> Self {
+        let mut subscribers = subscribers.into_iter();
+        match (subscribers.next(), subscribers.next()) {
+            (Some(one), None) => Subscriptions::One(one),
+            (first, second) => {
+                Subscriptions::Many(first.into_iter().chain(second).chain(subscribers).collect())
+            }
+        }
+    }
+
+    /// Drains every subscription (see [`Intake::unsubscribe`]).
+    async fn drain(&mut self) {
+        let subscribers: Vec<&mut Subscriber> = match self {
+            Subscriptions::One(subscriber) => vec![subscriber],
+            Subscriptions::Many(all) => all.iter_mut().collect(),
+        };
+        for subscriber in subscribers {
+            if let Err(err) = subscriber.drain().await {
+                tracing::debug!(error = %err, "unsubscribe on a closed connection");
+            }
+        }
+    }
+}
+
+impl Stream for Subscriptions {
+    type Item = Message;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Message>> {
+        match self.get_mut() {
+            Subscriptions::One(subscriber) => subscriber.poll_next_unpin(cx),
+            Subscriptions::Many(all) => all.poll_next_unpin(cx),
+        }
+    }
+}
+
 struct Intake {
     client: Arc<Client>,
     source: String,
-    subscriptions: SelectAll<Subscriber>,
+    subscriptions: Subscriptions,
     stopping: CancellationToken,
     listener_token: CancellationToken,
 }
@@ -205,11 +253,7 @@ impl Intake {
         // unanswered (its requester waited out its timeout; seen under load in
         // `requests_caught_by_a_stopping_listener_fail_fast`). A drained subscription keeps
         // receiving until the server answered the PING sent after the UNSUB, then ends.
-        for subscriber in self.subscriptions.iter_mut() {
-            if let Err(err) = subscriber.drain().await {
-                tracing::debug!(error = %err, "unsubscribe on a closed connection");
-            }
-        }
+        self.subscriptions.drain().await;
         // Once the server confirmed, requests sent after the stop find no responders here.
         if let Err(err) = server_round_trip(&self.client, ROUND_TRIP_TIMEOUT).await {
             tracing::warn!(error = %err, "unsubscribe not confirmed by the server");

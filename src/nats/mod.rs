@@ -33,6 +33,7 @@ mod listen;
 mod mux;
 mod request;
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -223,6 +224,62 @@ impl NatsQueries {
         self.inner.mux.pending()
     }
 
+    /// Sends a query and waits for its one reply, up to the default timeout
+    /// (`NATS_REQUEST_TIMEOUT`): [`QueryConnection::request`] without the trait's boxed
+    /// future. Method calls on a `NatsQueries` find this one first; calls through the trait
+    /// (`dyn QueryConnection`, generic code) behave the same.
+    ///
+    /// # Errors
+    ///
+    /// As [`QueryConnection::request`]: a [`RequestError`] of kind `TimedOut`, `NoResponders`,
+    /// `Remote`, `Decode`, `Encode`, `ConnectionClosed` or `Disconnected`.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo(queries: ce_messaging::nats::NatsQueries) -> Result<(), Box<dyn std::error::Error>> {
+    /// use ce_messaging::event::new_event;
+    /// let reply = queries.request(new_event("org.example.ping", "demo", &())?).await?;
+    /// # Ok(()) }
+    /// ```
+    // Returns the inner future itself (no `async fn` layer): each layer would move the whole
+    // request future into its own state once more.
+    pub fn request(
+        &self,
+        request: Event,
+    ) -> impl Future<Output = Result<Event, RequestError>> + Send + '_ {
+        self.request_with_timeout(request, self.inner.default_timeout)
+    }
+
+    /// Like [`request`](Self::request) with a timeout of its own (clamped to
+    /// [`MAX_REQUEST_TIMEOUT`]): [`QueryConnection::request_with_timeout`] without the trait's
+    /// boxed future.
+    ///
+    /// # Errors
+    ///
+    /// As [`request`](Self::request).
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo(queries: ce_messaging::nats::NatsQueries) -> Result<(), Box<dyn std::error::Error>> {
+    /// use ce_messaging::event::new_event;
+    /// let ping = new_event("org.example.ping", "demo", &())?;
+    /// let reply = queries
+    ///     .request_with_timeout(ping, std::time::Duration::from_millis(500))
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn request_with_timeout(
+        &self,
+        request: Event,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<Event, RequestError>> + Send + '_ {
+        crate::query::traced_request(request, move |request| {
+            request::request(&self.inner, request, timeout)
+        })
+    }
+
     /// The underlying async-nats client (e.g. to share the connection).
     ///
     /// # Examples
@@ -275,15 +332,16 @@ impl QueryConnection for NatsQueries {
         self.inner.default_timeout
     }
 
+    async fn request(&self, request: Event) -> Result<Event, RequestError> {
+        NatsQueries::request(self, request).await
+    }
+
     async fn request_with_timeout(
         &self,
         request: Event,
         timeout: Duration,
     ) -> Result<Event, RequestError> {
-        crate::query::traced_request(request, |request| {
-            request::request(&self.inner, request, timeout)
-        })
-        .await
+        NatsQueries::request_with_timeout(self, request, timeout).await
     }
 
     async fn request_stream(
