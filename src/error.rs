@@ -11,7 +11,7 @@
 //! [`PublishError`], which hands back the unpublished event). A caller finds every kind it
 //! may match on in this one module. An error that only a backend-specific API returns lives
 //! with that API, as async-nats keeps JetStream's errors in its `jetstream` module:
-//! [`DeadLetterErrorKind`](crate::jetstream::DeadLetterErrorKind) belongs to
+//! [`DeadLetterErrorKind`](crate::jetstream::dead_letters::DeadLetterErrorKind) belongs to
 //! [`JetStreamEvents`](crate::JetStreamEvents)' dead-letter operations and nothing else.
 //! Errors internal to the crate (never returned to a caller) stay private to their module, and
 //! [`HandlerError`](crate::handler::HandlerError) goes the other way (a handler returns it to
