@@ -162,7 +162,7 @@ pub use cloudevent::{
 };
 
 // Running and stopping.
-pub use listener::{Listener, StopReport};
+pub use listener::{Listener, StopReport, WorkerOptions};
 pub use shutdown::{Drain, Shutdown, ShutdownReport};
 
 // Errors (their kinds are in `error`).

@@ -131,10 +131,14 @@ pub(super) async fn listen(
         source: inner.source.clone(),
         by_subject,
     });
-    let pool = WorkerPool::start(options.workers, options.buffer, move |request, work| {
-        let serve = serve.clone();
-        async move { serve_request(request, &serve, &work).await }.boxed()
-    });
+    let pool = WorkerPool::start(
+        options.pool.workers,
+        options.pool.buffer,
+        move |request, work| {
+            let serve = serve.clone();
+            async move { serve_request(request, &serve, &work).await }.boxed()
+        },
+    );
     let token = CancellationToken::new();
     let intake = Intake {
         client: Arc::new(inner.client.clone()),
@@ -144,8 +148,8 @@ pub(super) async fn listen(
         listener_token: token.clone(),
     };
     pool.spawn_intake(intake.run(pool.submitter()));
-    tracing::info!(subjects = ?subjects, queue_group = %group, workers = options.workers, buffer = options.buffer, "query listener started");
-    Ok(Listener::supervise(pool, options.grace, token))
+    tracing::info!(subjects = ?subjects, queue_group = %group, workers = options.pool.workers, buffer = options.pool.buffer, "query listener started");
+    Ok(Listener::supervise(pool, options.pool.grace, token))
 }
 
 struct Intake {

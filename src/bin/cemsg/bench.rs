@@ -388,8 +388,7 @@ async fn query_scenarios(
         .listen(
             handlers,
             QueryListenOptions {
-                workers: concurrency,
-                buffer: concurrency * 4,
+                pool: ce_messaging::WorkerOptions::new(concurrency, concurrency * 4),
                 ..Default::default()
             },
         )
@@ -718,8 +717,7 @@ async fn consume_ours(ours: &JetStreamEvents, n: u64, durable: &str) -> Result<D
             handlers,
             EventListenOptions {
                 durable_name: Some(durable.into()),
-                workers: EVENT_WORKERS,
-                buffer: EVENT_BUFFER,
+                pool: ce_messaging::WorkerOptions::new(EVENT_WORKERS, EVENT_BUFFER),
                 ..Default::default()
             },
         )
@@ -943,8 +941,7 @@ pub async fn listen_child(config: Config, args: ListenChildArgs) -> Result<(), F
             handlers,
             EventListenOptions {
                 durable_name: Some(args.durable.clone()),
-                workers: EVENT_WORKERS,
-                buffer: EVENT_BUFFER,
+                pool: ce_messaging::WorkerOptions::new(EVENT_WORKERS, EVENT_BUFFER),
                 ..Default::default()
             },
         )
