@@ -55,13 +55,6 @@ pub trait Drain: Send + Sync + 'static {
 }
 
 /// What a [`Shutdown`] did.
-///
-/// # Examples
-///
-/// ```
-/// let report = ce_messaging::shutdown::ShutdownReport::default();
-/// assert!(report.is_clean());
-/// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ShutdownReport {
@@ -244,7 +237,14 @@ impl Shutdown {
     /// # Examples
     ///
     /// ```
-    /// assert!(!ce_messaging::shutdown::Shutdown::default().is_started());
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let shutdown = ce_messaging::Shutdown::default();
+    /// let watcher = shutdown.clone(); // e.g. a health endpoint reporting "stopping"
+    /// assert!(!watcher.is_started());
+    /// shutdown.shutdown().await;
+    /// assert!(watcher.is_started());
+    /// # }
     /// ```
     pub fn is_started(&self) -> bool {
         self.inner.token.is_cancelled()
