@@ -243,8 +243,7 @@ async fn main() {
         .listen(
             handlers,
             QueryListenOptions {
-                workers,
-                buffer: concurrency * 4,
+                pool: ce_messaging::WorkerOptions::new(workers, concurrency * 4),
                 ..Default::default()
             },
         )

@@ -493,7 +493,7 @@ async fn dead_letters_are_listed_and_replayed_into_a_handler() {
     );
     let options = EventListenOptions {
         durable_name: Some("picky".into()),
-        workers: 1,
+        pool: ce_messaging::WorkerOptions::new(1, 4),
         ..Default::default()
     };
     let listener = events.listen(handlers, options).await.expect("listen");

@@ -555,8 +555,7 @@ async fn services_each_get_every_event_and_instances_share_them() {
     let per_instance: Vec<Seen> = vec![Seen::default(), Seen::default()];
     let slow_options = |durable: &str| EventListenOptions {
         durable_name: Some(durable.into()),
-        workers: 2,
-        buffer: 4,
+        pool: ce_messaging::WorkerOptions::new(2, 4),
         ..Default::default()
     };
     // Two instances of "billing" (own connections), one of "audit".
@@ -795,7 +794,7 @@ async fn a_panicking_handler_is_retried_and_a_long_one_keeps_its_event_with_in_p
         handlers,
         EventListenOptions {
             durable_name: Some("panic".into()),
-            workers: 2,
+            pool: ce_messaging::WorkerOptions::new(2, 4),
             ack_wait: Some(Duration::from_secs(2)),
             backoff: fast_backoff(),
             ..Default::default()
@@ -996,7 +995,7 @@ async fn events_of_a_killed_listener_are_redelivered_to_a_new_one() {
     let (_server, _config, events) = ready("crash").await;
     let options = EventListenOptions {
         durable_name: Some("crash".into()),
-        workers: 10,
+        pool: ce_messaging::WorkerOptions::new(10, 4),
         ack_wait: Some(Duration::from_secs(2)),
         ..Default::default()
     };
@@ -1035,8 +1034,7 @@ async fn a_graceful_stop_finishes_what_it_can_and_naks_the_rest_for_prompt_redel
     let ack_wait = Duration::from_secs(30);
     let options = EventListenOptions {
         durable_name: Some("graceful".into()),
-        workers: 20,
-        buffer: 20,
+        pool: ce_messaging::WorkerOptions::new(20, 20),
         ack_wait: Some(ack_wait),
         ..Default::default()
     };
@@ -1133,8 +1131,7 @@ async fn events_arriving_during_a_stop_are_redelivered_at_once_to_the_next_liste
     let ack_wait = Duration::from_secs(120);
     let options = EventListenOptions {
         durable_name: Some("stoprace".into()),
-        workers: 2,
-        buffer: 4,
+        pool: ce_messaging::WorkerOptions::new(2, 4),
         ack_wait: Some(ack_wait),
         // Every stop naks what it holds, which counts as a delivery: not the point here.
         max_deliver: Some(1000),
@@ -1214,9 +1211,7 @@ async fn events_handed_back_by_a_stop_with_busy_handlers_come_back_at_once() {
     let ack_wait = Duration::from_secs(120);
     let options = EventListenOptions {
         durable_name: Some("countstop".into()),
-        workers: 1,
-        buffer: 1,
-        grace: Duration::from_millis(300),
+        pool: ce_messaging::WorkerOptions::new(1, 1).with_grace(Duration::from_millis(300)),
         ack_wait: Some(ack_wait),
         // Every stop naks what it holds, which counts as a delivery: not the point here.
         max_deliver: Some(1000),
@@ -1251,7 +1246,7 @@ async fn events_handed_back_by_a_stop_with_busy_handlers_come_back_at_once() {
         });
         let listener = listen(&events, handlers, options.clone()).await;
         support::eventually(WAIT, || async { handled.load(Ordering::SeqCst) >= 2 }).await;
-        stop(&listener, options.grace).await;
+        stop(&listener, options.pool.grace).await;
     }
     let last = listen(&events, seen.handlers(&[TYPE_A]), options).await;
     let all_seen = tokio::time::timeout(Duration::from_secs(15), async {
@@ -1279,8 +1274,7 @@ async fn a_deleted_consumer_is_recreated_and_the_listener_goes_on() {
     let seen = Seen::default();
     let options = EventListenOptions {
         durable_name: Some("recreate".into()),
-        workers: 3,
-        buffer: 5,
+        pool: ce_messaging::WorkerOptions::new(3, 5),
         ack_wait: Some(Duration::from_secs(7)),
         ..Default::default()
     };

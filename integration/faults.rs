@@ -209,10 +209,8 @@ fn recording_handlers(checker: &Checker) -> EventHandlers {
 
 fn listen_options(durable: &str, workers: usize, buffer: usize) -> EventListenOptions {
     EventListenOptions {
-        workers,
-        buffer,
+        pool: ce_messaging::WorkerOptions::new(workers, buffer).with_grace(Duration::from_secs(2)),
         durable_name: Some(durable.to_owned()),
-        grace: Duration::from_secs(2),
         ..Default::default()
     }
 }
@@ -1534,7 +1532,7 @@ async fn s12_slow_handlers_over_a_backlog_never_redeliver_events_that_never_star
     // The defaults (workers 16, buffer 4).
     let options = EventListenOptions {
         durable_name: Some("s12".to_owned()),
-        grace: Duration::from_secs(10),
+        pool: ce_messaging::WorkerOptions::new(16, 4).with_grace(Duration::from_secs(10)),
         ..Default::default()
     };
     let listener = listen(&events, handlers, options).await;

@@ -296,10 +296,8 @@ fn recording_handlers(checker: &Checker) -> EventHandlers {
 
 fn listen_options(durable: &str, workers: usize, buffer: usize) -> EventListenOptions {
     EventListenOptions {
-        workers,
-        buffer,
+        pool: ce_messaging::WorkerOptions::new(workers, buffer).with_grace(Duration::from_secs(2)),
         durable_name: Some(durable.to_owned()),
-        grace: Duration::from_secs(2),
         ..Default::default()
     }
 }

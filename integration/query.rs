@@ -575,7 +575,7 @@ async fn bad_options_get_typed_errors_and_nothing_is_subscribed() {
         queries.listen(
             ping_handlers("test.ping"),
             QueryListenOptions {
-                workers: 0,
+                pool: ce_messaging::WorkerOptions::new(0, 256),
                 ..Default::default()
             },
         ),
@@ -858,8 +858,7 @@ async fn four_workers_never_run_more_than_four_handlers_and_answer_all_200() {
     // Room in the queue for every request: a full queue is answered 503 at once (shedding,
     // tested below); here every request must wait for one of the 4 workers.
     let options = QueryListenOptions {
-        workers: 4,
-        buffer: 200,
+        pool: ce_messaging::WorkerOptions::new(4, 200),
         ..Default::default()
     };
     let listener = listen_with(&queries, handlers, options).await;
@@ -964,8 +963,7 @@ async fn one_worker_survives_panics_and_garbage() {
         }),
     );
     let options = QueryListenOptions {
-        workers: 1,
-        buffer: 1,
+        pool: ce_messaging::WorkerOptions::new(1, 1),
         ..Default::default()
     };
     let listener = listen_with(&queries, handlers, options).await;
@@ -1127,8 +1125,7 @@ async fn stop_with_10_in_flight_answers_all_and_then_nobody_responds() {
         &serving,
         held_handlers(held.clone()),
         QueryListenOptions {
-            workers: 16,
-            buffer: 16,
+            pool: ce_messaging::WorkerOptions::new(16, 16),
             ..Default::default()
         },
     )
@@ -1198,8 +1195,7 @@ async fn requests_caught_by_a_stopping_listener_fail_fast() {
         &serving,
         held_handlers(held.clone()),
         QueryListenOptions {
-            workers: 1,
-            buffer: 1,
+            pool: ce_messaging::WorkerOptions::new(1, 1),
             ..Default::default()
         },
     )
@@ -1597,8 +1593,7 @@ async fn queued_requests_whose_caller_gave_up_are_dropped() {
         &serving,
         handlers,
         QueryListenOptions {
-            workers: 1,
-            buffer: 8,
+            pool: ce_messaging::WorkerOptions::new(1, 8),
             ..Default::default()
         },
     )
@@ -1659,8 +1654,7 @@ async fn burst_of_400_is_shed_and_a_fresh_request_is_served_after_it() {
         &serving,
         handlers,
         QueryListenOptions {
-            workers: 2,
-            buffer: 4,
+            pool: ce_messaging::WorkerOptions::new(2, 4),
             ..Default::default()
         },
     )

@@ -3,6 +3,20 @@
 //!
 //! Tests and callers match on [`Error::kind`], never on message text.
 //!
+//! # Where error kinds live
+//!
+//! Every error a trait method or the shared machinery returns (what a caller of any backend
+//! can get) is defined here: its kind enum, its `Error<K>` alias, and the two error values that
+//! carry more than a kind ([`RemoteError`], the source of a `Remote` request error, and
+//! [`PublishError`], which hands back the unpublished event). A caller finds every kind it
+//! may match on in this one module. An error that only a backend-specific API returns lives
+//! with that API, as async-nats keeps JetStream's errors in its `jetstream` module:
+//! [`DeadLetterErrorKind`](crate::jetstream::dead_letters::DeadLetterErrorKind) belongs to
+//! [`JetStreamEvents`](crate::JetStreamEvents)' dead-letter operations and nothing else.
+//! Errors internal to the crate (never returned to a caller) stay private to their module, and
+//! [`HandlerError`](crate::handler::HandlerError) goes the other way (a handler returns it to
+//! the library), so it lives with the handler API.
+//!
 //! # Examples
 //!
 //! ```
@@ -14,6 +28,8 @@
 //! ```
 
 use std::fmt;
+
+use cloudevents::{AttributesReader, Event};
 
 /// A boxed error that can cross threads: the `source` of every [`Error`].
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -446,6 +462,94 @@ pub type ReplyError = Error<ReplyErrorKind>;
 /// Error waiting for response events.
 pub type ResponseError = Error<ResponseErrorKind>;
 
+/// A failed publish: an [`Error<PublishErrorKind>`] plus the event, handed back so the caller
+/// can retry without rebuilding it (tokio's `SendError<T>` pattern). It reads like every
+/// `Error<K>` ([`kind`](Self::kind), `Display`, the same `source` chain), and converts into
+/// the plain error with `?` or [`into_error`](Self::into_error) when the event is not needed.
+///
+/// # Examples
+///
+/// ```
+/// use ce_messaging::error::PublishErrorKind;
+/// use ce_messaging::error::PublishError;
+///
+/// let event = ce_messaging::event::new_event("t", "s", &1).unwrap();
+/// let err = PublishError::new(PublishErrorKind::TimedOut, Some(event));
+/// assert_eq!(err.kind(), PublishErrorKind::TimedOut);
+/// assert!(err.into_event().is_some());
+/// ```
+pub struct PublishError {
+    error: Error<PublishErrorKind>,
+    event: Option<Box<Event>>,
+}
+
+impl PublishError {
+    /// A publish error of `kind`, holding the event that was not published.
+    pub fn new(kind: PublishErrorKind, event: Option<Event>) -> Self {
+        PublishError {
+            error: Error::new(kind),
+            event: event.map(Box::new),
+        }
+    }
+
+    /// Wraps an error, holding the event that was not published.
+    pub fn from_error(error: Error<PublishErrorKind>, event: Option<Event>) -> Self {
+        PublishError {
+            error,
+            event: event.map(Box::new),
+        }
+    }
+
+    /// What went wrong.
+    pub fn kind(&self) -> PublishErrorKind {
+        self.error.kind()
+    }
+
+    /// The error itself.
+    pub fn error(&self) -> &Error<PublishErrorKind> {
+        &self.error
+    }
+
+    /// The event that was not published, for a retry.
+    pub fn into_event(self) -> Option<Event> {
+        self.event.map(|e| *e)
+    }
+
+    /// The error without the event.
+    pub fn into_error(self) -> Error<PublishErrorKind> {
+        self.error
+    }
+}
+
+impl From<PublishError> for Error<PublishErrorKind> {
+    fn from(err: PublishError) -> Self {
+        err.error
+    }
+}
+
+impl fmt::Display for PublishError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.error, f)
+    }
+}
+
+impl fmt::Debug for PublishError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PublishError")
+            .field("error", &self.error)
+            .field("event_id", &self.event.as_ref().map(|e| e.id().to_owned()))
+            .finish()
+    }
+}
+
+impl std::error::Error for PublishError {
+    // The inner error's source, not the inner error itself: its text is already this error's
+    // `Display`, and a report walking the chain would print it twice.
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        std::error::Error::source(&self.error)
+    }
+}
+
 /// The code and text of an error reply (`Nats-Service-Error-Code` / `Nats-Service-Error`),
 /// attached as the source of a [`RequestErrorKind::Remote`] error.
 ///
@@ -546,6 +650,24 @@ impl std::error::Error for RemoteError {}
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_publish_error_reads_like_its_error_and_hands_back_the_event() {
+        let event = crate::cloudevent::new_event("org.example.t", "svc", &1).unwrap();
+        let err = PublishError::from_error(
+            Error::with_source(PublishErrorKind::TimedOut, std::io::Error::other("no ack")),
+            Some(event.clone()),
+        );
+        assert_eq!(err.kind(), PublishErrorKind::TimedOut);
+        assert_eq!(err.to_string(), err.error().to_string());
+        // The chain goes on with the cause, without repeating this error's own text.
+        let source = std::error::Error::source(&err).map(|s| s.to_string());
+        assert_eq!(source.as_deref(), Some("no ack"));
+        let plain: Error<PublishErrorKind> =
+            PublishError::new(PublishErrorKind::Encode, None).into();
+        assert_eq!(plain.kind(), PublishErrorKind::Encode);
+        assert_eq!(err.into_event(), Some(event));
+    }
 
     #[test]
     fn display_chains_kind_detail_and_source() {

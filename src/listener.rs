@@ -11,9 +11,77 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::error::{Error, ListenError, ListenErrorKind};
 use crate::worker::WorkerPool;
 
 pub use crate::worker::StopReport;
+
+/// How a listener runs its handlers: at most `workers` at once, up to `buffer` more items
+/// waiting for a worker, and `grace` for in-flight handlers when the listener is stopped by
+/// its token. Shared by [`QueryListenOptions`](crate::QueryListenOptions) and
+/// [`EventListenOptions`](crate::EventListenOptions) (field `pool`), which differ in what
+/// `buffer` means and in their defaults (see theirs).
+///
+/// # Examples
+///
+/// ```
+/// use std::time::Duration;
+/// use ce_messaging::{EventListenOptions, QueryListenOptions, WorkerOptions};
+///
+/// let queries = QueryListenOptions { pool: WorkerOptions::new(4, 64), ..Default::default() };
+/// let events = EventListenOptions {
+///     pool: WorkerOptions::new(1, 0).with_grace(Duration::from_secs(2)), // one at a time, no read-ahead
+///     ..Default::default()
+/// };
+/// # let _ = (queries, events);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkerOptions {
+    /// At most this many handlers run at once (at least 1).
+    pub workers: usize,
+    /// At most this many items wait for a worker beyond those running.
+    pub buffer: usize,
+    /// How long in-flight handlers get to finish when the listener is stopped by its token.
+    pub grace: Duration,
+}
+
+impl WorkerOptions {
+    /// The grace period of [`new`](Self::new).
+    pub const DEFAULT_GRACE: Duration = Duration::from_secs(30);
+
+    /// `workers` and `buffer`, with a 30 s grace period.
+    pub const fn new(workers: usize, buffer: usize) -> Self {
+        WorkerOptions {
+            workers,
+            buffer,
+            grace: Self::DEFAULT_GRACE,
+        }
+    }
+
+    /// The same options with another grace period.
+    #[must_use]
+    pub const fn with_grace(self, grace: Duration) -> Self {
+        WorkerOptions { grace, ..self }
+    }
+
+    /// Refuses a pool that could never run a handler, or a buffer below `min_buffer` (what the
+    /// listener kind needs: a query listener queues at least one request).
+    pub(crate) fn validate(&self, min_buffer: usize) -> Result<(), ListenError> {
+        if self.workers == 0 {
+            return Err(Error::with_detail(
+                ListenErrorKind::InvalidOptions,
+                "workers must be at least 1",
+            ));
+        }
+        if self.buffer < min_buffer {
+            return Err(Error::with_detail(
+                ListenErrorKind::InvalidOptions,
+                format!("buffer must be at least {min_buffer}"),
+            ));
+        }
+        Ok(())
+    }
+}
 
 type StopFn =
     Box<dyn FnOnce(Duration, bool) -> futures::future::BoxFuture<'static, StopReport> + Send>;

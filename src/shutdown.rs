@@ -55,13 +55,6 @@ pub trait Drain: Send + Sync + 'static {
 }
 
 /// What a [`Shutdown`] did.
-///
-/// # Examples
-///
-/// ```
-/// let report = ce_messaging::shutdown::ShutdownReport::default();
-/// assert!(report.is_clean());
-/// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ShutdownReport {
@@ -111,7 +104,8 @@ struct Inner {
     grace: Duration,
     /// How long a connection drain may take after the grace period (it waits for acks that
     /// the server should answer promptly; a dead server must not hold the process forever).
-    drain_timeout: Duration,
+    /// Shared by every clone, so a setting made through any of them is the one the drain uses.
+    drain_timeout: Mutex<Duration>,
     tracker: TaskTracker,
     listeners: Mutex<Vec<Listener>>,
     connections: Mutex<Vec<Arc<dyn Drain>>>,
@@ -169,7 +163,7 @@ impl Shutdown {
             inner: Arc::new(Inner {
                 token: CancellationToken::new(),
                 grace,
-                drain_timeout: Duration::from_secs(10),
+                drain_timeout: Mutex::new(Duration::from_secs(10)),
                 tracker: TaskTracker::new(),
                 listeners: Mutex::new(Vec::new()),
                 connections: Mutex::new(Vec::new()),
@@ -180,27 +174,44 @@ impl Shutdown {
 
     /// Sets how long draining the connections may take after the grace period (default 10 s).
     ///
+    /// The setting is shared: it applies to every clone of this coordinator, whichever clone
+    /// it was made through, and to a shutdown that has begun but not yet reached the drain.
+    ///
     /// # Examples
     ///
     /// ```
     /// use std::time::Duration;
-    /// let shutdown = ce_messaging::shutdown::Shutdown::new(Duration::from_secs(5))
-    ///     .with_drain_timeout(Duration::from_secs(2));
+    /// use ce_messaging::shutdown::Shutdown;
+    ///
+    /// let shutdown = Shutdown::new(Duration::from_secs(5));
+    /// let handle = shutdown.clone(); // e.g. given to a signal task
+    /// let shutdown = shutdown.with_drain_timeout(Duration::from_secs(2));
+    /// assert_eq!(handle.drain_timeout(), Duration::from_secs(2));
     /// # let _ = shutdown;
     /// ```
     #[must_use]
     pub fn with_drain_timeout(self, timeout: Duration) -> Self {
-        let inner = match Arc::try_unwrap(self.inner) {
-            Ok(mut inner) => {
-                inner.drain_timeout = timeout;
-                inner
-            }
-            // Already shared: the setting applies to fresh coordinators only, keep as is.
-            Err(inner) => return Shutdown { inner },
-        };
-        Shutdown {
-            inner: Arc::new(inner),
-        }
+        self.set_drain_timeout(timeout);
+        self
+    }
+
+    /// Sets how long draining the connections may take, through a shared handle (see
+    /// [`with_drain_timeout`](Self::with_drain_timeout)).
+    pub fn set_drain_timeout(&self, timeout: Duration) {
+        *self
+            .inner
+            .drain_timeout
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = timeout;
+    }
+
+    /// How long draining the connections may take after the grace period.
+    pub fn drain_timeout(&self) -> Duration {
+        *self
+            .inner
+            .drain_timeout
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     /// A token cancelled when the shutdown begins; watch it (or a child of it) in the
@@ -226,7 +237,14 @@ impl Shutdown {
     /// # Examples
     ///
     /// ```
-    /// assert!(!ce_messaging::shutdown::Shutdown::default().is_started());
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let shutdown = ce_messaging::Shutdown::default();
+    /// let watcher = shutdown.clone(); // e.g. a health endpoint reporting "stopping"
+    /// assert!(!watcher.is_started());
+    /// shutdown.shutdown().await;
+    /// assert!(watcher.is_started());
+    /// # }
     /// ```
     pub fn is_started(&self) -> bool {
         self.inner.token.is_cancelled()
@@ -400,9 +418,14 @@ async fn run(inner: Arc<Inner>) -> ShutdownReport {
 
     let connections =
         std::mem::take(&mut *inner.connections.lock().unwrap_or_else(|e| e.into_inner()));
+    // Read now, not at construction: a setting made through any clone until this point counts.
+    let drain_timeout = *inner
+        .drain_timeout
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
     let drains = connections
         .iter()
-        .map(|c| tokio::time::timeout(inner.drain_timeout, c.drain()));
+        .map(|c| tokio::time::timeout(drain_timeout, c.drain()));
     for result in futures::future::join_all(drains).await {
         match result {
             Ok(Ok(())) => report.connections_closed += 1,
@@ -412,7 +435,7 @@ async fn run(inner: Arc<Inner>) -> ShutdownReport {
             }
             Err(_) => {
                 report.connections_failed += 1;
-                tracing::warn!(timeout = ?inner.drain_timeout, "connection drain timed out");
+                tracing::warn!(timeout = ?drain_timeout, "connection drain timed out");
             }
         }
     }
@@ -513,6 +536,35 @@ mod tests {
         // Grace (2 s) + drain timeout (1 s), in paused time.
         assert!(report.elapsed >= Duration::from_secs(3));
         assert!(report.elapsed < Duration::from_secs(4));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_drain_timeout_set_through_a_clone_is_the_one_the_drain_uses() {
+        // Each drain takes 2 s: it fits the 10 s default, so it fails only if the 1 s setting
+        // made after the coordinator was shared took effect (the old builder ignored it).
+        let by_builder = {
+            let shutdown = Shutdown::new(Duration::from_secs(1));
+            let handle = shutdown.clone();
+            let _shutdown = shutdown.with_drain_timeout(Duration::from_secs(1));
+            handle
+        };
+        let by_setter = Shutdown::new(Duration::from_secs(1));
+        by_setter.clone().set_drain_timeout(Duration::from_secs(1));
+        for shutdown in [by_builder, by_setter] {
+            assert_eq!(shutdown.drain_timeout(), Duration::from_secs(1));
+            let drained = Arc::new(AtomicUsize::new(0));
+            shutdown.add_connection(CountingDrain(drained.clone(), Duration::from_secs(2)));
+            let report = shutdown.shutdown().await;
+            assert_eq!(
+                report.connections_failed, 1,
+                "the 2 s drain exceeds the 1 s limit"
+            );
+            assert_eq!(report.connections_closed, 0);
+            assert_eq!(drained.load(Ordering::SeqCst), 0);
+            // No listeners or tasks: the drain's 1 s limit is the whole shutdown (paused time).
+            assert!(report.elapsed >= Duration::from_secs(1));
+            assert!(report.elapsed < Duration::from_secs(2));
+        }
     }
 
     #[tokio::test]

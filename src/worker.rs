@@ -577,13 +577,6 @@ pub(crate) trait Acker: Send + Sync {
 }
 
 /// What a stop did.
-///
-/// # Examples
-///
-/// ```
-/// let report = ce_messaging::listener::StopReport::default();
-/// assert_eq!(report.finished + report.abandoned + report.requeued, 0);
-/// ```
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct StopReport {

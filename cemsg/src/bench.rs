@@ -685,8 +685,7 @@ async fn query_scenarios(
         .listen(
             handlers,
             QueryListenOptions {
-                workers: concurrency,
-                buffer: concurrency * 4,
+                pool: ce_messaging::WorkerOptions::new(concurrency, concurrency * 4),
                 ..Default::default()
             },
         )
@@ -1172,8 +1171,7 @@ async fn consume_ours(ours: &JetStreamEvents, n: u64, durable: &str) -> Result<D
             handlers,
             EventListenOptions {
                 durable_name: Some(durable.into()),
-                workers: EVENT_WORKERS,
-                buffer: EVENT_BUFFER,
+                pool: ce_messaging::WorkerOptions::new(EVENT_WORKERS, EVENT_BUFFER),
                 ..Default::default()
             },
         )
@@ -1421,8 +1419,7 @@ async fn listen_child_sized(config: Config, args: ListenChildArgs) -> Result<(),
             handlers,
             EventListenOptions {
                 durable_name: Some(args.durable.clone()),
-                workers: EVENT_WORKERS,
-                buffer: EVENT_BUFFER,
+                pool: ce_messaging::WorkerOptions::new(EVENT_WORKERS, EVENT_BUFFER),
                 ..Default::default()
             },
         )

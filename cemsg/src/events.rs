@@ -286,12 +286,11 @@ pub async fn listen(config: Config, args: ListenArgs) -> Result<(), Failure> {
     }
     let events = JetStreamEvents::connect(&config).await?;
     let options = EventListenOptions {
-        // One worker: events are printed in the order they are delivered.
-        workers: 1,
-        // With --count, no read-ahead: pull only for the one worker, so nothing is pulled
-        // beyond N (the handler of the N-th event stops the listener before it is acked).
-        buffer: if args.count.is_some() { 0 } else { 16 },
-        grace: LISTEN_GRACE,
+        // One worker: events are printed in the order they are delivered. With --count, no
+        // read-ahead: pull only for the one worker, so nothing is pulled beyond N (the handler
+        // of the N-th event stops the listener before it is acked).
+        pool: ce_messaging::WorkerOptions::new(1, if args.count.is_some() { 0 } else { 16 })
+            .with_grace(LISTEN_GRACE),
         durable_name: Some(durable.clone()),
         ..Default::default()
     };

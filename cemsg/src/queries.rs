@@ -127,9 +127,7 @@ pub async fn reply(config: Config, args: ReplyArgs) -> Result<(), Failure> {
     let queries = NatsQueries::connect(&config).await?;
     let options = QueryListenOptions {
         // One worker: requests are printed in the order they arrive.
-        workers: 1,
-        buffer: 64,
-        grace: REPLY_GRACE,
+        pool: ce_messaging::WorkerOptions::new(1, 64).with_grace(REPLY_GRACE),
         ..Default::default()
     };
     let listener = match queries.listen(handlers, options).await {

@@ -102,23 +102,9 @@ pub const MAX_CLIENT_DURATION: Duration = Duration::from_secs(3600);
 pub const MAX_COUNT: i64 = 1_000_000;
 
 /// The server URL used when `NATS_URL` is not set.
-///
-/// # Examples
-///
-/// ```
-/// use ce_messaging::config::{Config, DEFAULT_NATS_URL};
-/// assert_eq!(Config::default().nats_url, DEFAULT_NATS_URL);
-/// ```
 pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
 
 /// The ping interval used when none is configured (the async-nats default).
-///
-/// # Examples
-///
-/// ```
-/// use ce_messaging::config::{Config, DEFAULT_PING_INTERVAL};
-/// assert_eq!(Config::default().ping_interval, DEFAULT_PING_INTERVAL);
-/// ```
 pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(60);
 
 /// What replaces a secret (or a URL's user info) wherever it would be shown.

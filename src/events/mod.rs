@@ -40,6 +40,9 @@ pub use options::*;
 pub use publish::*;
 pub use source::*;
 
+/// Kept at its old path; it lives in [`crate::error`] with the other error types.
+pub use crate::error::PublishError;
+
 /// Settling a delivery is the worker pool's business (it keeps held deliveries alive); the
 /// trait is named here too because the backends implement it for their messages.
 pub(crate) use crate::worker::Acker;

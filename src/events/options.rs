@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use crate::error::{Error, ListenError};
+use crate::listener::WorkerOptions;
 
 use super::EventHandlers;
 
@@ -50,6 +51,7 @@ impl Backoff {
 ///
 /// # Workers and buffer
 ///
+/// `pool` sets them (default: 16 workers, buffer 4, 30 s grace; `buffer` may be 0).
 /// A listener holds at most `workers + buffer` events at once (pulled from the broker and not
 /// yet settled): it asks the broker only for as many events as it has free places, so the
 /// pulls never outrun the workers. `workers` events are handled at once; up to `buffer` more
@@ -63,19 +65,22 @@ impl Backoff {
 /// # Examples
 ///
 /// ```
-/// use ce_messaging::events::EventListenOptions;
-/// let options = EventListenOptions { workers: 8, durable_name: Some("billing".into()), ..Default::default() };
-/// assert_eq!(options.buffer, 4);
+/// use ce_messaging::{EventListenOptions, WorkerOptions};
+///
+/// // Eight handlers at once, eight events read ahead, on the durable `billing`.
+/// let options = EventListenOptions {
+///     pool: WorkerOptions::new(8, 8),
+///     durable_name: Some("billing".into()),
+///     ..Default::default()
+/// };
+/// # let _ = options;
 /// ```
 #[derive(Debug, Clone)]
 pub struct EventListenOptions {
-    /// At most this many handlers run at once.
-    pub workers: usize,
-    /// Read-ahead: at most this many events beyond `workers` are pulled and wait for a worker
-    /// (0: pull only for free workers). With `workers` this is the consumer's max ack pending.
-    pub buffer: usize,
-    /// How long in-flight handlers get to finish when the listener is stopped by its token.
-    pub grace: Duration,
+    /// Workers, read-ahead and grace period. `buffer` is the read-ahead: at most this many
+    /// events beyond `workers` are pulled and wait for a worker (0: pull only for free
+    /// workers). `workers + buffer` is the consumer's max ack pending.
+    pub pool: WorkerOptions,
     /// The durable consumer name; `None`: `NATS_DURABLE_NAME`.
     pub durable_name: Option<String>,
     /// Deliveries before an event is dead-lettered; `None`: `NATS_JS_MAX_DELIVER`.
@@ -93,9 +98,7 @@ pub struct EventListenOptions {
 impl Default for EventListenOptions {
     fn default() -> Self {
         EventListenOptions {
-            workers: 16,
-            buffer: 4,
-            grace: Duration::from_secs(30),
+            pool: WorkerOptions::new(16, 4),
             durable_name: None,
             max_deliver: None,
             ack_wait: None,
@@ -133,12 +136,7 @@ impl EventListenOptions {
                 ),
             ));
         }
-        if self.workers == 0 {
-            return Err(Error::with_detail(
-                InvalidOptions,
-                "workers must be at least 1",
-            ));
-        }
+        self.pool.validate(0)?;
         if self
             .handler_timeout
             .is_some_and(|t| t.is_zero() || t > crate::config::MAX_JS_DURATION)
@@ -157,12 +155,12 @@ impl EventListenOptions {
     /// The places of the listener's [`DeliveryWindow`](crate::worker::DeliveryWindow):
     /// `workers + buffer`.
     pub(crate) fn window(&self) -> usize {
-        self.workers.saturating_add(self.buffer).max(1)
+        self.pool.workers.saturating_add(self.pool.buffer).max(1)
     }
 
     /// How many free places a pull waits for before asking (so that a fast listener does not
     /// pull one event at a time): half the read-ahead, at least 1.
     pub(crate) fn pull_threshold(&self) -> usize {
-        (self.buffer / 2).max(1)
+        (self.pool.buffer / 2).max(1)
     }
 }

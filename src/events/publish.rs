@@ -1,12 +1,11 @@
 //! What a publish returns ([`PublishAck`], [`PublishError`]) and what every backend's publish
 //! shares: the `publish` span, the trace context put on the event, the outcome counted by type.
 
-use std::fmt;
 use std::future::Future;
 
 use cloudevents::{AttributesReader, Event};
 
-use crate::error::{Error, PublishErrorKind};
+use crate::error::PublishError;
 use crate::telemetry::{self};
 
 /// What the server said when it stored an event.
@@ -26,78 +25,6 @@ pub struct PublishAck {
     /// True when the server had already stored an event with this id within the duplicate
     /// window (a retried publish): it was not stored twice.
     pub duplicate: bool,
-}
-
-/// A failed publish; gives the event back so the caller can retry without rebuilding it.
-///
-/// # Examples
-///
-/// ```
-/// use ce_messaging::error::PublishErrorKind;
-/// use ce_messaging::events::PublishError;
-///
-/// let event = ce_messaging::event::new_event("t", "s", &1).unwrap();
-/// let err = PublishError::new(PublishErrorKind::TimedOut, Some(event));
-/// assert_eq!(err.kind(), PublishErrorKind::TimedOut);
-/// assert!(err.into_event().is_some());
-/// ```
-pub struct PublishError {
-    error: Error<PublishErrorKind>,
-    event: Option<Box<Event>>,
-}
-
-impl PublishError {
-    /// A publish error of `kind`, holding the event that was not published.
-    pub fn new(kind: PublishErrorKind, event: Option<Event>) -> Self {
-        PublishError {
-            error: Error::new(kind),
-            event: event.map(Box::new),
-        }
-    }
-
-    /// Wraps an error, holding the event that was not published.
-    pub fn from_error(error: Error<PublishErrorKind>, event: Option<Event>) -> Self {
-        PublishError {
-            error,
-            event: event.map(Box::new),
-        }
-    }
-
-    /// What went wrong.
-    pub fn kind(&self) -> PublishErrorKind {
-        self.error.kind()
-    }
-
-    /// The error itself.
-    pub fn error(&self) -> &Error<PublishErrorKind> {
-        &self.error
-    }
-
-    /// The event that was not published, for a retry.
-    pub fn into_event(self) -> Option<Event> {
-        self.event.map(|e| *e)
-    }
-}
-
-impl fmt::Display for PublishError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(&self.error, f)
-    }
-}
-
-impl fmt::Debug for PublishError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PublishError")
-            .field("error", &self.error)
-            .field("event_id", &self.event.as_ref().map(|e| e.id().to_owned()))
-            .finish()
-    }
-}
-
-impl std::error::Error for PublishError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        Some(&self.error)
-    }
 }
 
 /// One publish inside a `publish` span: the event gets its trace context (see

@@ -58,6 +58,45 @@ fn listen_overrides_beyond_the_config_bounds_are_invalid_options() {
     assert!(EventListenOptions::default().validate(&handlers).is_ok());
 }
 
+#[test]
+fn query_and_event_listeners_share_one_worker_options_validation() {
+    use crate::listener::WorkerOptions;
+    use crate::query::{handler_fn, QueryHandlers, QueryListenOptions};
+    let events = EventHandlers::new().on("a.b", event_handler_fn(|_, _| async { Ok(()) }));
+    let queries = QueryHandlers::new().on("a.b", handler_fn(|_, _| async { Ok(()) }));
+    let event_options = |pool| EventListenOptions {
+        pool,
+        ..Default::default()
+    };
+    let query_options = |pool| QueryListenOptions {
+        pool,
+        ..Default::default()
+    };
+    let invalid = |r: Result<(), crate::error::ListenError>| {
+        r.is_err_and(|e| e.kind() == crate::error::ListenErrorKind::InvalidOptions)
+    };
+    // No worker: neither can run a handler.
+    assert!(invalid(
+        event_options(WorkerOptions::new(0, 4)).validate(&events)
+    ));
+    assert!(invalid(
+        query_options(WorkerOptions::new(0, 4)).validate(&queries)
+    ));
+    // No buffer: an event listener without read-ahead is fine; a query listener needs a queue.
+    assert!(event_options(WorkerOptions::new(1, 0))
+        .validate(&events)
+        .is_ok());
+    assert!(invalid(
+        query_options(WorkerOptions::new(1, 0)).validate(&queries)
+    ));
+    assert!(query_options(WorkerOptions::new(1, 1))
+        .validate(&queries)
+        .is_ok());
+    // The grace period is the pool's, whatever the listener.
+    let grace = Duration::from_millis(250);
+    assert_eq!(WorkerOptions::new(2, 3).with_grace(grace).grace, grace);
+}
+
 /// What a fake acker was told.
 #[derive(Default)]
 struct Settled {

@@ -219,7 +219,7 @@ pub(crate) async fn listen(
         source: config.client_id.clone(),
     });
     let token = CancellationToken::new();
-    let pool = start_delivery_pool(options.workers, &window, token.child_token(), ctx);
+    let pool = start_delivery_pool(options.pool.workers, &window, token.child_token(), ctx);
     let ackers = Arc::new(AckerShared {
         client: inner.client.clone(),
         work: pool.context(),
@@ -250,11 +250,11 @@ pub(crate) async fn listen(
         durable: durable.clone(),
     };
     pool.spawn_intake(intake.run());
-    tracing::info!(durable = %durable, subjects = ?subjects, workers = options.workers, "event listener started");
+    tracing::info!(durable = %durable, subjects = ?subjects, workers = options.pool.workers, "event listener started");
     let client = inner.client.clone();
     Ok(Listener::supervise_then(
         pool,
-        options.grace,
+        options.pool.grace,
         token,
         move || {
             async move {

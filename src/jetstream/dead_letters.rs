@@ -848,9 +848,13 @@ fn raw_get_error(
         RawMessageErrorKind::JetStream(js) if js.error_code() == ErrorCode::STREAM_NOT_FOUND => {
             DeadLetterErrorKind::StreamNotFound
         }
+        // The request behind the get failed: async-nats puts its request error as the source.
         RawMessageErrorKind::Other
             if std::error::Error::source(&err)
-                .is_some_and(|s| s.to_string().contains("timed out")) =>
+                .and_then(|s| s.downcast_ref::<async_nats::jetstream::context::RequestError>())
+                .is_some_and(|e| {
+                    e.kind() == async_nats::jetstream::context::RequestErrorKind::TimedOut
+                }) =>
         {
             DeadLetterErrorKind::TimedOut
         }
@@ -898,6 +902,37 @@ fn publish_error(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_timed_out_get_is_recognised_by_its_kind_not_its_text() {
+        use async_nats::jetstream::context::{RequestError, RequestErrorKind};
+        let get = |kind| {
+            raw_get_error(
+                async_nats::jetstream::stream::RawMessageError::with_source(
+                    RawMessageErrorKind::Other,
+                    RequestError::new(kind),
+                ),
+                "DLQ",
+            )
+        };
+        assert_eq!(
+            get(RequestErrorKind::TimedOut).kind(),
+            DeadLetterErrorKind::TimedOut
+        );
+        assert_eq!(
+            get(RequestErrorKind::NoResponders).kind(),
+            DeadLetterErrorKind::Other
+        );
+        // A source whose text says "timed out" but is not a timed-out request is not one.
+        let text_only = raw_get_error(
+            async_nats::jetstream::stream::RawMessageError::with_source(
+                RawMessageErrorKind::Other,
+                std::io::Error::other("timed out"),
+            ),
+            "DLQ",
+        );
+        assert_eq!(text_only.kind(), DeadLetterErrorKind::Other);
+    }
 
     fn stored_headers() -> HeaderMap {
         let mut headers = HeaderMap::new();

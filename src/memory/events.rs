@@ -403,7 +403,7 @@ impl EventConnection for MemoryEvents {
         let threshold = options.pull_threshold();
         // The listener's token: the intake stops the listener when the stream goes away.
         let token = inner.closing.child_token();
-        let pool = start_delivery_pool(options.workers, &window, token.child_token(), ctx);
+        let pool = start_delivery_pool(options.pool.workers, &window, token.child_token(), ctx);
         let submitter = pool.submitter();
         let work = pool.context();
         let stop_listener = token.clone();
@@ -461,7 +461,7 @@ impl EventConnection for MemoryEvents {
                 }
             }
         });
-        let listener = Listener::supervise(pool, options.grace, token);
+        let listener = Listener::supervise(pool, options.pool.grace, token);
         if let Ok(mut listeners) = inner.listeners.lock() {
             listeners.retain(|l| !l.is_stopped());
             listeners.push(listener.clone());
@@ -862,8 +862,7 @@ mod tests {
             for _ in 0..instances {
                 let events = connection(&broker, durable).await;
                 let options = EventListenOptions {
-                    workers: 4,
-                    buffer: 8,
+                    pool: crate::listener::WorkerOptions::new(4, 8),
                     ..fast_options()
                 };
                 listeners.push(
@@ -1499,8 +1498,7 @@ mod tests {
             }
         });
         let options = EventListenOptions {
-            workers: 1,
-            buffer: 4,
+            pool: crate::listener::WorkerOptions::new(1, 4),
             ..fast_options()
         };
         let listener = events

@@ -310,10 +310,14 @@ impl QueryConnection for MemoryQueries {
             source: self.inner.client_id.clone(),
             by_subject,
         });
-        let pool = WorkerPool::start(options.workers, options.buffer, move |request, work| {
-            let ctx = ctx.clone();
-            async move { serve_request(request, &ctx, &work).await }
-        });
+        let pool = WorkerPool::start(
+            options.pool.workers,
+            options.pool.buffer,
+            move |request, work| {
+                let ctx = ctx.clone();
+                async move { serve_request(request, &ctx, &work).await }
+            },
+        );
         let submitter = pool.submitter();
         let stopping = pool.context().stopping;
         let source = self.inner.client_id.clone();
@@ -353,7 +357,7 @@ impl QueryConnection for MemoryQueries {
             }
         });
         let token = self.inner.closing.child_token();
-        let listener = Listener::supervise(pool, options.grace, token);
+        let listener = Listener::supervise(pool, options.pool.grace, token);
         if let Ok(mut listeners) = self.inner.listeners.lock() {
             listeners.retain(|l| !l.is_stopped());
             listeners.push(listener.clone());
@@ -731,8 +735,7 @@ mod tests {
             });
             // Room for every request in either member's queue: a full queue is answered 503.
             let options = QueryListenOptions {
-                workers: 2,
-                buffer: 40,
+                pool: crate::listener::WorkerOptions::new(2, 40),
                 ..Default::default()
             };
             listeners.push(

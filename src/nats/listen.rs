@@ -134,10 +134,14 @@ pub(super) async fn listen(
         by_subject,
     });
     // The serving future lives in place in its worker's task: no heap box per request.
-    let pool = WorkerPool::start(options.workers, options.buffer, move |request, work| {
-        let serve = serve.clone();
-        async move { serve_request(request, &serve, &work).await }
-    });
+    let pool = WorkerPool::start(
+        options.pool.workers,
+        options.pool.buffer,
+        move |request, work| {
+            let serve = serve.clone();
+            async move { serve_request(request, &serve, &work).await }
+        },
+    );
     let token = CancellationToken::new();
     let intake = Intake {
         client: Arc::new(inner.client.clone()),
@@ -147,8 +151,8 @@ pub(super) async fn listen(
         listener_token: token.clone(),
     };
     pool.spawn_intake(intake.run(pool.submitter()));
-    tracing::info!(subjects = ?subjects, queue_group = %group, workers = options.workers, buffer = options.buffer, "query listener started");
-    Ok(Listener::supervise(pool, options.grace, token))
+    tracing::info!(subjects = ?subjects, queue_group = %group, workers = options.pool.workers, buffer = options.pool.buffer, "query listener started");
+    Ok(Listener::supervise(pool, options.pool.grace, token))
 }
 
 /// A listener's subscriptions as one stream of requests. One subscription (one op, or a

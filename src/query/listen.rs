@@ -15,6 +15,7 @@ use crate::error::{Error, ListenError};
 use crate::event::EventExt;
 use crate::handler::call_handler;
 use crate::headers::REQUEST_TIMEOUT_MS;
+use crate::listener::WorkerOptions;
 use crate::telemetry::{self, QueryOpMetrics};
 use crate::worker::{Outcome, WorkContext};
 
@@ -27,21 +28,24 @@ use super::{QueryHandlers, ReplyTarget, ReplyWriter};
 /// # Examples
 ///
 /// ```
-/// use ce_messaging::query::QueryListenOptions;
-/// use std::time::Duration;
-/// let options = QueryListenOptions { workers: 4, buffer: 64, ..Default::default() };
-/// assert_eq!(options.grace, Duration::from_secs(30));
+/// use ce_messaging::{QueryListenOptions, WorkerOptions};
+///
+/// // Four handlers at once, 64 requests queued; a request beyond that gets a 503 at once.
+/// let options = QueryListenOptions {
+///     pool: WorkerOptions::new(4, 64),
+///     queue_group: Some("orders-v2".into()),
+///     ..Default::default()
+/// };
+/// # let _ = options;
 /// ```
 #[derive(Debug, Clone)]
 pub struct QueryListenOptions {
-    /// At most this many handlers run at once.
-    pub workers: usize,
-    /// At most this many requests wait for a worker; a request that finds the queue full is
-    /// answered at once with a 503 error reply (`listener busy`) instead of waiting (load
-    /// shedding; the requester may retry, possibly reaching another instance of the group).
-    pub buffer: usize,
-    /// How long in-flight handlers get to finish when the listener is stopped by its token.
-    pub grace: Duration,
+    /// Workers, queue and grace period (default: 16 workers, 256 queued, 30 s). The queue
+    /// (`buffer`, at least 1) is where requests wait for a worker; a request that finds it
+    /// full is answered at once with a 503 error reply (`listener busy`) instead of waiting
+    /// (load shedding; the requester may retry, possibly reaching another instance of the
+    /// group).
+    pub pool: WorkerOptions,
     /// Subscribe to this subject (e.g. `cyverse.>`) and dispatch by type, instead of one
     /// subscription per op. `None`: `NATS_WILDCARD_SUBJECT` from the configuration, if set.
     pub wildcard_subject: Option<String>,
@@ -52,9 +56,7 @@ pub struct QueryListenOptions {
 impl Default for QueryListenOptions {
     fn default() -> Self {
         QueryListenOptions {
-            workers: 16,
-            buffer: 256,
-            grace: Duration::from_secs(30),
+            pool: WorkerOptions::new(16, 256),
             wildcard_subject: None,
             queue_group: None,
         }
@@ -70,13 +72,7 @@ impl QueryListenOptions {
         for op in handlers.ops() {
             crate::event::check_type(op).map_err(|e| e.map_kind(|_| InvalidOptions))?;
         }
-        if self.workers == 0 || self.buffer == 0 {
-            return Err(Error::with_detail(
-                InvalidOptions,
-                "workers and buffer must be at least 1",
-            ));
-        }
-        Ok(())
+        self.pool.validate(1)
     }
 }
 

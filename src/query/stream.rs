@@ -46,13 +46,6 @@ pub struct ReplyStreamOptions {
 
 impl ReplyStreamOptions {
     /// Sets [`max_replies`](Self::max_replies).
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// let o = ce_messaging::query::ReplyStreamOptions::default().max_replies(3);
-    /// assert_eq!(o.max_replies, Some(3));
-    /// ```
     #[must_use]
     pub fn max_replies(mut self, n: usize) -> Self {
         self.max_replies = Some(n);
@@ -60,13 +53,6 @@ impl ReplyStreamOptions {
     }
 
     /// Sets [`deadline`](Self::deadline).
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// let o = ce_messaging::query::ReplyStreamOptions::default().deadline(std::time::Duration::from_secs(1));
-    /// assert!(o.deadline.is_some());
-    /// ```
     #[must_use]
     pub fn deadline(mut self, d: Duration) -> Self {
         self.deadline = Some(d);
@@ -74,13 +60,6 @@ impl ReplyStreamOptions {
     }
 
     /// Sets [`stall`](Self::stall).
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// let o = ce_messaging::query::ReplyStreamOptions::default().stall(std::time::Duration::from_millis(100));
-    /// assert!(o.stall.is_some());
-    /// ```
     #[must_use]
     pub fn stall(mut self, d: Duration) -> Self {
         self.stall = Some(d);
@@ -88,12 +67,6 @@ impl ReplyStreamOptions {
     }
 
     /// Sets [`sentinel`](Self::sentinel).
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// assert!(ce_messaging::query::ReplyStreamOptions::default().sentinel(true).sentinel);
-    /// ```
     #[must_use]
     pub fn sentinel(mut self, on: bool) -> Self {
         self.sentinel = on;

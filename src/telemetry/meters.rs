@@ -7,107 +7,35 @@ use std::sync::{Arc, OnceLock};
 /// Metric names the library records through the [`metrics`] facade.
 pub mod metric_names {
     /// Counter: events stored by the server (label `type`).
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// assert!(ce_messaging::telemetry::metric_names::PUBLISHED.ends_with("_total"));
-    /// ```
     pub const PUBLISHED: &str = "ce_messaging_events_published_total";
     /// Counter: publishes the server reported as duplicates (label `type`).
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// assert!(ce_messaging::telemetry::metric_names::DUPLICATES.ends_with("_total"));
-    /// ```
     pub const DUPLICATES: &str = "ce_messaging_events_duplicates_total";
     /// Counter: publishes that failed (labels `type`, `kind`).
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// assert!(ce_messaging::telemetry::metric_names::PUBLISH_ERRORS.ends_with("_total"));
-    /// ```
     pub const PUBLISH_ERRORS: &str = "ce_messaging_events_publish_errors_total";
     /// Counter: events delivered to a listener and decoded (label `type`).
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// assert!(ce_messaging::telemetry::metric_names::DELIVERED.ends_with("_total"));
-    /// ```
     pub const DELIVERED: &str = "ce_messaging_events_delivered_total";
     /// Counter: events acked after their handler succeeded (label `type`).
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// assert!(ce_messaging::telemetry::metric_names::ACKED.ends_with("_total"));
-    /// ```
     pub const ACKED: &str = "ce_messaging_events_acked_total";
     /// Counter: events nak'ed for redelivery (label `type`).
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// assert!(ce_messaging::telemetry::metric_names::NACKED.ends_with("_total"));
-    /// ```
     pub const NACKED: &str = "ce_messaging_events_nacked_total";
     /// Counter: events sent to the dead-letter stream (labels `type` (`undecodable` when the
     /// event could not be decoded), `reason`).
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// assert!(ce_messaging::telemetry::metric_names::DEAD_LETTERED.ends_with("_total"));
-    /// ```
     pub const DEAD_LETTERED: &str = "ce_messaging_events_dead_lettered_total";
     /// Counter: dead-letter publishes that failed for a reason other than size (no dead-letter
     /// stream, a timeout, a lost connection); the event was nak'ed with a growing delay and is
     /// offered again (label `reason`, the dead-letter reason).
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// assert!(ce_messaging::telemetry::metric_names::DEAD_LETTER_FAILURES.ends_with("_total"));
-    /// ```
     pub const DEAD_LETTER_FAILURES: &str = "ce_messaging_events_dead_letter_failures_total";
     /// Histogram, seconds: how long handlers ran (labels `type`, `kind` = `event` | `query`).
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// assert!(ce_messaging::telemetry::metric_names::HANDLER_DURATION.ends_with("_seconds"));
-    /// ```
     pub const HANDLER_DURATION: &str = "ce_messaging_handler_duration_seconds";
     /// Counter: queries served (labels `type` (the op), `code`).
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// assert!(ce_messaging::telemetry::metric_names::QUERIES_HANDLED.ends_with("_total"));
-    /// ```
     pub const QUERIES_HANDLED: &str = "ce_messaging_queries_handled_total";
     /// Histogram, seconds: from sending a query to its reply or error (labels `type` (the
     /// op), `outcome`).
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// assert!(ce_messaging::telemetry::metric_names::REQUEST_DURATION.ends_with("_seconds"));
-    /// ```
     pub const REQUEST_DURATION: &str = "ce_messaging_request_duration_seconds";
     /// Counter: queries a listener did not run a handler for (labels `type` (the subject),
     /// `reason` = `busy`: answered 503 because every worker and queue slot was taken, or
     /// `expired`: dropped because its requester's `Request-Timeout-Ms` ran out before a worker
     /// took it).
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// assert!(ce_messaging::telemetry::metric_names::QUERIES_SHED.ends_with("_total"));
-    /// ```
     pub const QUERIES_SHED: &str = "ce_messaging_queries_shed_total";
 }
 

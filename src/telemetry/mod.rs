@@ -37,57 +37,21 @@ pub mod spans {
     /// One [`publish`](crate::events::EventConnection::publish) (fields `event.id`,
     /// `event.type`, `transaction_id`, trace ids, `outcome` = `stored` | `duplicate` |
     /// `error`).
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// assert_eq!(ce_messaging::telemetry::spans::PUBLISH, "publish");
-    /// ```
     pub const PUBLISH: &str = "publish";
     /// One pipelined [`publish_all`](crate::events::EventConnection::publish_all) (field
     /// `count`); each event gets a trace context of its own.
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// assert_eq!(ce_messaging::telemetry::spans::PUBLISH_ALL, "publish_all");
-    /// ```
     pub const PUBLISH_ALL: &str = "publish_all";
     /// Handling one delivered event (fields `event.id`, `event.type`, `transaction_id`,
     /// `delivered`, trace ids, `outcome` = `ack` | `nak` | `dead-letter` | `abandoned` |
     /// `requeued`, `reason` for a dead letter).
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// assert_eq!(ce_messaging::telemetry::spans::HANDLE_EVENT, "handle_event");
-    /// ```
     pub const HANDLE_EVENT: &str = "handle_event";
     /// Serving one query (fields `event.id`, `event.type` (the op), `transaction_id`, trace
     /// ids, `code` = the reply's status: 200 or the error code).
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// assert_eq!(ce_messaging::telemetry::spans::HANDLE_QUERY, "handle_query");
-    /// ```
     pub const HANDLE_QUERY: &str = "handle_query";
     /// One query sent and its reply awaited (fields `event.id`, `event.type`,
     /// `transaction_id`, trace ids, `outcome` = `ok` or the error kind).
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// assert_eq!(ce_messaging::telemetry::spans::REQUEST, "request");
-    /// ```
     pub const REQUEST: &str = "request";
     /// One reply sent by a query handler (fields `event.id`, `event.type`, `code`).
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// assert_eq!(ce_messaging::telemetry::spans::REPLY, "reply");
-    /// ```
     pub const REPLY: &str = "reply";
 }
 

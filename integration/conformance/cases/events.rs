@@ -41,9 +41,7 @@ fn new_durable() -> String {
 
 fn options(durable: &str) -> EventListenOptions {
     EventListenOptions {
-        workers: 4,
-        buffer: 16,
-        grace: Duration::from_secs(5),
+        pool: ce_messaging::WorkerOptions::new(4, 16).with_grace(Duration::from_secs(5)),
         durable_name: Some(durable.to_owned()),
         max_deliver: Some(5),
         ack_wait: Some(Duration::from_secs(5)),
@@ -57,8 +55,7 @@ fn options(durable: &str) -> EventListenOptions {
 
 fn one_worker(durable: &str) -> EventListenOptions {
     EventListenOptions {
-        workers: 1,
-        buffer: 1,
+        pool: ce_messaging::WorkerOptions::new(1, 1),
         ..options(durable)
     }
 }
@@ -679,7 +676,7 @@ pub async fn long_handler_is_not_redelivered<B: EventBackend>() {
         }),
     );
     let options = EventListenOptions {
-        workers: 2,
+        pool: ce_messaging::WorkerOptions::new(2, 4),
         ack_wait: Some(Duration::from_secs(1)),
         ..options(&durable)
     };
@@ -914,8 +911,7 @@ pub async fn event_worker_bound_is_never_exceeded<B: EventBackend>() {
         }),
     );
     let options = EventListenOptions {
-        workers: 3,
-        buffer: 8,
+        pool: ce_messaging::WorkerOptions::new(3, 8),
         ..options(&durable)
     };
     let listener = listen(&connection, handlers, options).await;
@@ -1068,8 +1064,7 @@ pub async fn stop_then_close_hands_back_every_queued_event<B: EventBackend>() {
     let gate = Gate::new();
     let (started, finished) = (Seen::new(), Seen::new());
     let long_ack_wait = EventListenOptions {
-        workers: WORKERS,
-        buffer: QUEUED,
+        pool: ce_messaging::WorkerOptions::new(WORKERS, QUEUED),
         ack_wait: Some(Duration::from_secs(30)),
         ..options(&durable)
     };
@@ -1969,8 +1964,7 @@ pub async fn repeated_stops_over_a_backlog_cost_no_deliveries<B: EventBackend>()
     }
     let runs: Seen<(String, u64)> = Seen::new();
     let options = EventListenOptions {
-        workers: 1,
-        buffer: 4,
+        pool: ce_messaging::WorkerOptions::new(1, 4),
         max_deliver: Some(3),
         ..options(&durable)
     };
@@ -2038,8 +2032,7 @@ pub async fn slow_handler_never_redelivers_queued_events<B: EventBackend>() {
         }),
     );
     let options = EventListenOptions {
-        workers: 2,
-        buffer: 4,
+        pool: ce_messaging::WorkerOptions::new(2, 4),
         ack_wait: Some(Duration::from_secs(1)),
         ..options(&durable)
     };
@@ -2064,8 +2057,7 @@ pub async fn crash_on_the_last_allowed_delivery_ends_dead_lettered<B: EventBacke
     let event_type = new_type("lastdelivery");
     let durable = new_durable();
     let options = EventListenOptions {
-        workers: 1,
-        buffer: 1,
+        pool: ce_messaging::WorkerOptions::new(1, 1),
         max_deliver: Some(2),
         ack_wait: Some(Duration::from_secs(1)),
         ..options(&durable)
@@ -2172,8 +2164,7 @@ pub async fn handler_time_limit_frees_the_worker_and_dead_letters_at_the_limit<B
         }),
     );
     let options = EventListenOptions {
-        workers: 1,
-        buffer: 0,
+        pool: ce_messaging::WorkerOptions::new(1, 0),
         max_deliver: Some(2),
         handler_timeout: Some(Duration::from_millis(300)),
         ..options(&durable)

@@ -30,9 +30,7 @@ fn new_op(name: &str) -> String {
 
 fn options() -> QueryListenOptions {
     QueryListenOptions {
-        workers: 4,
-        buffer: 16,
-        grace: Duration::from_secs(5),
+        pool: ce_messaging::WorkerOptions::new(4, 16).with_grace(Duration::from_secs(5)),
         ..Default::default()
     }
 }
@@ -247,7 +245,7 @@ pub async fn concurrent_requests_get_their_own_replies<B: QueryBackend>() {
     );
     // Room in the queue for all 50 (a full queue is answered 503 at once).
     let options = QueryListenOptions {
-        buffer: 50,
+        pool: ce_messaging::WorkerOptions::new(16, 50),
         ..options()
     };
     let listener = listen(&server, handlers, options).await;
@@ -427,7 +425,7 @@ pub async fn listener_continues_after_handler_errors<B: QueryBackend>() {
         }),
     );
     let options = QueryListenOptions {
-        workers: 1,
+        pool: ce_messaging::WorkerOptions::new(1, 256),
         ..options()
     };
     let listener = listen(&server, handlers, options).await;
@@ -653,7 +651,7 @@ pub async fn queue_group_shares_requests<B: QueryBackend>() {
         // Room for all 40 requests below in either member's queue (a full queue is answered
         // 503 at once, and the group may send most of a burst to one member).
         let options = QueryListenOptions {
-            buffer: 40,
+            pool: ce_messaging::WorkerOptions::new(16, 40),
             ..in_group(&group)
         };
         listeners.push(listen(&server, named(&op, name), options).await);
@@ -733,8 +731,7 @@ pub async fn query_worker_bound_is_never_exceeded<B: QueryBackend>() {
     // Room in the queue for all 12, even before a worker took one (a full queue is answered
     // 503 at once).
     let options = QueryListenOptions {
-        workers: 2,
-        buffer: 12,
+        pool: ce_messaging::WorkerOptions::new(2, 12),
         ..options()
     };
     let listener = listen(&server, handlers, options).await;
@@ -1036,8 +1033,7 @@ pub async fn full_queue_is_answered_busy<B: QueryBackend>() {
     let gate = Gate::new();
     let started = Seen::new();
     let options = QueryListenOptions {
-        workers: 1,
-        buffer: 1,
+        pool: ce_messaging::WorkerOptions::new(1, 1),
         ..options()
     };
     let listener = listen(&server, gated(&op, &gate, &started), options).await;
@@ -1091,8 +1087,7 @@ pub async fn request_whose_caller_gave_up_is_not_handled<B: QueryBackend>() {
     // One worker and one queue slot: the impatient request fills the slot, so a later request
     // answered busy proves the listener received the impatient one before it.
     let options = QueryListenOptions {
-        workers: 1,
-        buffer: 1,
+        pool: ce_messaging::WorkerOptions::new(1, 1),
         ..options()
     };
     let listener = listen(&server, gated(&op, &gate, &started), options).await;
