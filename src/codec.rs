@@ -253,39 +253,68 @@ fn needs_json_escape(b: u8) -> bool {
 
 /// Appends `text` as a JSON string, escaped as serde_json escapes it (`\"`, `\\`, the short
 /// forms of `\b \t \n \f \r`, `\u00xx` for the other control characters): the runs between
-/// escapes are copied whole.
+/// escapes are copied whole, and the bytes are checked eight at a time.
 fn write_json_str(out: &mut Vec<u8>, text: &str) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
     let bytes = text.as_bytes();
     out.reserve(bytes.len() + 2);
     out.push(b'"');
     let mut start = 0;
-    for (i, &b) in bytes.iter().enumerate() {
-        if !needs_json_escape(b) {
-            continue;
+    let mut i = 0;
+    while i < bytes.len() {
+        // Whole words of eight bytes that need no escape are skipped in one step.
+        if let Some(word) = bytes.get(i..i + 8) {
+            // Invariant: `get(i..i + 8)` returned eight bytes.
+            let word = u64::from_le_bytes(word.try_into().unwrap_or([0; 8]));
+            if !word_needs_json_escape(word) {
+                i += 8;
+                continue;
+            }
         }
-        out.extend_from_slice(&bytes[start..i]);
-        match b {
-            b'"' => out.extend_from_slice(b"\\\""),
-            b'\\' => out.extend_from_slice(b"\\\\"),
-            b'\n' => out.extend_from_slice(b"\\n"),
-            b'\r' => out.extend_from_slice(b"\\r"),
-            b'\t' => out.extend_from_slice(b"\\t"),
-            0x08 => out.extend_from_slice(b"\\b"),
-            0x0C => out.extend_from_slice(b"\\f"),
-            _ => out.extend_from_slice(&[
-                b'\\',
-                b'u',
-                b'0',
-                b'0',
-                HEX[usize::from(b >> 4)],
-                HEX[usize::from(b & 0x0F)],
-            ]),
+        let b = bytes[i];
+        if needs_json_escape(b) {
+            out.extend_from_slice(&bytes[start..i]);
+            push_json_escape(out, b);
+            start = i + 1;
         }
-        start = i + 1;
+        i += 1;
     }
     out.extend_from_slice(&bytes[start..]);
     out.push(b'"');
+}
+
+/// Whether any of the eight bytes of `word` needs an escape in a JSON string (exact: the
+/// classic "has a byte less than n" and "has a zero byte" tests, n <= 128).
+fn word_needs_json_escape(word: u64) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let below_space = word.wrapping_sub(ONES * 0x20) & !word & HIGH;
+    let quote = word ^ (ONES * u64::from(b'"'));
+    let backslash = word ^ (ONES * u64::from(b'\\'));
+    let has_zero = |v: u64| v.wrapping_sub(ONES) & !v & HIGH;
+    (below_space | has_zero(quote) | has_zero(backslash)) != 0
+}
+
+/// Appends the JSON escape of `b`, one of the bytes [`needs_json_escape`] names.
+#[cold]
+fn push_json_escape(out: &mut Vec<u8>, b: u8) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    match b {
+        b'"' => out.extend_from_slice(b"\\\""),
+        b'\\' => out.extend_from_slice(b"\\\\"),
+        b'\n' => out.extend_from_slice(b"\\n"),
+        b'\r' => out.extend_from_slice(b"\\r"),
+        b'\t' => out.extend_from_slice(b"\\t"),
+        0x08 => out.extend_from_slice(b"\\b"),
+        0x0C => out.extend_from_slice(b"\\f"),
+        _ => out.extend_from_slice(&[
+            b'\\',
+            b'u',
+            b'0',
+            b'0',
+            HEX[usize::from(b >> 4)],
+            HEX[usize::from(b & 0x0F)],
+        ]),
+    }
 }
 
 /// Appends an integer in decimal.
@@ -404,39 +433,47 @@ fn format_time_into(
     suffix: TimeSuffix,
 ) -> Option<usize> {
     use chrono::{Datelike, Timelike};
-    let (year, nanos) = (time.year(), time.nanosecond());
-    let year = u32::try_from(year).ok().filter(|y| *y <= 9999)?;
+    let naive = time.naive_utc();
+    let (date, clock) = (naive.date(), naive.time());
+    let nanos = clock.nanosecond();
+    let year = u32::try_from(date.year()).ok().filter(|y| *y <= 9999)?;
     if nanos >= 1_000_000_000 {
         return None;
     }
-    let mut len = 0;
-    let mut put = |value: u32, width: u32, after: Option<u8>| {
-        for i in (0..width).rev() {
-            // `value / 10^i % 10` is 0-9: an ASCII digit.
-            buf[len] = b'0' + (value / 10u32.pow(i) % 10) as u8;
-            len += 1;
-        }
-        if let Some(c) = after {
-            buf[len] = c;
-            len += 1;
-        }
+    let seconds = clock.num_seconds_from_midnight();
+    // Two digits of `value` (0-99) at `at`: ASCII digits.
+    let mut two = |at: usize, value: u32| {
+        buf[at] = b'0' + (value / 10) as u8;
+        buf[at + 1] = b'0' + (value % 10) as u8;
     };
-    put(year, 4, Some(b'-'));
-    put(time.month(), 2, Some(b'-'));
-    put(time.day(), 2, Some(b'T'));
-    put(time.hour(), 2, Some(b':'));
-    put(time.minute(), 2, Some(b':'));
-    if nanos == 0 {
-        put(time.second(), 2, None);
-    } else {
-        put(time.second(), 2, Some(b'.'));
-        if nanos % 1_000_000 == 0 {
-            put(nanos / 1_000_000, 3, None);
+    two(0, year / 100);
+    two(2, year % 100);
+    two(5, date.month());
+    two(8, date.day());
+    two(11, seconds / 3600);
+    two(14, seconds / 60 % 60);
+    two(17, seconds % 60);
+    buf[4] = b'-';
+    buf[7] = b'-';
+    buf[10] = b'T';
+    buf[13] = b':';
+    buf[16] = b':';
+    let mut len = 19;
+    if nanos != 0 {
+        let (mut fraction, digits) = if nanos % 1_000_000 == 0 {
+            (nanos / 1_000_000, 3)
         } else if nanos % 1_000 == 0 {
-            put(nanos / 1_000, 6, None);
+            (nanos / 1_000, 6)
         } else {
-            put(nanos, 9, None);
+            (nanos, 9)
+        };
+        buf[19] = b'.';
+        for at in (20..20 + digits).rev() {
+            // `fraction % 10` is 0-9: an ASCII digit.
+            buf[at] = b'0' + (fraction % 10) as u8;
+            fraction /= 10;
         }
+        len = 20 + digits;
     }
     let suffix: &[u8] = match suffix {
         TimeSuffix::Offset => b"+00:00",
@@ -2807,6 +2844,15 @@ mod tests {
                             }) => {}
                     (sdk, ours) => prop_assert!(false, "sdk {:?} ours {:?} for {:?}", sdk, ours, payload),
                 }
+            }
+
+            #[test]
+            fn json_strings_are_escaped_as_serde_json_escapes_them(
+                text in prop_oneof![any::<String>(), "([\\x00-\\x1f\"\\\\]|[a-z]{0,9}|\\PC){0,40}"],
+            ) {
+                let mut out = Vec::new();
+                write_json_str(&mut out, &text);
+                prop_assert_eq!(String::from_utf8(out).unwrap(), serde_json::to_string(&text).unwrap());
             }
 
             #[test]
