@@ -1,12 +1,14 @@
 //! CloudEvents <-> NATS message (headers + payload), in structured and binary content modes,
 //! as the wire contract says.
 //!
-//! Events are built and read with cloudevents-sdk, never hand-rolled JSON: [`encode`] feeds
-//! the event into a NATS [`StructuredSerializer`] (the sdk's JSON event format) or
-//! [`BinarySerializer`] (`ce-*` headers). [`decode`] is on every message's path, so for spec
-//! 1.0 it reads the JSON event in one pass (serde_json, borrowed keys and strings, `data` kept
-//! as its raw JSON text) or the `ce-*` headers (one pass) and builds the event with the sdk's
-//! `EventBuilderV10`; spec 0.3 goes through the sdk's [`BinaryDeserializer`] /
+//! [`encode`] writes a spec 1.0 event's JSON event format directly (literal member names,
+//! strings escaped in runs, `time` formatted once into a stack buffer): the same members and
+//! values as the sdk's serde serializer, byte for byte (a property test pins it, and that the
+//! sdk's decoder reads it back); binary mode writes the `ce-*` headers from the borrowed event.
+//! Spec 0.3 goes through the sdk's serde serializer. [`decode`] is on every message's path, so
+//! for spec 1.0 it reads the JSON event in one pass (serde_json, borrowed keys and strings,
+//! `data` kept as its raw JSON text) or the `ce-*` headers (one pass) and builds the event with
+//! the sdk's `EventBuilderV10`; spec 0.3 goes through the sdk's [`BinaryDeserializer`] /
 //! [`StructuredDeserializer`] route, and `data_base64` through the sdk's own JSON format
 //! decoder. A property test pins that the structured decode agrees with the sdk's decoder.
 //!
