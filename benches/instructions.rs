@@ -186,7 +186,11 @@ fn drive(args: &[String]) -> ExitCode {
     let mut iter = args.iter();
     while let Some(arg) = iter.next() {
         match arg.as_str() {
-            "--ops" => wanted = iter.next().map(|v| v.split(',').map(str::to_owned).collect()),
+            "--ops" => {
+                wanted = iter
+                    .next()
+                    .map(|v| v.split(',').map(str::to_owned).collect())
+            }
             "--markdown" => markdown = true,
             "--scale" => scale = iter.next().and_then(|v| v.parse().ok()).unwrap_or(1).max(1),
             "--list" => {
@@ -226,7 +230,11 @@ fn drive(args: &[String]) -> ExitCode {
     }
     let ops: Vec<&Op> = OPS
         .iter()
-        .filter(|op| wanted.as_ref().is_none_or(|w| w.iter().any(|n| n == op.name)))
+        .filter(|op| {
+            wanted
+                .as_ref()
+                .is_none_or(|w| w.iter().any(|n| n == op.name))
+        })
         .collect();
     let server = if ops.iter().any(|op| op.server) {
         match Server::start() {
@@ -260,7 +268,10 @@ fn drive(args: &[String]) -> ExitCode {
                 let per_op = (two as f64 - one as f64) / n as f64;
                 rows.push((op.name, per_op, n));
                 if !markdown {
-                    println!("{:<20} {:>10.0} instructions/op  (n = {n})", op.name, per_op);
+                    println!(
+                        "{:<20} {:>10.0} instructions/op  (n = {n})",
+                        op.name, per_op
+                    );
                 }
             }
             [Err(e), _] | [_, Err(e)] => {
@@ -289,7 +300,7 @@ fn group_thousands(value: i64) -> String {
     let digits = value.unsigned_abs().to_string();
     let mut out = String::new();
     for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -547,8 +558,8 @@ async fn run_async(op: &str, total: u64) -> Result<(), String> {
         }
         "query-nats-raw" => {
             use futures::StreamExt;
-            let encoded = encode(&query_request(), ContentMode::Structured)
-                .map_err(|e| err("encode")(&e))?;
+            let encoded =
+                encode(&query_request(), ContentMode::Structured).map_err(|e| err("encode")(&e))?;
             let responder = async_nats::connect(&config.nats_url)
                 .await
                 .map_err(|e| err("connect")(&e))?;

@@ -342,8 +342,7 @@ fn write_integer(out: &mut Vec<u8>, value: i64) {
 /// Appends `bytes` in standard base64 with padding (RFC 4648 section 4), as the sdk writes
 /// `data_base64`.
 fn write_base64(out: &mut Vec<u8>, bytes: &[u8]) {
-    const ALPHABET: &[u8; 64] =
-        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let symbol = |n: u32, shift: u32| ALPHABET[((n >> shift) & 0x3F) as usize];
     out.reserve(bytes.len().div_ceil(3) * 4);
     let mut chunks = bytes.chunks_exact(3);
@@ -2651,12 +2650,18 @@ mod tests {
             );
             let data = prop_oneof![
                 Just(None),
-                Just(Some(("application/json", Data::Json(json!({"a": [1, 2.5, null], "é": "x\u{1}"}))))),
+                Just(Some((
+                    "application/json",
+                    Data::Json(json!({"a": [1, 2.5, null], "é": "x\u{1}"}))
+                ))),
                 any::<String>().prop_map(|t| Some(("text/plain", Data::String(t)))),
                 proptest::collection::vec(any::<u8>(), 0..40)
                     .prop_map(|b| Some(("application/octet-stream", Data::Binary(b)))),
                 // JSON text, as `decode` hands it out.
-                Just(Some(("application/json", Data::Binary(br#" {"n": [1, "\u00e9"]} "#.to_vec())))),
+                Just(Some((
+                    "application/json",
+                    Data::Binary(br#" {"n": [1, "\u00e9"]} "#.to_vec())
+                ))),
             ];
             (
                 (text(), text(), text(), proptest::option::of(text())),
@@ -2665,19 +2670,28 @@ mod tests {
                 proptest::collection::vec(extension, 0..4),
                 data,
             )
-                .prop_map(|((id, source, ty, subject), time, schema, extensions, data)| {
-                    let mut event = EventBuilderV10::new().id(id).source(source).ty(ty).build().unwrap();
-                    event.set_subject(subject);
-                    event.set_time(time.and_then(|(s, n)| chrono::DateTime::from_timestamp(s, n)));
-                    for (name, value) in extensions {
-                        event.set_extension(&name, value);
-                    }
-                    if let Some((ct, data)) = data {
-                        event.set_data(ct, data);
-                        event.set_dataschema(schema.map(|s| url::Url::parse(s).unwrap()));
-                    }
-                    event
-                })
+                .prop_map(
+                    |((id, source, ty, subject), time, schema, extensions, data)| {
+                        let mut event = EventBuilderV10::new()
+                            .id(id)
+                            .source(source)
+                            .ty(ty)
+                            .build()
+                            .unwrap();
+                        event.set_subject(subject);
+                        event.set_time(
+                            time.and_then(|(s, n)| chrono::DateTime::from_timestamp(s, n)),
+                        );
+                        for (name, value) in extensions {
+                            event.set_extension(&name, value);
+                        }
+                        if let Some((ct, data)) = data {
+                            event.set_data(ct, data);
+                            event.set_dataschema(schema.map(|s| url::Url::parse(s).unwrap()));
+                        }
+                        event
+                    },
+                )
         }
 
         /// A binary-mode message read the way a peer using the sdk reads it: each `ce-*`
@@ -2695,9 +2709,13 @@ mod tests {
                     match name.as_str() {
                         "specversion" => {}
                         n if SpecVersion::V10.attribute_names().contains(&n) => {
-                            serializer = serializer.set_attribute(n, MessageAttributeValue::String(value))?;
+                            serializer = serializer
+                                .set_attribute(n, MessageAttributeValue::String(value))?;
                         }
-                        n => serializer = serializer.set_extension(n, MessageAttributeValue::String(value))?,
+                        n => {
+                            serializer =
+                                serializer.set_extension(n, MessageAttributeValue::String(value))?
+                        }
                     }
                 }
                 if self.1.is_empty() {
