@@ -1,12 +1,14 @@
 //! CloudEvents <-> NATS message (headers + payload), in structured and binary content modes,
 //! as the wire contract says.
 //!
-//! Events are built and read with cloudevents-sdk, never hand-rolled JSON: [`encode`] feeds
-//! the event into a NATS [`StructuredSerializer`] (the sdk's JSON event format) or
-//! [`BinarySerializer`] (`ce-*` headers). [`decode`] is on every message's path, so for spec
-//! 1.0 it reads the JSON event in one pass (serde_json, borrowed keys and strings, `data` kept
-//! as its raw JSON text) or the `ce-*` headers (one pass) and builds the event with the sdk's
-//! `EventBuilderV10`; spec 0.3 goes through the sdk's [`BinaryDeserializer`] /
+//! [`encode`] writes a spec 1.0 event's JSON event format directly (literal member names,
+//! strings escaped in runs, `time` formatted once into a stack buffer): the same members and
+//! values as the sdk's serde serializer, byte for byte (a property test pins it, and that the
+//! sdk's decoder reads it back); binary mode writes the `ce-*` headers from the borrowed event.
+//! Spec 0.3 goes through the sdk's serde serializer. [`decode`] is on every message's path, so
+//! for spec 1.0 it reads the JSON event in one pass (serde_json, borrowed keys and strings,
+//! `data` kept as its raw JSON text) or the `ce-*` headers (one pass) and builds the event with
+//! the sdk's `EventBuilderV10`; spec 0.3 goes through the sdk's [`BinaryDeserializer`] /
 //! [`StructuredDeserializer`] route, and `data_base64` through the sdk's own JSON format
 //! decoder. A property test pins that the structured decode agrees with the sdk's decoder.
 //!
@@ -140,19 +142,224 @@ pub struct EncodedEvent {
 pub fn encode(event: &Event, mode: ContentMode) -> Result<EncodedEvent, EncodeError> {
     match mode {
         ContentMode::Structured => {
-            // Sized for a typical event up front: growing from serde_json's default 128 bytes
-            // reallocated and copied the buffer twice per small event.
-            let mut json = Vec::with_capacity(STRUCTURED_CAPACITY);
-            match with_parsed_json_data(event) {
-                Some(forward) => serde_json::to_writer(&mut json, &forward),
-                None => serde_json::to_writer(&mut json, event),
-            }
-            .map_err(|e| Error::with_source(EncodeErrorKind::Serialize, e))?;
+            let json = match event.specversion() {
+                SpecVersion::V10 => write_structured_v10(event)?,
+                // Spec 0.3 (rare): the sdk's JSON event format.
+                _ => {
+                    let mut json = Vec::with_capacity(STRUCTURED_CAPACITY);
+                    match with_parsed_json_data(event) {
+                        Some(forward) => serde_json::to_writer(&mut json, &forward),
+                        None => serde_json::to_writer(&mut json, event),
+                    }
+                    .map_err(|e| Error::with_source(EncodeErrorKind::Serialize, e))?;
+                    json
+                }
+            };
             NatsSerializer::default()
                 .set_structured_event(json)
                 .map_err(encode_error)
         }
         ContentMode::Binary => encode_binary(event).map_err(encode_error),
+    }
+}
+
+/// A 1.0 event in the JSON event format, written directly: literal member names, strings
+/// escaped in runs (a string without characters to escape is one copy), `time` formatted once
+/// into a stack buffer. The members and values are those the sdk's serde serializer writes
+/// (`time` as chrono's serde form, with `Z`; extensions as strings, booleans or integers; data
+/// as `data`, or `data_base64` for bytes), so peers that decode with the sdk read the same
+/// event (a property test pins it). JSON text data (`Data::Binary` with a JSON content type,
+/// as [`decode`] hands it out) is written as the `data` member as it is, when it is valid JSON.
+fn write_structured_v10(event: &Event) -> Result<Vec<u8>, EncodeError> {
+    let data = event.data();
+    let data_len = match data {
+        Some(Data::Binary(bytes)) => bytes.len() * 4 / 3 + 4,
+        Some(Data::String(text)) => text.len() + 2,
+        _ => 0,
+    };
+    let mut out = Vec::with_capacity(STRUCTURED_CAPACITY + data_len);
+    out.extend_from_slice(br#"{"specversion":"1.0","id":"#);
+    write_json_str(&mut out, event.id());
+    out.extend_from_slice(br#","type":"#);
+    write_json_str(&mut out, event.ty());
+    out.extend_from_slice(br#","source":"#);
+    write_json_str(&mut out, event.source().as_str());
+    let content_type = event.datacontenttype();
+    if let Some(ct) = content_type {
+        out.extend_from_slice(br#","datacontenttype":"#);
+        write_json_str(&mut out, ct);
+    }
+    if let Some(schema) = event.dataschema() {
+        out.extend_from_slice(br#","dataschema":"#);
+        write_json_str(&mut out, schema.as_str());
+    }
+    if let Some(subject) = event.subject() {
+        out.extend_from_slice(br#","subject":"#);
+        write_json_str(&mut out, subject);
+    }
+    if let Some(time) = event.time() {
+        out.extend_from_slice(br#","time":""#);
+        let mut buf = [0u8; TIME_CAPACITY];
+        match format_time_into(&mut buf, time, TimeSuffix::Z) {
+            Some(len) => out.extend_from_slice(&buf[..len]),
+            None => out.extend_from_slice(
+                time.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
+                    .as_bytes(),
+            ),
+        }
+        out.push(b'"');
+    }
+    match data {
+        None => {}
+        Some(Data::Json(value)) => {
+            out.extend_from_slice(br#","data":"#);
+            serde_json::to_writer(&mut out, value)
+                .map_err(|e| Error::with_source(EncodeErrorKind::Serialize, e))?;
+        }
+        Some(Data::String(text)) => {
+            out.extend_from_slice(br#","data":"#);
+            write_json_str(&mut out, text);
+        }
+        Some(Data::Binary(bytes)) => {
+            let json_text = content_type.is_some_and(is_json_content_type)
+                && serde_json::from_slice::<serde::de::IgnoredAny>(bytes).is_ok();
+            if json_text {
+                out.extend_from_slice(br#","data":"#);
+                out.extend_from_slice(bytes.trim_ascii());
+            } else {
+                out.extend_from_slice(br#","data_base64":""#);
+                write_base64(&mut out, bytes);
+                out.push(b'"');
+            }
+        }
+    }
+    for (name, value) in event.iter_extensions() {
+        out.push(b',');
+        write_json_str(&mut out, name);
+        out.push(b':');
+        match value {
+            ExtensionValue::String(text) => write_json_str(&mut out, text),
+            ExtensionValue::Boolean(true) => out.extend_from_slice(b"true"),
+            ExtensionValue::Boolean(false) => out.extend_from_slice(b"false"),
+            ExtensionValue::Integer(i) => write_integer(&mut out, *i),
+        }
+    }
+    out.push(b'}');
+    Ok(out)
+}
+
+/// Whether a byte must be escaped in a JSON string: `"`, `\` and the control characters.
+fn needs_json_escape(b: u8) -> bool {
+    b < 0x20 || b == b'"' || b == b'\\'
+}
+
+/// Appends `text` as a JSON string, escaped as serde_json escapes it (`\"`, `\\`, the short
+/// forms of `\b \t \n \f \r`, `\u00xx` for the other control characters): the runs between
+/// escapes are copied whole, and the bytes are checked eight at a time.
+fn write_json_str(out: &mut Vec<u8>, text: &str) {
+    let bytes = text.as_bytes();
+    out.reserve(bytes.len() + 2);
+    out.push(b'"');
+    let mut start = 0;
+    let mut i = 0;
+    while i < bytes.len() {
+        // Whole words of eight bytes that need no escape are skipped in one step.
+        if let Some(word) = bytes.get(i..i + 8) {
+            // Invariant: `get(i..i + 8)` returned eight bytes.
+            let word = u64::from_le_bytes(word.try_into().unwrap_or([0; 8]));
+            if !word_needs_json_escape(word) {
+                i += 8;
+                continue;
+            }
+        }
+        let b = bytes[i];
+        if needs_json_escape(b) {
+            out.extend_from_slice(&bytes[start..i]);
+            push_json_escape(out, b);
+            start = i + 1;
+        }
+        i += 1;
+    }
+    out.extend_from_slice(&bytes[start..]);
+    out.push(b'"');
+}
+
+/// Whether any of the eight bytes of `word` needs an escape in a JSON string (exact: the
+/// classic "has a byte less than n" and "has a zero byte" tests, n <= 128).
+fn word_needs_json_escape(word: u64) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let below_space = word.wrapping_sub(ONES * 0x20) & !word & HIGH;
+    let quote = word ^ (ONES * u64::from(b'"'));
+    let backslash = word ^ (ONES * u64::from(b'\\'));
+    let has_zero = |v: u64| v.wrapping_sub(ONES) & !v & HIGH;
+    (below_space | has_zero(quote) | has_zero(backslash)) != 0
+}
+
+/// Appends the JSON escape of `b`, one of the bytes [`needs_json_escape`] names.
+#[cold]
+fn push_json_escape(out: &mut Vec<u8>, b: u8) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    match b {
+        b'"' => out.extend_from_slice(b"\\\""),
+        b'\\' => out.extend_from_slice(b"\\\\"),
+        b'\n' => out.extend_from_slice(b"\\n"),
+        b'\r' => out.extend_from_slice(b"\\r"),
+        b'\t' => out.extend_from_slice(b"\\t"),
+        0x08 => out.extend_from_slice(b"\\b"),
+        0x0C => out.extend_from_slice(b"\\f"),
+        _ => out.extend_from_slice(&[
+            b'\\',
+            b'u',
+            b'0',
+            b'0',
+            HEX[usize::from(b >> 4)],
+            HEX[usize::from(b & 0x0F)],
+        ]),
+    }
+}
+
+/// Appends an integer in decimal.
+fn write_integer(out: &mut Vec<u8>, value: i64) {
+    let mut buf = [0u8; 20];
+    let mut n = value.unsigned_abs();
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        // `n % 10` is 0-9: an ASCII digit.
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    if value < 0 {
+        out.push(b'-');
+    }
+    out.extend_from_slice(&buf[i..]);
+}
+
+/// Appends `bytes` in standard base64 with padding (RFC 4648 section 4), as the sdk writes
+/// `data_base64`.
+fn write_base64(out: &mut Vec<u8>, bytes: &[u8]) {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let symbol = |n: u32, shift: u32| ALPHABET[((n >> shift) & 0x3F) as usize];
+    out.reserve(bytes.len().div_ceil(3) * 4);
+    let mut chunks = bytes.chunks_exact(3);
+    for chunk in &mut chunks {
+        let n = u32::from(chunk[0]) << 16 | u32::from(chunk[1]) << 8 | u32::from(chunk[2]);
+        out.extend_from_slice(&[symbol(n, 18), symbol(n, 12), symbol(n, 6), symbol(n, 0)]);
+    }
+    match *chunks.remainder() {
+        [a] => {
+            let n = u32::from(a) << 16;
+            out.extend_from_slice(&[symbol(n, 18), symbol(n, 12), b'=', b'=']);
+        }
+        [a, b] => {
+            let n = u32::from(a) << 16 | u32::from(b) << 8;
+            out.extend_from_slice(&[symbol(n, 18), symbol(n, 12), symbol(n, 6), b'=']);
+        }
+        _ => {}
     }
 }
 
@@ -206,42 +413,86 @@ fn encode_binary(event: &Event) -> cloudevents::message::Result<EncodedEvent> {
     }
 }
 
+/// The longest `time` [`format_time_into`] writes: `YYYY-MM-DDTHH:MM:SS.nnnnnnnnn+00:00`.
+const TIME_CAPACITY: usize = 35;
+
+/// How [`format_time_into`] ends a UTC time.
+#[derive(Clone, Copy)]
+enum TimeSuffix {
+    /// `+00:00`, as chrono's `to_rfc3339` writes it (the sdk's binary-mode header).
+    Offset,
+    /// `Z`, as chrono's serde form writes it (the sdk's JSON event format).
+    Z,
+}
+
+/// Writes `time` into `buf` as chrono writes it (`to_rfc3339`, or the serde form with `Z`:
+/// 0, 3, 6 or 9 fraction digits) and returns its length; `None` for what chrono's own
+/// formatting must write (years outside 0-9999, leap seconds).
+fn format_time_into(
+    buf: &mut [u8; TIME_CAPACITY],
+    time: &chrono::DateTime<chrono::Utc>,
+    suffix: TimeSuffix,
+) -> Option<usize> {
+    use chrono::{Datelike, Timelike};
+    let naive = time.naive_utc();
+    let (date, clock) = (naive.date(), naive.time());
+    let nanos = clock.nanosecond();
+    let year = u32::try_from(date.year()).ok().filter(|y| *y <= 9999)?;
+    if nanos >= 1_000_000_000 {
+        return None;
+    }
+    let seconds = clock.num_seconds_from_midnight();
+    // Two digits of `value` (0-99) at `at`: ASCII digits.
+    let mut two = |at: usize, value: u32| {
+        buf[at] = b'0' + (value / 10) as u8;
+        buf[at + 1] = b'0' + (value % 10) as u8;
+    };
+    two(0, year / 100);
+    two(2, year % 100);
+    two(5, date.month());
+    two(8, date.day());
+    two(11, seconds / 3600);
+    two(14, seconds / 60 % 60);
+    two(17, seconds % 60);
+    buf[4] = b'-';
+    buf[7] = b'-';
+    buf[10] = b'T';
+    buf[13] = b':';
+    buf[16] = b':';
+    let mut len = 19;
+    if nanos != 0 {
+        let (mut fraction, digits) = if nanos % 1_000_000 == 0 {
+            (nanos / 1_000_000, 3)
+        } else if nanos % 1_000 == 0 {
+            (nanos / 1_000, 6)
+        } else {
+            (nanos, 9)
+        };
+        buf[19] = b'.';
+        for at in (20..20 + digits).rev() {
+            // `fraction % 10` is 0-9: an ASCII digit.
+            buf[at] = b'0' + (fraction % 10) as u8;
+            fraction /= 10;
+        }
+        len = 20 + digits;
+    }
+    let suffix: &[u8] = match suffix {
+        TimeSuffix::Offset => b"+00:00",
+        TimeSuffix::Z => b"Z",
+    };
+    buf[len..len + suffix.len()].copy_from_slice(suffix);
+    Some(len + suffix.len())
+}
+
 /// `time` exactly as chrono's `to_rfc3339` writes it (the sdk's form: `+00:00`, and 0, 3, 6
 /// or 9 fraction digits), without its formatting machinery for the common years 0-9999.
 fn format_time(time: &chrono::DateTime<chrono::Utc>) -> String {
-    use chrono::{Datelike, Timelike};
-    let (year, nanos) = (time.year(), time.nanosecond());
-    let Ok(year) = u32::try_from(year) else {
-        return time.to_rfc3339();
-    };
-    if year > 9999 || nanos >= 1_000_000_000 {
-        // Years with a sign or more digits, and leap seconds: chrono's own formatting.
-        return time.to_rfc3339();
+    let mut buf = [0u8; TIME_CAPACITY];
+    match format_time_into(&mut buf, time, TimeSuffix::Offset) {
+        // The buffer holds ASCII digits and separators only.
+        Some(len) => String::from_utf8_lossy(&buf[..len]).into_owned(),
+        None => time.to_rfc3339(),
     }
-    let mut out = String::with_capacity(35);
-    push_digits(&mut out, year, 4);
-    out.push('-');
-    push_digits(&mut out, time.month(), 2);
-    out.push('-');
-    push_digits(&mut out, time.day(), 2);
-    out.push('T');
-    push_digits(&mut out, time.hour(), 2);
-    out.push(':');
-    push_digits(&mut out, time.minute(), 2);
-    out.push(':');
-    push_digits(&mut out, time.second(), 2);
-    if nanos != 0 {
-        out.push('.');
-        if nanos % 1_000_000 == 0 {
-            push_digits(&mut out, nanos / 1_000_000, 3);
-        } else if nanos % 1_000 == 0 {
-            push_digits(&mut out, nanos / 1_000, 6);
-        } else {
-            push_digits(&mut out, nanos, 9);
-        }
-    }
-    out.push_str("+00:00");
-    out
 }
 
 /// `time` as chrono's `parse_from_rfc3339` reads it, with a fast path for the UTC form that
@@ -283,15 +534,6 @@ fn parse_utc_time(text: &[u8]) -> Option<chrono::DateTime<chrono::Utc>> {
         chrono::NaiveDate::from_ymd_opt(number(0..4)? as i32, number(5..7)?, number(8..10)?)?;
     let time = date.and_hms_nano_opt(number(11..13)?, number(14..16)?, number(17..19)?, nanos)?;
     Some(time.and_utc())
-}
-
-/// Appends the last `width` decimal digits of `value`, zero-padded.
-fn push_digits(out: &mut String, value: u32, width: u32) {
-    for i in (0..width).rev() {
-        let digit = value / 10u32.pow(i) % 10;
-        // `digit` is 0-9, so this is an ASCII digit.
-        out.push(char::from(b'0' + digit as u8));
-    }
 }
 
 /// Decodes a NATS message into an event, accepting both content modes.
@@ -2353,6 +2595,7 @@ mod tests {
 
     mod prop {
         use super::*;
+        use cloudevents::AttributesWriter;
         use proptest::prelude::*;
 
         fn header_name() -> impl Strategy<Value = String> {
@@ -2389,6 +2632,127 @@ mod tests {
                     .and_then(|v| serde_json::from_slice::<serde_json::Value>(v).ok())
             };
             a == b || (json(&a).is_some() && json(&a) == json(&b))
+        }
+
+        /// Any 1.0 event: text attributes with any characters (control characters, quotes,
+        /// non-ASCII), optional attributes, extensions of each type, and each kind of data.
+        fn any_event() -> impl Strategy<Value = Event> {
+            let text = || any::<String>().prop_filter("not empty", |s| !s.is_empty());
+            let extension = (
+                "[a-z][a-z0-9]{0,7}".prop_filter("not a 1.0 attribute or data member", |n| {
+                    spec_attribute_name(n).is_none() && n != "data" && n != "data_base64"
+                }),
+                prop_oneof![
+                    any::<String>().prop_map(ExtensionValue::String),
+                    any::<bool>().prop_map(ExtensionValue::Boolean),
+                    any::<i64>().prop_map(ExtensionValue::Integer),
+                ],
+            );
+            let data = prop_oneof![
+                Just(None),
+                Just(Some((
+                    "application/json",
+                    Data::Json(json!({"a": [1, 2.5, null], "é": "x\u{1}"}))
+                ))),
+                any::<String>().prop_map(|t| Some(("text/plain", Data::String(t)))),
+                proptest::collection::vec(any::<u8>(), 0..40)
+                    .prop_map(|b| Some(("application/octet-stream", Data::Binary(b)))),
+                // JSON text, as `decode` hands it out.
+                Just(Some((
+                    "application/json",
+                    Data::Binary(br#" {"n": [1, "\u00e9"]} "#.to_vec())
+                ))),
+            ];
+            (
+                (text(), text(), text(), proptest::option::of(text())),
+                proptest::option::of((-62_167_219_200i64..253_402_300_800, 0..1_000_000_000u32)),
+                proptest::option::of(Just("https://example.com/schema?a=1")),
+                proptest::collection::vec(extension, 0..4),
+                data,
+            )
+                .prop_map(
+                    |((id, source, ty, subject), time, schema, extensions, data)| {
+                        let mut event = EventBuilderV10::new()
+                            .id(id)
+                            .source(source)
+                            .ty(ty)
+                            .build()
+                            .unwrap();
+                        event.set_subject(subject);
+                        event.set_time(
+                            time.and_then(|(s, n)| chrono::DateTime::from_timestamp(s, n)),
+                        );
+                        for (name, value) in extensions {
+                            event.set_extension(&name, value);
+                        }
+                        if let Some((ct, data)) = data {
+                            event.set_data(ct, data);
+                            event.set_dataschema(schema.map(|s| url::Url::parse(s).unwrap()));
+                        }
+                        event
+                    },
+                )
+        }
+
+        /// A binary-mode message read the way a peer using the sdk reads it: each `ce-*`
+        /// header percent-decoded (by this test's own decoder) and handed to the sdk's
+        /// event builder, which parses `time` and the other typed attributes itself.
+        struct SdkBinaryMessage(Vec<(String, String)>, Vec<u8>);
+
+        impl BinaryDeserializer for SdkBinaryMessage {
+            fn deserialize_binary<R: Sized, V: BinarySerializer<R>>(
+                self,
+                serializer: V,
+            ) -> cloudevents::message::Result<R> {
+                let mut serializer = serializer.set_spec_version(SpecVersion::V10)?;
+                for (name, value) in self.0 {
+                    match name.as_str() {
+                        "specversion" => {}
+                        n if SpecVersion::V10.attribute_names().contains(&n) => {
+                            serializer = serializer
+                                .set_attribute(n, MessageAttributeValue::String(value))?;
+                        }
+                        n => {
+                            serializer =
+                                serializer.set_extension(n, MessageAttributeValue::String(value))?
+                        }
+                    }
+                }
+                if self.1.is_empty() {
+                    serializer.end()
+                } else {
+                    serializer.end_with_data(self.1)
+                }
+            }
+        }
+
+        fn test_percent_decode(value: &str) -> String {
+            let bytes = value.as_bytes();
+            let mut out = Vec::new();
+            let mut i = 0;
+            while i < bytes.len() {
+                if bytes[i] == b'%' {
+                    out.push(u8::from_str_radix(&value[i + 1..i + 3], 16).unwrap());
+                    i += 3;
+                } else {
+                    out.push(bytes[i]);
+                    i += 1;
+                }
+            }
+            String::from_utf8(out).unwrap()
+        }
+
+        /// The event with every extension as its text (binary mode carries them as text).
+        fn extensions_as_text(event: &Event) -> Event {
+            let mut event = event.clone();
+            let extensions: Vec<(String, String)> = event
+                .iter_extensions()
+                .map(|(n, v)| (n.to_owned(), v.to_string()))
+                .collect();
+            for (name, value) in extensions {
+                event.set_extension(&name, value);
+            }
+            event
         }
 
         proptest! {
@@ -2503,6 +2867,15 @@ mod tests {
             }
 
             #[test]
+            fn json_strings_are_escaped_as_serde_json_escapes_them(
+                text in prop_oneof![any::<String>(), "([\\x00-\\x1f\"\\\\]|[a-z]{0,9}|\\PC){0,40}"],
+            ) {
+                let mut out = Vec::new();
+                write_json_str(&mut out, &text);
+                prop_assert_eq!(String::from_utf8(out).unwrap(), serde_json::to_string(&text).unwrap());
+            }
+
+            #[test]
             fn time_is_written_as_chrono_writes_it(
                 secs in prop_oneof![
                     // Years 0-9999 (the fast path), then any year chrono can hold.
@@ -2589,6 +2962,66 @@ mod tests {
                 } else {
                     prop_assert_eq!(back, event);
                 }
+            }
+
+            #[test]
+            fn structured_encode_is_what_the_sdk_serializer_writes_and_the_sdk_reads_it_back(
+                event in any_event(),
+            ) {
+                let msg = encode(&event, ContentMode::Structured).unwrap();
+                // A peer decoding with the sdk's serde reads the same event.
+                let sdk: Event = serde_json::from_slice(&msg.payload).unwrap();
+                prop_assert_eq!(comparable(&sdk), comparable(&event));
+                // Byte for byte what the sdk's serializer writes (the extensions come from the
+                // same map, so in the same order), but for JSON text data, which the sdk
+                // would write as `data_base64`.
+                let json_text = matches!(event.data(), Some(Data::Binary(_)))
+                    && event.datacontenttype() == Some("application/json");
+                if !json_text {
+                    prop_assert_eq!(
+                        String::from_utf8(msg.payload.to_vec()).unwrap(),
+                        serde_json::to_string(&event).unwrap()
+                    );
+                }
+                // And ours reads it back.
+                let back = decode(Some(&msg.headers), &msg.payload).unwrap();
+                assert_same_event(&back, &event);
+            }
+
+            #[test]
+            fn binary_encode_is_read_back_by_the_sdk_event_builder(event in any_event()) {
+                let msg = encode(&event, ContentMode::Binary).unwrap();
+                let headers: Vec<(String, String)> = msg
+                    .headers
+                    .iter()
+                    .map(|(name, values)| {
+                        let name: &str = name.as_ref();
+                        let attr = name.strip_prefix("ce-").unwrap().to_owned();
+                        (attr, test_percent_decode(values[0].as_str()))
+                    })
+                    .collect();
+                let sdk = BinaryDeserializer::into_event(SdkBinaryMessage(headers, msg.payload.to_vec()))
+                    .unwrap();
+                let expected = extensions_as_text(&event);
+                let (sdk_attributes, sdk_data) = comparable(&sdk);
+                let (attributes, data) = comparable(&expected);
+                prop_assert_eq!(sdk_attributes, attributes);
+                // The sdk's binary route keeps every payload as bytes.
+                let bytes = |d: Option<ComparableData>| match d {
+                    None => None,
+                    Some(ComparableData::Json(v)) => Some(serde_json::to_vec(&v).unwrap()),
+                    Some(ComparableData::Other(d)) => Some(Vec::<u8>::try_from(d).unwrap()),
+                };
+                let sdk_bytes = bytes(sdk_data);
+                let our_bytes = bytes(data);
+                let same = sdk_bytes == our_bytes
+                    || sdk_bytes.as_deref().and_then(|b| serde_json::from_slice::<serde_json::Value>(b).ok())
+                        == our_bytes.as_deref().and_then(|b| serde_json::from_slice::<serde_json::Value>(b).ok())
+                    || (sdk_bytes.is_none() && our_bytes.as_deref() == Some(&[][..]));
+                prop_assert!(same, "{:?} vs {:?}", sdk_bytes, our_bytes);
+                let back = decode(Some(&msg.headers), &msg.payload).unwrap();
+                let (back_attributes, _) = comparable(&back);
+                prop_assert_eq!(back_attributes, comparable(&expected).0);
             }
         }
     }

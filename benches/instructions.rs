@@ -1,0 +1,656 @@
+//! Instruction counts per operation, stable on a loaded machine: each operation runs `n` and
+//! `2n` times in a child process under `valgrind --tool=callgrind`, and the difference of the
+//! two totals divided by `n` is the cost of one operation (start-up, set-up and warm-up are the
+//! same in both runs and cancel out). Counts do not depend on other load, so a change that
+//! raises them shows however busy the machine is.
+//!
+//! ```text
+//! cargo bench --bench instructions                      # every operation, a table
+//! cargo bench --bench instructions -- --ops decode-structured,encode-binary
+//! cargo bench --bench instructions -- --markdown        # the table for docs/performance.md
+//! scripts/instructions                                  # the same, via the script
+//! ```
+//!
+//! Needs `valgrind` on the `PATH`. The `*-nats` operations need a nats-server (JetStream for
+//! the publish ones): `NATS_SERVER_BIN`, `.tools/bin/nats-server` or `nats-server` on the
+//! `PATH`; one is started on a free loopback port for the run and stopped after it. Without a
+//! server they are left out (and said so).
+//!
+//! The event is the one `cemsg bench` and `benches/codec.rs` use (about 320 bytes in
+//! structured mode). Operations (each `n` of them in one process, on one current-thread tokio
+//! runtime where async):
+//!
+//! - `sdk-encode` / `sdk-decode`: cloudevents-sdk's serde (`serde_json::to_vec` /
+//!   `from_slice`), the hand-written peer's codec, for reference;
+//! - `encode-structured`, `encode-binary`, `decode-structured`, `decode-binary`: this crate's
+//!   codec (`decode` includes dropping the event);
+//! - `new-event`: `new_event` with the bench's data, dropped;
+//! - `data-as`: a decoded event's `data_as` into the data's own struct;
+//! - `query-memory` / `query-nats`: one sequential query round trip (requester and listener in
+//!   this process: a clone of the request event, `request`, and a handler that reads the data
+//!   with `data_as::<serde_json::Value>` and answers with `reply_data`, as `cemsg bench` does);
+//! - `query-nats-raw`: the same round trip with raw async-nats (echo responder, bytes encoded
+//!   once before), the limit of this client;
+//! - `publish-memory` / `publish-nats`: `new_event` and `publish` of one event, awaiting its
+//!   ack; `publish-nats-raw`: raw JetStream publish of bytes encoded once before, awaiting the
+//!   PubAck.
+use std::hint::black_box;
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use ce_messaging::cloudevents::Event;
+use ce_messaging::codec::{decode, encode, ContentMode};
+use ce_messaging::config::Config;
+use ce_messaging::event::{new_event, EventExt};
+use ce_messaging::events::EventConnection;
+use ce_messaging::query::{handler_fn, QueryConnection, QueryHandlers, QueryListenOptions};
+
+/// One operation: its name, how many times the `n` run repeats it, whether it needs a server.
+struct Op {
+    name: &'static str,
+    n: u64,
+    server: bool,
+}
+
+const OPS: &[Op] = &[
+    Op {
+        name: "sdk-encode",
+        n: 2000,
+        server: false,
+    },
+    Op {
+        name: "sdk-decode",
+        n: 2000,
+        server: false,
+    },
+    Op {
+        name: "encode-structured",
+        n: 2000,
+        server: false,
+    },
+    Op {
+        name: "encode-binary",
+        n: 2000,
+        server: false,
+    },
+    Op {
+        name: "decode-structured",
+        n: 2000,
+        server: false,
+    },
+    Op {
+        name: "decode-binary",
+        n: 2000,
+        server: false,
+    },
+    Op {
+        name: "new-event",
+        n: 2000,
+        server: false,
+    },
+    Op {
+        name: "data-as",
+        n: 2000,
+        server: false,
+    },
+    Op {
+        name: "query-memory",
+        n: 500,
+        server: false,
+    },
+    Op {
+        name: "publish-memory",
+        n: 500,
+        server: false,
+    },
+    Op {
+        name: "query-nats",
+        n: 300,
+        server: true,
+    },
+    Op {
+        name: "query-nats-raw",
+        n: 300,
+        server: true,
+    },
+    Op {
+        name: "publish-nats",
+        n: 300,
+        server: true,
+    },
+    Op {
+        name: "publish-nats-raw",
+        n: 300,
+        server: true,
+    },
+];
+
+/// Runs of each operation before the measured ones: connections, pools and caches warm up.
+const WARM_UP: u64 = 50;
+
+const QUERY_TYPE: &str = "bench.workspace.get";
+const REPLY_TYPE: &str = "bench.workspace.got";
+const EVENT_TYPE: &str = "org.cyverse.workspace.created";
+const RAW_QUERY_SUBJECT: &str = "bench.raw.echo";
+
+/// The data of the bench's event.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Workspace<W> {
+    name: W,
+    owner: W,
+    size: u64,
+    tags: [W; 2],
+}
+
+/// The bench's event: about 320 bytes in structured mode.
+fn bench_event() -> Event {
+    new_event(
+        EVENT_TYPE,
+        "workspace-service",
+        &Workspace {
+            name: "my workspace",
+            owner: "alice",
+            size: 1024,
+            tags: ["a", "b"],
+        },
+    )
+    .expect("the bench event builds")
+}
+
+fn main() -> ExitCode {
+    // `cargo bench` passes `--bench`; it means nothing here.
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
+    if args.first().map(String::as_str) == Some("--run") {
+        let (Some(op), Some(n)) = (args.get(1), args.get(2).and_then(|n| n.parse().ok())) else {
+            eprintln!("usage: instructions --run <op> <n>");
+            return ExitCode::from(2);
+        };
+        return run(op, n);
+    }
+    drive(&args)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The driver: runs each operation n and 2n times under callgrind and prints the table.
+
+fn drive(args: &[String]) -> ExitCode {
+    let mut wanted: Option<Vec<String>> = None;
+    let mut markdown = false;
+    let mut scale = 1u64;
+    let mut iter = args.iter();
+    while let Some(arg) = iter.next() {
+        match arg.as_str() {
+            "--ops" => {
+                wanted = iter
+                    .next()
+                    .map(|v| v.split(',').map(str::to_owned).collect())
+            }
+            "--markdown" => markdown = true,
+            "--scale" => scale = iter.next().and_then(|v| v.parse().ok()).unwrap_or(1).max(1),
+            "--list" => {
+                for op in OPS {
+                    println!("{}", op.name);
+                }
+                return ExitCode::SUCCESS;
+            }
+            "-h" | "--help" => {
+                println!(
+                    "instructions [--ops a,b] [--markdown] [--scale K] [--list]\n\
+                     Instruction counts per operation (callgrind, n and 2n runs subtracted); \
+                     --scale multiplies n."
+                );
+                return ExitCode::SUCCESS;
+            }
+            other => {
+                eprintln!("unknown argument `{other}` (try --help)");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    if let Some(wanted) = &wanted {
+        if let Some(bad) = wanted.iter().find(|w| !OPS.iter().any(|op| op.name == *w)) {
+            eprintln!("unknown operation `{bad}` (try --list)");
+            return ExitCode::from(2);
+        }
+    }
+    if Command::new("valgrind")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .map_or(true, |s| !s.success())
+    {
+        eprintln!("valgrind is not on the PATH (apt-get install valgrind)");
+        return ExitCode::from(2);
+    }
+    let ops: Vec<&Op> = OPS
+        .iter()
+        .filter(|op| {
+            wanted
+                .as_ref()
+                .is_none_or(|w| w.iter().any(|n| n == op.name))
+        })
+        .collect();
+    let server = if ops.iter().any(|op| op.server) {
+        match Server::start() {
+            Ok(server) => Some(server),
+            Err(why) => {
+                eprintln!("no nats-server, the *-nats operations are left out: {why}");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let exe = match std::env::current_exe() {
+        Ok(exe) => exe,
+        Err(e) => {
+            eprintln!("cannot find this executable: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let started = Instant::now();
+    let mut rows = Vec::new();
+    for op in ops {
+        if op.server && server.is_none() {
+            continue;
+        }
+        let n = op.n * scale;
+        let url = server.as_ref().map(Server::url);
+        let counts = [n, 2 * n].map(|n| callgrind(&exe, op.name, n, url.as_deref()));
+        match counts {
+            [Ok(one), Ok(two)] => {
+                let per_op = (two as f64 - one as f64) / n as f64;
+                rows.push((op.name, per_op, n));
+                if !markdown {
+                    println!(
+                        "{:<20} {:>10.0} instructions/op  (n = {n})",
+                        op.name, per_op
+                    );
+                }
+            }
+            [Err(e), _] | [_, Err(e)] => {
+                eprintln!("{}: {e}", op.name);
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    if markdown {
+        println!("| operation | instructions/op |");
+        println!("|---|---:|");
+        for (name, per_op, _) in &rows {
+            println!("| {name} | {} |", group_thousands(per_op.round() as i64));
+        }
+    }
+    eprintln!(
+        "callgrind, {}n minus n runs per operation; {:.0} s in all",
+        2,
+        started.elapsed().as_secs_f64()
+    );
+    ExitCode::SUCCESS
+}
+
+/// `12345` as `12,345`.
+fn group_thousands(value: i64) -> String {
+    let digits = value.unsigned_abs().to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    if value < 0 {
+        out.insert(0, '-');
+    }
+    out
+}
+
+/// Total instructions of `exe --run op n` under callgrind (every thread).
+fn callgrind(exe: &PathBuf, op: &str, n: u64, url: Option<&str>) -> Result<u64, String> {
+    let mut command = Command::new("valgrind");
+    command
+        .args(["--tool=callgrind", "--callgrind-out-file=/dev/null"])
+        .arg(exe)
+        .args(["--run", op, &n.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    if let Some(url) = url {
+        command.env("NATS_URL", url);
+    }
+    let output = command
+        .output()
+        .map_err(|e| format!("cannot run valgrind: {e}"))?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    if !output.status.success() {
+        return Err(format!("`--run {op} {n}` failed: {stderr}"));
+    }
+    // Callgrind's summary: `==pid== Collected : 123456`.
+    stderr
+        .lines()
+        .find_map(|line| {
+            let (_, rest) = line.split_once("Collected :")?;
+            rest.trim().parse::<u64>().ok()
+        })
+        .ok_or_else(|| format!("no `Collected :` line in callgrind's output: {stderr}"))
+}
+
+/// A nats-server with JetStream on a free loopback port, its store in a temporary folder;
+/// stopped on drop.
+struct Server {
+    child: Child,
+    port: u16,
+    _store: tempfile::TempDir,
+}
+
+impl Server {
+    fn start() -> Result<Server, String> {
+        let binary = server_binary();
+        let store = tempfile::tempdir().map_err(|e| format!("temporary folder: {e}"))?;
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|probe| probe.local_addr())
+            .map_err(|e| format!("free port: {e}"))?
+            .port();
+        let child = Command::new(&binary)
+            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+            .arg(store.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", binary.display()))?;
+        let mut server = Server {
+            child,
+            port,
+            _store: store,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if Instant::now() > deadline {
+                return Err("nats-server not ready in 10 s".into());
+            }
+            if let Ok(Some(status)) = server.child.try_wait() {
+                return Err(format!("nats-server exited at start ({status})"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(server)
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn server_binary() -> PathBuf {
+    if let Some(bin) = std::env::var_os("NATS_SERVER_BIN").filter(|v| !v.is_empty()) {
+        return PathBuf::from(bin);
+    }
+    let local = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".tools/bin/nats-server");
+    if local.is_file() {
+        return local;
+    }
+    PathBuf::from("nats-server")
+}
+
+// ---------------------------------------------------------------------------------------------
+// The child: runs one operation WARM_UP + n times.
+
+fn run(op: &str, n: u64) -> ExitCode {
+    let total = WARM_UP + n;
+    let result = match op {
+        "sdk-encode" => {
+            let event = bench_event();
+            repeat(total, || {
+                black_box(serde_json::to_vec(black_box(&event)).ok());
+            })
+        }
+        "sdk-decode" => {
+            let bytes = Bytes::from(serde_json::to_vec(&bench_event()).expect("sdk encode"));
+            repeat(total, || {
+                black_box(serde_json::from_slice::<Event>(black_box(&bytes)).ok());
+            })
+        }
+        "encode-structured" | "encode-binary" => {
+            let event = bench_event();
+            let mode = if op == "encode-binary" {
+                ContentMode::Binary
+            } else {
+                ContentMode::Structured
+            };
+            repeat(total, || {
+                black_box(encode(black_box(&event), mode).ok());
+            })
+        }
+        "decode-structured" | "decode-binary" => {
+            let mode = if op == "decode-binary" {
+                ContentMode::Binary
+            } else {
+                ContentMode::Structured
+            };
+            let msg = encode(&bench_event(), mode).expect("encode");
+            repeat(total, || {
+                black_box(decode(Some(&msg.headers), black_box(&msg.payload)).ok());
+            })
+        }
+        "new-event" => repeat(total, || {
+            black_box(bench_event());
+        }),
+        "data-as" => {
+            let msg = encode(&bench_event(), ContentMode::Binary).expect("encode");
+            let event = decode(Some(&msg.headers), &msg.payload).expect("decode");
+            repeat(total, || {
+                black_box(black_box(&event).data_as::<Workspace<String>>().ok());
+            })
+        }
+        "query-memory" | "query-nats" | "query-nats-raw" | "publish-memory" | "publish-nats"
+        | "publish-nats-raw" => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a tokio runtime");
+            runtime.block_on(run_async(op, total))
+        }
+        other => Err(format!("unknown operation `{other}`")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{op}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn repeat(total: u64, mut f: impl FnMut()) -> Result<(), String> {
+    for _ in 0..total {
+        f();
+    }
+    Ok(())
+}
+
+fn config() -> Config {
+    Config {
+        nats_url: std::env::var("NATS_URL").unwrap_or_else(|_| Config::default().nats_url),
+        request_timeout: Duration::from_secs(30),
+        js_stream: "CEMSG_INSTRUCTIONS".into(),
+        js_subject_prefix: "instructions".into(),
+        js_dlq_stream: "CEMSG_INSTRUCTIONS_DLQ".into(),
+        ..Default::default()
+    }
+}
+
+fn query_handlers() -> QueryHandlers {
+    QueryHandlers::new().on(
+        QUERY_TYPE,
+        handler_fn(|request: Event, reply| async move {
+            let data: serde_json::Value = request.data_as()?;
+            reply.reply_data(REPLY_TYPE, &data).await?;
+            Ok(())
+        }),
+    )
+}
+
+fn query_request() -> Event {
+    new_event(
+        QUERY_TYPE,
+        "bench-client",
+        &serde_json::json!({"workspace": "w-123", "user": "alice", "fields": ["name", "size", "owner"]}),
+    )
+    .expect("the query event builds")
+}
+
+async fn run_async(op: &str, total: u64) -> Result<(), String> {
+    let err = |what: &'static str| move |e: &dyn std::fmt::Display| format!("{what}: {e}");
+    let config = config();
+    match op {
+        "query-memory" => {
+            let broker = ce_messaging::MemoryBroker::new();
+            let serving = broker.query_connection(&config);
+            let listener = serving
+                .listen(query_handlers(), QueryListenOptions::default())
+                .await
+                .map_err(|e| err("listen")(&e))?;
+            let requester = broker.query_connection(&config);
+            let request = query_request();
+            for _ in 0..total {
+                let reply = requester
+                    .request(request.clone())
+                    .await
+                    .map_err(|e| err("request")(&e))?;
+                black_box(reply);
+            }
+            listener.stop(Duration::from_secs(5)).await;
+        }
+        "query-nats" => {
+            let serving = ce_messaging::NatsQueries::connect(&config)
+                .await
+                .map_err(|e| err("connect")(&e))?;
+            let listener = serving
+                .listen(query_handlers(), QueryListenOptions::default())
+                .await
+                .map_err(|e| err("listen")(&e))?;
+            let requester = ce_messaging::NatsQueries::connect(&config)
+                .await
+                .map_err(|e| err("connect")(&e))?;
+            let request = query_request();
+            for _ in 0..total {
+                let reply = requester
+                    .request(request.clone())
+                    .await
+                    .map_err(|e| err("request")(&e))?;
+                black_box(reply);
+            }
+            listener.stop(Duration::from_secs(5)).await;
+            requester.close().await;
+            serving.close().await;
+        }
+        "query-nats-raw" => {
+            use futures::StreamExt;
+            let encoded =
+                encode(&query_request(), ContentMode::Structured).map_err(|e| err("encode")(&e))?;
+            let responder = async_nats::connect(&config.nats_url)
+                .await
+                .map_err(|e| err("connect")(&e))?;
+            let mut sub = responder
+                .subscribe(RAW_QUERY_SUBJECT)
+                .await
+                .map_err(|e| err("subscribe")(&e))?;
+            let echo = tokio::spawn(async move {
+                while let Some(message) = sub.next().await {
+                    if let Some(reply) = message.reply {
+                        let _ = responder
+                            .publish_with_headers(
+                                reply,
+                                message.headers.unwrap_or_default(),
+                                message.payload,
+                            )
+                            .await;
+                    }
+                }
+            });
+            let client = async_nats::connect(&config.nats_url)
+                .await
+                .map_err(|e| err("connect")(&e))?;
+            for _ in 0..total {
+                let reply = client
+                    .request_with_headers(
+                        RAW_QUERY_SUBJECT,
+                        encoded.headers.clone(),
+                        encoded.payload.clone(),
+                    )
+                    .await
+                    .map_err(|e| err("raw request")(&e))?;
+                black_box(reply);
+            }
+            echo.abort();
+        }
+        "publish-memory" => {
+            let broker = ce_messaging::MemoryBroker::new();
+            let events = broker.event_connection(&config);
+            events.init_stream().await.map_err(|e| err("stream")(&e))?;
+            for _ in 0..total {
+                let ack = events
+                    .publish(bench_event())
+                    .await
+                    .map_err(|e| err("publish")(&e))?;
+                black_box(ack);
+            }
+        }
+        "publish-nats" => {
+            let events = ce_messaging::JetStreamEvents::connect(&config)
+                .await
+                .map_err(|e| err("connect")(&e))?;
+            events.init_stream().await.map_err(|e| err("stream")(&e))?;
+            for _ in 0..total {
+                let ack = events
+                    .publish(bench_event())
+                    .await
+                    .map_err(|e| err("publish")(&e))?;
+                black_box(ack);
+            }
+            events.close().await;
+        }
+        "publish-nats-raw" => {
+            // The stream exists once `publish-nats` or this has run: created here the same way.
+            let events = ce_messaging::JetStreamEvents::connect(&config)
+                .await
+                .map_err(|e| err("connect")(&e))?;
+            events.init_stream().await.map_err(|e| err("stream")(&e))?;
+            let encoded =
+                encode(&bench_event(), ContentMode::Structured).map_err(|e| err("encode")(&e))?;
+            let client = async_nats::connect(&config.nats_url)
+                .await
+                .map_err(|e| err("connect")(&e))?;
+            let js = async_nats::jetstream::new(client);
+            let subject = format!("{}.{EVENT_TYPE}", config.js_subject_prefix);
+            for _ in 0..total {
+                let ack = js
+                    .publish_with_headers(
+                        subject.clone(),
+                        encoded.headers.clone(),
+                        encoded.payload.clone(),
+                    )
+                    .await
+                    .map_err(|e| err("raw publish")(&e))?
+                    .await
+                    .map_err(|e| err("raw PubAck")(&e))?;
+                black_box(ack);
+            }
+            events.close().await;
+        }
+        other => return Err(format!("unknown operation `{other}`")),
+    }
+    Ok(())
+}
