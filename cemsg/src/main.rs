@@ -94,9 +94,9 @@ Prints the reply as one JSON line. A timeout (exit 3), no responders (exit 4) or
 (exit 5) prints a one-line reason on stderr. A replier that answers with an empty reply stream
 prints nothing (exit 0).
 With --stream, prints every reply of the replier's reply stream; with --gather, every reply of
-every replier until --max, --stall or the deadline (--timeout). An error reply of one replier is
-a note on stderr and the others go on; the exit code is that of the first error, 0 when every
-item was a reply.
+every replier until --max, --stall or the deadline (--timeout). An error reply of one replier
+does not stop the others; the exit code and the line on stderr are those of the first error, 0
+when every item was a reply.
 
 Examples:
   cemsg request cyverse.workspace.get --data '{\"name\":\"w1\"}' --timeout 5

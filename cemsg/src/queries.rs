@@ -127,8 +127,9 @@ pub async fn request(config: Config, args: RequestArgs) -> Result<(), Failure> {
     output::line(&output::event_line(&reply)?)
 }
 
-/// `request --stream` / `--gather`: prints every reply as one JSON line as it arrives, and an
-/// error reply of one replier as a note on stderr (the others go on). Exits 0 when every item
+/// `request --stream` / `--gather`: prints every reply as one JSON line as it arrives; the
+/// first error item (an error reply of one replier: the others go on) is the command's failure,
+/// reported at the end, later ones are notes on stderr. Exits 0 when every item
 /// was a reply (none at all included: an empty reply stream, or a gather whose deadline passed
 /// after some replies); otherwise with the code of the first error (no responders, a timeout
 /// before any reply or short of the stream's total, an error reply).
@@ -147,16 +148,23 @@ async fn print_replies(
                 printed += 1;
             }
             Err(err) => {
+                // The first error is the command's failure (its one line on stderr, at the
+                // end); later ones are notes.
                 let failure = Failure::from(err);
-                output::note(&failure.message);
-                first_error.get_or_insert(failure);
+                if first_error.is_some() {
+                    output::note(&failure.message);
+                } else {
+                    first_error = Some(failure);
+                }
             }
         }
     }
-    output::note(&format!("{printed} replies"));
     match first_error {
         Some(failure) => Err(failure),
-        None => Ok(()),
+        None => {
+            output::note(&format!("{printed} replies"));
+            Ok(())
+        }
     }
 }
 
