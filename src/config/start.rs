@@ -111,7 +111,7 @@ mod tests {
             "sequence:1",
             "sequence:18446744073709551615",
             "time:2026-12-04T10:00:00Z",
-            "time:2026-12-04T10:00:00.5Z",
+            "time:2026-12-04T10:00:00.500Z",
         ] {
             let position: StartPosition = text.parse().unwrap();
             assert_eq!(position.to_string(), text);

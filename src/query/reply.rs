@@ -348,7 +348,7 @@ impl ReplyWriter {
             // Zero replies: the end marker alone.
             let mut headers = HeaderMap::new();
             headers.insert(REPLY_STREAM_TOTAL, "0");
-            let span = tracing::info_span!("reply", "event.type" = %self.inner.op, code = 200u16, index = 0usize, total = 0usize);
+            let span = tracing::info_span!("reply", "event.type" = %self.inner.op, code = 200u16);
             tracing::Instrument::instrument(self.inner.target.send(headers, Bytes::new()), span)
                 .await
                 .map_err(|e| Error::with_source(ReplyErrorKind::Send, e))?;
