@@ -63,6 +63,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     config
         .durable_name
         .get_or_insert_with(|| "quickstart".to_string());
+    // A new durable starts with the events published from now on (unless
+    // NATS_JS_START_POSITION says otherwise): pointed at a shared server, the quickstart must
+    // not work through another application's history of the same event types. The listener
+    // below starts before anything is published, so it still gets its own events. A rerun
+    // reuses the durable, which keeps its position (what was published in between comes).
+    config
+        .js_start_position
+        .get_or_insert(ce_messaging::config::StartPosition::New);
 
     let common::Backends {
         queries,

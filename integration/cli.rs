@@ -82,6 +82,10 @@ fn cemsg(url: &str, args: &[&str]) -> Command {
     command
         .env("NATS_URL", url)
         .env("NATS_CLIENT_ID", "cemsg-test")
+        // The tests publish, then listen on new durables and expect those events: explicitly
+        // from the stream's start (`cemsg listen` alone starts new durables at `new`;
+        // `listen_starts_new_durables_at_new_events` covers that default).
+        .env("NATS_JS_START_POSITION", "all")
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -1109,5 +1113,209 @@ async fn listen_count_one_in_a_loop_prints_every_event_once_and_parks_nothing() 
         dlq.info().await.expect("dlq info").state.messages,
         0,
         "nothing dead-lettered"
+    );
+}
+
+/// Issue 18: `request --stream` prints every reply of a replier's reply stream (not only the
+/// first), an empty reply stream prints nothing and exits 0 (also without --stream), and
+/// `--gather` prints the replies of every replier, ended by --max or --stall long before its
+/// deadline; no responders is exit 4 in both modes.
+#[tokio::test]
+async fn request_stream_and_gather_print_every_reply() {
+    let server = NatsServer::start();
+    let url = server.url();
+    let (rows_op, none_op, ping_op) = (
+        "cyverse.workspace.list",
+        "cyverse.workspace.none",
+        "cyverse.health.ping",
+    );
+    let streaming = NatsQueries::from_client(
+        support::connect(server.url()).await,
+        &config_for(&server, "lister"),
+    );
+    let handlers = QueryHandlers::new()
+        .on(
+            rows_op,
+            handler_fn(|_, reply| async move {
+                let rows = reply.stream();
+                for n in 0..4u32 {
+                    rows.push_data("cyverse.workspace.row", &n)?;
+                }
+                rows.finish().await?;
+                Ok(())
+            }),
+        )
+        .on(
+            none_op,
+            handler_fn(|_, reply| async move {
+                reply.stream().finish().await?;
+                Ok(())
+            }),
+        );
+    let lister = streaming
+        .listen(handlers, QueryListenOptions::default())
+        .await
+        .expect("listen");
+    let streamed = run(cemsg(
+        &url,
+        &["request", rows_op, "--stream", "--timeout", "20"],
+    ))
+    .await
+    .success();
+    let rows: Vec<Value> = streamed
+        .json_lines()
+        .iter()
+        .map(|l| l["data"].clone())
+        .collect();
+    assert_eq!(rows, vec![json!(0), json!(1), json!(2), json!(3)]);
+    // Only the first, without --stream (the one reply `request` waits for).
+    let single = cemsg_ok(&url, &["request", rows_op]).await;
+    assert_eq!(single.len(), 1);
+    // Zero replies is an answer: nothing printed, exit 0, well before the deadline.
+    let started = std::time::Instant::now();
+    for args in [
+        &["request", none_op, "--stream", "--timeout", "60"][..],
+        &["request", none_op, "--timeout", "60"][..],
+    ] {
+        let empty = run(cemsg(&url, args)).await.success();
+        assert_eq!(empty.stdout, "", "{args:?}");
+    }
+    assert!(started.elapsed() < Duration::from_secs(30));
+    lister.stop(Duration::from_secs(5)).await;
+
+    // Three repliers, each in its own queue group: --gather gets all three.
+    let mut repliers = Vec::new();
+    for name in ["a", "b", "c"] {
+        let queries = NatsQueries::from_client(
+            support::connect(server.url()).await,
+            &config_for(&server, &format!("pong-{name}")),
+        );
+        let handlers = QueryHandlers::new().on(
+            ping_op,
+            handler_fn(move |_, reply| async move {
+                reply.reply_data("cyverse.health.pong", &name).await?;
+                Ok(())
+            }),
+        );
+        repliers.push(
+            queries
+                .listen(handlers, QueryListenOptions::default())
+                .await
+                .expect("listen"),
+        );
+    }
+    let names = |run: &Run| -> HashSet<String> {
+        run.json_lines()
+            .iter()
+            .map(|l| l["data"].as_str().expect("name").to_owned())
+            .collect()
+    };
+    let started = std::time::Instant::now();
+    let stalled = run(cemsg(
+        &url,
+        &[
+            "request",
+            ping_op,
+            "--gather",
+            "--stall",
+            "1",
+            "--timeout",
+            "60",
+        ],
+    ))
+    .await
+    .success();
+    assert_eq!(
+        names(&stalled),
+        HashSet::from(["a".into(), "b".into(), "c".into()])
+    );
+    let at_most = run(cemsg(
+        &url,
+        &[
+            "request",
+            ping_op,
+            "--gather",
+            "--max",
+            "2",
+            "--timeout",
+            "60",
+        ],
+    ))
+    .await
+    .success();
+    assert_eq!(at_most.json_lines().len(), 2);
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "--stall and --max end the gather long before its deadline"
+    );
+    let deadline = run(cemsg(
+        &url,
+        &["request", ping_op, "--gather", "--timeout", "1"],
+    ))
+    .await
+    .success();
+    assert_eq!(deadline.json_lines().len(), 3);
+    for replier in &repliers {
+        replier.stop(Duration::from_secs(5)).await;
+    }
+    for mode in ["--stream", "--gather"] {
+        run(cemsg(&url, &["request", "org.example.nobody", mode]))
+            .await
+            .fails_with(4);
+    }
+    // --max and --stall belong to --gather.
+    run(cemsg(&url, &["request", ping_op, "--max", "2"]))
+        .await
+        .fails_with(1);
+}
+
+/// Issue 18: a durable that `cemsg listen` creates starts at new events (a first listen on a
+/// shared server does not work through other applications' history); `--start all` reads the
+/// history; an existing durable keeps its position.
+#[tokio::test]
+async fn listen_starts_new_durables_at_new_events() {
+    let server = server_with_streams().await;
+    let url = server.url();
+    for id in ["old-1", "old-2"] {
+        cemsg_ok(&url, &["publish", ORDER_CREATED, "--id", id]).await;
+    }
+    let fresh = |durable: &str, extra: &[&str]| {
+        let mut args = vec!["listen", ORDER_CREATED, "--durable", durable, "--idle", "1"];
+        args.extend_from_slice(extra);
+        let mut command = cemsg(&url, &args);
+        // The CLI's own default, not the tests' `all`.
+        command.env_remove("NATS_JS_START_POSITION");
+        command
+    };
+    let new_only = run(fresh("watcher", &[])).await.success();
+    assert_eq!(new_only.stdout, "", "no history for a new durable");
+    let history = run(fresh("auditor", &["--start", "all"])).await.success();
+    let ids: Vec<String> = history
+        .json_lines()
+        .iter()
+        .map(|l| l["id"].as_str().expect("id").to_owned())
+        .collect();
+    assert_eq!(ids, vec!["old-1".to_owned(), "old-2".to_owned()]);
+    // The watcher exists now: it gets what was published since, and `--start all` does not
+    // move it back.
+    cemsg_ok(&url, &["publish", ORDER_CREATED, "--id", "new-1"]).await;
+    let since = run(fresh("watcher", &["--start", "all"])).await.success();
+    let ids: Vec<String> = since
+        .json_lines()
+        .iter()
+        .map(|l| l["id"].as_str().expect("id").to_owned())
+        .collect();
+    assert_eq!(ids, vec!["new-1".to_owned()]);
+    // A bad position is a usage error naming the option; a bad NATS_JS_START_POSITION names
+    // the variable.
+    let bad = run(fresh("x", &["--start", "first"])).await.fails_with(1);
+    assert!(bad.stderr.contains("--start"), "{}", bad.stderr);
+    let mut command = cemsg(&url, &["listen", ORDER_CREATED, "--idle", "1"]);
+    command.env("NATS_JS_START_POSITION", "sequence:0");
+    let bad = run(command).await.fails_with(1);
+    assert!(
+        bad.stderr.contains("NATS_JS_START_POSITION"),
+        "{}",
+        bad.stderr
     );
 }

@@ -348,12 +348,75 @@ pub fn new_event_with_tid<T: Serialize + ?Sized>(
     data: &T,
     tid: TransactionId,
 ) -> Result<Event, EventError> {
+    build_event(
+        new_event_id(),
+        event_type.as_ref(),
+        source.into(),
+        data,
+        tid,
+    )
+}
+
+/// Like [`new_event`], with an id of the caller's choosing instead of a fresh one.
+///
+/// The id is what de-duplicates a publish (`Nats-Msg-Id`, see the wire contract): an id
+/// derived from the business fact (`order-1042-created`) makes a publish retried after a
+/// crash or restart (when the first event value is gone) a duplicate within the stream's
+/// duplicate window instead of a second event, and makes a retried
+/// [`request`](crate::events::EventConnection::request) report its publish as a duplicate.
+///
+/// # Errors
+///
+/// `Build` when `id` is empty (the CloudEvents spec requires a non-empty id);
+/// `DataSerialize` when the data does not serialize.
+///
+/// # Examples
+///
+/// ```
+/// use ce_messaging::event::{new_event_with_id, EventExt};
+/// use cloudevents::AttributesReader;
+///
+/// let event = new_event_with_id("order-1042-created", "org.example.order.created", "shop", &1042)?;
+/// assert_eq!(event.id(), "order-1042-created");
+/// assert!(event.transaction_id().is_some());
+/// assert!(new_event_with_id("", "org.example.order.created", "shop", &1042).is_err());
+/// # Ok::<(), ce_messaging::error::EventError>(())
+/// ```
+pub fn new_event_with_id<T: Serialize + ?Sized>(
+    id: impl Into<String>,
+    event_type: impl AsRef<str>,
+    source: impl Into<String>,
+    data: &T,
+) -> Result<Event, EventError> {
+    let id = id.into();
+    if id.is_empty() {
+        return Err(Error::with_detail(
+            EventErrorKind::Build,
+            "an event id must not be empty",
+        ));
+    }
+    build_event(
+        id,
+        event_type.as_ref(),
+        source.into(),
+        data,
+        TransactionId::generate(),
+    )
+}
+
+fn build_event<T: Serialize + ?Sized>(
+    id: String,
+    event_type: &str,
+    source: String,
+    data: &T,
+    tid: TransactionId,
+) -> Result<Event, EventError> {
     let value = serde_json::to_value(data)
         .map_err(|e| Error::with_source(EventErrorKind::DataSerialize, e))?;
     EventBuilderV10::new()
-        .id(new_event_id())
-        .ty(event_type.as_ref())
-        .source(source.into())
+        .id(id)
+        .ty(event_type)
+        .source(source)
         .time(chrono::Utc::now())
         .data(JSON_CONTENT_TYPE, value)
         .extension(TRANSACTION_ID_EXTENSION, tid.into_string())

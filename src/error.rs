@@ -348,6 +348,10 @@ error_kind! {
         /// The client is not connected to a server (it is reconnecting); reported at once,
         /// with how long the connection has been down when known.
         Disconnected => "disconnected",
+        /// The replier answered with a reply stream of zero replies (an answer: there is
+        /// nothing); [`request`](crate::query::QueryConnection::request) has no event to
+        /// return. Read such ops with `request_stream`, which then ends without an item.
+        EmptyStream => "empty reply stream",
     }
 }
 

@@ -40,6 +40,7 @@ fn describe(info: &DurableInfo) -> serde_json::Value {
         "durable": info.durable,
         "filter_subjects": info.filter_subjects,
         "pending": info.pending,
+        "lag": info.lag(),
         "ack_pending": info.ack_pending,
         "redelivered": info.redelivered,
         "ack_floor": info.ack_floor,

@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 use ce_messaging::cloudevents::{AttributesReader, AttributesWriter};
 use ce_messaging::config::Config;
 use ce_messaging::event::{new_event_with_tid, TransactionId, AUTO_POPULATE_SOURCE};
-use ce_messaging::events::{event_handler_fn, EventConnection, EventHandlers, EventListenOptions};
+use ce_messaging::events::{
+    event_handler_fn, EventConnection, EventHandlers, EventListenOptions, StartPosition,
+};
 use ce_messaging::handler::HandlerError;
 use ce_messaging::jetstream::JetStreamEvents;
 use ce_messaging::Event;
@@ -232,6 +234,12 @@ pub struct ListenArgs {
     /// Exit after SECS seconds without an event.
     #[arg(long, value_name = "SECS")]
     idle: Option<f64>,
+    /// Where the durable starts when this listen creates it: all, new, sequence:<n> or
+    /// time:<RFC 3339>; an existing durable keeps its position. Default:
+    /// NATS_JS_START_POSITION, else new (only events published from now on, so a first listen
+    /// on a shared server does not work through other applications' history).
+    #[arg(long, value_name = "POSITION")]
+    start: Option<StartPosition>,
 }
 
 /// What the handlers of `listen` share with the command.
@@ -292,6 +300,11 @@ pub async fn listen(config: Config, args: ListenArgs) -> Result<(), Failure> {
         pool: ce_messaging::WorkerOptions::new(1, if args.count.is_some() { 0 } else { 16 })
             .with_grace(LISTEN_GRACE),
         durable_name: Some(durable.clone()),
+        start_position: Some(
+            args.start
+                .or(config.js_start_position)
+                .unwrap_or(StartPosition::New),
+        ),
         ..Default::default()
     };
     let listener = match events.listen(handlers, options).await {

@@ -81,17 +81,27 @@ Each event is printed as one line of structured CloudEvents JSON on stdout, then
 Without --count or --idle, runs until Ctrl-C. Events pulled but not printed when it stops are
 handed back to the server (redelivered; this counts as a delivery).
 The durable name is --durable, else NATS_DURABLE_NAME, else \"cemsg\".
+A durable this command creates starts at --start, else NATS_JS_START_POSITION, else `new`:
+only events published from now on (use --start all for the stream's history). An existing
+durable keeps its position.
 
 Example:
   cemsg listen org.example.order.created org.example.order.shipped --durable audit --count 5")]
     Listen(events::ListenArgs),
-    /// Send a query (core NATS request/reply) and print the reply event.
+    /// Send a query (core NATS request/reply) and print the reply event (or every reply).
     #[command(after_help = "\
 Prints the reply as one JSON line. A timeout (exit 3), no responders (exit 4) or an error reply
-(exit 5) prints a one-line reason on stderr.
+(exit 5) prints a one-line reason on stderr. A replier that answers with an empty reply stream
+prints nothing (exit 0).
+With --stream, prints every reply of the replier's reply stream; with --gather, every reply of
+every replier until --max, --stall or the deadline (--timeout). An error reply of one replier
+does not stop the others; the exit code and the line on stderr are those of the first error, 0
+when every item was a reply.
 
-Example:
-  cemsg request cyverse.workspace.get --data '{\"name\":\"w1\"}' --timeout 5")]
+Examples:
+  cemsg request cyverse.workspace.get --data '{\"name\":\"w1\"}' --timeout 5
+  cemsg request cyverse.workspace.list --stream
+  cemsg request cyverse.health.ping --gather --max 10 --stall 0.5 --timeout 3")]
     Request(queries::RequestArgs),
     /// Serve a query op: answer each request with an event of type `<op>.reply`.
     #[command(after_help = "\

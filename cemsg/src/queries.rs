@@ -6,11 +6,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ce_messaging::config::{Config, MAX_REQUEST_TIMEOUT};
+use ce_messaging::error::RequestErrorKind;
 use ce_messaging::event::{new_event_with_tid, EventExt, TransactionId, AUTO_POPULATE_SOURCE};
 use ce_messaging::handler::HandlerError;
 use ce_messaging::nats::NatsQueries;
 use ce_messaging::query::{
-    handler_fn, QueryConnection, QueryHandlers, QueryListenOptions, ReplyWriter,
+    handler_fn, QueryConnection, QueryHandlers, QueryListenOptions, ReplyStreamOptions, ReplyWriter,
 };
 use ce_messaging::Event;
 use clap::Args;
@@ -39,25 +40,51 @@ pub struct RequestArgs {
         help = "The transaction id; default: a new tid-<xid>"
     )]
     tid: Option<String>,
-    /// Seconds to wait for the reply; default: NATS_REQUEST_TIMEOUT (at most 300).
+    /// Seconds to wait for the reply; default: NATS_REQUEST_TIMEOUT (at most 300). With
+    /// --stream or --gather: the deadline of the whole stream.
     #[arg(long, value_name = "SECS")]
     timeout: Option<f64>,
+    /// Read the replier's reply stream: print every reply until its Reply-Stream-Total (an
+    /// empty stream prints nothing), or until the deadline.
+    #[arg(long, conflicts_with = "gather")]
+    stream: bool,
+    /// Scatter-gather: print every reply of every replier until --max replies, --stall
+    /// seconds without a new reply, or the deadline (--timeout), whichever comes first.
+    #[arg(long)]
+    gather: bool,
+    /// With --gather: stop after N replies.
+    #[arg(long, value_name = "N", requires = "gather", value_parser = clap::value_parser!(u64).range(1..))]
+    max: Option<u64>,
+    /// With --gather: stop when no reply arrived for SECS seconds (after the first one).
+    #[arg(long, value_name = "SECS", requires = "gather")]
+    stall: Option<f64>,
     #[command(flatten)]
     mode: ModeArgs,
+}
+
+/// A positive number of seconds from an option, or a usage failure naming it.
+fn seconds(option: &str, secs: f64) -> Result<Duration, Failure> {
+    if !(secs.is_finite() && secs > 0.0) {
+        return Err(Failure::new(
+            EXIT_USAGE,
+            format!("{option} must be a positive number of seconds"),
+        ));
+    }
+    Ok(Duration::from_secs_f64(
+        secs.min(MAX_REQUEST_TIMEOUT.as_secs_f64()),
+    ))
 }
 
 pub async fn request(config: Config, args: RequestArgs) -> Result<(), Failure> {
     let data = parse_data(args.data.as_deref())?.unwrap_or(serde_json::Value::Null);
     let timeout = match args.timeout {
-        Some(secs) if !(secs.is_finite() && secs > 0.0) => {
-            return Err(Failure::new(
-                EXIT_USAGE,
-                "--timeout must be a positive number of seconds",
-            ))
-        }
-        Some(secs) => Duration::from_secs_f64(secs.min(MAX_REQUEST_TIMEOUT.as_secs_f64())),
+        Some(secs) => seconds("--timeout", secs)?,
         None => config.request_timeout,
     };
+    let stall = args
+        .stall
+        .map(|secs| seconds("--stall", secs))
+        .transpose()?;
     let tid = args
         .tid
         .map(TransactionId::from)
@@ -66,8 +93,26 @@ pub async fn request(config: Config, args: RequestArgs) -> Result<(), Failure> {
         .map_err(|e| Failure::new(EXIT_USAGE, e.to_string()))?;
     let config = with_mode(config, &args.mode);
     let queries = NatsQueries::connect(&config).await?;
+    if args.stream || args.gather {
+        let mut options = ReplyStreamOptions::default().deadline(timeout);
+        options.max_replies = args.max.map(|n| usize::try_from(n).unwrap_or(usize::MAX));
+        options.stall = stall;
+        let result = print_replies(&queries, event, options).await;
+        queries.close().await;
+        return result;
+    }
     let result = queries.request_with_timeout(event, timeout).await;
     queries.close().await;
+    if let Err(err) = &result {
+        if err.kind() == RequestErrorKind::EmptyStream {
+            // Zero replies is an answer: nothing to print.
+            output::note(&format!(
+                "{} answered with zero replies (an empty reply stream)",
+                args.op
+            ));
+            return Ok(());
+        }
+    }
     let reply = result.map_err(|err| {
         let failure = Failure::from(err);
         if failure.code == crate::fail::EXIT_TIMEOUT {
@@ -80,6 +125,47 @@ pub async fn request(config: Config, args: RequestArgs) -> Result<(), Failure> {
         }
     })?;
     output::line(&output::event_line(&reply)?)
+}
+
+/// `request --stream` / `--gather`: prints every reply as one JSON line as it arrives; the
+/// first error item (an error reply of one replier: the others go on) is the command's failure,
+/// reported at the end, later ones are notes on stderr. Exits 0 when every item
+/// was a reply (none at all included: an empty reply stream, or a gather whose deadline passed
+/// after some replies); otherwise with the code of the first error (no responders, a timeout
+/// before any reply or short of the stream's total, an error reply).
+async fn print_replies(
+    queries: &NatsQueries,
+    event: Event,
+    options: ReplyStreamOptions,
+) -> Result<(), Failure> {
+    let mut replies = queries.request_stream(event, options).await?;
+    let mut printed = 0u64;
+    let mut first_error: Option<Failure> = None;
+    while let Some(item) = replies.next().await {
+        match item {
+            Ok(reply) => {
+                output::line(&output::event_line(&reply)?)?;
+                printed += 1;
+            }
+            Err(err) => {
+                // The first error is the command's failure (its one line on stderr, at the
+                // end); later ones are notes.
+                let failure = Failure::from(err);
+                if first_error.is_some() {
+                    output::note(&failure.message);
+                } else {
+                    first_error = Some(failure);
+                }
+            }
+        }
+    }
+    match first_error {
+        Some(failure) => Err(failure),
+        None => {
+            output::note(&format!("{printed} replies"));
+            Ok(())
+        }
+    }
 }
 
 #[derive(Debug, Args)]

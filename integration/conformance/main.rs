@@ -12,8 +12,9 @@
 //! bytes for the `decode` dead-letter case).
 //!
 //! Not covered here, because the traits cannot produce it: the scatter-gather sentinel (an
-//! empty reply; `ReplyWriter` always sends an event; unit-tested in `src/query.rs`,
-//! `sentinel_ends_the_stream`) and a replier's stream cut short of its `Reply-Stream-Total`.
+//! empty reply without `Reply-Stream-Total`; `ReplyWriter` sends an event or the end marker of
+//! an empty stream; unit-tested in `src/query/tests.rs`, `sentinel_ends_the_stream`) and a
+//! replier's stream cut short of its `Reply-Stream-Total`.
 //!
 //! Run: `cargo test -p ce-messaging-test-support --test conformance` (memory);
 //! `cargo test -p ce-messaging-test-support --test conformance --features natsjs_integration` (all
@@ -72,6 +73,8 @@ macro_rules! query_cases {
             oversized_reply_is_answered_500,
             full_queue_is_answered_busy,
             request_whose_caller_gave_up_is_not_handled,
+            empty_reply_stream_ends_without_an_item,
+            reply_stream_without_listener_yields_no_responders_first,
         );
     };
 }
@@ -120,6 +123,9 @@ macro_rules! event_cases {
             slow_handler_never_redelivers_queued_events,
             crash_on_the_last_allowed_delivery_ends_dead_lettered,
             handler_time_limit_frees_the_worker_and_dead_letters_at_the_limit,
+            new_durables_start_where_told_and_existing_ones_keep_their_position,
+            retried_request_reports_its_duplicate_publish,
+            consumer_info_through_the_trait_reports_the_lag,
         );
     };
 }

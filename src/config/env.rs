@@ -29,6 +29,7 @@ struct RawVars {
     js_subject_prefix: Option<String>,
     js_ack_wait: Option<String>,
     js_max_deliver: Option<String>,
+    js_start_position: Option<String>,
     js_handler_timeout: Option<String>,
     js_replicas: Option<String>,
     js_duplicate_window: Option<String>,
@@ -300,6 +301,12 @@ impl Config {
         if let Some(v) = non_empty(raw.js_max_deliver) {
             config.js_max_deliver = parse_int("NATS_JS_MAX_DELIVER", &v)?;
         }
+        if let Some(v) = non_empty(raw.js_start_position) {
+            config.js_start_position = Some(
+                v.parse()
+                    .map_err(|why| invalid("NATS_JS_START_POSITION", why))?,
+            );
+        }
         if let Some(v) = non_empty(raw.js_handler_timeout) {
             config.js_handler_timeout = parse_seconds("NATS_JS_HANDLER_TIMEOUT", &v)?;
         }
@@ -429,6 +436,11 @@ impl Config {
             MAX_JS_DURATION,
         )?;
         check_count("NATS_JS_MAX_DELIVER", self.js_max_deliver)?;
+        if let Some(position) = &self.js_start_position {
+            position
+                .check()
+                .map_err(|why| invalid("NATS_JS_START_POSITION", why))?;
+        }
         if !(1..=5).contains(&self.js_replicas) {
             return Err(invalid(
                 "NATS_JS_REPLICAS",

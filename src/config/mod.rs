@@ -34,6 +34,9 @@ use crate::codec::ContentMode;
 
 mod connect;
 mod env;
+mod start;
+
+pub use start::StartPosition;
 
 /// The largest request timeout: `NATS_REQUEST_TIMEOUT` above it is an error; a timeout passed
 /// to a request in code is clamped to it.
@@ -266,6 +269,11 @@ pub struct Config {
     /// `NATS_JS_MAX_DELIVER`: deliveries before an event is dead-lettered; `-1` is unlimited.
     /// Default 5.
     pub js_max_deliver: i64,
+    /// `NATS_JS_START_POSITION`: where a **new** durable starts reading the events stream
+    /// (`all`, `new`, `sequence:<n>`, `time:<RFC 3339>`); an existing durable keeps its
+    /// position. `None`: [`StartPosition::All`] (see [`StartPosition`] for why), unless a tool
+    /// picks its own default (the quickstart and `cemsg listen` use `new`).
+    pub js_start_position: Option<StartPosition>,
     /// `NATS_JS_HANDLER_TIMEOUT`: the longest one event handler run may take (seconds); after
     /// it the run is cancelled and the event is settled as a failure. Default 300 s.
     pub js_handler_timeout: Duration,
@@ -323,6 +331,7 @@ impl Default for Config {
             js_subject_prefix: "events".to_string(),
             js_ack_wait: Duration::from_secs(30),
             js_max_deliver: 5,
+            js_start_position: None,
             js_handler_timeout: Duration::from_secs(300),
             js_replicas: 1,
             js_duplicate_window: Duration::from_secs(120),
@@ -358,6 +367,7 @@ impl fmt::Debug for Config {
             .field("js_subject_prefix", &self.js_subject_prefix)
             .field("js_ack_wait", &self.js_ack_wait)
             .field("js_max_deliver", &self.js_max_deliver)
+            .field("js_start_position", &self.js_start_position)
             .field("js_handler_timeout", &self.js_handler_timeout)
             .field("js_replicas", &self.js_replicas)
             .field("js_duplicate_window", &self.js_duplicate_window)

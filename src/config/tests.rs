@@ -169,6 +169,8 @@ fn values_that_do_not_parse_name_their_variable() {
         ("NATS_CE_MODE", "json"),
         ("NATS_TLS_FIRST", "maybe"),
         ("NATS_RECONNECT_WAIT", "1e300"),
+        ("NATS_JS_START_POSITION", "latest"),
+        ("NATS_JS_START_POSITION", "time:yesterday"),
     ];
     for (var, value) in cases {
         let err = from(&[(var, value)]).expect_err(var);
@@ -182,6 +184,7 @@ fn out_of_range_values_name_their_variable() {
         ("NATS_JS_REPLICAS", "0"),
         ("NATS_JS_REPLICAS", "6"),
         ("NATS_JS_MAX_DELIVER", "0"),
+        ("NATS_JS_START_POSITION", "sequence:0"),
         ("NATS_JS_HANDLER_TIMEOUT", "0"),
         ("NATS_JS_MAX_DELIVER", "-2"),
         ("NATS_MAX_RECONNECTS", "0"),
@@ -587,4 +590,23 @@ async fn connecting_to_a_closed_port_fails_at_once_with_io() {
         .unwrap_err();
     assert_eq!(err.kind(), ConnectErrorKind::Io, "{err}");
     assert!(!format!("{err} {err:?}").contains("topsecret"), "{err:?}");
+}
+
+#[test]
+fn start_position_is_read_and_unset_means_the_library_default() {
+    use crate::config::StartPosition;
+    assert_eq!(from(&[]).unwrap().js_start_position, None);
+    let config = from(&[("NATS_JS_START_POSITION", "new")]).unwrap();
+    assert_eq!(config.js_start_position, Some(StartPosition::New));
+    let config = from(&[("NATS_JS_START_POSITION", "sequence:7")]).unwrap();
+    assert_eq!(config.js_start_position, Some(StartPosition::Sequence(7)));
+    let config = Config {
+        js_start_position: Some(StartPosition::Sequence(0)),
+        ..Config::default()
+    };
+    assert!(config
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("NATS_JS_START_POSITION"));
 }

@@ -60,6 +60,24 @@ pub struct DurableInfo {
     pub parked: u64,
 }
 
+impl DurableInfo {
+    /// How far the durable is behind: events of its types stored and not yet settled, i.e.
+    /// never delivered ([`pending`](Self::pending)) plus delivered and not yet acked or
+    /// terminated ([`ack_pending`](Self::ack_pending)).
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo(events: ce_messaging::jetstream::JetStreamEvents) -> Result<(), Box<dyn std::error::Error>> {
+    /// let info = events.consumer_info("billing").await?;
+    /// assert_eq!(info.lag(), info.pending + info.ack_pending);
+    /// # Ok(()) }
+    /// ```
+    pub fn lag(&self) -> u64 {
+        self.pending.saturating_add(self.ack_pending)
+    }
+}
+
 /// Publishes persisted events and serves them.
 ///
 /// Implemented by [`JetStreamEvents`](crate::jetstream::JetStreamEvents) and by the in-memory
@@ -106,6 +124,26 @@ pub trait EventConnection: Send + Sync {
     /// Creates or updates the events stream and the dead-letter stream from the configuration.
     async fn init_stream(&self) -> Result<(), StreamError>;
 
+    /// The state of durable consumer `durable` on this connection's events stream, for
+    /// operators and health checks: its lag ([`DurableInfo::pending`], never delivered yet,
+    /// and [`DurableInfo::lag`], not yet settled), what is in flight and what is parked.
+    /// The same numbers on every backend.
+    ///
+    /// # Errors
+    ///
+    /// `StreamErrorKind::NotFound` when the stream or the durable does not exist; `Other`
+    /// when the server does not answer.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo(events: &dyn ce_messaging::events::EventConnection) -> Result<(), Box<dyn std::error::Error>> {
+    /// let info = events.consumer_info("billing").await?;
+    /// println!("billing is {} events behind ({} never delivered)", info.lag(), info.pending);
+    /// # Ok(()) }
+    /// ```
+    async fn consumer_info(&self, durable: &str) -> Result<DurableInfo, StreamError>;
+
     /// The dynamic listeners of this connection; promises are built on it.
     fn event_source(&self) -> EventSource;
 
@@ -115,6 +153,11 @@ pub trait EventConnection: Send + Sync {
     /// Publishes `event` (giving it a transaction id if it has none) and returns a promise of
     /// the response events of `response_types` with the same transaction id. Listening starts
     /// before publishing, so a fast response is never missed.
+    ///
+    /// The promise carries the outcome of the publish
+    /// ([`publish_ack`](EventResponsePromise::publish_ack)): a retried request whose event id
+    /// was stored before reports `duplicate: true` there, instead of only timing out while
+    /// waiting for a response that was sent for the first publish.
     ///
     /// # Examples
     ///
@@ -144,8 +187,12 @@ pub trait EventConnection: Send + Sync {
             .event_source()
             .promise(tid, response_types, self.events_timeout())
             .await?;
+        let mut promise = promise;
         match self.publish(event).await {
-            Ok(_) => Ok(promise),
+            Ok(ack) => {
+                promise.set_publish_ack(ack);
+                Ok(promise)
+            }
             Err(err) => {
                 promise.close().await;
                 Err(Error::with_source(ResponseErrorKind::Publish, err))

@@ -7,6 +7,9 @@ use crate::listener::WorkerOptions;
 
 use super::EventHandlers;
 
+/// Where a new durable starts; also at [`crate::config::StartPosition`].
+pub use crate::config::StartPosition;
+
 /// Redelivery delays after a retryable failure: `initial * 2^(n-1)`, at most `max`.
 ///
 /// # Examples
@@ -93,6 +96,10 @@ pub struct EventListenOptions {
     pub handler_timeout: Option<Duration>,
     /// Redelivery delays after retryable failures.
     pub backoff: Backoff,
+    /// Where the durable starts reading the stream **when this listen creates it**; an
+    /// existing durable keeps its position. `None`: `NATS_JS_START_POSITION`, else
+    /// [`StartPosition::All`].
+    pub start_position: Option<StartPosition>,
 }
 
 impl Default for EventListenOptions {
@@ -104,6 +111,7 @@ impl Default for EventListenOptions {
             ack_wait: None,
             handler_timeout: None,
             backoff: Backoff::default(),
+            start_position: None,
         }
     }
 }
@@ -135,6 +143,9 @@ impl EventListenOptions {
                     crate::config::MAX_JS_DURATION
                 ),
             ));
+        }
+        if let Some(Err(why)) = self.start_position.as_ref().map(StartPosition::check) {
+            return Err(Error::with_detail(InvalidOptions, why));
         }
         self.pool.validate(0)?;
         if self

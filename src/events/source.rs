@@ -305,6 +305,7 @@ impl EventSource {
             source: self.clone(),
             tid,
             default_timeout,
+            published: None,
         };
         for filter in filters {
             let tx = tx.clone();
@@ -415,12 +416,15 @@ pub struct EventResponsePromise {
     source: EventSource,
     tid: TransactionId,
     default_timeout: Duration,
+    /// The outcome of the request's publish (`request`); `None` for `wait_for_response`.
+    published: Option<crate::events::PublishAck>,
 }
 
 impl std::fmt::Debug for EventResponsePromise {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EventResponsePromise")
             .field("transaction_id", &self.tid)
+            .field("published", &self.published)
             .finish()
     }
 }
@@ -429,6 +433,37 @@ impl EventResponsePromise {
     /// The transaction id responses are matched on.
     pub fn transaction_id(&self) -> &TransactionId {
         &self.tid
+    }
+
+    /// How the request event of [`request`](crate::events::EventConnection::request) was
+    /// stored (stream, sequence, and whether it was a **duplicate**); `None` for a promise of
+    /// [`wait_for_response`](crate::events::EventConnection::wait_for_response), which
+    /// publishes nothing.
+    ///
+    /// A duplicate means an earlier publish of the same event id (a retried request) was
+    /// stored within the duplicate window and this one was not: the request was handled (or
+    /// will be) once, for the earlier publish. A response that was sent before this promise
+    /// started listening is not seen by it (promises see events as they are published), so a
+    /// caller that retries requests should look here instead of only waiting for a timeout.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo(events: &dyn ce_messaging::events::EventConnection, request: ce_messaging::Event) -> Result<(), Box<dyn std::error::Error>> {
+    /// use ce_messaging::event::EventType;
+    /// let promise = events.request(request, &[EventType::from("org.example.quote.given")]).await?;
+    /// if promise.publish_ack().is_some_and(|ack| ack.duplicate) {
+    ///     println!("already requested earlier; its response may have been sent already");
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn publish_ack(&self) -> Option<&crate::events::PublishAck> {
+        self.published.as_ref()
+    }
+
+    /// Records the outcome of the request's publish.
+    pub(crate) fn set_publish_ack(&mut self, ack: crate::events::PublishAck) {
+        self.published = Some(ack);
     }
 
     /// The next response, waiting up to `timeout`. A promise that times out releases its

@@ -57,6 +57,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 use tokio_util::task::TaskTracker;
 
+use crate::config::StartPosition;
 use crate::error::{BoxError, Error, ListenError, ListenErrorKind};
 use crate::events::{
     start_delivery_pool, Acker, DeadLetterPublishError, DeadLetterSink, Delivery, DeliveryContext,
@@ -161,11 +162,20 @@ pub(crate) async fn listen(
         &config.js_subject_prefix,
     )
     .await?;
+    let deliver_policy = start_policy(
+        &stream,
+        &durable,
+        options
+            .start_position
+            .or(config.js_start_position)
+            .unwrap_or_default(),
+    )
+    .await?;
     let window = DeliveryWindow::new(options.window());
     let consumer_config = PullConfig {
         durable_name: Some(durable.clone()),
         description: Some(format!("ce-messaging listener {durable}")),
-        deliver_policy: DeliverPolicy::All,
+        deliver_policy,
         ack_policy: AckPolicy::Explicit,
         ack_wait,
         // Delivery limits (see `delivery_limits`): set below.
@@ -283,6 +293,43 @@ pub(crate) async fn listen(
         .boxed()
         },
     ))
+}
+
+/// The deliver policy to create or update durable `durable` with: an existing durable's own
+/// (its position is kept; JetStream refuses to change the policy of a consumer anyway), else
+/// the one of `start`.
+async fn start_policy(
+    stream: &async_nats::jetstream::stream::Stream,
+    durable: &str,
+    start: StartPosition,
+) -> Result<DeliverPolicy, ListenError> {
+    match stream.consumer_info(durable).await {
+        Ok(info) => return Ok(info.config.deliver_policy),
+        Err(err) if err.kind() == ConsumerInfoErrorKind::NotFound => {}
+        Err(err) => {
+            return Err(Error::with_source(ListenErrorKind::Consumer, err)
+                .detail(format!("looking up durable consumer {durable}")))
+        }
+    }
+    Ok(match start {
+        StartPosition::New => DeliverPolicy::New,
+        StartPosition::Sequence(start_sequence) => {
+            DeliverPolicy::ByStartSequence { start_sequence }
+        }
+        StartPosition::Time(at) => {
+            let nanos = at.timestamp_nanos_opt().map(i128::from);
+            let start_time = nanos
+                .and_then(|n| time::OffsetDateTime::from_unix_timestamp_nanos(n).ok())
+                .ok_or_else(|| {
+                    Error::with_detail(
+                        ListenErrorKind::InvalidOptions,
+                        format!("start time {at} is out of range"),
+                    )
+                })?;
+            DeliverPolicy::ByStartTime { start_time }
+        }
+        StartPosition::All => DeliverPolicy::All,
+    })
 }
 
 /// How long a starting listener waits for the running instances of its durable to say which

@@ -292,6 +292,10 @@ impl EventConnection for JetStreamEvents {
         streams::init_streams(&self.inner.js, &self.inner.config).await
     }
 
+    async fn consumer_info(&self, durable: &str) -> Result<DurableInfo, StreamError> {
+        JetStreamEvents::consumer_info(self, durable).await
+    }
+
     fn event_source(&self) -> EventSource {
         self.inner.source.clone()
     }

@@ -41,6 +41,8 @@ struct Inner {
     ack_wait: Duration,
     max_deliver: i64,
     handler_timeout: Duration,
+    /// `NATS_JS_START_POSITION`: where new durables start.
+    start_position: Option<crate::config::StartPosition>,
     duplicate_window: Duration,
     dlq_stream: String,
     events_timeout: Duration,
@@ -119,6 +121,7 @@ impl MemoryEvents {
                 ack_wait: config.js_ack_wait,
                 max_deliver: config.js_max_deliver,
                 handler_timeout: config.js_handler_timeout,
+                start_position: config.js_start_position,
                 duplicate_window: config.js_duplicate_window,
                 dlq_stream: config.js_dlq_stream.clone(),
                 events_timeout: config.events_timeout,
@@ -379,6 +382,10 @@ impl EventConnection for MemoryEvents {
                     max_deliver: 0,
                     max_ack_pending: options.window(),
                 },
+                options
+                    .start_position
+                    .or(inner.start_position)
+                    .unwrap_or_default(),
             )
             .map_err(|e| Error::with_source(ListenErrorKind::Consumer, e))?;
 
@@ -477,6 +484,13 @@ impl EventConnection for MemoryEvents {
             ));
         }
         self.create_streams()
+    }
+
+    async fn consumer_info(
+        &self,
+        durable: &str,
+    ) -> Result<crate::events::DurableInfo, StreamError> {
+        MemoryEvents::consumer_info(self, durable)
     }
 
     fn event_source(&self) -> EventSource {

@@ -15,6 +15,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::codec::{self, HeaderMap};
+use crate::config::StartPosition;
 use crate::error::{DecodeError, Error, PublishErrorKind, StreamError, StreamErrorKind};
 use crate::events::PublishAck;
 use crate::headers::NATS_MSG_ID;
@@ -549,12 +550,17 @@ impl Streams {
     }
 
     /// Creates a durable consumer, or updates its filter and limits (keeping its position and
-    /// unacknowledged messages) when it exists. New consumers start at the first stored message.
+    /// unacknowledged messages) when it exists. A new consumer starts at `start`, as JetStream
+    /// places it: `All` at the first stored message, `New` after the last one, `Sequence(n)`
+    /// at `n` (within the first stored and one past the last), `Time(t)` at the first message
+    /// stored at or after `t` (one past the last when none was); its delivered and ack floor
+    /// sequences are the one before.
     pub fn create_or_update_consumer(
         &self,
         stream: &str,
         durable: &str,
         settings: ConsumerSettings,
+        start: StartPosition,
     ) -> Result<(), StreamError> {
         let mut streams = self.lock();
         let Some(state) = streams.get_mut(stream) else {
@@ -569,18 +575,35 @@ impl Streams {
                 consumer.notify.notify_waiters();
             }
             None => {
+                let first = state
+                    .messages
+                    .keys()
+                    .next()
+                    .copied()
+                    .unwrap_or(state.last_seq + 1);
+                let after_last = state.last_seq + 1;
+                let cursor = match start {
+                    StartPosition::All => first,
+                    StartPosition::New => after_last,
+                    StartPosition::Sequence(n) => n.clamp(first, after_last),
+                    StartPosition::Time(t) => state
+                        .messages
+                        .values()
+                        .find(|m| m.published >= t)
+                        .map_or(after_last, |m| m.sequence),
+                };
                 state.consumers.insert(
                     durable.to_owned(),
                     ConsumerState {
                         settings,
-                        cursor: 1,
+                        cursor,
                         tracked: BTreeMap::new(),
                         notify: Arc::new(Notify::new()),
                         delivered: 0,
                         acked: 0,
                         terminated: 0,
                         exhausted: 0,
-                        last_delivered: 0,
+                        last_delivered: cursor - 1,
                     },
                 );
             }
@@ -866,6 +889,7 @@ mod tests {
                 max_deliver,
                 max_ack_pending: 0,
             },
+            StartPosition::All,
         )
         .unwrap();
     }

@@ -49,7 +49,9 @@ pub trait QueryConnection: Send + Sync {
     /// transaction id when it has none; the reply carries that transaction id.
     ///
     /// Errors, by [`RequestErrorKind`]: `TimedOut`, `NoResponders` (at once), `Remote` (see
-    /// [`RemoteError::of`](crate::error::RemoteError::of)), `Decode`, `Encode`, `ConnectionClosed`.
+    /// [`RemoteError::of`](crate::error::RemoteError::of)), `Decode`, `Encode`, `ConnectionClosed`,
+    /// `Disconnected`, and `EmptyStream` when the replier answered with a reply stream of zero
+    /// replies (read such ops with [`request_stream`](Self::request_stream)).
     async fn request(&self, request: Event) -> Result<Event, RequestError> {
         self.request_with_timeout(request, self.default_timeout())
             .await
@@ -65,7 +67,12 @@ pub trait QueryConnection: Send + Sync {
 
     /// Sends a query and returns the stream of its replies: the replies of one replier that
     /// streams (ends after `Reply-Stream-Total`), or of many repliers (ends on the first of the
-    /// [`ReplyStreamOptions`] strategies).
+    /// [`ReplyStreamOptions`] strategies; a replier's empty stream ends it without an item).
+    ///
+    /// Returns as soon as the request is sent. It fails only for what stops the request from
+    /// being sent (`InvalidOptions`, `Encode`, `Disconnected`, `ConnectionClosed`); what comes
+    /// back arrives on the stream, **`NoResponders` included: as its first and only item**
+    /// (see [`ReplyStream`] for why and for the other items).
     async fn request_stream(
         &self,
         request: Event,
@@ -146,6 +153,7 @@ fn request_outcome(kind: RequestErrorKind) -> &'static str {
         RequestErrorKind::ConnectionClosed => "connection-closed",
         RequestErrorKind::InvalidOptions => "invalid-options",
         RequestErrorKind::Disconnected => "disconnected",
+        RequestErrorKind::EmptyStream => "empty-stream",
         _ => "other",
     }
 }

@@ -51,6 +51,9 @@ pub(crate) fn header_size(headers: &HeaderMap) -> usize {
 
 struct ReplyState {
     sent: bool,
+    /// The handler asked for a reply stream ([`ReplyWriter::stream`]): an empty one is sent
+    /// as the end marker (zero replies is an answer).
+    streaming: bool,
     /// The status of what was sent (200, or an error reply's code); meaningful once `sent`.
     code: u16,
     buffered: Vec<Event>,
@@ -120,6 +123,7 @@ impl ReplyWriter {
                 source,
                 state: Mutex::new(ReplyState {
                     sent: false,
+                    streaming: false,
                     code: 200,
                     buffered: Vec::new(),
                 }),
@@ -315,8 +319,13 @@ impl ReplyWriter {
 
     /// A writer for a stream of replies: they are buffered and sent by
     /// [`finish`](ReplyStreamWriter::finish) with `Reply-Stream-Index/Total` (or when the
-    /// handler returns, if it did not call `finish`).
+    /// handler returns, if it did not call `finish`). A stream with no reply is an answer
+    /// too: it is sent as the end marker alone (an empty message with `Reply-Stream-Total:
+    /// 0`), and the requester's stream ends without an item.
     pub fn stream(&self) -> ReplyStreamWriter {
+        if let Ok(mut state) = self.inner.state.lock() {
+            state.streaming = true;
+        }
         ReplyStreamWriter {
             writer: self.clone(),
         }
@@ -329,12 +338,22 @@ impl ReplyWriter {
                 .state
                 .lock()
                 .map_err(|_| Error::new(ReplyErrorKind::AlreadyReplied))?;
-            if state.sent || state.buffered.is_empty() {
+            if state.sent || (state.buffered.is_empty() && !state.streaming) {
                 return Ok(false);
             }
             state.sent = true;
             std::mem::take(&mut state.buffered)
         };
+        if buffered.is_empty() {
+            // Zero replies: the end marker alone.
+            let mut headers = HeaderMap::new();
+            headers.insert(REPLY_STREAM_TOTAL, "0");
+            let span = tracing::info_span!("reply", "event.type" = %self.inner.op, code = 200u16);
+            tracing::Instrument::instrument(self.inner.target.send(headers, Bytes::new()), span)
+                .await
+                .map_err(|e| Error::with_source(ReplyErrorKind::Send, e))?;
+            return Ok(true);
+        }
         // Every reply is encoded and measured before the first is sent: a stream is answered
         // whole, or with one error reply.
         let total = buffered.len();
@@ -427,7 +446,9 @@ impl ReplyStreamWriter {
         self.push(event)
     }
 
-    /// Sends the buffered replies, each with `Reply-Stream-Index` and `Reply-Stream-Total`.
+    /// Sends the buffered replies, each with `Reply-Stream-Index` and `Reply-Stream-Total`;
+    /// with none, the end marker alone (`Reply-Stream-Total: 0`, empty payload): the
+    /// requester's stream ends without an item.
     ///
     /// # Errors
     ///
@@ -438,7 +459,7 @@ impl ReplyStreamWriter {
         } else {
             Err(Error::with_detail(
                 ReplyErrorKind::AlreadyReplied,
-                "nothing to send, or already sent",
+                "the reply was already sent",
             ))
         }
     }

@@ -76,10 +76,18 @@ impl ReplyStreamOptions {
 
 /// The replies of a [`QueryConnection::request_stream`](super::QueryConnection::request_stream), as they arrive.
 ///
-/// A `futures::Stream` of `Result<Event, RequestError>`; an error reply from one replier is
-/// yielded as an `Err` item (`Remote`) and the stream goes on. A stream that gets no reply at
-/// all before its deadline yields one `TimedOut` error; a replier's stream that stops short of
-/// its `Reply-Stream-Total` yields `TimedOut` too.
+/// A `futures::Stream` of `Result<Event, RequestError>`. The call that returns it fails only
+/// for what stops the request from being sent (`InvalidOptions`, `Encode`, `Disconnected`,
+/// `ConnectionClosed`); everything that comes back after the send arrives here, in order:
+///
+/// - **No responders** (nobody listens for the op): the stream's first and only item is
+///   `Err(NoResponders)`, then it ends. [`expect_next`](Self::expect_next) thus returns the
+///   same `Err(NoResponders)` that [`request`](super::QueryConnection::request) does.
+/// - An error reply from one replier is an `Err` item (`Remote`), and the stream goes on.
+/// - A stream that gets no reply at all before its deadline yields one `TimedOut` error; a
+///   replier's stream that stops short of its `Reply-Stream-Total` yields `TimedOut` too.
+/// - A replier's empty reply stream (zero replies, the end marker `Reply-Stream-Total: 0`)
+///   ends the stream without an item: zero replies is an answer, not an error.
 ///
 /// # Examples
 ///
@@ -175,6 +183,10 @@ impl ReplyStream {
                         Some((Err(Error::new(RequestErrorKind::NoResponders)), st))
                     }
                     Some(RawReply::Message { headers, payload }) => {
+                        if is_empty_stream_marker(headers.as_ref()) {
+                            // Zero replies: the stream ends cleanly (the state is dropped).
+                            return None;
+                        }
                         if st.sentinel && payload.is_empty() && !is_error_reply(headers.as_ref()) {
                             st.done = true;
                             return st.incomplete_error().map(|e| (Err(e), st));
@@ -274,12 +286,26 @@ fn is_error_reply(headers: Option<&HeaderMap>) -> bool {
         || header(headers, SERVICE_ERROR_NAME).is_some()
 }
 
-/// Reads a reply: an error reply becomes `Remote`, otherwise the event is decoded. Returns the
-/// stream position (`index`, `total`) when the reply is part of a reply stream.
+/// The end marker of a reply stream with zero replies: `Reply-Stream-Total: 0` (on an empty
+/// message that is no error reply).
+fn is_empty_stream_marker(headers: Option<&HeaderMap>) -> bool {
+    !is_error_reply(headers)
+        && header(headers, REPLY_STREAM_TOTAL_NAME).is_some_and(|t| t.trim() == "0")
+}
+
+/// Reads a reply: an error reply becomes `Remote`, the end marker of an empty reply stream
+/// `EmptyStream`, otherwise the event is decoded. Returns the stream position (`index`,
+/// `total`) when the reply is part of a reply stream.
 pub(crate) fn interpret_reply(
     headers: Option<&HeaderMap>,
     payload: &Bytes,
 ) -> Result<(Event, Option<(usize, usize)>), RequestError> {
+    if is_empty_stream_marker(headers) {
+        return Err(Error::with_detail(
+            RequestErrorKind::EmptyStream,
+            "the replier answered with zero replies; read this op with request_stream",
+        ));
+    }
     if is_error_reply(headers) {
         let text = header(headers, SERVICE_ERROR_NAME).unwrap_or("remote error");
         let code = header(headers, SERVICE_ERROR_CODE_NAME)

@@ -259,3 +259,23 @@ async fn sentinel_ends_the_stream() {
     // The sentinel came first: the stream ends without replies and without an error.
     assert!(stream.next().await.is_none());
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_end_marker_of_an_empty_stream_ends_it_without_an_item() {
+    let mut marker = HeaderMap::new();
+    marker.insert(crate::headers::REPLY_STREAM_TOTAL, "0");
+    let err = interpret_reply(Some(&marker), &Bytes::new()).unwrap_err();
+    assert_eq!(err.kind(), RequestErrorKind::EmptyStream);
+    // Not in sentinel mode: the marker ends the stream, before the deadline, with no item.
+    let started = tokio::time::Instant::now();
+    let mut stream = ReplyStream::from_raw(
+        raw_stream(vec![RawReply::Message {
+            headers: Some(marker),
+            payload: Bytes::new(),
+        }]),
+        &ReplyStreamOptions::default(),
+        Duration::from_secs(10),
+    );
+    assert!(stream.next().await.is_none());
+    assert!(started.elapsed() < Duration::from_secs(10));
+}

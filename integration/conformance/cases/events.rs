@@ -10,14 +10,15 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use ce_messaging::codec::{self, ContentMode, HeaderMap};
 use ce_messaging::config::Config;
-use ce_messaging::error::{ListenErrorKind, PublishErrorKind, ResponseErrorKind};
+use ce_messaging::error::{ListenErrorKind, PublishErrorKind, ResponseErrorKind, StreamErrorKind};
 use ce_messaging::event::{
-    new_event_auto_source, new_event_with_tid, EventExt, EventType, TransactionId,
+    new_event_auto_source, new_event_with_id, new_event_with_tid, EventExt, EventType,
+    TransactionId,
 };
 use ce_messaging::event_source::EventFilter;
 use ce_messaging::events::{
     event_handler_fn, typed_event_handler, Backoff, EventConnection, EventHandlers,
-    EventListenOptions, TypedEvent,
+    EventListenOptions, StartPosition, TypedEvent,
 };
 use ce_messaging::handler::HandlerError;
 use ce_messaging::headers;
@@ -50,6 +51,8 @@ fn options(durable: &str) -> EventListenOptions {
             initial: Duration::from_millis(50),
             max: Duration::from_millis(500),
         },
+        // Many cases publish before they listen and expect the earlier events.
+        start_position: Some(StartPosition::All),
     }
 }
 
@@ -2200,4 +2203,190 @@ pub async fn handler_time_limit_frees_the_worker_and_dead_letters_at_the_limit<B
         .collect();
     assert_eq!(hang_runs, vec![1, 2], "cut off twice, then dead-lettered");
     within("the stop", listener.stop(Duration::from_secs(5))).await;
+}
+
+/// Where a new durable starts: `All` every stored event of its types, `Sequence(n)` from
+/// stream sequence n, `Time(t)` what was stored at or after t, `New` only what is published
+/// after it was created. An existing durable keeps its position whatever a later listen says.
+pub async fn new_durables_start_where_told_and_existing_ones_keep_their_position<
+    B: EventBackend,
+>() {
+    let env = B::start().await;
+    let config = env.config("svc");
+    let connection = env.events(&config).await;
+    let event_type = new_type("start");
+    let earlier: Vec<Event> = (0..3).map(|n| event(&event_type, &json!(n))).collect();
+    let first_ack = publish(&connection, earlier[0].clone()).await;
+    // After the first was stored and before the second: the start time of `Time`.
+    let between = chrono::Utc::now();
+    let second_ack = publish(&connection, earlier[1].clone()).await;
+    publish(&connection, earlier[2].clone()).await;
+    assert!(second_ack.sequence > first_ack.sequence);
+    let from_second = ids(&earlier[1..]);
+    for (start, expected) in [
+        (StartPosition::All, ids(&earlier)),
+        (
+            StartPosition::Sequence(second_ack.sequence),
+            from_second.clone(),
+        ),
+        (StartPosition::Time(between), from_second),
+    ] {
+        let durable = new_durable();
+        let seen = Seen::new();
+        let listener = listen(
+            &connection,
+            recording(&event_type, &seen),
+            EventListenOptions {
+                start_position: Some(start),
+                ..one_worker(&durable)
+            },
+        )
+        .await;
+        seen.wait_len(&format!("the events from {start}"), expected.len())
+            .await;
+        wait_settled(&env, &config, &durable).await;
+        assert_eq!(ids(&seen.snapshot()), expected, "start {start}");
+        listener.stop(Duration::from_secs(5)).await;
+    }
+
+    // New: nothing of the history; what is published after the listen.
+    let durable = new_durable();
+    let seen = Seen::new();
+    let listener = listen(
+        &connection,
+        recording(&event_type, &seen),
+        EventListenOptions {
+            start_position: Some(StartPosition::New),
+            ..one_worker(&durable)
+        },
+    )
+    .await;
+    let info = within("consumer info", connection.consumer_info(&durable))
+        .await
+        .expect("the durable exists");
+    assert_eq!((info.pending, info.ack_pending), (0, 0), "{info:?}");
+    let later = event(&event_type, &json!("later"));
+    publish(&connection, later.clone()).await;
+    // One worker, in stream order: an earlier event would have come first.
+    let got = seen
+        .wait_len("the event published after the listen", 1)
+        .await;
+    wait_settled(&env, &config, &durable).await;
+    assert_eq!(ids(&got), ids(std::slice::from_ref(&later)));
+    assert_eq!(seen.len(), 1);
+    listener.stop(Duration::from_secs(5)).await;
+
+    // The durable exists now: `All` on a later listen does not move it back.
+    let last = event(&event_type, &json!("last"));
+    let again = Seen::new();
+    let listener = listen(
+        &connection,
+        recording(&event_type, &again),
+        EventListenOptions {
+            start_position: Some(StartPosition::All),
+            ..one_worker(&durable)
+        },
+    )
+    .await;
+    publish(&connection, last.clone()).await;
+    let got = again.wait_len("the event after the restart", 1).await;
+    wait_settled(&env, &config, &durable).await;
+    assert_eq!(ids(&got), ids(std::slice::from_ref(&last)));
+    assert_eq!(again.len(), 1, "the history was not delivered again");
+    listener.stop(Duration::from_secs(5)).await;
+}
+
+/// `request` hands back the publish outcome with the promise: a retried request (the same
+/// event, so the same id) within the duplicate window reports `duplicate` with the sequence of
+/// the first, and the stream holds it once.
+pub async fn retried_request_reports_its_duplicate_publish<B: EventBackend>() {
+    let env = B::start().await;
+    let config = env.config("svc");
+    let connection = env.events(&config).await;
+    let (request_type, response_type) = (new_type("quote.requested"), new_type("quote.given"));
+    let request = new_event_with_id(
+        format!("quote-{}", unique()),
+        &request_type,
+        "conf",
+        &json!(7),
+    )
+    .expect("event");
+    let responses = [EventType::from(response_type.as_str())];
+    let first = within("request", connection.request(request.clone(), &responses))
+        .await
+        .expect("request");
+    let first_ack = first.publish_ack().expect("request publishes").clone();
+    assert!(!first_ack.duplicate);
+    assert_eq!(first_ack.stream, config.js_stream);
+    let retried = within(
+        "retried request",
+        connection.request(request.clone(), &responses),
+    )
+    .await
+    .expect("retried request");
+    let retried_ack = retried.publish_ack().expect("request publishes");
+    assert!(retried_ack.duplicate, "{retried_ack:?}");
+    assert_eq!(retried_ack.sequence, first_ack.sequence);
+    let subject = config.events_subject(&request_type);
+    let stored = env.stored(&config.js_stream).await;
+    assert_eq!(stored.iter().filter(|m| m.subject == subject).count(), 1);
+    // A promise that only waits publishes nothing.
+    let waiting = within(
+        "wait_for_response",
+        connection.wait_for_response(&TransactionId::generate(), &responses),
+    )
+    .await
+    .expect("promise");
+    assert!(waiting.publish_ack().is_none());
+}
+
+/// `consumer_info` is on the trait, so code written against `EventConnection` can read a
+/// durable's lag: events never delivered (`pending`) plus delivered and unsettled
+/// (`ack_pending`); an unknown durable is `NotFound`.
+pub async fn consumer_info_through_the_trait_reports_the_lag<B: EventBackend>() {
+    let env = B::start().await;
+    let config = env.config("svc");
+    let connection = env.events(&config).await;
+    let event_type = new_type("lag");
+    for n in 0..5 {
+        publish(&connection, event(&event_type, &json!(n))).await;
+    }
+    let durable = new_durable();
+    let gate = Gate::new();
+    let started = Seen::new();
+    let (g, s) = (gate.clone(), started.clone());
+    let handlers = EventHandlers::new().on(
+        &event_type,
+        event_handler_fn(move |event, _| {
+            let (gate, started) = (g.clone(), s.clone());
+            async move {
+                started.push(event.id().to_owned());
+                gate.wait().await;
+                Ok(())
+            }
+        }),
+    );
+    let mut options = one_worker(&durable);
+    options.pool.buffer = 0;
+    let listener = listen(&connection, handlers, options).await;
+    started.wait_len("the first event in its handler", 1).await;
+    let dyn_connection: &dyn EventConnection = &connection;
+    eventually("one event in flight and four never delivered", || async {
+        let info = dyn_connection.consumer_info(&durable).await.expect("info");
+        (info.pending, info.ack_pending) == (4, 1)
+    })
+    .await;
+    let info = dyn_connection.consumer_info(&durable).await.expect("info");
+    assert_eq!(info.lag(), 5);
+    assert_eq!(info, B::durable_info(&connection, &durable).await);
+    gate.open();
+    wait_settled(&env, &config, &durable).await;
+    let info = dyn_connection.consumer_info(&durable).await.expect("info");
+    assert_eq!(info.lag(), 0);
+    let missing = dyn_connection
+        .consumer_info(&new_durable())
+        .await
+        .expect_err("no such durable");
+    assert_eq!(missing.kind(), StreamErrorKind::NotFound);
+    listener.stop(Duration::from_secs(5)).await;
 }

@@ -1223,3 +1223,101 @@ pub async fn invalid_ops_are_refused_at_once<B: QueryBackend>() {
     assert_eq!(reply.data_as::<String>().expect("data"), "longest");
     listener.stop(Duration::from_secs(5)).await;
 }
+
+/// Zero replies is an answer: a handler's reply stream with no reply (finished, or left
+/// unfinished when the handler returns) ends the requester's stream at once without an item
+/// (not a 500, not a timeout), and `request` on such an op fails with `EmptyStream` at once.
+pub async fn empty_reply_stream_ends_without_an_item<B: QueryBackend>() {
+    let env = B::start().await;
+    let server = env.queries(&env.config("svc")).await;
+    let client = env.queries(&env.config("cli")).await;
+    let (finished, returned) = (new_op("none-finished"), new_op("none-returned"));
+    let handlers = QueryHandlers::new()
+        .on(
+            &finished,
+            handler_fn(|_, reply| async move {
+                reply.stream().finish().await?;
+                Ok(())
+            }),
+        )
+        .on(
+            &returned,
+            handler_fn(|_, reply| async move {
+                let _rows = reply.stream();
+                Ok(())
+            }),
+        );
+    let listener = listen(&server, handlers, options()).await;
+    for op in [&finished, &returned] {
+        // A deadline far beyond the wait below: only the end marker can end the stream in time.
+        let mut stream = within(
+            "the reply stream",
+            client.request_stream(
+                request_event(op, &json!(null)),
+                ReplyStreamOptions::default().deadline(Duration::from_secs(120)),
+            ),
+        )
+        .await
+        .expect("stream");
+        let first = within_for(
+            Duration::from_secs(5),
+            "the empty stream to end",
+            stream.next(),
+        )
+        .await;
+        assert!(first.is_none(), "{op}: no item, got {first:?}");
+        let err = within_for(
+            Duration::from_secs(5),
+            "request on an op that answers zero replies",
+            client.request_with_timeout(request_event(op, &json!(null)), Duration::from_secs(60)),
+        )
+        .await
+        .expect_err("no event to return");
+        assert_eq!(err.kind(), RequestErrorKind::EmptyStream, "{op}: {err}");
+    }
+    listener.stop(Duration::from_secs(5)).await;
+}
+
+/// `NoResponders` has one place in a reply stream on every backend: the call succeeds (the
+/// request was sent) and the stream's first and only item is `Err(NoResponders)`, at once; so
+/// `expect_next` gives the same error `request` returns.
+pub async fn reply_stream_without_listener_yields_no_responders_first<B: QueryBackend>() {
+    let env = B::start().await;
+    let client = env.queries(&env.config("cli")).await;
+    let op = new_op("nobody");
+    let mut stream = within(
+        "the reply stream",
+        client.request_stream(
+            request_event(&op, &json!(null)),
+            ReplyStreamOptions::default().deadline(Duration::from_secs(60)),
+        ),
+    )
+    .await
+    .expect("the request was sent; no responders comes on the stream");
+    let first = within_for(Duration::from_secs(5), "no responders", stream.next())
+        .await
+        .expect("one item");
+    assert_eq!(
+        first.expect_err("nobody serves this op").kind(),
+        RequestErrorKind::NoResponders
+    );
+    assert!(within("the end", stream.next()).await.is_none());
+    let mut stream = within(
+        "the reply stream",
+        client.request_stream(
+            request_event(&op, &json!(null)),
+            ReplyStreamOptions::default().deadline(Duration::from_secs(60)),
+        ),
+    )
+    .await
+    .expect("sent");
+    let err = within_for(
+        Duration::from_secs(5),
+        "no responders",
+        stream.expect_next(),
+    )
+    .await
+    .expect_err("nobody serves this op");
+    assert_eq!(err.kind(), RequestErrorKind::NoResponders);
+    assert_no_responders(&client, &op).await;
+}
