@@ -169,6 +169,9 @@ fn values_that_do_not_parse_name_their_variable() {
         ("NATS_CE_MODE", "json"),
         ("NATS_TLS_FIRST", "maybe"),
         ("NATS_RECONNECT_WAIT", "1e300"),
+        ("NATS_JS_PRIORITY_LEVELS", "two"),
+        ("NATS_JS_PRIORITY_LEVELS", "-1"),
+        ("NATS_JS_PRIORITY_LEVELS", "256"),
     ];
     for (var, value) in cases {
         let err = from(&[(var, value)]).expect_err(var);
@@ -181,6 +184,8 @@ fn out_of_range_values_name_their_variable() {
     let cases = [
         ("NATS_JS_REPLICAS", "0"),
         ("NATS_JS_REPLICAS", "6"),
+        ("NATS_JS_PRIORITY_LEVELS", "0"),
+        ("NATS_JS_PRIORITY_LEVELS", "11"),
         ("NATS_JS_MAX_DELIVER", "0"),
         ("NATS_JS_HANDLER_TIMEOUT", "0"),
         ("NATS_JS_MAX_DELIVER", "-2"),
@@ -587,4 +592,12 @@ async fn connecting_to_a_closed_port_fails_at_once_with_io() {
         .unwrap_err();
     assert_eq!(err.kind(), ConnectErrorKind::Io, "{err}");
     assert!(!format!("{err} {err:?}").contains("topsecret"), "{err:?}");
+}
+
+#[test]
+fn priority_levels_default_to_off_and_are_read() {
+    assert_eq!(from(&[]).expect("defaults").js_priority_levels, 1);
+    let config = from(&[("NATS_JS_PRIORITY_LEVELS", " 3 ")]).expect("3 levels");
+    assert_eq!(config.js_priority_levels, 3);
+    assert_eq!(from(&[("NATS_JS_PRIORITY_LEVELS", "10")]).expect("10").js_priority_levels, 10);
 }
