@@ -120,6 +120,8 @@ macro_rules! event_cases {
             slow_handler_never_redelivers_queued_events,
             crash_on_the_last_allowed_delivery_ends_dead_lettered,
             handler_time_limit_frees_the_worker_and_dead_letters_at_the_limit,
+            priorities_serve_a_mixed_backlog_highest_first,
+            priority_publish_is_checked_and_off_changes_nothing,
         );
     };
 }

@@ -153,15 +153,11 @@ pub(crate) fn publish_level(event: &Event, levels: u8) -> Result<u8, String> {
 
 /// The filter subjects of every level of a listener of `types`, highest level first, each
 /// sorted: `levels` lists (one with priorities off).
-pub(crate) fn level_subjects<'a>(
-    prefix: &str,
-    types: impl Iterator<Item = &'a str> + Clone,
-    levels: u8,
-) -> Vec<Vec<String>> {
+pub(crate) fn level_subjects(prefix: &str, types: &[&str], levels: u8) -> Vec<Vec<String>> {
     (0..levels.max(1))
         .map(|level| {
             let mut subjects: Vec<String> = types
-                .clone()
+                .iter()
                 .map(|t| priority_subject(prefix, t, level, levels))
                 .collect();
             subjects.sort();
@@ -196,7 +192,7 @@ mod tests {
     #[test]
     fn level_subjects_put_the_lowest_level_on_the_ordinary_subject() {
         let types = ["b.x", "a.y"];
-        let levels = level_subjects("ev", types.iter().copied(), 3);
+        let levels = level_subjects("ev", &types, 3);
         assert_eq!(
             levels,
             vec![
@@ -206,7 +202,7 @@ mod tests {
             ]
         );
         assert_eq!(
-            level_subjects("ev", types.iter().copied(), 1),
+            level_subjects("ev", &types, 1),
             vec![vec!["ev.a.y".to_string(), "ev.b.x".into()]]
         );
     }

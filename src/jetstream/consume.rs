@@ -134,7 +134,7 @@ pub(crate) async fn listen(
     let types: Vec<&str> = handlers.types().collect();
     // The filter subjects of each level's consumer, highest level first (one level with
     // priorities off: `<prefix>.<type>`), and all of them (what presence reports).
-    let level_subjects = level_subjects(&config.js_subject_prefix, types.iter().copied(), levels);
+    let level_subjects = level_subjects(&config.js_subject_prefix, &types, levels);
     let mut subjects: Vec<String> = level_subjects.concat();
     subjects.sort();
     let window = DeliveryWindow::new(options.window());

@@ -27,6 +27,7 @@ use crate::events::{
     start_delivery_pool, Acker, DeadLetterPublishError, DeadLetterSink, Delivery, DeliveryContext,
     EventConnection, EventHandlers, EventListenOptions, PublishAck, PublishError,
 };
+use crate::events::{level_subjects, priority_durable, priority_subject, publish_level};
 use crate::headers::NATS_MSG_ID;
 use crate::listener::Listener;
 use crate::worker::{DeliveryWindow, WorkContext};
@@ -272,7 +273,19 @@ impl MemoryEvents {
             let err = err.map_kind(|_| PublishErrorKind::InvalidType);
             return Err(PublishError::from_error(err, Some(event)));
         }
-        let subject = format!("{}.{}", inner.subject_prefix, event.ty());
+        let level = match publish_level(&event, inner.config.js_priority_levels) {
+            Ok(level) => level,
+            Err(detail) => {
+                let err = Error::with_detail(PublishErrorKind::InvalidPriority, detail);
+                return Err(PublishError::from_error(err, Some(event)));
+            }
+        };
+        let subject = priority_subject(
+            &inner.subject_prefix,
+            event.ty(),
+            level,
+            inner.config.js_priority_levels,
+        );
         let encoded = match codec::encode(&event, inner.mode) {
             Ok(encoded) => encoded,
             Err(err) => {
@@ -348,10 +361,20 @@ impl EventConnection for MemoryEvents {
         }
         let max_deliver = options.max_deliver.unwrap_or(inner.max_deliver);
         let ack_wait = options.ack_wait.unwrap_or(inner.ack_wait);
-        let mut filter_subjects: Vec<String> = handlers
-            .types()
-            .map(|t| format!("{}.{t}", inner.subject_prefix))
-            .collect();
+        // One consumer per priority level, highest first (one with priorities off).
+        let levels = inner.config.js_priority_levels.max(1);
+        let types: Vec<&str> = handlers.types().collect();
+        let level_filters = level_subjects(&inner.subject_prefix, &types, levels);
+        if options.window() < usize::from(levels) {
+            return Err(Error::with_detail(
+                ListenErrorKind::InvalidOptions,
+                format!(
+                    "with {levels} priority levels a listener needs at least {levels} places (workers + buffer is {})",
+                    options.window()
+                ),
+            ));
+        }
+        let mut filter_subjects: Vec<String> = level_filters.concat();
         filter_subjects.sort();
         let claim = DurableClaim::claim(&inner.broker, &inner.stream, &durable, &filter_subjects)
             .map_err(|theirs| {
@@ -366,21 +389,26 @@ impl EventConnection for MemoryEvents {
                 ),
             )
         })?;
-        streams
-            .create_or_update_consumer(
-                &inner.stream,
-                &durable,
-                ConsumerSettings {
-                    filter_subjects,
-                    ack_wait,
-                    // No broker-side limit: the shared processing enforces `max_deliver`
-                    // (dead-letters a delivery beyond it before any handler runs), so the
-                    // broker never parks an event, as with JetStream.
-                    max_deliver: 0,
-                    max_ack_pending: options.window(),
-                },
-            )
-            .map_err(|e| Error::with_source(ListenErrorKind::Consumer, e))?;
+        let mut consumers: Vec<Arc<str>> = Vec::with_capacity(level_filters.len());
+        for (level, filter_subjects) in (0u8..).zip(level_filters) {
+            let name = priority_durable(&durable, level, levels);
+            streams
+                .create_or_update_consumer(
+                    &inner.stream,
+                    &name,
+                    ConsumerSettings {
+                        filter_subjects,
+                        ack_wait,
+                        // No broker-side limit: the shared processing enforces `max_deliver`
+                        // (dead-letters a delivery beyond it before any handler runs), so the
+                        // broker never parks an event, as with JetStream.
+                        max_deliver: 0,
+                        max_ack_pending: options.window(),
+                    },
+                )
+                .map_err(|e| Error::with_source(ListenErrorKind::Consumer, e))?;
+            consumers.push(Arc::from(name.as_str()));
+        }
 
         let ctx = Arc::new(DeliveryContext {
             handlers,
@@ -420,10 +448,11 @@ impl EventConnection for MemoryEvents {
                     reserved = window.reserve(threshold) => reserved,
                 };
                 while reserved.count() > 0 {
-                    let next = tokio::select! {
+                    // Strict priority: the highest level with a message ready.
+                    let (level, next) = tokio::select! {
                         biased;
                         _ = work.stopping.cancelled() => break 'intake,
-                        next = broker.streams().next(&stream, &durable) => next,
+                        next = broker.streams().next_of(&stream, &consumers) => next,
                     };
                     let delivered = match next {
                         Next::Message(delivered) => delivered,
@@ -437,7 +466,7 @@ impl EventConnection for MemoryEvents {
                     let acker: Arc<dyn Acker> = Arc::new(MemoryAcker {
                         broker: broker.clone(),
                         stream: stream.clone(),
-                        durable: durable.clone(),
+                        durable: consumers[level].clone(),
                         seq: message.sequence,
                         settled: AtomicBool::new(false),
                         work: work.clone(),

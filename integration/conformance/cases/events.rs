@@ -16,8 +16,8 @@ use ce_messaging::event::{
 };
 use ce_messaging::event_source::EventFilter;
 use ce_messaging::events::{
-    event_handler_fn, typed_event_handler, Backoff, EventConnection, EventHandlers,
-    EventListenOptions, TypedEvent,
+    event_handler_fn, priority_durable, set_priority, typed_event_handler, Backoff,
+    EventConnection, EventHandlers, EventListenOptions, TypedEvent,
 };
 use ce_messaging::handler::HandlerError;
 use ce_messaging::headers;
@@ -2209,4 +2209,150 @@ pub async fn handler_time_limit_frees_the_worker_and_dead_letters_at_the_limit<B
         .collect();
     assert_eq!(hang_runs, vec![1, 2], "cut off twice, then dead-lettered");
     within("the stop", listener.stop(Duration::from_secs(5))).await;
+}
+
+/// Priorities (`js_priority_levels` 3): a backlog of 30 events without a priority (the
+/// lowest level), then 5 of priority 1, then 10 of priority 0, all published before the
+/// listener starts, is handled strictly highest level first by one worker: every priority-0
+/// event before any priority-1 one, every priority-1 event before any of the lowest level.
+/// Each is stored on its level's subject (`<prefix>._priority.<p>.<type>`, the lowest level on
+/// `<prefix>.<type>`), handled once on its first delivery, and at the end every level's
+/// consumer has nothing pending or unacknowledged, nothing parked, and no dead letter exists.
+pub async fn priorities_serve_a_mixed_backlog_highest_first<B: EventBackend>() {
+    let env = B::start().await;
+    let mut config = env.config("svc");
+    config.js_priority_levels = 3;
+    let connection = env.events(&config).await;
+    let event_type = new_type("prio");
+    let durable = new_durable();
+    let mut sent: Vec<(Event, u8)> = Vec::new();
+    for (count, priority) in [(30, None), (5, Some(1u8)), (10, Some(0u8))] {
+        for n in 0..count {
+            let mut e = event(&event_type, &json!(n));
+            if let Some(p) = priority {
+                set_priority(&mut e, p);
+            }
+            publish(&connection, e.clone()).await;
+            sent.push((e, priority.unwrap_or(2)));
+        }
+    }
+    let stored = env.stored(&config.js_stream).await;
+    assert_eq!(stored.len(), 45);
+    for (message, (_, priority)) in stored.iter().zip(&sent) {
+        let expected = if *priority == 2 {
+            config.events_subject(&event_type)
+        } else {
+            format!(
+                "{}._priority.{priority}.{event_type}",
+                config.js_subject_prefix
+            )
+        };
+        assert_eq!(message.subject, expected);
+    }
+    let runs: Seen<(String, u64)> = Seen::new();
+    let r = runs.clone();
+    let handlers = EventHandlers::new().on(
+        &event_type,
+        event_handler_fn(move |event, responses| {
+            let r = r.clone();
+            async move {
+                r.push((event.id().to_owned(), responses.delivery_count()));
+                Ok(())
+            }
+        }),
+    );
+    let options = EventListenOptions {
+        workers: 1,
+        buffer: 2,
+        ..options(&durable)
+    };
+    let listener = listen(&connection, handlers, options).await;
+    let handled = runs.wait_len("all 45 events handled", 45).await;
+    let priority_of: HashMap<&str, u8> = sent.iter().map(|(e, p)| (e.id(), *p)).collect();
+    let order: Vec<u8> = handled
+        .iter()
+        .map(|(id, _)| *priority_of.get(id.as_str()).expect("a sent event"))
+        .collect();
+    let mut sorted = order.clone();
+    sorted.sort();
+    assert_eq!(order, sorted, "handled strictly highest priority first");
+    assert_eq!(
+        handled.iter().map(|(id, _)| id.clone()).collect::<BTreeSet<_>>(),
+        sent.iter().map(|(e, _)| e.id().to_owned()).collect::<BTreeSet<_>>(),
+    );
+    assert!(
+        handled.iter().all(|(_, delivered)| *delivered == 1),
+        "each handled on its first delivery: {handled:?}"
+    );
+    for (level, count) in [(0u8, 10u64), (1, 5), (2, 30)] {
+        let name = priority_durable(&durable, level, 3);
+        wait_settled(&env, &config, &name).await;
+        assert_eq!(
+            env.deliveries(&config.js_stream, &name).await,
+            Some(count),
+            "deliveries of {name}"
+        );
+        let info = B::durable_info(&connection, &name).await;
+        assert_eq!((info.pending, info.ack_pending, info.parked), (0, 0, 0), "{info:?}");
+    }
+    listener.stop(Duration::from_secs(5)).await;
+    assert!(
+        env.stored(&config.js_dlq_stream).await.is_empty(),
+        "no dead letters"
+    );
+}
+
+/// With priorities off (the default) the `priority` extension is not read: the event is
+/// stored on `<prefix>.<type>` as before. With priorities on, a priority outside the levels
+/// (or not an integer) is refused at once with `InvalidPriority`, the event handed back and
+/// nothing stored; a priority within them goes to its level's subject.
+pub async fn priority_publish_is_checked_and_off_changes_nothing<B: EventBackend>() {
+    let env = B::start().await;
+    let off = env.config("off");
+    assert_eq!(off.js_priority_levels, 1, "priorities are off by default");
+    let connection = env.events(&off).await;
+    let event_type = new_type("prio.pub");
+    let mut e = event(&event_type, &json!(1));
+    e.set_extension("priority", "urgent");
+    publish(&connection, e).await;
+    let mut e = event(&event_type, &json!(2));
+    set_priority(&mut e, 0);
+    publish(&connection, e).await;
+    let mut on = env.config("on");
+    on.js_priority_levels = 2;
+    let prioritised = env.events(&on).await;
+    for bad in [json!(2), json!("high"), json!(-1)] {
+        let mut e = event(&event_type, &json!(3));
+        match &bad {
+            Value::String(s) => e.set_extension("priority", s.as_str()),
+            other => e.set_extension("priority", other.as_i64().expect("integer")),
+        }
+        let err = within("publish refused", prioritised.publish(e.clone()))
+            .await
+            .expect_err("refused");
+        assert_eq!(err.kind(), PublishErrorKind::InvalidPriority, "{bad}: {err}");
+        assert_eq!(err.into_event().map(|h| h.id().to_owned()), Some(e.id().to_owned()));
+    }
+    let mut high = event(&event_type, &json!(4));
+    set_priority(&mut high, 0);
+    publish(&prioritised, high).await;
+    let mut lowest = event(&event_type, &json!(5));
+    set_priority(&mut lowest, 1);
+    publish(&prioritised, lowest).await;
+    let subjects: Vec<String> = env
+        .stored(&off.js_stream)
+        .await
+        .into_iter()
+        .map(|m| m.subject)
+        .collect();
+    let plain = off.events_subject(&event_type);
+    assert_eq!(
+        subjects,
+        vec![
+            plain.clone(),
+            plain.clone(),
+            format!("{}._priority.0.{event_type}", off.js_subject_prefix),
+            plain,
+        ]
+    );
 }
