@@ -122,6 +122,7 @@ macro_rules! event_cases {
             handler_time_limit_frees_the_worker_and_dead_letters_at_the_limit,
             priorities_serve_a_mixed_backlog_highest_first,
             priority_publish_is_checked_and_off_changes_nothing,
+            priority_listener_waits_on_every_level,
         );
     };
 }

@@ -2356,3 +2356,81 @@ pub async fn priority_publish_is_checked_and_off_changes_nothing<B: EventBackend
         ]
     );
 }
+
+/// Priorities (`js_priority_levels` 3) on a running, idle listener: an event published at
+/// each level in turn (lowest, highest, middle) is handled, each on its first delivery (an
+/// idle listener waits on every level at once, not only the highest or the lowest); after a
+/// stop and a restart a new backlog is handled highest first again; at the end every level's
+/// consumer is settled and no dead letter exists.
+pub async fn priority_listener_waits_on_every_level<B: EventBackend>() {
+    let env = B::start().await;
+    let mut config = env.config("svc");
+    config.js_priority_levels = 3;
+    let connection = env.events(&config).await;
+    let event_type = new_type("prio.live");
+    let durable = new_durable();
+    let runs: Seen<(String, u64)> = Seen::new();
+    let options = EventListenOptions {
+        workers: 1,
+        buffer: 2,
+        ..options(&durable)
+    };
+    let listener = listen(
+        &connection,
+        counting(&event_type, &runs, Duration::ZERO),
+        options.clone(),
+    )
+    .await;
+    let mut sent = Vec::new();
+    for (n, priority) in [None, Some(0u8), Some(1u8)].into_iter().enumerate() {
+        let mut e = event(&event_type, &json!(n));
+        if let Some(p) = priority {
+            set_priority(&mut e, p);
+        }
+        publish(&connection, e.clone()).await;
+        let id = e.id().to_owned();
+        sent.push(e);
+        runs.wait_until(&format!("event at priority {priority:?} handled"), |all| {
+            all.iter().any(|(seen, _)| *seen == id)
+        })
+        .await;
+    }
+    listener.stop(Duration::from_secs(5)).await;
+    let mut backlog = Vec::new();
+    for (n, priority) in [(2u8, None), (2, None), (1, Some(1u8)), (0, Some(0u8))] {
+        let mut e = event(&event_type, &json!(10 + backlog.len()));
+        if let Some(p) = priority {
+            set_priority(&mut e, p);
+        }
+        publish(&connection, e.clone()).await;
+        backlog.push((e.id().to_owned(), n));
+        sent.push(e);
+    }
+    let listener = listen(
+        &connection,
+        counting(&event_type, &runs, Duration::ZERO),
+        options,
+    )
+    .await;
+    let all = runs.wait_len("the backlog handled", 7).await;
+    let order: Vec<u8> = all[3..]
+        .iter()
+        .map(|(id, _)| {
+            backlog
+                .iter()
+                .find(|(sent, _)| sent == id)
+                .map(|(_, p)| *p)
+                .expect("a backlog event")
+        })
+        .collect();
+    assert_eq!(order, vec![0, 1, 2, 2], "the backlog highest first");
+    assert_each_once_first_delivery(&all, &sent);
+    for level in 0..3u8 {
+        let name = priority_durable(&durable, level, 3);
+        wait_settled(&env, &config, &name).await;
+        let info = B::durable_info(&connection, &name).await;
+        assert_eq!(info.parked, 0, "{info:?}");
+    }
+    listener.stop(Duration::from_secs(5)).await;
+    assert!(env.stored(&config.js_dlq_stream).await.is_empty());
+}
