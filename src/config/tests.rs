@@ -599,5 +599,10 @@ fn priority_levels_default_to_off_and_are_read() {
     assert_eq!(from(&[]).expect("defaults").js_priority_levels, 1);
     let config = from(&[("NATS_JS_PRIORITY_LEVELS", " 3 ")]).expect("3 levels");
     assert_eq!(config.js_priority_levels, 3);
-    assert_eq!(from(&[("NATS_JS_PRIORITY_LEVELS", "10")]).expect("10").js_priority_levels, 10);
+    assert_eq!(
+        from(&[("NATS_JS_PRIORITY_LEVELS", "10")])
+            .expect("10")
+            .js_priority_levels,
+        10
+    );
 }

@@ -174,12 +174,19 @@ mod tests {
     fn publish_level_reads_the_extension_only_with_priorities_on() {
         let mut event = crate::event::new_event("t", "s", &1).unwrap();
         assert_eq!(publish_level(&event, 1), Ok(0));
-        assert_eq!(publish_level(&event, 3), Ok(2), "no priority: the lowest level");
+        assert_eq!(
+            publish_level(&event, 3),
+            Ok(2),
+            "no priority: the lowest level"
+        );
         set_priority(&mut event, 1);
         assert_eq!(publish_level(&event, 3), Ok(1));
         set_priority(&mut event, 3);
         let err = publish_level(&event, 3).unwrap_err();
-        assert!(err.contains("priority 3") && err.contains("NATS_JS_PRIORITY_LEVELS"), "{err}");
+        assert!(
+            err.contains("priority 3") && err.contains("NATS_JS_PRIORITY_LEVELS"),
+            "{err}"
+        );
         event.set_extension(PRIORITY_EXTENSION, "urgent");
         assert_eq!(publish_level(&event, 1), Ok(0), "off: not read");
         assert!(publish_level(&event, 2).is_err());
@@ -196,8 +203,14 @@ mod tests {
         assert_eq!(
             levels,
             vec![
-                vec!["ev._priority.0.a.y".to_string(), "ev._priority.0.b.x".into()],
-                vec!["ev._priority.1.a.y".to_string(), "ev._priority.1.b.x".into()],
+                vec![
+                    "ev._priority.0.a.y".to_string(),
+                    "ev._priority.0.b.x".into()
+                ],
+                vec![
+                    "ev._priority.1.a.y".to_string(),
+                    "ev._priority.1.b.x".into()
+                ],
                 vec!["ev.a.y".to_string(), "ev.b.x".into()],
             ]
         );

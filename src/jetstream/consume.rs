@@ -138,15 +138,6 @@ pub(crate) async fn listen(
     let mut subjects: Vec<String> = level_subjects.concat();
     subjects.sort();
     let window = DeliveryWindow::new(options.window());
-    if window.capacity() < usize::from(levels) {
-        return Err(Error::with_detail(
-            ListenErrorKind::InvalidOptions,
-            format!(
-                "with {levels} priority levels a listener needs at least {levels} places (workers + buffer is {})",
-                window.capacity()
-            ),
-        ));
-    }
 
     let stream = inner
         .js
@@ -172,7 +163,10 @@ pub(crate) async fn listen(
         &presence,
         &stream,
         &durable,
-        (&subjects, level_subjects.last().map_or(&[][..], Vec::as_slice)),
+        (
+            &subjects,
+            level_subjects.last().map_or(&[][..], Vec::as_slice),
+        ),
         &config.js_subject_prefix,
     )
     .await?;
@@ -208,10 +202,8 @@ pub(crate) async fn listen(
             .create_consumer(consumer_config.clone())
             .await
             .map_err(|err| {
-                Error::with_source(ListenErrorKind::Consumer, err).detail(format!(
-                    "durable consumer {name} on {}",
-                    config.js_stream
-                ))
+                Error::with_source(ListenErrorKind::Consumer, err)
+                    .detail(format!("durable consumer {name} on {}", config.js_stream))
             })?;
         consumers.push(Level {
             consumer,
@@ -669,7 +661,10 @@ impl Intake {
         if self.received > before {
             return PullEnd::Next;
         }
-        // Nothing is waiting at any level: wait on each (that has no request open) at once.
+        // Nothing is waiting at any level: wait on each (that has no request open) at once,
+        // one place each. A listener with fewer places (workers + buffer) than levels waits
+        // on the highest levels it has places for; the others are asked again when those
+        // waits end (within PULL_EXPIRES).
         let idle: Vec<usize> = (0..self.levels.len())
             .filter(|level| !self.open.iter().any(|open| open.level == *level))
             .collect();

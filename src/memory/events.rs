@@ -23,11 +23,11 @@ use crate::error::{
 };
 use crate::event::{check_type, populate_source};
 use crate::event_source::{EventSource, RawEvent, SourceBackend};
+use crate::events::{level_subjects, priority_durable, priority_subject, publish_level};
 use crate::events::{
     start_delivery_pool, Acker, DeadLetterPublishError, DeadLetterSink, Delivery, DeliveryContext,
     EventConnection, EventHandlers, EventListenOptions, PublishAck, PublishError,
 };
-use crate::events::{level_subjects, priority_durable, priority_subject, publish_level};
 use crate::headers::NATS_MSG_ID;
 use crate::listener::Listener;
 use crate::worker::{DeliveryWindow, WorkContext};
@@ -365,15 +365,6 @@ impl EventConnection for MemoryEvents {
         let levels = inner.config.js_priority_levels.max(1);
         let types: Vec<&str> = handlers.types().collect();
         let level_filters = level_subjects(&inner.subject_prefix, &types, levels);
-        if options.window() < usize::from(levels) {
-            return Err(Error::with_detail(
-                ListenErrorKind::InvalidOptions,
-                format!(
-                    "with {levels} priority levels a listener needs at least {levels} places (workers + buffer is {})",
-                    options.window()
-                ),
-            ));
-        }
         let mut filter_subjects: Vec<String> = level_filters.concat();
         filter_subjects.sort();
         let claim = DurableClaim::claim(&inner.broker, &inner.stream, &durable, &filter_subjects)

@@ -2277,8 +2277,13 @@ pub async fn priorities_serve_a_mixed_backlog_highest_first<B: EventBackend>() {
     sorted.sort();
     assert_eq!(order, sorted, "handled strictly highest priority first");
     assert_eq!(
-        handled.iter().map(|(id, _)| id.clone()).collect::<BTreeSet<_>>(),
-        sent.iter().map(|(e, _)| e.id().to_owned()).collect::<BTreeSet<_>>(),
+        handled
+            .iter()
+            .map(|(id, _)| id.clone())
+            .collect::<BTreeSet<_>>(),
+        sent.iter()
+            .map(|(e, _)| e.id().to_owned())
+            .collect::<BTreeSet<_>>(),
     );
     assert!(
         handled.iter().all(|(_, delivered)| *delivered == 1),
@@ -2293,7 +2298,11 @@ pub async fn priorities_serve_a_mixed_backlog_highest_first<B: EventBackend>() {
             "deliveries of {name}"
         );
         let info = B::durable_info(&connection, &name).await;
-        assert_eq!((info.pending, info.ack_pending, info.parked), (0, 0, 0), "{info:?}");
+        assert_eq!(
+            (info.pending, info.ack_pending, info.parked),
+            (0, 0, 0),
+            "{info:?}"
+        );
     }
     listener.stop(Duration::from_secs(5)).await;
     assert!(
@@ -2330,8 +2339,15 @@ pub async fn priority_publish_is_checked_and_off_changes_nothing<B: EventBackend
         let err = within("publish refused", prioritised.publish(e.clone()))
             .await
             .expect_err("refused");
-        assert_eq!(err.kind(), PublishErrorKind::InvalidPriority, "{bad}: {err}");
-        assert_eq!(err.into_event().map(|h| h.id().to_owned()), Some(e.id().to_owned()));
+        assert_eq!(
+            err.kind(),
+            PublishErrorKind::InvalidPriority,
+            "{bad}: {err}"
+        );
+        assert_eq!(
+            err.into_event().map(|h| h.id().to_owned()),
+            Some(e.id().to_owned())
+        );
     }
     let mut high = event(&event_type, &json!(4));
     set_priority(&mut high, 0);
