@@ -123,6 +123,7 @@ macro_rules! event_cases {
             priorities_serve_a_mixed_backlog_highest_first,
             priority_publish_is_checked_and_off_changes_nothing,
             priority_listener_waits_on_every_level,
+            priority_levels_are_part_of_a_durables_type_set,
         );
     };
 }

@@ -782,15 +782,15 @@ impl Intake {
                         return PullEnd::Next;
                     }
                 }
-                Some(Note::End(level, status)) => {
-                    // 408 expired, 404 nothing (more), 409 terminated (consumer deleted,
-                    // leader change, ...).
-                    if status != StatusCode::TIMEOUT && status != StatusCode::NOT_FOUND {
-                        tracing::warn!(durable = %self.durable, %status, description = ?message.description, "pull request ended");
-                        return PullEnd::Ended(level);
-                    }
+                // 408 expired and 404 nothing (more) end a request normally; 409 terminated
+                // (consumer deleted, leader change, ...) and others do not.
+                Some(Note::End(level, status))
+                    if status != StatusCode::TIMEOUT && status != StatusCode::NOT_FOUND =>
+                {
+                    tracing::warn!(durable = %self.durable, %status, description = ?message.description, "pull request ended");
+                    return PullEnd::Ended(level);
                 }
-                None => {}
+                Some(Note::End(..)) | None => {}
             }
         }
     }

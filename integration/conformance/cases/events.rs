@@ -2450,3 +2450,52 @@ pub async fn priority_listener_waits_on_every_level<B: EventBackend>() {
     listener.stop(Duration::from_secs(5)).await;
     assert!(env.stored(&config.js_dlq_stream).await.is_empty());
 }
+
+/// One durable, one type set, one level count: while an instance without priorities runs,
+/// an instance of the same durable and types with `js_priority_levels` 2 is refused
+/// (`DurableInUse`); once it stopped, the prioritised instance takes the durable over, its
+/// lowest level is the durable's own consumer (the events published before, on
+/// `<prefix>.<type>`, are handled by it) and priority 0 gets `<durable>-p0`.
+pub async fn priority_levels_are_part_of_a_durables_type_set<B: EventBackend>() {
+    let env = B::start().await;
+    let plain_config = env.config("svc");
+    let plain = env.events(&plain_config).await;
+    let mut prio_config = env.config("svc");
+    prio_config.js_priority_levels = 2;
+    let prioritised = env.events(&prio_config).await;
+    let event_type = new_type("prio.durable");
+    let durable = new_durable();
+    let seen = Seen::new();
+    let first = listen(&plain, recording(&event_type, &seen), options(&durable)).await;
+    let refused = within(
+        "listen",
+        prioritised.listen(recording(&event_type, &seen), options(&durable)),
+    )
+    .await;
+    match refused {
+        Ok(listener) => {
+            listener.stop(Duration::from_secs(5)).await;
+            panic!("an instance with another level count was accepted on {durable}");
+        }
+        Err(err) => assert_eq!(err.kind(), ListenErrorKind::DurableInUse, "{err}"),
+    }
+    first.stop(Duration::from_secs(5)).await;
+    let before = event(&event_type, &json!(1));
+    publish(&plain, before.clone()).await;
+    let mut high = event(&event_type, &json!(2));
+    set_priority(&mut high, 0);
+    publish(&prioritised, high.clone()).await;
+    let second = listen(
+        &prioritised,
+        recording(&event_type, &seen),
+        options(&durable),
+    )
+    .await;
+    seen.wait_len("both events handled", 2).await;
+    assert_eq!(ids(&seen.snapshot()), ids(&[before, high]));
+    for name in [durable.clone(), priority_durable(&durable, 0, 2)] {
+        wait_settled(&env, &prio_config, &name).await;
+    }
+    second.stop(Duration::from_secs(5)).await;
+    assert!(env.stored(&prio_config.js_dlq_stream).await.is_empty());
+}
