@@ -124,6 +124,7 @@ macro_rules! event_cases {
             priority_publish_is_checked_and_off_changes_nothing,
             priority_listener_waits_on_every_level,
             priority_levels_are_part_of_a_durables_type_set,
+            promise_gets_a_prioritised_response,
         );
     };
 }

@@ -108,6 +108,7 @@ impl MemoryEvents {
         let source = EventSource::new(Arc::new(MemorySource {
             broker: broker.clone(),
             prefix: config.js_subject_prefix.clone(),
+            priorities: config.js_priority_levels > 1,
         }));
         MemoryEvents {
             inner: Arc::new(Inner {
@@ -644,6 +645,8 @@ impl DeadLetterSink for MemoryDeadLetters {
 struct MemorySource {
     broker: MemoryBroker,
     prefix: String,
+    /// With priorities on, a type's events are also on `<prefix>._priority.*.<type>`.
+    priorities: bool,
 }
 
 #[async_trait]
@@ -663,12 +666,22 @@ impl SourceBackend for MemorySource {
             ));
         }
         let subscription = self.broker.bus().subscribe(&subject, None);
-        Ok(subscription
-            .map(|message| RawEvent {
-                headers: message.headers,
-                payload: message.payload,
-            })
-            .boxed())
+        let raw = |message: super::bus::BusMessage| RawEvent {
+            headers: message.headers,
+            payload: message.payload,
+        };
+        // With priorities on, the type's events of the higher levels are on their own
+        // subjects (`<prefix>.>` already covers them).
+        Ok(match event_type {
+            Some(t) if self.priorities => {
+                let prioritised = self.broker.bus().subscribe(
+                    &format!("{}.{}.*.{t}", self.prefix, crate::events::PRIORITY_TOKEN),
+                    None,
+                );
+                futures::stream::select(subscription.map(raw), prioritised.map(raw)).boxed()
+            }
+            _ => subscription.map(raw).boxed(),
+        })
     }
 }
 

@@ -2499,3 +2499,37 @@ pub async fn priority_levels_are_part_of_a_durables_type_set<B: EventBackend>() 
     second.stop(Duration::from_secs(5)).await;
     assert!(env.stored(&prio_config.js_dlq_stream).await.is_empty());
 }
+
+/// With priorities on (`js_priority_levels` 2), a promise gets a response published at
+/// priority 0 (on `<prefix>._priority.0.<type>`) as well as one without a priority: the
+/// EventSource of a connection with priorities on subscribes to a type's priority subjects
+/// too.
+pub async fn promise_gets_a_prioritised_response<B: EventBackend>() {
+    let env = B::start().await;
+    let mut client_config = env.config("cli");
+    client_config.js_priority_levels = 2;
+    let client = env.events(&client_config).await;
+    let mut responder_config = env.config("svc");
+    responder_config.js_priority_levels = 2;
+    let responder = env.events(&responder_config).await;
+    let response_type = new_type("prio.answer");
+    for priority in [Some(0u8), None] {
+        let tid = TransactionId::generate();
+        let mut promise = within(
+            "promise",
+            client.wait_for_response(&tid, &[EventType::from(response_type.as_str())]),
+        )
+        .await
+        .expect("promise");
+        let mut response =
+            new_event_with_tid(&response_type, "svc", &json!(1), tid.clone()).expect("event");
+        if let Some(p) = priority {
+            set_priority(&mut response, p);
+        }
+        publish(&responder, response.clone()).await;
+        let got = within("response", promise.response(Duration::from_secs(5)))
+            .await
+            .unwrap_or_else(|err| panic!("response at priority {priority:?}: {err}"));
+        assert_eq!(got.id(), response.id());
+    }
+}
