@@ -1319,3 +1319,93 @@ async fn listen_starts_new_durables_at_new_events() {
         bad.stderr
     );
 }
+
+/// `cemsg publish --priority N` with `NATS_JS_PRIORITY_LEVELS=3`: stored on the level's
+/// subject (`events._priority.<N>.<type>`, the lowest level on `events.<type>`) with the
+/// `priority` extension; a listener with the same levels prints the backlog highest first
+/// and leaves every level's consumer settled. Without priorities (or N beyond the levels)
+/// `--priority` is refused with exit 1 and nothing is stored.
+#[tokio::test]
+async fn publish_priority_goes_to_its_level_and_is_served_first() {
+    let server = server_with_streams().await;
+    let url = server.url();
+    let with_levels = |args: &[&str]| {
+        let mut command = cemsg(&url, args);
+        command.env("NATS_JS_PRIORITY_LEVELS", "3");
+        command
+    };
+    let refused = run(cemsg(&url, &["publish", ORDER_CREATED, "--priority", "0"]))
+        .await
+        .fails_with(1);
+    assert!(
+        refused.stderr.contains("NATS_JS_PRIORITY_LEVELS"),
+        "{}",
+        refused.stderr
+    );
+    run(with_levels(&["publish", ORDER_CREATED, "--priority", "3"]))
+        .await
+        .fails_with(1);
+    assert_eq!(events_stream_messages(&server).await, 0, "nothing stored");
+    let mut ids = Vec::new();
+    for priority in [None, Some("1"), Some("0")] {
+        let mut args = vec!["publish", ORDER_CREATED];
+        if let Some(p) = priority {
+            args.extend(["--priority", p]);
+        }
+        let line = run(with_levels(&args)).await.success().json_lines();
+        ids.push(line[0]["id"].as_str().expect("id").to_owned());
+    }
+    let js = async_nats::jetstream::new(support::connect(server.url()).await);
+    let stream = js.get_stream("CLOUDEVENTS").await.expect("events stream");
+    let mut subjects = Vec::new();
+    for seq in 1..=3 {
+        let message = stream.get_raw_message(seq).await.expect("stored");
+        subjects.push(message.subject.to_string());
+        let event = ce_messaging::codec::decode(Some(&message.headers), &message.payload)
+            .expect("a CloudEvent");
+        let expected = [None, Some(1u8), Some(0u8)][seq as usize - 1];
+        assert_eq!(ce_messaging::events::event_priority(&event), Ok(expected));
+    }
+    assert_eq!(
+        subjects,
+        vec![
+            format!("events.{ORDER_CREATED}"),
+            format!("events._priority.1.{ORDER_CREATED}"),
+            format!("events._priority.0.{ORDER_CREATED}"),
+        ]
+    );
+    let printed = run(with_levels(&[
+        "listen",
+        ORDER_CREATED,
+        "--durable",
+        "prio",
+        "--count",
+        "3",
+    ]))
+    .await
+    .success()
+    .json_lines();
+    let order: Vec<&str> = printed
+        .iter()
+        .map(|l| l["id"].as_str().expect("id"))
+        .collect();
+    assert_eq!(
+        order,
+        vec![ids[2].as_str(), ids[1].as_str(), ids[0].as_str()]
+    );
+    for durable in ["prio-p0", "prio-p1", "prio"] {
+        let mut consumer = js
+            .get_consumer_from_stream::<async_nats::jetstream::consumer::pull::Config, _, _>(
+                durable,
+                "CLOUDEVENTS",
+            )
+            .await
+            .expect("a consumer per level");
+        let info = consumer.info().await.expect("consumer info");
+        assert_eq!(
+            (info.num_pending, info.num_ack_pending),
+            (0, 0),
+            "{durable}: {info:?}"
+        );
+    }
+}

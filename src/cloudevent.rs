@@ -189,7 +189,8 @@ pub const MAX_TYPE_LEN: usize = 255;
 /// request subject, a type the last tokens of `<prefix>.<type>`): dot-separated tokens, none
 /// empty (no leading, trailing or double dot), no wildcard character (`*`, `>`) anywhere, no
 /// whitespace (also Unicode whitespace) and no control characters, at most [`MAX_TYPE_LEN`]
-/// bytes. Every entry point checks it (publish, listen, EventSource, request, reply streams,
+/// bytes, and a first token other than `_priority` (reserved for the subjects of priority
+/// levels, `<prefix>._priority.<p>.<type>`). Every entry point checks it (publish, listen, EventSource, request, reply streams,
 /// the CLI through them) and refuses a bad name at once, before anything is sent or
 /// subscribed.
 ///
@@ -205,7 +206,7 @@ pub const MAX_TYPE_LEN: usize = 255;
 /// use ce_messaging::error::EventErrorKind;
 ///
 /// assert!(check_type("org.example.order.created").is_ok());
-/// for bad in ["probe.*", ">", "a b", "a..b", ".a", "a\tb", ""] {
+/// for bad in ["probe.*", ">", "a b", "a..b", ".a", "a\tb", "", "_priority.0.x"] {
 ///     assert_eq!(check_type(bad).unwrap_err().kind(), EventErrorKind::InvalidType);
 /// }
 /// ```
@@ -242,6 +243,12 @@ pub fn check_type(name: &str) -> Result<(), EventError> {
     }
     if name.split('.').any(str::is_empty) {
         return refuse("has an empty token (a leading, trailing or double '.')".into());
+    }
+    if name.split('.').next() == Some(crate::events::PRIORITY_TOKEN) {
+        return refuse(format!(
+            "starts with the reserved token {:?} (the subjects of priority levels)",
+            crate::events::PRIORITY_TOKEN
+        ));
     }
     Ok(())
 }

@@ -377,6 +377,10 @@ error_kind! {
         /// The client is not connected to a server (it is reconnecting) and did not get back
         /// in time; the detail says for how long it has been down.
         Disconnected => "not connected to NATS",
+        /// With priorities on (`NATS_JS_PRIORITY_LEVELS` > 1), the event's `priority`
+        /// extension is not an integer below the number of levels; refused before sending,
+        /// never retried.
+        InvalidPriority => "invalid event priority",
     }
 }
 

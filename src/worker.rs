@@ -430,6 +430,16 @@ impl Reserved {
     pub fn count(&self) -> usize {
         self.count
     }
+
+    /// Moves `n` of the unused places (at most all) into a reservation of their own.
+    pub fn split(&mut self, n: usize) -> Reserved {
+        let n = n.min(self.count);
+        self.count -= n;
+        Reserved {
+            slots: self.slots.clone(),
+            count: n,
+        }
+    }
 }
 
 impl Drop for Reserved {
@@ -501,6 +511,19 @@ impl DeliveryWindow {
             permit.forget();
             count = min as usize;
         }
+        while let Ok(permit) = self.inner.slots.try_acquire() {
+            permit.forget();
+            count += 1;
+        }
+        Reserved {
+            slots: self.inner.slots.clone(),
+            count,
+        }
+    }
+
+    /// Takes every place free right now, without waiting (possibly none).
+    pub fn try_reserve(&self) -> Reserved {
+        let mut count = 0usize;
         while let Ok(permit) = self.inner.slots.try_acquire() {
             permit.forget();
             count += 1;

@@ -8,7 +8,8 @@ use ce_messaging::cloudevents::{AttributesReader, AttributesWriter};
 use ce_messaging::config::Config;
 use ce_messaging::event::{new_event_with_tid, TransactionId, AUTO_POPULATE_SOURCE};
 use ce_messaging::events::{
-    event_handler_fn, EventConnection, EventHandlers, EventListenOptions, StartPosition,
+    event_handler_fn, set_priority, EventConnection, EventHandlers, EventListenOptions,
+    StartPosition,
 };
 use ce_messaging::handler::HandlerError;
 use ce_messaging::jetstream::JetStreamEvents;
@@ -114,6 +115,12 @@ pub struct PublishArgs {
     /// Publish N events (distinct ids), pipelined.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     count: Option<u64>,
+    #[arg(
+        long,
+        value_name = "N",
+        help = "The event's priority, 0 the highest (the `priority` extension; published on <prefix>._priority.<N>.<type>, the lowest level on <prefix>.<type>); needs NATS_JS_PRIORITY_LEVELS > N"
+    )]
+    priority: Option<u8>,
     #[command(flatten)]
     mode: ModeArgs,
 }
@@ -139,6 +146,9 @@ impl PublishArgs {
         if let Some(id) = &self.id {
             event.set_id(id.clone());
         }
+        if let Some(priority) = self.priority {
+            set_priority(&mut event, priority);
+        }
         Ok(event)
     }
 }
@@ -147,6 +157,19 @@ pub async fn publish(config: Config, args: PublishArgs) -> Result<(), Failure> {
     let data = parse_data(args.data.as_deref())?;
     if args.event_type.trim().is_empty() {
         return Err(Failure::new(EXIT_USAGE, "the event type must not be empty"));
+    }
+    if let Some(priority) = args.priority {
+        // With priorities off the extension would be carried but not read: say so instead.
+        if config.js_priority_levels <= 1 || priority >= config.js_priority_levels {
+            return Err(Failure::new(
+                EXIT_USAGE,
+                format!(
+                    "--priority {priority} needs NATS_JS_PRIORITY_LEVELS of at least {} (it is {}; 1 means priorities are off)",
+                    u16::from(priority).max(1) + 1,
+                    config.js_priority_levels
+                ),
+            ));
+        }
     }
     let config = with_mode(config, &args.mode);
     let events = JetStreamEvents::connect(&config).await?;

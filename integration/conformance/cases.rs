@@ -182,8 +182,24 @@ impl Peak {
 /// bound. Every backend refuses each at once with a typed error.
 pub fn invalid_types() -> Vec<String> {
     let mut types: Vec<String> = [
-        "probe.*", "probe.>", ">", "*", "a.b*c", "a>b", "a b", "a\tb", "a\nb", "a\u{0}b",
-        "a\u{7f}b", "a\u{a0}b", "a..b", ".a", "a.", ".", "",
+        "probe.*",
+        "probe.>",
+        ">",
+        "*",
+        "a.b*c",
+        "a>b",
+        "a b",
+        "a\tb",
+        "a\nb",
+        "a\u{0}b",
+        "a\u{7f}b",
+        "a\u{a0}b",
+        "a..b",
+        ".a",
+        "a.",
+        ".",
+        "",
+        "_priority.0.x",
     ]
     .iter()
     .map(|t| t.to_string())

@@ -126,6 +126,11 @@ macro_rules! event_cases {
             new_durables_start_where_told_and_existing_ones_keep_their_position,
             retried_request_reports_its_duplicate_publish,
             consumer_info_through_the_trait_reports_the_lag,
+            priorities_serve_a_mixed_backlog_highest_first,
+            priority_publish_is_checked_and_off_changes_nothing,
+            priority_listener_waits_on_every_level,
+            priority_levels_are_part_of_a_durables_type_set,
+            promise_gets_a_prioritised_response,
         );
     };
 }

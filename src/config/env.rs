@@ -34,6 +34,7 @@ struct RawVars {
     js_replicas: Option<String>,
     js_duplicate_window: Option<String>,
     js_dlq_stream: Option<String>,
+    js_priority_levels: Option<String>,
     events_timeout: Option<String>,
     ce_mode: Option<String>,
     creds_file: Option<String>,
@@ -319,6 +320,9 @@ impl Config {
         if let Some(v) = non_empty(raw.js_dlq_stream) {
             config.js_dlq_stream = v.trim().to_string();
         }
+        if let Some(v) = non_empty(raw.js_priority_levels) {
+            config.js_priority_levels = parse_int("NATS_JS_PRIORITY_LEVELS", &v)?;
+        }
         if let Some(v) = non_empty(raw.events_timeout) {
             config.events_timeout = parse_seconds("NATS_EVENTS_TIMEOUT", &v)?;
         }
@@ -345,7 +349,7 @@ impl Config {
     /// timeouts above zero, `js_ack_wait` and `js_duplicate_window` at most
     /// [`MAX_JS_DURATION`], the window at least [`MIN_DUPLICATE_WINDOW`], `request_timeout` at
     /// most [`MAX_REQUEST_TIMEOUT`], `reconnect_wait` and `events_timeout` at most
-    /// [`MAX_CLIENT_DURATION`], `js_replicas` 1..=5, `js_max_deliver` and `max_reconnects` -1 or
+    /// [`MAX_CLIENT_DURATION`], `js_replicas` 1..=5, `js_priority_levels` 1..=10, `js_max_deliver` and `max_reconnects` -1 or
     /// 1..=[`MAX_COUNT`]), at most one authentication method is set, a user has a password,
     /// and a client certificate has a key.
     ///
@@ -454,6 +458,16 @@ impl Config {
             MAX_JS_DURATION,
         )?;
         check_name("NATS_JS_DLQ_STREAM", &self.js_dlq_stream)?;
+        let max_levels = crate::events::MAX_PRIORITY_LEVELS;
+        if !(1..=max_levels).contains(&self.js_priority_levels) {
+            return Err(invalid(
+                "NATS_JS_PRIORITY_LEVELS",
+                format!(
+                    "{} is out of range 1..={max_levels} (1: priorities off)",
+                    self.js_priority_levels
+                ),
+            ));
+        }
         if self.js_dlq_stream == self.js_stream {
             return Err(Error::with_detail(
                 ConfigErrorKind::Invalid,

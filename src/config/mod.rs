@@ -283,6 +283,11 @@ pub struct Config {
     pub js_duplicate_window: Duration,
     /// `NATS_JS_DLQ_STREAM`: the dead-letter stream. Default `DEADLETTER`.
     pub js_dlq_stream: String,
+    /// `NATS_JS_PRIORITY_LEVELS`: event priority levels, `1..=10`; 1 (the default) means
+    /// priorities are off. With more, publish reads the event's `priority` extension (0 the
+    /// highest) and listeners serve the higher levels first (see
+    /// [`priority_subject`](crate::events::priority_subject) and the wire contract).
+    pub js_priority_levels: u8,
     /// `NATS_EVENTS_TIMEOUT`: default wait for response events (seconds). Default 30 s.
     pub events_timeout: Duration,
     /// `NATS_CE_MODE`: `structured` (default) or `binary`, the content mode of sent events.
@@ -336,6 +341,7 @@ impl Default for Config {
             js_replicas: 1,
             js_duplicate_window: Duration::from_secs(120),
             js_dlq_stream: "DEADLETTER".to_string(),
+            js_priority_levels: 1,
             events_timeout: Duration::from_secs(30),
             ce_mode: ContentMode::Structured,
             creds_file: None,
@@ -372,6 +378,7 @@ impl fmt::Debug for Config {
             .field("js_replicas", &self.js_replicas)
             .field("js_duplicate_window", &self.js_duplicate_window)
             .field("js_dlq_stream", &self.js_dlq_stream)
+            .field("js_priority_levels", &self.js_priority_levels)
             .field("events_timeout", &self.events_timeout)
             .field("ce_mode", &self.ce_mode)
             .field("creds_file", &self.creds_file)

@@ -171,6 +171,9 @@ fn values_that_do_not_parse_name_their_variable() {
         ("NATS_RECONNECT_WAIT", "1e300"),
         ("NATS_JS_START_POSITION", "latest"),
         ("NATS_JS_START_POSITION", "time:yesterday"),
+        ("NATS_JS_PRIORITY_LEVELS", "two"),
+        ("NATS_JS_PRIORITY_LEVELS", "-1"),
+        ("NATS_JS_PRIORITY_LEVELS", "256"),
     ];
     for (var, value) in cases {
         let err = from(&[(var, value)]).expect_err(var);
@@ -183,6 +186,8 @@ fn out_of_range_values_name_their_variable() {
     let cases = [
         ("NATS_JS_REPLICAS", "0"),
         ("NATS_JS_REPLICAS", "6"),
+        ("NATS_JS_PRIORITY_LEVELS", "0"),
+        ("NATS_JS_PRIORITY_LEVELS", "11"),
         ("NATS_JS_MAX_DELIVER", "0"),
         ("NATS_JS_START_POSITION", "sequence:0"),
         ("NATS_JS_HANDLER_TIMEOUT", "0"),
@@ -609,4 +614,17 @@ fn start_position_is_read_and_unset_means_the_library_default() {
         .unwrap_err()
         .to_string()
         .contains("NATS_JS_START_POSITION"));
+}
+
+#[test]
+fn priority_levels_default_to_off_and_are_read() {
+    assert_eq!(from(&[]).expect("defaults").js_priority_levels, 1);
+    let config = from(&[("NATS_JS_PRIORITY_LEVELS", " 3 ")]).expect("3 levels");
+    assert_eq!(config.js_priority_levels, 3);
+    assert_eq!(
+        from(&[("NATS_JS_PRIORITY_LEVELS", "10")])
+            .expect("10")
+            .js_priority_levels,
+        10
+    );
 }

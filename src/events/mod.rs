@@ -30,6 +30,7 @@ mod connection;
 mod delivery;
 mod handler;
 mod options;
+mod priority;
 mod publish;
 pub(crate) mod source;
 
@@ -37,6 +38,7 @@ pub use connection::*;
 pub use delivery::*;
 pub use handler::*;
 pub use options::*;
+pub use priority::*;
 pub use publish::*;
 pub use source::*;
 

@@ -60,8 +60,8 @@ use tokio_util::task::TaskTracker;
 use crate::config::StartPosition;
 use crate::error::{BoxError, Error, ListenError, ListenErrorKind};
 use crate::events::{
-    start_delivery_pool, Acker, DeadLetterPublishError, DeadLetterSink, Delivery, DeliveryContext,
-    EventConnection, EventHandlers, EventListenOptions,
+    level_subjects, priority_durable, start_delivery_pool, Acker, DeadLetterPublishError,
+    DeadLetterSink, Delivery, DeliveryContext, EventConnection, EventHandlers, EventListenOptions,
 };
 use crate::listener::Listener;
 use crate::worker::{DeliveryWindow, Reserved, Submitter, WorkContext};
@@ -131,8 +131,14 @@ pub(crate) async fn listen(
             "ack wait must be more than zero",
         ));
     }
-    let mut subjects: Vec<String> = handlers.types().map(|t| config.events_subject(t)).collect();
+    let levels = config.js_priority_levels.max(1);
+    let types: Vec<&str> = handlers.types().collect();
+    // The filter subjects of each level's consumer, highest level first (one level with
+    // priorities off: `<prefix>.<type>`), and all of them (what presence reports).
+    let level_subjects = level_subjects(&config.js_subject_prefix, &types, levels);
+    let mut subjects: Vec<String> = level_subjects.concat();
     subjects.sort();
+    let window = DeliveryWindow::new(options.window());
 
     let stream = inner
         .js
@@ -158,50 +164,59 @@ pub(crate) async fn listen(
         &presence,
         &stream,
         &durable,
-        &subjects,
+        (
+            &subjects,
+            level_subjects.last().map_or(&[][..], Vec::as_slice),
+        ),
         &config.js_subject_prefix,
     )
     .await?;
-    let deliver_policy = start_policy(
-        &stream,
-        &durable,
-        options
-            .start_position
-            .or(config.js_start_position)
-            .unwrap_or_default(),
-    )
-    .await?;
-    let window = DeliveryWindow::new(options.window());
-    let consumer_config = PullConfig {
-        durable_name: Some(durable.clone()),
-        description: Some(format!("ce-messaging listener {durable}")),
-        deliver_policy,
-        ack_policy: AckPolicy::Explicit,
-        ack_wait,
-        // Delivery limits (see `delivery_limits`): set below.
-        max_deliver: -1,
-        filter_subject: if subjects.len() == 1 {
-            subjects[0].clone()
-        } else {
-            String::new()
-        },
-        filter_subjects: if subjects.len() > 1 {
-            subjects.clone()
-        } else {
-            Vec::new()
-        },
-        ..Default::default()
-    };
-    let consumer_config = delivery_limits(consumer_config, &window);
-    let consumer: Consumer<PullConfig> = stream
-        .create_consumer(consumer_config.clone())
-        .await
-        .map_err(|err| {
-            Error::with_source(ListenErrorKind::Consumer, err).detail(format!(
-                "durable consumer {durable} on {}",
-                config.js_stream
-            ))
-        })?;
+    let start = options
+        .start_position
+        .or(config.js_start_position)
+        .unwrap_or_default();
+    let mut consumers = Vec::with_capacity(level_subjects.len());
+    for (level, filter) in (0u8..).zip(&level_subjects) {
+        let name = priority_durable(&durable, level, levels);
+        let deliver_policy = start_policy(&stream, &name, start).await?;
+        let consumer_config = PullConfig {
+            durable_name: Some(name.clone()),
+            description: Some(if name == durable {
+                format!("ce-messaging listener {durable}")
+            } else {
+                format!("ce-messaging listener {durable}, priority {level}")
+            }),
+            deliver_policy,
+            ack_policy: AckPolicy::Explicit,
+            ack_wait,
+            // Delivery limits (see `delivery_limits`): set below.
+            max_deliver: -1,
+            filter_subject: if filter.len() == 1 {
+                filter[0].clone()
+            } else {
+                String::new()
+            },
+            filter_subjects: if filter.len() > 1 {
+                filter.clone()
+            } else {
+                Vec::new()
+            },
+            ..Default::default()
+        };
+        let consumer_config = delivery_limits(consumer_config, &window);
+        let consumer: Consumer<PullConfig> = stream
+            .create_consumer(consumer_config.clone())
+            .await
+            .map_err(|err| {
+                Error::with_source(ListenErrorKind::Consumer, err)
+                    .detail(format!("durable consumer {name} on {}", config.js_stream))
+            })?;
+        consumers.push(Level {
+            consumer,
+            config: consumer_config,
+            name,
+        });
+    }
 
     let inbox = inner.client.new_inbox();
     let subscriber = inner
@@ -244,10 +259,12 @@ pub(crate) async fn listen(
     )
     .await;
     let intake = Intake {
-        consumer,
+        levels: consumers,
         stream,
-        consumer_config,
-        open: None,
+        open: Vec::new(),
+        requests: 0,
+        received: 0,
+        filled: None,
         subscriber,
         inbox,
         window,
@@ -260,7 +277,7 @@ pub(crate) async fn listen(
         durable: durable.clone(),
     };
     pool.spawn_intake(intake.run());
-    tracing::info!(durable = %durable, subjects = ?subjects, workers = options.pool.workers, "event listener started");
+    tracing::info!(durable = %durable, subjects = ?subjects, workers = options.pool.workers, priority_levels = levels, "event listener started");
     let client = inner.client.clone();
     Ok(Listener::supervise_then(
         pool,
@@ -415,7 +432,7 @@ async fn check_durable_types(
     presence: &str,
     stream: &async_nats::jetstream::stream::Stream,
     durable: &str,
-    subjects: &[String],
+    (subjects, lowest): (&[String], &[String]),
     prefix: &str,
 ) -> Result<(), ListenError> {
     let types = |subjects: &[String]| type_list(subjects, prefix);
@@ -444,16 +461,18 @@ async fn check_durable_types(
     };
     existing.retain(|s| !s.is_empty());
     existing.sort();
-    if existing == subjects {
+    // The durable's own consumer serves the lowest priority level (the only one with
+    // priorities off).
+    if existing == lowest {
         return Ok(());
     }
     if info.num_waiting > 0 {
         return Err(Error::with_detail(
             ListenErrorKind::DurableInUse,
-            durable_in_use(durable, &types(&existing), &types(subjects)),
+            durable_in_use(durable, &types(&existing), &types(lowest)),
         ));
     }
-    tracing::info!(durable, from = %types(&existing), to = %types(subjects), "no instance runs on the durable: its event types change");
+    tracing::info!(durable, from = %types(&existing), to = %types(lowest), "no instance runs on the durable: its event types change");
     Ok(())
 }
 
@@ -478,13 +497,29 @@ pub(crate) fn durable_in_use(durable: &str, theirs: &str, mine: &str) -> String 
     )
 }
 
-struct Intake {
+/// One priority level's durable consumer (the only one with priorities off).
+struct Level {
     consumer: Consumer<PullConfig>,
-    /// The stream and configuration the consumer was made from, to recreate it when deleted.
+    /// The configuration it was made from, to recreate it when deleted.
+    config: PullConfig,
+    /// Its durable name, as the ack subjects of its messages carry it.
+    name: String,
+}
+
+struct Intake {
+    /// The consumers, highest priority first (one with priorities off).
+    levels: Vec<Level>,
+    /// The stream the consumers were made on, to recreate one when deleted.
     stream: async_nats::jetstream::stream::Stream,
-    consumer_config: PullConfig,
-    /// The pull request the server may still be filling.
-    open: Option<OpenPull>,
+    /// The pull requests the server may still be filling, oldest first (with priorities off
+    /// at most one; with priorities on at most one per level, plus the request being read).
+    open: Vec<OpenPull>,
+    /// Pull requests made so far (numbers their reply subjects).
+    requests: u64,
+    /// Data messages received so far.
+    received: u64,
+    /// The reply subject of the last request closed because its batch was full.
+    filled: Option<String>,
     subscriber: async_nats::Subscriber,
     inbox: String,
     /// Places for deliveries; a pull asks for as many events as it reserved.
@@ -502,32 +537,51 @@ struct Intake {
 
 /// A pull request sent and not yet ended.
 struct OpenPull {
+    /// The level (index into `Intake::levels`) of the consumer it was sent to.
+    level: usize,
     reply: String,
     /// Places reserved for the messages the server may still send for it (as many as it
     /// asked for); what is unused goes back to the window when the request ends.
     reserved: Reserved,
     /// When the server ends it at the latest (plus a margin for the 408 to arrive).
     deadline: Instant,
+    /// When the server last showed that it holds the request (sent, heartbeat, message).
+    heard: Instant,
 }
 
-/// How reading one pull request ended.
+impl OpenPull {
+    /// When the request counts as lost: its deadline, or three missed heartbeats.
+    fn lost_at(&self) -> Instant {
+        self.deadline.min(self.heard + PULL_HEARTBEAT * 3)
+    }
+}
+
+/// How reading pull requests ended.
 enum PullEnd {
     /// Ask again.
     Next,
-    /// The request went unanswered (no message, heartbeat or end in time): ask again, after
-    /// checking that the consumer still exists.
-    Lost,
-    /// The server ended the request with an unexpected status (e.g. 409 consumer deleted).
-    Ended,
+    /// A request (to the consumer of this level) went unanswered (no message, heartbeat or
+    /// end in time): ask again, after checking that the consumer still exists.
+    Lost(usize),
+    /// The server ended a request (to the consumer of this level) with an unexpected status
+    /// (e.g. 409 consumer deleted).
+    Ended(usize),
     /// The listener is stopping.
     Stopping,
     /// The connection is closed for good.
     Closed,
 }
 
+/// What [`Intake::read`] reads until.
+enum Until<'a> {
+    /// The request with this reply subject has ended.
+    Ended(&'a str),
+    /// A data message arrived, or no request is open any more.
+    AnyData,
+}
+
 impl Intake {
     async fn run(mut self) {
-        let mut request: u64 = 0;
         let end = loop {
             if self.work.stopping.is_cancelled() {
                 break PullEnd::Stopping;
@@ -538,39 +592,18 @@ impl Intake {
                 _ = self.work.stopping.cancelled() => break PullEnd::Stopping,
                 reserved = self.window.reserve(self.threshold) => reserved,
             };
-            let batch = reserved.count();
-            request += 1;
-            let reply = format!("{}.{request}", self.inbox);
-            let pull = BatchConfig {
-                batch,
-                expires: Some(PULL_EXPIRES),
-                idle_heartbeat: PULL_HEARTBEAT,
-                ..Default::default()
+            let end = if self.levels.len() == 1 {
+                match self.send_pull(0, reserved, true).await {
+                    Ok(reply) => self.read(Until::Ended(&reply)).await,
+                    Err(end) => end,
+                }
+            } else {
+                self.pull_by_priority(reserved).await
             };
-            let sent = Instant::now();
-            if let Err(err) = self
-                .consumer
-                .request_batch(pull, Subject::from(reply.as_str()))
-                .await
-            {
-                if client_closed(&self.client).await {
-                    break PullEnd::Closed;
-                }
-                tracing::warn!(durable = %self.durable, error = %err, "pull request failed; retrying");
-                if self.pause(PULL_RETRY_PAUSE).await {
-                    break PullEnd::Stopping;
-                }
-                continue;
-            }
-            self.open = Some(OpenPull {
-                reply,
-                reserved,
-                deadline: sent + PULL_EXPIRES + PULL_MARGIN,
-            });
-            match self.read_pull().await {
+            match end {
                 PullEnd::Next => {}
-                PullEnd::Lost | PullEnd::Ended => {
-                    if self.recreate_if_deleted().await {
+                PullEnd::Lost(level) | PullEnd::Ended(level) => {
+                    if self.recreate_if_deleted(level).await {
                         break PullEnd::Stopping;
                     }
                 }
@@ -586,6 +619,117 @@ impl Intake {
         }
     }
 
+    /// Sends a pull request to the consumer of `level` for as many messages as `reserved`
+    /// holds places: waiting up to [`PULL_EXPIRES`] for them (`wait`), or only for what is
+    /// stored now (no-wait: the server ends it at once when nothing more is waiting). Its
+    /// reply subject, or how the intake must go on when it could not be sent.
+    async fn send_pull(
+        &mut self,
+        level: usize,
+        reserved: Reserved,
+        wait: bool,
+    ) -> Result<String, PullEnd> {
+        self.requests += 1;
+        let reply = format!("{}.{}", self.inbox, self.requests);
+        let batch = reserved.count();
+        let pull = if wait {
+            BatchConfig {
+                batch,
+                expires: Some(PULL_EXPIRES),
+                idle_heartbeat: PULL_HEARTBEAT,
+                ..Default::default()
+            }
+        } else {
+            BatchConfig {
+                batch,
+                no_wait: true,
+                ..Default::default()
+            }
+        };
+        let sent = Instant::now();
+        if let Err(err) = self.levels[level]
+            .consumer
+            .request_batch(pull, Subject::from(reply.as_str()))
+            .await
+        {
+            if client_closed(&self.client).await {
+                return Err(PullEnd::Closed);
+            }
+            tracing::warn!(durable = %self.durable, error = %err, "pull request failed; retrying");
+            if self.pause(PULL_RETRY_PAUSE).await {
+                return Err(PullEnd::Stopping);
+            }
+            return Err(PullEnd::Next);
+        }
+        self.open.push(OpenPull {
+            level,
+            reply: reply.clone(),
+            reserved,
+            deadline: sent + PULL_EXPIRES + PULL_MARGIN,
+            heard: sent,
+        });
+        Ok(reply)
+    }
+
+    /// One round with priorities on (strict priority): no-wait pulls level by level, highest
+    /// first, each for the places still free, so a level is asked only after every higher
+    /// one said it has nothing more waiting. A level that filled every place it asked for
+    /// ends the round (the next starts again at the highest level). When no level had
+    /// anything, waits on every level at once (one place each) until something arrives.
+    async fn pull_by_priority(&mut self, reserved: Reserved) -> PullEnd {
+        let before = self.received;
+        let mut reserved = Some(reserved);
+        for level in 0..self.levels.len() {
+            let places = match reserved.take() {
+                Some(places) => places,
+                None => self.window.try_reserve(),
+            };
+            if places.count() == 0 {
+                // The window is full: the next round waits for places.
+                return PullEnd::Next;
+            }
+            let reply = match self.send_pull(level, places, false).await {
+                Ok(reply) => reply,
+                Err(end) => return end,
+            };
+            match self.read(Until::Ended(&reply)).await {
+                PullEnd::Next => {}
+                end => return end,
+            }
+            if self.filled.as_deref() == Some(reply.as_str()) {
+                // More may be waiting at this level, and meanwhile at higher ones.
+                return PullEnd::Next;
+            }
+        }
+        if self.received > before {
+            return PullEnd::Next;
+        }
+        // Nothing is waiting at any level: wait on each (that has no request open) at once,
+        // one place each. A listener with fewer places (workers + buffer) than levels waits
+        // on the highest levels it has places for; the others are asked again when those
+        // waits end (within PULL_EXPIRES).
+        let idle: Vec<usize> = (0..self.levels.len())
+            .filter(|level| !self.open.iter().any(|open| open.level == *level))
+            .collect();
+        if !idle.is_empty() {
+            let mut places = tokio::select! {
+                biased;
+                _ = self.work.stopping.cancelled() => return PullEnd::Stopping,
+                places = self.window.reserve(idle.len()) => places,
+            };
+            for level in idle {
+                let one = places.split(1);
+                if one.count() == 0 {
+                    break;
+                }
+                if let Err(end) = self.send_pull(level, one, true).await {
+                    return end;
+                }
+            }
+        }
+        self.read(Until::AnyData).await
+    }
+
     /// Waits `pause`; true when the listener began to stop meanwhile.
     async fn pause(&self, pause: Duration) -> bool {
         tokio::select! {
@@ -594,60 +738,76 @@ impl Intake {
         }
     }
 
-    /// After a request ended badly: recreates the consumer (same configuration) when it no
-    /// longer exists, else pauses before the next request. True when the listener began to
-    /// stop meanwhile.
-    async fn recreate_if_deleted(&mut self) -> bool {
+    /// After a request to the consumer of `level` ended badly: recreates the consumer (same
+    /// configuration) when it no longer exists, else pauses before the next request. True
+    /// when the listener began to stop meanwhile.
+    async fn recreate_if_deleted(&mut self, level: usize) -> bool {
         let lookup = tokio::select! {
             _ = self.work.stopping.cancelled() => return true,
-            lookup = self.consumer.get_info() => lookup,
+            lookup = self.levels[level].consumer.get_info() => lookup,
         };
         match lookup {
             Ok(_) => {}
             Err(err) if err.kind() == ConsumerInfoErrorKind::NotFound => {
+                let config = self.levels[level].config.clone();
                 let created = tokio::select! {
                     _ = self.work.stopping.cancelled() => return true,
-                    created = self.stream.create_consumer(self.consumer_config.clone()) => created,
+                    created = self.stream.create_consumer(config) => created,
                 };
                 match created {
                     Ok(consumer) => {
-                        tracing::warn!(durable = %self.durable, "durable consumer was deleted; recreated it with the same configuration");
-                        self.consumer = consumer;
+                        tracing::warn!(durable = %self.levels[level].name, "durable consumer was deleted; recreated it with the same configuration");
+                        self.levels[level].consumer = consumer;
                         return false;
                     }
                     Err(err) => {
-                        tracing::warn!(durable = %self.durable, error = %err, "durable consumer was deleted and could not be recreated; retrying");
+                        tracing::warn!(durable = %self.levels[level].name, error = %err, "durable consumer was deleted and could not be recreated; retrying");
                     }
                 }
             }
             Err(err) => {
-                tracing::debug!(durable = %self.durable, error = %err, "consumer info failed");
+                tracing::debug!(durable = %self.levels[level].name, error = %err, "consumer info failed");
             }
         }
         self.pause(PULL_RETRY_PAUSE).await
     }
 
-    /// Reads the messages of the open pull request until it is complete or ends.
-    async fn read_pull(&mut self) -> PullEnd {
+    /// Reads the messages of the open pull requests until `until` holds or a request ends
+    /// badly.
+    async fn read(&mut self, until: Until<'_>) -> PullEnd {
         loop {
-            let Some(open) = &self.open else {
+            let done = match until {
+                Until::Ended(reply) => !self.open.iter().any(|open| open.reply == reply),
+                Until::AnyData => self.open.is_empty(),
+            };
+            let Some(limit) = self.open.iter().map(OpenPull::lost_at).min() else {
                 return PullEnd::Next;
             };
-            let deadline = open.deadline;
+            if done {
+                return PullEnd::Next;
+            }
             let next = tokio::select! {
                 biased;
                 _ = self.work.stopping.cancelled() => return PullEnd::Stopping,
-                next = tokio::time::timeout_at(
-                    deadline.min(Instant::now() + PULL_HEARTBEAT * 3),
-                    self.subscriber.next(),
-                ) => next,
+                next = tokio::time::timeout_at(limit, self.subscriber.next()) => next,
             };
             let message = match next {
-                // No message, heartbeat or end of the request in time: it got lost (e.g. the
+                // No message, heartbeat or end of a request in time: it got lost (e.g. the
                 // server restarted, or the consumer is gone). Ask again.
                 Err(_) => {
-                    self.open = None;
-                    return PullEnd::Lost;
+                    let now = Instant::now();
+                    let mut lost = None;
+                    self.open.retain(|open| {
+                        let alive = open.lost_at() > now;
+                        if !alive {
+                            lost = Some(open.level);
+                        }
+                        alive
+                    });
+                    match lost {
+                        Some(level) => return PullEnd::Lost(level),
+                        None => continue,
+                    }
                 }
                 Ok(None) => return PullEnd::Closed,
                 Ok(Some(message)) => message,
@@ -661,52 +821,69 @@ impl Intake {
                             return PullEnd::Stopping;
                         }
                     }
-                }
-                Some(Note::End(status)) => {
-                    // 408 expired, 404 nothing, 409 terminated (consumer deleted, leader
-                    // change, ...).
-                    if status == StatusCode::TIMEOUT || status == StatusCode::NOT_FOUND {
+                    if matches!(until, Until::AnyData) {
                         return PullEnd::Next;
                     }
-                    tracing::warn!(durable = %self.durable, %status, description = ?message.description, "pull request ended");
-                    return PullEnd::Ended;
                 }
-                None => {}
+                // 408 expired and 404 nothing (more) end a request normally; 409 terminated
+                // (consumer deleted, leader change, ...) and others do not.
+                Some(Note::End(level, status))
+                    if status != StatusCode::TIMEOUT && status != StatusCode::NOT_FOUND =>
+                {
+                    tracing::warn!(durable = %self.durable, %status, description = ?message.description, "pull request ended");
+                    return PullEnd::Ended(level);
+                }
+                Some(Note::End(..)) | None => {}
             }
         }
     }
 
-    /// Classifies a message read from the subscription and keeps the open request's account:
-    /// its end status closes it (a full batch is closed by [`delivery`](Self::delivery), which
-    /// takes the request's last place). Heartbeats and the statuses of older requests are
-    /// `None`.
+    /// Classifies a message read from the subscription and keeps the open requests' account:
+    /// its end status closes a request (a full batch is closed by
+    /// [`delivery`](Self::delivery), which takes the request's last place), a heartbeat
+    /// shows it is still held. Heartbeats and the statuses of older requests are `None`.
     fn note(&mut self, message: &async_nats::Message) -> Option<Note> {
         match message.status {
             None | Some(StatusCode::OK) => Some(Note::Data),
-            Some(StatusCode::IDLE_HEARTBEAT) => None,
-            Some(status) => {
-                if self
+            Some(StatusCode::IDLE_HEARTBEAT) => {
+                if let Some(open) = self
                     .open
-                    .as_ref()
-                    .is_some_and(|open| message.subject.as_str() == open.reply)
+                    .iter_mut()
+                    .find(|open| message.subject.as_str() == open.reply)
                 {
-                    self.open = None;
-                    Some(Note::End(status))
-                } else {
-                    None
+                    open.heard = Instant::now();
                 }
+                None
+            }
+            Some(status) => {
+                let at = self
+                    .open
+                    .iter()
+                    .position(|open| message.subject.as_str() == open.reply)?;
+                let open = self.open.remove(at);
+                Some(Note::End(open.level, status))
             }
         }
     }
 
     /// Makes a delivery of a data message, in a place of the window: one reserved by the
-    /// open request (its last place closes it: the batch is full), or, for a message of a
-    /// request given up as lost, a free one (waiting for it).
+    /// oldest open request to its consumer (its last place closes it: the batch is full; the
+    /// server serves a consumer's requests in order), or, for a message of a request given
+    /// up as lost, a free one (waiting for it).
     async fn delivery(&mut self, message: async_nats::Message) -> Option<Delivery> {
         let Some((stream_sequence, delivered)) = message.reply.as_deref().and_then(ack_numbers)
         else {
             tracing::warn!(durable = %self.durable, subject = %message.subject, reply = ?message.reply, "message without JetStream metadata ignored");
             return None;
+        };
+        let level = if self.levels.len() == 1 {
+            Some(0)
+        } else {
+            message
+                .reply
+                .as_deref()
+                .and_then(ack_consumer)
+                .and_then(|name| self.levels.iter().position(|level| level.name == name))
         };
         let acker: Arc<dyn Acker> = Arc::new(JetStreamAcker {
             reply: message.reply,
@@ -714,15 +891,24 @@ impl Intake {
             shared: self.ackers.clone(),
             _live: self.ackers.live.token(),
         });
-        let hold = match self.open.as_mut() {
-            Some(open) if open.reserved.count() > 0 => {
-                let hold = self.window.hold(&mut open.reserved, &acker).await;
+        self.received += 1;
+        let at = self
+            .open
+            .iter()
+            .position(|open| open.reserved.count() > 0 && Some(open.level) == level);
+        let hold = match at {
+            Some(at) => {
+                let window = &self.window;
+                let open = &mut self.open[at];
+                open.heard = Instant::now();
+                let hold = window.hold(&mut open.reserved, &acker).await;
                 if open.reserved.count() == 0 {
-                    self.open = None;
+                    let open = self.open.remove(at);
+                    self.filled = Some(open.reply);
                 }
                 hold
             }
-            _ => {
+            None => {
                 let mut none = self.window.reserve(0).await;
                 self.window.hold(&mut none, &acker).await
             }
@@ -738,22 +924,23 @@ impl Intake {
         })
     }
 
-    /// Stops pulling: keeps reading until the open pull request has ended and queues whatever
-    /// the server sent for it (it has places in the window, so the workers run it within the
-    /// grace period instead of handing it back: a hand-back would cost the event a delivery),
-    /// then unsubscribes. A message of a request given up as lost that arrives now is handed
-    /// back (nak). A "crashed" listener (as a dead process) settles and runs nothing.
+    /// Stops pulling: keeps reading until the open pull requests have ended and queues
+    /// whatever the server sent for them (it has places in the window, so the workers run it
+    /// within the grace period instead of handing it back: a hand-back would cost the event
+    /// a delivery), then unsubscribes. A message of a request given up as lost that arrives
+    /// now is handed back (nak). A "crashed" listener (as a dead process) settles and runs
+    /// nothing.
     async fn hand_back_rest(mut self) {
         let mut queued = 0usize;
         // Deliveries that can no longer run (the grace period is over): handed back once the
-        // open request has ended, since a nak before would bring the event straight back into
-        // that request.
+        // open requests have ended, since a nak before would bring the event straight back
+        // into one of them.
         let mut held: Vec<Delivery> = Vec::new();
         // The stop of a crash is seen here as soon as the listener's token is cancelled, which
         // can be a moment before the pool marks the crash (and aborts): so the crash is watched
         // while reading, not only checked once.
         if !self.work.crashed() {
-            while let Some(deadline) = self.open.as_ref().map(|open| open.deadline) {
+            while let Some(deadline) = self.open.iter().map(|open| open.deadline).max() {
                 let aborted = self.work.abort.is_cancelled();
                 let next = tokio::select! {
                     biased;
@@ -783,7 +970,7 @@ impl Intake {
                 }
             }
         }
-        self.open = None;
+        self.open.clear();
         let crashed = self.work.crashed();
         if let Err(err) = self.subscriber.unsubscribe().await {
             tracing::debug!(error = %err, "unsubscribe of the pull subscription failed");
@@ -859,12 +1046,23 @@ fn ack_numbers(reply: &str) -> Option<(u64, u64)> {
     Some((stream_sequence, delivered.max(1) as u64))
 }
 
+/// The consumer name in a JetStream ack subject (see [`ack_numbers`] for its two shapes).
+fn ack_consumer(reply: &str) -> Option<&str> {
+    let rest = reply.strip_prefix("$JS.ACK.")?;
+    let tokens: Vec<&str> = rest.split('.').take(10).collect();
+    match tokens.len() {
+        7 => Some(tokens[1]),
+        9.. => Some(tokens[3]),
+        _ => None,
+    }
+}
+
 /// What a message read from the pull subscription is.
 enum Note {
     /// An event.
     Data,
-    /// The end of the open pull request, with its status.
-    End(StatusCode),
+    /// The end of an open pull request (to the consumer of this level), with its status.
+    End(usize, StatusCode),
 }
 
 /// Settles one message. One dropped unsettled (e.g. still queued for a worker when a stop's

@@ -27,7 +27,7 @@ use crate::codec::{self, ContentMode};
 use crate::config::Config;
 use crate::error::{Error, PublishErrorKind};
 use crate::event::{check_type, populate_source};
-use crate::events::{PublishAck, PublishError};
+use crate::events::{priority_subject, publish_level, PublishAck, PublishError};
 use crate::headers::NATS_MSG_ID;
 
 use super::{client_closed, Inner};
@@ -106,19 +106,25 @@ impl Prepared {
     }
 }
 
-/// The most recent type's subject, so that a batch of one type formats it once.
+/// The most recent type's subject (at its priority level), so that a batch of one type
+/// formats it once.
 #[derive(Default)]
 struct SubjectCache {
-    last: Option<(String, Subject)>,
+    last: Option<(String, u8, Subject)>,
 }
 
 impl SubjectCache {
-    fn subject(&mut self, config: &Config, event_type: &str) -> Subject {
+    fn subject(&mut self, config: &Config, event_type: &str, level: u8) -> Subject {
         match &self.last {
-            Some((ty, subject)) if ty == event_type => subject.clone(),
+            Some((ty, at, subject)) if ty == event_type && *at == level => subject.clone(),
             _ => {
-                let subject = Subject::from(config.events_subject(event_type));
-                self.last = Some((event_type.to_owned(), subject.clone()));
+                let subject = Subject::from(priority_subject(
+                    &config.js_subject_prefix,
+                    event_type,
+                    level,
+                    config.js_priority_levels,
+                ));
+                self.last = Some((event_type.to_owned(), level, subject.clone()));
                 subject
             }
         }
@@ -148,6 +154,8 @@ fn prepare(
     subjects: &mut SubjectCache,
 ) -> Result<Prepared, Error<PublishErrorKind>> {
     check_type(event.ty()).map_err(|e| e.map_kind(|_| PublishErrorKind::InvalidType))?;
+    let level = publish_level(event, inner.config.js_priority_levels)
+        .map_err(|detail| Error::with_detail(PublishErrorKind::InvalidPriority, detail))?;
     populate_source(event, &inner.config.client_id);
     let (headers, payload) = encode(inner.config.ce_mode, event)?;
     let size = wire_size(&headers, payload.len());
@@ -162,7 +170,7 @@ fn prepare(
         ));
     }
     Ok(Prepared {
-        subject: subjects.subject(&inner.config, event.ty()),
+        subject: subjects.subject(&inner.config, event.ty(), level),
         headers: Some(headers),
         payload,
     })
@@ -622,7 +630,7 @@ mod tests {
         let mut cache = SubjectCache::default();
         let subjects: Vec<String> = ["a.x", "a.x", "b.y", "a.x"]
             .iter()
-            .map(|ty| cache.subject(&config, ty).to_string())
+            .map(|ty| cache.subject(&config, ty, 0).to_string())
             .collect();
         let expected: Vec<String> = ["a.x", "a.x", "b.y", "a.x"]
             .iter()

@@ -20,6 +20,8 @@ pub(crate) struct CoreSubscriptions {
     client: async_nats::Client,
     prefix: String,
     confirm_timeout: std::time::Duration,
+    /// With priorities on, a type's events are also on `<prefix>._priority.*.<type>`.
+    priorities: bool,
 }
 
 impl CoreSubscriptions {
@@ -28,6 +30,7 @@ impl CoreSubscriptions {
             client,
             prefix: config.js_subject_prefix.clone(),
             confirm_timeout: config.request_timeout,
+            priorities: config.js_priority_levels > 1,
         }
     }
 }
@@ -42,9 +45,26 @@ impl SourceBackend for CoreSubscriptions {
             Some(t) => format!("{}.{t}", self.prefix),
             None => format!("{}.>", self.prefix),
         };
-        let subscriber = self.client.subscribe(subject.clone()).await.map_err(|e| {
-            Error::with_source(ListenErrorKind::Subscribe, e).detail(format!("subject {subject}"))
-        })?;
+        let subscribe = |subject: String| async move {
+            self.client.subscribe(subject.clone()).await.map_err(|e| {
+                Error::with_source(ListenErrorKind::Subscribe, e)
+                    .detail(format!("subject {subject}"))
+            })
+        };
+        let subscriber = subscribe(subject.clone()).await?;
+        // With priorities on, the type's events of the higher levels are on their own
+        // subjects (`<prefix>.>` already covers them).
+        let prioritised = match event_type {
+            Some(t) if self.priorities => Some(
+                subscribe(format!(
+                    "{}.{}.*.{t}",
+                    self.prefix,
+                    crate::events::PRIORITY_TOKEN
+                ))
+                .await?,
+            ),
+            _ => None,
+        };
         // The contract of `subscribe`: active on the server when it returns. A flush only
         // writes the socket, so make a round trip instead: a request nobody answers comes back
         // as "no responders" once the server has processed everything sent before it,
@@ -72,11 +92,15 @@ impl SourceBackend for CoreSubscriptions {
                 ))
             }
         }
-        Ok(subscriber
-            .map(|message| RawEvent {
-                headers: message.headers,
-                payload: message.payload,
-            })
-            .boxed())
+        let raw = |message: async_nats::Message| RawEvent {
+            headers: message.headers,
+            payload: message.payload,
+        };
+        Ok(match prioritised {
+            Some(prioritised) => {
+                futures::stream::select(subscriber.map(raw), prioritised.map(raw)).boxed()
+            }
+            None => subscriber.map(raw).boxed(),
+        })
     }
 }

@@ -23,6 +23,7 @@ use crate::error::{
 };
 use crate::event::{check_type, populate_source};
 use crate::event_source::{EventSource, RawEvent, SourceBackend};
+use crate::events::{level_subjects, priority_durable, priority_subject, publish_level};
 use crate::events::{
     start_delivery_pool, Acker, DeadLetterPublishError, DeadLetterSink, Delivery, DeliveryContext,
     EventConnection, EventHandlers, EventListenOptions, PublishAck, PublishError,
@@ -109,6 +110,7 @@ impl MemoryEvents {
         let source = EventSource::new(Arc::new(MemorySource {
             broker: broker.clone(),
             prefix: config.js_subject_prefix.clone(),
+            priorities: config.js_priority_levels > 1,
         }));
         MemoryEvents {
             inner: Arc::new(Inner {
@@ -275,7 +277,19 @@ impl MemoryEvents {
             let err = err.map_kind(|_| PublishErrorKind::InvalidType);
             return Err(PublishError::from_error(err, Some(event)));
         }
-        let subject = format!("{}.{}", inner.subject_prefix, event.ty());
+        let level = match publish_level(&event, inner.config.js_priority_levels) {
+            Ok(level) => level,
+            Err(detail) => {
+                let err = Error::with_detail(PublishErrorKind::InvalidPriority, detail);
+                return Err(PublishError::from_error(err, Some(event)));
+            }
+        };
+        let subject = priority_subject(
+            &inner.subject_prefix,
+            event.ty(),
+            level,
+            inner.config.js_priority_levels,
+        );
         let encoded = match codec::encode(&event, inner.mode) {
             Ok(encoded) => encoded,
             Err(err) => {
@@ -351,10 +365,11 @@ impl EventConnection for MemoryEvents {
         }
         let max_deliver = options.max_deliver.unwrap_or(inner.max_deliver);
         let ack_wait = options.ack_wait.unwrap_or(inner.ack_wait);
-        let mut filter_subjects: Vec<String> = handlers
-            .types()
-            .map(|t| format!("{}.{t}", inner.subject_prefix))
-            .collect();
+        // One consumer per priority level, highest first (one with priorities off).
+        let levels = inner.config.js_priority_levels.max(1);
+        let types: Vec<&str> = handlers.types().collect();
+        let level_filters = level_subjects(&inner.subject_prefix, &types, levels);
+        let mut filter_subjects: Vec<String> = level_filters.concat();
         filter_subjects.sort();
         let claim = DurableClaim::claim(&inner.broker, &inner.stream, &durable, &filter_subjects)
             .map_err(|theirs| {
@@ -369,25 +384,31 @@ impl EventConnection for MemoryEvents {
                 ),
             )
         })?;
-        streams
-            .create_or_update_consumer(
-                &inner.stream,
-                &durable,
-                ConsumerSettings {
-                    filter_subjects,
-                    ack_wait,
-                    // No broker-side limit: the shared processing enforces `max_deliver`
-                    // (dead-letters a delivery beyond it before any handler runs), so the
-                    // broker never parks an event, as with JetStream.
-                    max_deliver: 0,
-                    max_ack_pending: options.window(),
-                },
-                options
-                    .start_position
-                    .or(inner.start_position)
-                    .unwrap_or_default(),
-            )
-            .map_err(|e| Error::with_source(ListenErrorKind::Consumer, e))?;
+        let start = options
+            .start_position
+            .or(inner.start_position)
+            .unwrap_or_default();
+        let mut consumers: Vec<Arc<str>> = Vec::with_capacity(level_filters.len());
+        for (level, filter_subjects) in (0u8..).zip(level_filters) {
+            let name = priority_durable(&durable, level, levels);
+            streams
+                .create_or_update_consumer(
+                    &inner.stream,
+                    &name,
+                    ConsumerSettings {
+                        filter_subjects,
+                        ack_wait,
+                        // No broker-side limit: the shared processing enforces `max_deliver`
+                        // (dead-letters a delivery beyond it before any handler runs), so the
+                        // broker never parks an event, as with JetStream.
+                        max_deliver: 0,
+                        max_ack_pending: options.window(),
+                    },
+                    start,
+                )
+                .map_err(|e| Error::with_source(ListenErrorKind::Consumer, e))?;
+            consumers.push(Arc::from(name.as_str()));
+        }
 
         let ctx = Arc::new(DeliveryContext {
             handlers,
@@ -427,10 +448,11 @@ impl EventConnection for MemoryEvents {
                     reserved = window.reserve(threshold) => reserved,
                 };
                 while reserved.count() > 0 {
-                    let next = tokio::select! {
+                    // Strict priority: the highest level with a message ready.
+                    let (level, next) = tokio::select! {
                         biased;
                         _ = work.stopping.cancelled() => break 'intake,
-                        next = broker.streams().next(&stream, &durable) => next,
+                        next = broker.streams().next_of(&stream, &consumers) => next,
                     };
                     let delivered = match next {
                         Next::Message(delivered) => delivered,
@@ -444,7 +466,7 @@ impl EventConnection for MemoryEvents {
                     let acker: Arc<dyn Acker> = Arc::new(MemoryAcker {
                         broker: broker.clone(),
                         stream: stream.clone(),
-                        durable: durable.clone(),
+                        durable: consumers[level].clone(),
                         seq: message.sequence,
                         settled: AtomicBool::new(false),
                         work: work.clone(),
@@ -638,6 +660,8 @@ impl DeadLetterSink for MemoryDeadLetters {
 struct MemorySource {
     broker: MemoryBroker,
     prefix: String,
+    /// With priorities on, a type's events are also on `<prefix>._priority.*.<type>`.
+    priorities: bool,
 }
 
 #[async_trait]
@@ -657,12 +681,22 @@ impl SourceBackend for MemorySource {
             ));
         }
         let subscription = self.broker.bus().subscribe(&subject, None);
-        Ok(subscription
-            .map(|message| RawEvent {
-                headers: message.headers,
-                payload: message.payload,
-            })
-            .boxed())
+        let raw = |message: super::bus::BusMessage| RawEvent {
+            headers: message.headers,
+            payload: message.payload,
+        };
+        // With priorities on, the type's events of the higher levels are on their own
+        // subjects (`<prefix>.>` already covers them).
+        Ok(match event_type {
+            Some(t) if self.priorities => {
+                let prioritised = self.broker.bus().subscribe(
+                    &format!("{}.{}.*.{t}", self.prefix, crate::events::PRIORITY_TOKEN),
+                    None,
+                );
+                futures::stream::select(subscription.map(raw), prioritised.map(raw)).boxed()
+            }
+            _ => subscription.map(raw).boxed(),
+        })
     }
 }
 

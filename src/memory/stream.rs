@@ -730,6 +730,54 @@ impl Streams {
         }
     }
 
+    /// Waits for the next message of the first of `durables` (highest priority first) that
+    /// has one now: a later durable's message is taken only when every earlier durable has
+    /// none ready (strict priority). Which durable it came from (its index), and the message.
+    ///
+    /// Cancel safe, as [`next`](Self::next).
+    pub async fn next_of(&self, stream: &str, durables: &[Arc<str>]) -> (usize, Next) {
+        if let [durable] = durables {
+            return (0, self.next(stream, durable).await);
+        }
+        loop {
+            let mut notifies = Vec::with_capacity(durables.len());
+            let mut wake: Option<Instant> = None;
+            for (at, durable) in durables.iter().enumerate() {
+                match self.try_next(stream, durable) {
+                    Ok(next) => return (at, next),
+                    Err((notify, when)) => {
+                        notifies.push(notify);
+                        wake = earliest(wake, when);
+                    }
+                }
+            }
+            // Register for notification before looking again, so a publish in between is
+            // not missed.
+            let mut notified: Vec<_> = notifies.iter().map(|n| Box::pin(n.notified())).collect();
+            for n in &mut notified {
+                n.as_mut().enable();
+            }
+            for (at, durable) in durables.iter().enumerate() {
+                match self.try_next(stream, durable) {
+                    Ok(next) => return (at, next),
+                    Err((_, when)) => wake = earliest(wake, when),
+                }
+            }
+            let any = futures::future::select_all(notified);
+            match wake {
+                Some(at) => {
+                    tokio::select! {
+                        _ = any => {}
+                        _ = tokio::time::sleep_until(at) => {}
+                    }
+                }
+                None => {
+                    any.await;
+                }
+            }
+        }
+    }
+
     fn with_consumer<R>(
         &self,
         stream: &str,
@@ -849,6 +897,14 @@ impl Streams {
 }
 
 /// What a stored message counts against the stream's byte limit.
+/// The earlier of two optional instants.
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
 fn stored_size(message: &StoredMessage) -> usize {
     super::headers_len(&message.headers) + message.payload.len() + message.subject.len()
 }

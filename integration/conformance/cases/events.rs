@@ -17,8 +17,8 @@ use ce_messaging::event::{
 };
 use ce_messaging::event_source::EventFilter;
 use ce_messaging::events::{
-    event_handler_fn, typed_event_handler, Backoff, EventConnection, EventHandlers,
-    EventListenOptions, StartPosition, TypedEvent,
+    event_handler_fn, priority_durable, set_priority, typed_event_handler, Backoff,
+    EventConnection, EventHandlers, EventListenOptions, StartPosition, TypedEvent,
 };
 use ce_messaging::handler::HandlerError;
 use ce_messaging::headers;
@@ -2389,4 +2389,325 @@ pub async fn consumer_info_through_the_trait_reports_the_lag<B: EventBackend>() 
         .expect_err("no such durable");
     assert_eq!(missing.kind(), StreamErrorKind::NotFound);
     listener.stop(Duration::from_secs(5)).await;
+}
+
+/// Priorities (`js_priority_levels` 3): a backlog of 30 events without a priority (the
+/// lowest level), then 5 of priority 1, then 10 of priority 0, all published before the
+/// listener starts, is handled strictly highest level first by one worker: every priority-0
+/// event before any priority-1 one, every priority-1 event before any of the lowest level.
+/// Each is stored on its level's subject (`<prefix>._priority.<p>.<type>`, the lowest level on
+/// `<prefix>.<type>`), handled once on its first delivery, and at the end every level's
+/// consumer has nothing pending or unacknowledged, nothing parked, and no dead letter exists.
+pub async fn priorities_serve_a_mixed_backlog_highest_first<B: EventBackend>() {
+    let env = B::start().await;
+    let mut config = env.config("svc");
+    config.js_priority_levels = 3;
+    let connection = env.events(&config).await;
+    let event_type = new_type("prio");
+    let durable = new_durable();
+    let mut sent: Vec<(Event, u8)> = Vec::new();
+    for (count, priority) in [(30, None), (5, Some(1u8)), (10, Some(0u8))] {
+        for n in 0..count {
+            let mut e = event(&event_type, &json!(n));
+            if let Some(p) = priority {
+                set_priority(&mut e, p);
+            }
+            publish(&connection, e.clone()).await;
+            sent.push((e, priority.unwrap_or(2)));
+        }
+    }
+    let stored = env.stored(&config.js_stream).await;
+    assert_eq!(stored.len(), 45);
+    for (message, (_, priority)) in stored.iter().zip(&sent) {
+        let expected = if *priority == 2 {
+            config.events_subject(&event_type)
+        } else {
+            format!(
+                "{}._priority.{priority}.{event_type}",
+                config.js_subject_prefix
+            )
+        };
+        assert_eq!(message.subject, expected);
+    }
+    let runs: Seen<(String, u64)> = Seen::new();
+    let r = runs.clone();
+    let handlers = EventHandlers::new().on(
+        &event_type,
+        event_handler_fn(move |event, responses| {
+            let r = r.clone();
+            async move {
+                r.push((event.id().to_owned(), responses.delivery_count()));
+                Ok(())
+            }
+        }),
+    );
+    let options = EventListenOptions {
+        pool: ce_messaging::WorkerOptions::new(1, 2),
+        ..options(&durable)
+    };
+    let listener = listen(&connection, handlers, options).await;
+    let handled = runs.wait_len("all 45 events handled", 45).await;
+    let priority_of: HashMap<&str, u8> = sent.iter().map(|(e, p)| (e.id(), *p)).collect();
+    let order: Vec<u8> = handled
+        .iter()
+        .map(|(id, _)| *priority_of.get(id.as_str()).expect("a sent event"))
+        .collect();
+    let mut sorted = order.clone();
+    sorted.sort();
+    assert_eq!(order, sorted, "handled strictly highest priority first");
+    assert_eq!(
+        handled
+            .iter()
+            .map(|(id, _)| id.clone())
+            .collect::<BTreeSet<_>>(),
+        sent.iter()
+            .map(|(e, _)| e.id().to_owned())
+            .collect::<BTreeSet<_>>(),
+    );
+    assert!(
+        handled.iter().all(|(_, delivered)| *delivered == 1),
+        "each handled on its first delivery: {handled:?}"
+    );
+    for (level, count) in [(0u8, 10u64), (1, 5), (2, 30)] {
+        let name = priority_durable(&durable, level, 3);
+        wait_settled(&env, &config, &name).await;
+        assert_eq!(
+            env.deliveries(&config.js_stream, &name).await,
+            Some(count),
+            "deliveries of {name}"
+        );
+        let info = B::durable_info(&connection, &name).await;
+        assert_eq!(
+            (info.pending, info.ack_pending, info.parked),
+            (0, 0, 0),
+            "{info:?}"
+        );
+    }
+    listener.stop(Duration::from_secs(5)).await;
+    assert!(
+        env.stored(&config.js_dlq_stream).await.is_empty(),
+        "no dead letters"
+    );
+}
+
+/// With priorities off (the default) the `priority` extension is not read: the event is
+/// stored on `<prefix>.<type>` as before. With priorities on, a priority outside the levels
+/// (or not an integer) is refused at once with `InvalidPriority`, the event handed back and
+/// nothing stored; a priority within them goes to its level's subject.
+pub async fn priority_publish_is_checked_and_off_changes_nothing<B: EventBackend>() {
+    let env = B::start().await;
+    let off = env.config("off");
+    assert_eq!(off.js_priority_levels, 1, "priorities are off by default");
+    let connection = env.events(&off).await;
+    let event_type = new_type("prio.pub");
+    let mut e = event(&event_type, &json!(1));
+    e.set_extension("priority", "urgent");
+    publish(&connection, e).await;
+    let mut e = event(&event_type, &json!(2));
+    set_priority(&mut e, 0);
+    publish(&connection, e).await;
+    let mut on = env.config("on");
+    on.js_priority_levels = 2;
+    let prioritised = env.events(&on).await;
+    for bad in [json!(2), json!("high"), json!(-1)] {
+        let mut e = event(&event_type, &json!(3));
+        match &bad {
+            Value::String(s) => e.set_extension("priority", s.as_str()),
+            other => e.set_extension("priority", other.as_i64().expect("integer")),
+        }
+        let err = within("publish refused", prioritised.publish(e.clone()))
+            .await
+            .expect_err("refused");
+        assert_eq!(
+            err.kind(),
+            PublishErrorKind::InvalidPriority,
+            "{bad}: {err}"
+        );
+        assert_eq!(
+            err.into_event().map(|h| h.id().to_owned()),
+            Some(e.id().to_owned())
+        );
+    }
+    let mut high = event(&event_type, &json!(4));
+    set_priority(&mut high, 0);
+    publish(&prioritised, high).await;
+    let mut lowest = event(&event_type, &json!(5));
+    set_priority(&mut lowest, 1);
+    publish(&prioritised, lowest).await;
+    let subjects: Vec<String> = env
+        .stored(&off.js_stream)
+        .await
+        .into_iter()
+        .map(|m| m.subject)
+        .collect();
+    let plain = off.events_subject(&event_type);
+    assert_eq!(
+        subjects,
+        vec![
+            plain.clone(),
+            plain.clone(),
+            format!("{}._priority.0.{event_type}", off.js_subject_prefix),
+            plain,
+        ]
+    );
+}
+
+/// Priorities (`js_priority_levels` 3) on a running, idle listener: an event published at
+/// each level in turn (lowest, highest, middle) is handled, each on its first delivery (an
+/// idle listener waits on every level at once, not only the highest or the lowest); after a
+/// stop and a restart a new backlog is handled highest first again; at the end every level's
+/// consumer is settled and no dead letter exists.
+pub async fn priority_listener_waits_on_every_level<B: EventBackend>() {
+    let env = B::start().await;
+    let mut config = env.config("svc");
+    config.js_priority_levels = 3;
+    let connection = env.events(&config).await;
+    let event_type = new_type("prio.live");
+    let durable = new_durable();
+    let runs: Seen<(String, u64)> = Seen::new();
+    let options = EventListenOptions {
+        pool: ce_messaging::WorkerOptions::new(1, 2),
+        ..options(&durable)
+    };
+    let listener = listen(
+        &connection,
+        counting(&event_type, &runs, Duration::ZERO),
+        options.clone(),
+    )
+    .await;
+    let mut sent = Vec::new();
+    for (n, priority) in [None, Some(0u8), Some(1u8)].into_iter().enumerate() {
+        let mut e = event(&event_type, &json!(n));
+        if let Some(p) = priority {
+            set_priority(&mut e, p);
+        }
+        publish(&connection, e.clone()).await;
+        let id = e.id().to_owned();
+        sent.push(e);
+        runs.wait_until(&format!("event at priority {priority:?} handled"), |all| {
+            all.iter().any(|(seen, _)| *seen == id)
+        })
+        .await;
+    }
+    listener.stop(Duration::from_secs(5)).await;
+    let mut backlog = Vec::new();
+    for (n, priority) in [(2u8, None), (2, None), (1, Some(1u8)), (0, Some(0u8))] {
+        let mut e = event(&event_type, &json!(10 + backlog.len()));
+        if let Some(p) = priority {
+            set_priority(&mut e, p);
+        }
+        publish(&connection, e.clone()).await;
+        backlog.push((e.id().to_owned(), n));
+        sent.push(e);
+    }
+    let listener = listen(
+        &connection,
+        counting(&event_type, &runs, Duration::ZERO),
+        options,
+    )
+    .await;
+    let all = runs.wait_len("the backlog handled", 7).await;
+    let order: Vec<u8> = all[3..]
+        .iter()
+        .map(|(id, _)| {
+            backlog
+                .iter()
+                .find(|(sent, _)| sent == id)
+                .map(|(_, p)| *p)
+                .expect("a backlog event")
+        })
+        .collect();
+    assert_eq!(order, vec![0, 1, 2, 2], "the backlog highest first");
+    assert_each_once_first_delivery(&all, &sent);
+    for level in 0..3u8 {
+        let name = priority_durable(&durable, level, 3);
+        wait_settled(&env, &config, &name).await;
+        let info = B::durable_info(&connection, &name).await;
+        assert_eq!(info.parked, 0, "{info:?}");
+    }
+    listener.stop(Duration::from_secs(5)).await;
+    assert!(env.stored(&config.js_dlq_stream).await.is_empty());
+}
+
+/// One durable, one type set, one level count: while an instance without priorities runs,
+/// an instance of the same durable and types with `js_priority_levels` 2 is refused
+/// (`DurableInUse`); once it stopped, the prioritised instance takes the durable over, its
+/// lowest level is the durable's own consumer (the events published before, on
+/// `<prefix>.<type>`, are handled by it) and priority 0 gets `<durable>-p0`.
+pub async fn priority_levels_are_part_of_a_durables_type_set<B: EventBackend>() {
+    let env = B::start().await;
+    let plain_config = env.config("svc");
+    let plain = env.events(&plain_config).await;
+    let mut prio_config = env.config("svc");
+    prio_config.js_priority_levels = 2;
+    let prioritised = env.events(&prio_config).await;
+    let event_type = new_type("prio.durable");
+    let durable = new_durable();
+    let seen = Seen::new();
+    let first = listen(&plain, recording(&event_type, &seen), options(&durable)).await;
+    let refused = within(
+        "listen",
+        prioritised.listen(recording(&event_type, &seen), options(&durable)),
+    )
+    .await;
+    match refused {
+        Ok(listener) => {
+            listener.stop(Duration::from_secs(5)).await;
+            panic!("an instance with another level count was accepted on {durable}");
+        }
+        Err(err) => assert_eq!(err.kind(), ListenErrorKind::DurableInUse, "{err}"),
+    }
+    first.stop(Duration::from_secs(5)).await;
+    let before = event(&event_type, &json!(1));
+    publish(&plain, before.clone()).await;
+    let mut high = event(&event_type, &json!(2));
+    set_priority(&mut high, 0);
+    publish(&prioritised, high.clone()).await;
+    let second = listen(
+        &prioritised,
+        recording(&event_type, &seen),
+        options(&durable),
+    )
+    .await;
+    seen.wait_len("both events handled", 2).await;
+    assert_eq!(ids(&seen.snapshot()), ids(&[before, high]));
+    for name in [durable.clone(), priority_durable(&durable, 0, 2)] {
+        wait_settled(&env, &prio_config, &name).await;
+    }
+    second.stop(Duration::from_secs(5)).await;
+    assert!(env.stored(&prio_config.js_dlq_stream).await.is_empty());
+}
+
+/// With priorities on (`js_priority_levels` 2), a promise gets a response published at
+/// priority 0 (on `<prefix>._priority.0.<type>`) as well as one without a priority: the
+/// EventSource of a connection with priorities on subscribes to a type's priority subjects
+/// too.
+pub async fn promise_gets_a_prioritised_response<B: EventBackend>() {
+    let env = B::start().await;
+    let mut client_config = env.config("cli");
+    client_config.js_priority_levels = 2;
+    let client = env.events(&client_config).await;
+    let mut responder_config = env.config("svc");
+    responder_config.js_priority_levels = 2;
+    let responder = env.events(&responder_config).await;
+    let response_type = new_type("prio.answer");
+    for priority in [Some(0u8), None] {
+        let tid = TransactionId::generate();
+        let mut promise = within(
+            "promise",
+            client.wait_for_response(&tid, &[EventType::from(response_type.as_str())]),
+        )
+        .await
+        .expect("promise");
+        let mut response =
+            new_event_with_tid(&response_type, "svc", &json!(1), tid.clone()).expect("event");
+        if let Some(p) = priority {
+            set_priority(&mut response, p);
+        }
+        publish(&responder, response.clone()).await;
+        let got = within("response", promise.response(Duration::from_secs(5)))
+            .await
+            .unwrap_or_else(|err| panic!("response at priority {priority:?}: {err}"));
+        assert_eq!(got.id(), response.id());
+    }
 }
