@@ -190,10 +190,14 @@ impl<H: ?Sized, M> Registry<H, M> {
 /// Deserializes the JSON data of a request or event for a typed handler. The error text is
 /// sent to remote callers (400 replies) and written to dead letters, so it says what is wrong
 /// with the data in JSON terms and never names a Rust type (serde's messages name the target
-/// type: `expected struct GetItem`; `data_as` adds its full path).
+/// type: `expected struct GetItem`; `data_as` adds its full path). An event without data reads
+/// as JSON `null`, so `()` and `Option<T>` accept it (a request for a list often has none).
 pub(crate) fn decode_data<T: DeserializeOwned>(event: &Event) -> Result<T, String> {
     let result = match event.data() {
-        None => return Err("the event has no data".to_owned()),
+        None => {
+            return T::deserialize(serde_json::Value::Null)
+                .map_err(|_| "the event has no data".to_owned())
+        }
         Some(Data::Json(value)) => T::deserialize(value),
         Some(Data::Binary(bytes)) => match std::str::from_utf8(bytes) {
             Ok(text) => serde_json::from_str(text),
@@ -445,5 +449,67 @@ mod tests {
             .await
             .unwrap_err();
         assert!(err.is_permanent());
+    }
+}
+
+#[cfg(test)]
+mod registry_tests {
+    use super::*;
+
+    #[test]
+    fn type_names_are_replaced_by_the_json_shape_expected() {
+        for (serde_text, ours) in [
+            (
+                "invalid type: integer `1`, expected struct GetItem at line 1 column 1",
+                "invalid type: integer `1`, expected an object at line 1 column 1",
+            ),
+            (
+                "invalid type: map, expected tuple struct Pair",
+                "invalid type: map, expected an array",
+            ),
+            (
+                "invalid type: string \"x\", expected unit struct Marker",
+                "invalid type: string \"x\", expected null",
+            ),
+            (
+                "invalid type: map, expected enum Colour",
+                "invalid type: map, expected one of the allowed values",
+            ),
+            (
+                "unknown variant `Red`, expected `Green` or `Blue`",
+                "unknown variant `Red`, expected `Green` or `Blue`",
+            ),
+            ("missing field `name`", "missing field `name`"),
+        ] {
+            assert_eq!(without_type_names(serde_text), ours);
+        }
+    }
+
+    #[test]
+    fn decode_reports_missing_data_and_wrong_shapes_without_type_paths() {
+        #[derive(Debug, serde::Deserialize)]
+        #[allow(dead_code)]
+        struct Order {
+            id: u64,
+        }
+        let event = crate::event::new_event("t", "s", &"text").unwrap();
+        let err = decode_data::<Order>(&event).unwrap_err();
+        assert_eq!(
+            err,
+            "invalid data: invalid type: string \"text\", expected an object"
+        );
+        let ok = crate::event::new_event("t", "s", &serde_json::json!({"id": 4})).unwrap();
+        assert_eq!(decode_data::<Order>(&ok).unwrap().id, 4);
+        let mut empty = ok.clone();
+        empty.take_data();
+        assert_eq!(
+            decode_data::<Order>(&empty).unwrap_err(),
+            "the event has no data"
+        );
+        decode_data::<()>(&empty).expect("no data reads as null");
+        assert_eq!(
+            decode_data::<Option<Order>>(&empty).unwrap().map(|o| o.id),
+            None
+        );
     }
 }

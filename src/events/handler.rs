@@ -519,3 +519,148 @@ impl EventResponseWriter {
     /// Says, for readers of the handler, that this event gets no response. Does nothing.
     pub fn no_response(&self) {}
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use tokio::sync::mpsc;
+
+    use super::*;
+    use crate::config::Config;
+    use crate::event::new_event;
+    use crate::events::EventListenOptions;
+    use crate::memory::MemoryBroker;
+
+    const WAIT: Duration = Duration::from_secs(10);
+
+    /// The state of the table: what was seen, and a channel saying something was.
+    #[derive(Clone)]
+    struct Seen {
+        log: Arc<Mutex<Vec<String>>>,
+        tx: mpsc::Sender<()>,
+    }
+
+    impl Seen {
+        async fn record(&self, entry: String) -> Result<(), HandlerError> {
+            self.log
+                .lock()
+                .map_err(|_| HandlerError::new("poisoned"))?
+                .push(entry);
+            self.tx
+                .send(())
+                .await
+                .map_err(|_| HandlerError::new("test receiver gone"))
+        }
+    }
+
+    #[tokio::test]
+    async fn every_handler_of_a_table_gets_the_same_state() {
+        let broker = MemoryBroker::new();
+        let events = broker.event_connection(&Config {
+            client_id: format!("test-{}", xid::new()),
+            durable_name: Some("state-test".into()),
+            ..Config::default()
+        });
+        events.init_stream().await.unwrap();
+        let (tx, mut rx) = mpsc::channel(8);
+        let seen = Seen {
+            log: Arc::default(),
+            tx,
+        };
+        async fn typed(
+            State(seen): State<Seen>,
+            event: TypedEvent<u64>,
+        ) -> Result<(), HandlerError> {
+            seen.record(format!("typed {}", event.data)).await
+        }
+        struct Raw;
+        impl EventHandler<Seen> for Raw {
+            async fn handle(
+                &self,
+                event: Event,
+                _responses: EventResponseWriter,
+                state: &Seen,
+            ) -> Result<(), HandlerError> {
+                let text: String = event.data_as()?;
+                state.record(format!("raw {text}")).await
+            }
+        }
+        let handlers: EventHandlers = EventHandlers::default()
+            .on("test.state.typed", typed_event_handler(typed))
+            .on("test.state.raw", Raw)
+            .with_state(seen.clone());
+        let listener = events
+            .listen(handlers, EventListenOptions::default())
+            .await
+            .unwrap();
+        events
+            .publish(new_event("test.state.typed", "test", &7u64).unwrap())
+            .await
+            .unwrap();
+        events
+            .publish(new_event("test.state.raw", "test", &"x").unwrap())
+            .await
+            .unwrap();
+        for _ in 0..2 {
+            tokio::time::timeout(WAIT, rx.recv())
+                .await
+                .expect("handled within the wait")
+                .expect("open");
+        }
+        let mut log = seen.log.lock().unwrap().clone();
+        log.sort();
+        assert_eq!(log, ["raw x", "typed 7"]);
+        let report = listener.stop(WAIT).await;
+        assert_eq!(report.handled_total, 2);
+        assert_eq!(report.abandoned, 0);
+    }
+
+    #[tokio::test]
+    async fn data_that_does_not_fit_is_dead_lettered_without_rust_type_names() {
+        #[derive(Debug, serde::Deserialize)]
+        #[allow(dead_code)]
+        struct OrderCreated {
+            id: u64,
+        }
+        let broker = MemoryBroker::new();
+        let events = broker.event_connection(&Config {
+            client_id: format!("test-{}", xid::new()),
+            durable_name: Some("dlq-test".into()),
+            ..Config::default()
+        });
+        events.init_stream().await.unwrap();
+        let listener = events
+            .listen(
+                EventHandlers::new().on(
+                    "test.order.created",
+                    typed_event_handler(|_: TypedEvent<OrderCreated>| async { Ok(()) }),
+                ),
+                EventListenOptions::default(),
+            )
+            .await
+            .unwrap();
+        events
+            .publish(new_event("test.order.created", "test", &"not an order").unwrap())
+            .await
+            .unwrap();
+        crate::memory::tests_support::eventually(|| {
+            broker.stream_len("DEADLETTER").unwrap_or(0) >= 1
+        })
+        .await;
+        let dead = broker.stream_messages("DEADLETTER").unwrap();
+        let error = dead[0]
+            .headers
+            .get(crate::headers::DEAD_LETTER_ERROR)
+            .map(|v| v.as_str().to_owned())
+            .unwrap_or_default();
+        assert!(error.contains("expected an object"), "{error}");
+        assert!(
+            !error.contains("OrderCreated") && !error.contains("::"),
+            "{error}"
+        );
+        let report = listener.stop(WAIT).await;
+        assert_eq!(report.abandoned, 0);
+    }
+}

@@ -331,7 +331,8 @@ pub fn typed_handler<F, M>(f: F) -> TypedHandler<F, M> {
 
 /// Deserializes the request data; data that does not fit is a permanent 400.
 fn typed_request<T: DeserializeOwned>(request: Event) -> Result<TypedRequest<T>, HandlerError> {
-    let data = decode_data(&request).map_err(|text| HandlerError::permanent(text).with_code(400))?;
+    let data =
+        decode_data(&request).map_err(|text| HandlerError::permanent(text).with_code(400))?;
     Ok(TypedRequest {
         data,
         event: request,
@@ -340,7 +341,11 @@ fn typed_request<T: DeserializeOwned>(request: Event) -> Result<TypedRequest<T>,
 
 /// The reply event of what a typed handler returned. Serialized before any await, so the
 /// data need be neither `Send` nor `Sync`.
-fn reply_event<R: IntoReply>(op: &str, reply: &ReplyWriter, answer: R) -> Result<Event, HandlerError> {
+fn reply_event<R: IntoReply>(
+    op: &str,
+    reply: &ReplyWriter,
+    answer: R,
+) -> Result<Event, HandlerError> {
     let answer = answer.into_reply();
     let event = match answer.event_type {
         Some(event_type) => reply.new_reply_event(&event_type, &answer.data)?,
@@ -573,5 +578,223 @@ impl<S> QueryHandlers<S> {
     /// ```
     pub fn is_empty(&self) -> bool {
         self.registry.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::Duration;
+
+    use super::*;
+    use crate::config::Config;
+    use crate::error::{RemoteError, RequestErrorKind};
+    use crate::event::{new_event, EventExt};
+    use crate::memory::{MemoryBroker, MemoryQueries};
+    use crate::query::{QueryConnection, QueryListenOptions};
+
+    const WAIT: Duration = Duration::from_secs(10);
+
+    fn connection(broker: &MemoryBroker) -> MemoryQueries {
+        broker.query_connection(&Config {
+            client_id: format!("test-{}", xid::new()),
+            ..Config::default()
+        })
+    }
+
+    async fn ask(client: &MemoryQueries, op: &str, data: &impl Serialize) -> Event {
+        let request = new_event(op, "test", data).unwrap();
+        client.request_with_timeout(request, WAIT).await.unwrap()
+    }
+
+    #[derive(Clone, Default)]
+    struct Counter(Arc<AtomicU64>);
+
+    #[tokio::test]
+    async fn every_handler_of_a_table_gets_the_same_state() {
+        let broker = MemoryBroker::new();
+        let (server, client) = (connection(&broker), connection(&broker));
+        let counter = Counter::default();
+        let handlers: QueryHandlers = QueryHandlers::default()
+            .on(
+                "test.count.add",
+                typed_handler(
+                    |State(c): State<Counter>, req: TypedRequest<u64>| async move {
+                        Ok::<_, HandlerError>(c.0.fetch_add(req.data, Ordering::SeqCst) + req.data)
+                    },
+                ),
+            )
+            .on(
+                "test.count.read",
+                typed_handler(
+                    |State(c): State<Counter>, _: TypedRequest<()>, reply: ReplyWriter| async move {
+                        let now = c.0.load(Ordering::SeqCst);
+                        reply.reply_data("test.count.value", &now).await?;
+                        Ok(())
+                    },
+                ),
+            )
+            // A handler without state in the same table.
+            .on(
+                "test.count.ping",
+                typed_handler(|_: TypedRequest<()>| async { Ok::<_, HandlerError>("pong") }),
+            )
+            .with_state(counter.clone());
+        let listener = server
+            .listen(handlers.clone(), QueryListenOptions::default())
+            .await
+            .unwrap();
+
+        let first = ask(&client, "test.count.add", &2u64).await;
+        let second = ask(&client, "test.count.add", &3u64).await;
+        assert_eq!(first.data_as::<u64>().unwrap(), 2);
+        assert_eq!(
+            second.data_as::<u64>().unwrap(),
+            5,
+            "the second call saw the first's"
+        );
+        let read = ask(&client, "test.count.read", &()).await;
+        assert_eq!(read.ty(), "test.count.value");
+        assert_eq!(
+            read.data_as::<u64>().unwrap(),
+            5,
+            "another handler, same state"
+        );
+        let pong = ask(&client, "test.count.ping", &()).await;
+        assert_eq!(pong.data_as::<String>().unwrap(), "pong");
+        assert_eq!(
+            counter.0.load(Ordering::SeqCst),
+            5,
+            "the caller's handle is the same state"
+        );
+        listener.stop(WAIT).await;
+    }
+
+    #[tokio::test]
+    async fn a_typed_handler_chooses_its_reply_type_or_gets_op_dot_reply() {
+        let broker = MemoryBroker::new();
+        let (server, client) = (connection(&broker), connection(&broker));
+        let handlers = QueryHandlers::new()
+            .on(
+                "test.ping",
+                typed_handler(|req: TypedRequest<String>| async move {
+                    Ok::<_, HandlerError>(Reply::new("test.pong", req.data))
+                }),
+            )
+            .on(
+                "test.echo",
+                typed_handler(|req: TypedRequest<String>| async move {
+                    Ok::<_, HandlerError>(req.data)
+                }),
+            );
+        let listener = server
+            .listen(handlers, QueryListenOptions::default())
+            .await
+            .unwrap();
+        let pong = ask(&client, "test.ping", &"a").await;
+        assert_eq!(pong.ty(), "test.pong");
+        assert_eq!(pong.data_as::<String>().unwrap(), "a");
+        let echo = ask(&client, "test.echo", &"b").await;
+        assert_eq!(echo.ty(), "test.echo.reply");
+        assert_eq!(echo.data_as::<String>().unwrap(), "b");
+        listener.stop(WAIT).await;
+    }
+
+    #[derive(Debug, serde::Deserialize)]
+    #[allow(dead_code)] // only deserialized
+    struct GetItem {
+        name: String,
+    }
+
+    #[tokio::test]
+    async fn bad_request_data_is_a_400_saying_what_is_wrong_without_rust_type_names() {
+        let broker = MemoryBroker::new();
+        let (server, client) = (connection(&broker), connection(&broker));
+        let handlers = QueryHandlers::new().on(
+            "test.item.get",
+            typed_handler(|req: TypedRequest<GetItem>| async move {
+                Ok::<_, HandlerError>(req.data.name)
+            }),
+        );
+        let listener = server
+            .listen(handlers, QueryListenOptions::default())
+            .await
+            .unwrap();
+        for (data, expected) in [
+            (
+                serde_json::json!(42),
+                "invalid type: integer `42`, expected an object",
+            ),
+            (serde_json::json!({}), "missing field `name`"),
+            (
+                serde_json::json!({"name": 7}),
+                "invalid type: integer `7`, expected a string",
+            ),
+        ] {
+            let request = new_event("test.item.get", "test", &data).unwrap();
+            let err = client
+                .request_with_timeout(request, WAIT)
+                .await
+                .unwrap_err();
+            assert_eq!(err.kind(), RequestErrorKind::Remote, "{data}");
+            let remote = RemoteError::of(&err).expect("a remote error");
+            assert_eq!(remote.code(), 400, "{data}");
+            let text = remote.text();
+            assert!(text.starts_with("invalid data: "), "{text}");
+            assert!(text.contains(expected), "{data}: {text}");
+            assert!(!text.contains("GetItem"), "{text}");
+            assert!(!text.contains("::"), "{text}");
+        }
+        listener.stop(WAIT).await;
+    }
+
+    #[tokio::test]
+    async fn a_handler_implemented_with_a_plain_async_fn_is_served() {
+        struct Greeter {
+            greeting: String,
+        }
+        impl QueryHandler for Greeter {
+            async fn handle(
+                &self,
+                request: Event,
+                reply: ReplyWriter,
+                _state: &(),
+            ) -> Result<(), HandlerError> {
+                let name: String = request.data_as()?;
+                reply
+                    .reply_data("test.greeting", &format!("{}, {name}", self.greeting))
+                    .await?;
+                Ok(())
+            }
+        }
+        let broker = MemoryBroker::new();
+        let (server, client) = (connection(&broker), connection(&broker));
+        let handlers = QueryHandlers::new().on(
+            "test.greet",
+            Greeter {
+                greeting: "Hello".into(),
+            },
+        );
+        let listener = server
+            .listen(handlers, QueryListenOptions::default())
+            .await
+            .unwrap();
+        let reply = ask(&client, "test.greet", &"you").await;
+        assert_eq!(reply.data_as::<String>().unwrap(), "Hello, you");
+        listener.stop(WAIT).await;
+    }
+
+    #[test]
+    fn adapters_and_tables_can_be_named_cloned_and_debugged() {
+        async fn double(req: TypedRequest<u64>) -> Result<u64, HandlerError> {
+            Ok(req.data * 2)
+        }
+        let named: TypedHandler<_, (TypedRequest<u64>,)> = typed_handler(double);
+        let copy = named.clone();
+        assert!(format!("{copy:?}").contains("double"), "{copy:?}");
+        let raw: HandlerFn<_> = handler_fn(|_, _| async { Ok(()) });
+        assert!(format!("{raw:?}").starts_with("HandlerFn"), "{raw:?}");
+        let table = QueryHandlers::new().on("b.op", copy).on("a.op", raw);
+        assert_eq!(format!("{table:?}"), r#"{"a.op", "b.op"}"#);
     }
 }
