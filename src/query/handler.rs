@@ -173,13 +173,13 @@ pub struct TypedRequest<T> {
 /// # Examples
 ///
 /// ```
-/// use ce_messaging::query::{typed_handler, Reply, TypedRequest};
+/// use ce_messaging::query::{typed_handler, QueryHandlers, Reply, TypedRequest};
 /// use ce_messaging::handler::HandlerError;
 ///
-/// let ping = typed_handler(|_: TypedRequest<()>| async move {
+/// let handlers = QueryHandlers::new().on("org.example.ping", typed_handler(|_: TypedRequest<()>| async move {
 ///     Ok::<_, HandlerError>(Reply::new("org.example.pong", "pong"))
-/// });
-/// # let _ = ping;
+/// }));
+/// assert_eq!(handlers.len(), 1);
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reply<T> {
