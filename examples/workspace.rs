@@ -25,10 +25,10 @@ use ce_messaging::event::{new_event_auto_source, EventExt, EventType};
 use ce_messaging::events::{
     typed_event_handler, EventConnection, EventHandlers, EventListenOptions, TypedEvent,
 };
-use ce_messaging::handler::HandlerError;
+use ce_messaging::handler::{HandlerError, State};
 use ce_messaging::query::{
-    handler_fn, typed_handler, QueryConnection, QueryHandlers, QueryListenOptions,
-    ReplyStreamOptions, TypedRequest,
+    typed_handler, QueryConnection, QueryHandlers, QueryListenOptions, ReplyStreamOptions,
+    ReplyWriter, TypedRequest,
 };
 use ce_messaging::Event;
 use serde::{Deserialize, Serialize};
@@ -60,6 +60,7 @@ struct Failure {
     reason: String,
 }
 
+/// The service's state, shared by all its handlers (given once with `with_state`).
 type Store = Arc<Mutex<BTreeMap<String, Workspace>>>;
 
 /// Reads the store; a poisoned lock (a panicking handler) is a handler failure, not a crash.
@@ -73,7 +74,72 @@ fn with_store<R>(
     Ok(f(&mut guard))
 }
 
-/// The service: query handlers for reads, event handlers for changes.
+/// `cyverse.workspace.get`: one reply, or a 404 error reply.
+async fn get(
+    State(store): State<Store>,
+    req: TypedRequest<ByName>,
+) -> Result<Workspace, HandlerError> {
+    with_store(&store, |s| s.get(&req.data.name).cloned())?.ok_or_else(|| {
+        HandlerError::permanent(format!("no workspace named {:?}", req.data.name)).with_code(404)
+    })
+}
+
+/// `cyverse.workspace.list`: a reply stream, one reply per workspace.
+async fn list(
+    State(store): State<Store>,
+    _: TypedRequest<()>,
+    reply: ReplyWriter,
+) -> Result<(), HandlerError> {
+    let all: Vec<Workspace> = with_store(&store, |s| s.values().cloned().collect())?;
+    let stream = reply.stream();
+    for workspace in &all {
+        stream.push_data("cyverse.workspace.list.item", workspace)?;
+    }
+    stream.finish().await?;
+    Ok(())
+}
+
+/// `cyverse.workspace.create.requested`: answered by `created` or `failed`.
+async fn create(
+    State(store): State<Store>,
+    req: TypedEvent<Workspace>,
+) -> Result<(), HandlerError> {
+    let created = with_store(&store, |s| {
+        if s.contains_key(&req.data.name) {
+            false
+        } else {
+            s.insert(req.data.name.clone(), req.data.clone());
+            true
+        }
+    })?;
+    if created {
+        req.responses.respond_data(CREATED, &req.data).await?;
+    } else {
+        let failure = Failure {
+            name: req.data.name,
+            reason: "exists".into(),
+        };
+        req.responses.respond_data(FAILED, &failure).await?;
+    }
+    Ok(())
+}
+
+/// `cyverse.workspace.delete.requested`: answered by `deleted` or `failed`.
+async fn delete(State(store): State<Store>, req: TypedEvent<ByName>) -> Result<(), HandlerError> {
+    match with_store(&store, |s| s.remove(&req.data.name))? {
+        Some(workspace) => req.responses.respond_data(DELETED, &workspace).await?,
+        None => {
+            let failure = Failure {
+                name: req.data.name,
+                reason: "not found".into(),
+            };
+            req.responses.respond_data(FAILED, &failure).await?
+        }
+    };
+    Ok(())
+}
+
+/// The service: query handlers for reads, event handlers for changes, one store.
 async fn start_service(
     queries: &dyn QueryConnection,
     events: &dyn EventConnection,
@@ -84,91 +150,18 @@ async fn start_service(
     ),
     Box<dyn std::error::Error>,
 > {
-    let store: Store = Arc::default();
-
-    let get_store = store.clone();
-    let list_store = store.clone();
-    let query_handlers = QueryHandlers::new()
-        .on(
-            GET,
-            typed_handler(move |req: TypedRequest<ByName>| {
-                let store = get_store.clone();
-                async move {
-                    with_store(&store, |s| s.get(&req.data.name).cloned())?.ok_or_else(|| {
-                        HandlerError::permanent(format!("no workspace named {:?}", req.data.name))
-                            .with_code(404)
-                    })
-                }
-            }),
-        )
-        .on(
-            LIST,
-            handler_fn(move |_request: Event, reply| {
-                let store = list_store.clone();
-                async move {
-                    let all: Vec<Workspace> =
-                        with_store(&store, |s| s.values().cloned().collect())?;
-                    let stream = reply.stream();
-                    for workspace in &all {
-                        stream.push_data("cyverse.workspace.list.item", workspace)?;
-                    }
-                    stream.finish().await?;
-                    Ok(())
-                }
-            }),
-        );
+    let store = Store::default();
+    let query_handlers = QueryHandlers::default()
+        .on(GET, typed_handler(get))
+        .on(LIST, typed_handler(list))
+        .with_state(store.clone());
     let query_listener = queries
         .listen(query_handlers, QueryListenOptions::default())
         .await?;
-
-    let create_store = store.clone();
-    let delete_store = store;
-    let event_handlers = EventHandlers::new()
-        .on(
-            CREATE_REQUESTED,
-            typed_event_handler(move |req: TypedEvent<Workspace>| {
-                let store = create_store.clone();
-                async move {
-                    let created = with_store(&store, |s| {
-                        if s.contains_key(&req.data.name) {
-                            false
-                        } else {
-                            s.insert(req.data.name.clone(), req.data.clone());
-                            true
-                        }
-                    })?;
-                    if created {
-                        req.responses.respond_data(CREATED, &req.data).await?;
-                    } else {
-                        let failure = Failure {
-                            name: req.data.name,
-                            reason: "exists".into(),
-                        };
-                        req.responses.respond_data(FAILED, &failure).await?;
-                    }
-                    Ok(())
-                }
-            }),
-        )
-        .on(
-            DELETE_REQUESTED,
-            typed_event_handler(move |req: TypedEvent<ByName>| {
-                let store = delete_store.clone();
-                async move {
-                    match with_store(&store, |s| s.remove(&req.data.name))? {
-                        Some(workspace) => req.responses.respond_data(DELETED, &workspace).await?,
-                        None => {
-                            let failure = Failure {
-                                name: req.data.name,
-                                reason: "not found".into(),
-                            };
-                            req.responses.respond_data(FAILED, &failure).await?
-                        }
-                    };
-                    Ok(())
-                }
-            }),
-        );
+    let event_handlers = EventHandlers::default()
+        .on(CREATE_REQUESTED, typed_event_handler(create))
+        .on(DELETE_REQUESTED, typed_event_handler(delete))
+        .with_state(store);
     let event_listener = events
         .listen(event_handlers, EventListenOptions::default())
         .await?;

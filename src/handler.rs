@@ -1,5 +1,29 @@
-//! What handlers return when they fail: [`HandlerError`], which says how the failure is to be
-//! answered (query error code) or treated (event: retry with a delay, or dead-letter).
+//! What handlers share and return: the [`State`] handed to them, the [`HandlerError`] they fail
+//! with (which says how the failure is to be answered — query error code — or treated — event:
+//! retry with a delay, or dead-letter), and the one handler registry behind
+//! [`QueryHandlers`](crate::query::QueryHandlers) and [`EventHandlers`](crate::events::EventHandlers).
+//!
+//! # How handlers are written
+//!
+//! As in axum: a handler is a plain async function (or closure) whose arguments say what it
+//! needs — the typed request data, the shared [`State`], a reply writer — and whose result is
+//! the typed reply. The adapters ([`typed_handler`](crate::query::typed_handler),
+//! [`handler_fn`](crate::query::handler_fn), [`typed_event_handler`](crate::events::typed_event_handler),
+//! [`event_handler_fn`](crate::events::event_handler_fn)) return named types that can be stored,
+//! cloned and debugged. Shared state is given once to the table with `with_state`, not cloned
+//! into every closure by hand.
+//!
+//! # Why the handler traits use `impl Future` and not async-trait
+//!
+//! The traits users implement ([`QueryHandler`](crate::query::QueryHandler),
+//! [`EventHandler`](crate::events::EventHandler), [`Drain`](crate::shutdown::Drain)) declare
+//! `fn handle(..) -> impl Future<Output = ..> + Send`, so an implementation is a plain
+//! `async fn` with no extra dependency or attribute in the user's crate, and rustdoc shows the
+//! signature users write (no `Pin<Box<dyn Future>>`, no `'life0`). Such traits cannot be used as
+//! `dyn`, so the tables store each handler behind a private object-safe twin that boxes the
+//! future (axum's `ErasedIntoRoute` does the same): one allocation per call, as async-trait
+//! cost before. A re-export of `async_trait` was the other choice; it would keep the macro in
+//! every user's impl and the boxed signatures in the docs, which is what the issue was about.
 //!
 //! Any `std::error::Error` converts into a `HandlerError` with `?`, like `anyhow`.
 //!
@@ -24,14 +48,197 @@
 //! ```
 
 use std::any::Any;
+use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
+use cloudevents::event::Data;
+use cloudevents::Event;
 use futures::FutureExt;
+use serde::de::DeserializeOwned;
 
 use crate::error::BoxError;
+use crate::telemetry::LazyMetrics;
+
+/// The shared state of a handler table, handed to every handler that asks for it (axum's
+/// `State`): give it once with `with_state` and take it as the first argument.
+///
+/// Each call gets its own clone, so the state is usually an `Arc` or a type made of `Arc`s
+/// (a connection pool, a store behind a lock).
+///
+/// # Examples
+///
+/// ```
+/// use std::sync::{Arc, atomic::{AtomicU64, Ordering}};
+/// use ce_messaging::handler::{HandlerError, State};
+/// use ce_messaging::query::{typed_handler, QueryHandlers, TypedRequest};
+///
+/// #[derive(Clone, Default)]
+/// struct Counter(Arc<AtomicU64>);
+///
+/// let handlers: QueryHandlers = QueryHandlers::default()
+///     .on("org.example.count", typed_handler(
+///         |State(counter): State<Counter>, req: TypedRequest<u64>| async move {
+///             Ok::<_, HandlerError>(counter.0.fetch_add(req.data, Ordering::SeqCst) + req.data)
+///         },
+///     ))
+///     .with_state(Counter::default());
+/// assert_eq!(handlers.len(), 1);
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct State<S>(pub S);
+
+/// The boxed future of an erased handler call.
+pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// The one handler table behind `QueryHandlers` (by op) and `EventHandlers` (by event type):
+/// each key maps to an erased handler `H` and the lazily registered metric handles `M` of the
+/// key, shared by the clones of the table.
+pub(crate) struct Registry<H: ?Sized, M> {
+    map: HashMap<String, Entry<H, M>>,
+}
+
+/// A handler and the metric handles of its key.
+pub(crate) struct Entry<H: ?Sized, M> {
+    pub(crate) handler: Arc<H>,
+    pub(crate) metrics: LazyMetrics<M>,
+}
+
+impl<H: ?Sized, M> Clone for Entry<H, M> {
+    fn clone(&self) -> Self {
+        Entry {
+            handler: Arc::clone(&self.handler),
+            metrics: Arc::clone(&self.metrics),
+        }
+    }
+}
+
+impl<H: ?Sized, M> Clone for Registry<H, M> {
+    fn clone(&self) -> Self {
+        Registry {
+            map: self.map.clone(),
+        }
+    }
+}
+
+impl<H: ?Sized, M> Default for Registry<H, M> {
+    fn default() -> Self {
+        Registry {
+            map: HashMap::new(),
+        }
+    }
+}
+
+impl<H: ?Sized, M> fmt::Debug for Registry<H, M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut keys: Vec<&str> = self.keys().collect();
+        keys.sort_unstable();
+        f.debug_set().entries(keys).finish()
+    }
+}
+
+impl<H: ?Sized, M> Registry<H, M> {
+    /// Adds (or replaces) the handler of `key`, with fresh metric handles.
+    pub(crate) fn insert(&mut self, key: String, handler: Arc<H>) {
+        self.map.insert(
+            key,
+            Entry {
+                handler,
+                metrics: LazyMetrics::default(),
+            },
+        );
+    }
+
+    pub(crate) fn keys(&self) -> impl Iterator<Item = &str> {
+        self.map.keys().map(String::as_str)
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub(crate) fn get(&self, key: &str) -> Option<&Entry<H, M>> {
+        self.map.get(key)
+    }
+
+    /// The same table with every handler wrapped by `wrap` (binding the state); the metric
+    /// handles are kept.
+    pub(crate) fn map_handlers<H2: ?Sized>(
+        self,
+        mut wrap: impl FnMut(Arc<H>) -> Arc<H2>,
+    ) -> Registry<H2, M> {
+        Registry {
+            map: self
+                .map
+                .into_iter()
+                .map(|(key, entry)| {
+                    let entry = Entry {
+                        handler: wrap(entry.handler),
+                        metrics: entry.metrics,
+                    };
+                    (key, entry)
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Deserializes the JSON data of a request or event for a typed handler. The error text is
+/// sent to remote callers (400 replies) and written to dead letters, so it says what is wrong
+/// with the data in JSON terms and never names a Rust type (serde's messages name the target
+/// type: `expected struct GetItem`; `data_as` adds its full path). An event without data reads
+/// as JSON `null`, so `()` and `Option<T>` accept it (a request for a list often has none).
+pub(crate) fn decode_data<T: DeserializeOwned>(event: &Event) -> Result<T, String> {
+    let result = match event.data() {
+        None => {
+            return T::deserialize(serde_json::Value::Null)
+                .map_err(|_| "the event has no data".to_owned())
+        }
+        Some(Data::Json(value)) => T::deserialize(value),
+        Some(Data::Binary(bytes)) => match std::str::from_utf8(bytes) {
+            Ok(text) => serde_json::from_str(text),
+            Err(_) => serde_json::from_slice(bytes),
+        },
+        Some(Data::String(text)) => serde_json::from_str(text),
+    };
+    result.map_err(|e| format!("invalid data: {}", without_type_names(&e.to_string())))
+}
+
+/// Rewrites serde's `expected struct Name` (and `tuple struct`, `unit struct`, `newtype
+/// struct`, `enum`) into the JSON shape expected, dropping the Rust type name.
+fn without_type_names(message: &str) -> String {
+    const SHAPES: [(&str, &str); 5] = [
+        ("expected tuple struct ", "expected an array"),
+        ("expected unit struct ", "expected null"),
+        ("expected newtype struct ", "expected a value"),
+        ("expected struct ", "expected an object"),
+        ("expected enum ", "expected one of the allowed values"),
+    ];
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    'outer: while !rest.is_empty() {
+        for (pattern, shape) in SHAPES {
+            if let Some(after) = rest.strip_prefix(pattern) {
+                let name_len = after
+                    .find(|c: char| !(c.is_alphanumeric() || c == '_'))
+                    .unwrap_or(after.len());
+                out.push_str(shape);
+                rest = &after[name_len..];
+                continue 'outer;
+            }
+        }
+        let mut chars = rest.chars();
+        if let Some(c) = chars.next() {
+            out.push(c);
+        }
+        rest = chars.as_str();
+    }
+    out
+}
 
 /// A handler's failure.
 ///
@@ -242,5 +449,67 @@ mod tests {
             .await
             .unwrap_err();
         assert!(err.is_permanent());
+    }
+}
+
+#[cfg(test)]
+mod registry_tests {
+    use super::*;
+
+    #[test]
+    fn type_names_are_replaced_by_the_json_shape_expected() {
+        for (serde_text, ours) in [
+            (
+                "invalid type: integer `1`, expected struct GetItem at line 1 column 1",
+                "invalid type: integer `1`, expected an object at line 1 column 1",
+            ),
+            (
+                "invalid type: map, expected tuple struct Pair",
+                "invalid type: map, expected an array",
+            ),
+            (
+                "invalid type: string \"x\", expected unit struct Marker",
+                "invalid type: string \"x\", expected null",
+            ),
+            (
+                "invalid type: map, expected enum Colour",
+                "invalid type: map, expected one of the allowed values",
+            ),
+            (
+                "unknown variant `Red`, expected `Green` or `Blue`",
+                "unknown variant `Red`, expected `Green` or `Blue`",
+            ),
+            ("missing field `name`", "missing field `name`"),
+        ] {
+            assert_eq!(without_type_names(serde_text), ours);
+        }
+    }
+
+    #[test]
+    fn decode_reports_missing_data_and_wrong_shapes_without_type_paths() {
+        #[derive(Debug, serde::Deserialize)]
+        #[allow(dead_code)]
+        struct Order {
+            id: u64,
+        }
+        let event = crate::event::new_event("t", "s", &"text").unwrap();
+        let err = decode_data::<Order>(&event).unwrap_err();
+        assert_eq!(
+            err,
+            "invalid data: invalid type: string \"text\", expected an object"
+        );
+        let ok = crate::event::new_event("t", "s", &serde_json::json!({"id": 4})).unwrap();
+        assert_eq!(decode_data::<Order>(&ok).unwrap().id, 4);
+        let mut empty = ok.clone();
+        empty.take_data();
+        assert_eq!(
+            decode_data::<Order>(&empty).unwrap_err(),
+            "the event has no data"
+        );
+        decode_data::<()>(&empty).expect("no data reads as null");
+        assert_eq!(
+            decode_data::<Option<Order>>(&empty).unwrap().map(|o| o.id),
+            None
+        );
     }
 }

@@ -143,22 +143,23 @@ pub use events::{
     event_handler_fn, typed_event_handler, EventHandler, EventHandlers, EventResponseWriter,
     TypedEvent,
 };
-pub use handler::HandlerError;
+pub use handler::{HandlerError, State};
 pub use query::{
-    handler_fn, typed_handler, QueryHandler, QueryHandlers, ReplyStreamWriter, ReplyWriter,
+    handler_fn, typed_handler, QueryHandler, QueryHandlers, Reply, ReplyStreamWriter, ReplyWriter,
     TypedRequest,
 };
 
 // Options and what the calls return.
 pub use events::{
-    Backoff, EventFilter, EventListenOptions, EventResponsePromise, EventSource, PublishAck,
+    Backoff, DurableInfo, EventFilter, EventListenOptions, EventResponsePromise, EventSource,
+    PublishAck, StartPosition,
 };
 pub use query::{QueryListenOptions, ReplyStream, ReplyStreamOptions};
 
 // Events: identities and helpers.
 pub use cloudevent::{
-    new_event, new_event_auto_source, new_event_with_tid, EventExt, EventType, QueryOp,
-    TransactionId,
+    new_event, new_event_auto_source, new_event_with_id, new_event_with_tid, EventExt, EventType,
+    QueryOp, TransactionId,
 };
 
 // Running and stopping.
@@ -190,7 +191,7 @@ pub mod prelude {
         event_handler_fn, handler_fn, new_event, new_event_auto_source, typed_event_handler,
         typed_handler, Config, Drain, EventConnection, EventExt, EventHandler, EventHandlers,
         EventListenOptions, EventType, HandlerError, Listener, QueryConnection, QueryHandler,
-        QueryHandlers, QueryListenOptions, QueryOp, ReplyStreamOptions, ReplyWriter, Shutdown,
-        TransactionId, TypedEvent, TypedRequest,
+        QueryHandlers, QueryListenOptions, QueryOp, Reply, ReplyStreamOptions, ReplyWriter,
+        Shutdown, State, TransactionId, TypedEvent, TypedRequest,
     };
 }

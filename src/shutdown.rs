@@ -22,7 +22,6 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use async_trait::async_trait;
 use tokio::sync::OnceCell;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -35,12 +34,13 @@ use crate::listener::{Listener, StopReport};
 ///
 /// # Examples
 ///
+/// Implement it with a plain `async fn` (no attribute macro; why: see [`crate::handler`]).
+///
 /// ```
 /// use ce_messaging::shutdown::Drain;
 ///
 /// struct AuditLog;
 ///
-/// #[async_trait::async_trait]
 /// impl Drain for AuditLog {
 ///     async fn drain(&self) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
 ///         // flush buffered audit records here
@@ -48,10 +48,26 @@ use crate::listener::{Listener, StopReport};
 ///     }
 /// }
 /// ```
-#[async_trait]
 pub trait Drain: Send + Sync + 'static {
     /// Waits for outstanding work (publish acks, buffered messages), then closes.
-    async fn drain(&self) -> Result<(), Box<dyn std::error::Error + Send + Sync>>;
+    fn drain(
+        &self,
+    ) -> impl std::future::Future<Output = Result<(), Box<dyn std::error::Error + Send + Sync>>> + Send;
+}
+
+/// The object-safe twin of [`Drain`] a [`Shutdown`] stores (the future boxed).
+trait ErasedDrain: Send + Sync + 'static {
+    fn drain_boxed(
+        &self,
+    ) -> crate::handler::BoxFuture<'_, Result<(), Box<dyn std::error::Error + Send + Sync>>>;
+}
+
+impl<D: Drain> ErasedDrain for D {
+    fn drain_boxed(
+        &self,
+    ) -> crate::handler::BoxFuture<'_, Result<(), Box<dyn std::error::Error + Send + Sync>>> {
+        Box::pin(self.drain())
+    }
 }
 
 /// What a [`Shutdown`] did.
@@ -108,7 +124,7 @@ struct Inner {
     drain_timeout: Mutex<Duration>,
     tracker: TaskTracker,
     listeners: Mutex<Vec<Listener>>,
-    connections: Mutex<Vec<Arc<dyn Drain>>>,
+    connections: Mutex<Vec<Arc<dyn ErasedDrain>>>,
     report: OnceCell<ShutdownReport>,
 }
 
@@ -283,7 +299,6 @@ impl Shutdown {
     ///
     /// ```
     /// # struct Conn;
-    /// # #[async_trait::async_trait]
     /// # impl ce_messaging::shutdown::Drain for Conn {
     /// #     async fn drain(&self) -> Result<(), Box<dyn std::error::Error + Send + Sync>> { Ok(()) }
     /// # }
@@ -425,7 +440,7 @@ async fn run(inner: Arc<Inner>) -> ShutdownReport {
         .unwrap_or_else(|e| e.into_inner());
     let drains = connections
         .iter()
-        .map(|c| tokio::time::timeout(drain_timeout, c.drain()));
+        .map(|c| tokio::time::timeout(drain_timeout, c.drain_boxed()));
     for result in futures::future::join_all(drains).await {
         match result {
             Ok(Ok(())) => report.connections_closed += 1,
@@ -458,7 +473,6 @@ async fn run(inner: Arc<Inner>) -> ShutdownReport {
 
 /// Drains the connection: acks and naks already sent are flushed, subscriptions end, then the
 /// connection closes. A connection that is already closed is not an error.
-#[async_trait]
 impl Drain for crate::jetstream::JetStreamEvents {
     async fn drain(&self) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         self.close().await;
@@ -473,7 +487,6 @@ mod tests {
 
     struct CountingDrain(Arc<AtomicUsize>, Duration);
 
-    #[async_trait]
     impl Drain for CountingDrain {
         async fn drain(&self) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
             tokio::time::sleep(self.1).await;
@@ -484,7 +497,6 @@ mod tests {
 
     struct FailingDrain;
 
-    #[async_trait]
     impl Drain for FailingDrain {
         async fn drain(&self) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
             Err("broken pipe".into())

@@ -702,7 +702,6 @@ impl SourceBackend for MemorySource {
 
 /// Draining closes the connection ([`MemoryEvents::close`]), as the last step of a
 /// [`Shutdown`](crate::shutdown::Shutdown).
-#[async_trait]
 impl crate::shutdown::Drain for MemoryEvents {
     async fn drain(&self) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         self.close().await;

@@ -407,7 +407,6 @@ async fn refuse(request: RawRequest, source: &str) {
 
 /// Draining closes the connection ([`MemoryQueries::close`]), as the last step of a
 /// [`Shutdown`](crate::shutdown::Shutdown).
-#[async_trait]
 impl crate::shutdown::Drain for MemoryQueries {
     async fn drain(&self) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         self.close().await;

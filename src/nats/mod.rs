@@ -319,7 +319,6 @@ impl NatsQueries {
 
 /// Registered with a [`Shutdown`](crate::shutdown::Shutdown), the connection is drained and
 /// closed as the shutdown's last step, as [`NatsQueries::close`] does.
-#[async_trait]
 impl Drain for NatsQueries {
     async fn drain(&self) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         self.drain_connection().await.map_err(Into::into)
