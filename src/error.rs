@@ -357,6 +357,15 @@ error_kind! {
         /// The client is not connected to a server (it is reconnecting) and did not get back
         /// in time; the detail says for how long it has been down.
         Disconnected => "not connected to NATS",
+        /// The publish options are invalid (an interval or time-to-live under 1 s, a cron
+        /// expression that does not parse, an event id that cannot name a schedule); refused
+        /// before sending.
+        InvalidSchedule => "invalid schedule or time-to-live",
+        /// The server or the stream cannot do what the publish options ask: the server is
+        /// older than the feature (the detail names the version needed: 2.11 for a
+        /// time-to-live, 2.12 for `@at`, 2.14 for `@every` and cron), or the stream has the
+        /// feature off (run `init_stream`).
+        Unsupported => "not supported by the server or stream",
     }
 }
 

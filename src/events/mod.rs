@@ -31,6 +31,7 @@ mod delivery;
 mod handler;
 mod options;
 mod publish;
+pub(crate) mod schedule;
 pub(crate) mod source;
 
 pub use connection::*;
@@ -38,6 +39,11 @@ pub use delivery::*;
 pub use handler::*;
 pub use options::*;
 pub use publish::*;
+pub use schedule::{
+    firing_id, parse_duration, schedule_subject, PublishOptions, Schedule, ScheduleInfo,
+    NATS_SCHEDULE, NATS_SCHEDULER, NATS_SCHEDULE_NEXT, NATS_SCHEDULE_TARGET,
+    NATS_SCHEDULE_TIME_ZONE, NATS_SCHEDULE_TTL, NATS_TTL, SCHEDULE_SUBJECT_PREFIX,
+};
 pub use source::*;
 
 /// Settling a delivery is the worker pool's business (it keeps held deliveries alive); the

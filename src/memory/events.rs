@@ -25,7 +25,8 @@ use crate::event::{check_type, populate_source};
 use crate::event_source::{EventSource, RawEvent, SourceBackend};
 use crate::events::{
     start_delivery_pool, Acker, DeadLetterPublishError, DeadLetterSink, Delivery, DeliveryContext,
-    EventConnection, EventHandlers, EventListenOptions, PublishAck, PublishError,
+    EventConnection, EventHandlers, EventListenOptions, PublishAck, PublishError, PublishOptions,
+    ScheduleInfo,
 };
 use crate::headers::NATS_MSG_ID;
 use crate::listener::Listener;
@@ -242,7 +243,10 @@ impl MemoryEvents {
         inner.broker.streams().create_or_update(
             &inner.stream,
             StreamSettings {
-                subjects: vec![format!("{}.>", inner.subject_prefix)],
+                subjects: vec![
+                    format!("{}.>", inner.subject_prefix),
+                    crate::events::schedule::schedule_subjects(&inner.stream),
+                ],
                 duplicate_window: inner.duplicate_window,
                 max_messages,
                 max_bytes,
@@ -259,7 +263,15 @@ impl MemoryEvents {
         )
     }
 
-    fn publish_one(&self, mut event: Event) -> Result<PublishAck, PublishError> {
+    fn publish_one(&self, event: Event) -> Result<PublishAck, PublishError> {
+        self.publish_one_with(event, &PublishOptions::default())
+    }
+
+    fn publish_one_with(
+        &self,
+        mut event: Event,
+        options: &PublishOptions,
+    ) -> Result<PublishAck, PublishError> {
         let inner = &self.inner;
         if self.is_closed() {
             return Err(PublishError::new(
@@ -273,6 +285,16 @@ impl MemoryEvents {
             return Err(PublishError::from_error(err, Some(event)));
         }
         let subject = format!("{}.{}", inner.subject_prefix, event.ty());
+        let directives = match crate::events::schedule::directives(
+            options,
+            event.id(),
+            &inner.stream,
+            &subject,
+            inner.broker.streams().wall_now(),
+        ) {
+            Ok(directives) => directives,
+            Err(err) => return Err(PublishError::from_error(err, Some(event))),
+        };
         let encoded = match codec::encode(&event, inner.mode) {
             Ok(encoded) => encoded,
             Err(err) => {
@@ -292,6 +314,10 @@ impl MemoryEvents {
             }
         };
         headers.insert(NATS_MSG_ID, msg_id);
+        for (name, value) in &directives.headers {
+            headers.insert(*name, crate::headers::text_value(value));
+        }
+        let subject = directives.subject.unwrap_or(subject);
         if let Err(detail) = inner.broker.check_size(&headers, &encoded.payload) {
             let err = Error::with_detail(PublishErrorKind::TooLarge, detail);
             return Err(PublishError::from_error(err, Some(event)));
@@ -314,6 +340,33 @@ impl EventConnection for MemoryEvents {
             events.into_iter().map(|e| self.publish_one(e)).collect()
         })
         .await
+    }
+
+    async fn publish_with(
+        &self,
+        event: Event,
+        options: PublishOptions,
+    ) -> Result<PublishAck, PublishError> {
+        crate::events::traced_publish(event, |event| async move {
+            self.publish_one_with(event, &options)
+        })
+        .await
+    }
+
+    async fn schedules(&self) -> Result<Vec<ScheduleInfo>, StreamError> {
+        let prefix = crate::events::schedule_subject(&self.inner.stream, "");
+        self.inner
+            .broker
+            .streams()
+            .schedules(&self.inner.stream, &prefix)
+    }
+
+    async fn cancel_schedule(&self, id: &str) -> Result<bool, StreamError> {
+        let subject = crate::events::schedule_subject(&self.inner.stream, id);
+        self.inner
+            .broker
+            .streams()
+            .cancel_schedule(&self.inner.stream, &subject)
     }
 
     async fn listen(
@@ -451,6 +504,7 @@ impl EventConnection for MemoryEvents {
                         delivered: delivered.deliveries,
                         acker,
                         hold,
+                        expires: delivered.expires,
                     };
                     // The window made room: queueing does not wait, and a delivery taken is run
                     // even while stopping. Refused only when the workers are gone: dropped, its
