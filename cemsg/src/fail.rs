@@ -82,7 +82,9 @@ impl From<PublishError> for Failure {
         let code = match err.kind() {
             PublishErrorKind::TimedOut => EXIT_TIMEOUT,
             PublishErrorKind::StreamNotFound => EXIT_NOT_FOUND,
-            PublishErrorKind::Encode | PublishErrorKind::InvalidType => EXIT_USAGE,
+            PublishErrorKind::Encode
+            | PublishErrorKind::InvalidType
+            | PublishErrorKind::InvalidSchedule => EXIT_USAGE,
             PublishErrorKind::ConnectionClosed | PublishErrorKind::Disconnected => EXIT_CONNECTION,
             _ => EXIT_OTHER,
         };
