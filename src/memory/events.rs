@@ -1601,4 +1601,115 @@ mod tests {
             "all handled, none handed back"
         );
     }
+
+    /// Schedules and expiry run on tokio's clock: with paused time an hour passes at once, and
+    /// firings land exactly on their instants.
+    #[tokio::test(start_paused = true)]
+    async fn schedules_and_expiry_follow_tokios_paused_clock() {
+        let broker = MemoryBroker::new();
+        let events = connection(&broker, "paused").await;
+        let event_type = ty();
+        let (tx, mut rx) = mpsc::channel(64);
+        let handlers = EventHandlers::new().on(
+            &event_type,
+            event_handler_fn(move |event, _| {
+                let tx = tx.clone();
+                async move {
+                    let _ = tx
+                        .send((event.id().to_owned(), tokio::time::Instant::now()))
+                        .await;
+                    Ok(())
+                }
+            }),
+        );
+        let listener = events.listen(handlers, fast_options()).await.unwrap();
+        let start = tokio::time::Instant::now();
+        let once = new_event(&event_type, "t", &1).unwrap();
+        let once_id = once.id().to_owned();
+        let every = new_event(&event_type, "t", &2).unwrap();
+        let every_id = every.id().to_owned();
+        let stale = new_event(&event_type, "t", &3).unwrap();
+        let stale_id = stale.id().to_owned();
+        events
+            .publish_with(once, PublishOptions::after(Duration::from_secs(3600)))
+            .await
+            .unwrap();
+        events
+            .publish_with(every, PublishOptions::every(Duration::from_secs(600)))
+            .await
+            .unwrap();
+        // Expires in the stream before anyone could take it (the listener is busy with
+        // nothing, so it would take it at once: stop pulling first).
+        listener.stop(WAIT).await;
+        events
+            .publish_with(
+                stale,
+                PublishOptions::default().with_ttl(Duration::from_secs(5)),
+            )
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        assert!(
+            !broker
+                .stream_messages("CLOUDEVENTS")
+                .unwrap()
+                .iter()
+                .any(|m| m.event().is_ok_and(|e| e.id() == stale_id)),
+            "the expired event left the stream"
+        );
+        let handlers = {
+            let (tx2, rx2) = mpsc::channel(64);
+            rx = rx2;
+            EventHandlers::new().on(
+                &event_type,
+                event_handler_fn(move |event, _| {
+                    let tx = tx2.clone();
+                    async move {
+                        let _ = tx
+                            .send((event.id().to_owned(), tokio::time::Instant::now()))
+                            .await;
+                        Ok(())
+                    }
+                }),
+            )
+        };
+        let listener = events.listen(handlers, fast_options()).await.unwrap();
+        let mut seen = Vec::new();
+        while seen.len() < 7 {
+            seen.push(
+                tokio::time::timeout(Duration::from_secs(7200), rx.recv())
+                    .await
+                    .unwrap()
+                    .unwrap(),
+            );
+        }
+        listener.stop(WAIT).await;
+        assert!(
+            !seen.iter().any(|(id, _)| *id == stale_id),
+            "expired event handled"
+        );
+        let recurring: Vec<_> = seen
+            .iter()
+            .filter(|(id, _)| id.starts_with(&format!("{every_id}@")))
+            .collect();
+        for (k, (_, at)) in recurring.iter().enumerate() {
+            assert_eq!(
+                *at - start,
+                Duration::from_secs(600 * (k as u64 + 1)),
+                "firing {k}"
+            );
+        }
+        let (_, once_at) = seen
+            .iter()
+            .find(|(id, _)| *id == once_id)
+            .expect("the one-shot fired");
+        let elapsed = *once_at - start;
+        assert!(
+            elapsed >= Duration::from_secs(3600) && elapsed <= Duration::from_secs(3601),
+            "one-shot after {elapsed:?}"
+        );
+        assert_eq!(seen.iter().filter(|(id, _)| *id == once_id).count(), 1);
+        assert!(events.cancel_schedule(&every_id).await.unwrap());
+        assert!(events.schedules().await.unwrap().is_empty());
+    }
 }
