@@ -192,8 +192,11 @@ async fn events_stream_messages(server: &NatsServer) -> u64 {
 
 #[tokio::test]
 async fn every_command_has_help_with_an_example() {
-    let commands: [&[&str]; 12] = [
+    let commands: [&[&str]; 15] = [
         &[],
+        &["schedule"],
+        &["schedule", "list"],
+        &["schedule", "cancel"],
         &["stream"],
         &["stream", "init"],
         &["publish"],
@@ -1407,5 +1410,90 @@ async fn publish_priority_goes_to_its_level_and_is_served_first() {
             (0, 0),
             "{durable}: {info:?}"
         );
+    }
+}
+
+/// Waits (bounded) until the events stream holds a message on `subject`; returns its headers.
+async fn last_on_subject(server: &NatsServer, subject: &str) -> HeaderMap {
+    let js = async_nats::jetstream::new(support::connect(server.url()).await);
+    let stream = js.get_stream("CLOUDEVENTS").await.expect("events stream");
+    tokio::time::timeout(WAIT, async {
+        loop {
+            if let Ok(message) = stream.get_last_raw_message_by_subject(subject).await {
+                return message.headers;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("nothing stored on {subject} within {WAIT:?}"))
+}
+
+#[tokio::test]
+async fn scheduled_and_expiring_publishes_are_listed_cancelled_and_fire() {
+    let server = server_with_streams().await;
+    let url = server.url();
+    // Deferred: listed until cancelled; a second cancel finds nothing (exit 6).
+    let published = cemsg_ok(
+        &url,
+        &["publish", ORDER_CREATED, "--data", "{}", "--in", "1h"],
+    )
+    .await;
+    let id = published[0]["id"].as_str().expect("id").to_owned();
+    let listed = cemsg_ok(&url, &["schedule", "list"]).await;
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0]["id"], id.as_str());
+    assert!(listed[0]["schedule"]
+        .as_str()
+        .expect("schedule")
+        .starts_with("@at "));
+    assert_eq!(
+        listed[0]["target"],
+        format!("events.{ORDER_CREATED}").as_str()
+    );
+    assert_eq!(listed[0]["type"], ORDER_CREATED);
+    let cancelled = cemsg_ok(&url, &["schedule", "cancel", &id]).await;
+    assert_eq!(cancelled[0]["cancelled"], true);
+    run(cemsg(&url, &["schedule", "cancel", &id]))
+        .await
+        .fails_with(6);
+    assert!(cemsg_ok(&url, &["schedule", "list"]).await.is_empty());
+
+    // Recurring: fires on the event's own subject with the scheduler headers.
+    let tick = "org.example.cli.tick";
+    let published = cemsg_ok(
+        &url,
+        &[
+            "publish", tick, "--data", "{}", "--every", "1s", "--ttl", "1m",
+        ],
+    )
+    .await;
+    let tick_id = published[0]["id"].as_str().expect("id").to_owned();
+    let fired = last_on_subject(&server, &format!("events.{tick}")).await;
+    assert_eq!(
+        fired.get("Nats-Scheduler").map(|v| v.as_str().to_owned()),
+        Some(format!("_CE_SCHEDULE.CLOUDEVENTS.{tick_id}"))
+    );
+    assert_eq!(fired.get("Nats-TTL").map(|v| v.as_str()), Some("60s"));
+    cemsg_ok(&url, &["schedule", "cancel", &tick_id]).await;
+
+    // Expiring: the stored event carries its time-to-live.
+    let quote = "org.example.cli.quote";
+    cemsg_ok(&url, &["publish", quote, "--data", "{}", "--ttl", "30s"]).await;
+    let stored = last_on_subject(&server, &format!("events.{quote}")).await;
+    assert_eq!(stored.get("Nats-TTL").map(|v| v.as_str()), Some("30s"));
+
+    // Bad values are usage errors, refused before anything is sent.
+    for bad in [
+        &["--every", "5 parsecs"][..],
+        &["--in", "soon"],
+        &["--at", "tomorrow"],
+        &["--cron", "* * *"],
+        &["--every", "200ms"],
+        &["--ttl", "10ms"],
+    ] {
+        let mut args = vec!["publish", ORDER_CREATED];
+        args.extend_from_slice(bad);
+        run(cemsg(&url, &args)).await.fails_with(1);
     }
 }

@@ -381,6 +381,15 @@ error_kind! {
         /// extension is not an integer below the number of levels; refused before sending,
         /// never retried.
         InvalidPriority => "invalid event priority",
+        /// The publish options are invalid (an interval or time-to-live under 1 s, a cron
+        /// expression that does not parse, an event id that cannot name a schedule); refused
+        /// before sending.
+        InvalidSchedule => "invalid schedule or time-to-live",
+        /// The server or the stream cannot do what the publish options ask: the server is
+        /// older than the feature (the detail names the version needed: 2.11 for a
+        /// time-to-live, 2.12 for `@at`, 2.14 for `@every` and cron), or the stream has the
+        /// feature off (run `init_stream`).
+        Unsupported => "not supported by the server or stream",
     }
 }
 

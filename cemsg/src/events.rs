@@ -123,6 +123,8 @@ pub struct PublishArgs {
     priority: Option<u8>,
     #[command(flatten)]
     mode: ModeArgs,
+    #[command(flatten)]
+    timing: crate::schedule::TimingArgs,
 }
 
 impl PublishArgs {
@@ -173,17 +175,25 @@ pub async fn publish(config: Config, args: PublishArgs) -> Result<(), Failure> {
     }
     let config = with_mode(config, &args.mode);
     let events = JetStreamEvents::connect(&config).await?;
+    let options = args.timing.options()?;
     let result = match args.count {
-        None => publish_one(&events, args.event(data.as_ref())?).await,
+        None => publish_one(&events, args.event(data.as_ref())?, options).await,
         Some(count) => publish_many(&events, &args, data.as_ref(), count).await,
     };
     events.close().await;
     result
 }
 
-async fn publish_one(events: &JetStreamEvents, event: Event) -> Result<(), Failure> {
+async fn publish_one(
+    events: &JetStreamEvents,
+    event: Event,
+    options: Option<ce_messaging::events::PublishOptions>,
+) -> Result<(), Failure> {
     let id = AttributesReader::id(&event).to_owned();
-    let ack = events.publish(event).await?;
+    let ack = match options {
+        Some(options) => events.publish_with(event, options).await?,
+        None => events.publish(event).await?,
+    };
     output::json(&json!({
         "id": id,
         "stream": ack.stream,

@@ -84,7 +84,8 @@ impl From<PublishError> for Failure {
             PublishErrorKind::StreamNotFound => EXIT_NOT_FOUND,
             PublishErrorKind::Encode
             | PublishErrorKind::InvalidType
-            | PublishErrorKind::InvalidPriority => EXIT_USAGE,
+            | PublishErrorKind::InvalidPriority
+            | PublishErrorKind::InvalidSchedule => EXIT_USAGE,
             PublishErrorKind::ConnectionClosed | PublishErrorKind::Disconnected => EXIT_CONNECTION,
             _ => EXIT_OTHER,
         };

@@ -13,6 +13,7 @@ mod events;
 mod fail;
 mod output;
 mod queries;
+mod schedule;
 
 use std::process::ExitCode;
 
@@ -73,8 +74,21 @@ on stderr when it is a terminal.
 Examples:
   cemsg publish org.example.order.created --data '{\"id\":1}'
   cemsg publish org.example.order.created --data '{\"id\":1}' --id order-1   # twice: duplicate
-  cemsg publish org.example.tick --count 10000")]
+  cemsg publish org.example.tick --count 10000
+  cemsg publish org.example.invoice.reminder --data '{\"id\":7}' --in 1h   # deferred
+  cemsg publish org.example.report.due --every 5m                          # recurring
+  cemsg publish org.example.backup.run --cron '0 0 2 * * *'                # cron (UTC)
+  cemsg publish org.example.quote.given --data '{\"price\":1}' --ttl 30s    # expiring
+
+A scheduled event's id is its schedule id (`cemsg schedule list | cancel`); the stream needs
+`cemsg stream init` on nats-server 2.12+ (--at/--in), 2.14+ (--every/--cron), 2.11+ (--ttl).")]
     Publish(events::PublishArgs),
+    /// List or cancel the schedules of deferred and recurring events (publish --at/--in/--every/--cron).
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  cemsg schedule list\n  cemsg schedule cancel cloudevent-cn2v7q3p0ck7s1ka8n0g"
+    )]
+    Schedule(ScheduleCommand),
     /// Handle events on a durable consumer and print each as a structured CloudEvents JSON line.
     #[command(after_help = "\
 Each event is printed as one line of structured CloudEvents JSON on stdout, then acked.
@@ -189,6 +203,27 @@ Examples:
 }
 
 #[derive(Debug, Subcommand)]
+enum ScheduleCommand {
+    /// The schedules the events stream keeps.
+    #[command(after_help = "\
+Prints one JSON line per schedule: {\"id\",\"schedule\",\"target\",\"type\",\"ttl\",\"time_zone\",
+\"created\"} (id: the id of the event it was published with, the one to cancel; schedule: the
+Nats-Schedule value, @at ..., @every ... or a cron expression; target: the subject firings are
+stored on). One-shot schedules are listed until they fire, recurring ones until cancelled.
+
+Example:
+  cemsg schedule list")]
+    List,
+    /// Cancel a schedule: it fires no more.
+    #[command(after_help = "\
+Prints {\"id\",\"cancelled\":true}. No such schedule (never made, already fired, cancelled): exit 6.
+
+Example:
+  cemsg schedule cancel cloudevent-cn2v7q3p0ck7s1ka8n0g")]
+    Cancel(schedule::CancelArgs),
+}
+
+#[derive(Debug, Subcommand)]
 enum ConsumerCommand {
     /// The state of a durable consumer: pending, ack pending, redelivered, ack floor, last
     /// delivered, and events parked at the server's delivery limit.
@@ -248,6 +283,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         Command::Stream(StreamCommand::Init) => events::stream_init(&config).await,
         Command::Publish(args) => events::publish(config, args).await,
+        Command::Schedule(ScheduleCommand::List) => schedule::list(&config).await,
+        Command::Schedule(ScheduleCommand::Cancel(args)) => schedule::cancel(&config, args).await,
         Command::Listen(args) => events::listen(config, args).await,
         Command::Request(args) => queries::request(config, args).await,
         Command::Reply(args) => queries::reply(config, args).await,

@@ -10,6 +10,8 @@ use ce_messaging::{JetStreamEvents, MemoryBroker, NatsQueries};
 
 /// The two connections a service uses, behind the traits it is written against.
 pub struct Backends {
+    // Not every example makes queries (the reminder, cron and quote examples use events only).
+    #[allow(dead_code)]
     pub queries: Arc<dyn QueryConnection>,
     pub events: Arc<dyn EventConnection>,
     pub name: &'static str,

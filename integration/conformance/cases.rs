@@ -7,6 +7,7 @@
 
 pub mod events;
 pub mod queries;
+pub mod schedules;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};

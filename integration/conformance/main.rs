@@ -135,11 +135,25 @@ macro_rules! event_cases {
     };
 }
 
+/// Every schedule and expiry case (issue 17), for one backend.
+macro_rules! schedule_cases {
+    ($backend:ty) => {
+        instantiate!(schedules, $backend;
+            deferred_event_fires_once_not_before_its_time,
+            cancelled_schedule_never_fires,
+            recurring_schedule_fires_n_times_with_own_ids,
+            expired_event_is_never_handled,
+            invalid_schedules_are_refused_at_once,
+        );
+    };
+}
+
 mod conformance {
     /// In-process broker: every case.
     mod memory {
         query_cases!(crate::backends::memory::Memory);
         event_cases!(crate::backends::memory::Memory);
+        schedule_cases!(crate::backends::memory::Memory);
     }
 
     /// Core NATS (`NatsQueries`): the query cases. It has no persistence, so the event cases
@@ -154,5 +168,6 @@ mod conformance {
     #[cfg(feature = "natsjs_integration")]
     mod jetstream {
         event_cases!(crate::backends::jetstream::JetStream);
+        schedule_cases!(crate::backends::jetstream::JetStream);
     }
 }

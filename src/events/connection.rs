@@ -11,7 +11,9 @@ use crate::event::{EventExt, EventType, TransactionId};
 use crate::event_source::{EventResponsePromise, EventSource};
 use crate::listener::Listener;
 
-use super::{EventHandlers, EventListenOptions, PublishAck, PublishError};
+use super::{
+    EventHandlers, EventListenOptions, PublishAck, PublishError, PublishOptions, ScheduleInfo,
+};
 
 /// The state of a durable consumer, for operators (`cemsg consumer info`), the same on every
 /// backend ([`JetStreamEvents::consumer_info`](crate::jetstream::JetStreamEvents::consumer_info),
@@ -108,6 +110,86 @@ pub trait EventConnection: Send + Sync {
     /// disconnected, a JetStream publish waits for the connection within its bounded time and
     /// then fails with `Disconnected`.
     async fn publish(&self, event: Event) -> Result<PublishAck, PublishError>;
+
+    /// Publishes one event with [`PublishOptions`]: deferred (`At`, `After`), recurring
+    /// (`Every`, `Cron`) and/or with a time-to-live. Returns after the server stored the
+    /// schedule (or the event).
+    ///
+    /// A scheduled event is delivered as an ordinary event on its ordinary subject at each
+    /// firing; its schedule id is the event id (list with [`schedules`](Self::schedules),
+    /// cancel with [`cancel_schedule`](Self::cancel_schedule)). Each firing of a recurring
+    /// schedule is handled with its own id, `<event id>@<time of the next firing>`
+    /// ([`firing_id`](super::firing_id)). An event whose time-to-live passed is never given to
+    /// a handler. Publishing the same scheduled event again replaces its schedule.
+    ///
+    /// # Errors
+    ///
+    /// Those of [`publish`](Self::publish), and `InvalidSchedule` (interval or time-to-live
+    /// under 1 s, a cron expression that does not parse, an event id that is not one subject
+    /// token) or `Unsupported` (the server is too old: the detail names the version needed;
+    /// or the stream has the feature off: run `init_stream`). The default implementation
+    /// (for backends without schedules) does plain publishes only.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo(events: &dyn ce_messaging::events::EventConnection) -> Result<(), Box<dyn std::error::Error>> {
+    /// use ce_messaging::event::new_event_auto_source;
+    /// use ce_messaging::events::PublishOptions;
+    /// use std::time::Duration;
+    ///
+    /// let reminder = new_event_auto_source("org.example.invoice.reminder", &42)?;
+    /// events.publish_with(reminder, PublishOptions::after(Duration::from_secs(3600))).await?;
+    /// let quote = new_event_auto_source("org.example.quote.given", &101.5)?;
+    /// events.publish_with(quote, PublishOptions::default().with_ttl(Duration::from_secs(30))).await?;
+    /// # Ok(()) }
+    /// ```
+    async fn publish_with(
+        &self,
+        event: Event,
+        options: PublishOptions,
+    ) -> Result<PublishAck, PublishError> {
+        if options.is_plain() {
+            return self.publish(event).await;
+        }
+        Err(PublishError::from_error(
+            Error::with_detail(
+                crate::error::PublishErrorKind::Unsupported,
+                "this backend publishes without schedules or time-to-live only",
+            ),
+            Some(event),
+        ))
+    }
+
+    /// The schedules the events stream keeps (one-shot schedules until they fire, recurring
+    /// ones until cancelled), ordered by id.
+    ///
+    /// # Errors
+    ///
+    /// `NotFound` when the events stream does not exist; `Other` when the server does not
+    /// answer or the backend keeps no schedules.
+    async fn schedules(&self) -> Result<Vec<ScheduleInfo>, StreamError> {
+        Err(Error::with_detail(
+            crate::error::StreamErrorKind::Other,
+            "this backend keeps no schedules",
+        ))
+    }
+
+    /// Cancels the schedule `id` (the id of the event it was published with): it fires no
+    /// more. `Ok(false)` when there is no such schedule (never made, already fired, or
+    /// cancelled).
+    ///
+    /// # Errors
+    ///
+    /// `NotFound` when the events stream does not exist; `Other` when the server does not
+    /// answer or the backend keeps no schedules.
+    async fn cancel_schedule(&self, id: &str) -> Result<bool, StreamError> {
+        let _ = id;
+        Err(Error::with_detail(
+            crate::error::StreamErrorKind::Other,
+            "this backend keeps no schedules",
+        ))
+    }
 
     /// Publishes many events pipelined (many in flight at once) and waits for every ack.
     /// The results are in the order of `events`.

@@ -178,6 +178,8 @@ pub(crate) struct Delivery {
     pub acker: Arc<dyn Acker>,
     /// The delivery's place in the listener's window, given back when it is dropped.
     pub hold: Hold,
+    /// When its time-to-live passes (tokio's clock); no handler is started after that.
+    pub expires: Option<tokio::time::Instant>,
 }
 
 /// What processing deliveries needs besides the delivery.
@@ -275,7 +277,7 @@ async fn deliver(
         }
         return (Outcome::Abandoned, "abandoned");
     }
-    let event = match codec::decode(delivery.headers.as_ref(), &delivery.payload) {
+    let mut event = match codec::decode(delivery.headers.as_ref(), &delivery.payload) {
         Ok(event) => event,
         Err(err) => {
             tracing::warn!(subject = %delivery.subject, seq = delivery.stream_sequence, error = %err, "undecodable event");
@@ -290,6 +292,17 @@ async fn deliver(
             return (Outcome::Finished, settled);
         }
     };
+    super::schedule::apply_firing_id(&mut event, delivery.headers.as_ref());
+    if super::schedule::expired(delivery.expires) {
+        // Its time-to-live passed while it waited (for a worker or a redelivery): the
+        // publisher said it is worthless now. Settled without a handler, counted, not
+        // dead-lettered (the wire contract, "Scheduled and expiring events").
+        tracing::debug!(event_id = %event.id(), event_type = %event.ty(), "event expired before a handler started; acked unhandled");
+        metrics::counter!(telemetry::metric_names::EXPIRED, "type" => event.ty().to_owned())
+            .increment(1);
+        settle(delivery.acker.ack().await, "ack");
+        return (Outcome::Finished, "expired");
+    }
     let event_type = event.ty();
     telemetry::record_event(&span, &event);
     let trace = telemetry::incoming(&event, !span.is_disabled());

@@ -32,6 +32,7 @@ mod handler;
 mod options;
 mod priority;
 mod publish;
+pub(crate) mod schedule;
 pub(crate) mod source;
 
 pub use connection::*;
@@ -40,6 +41,11 @@ pub use handler::*;
 pub use options::*;
 pub use priority::*;
 pub use publish::*;
+pub use schedule::{
+    firing_id, parse_duration, schedule_subject, PublishOptions, Schedule, ScheduleInfo,
+    NATS_SCHEDULE, NATS_SCHEDULER, NATS_SCHEDULE_NEXT, NATS_SCHEDULE_TARGET,
+    NATS_SCHEDULE_TIME_ZONE, NATS_SCHEDULE_TTL, NATS_TTL, SCHEDULE_SUBJECT_PREFIX,
+};
 pub use source::*;
 
 /// Kept at its old path; it lives in [`crate::error`] with the other error types.

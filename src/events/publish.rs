@@ -153,6 +153,8 @@ fn publish_kind(kind: crate::error::PublishErrorKind) -> &'static str {
         K::TooLarge => "too-large",
         K::Encode => "encode",
         K::ConnectionClosed => "connection-closed",
+        K::InvalidSchedule => "invalid-schedule",
+        K::Unsupported => "unsupported",
         _ => "other",
     }
 }

@@ -192,6 +192,7 @@ fn poison(payload: &[u8], delivered: u64) -> (Delivery, Arc<Settled>) {
         delivered,
         acker: Arc::new(FakeAcker(settled.clone())),
         hold: crate::worker::Hold::detached(),
+        expires: None,
     };
     (delivery, settled)
 }

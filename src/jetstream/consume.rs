@@ -885,6 +885,7 @@ impl Intake {
                 .and_then(ack_consumer)
                 .and_then(|name| self.levels.iter().position(|level| level.name == name))
         };
+        let expires = message_expiry(message.reply.as_deref(), message.headers.as_ref());
         let acker: Arc<dyn Acker> = Arc::new(JetStreamAcker {
             reply: message.reply,
             settled: AtomicBool::new(false),
@@ -921,6 +922,7 @@ impl Intake {
             delivered,
             acker,
             hold,
+            expires,
         })
     }
 
@@ -1055,6 +1057,29 @@ fn ack_consumer(reply: &str) -> Option<&str> {
         9.. => Some(tokens[3]),
         _ => None,
     }
+}
+
+/// When a delivered message's time-to-live passes, on tokio's clock: its stored time (the
+/// timestamp in the ack subject, nanoseconds since the epoch) plus its `Nats-TTL`. `None`
+/// without a `Nats-TTL` (or with `never`).
+fn message_expiry(
+    reply: Option<&str>,
+    headers: Option<&async_nats::HeaderMap>,
+) -> Option<tokio::time::Instant> {
+    use crate::events::schedule;
+    let ttl = headers?.get(schedule::NATS_TTL)?.as_str();
+    let rest = reply?.strip_prefix("$JS.ACK.")?;
+    let tokens: Vec<&str> = rest.split('.').collect();
+    // ..., delivered, stream seq, consumer seq, timestamp, pending (and a token in v2 form)
+    let stamp = match tokens.len() {
+        7 => tokens[5],
+        9.. => tokens[7],
+        _ => return None,
+    };
+    let nanos: i64 = stamp.parse().ok()?;
+    let stored = chrono::DateTime::from_timestamp_nanos(nanos);
+    let expires = schedule::expiry(stored, Some(ttl))?;
+    Some(schedule::expiry_instant(expires, chrono::Utc::now()))
 }
 
 /// What a message read from the pull subscription is.

@@ -39,6 +39,7 @@ use crate::error::{ConnectError, Error, ListenError, StreamError, StreamErrorKin
 use crate::event_source::EventSource;
 use crate::events::{
     DurableInfo, EventConnection, EventHandlers, EventListenOptions, PublishAck, PublishError,
+    PublishOptions, ScheduleInfo,
 };
 use crate::listener::Listener;
 
@@ -262,6 +263,17 @@ impl JetStreamEvents {
         })
     }
 
+    /// The events stream, without its info (`NotFound` when it does not exist).
+    async fn events_stream(
+        &self,
+    ) -> Result<async_nats::jetstream::stream::Stream<()>, StreamError> {
+        let name = &self.inner.config.js_stream;
+        let stream = self.inner.js.get_stream_no_info(name).await.map_err(|e| {
+            Error::with_source(StreamErrorKind::Other, e).detail(format!("stream {name}"))
+        })?;
+        Ok(stream)
+    }
+
     pub(crate) fn inner(&self) -> &Arc<Inner> {
         &self.inner
     }
@@ -280,6 +292,68 @@ impl EventConnection for JetStreamEvents {
         .await
     }
 
+    async fn publish_with(
+        &self,
+        event: Event,
+        options: PublishOptions,
+    ) -> Result<PublishAck, PublishError> {
+        crate::events::traced_publish(event, |event| {
+            publish::publish_with(&self.inner, event, &options)
+        })
+        .await
+    }
+
+    async fn schedules(&self) -> Result<Vec<ScheduleInfo>, StreamError> {
+        use futures::TryStreamExt;
+        let stream = self.events_stream().await?;
+        let config = &self.inner.config;
+        let prefix = crate::events::schedule_subject(&config.js_stream, "");
+        let failed = |e: &dyn std::fmt::Display| {
+            Error::with_detail(
+                StreamErrorKind::Other,
+                format!("listing the schedules of stream {}: {e}", config.js_stream),
+            )
+        };
+        let mut subjects: Vec<String> = stream
+            .info_with_subjects(format!("{prefix}>"))
+            .await
+            .map_err(|e| failed(&e))?
+            .map_ok(|(subject, _)| subject)
+            .try_collect()
+            .await
+            .map_err(|e| failed(&e))?;
+        subjects.sort();
+        let mut schedules = Vec::with_capacity(subjects.len());
+        for subject in subjects {
+            // A one-shot schedule that fires between the listing and this read is gone: skip.
+            let Ok(message) = stream.get_last_raw_message_by_subject(&subject).await else {
+                continue;
+            };
+            if let Some(info) = ScheduleInfo::from_message(
+                &prefix,
+                &subject,
+                Some(&message.headers),
+                &message.payload,
+            ) {
+                schedules.push(info);
+            }
+        }
+        Ok(schedules)
+    }
+
+    async fn cancel_schedule(&self, id: &str) -> Result<bool, StreamError> {
+        if crate::events::schedule::check_schedule_id(id).is_err() {
+            return Ok(false);
+        }
+        let stream = self.events_stream().await?;
+        let subject = crate::events::schedule_subject(&self.inner.config.js_stream, id);
+        let purged = stream.purge().filter(subject.as_str()).await.map_err(|e| {
+            Error::with_source(StreamErrorKind::Other, e)
+                .detail(format!("cancelling schedule {id}"))
+        })?;
+        Ok(purged.purged > 0)
+    }
+
     async fn listen(
         &self,
         handlers: EventHandlers,
@@ -289,7 +363,8 @@ impl EventConnection for JetStreamEvents {
     }
 
     async fn init_stream(&self) -> Result<(), StreamError> {
-        streams::init_streams(&self.inner.js, &self.inner.config).await
+        let version = self.inner.client.server_info().version;
+        streams::init_streams(&self.inner.js, &self.inner.config, &version).await
     }
 
     async fn consumer_info(&self, durable: &str) -> Result<DurableInfo, StreamError> {

@@ -27,7 +27,9 @@ use crate::codec::{self, ContentMode};
 use crate::config::Config;
 use crate::error::{Error, PublishErrorKind};
 use crate::event::{check_type, populate_source};
-use crate::events::{priority_subject, publish_level, PublishAck, PublishError};
+use crate::events::schedule;
+use crate::events::{priority_subject, publish_level};
+use crate::events::{PublishAck, PublishError, PublishOptions, Schedule};
 use crate::headers::NATS_MSG_ID;
 
 use super::{client_closed, Inner};
@@ -36,6 +38,26 @@ use super::{client_closed, Inner};
 /// `Nats-Msg-Id` was received and is still being stored (replicated), so its outcome is not
 /// known yet.
 const DUPLICATE_IN_PROCESS_CODE: u64 = 10158;
+
+/// JetStream's error code for "per-message TTL is disabled" (the stream lacks `allow_msg_ttl`).
+const TTL_DISABLED_CODE: u64 = 10166;
+/// JetStream's error code for "message schedules is disabled" (no `allow_msg_schedules`).
+const SCHEDULES_DISABLED_CODE: u64 = 10188;
+/// JetStream's error codes for an invalid per-message TTL, schedule pattern, target.
+const TTL_INVALID_CODE: u64 = 10165;
+const SCHEDULE_PATTERN_CODE: u64 = 10189;
+const SCHEDULE_TARGET_CODE: u64 = 10190;
+
+/// The publish error kind of a JetStream error about schedules or time-to-live.
+fn schedule_error_kind(code: u64) -> Option<PublishErrorKind> {
+    match code {
+        TTL_DISABLED_CODE | SCHEDULES_DISABLED_CODE => Some(PublishErrorKind::Unsupported),
+        TTL_INVALID_CODE | SCHEDULE_PATTERN_CODE | SCHEDULE_TARGET_CODE => {
+            Some(PublishErrorKind::InvalidSchedule)
+        }
+        _ => None,
+    }
+}
 
 /// At most this many pipelined publishes wait for their ack at once.
 pub(crate) const PIPELINE_WINDOW: usize = 1024;
@@ -89,6 +111,9 @@ struct Prepared {
     /// `Some` until the first attempt takes them.
     headers: Option<HeaderMap>,
     payload: Bytes,
+    /// The publish options' headers (schedule, time-to-live), fixed when prepared so that a
+    /// retry sends the very same (an `After` delay is not moved by a retry).
+    directives: Vec<(&'static str, String)>,
 }
 
 impl Prepared {
@@ -101,7 +126,11 @@ impl Prepared {
     ) -> Result<HeaderMap, Error<PublishErrorKind>> {
         match self.headers.take() {
             Some(headers) => Ok(headers),
-            None => Ok(encode(mode, event)?.0),
+            None => {
+                let mut headers = encode(mode, event)?.0;
+                add_directives(&mut headers, &self.directives);
+                Ok(headers)
+            }
         }
     }
 }
@@ -146,6 +175,55 @@ fn encode(mode: ContentMode, event: &Event) -> Result<(HeaderMap, Bytes), Error<
     Ok((headers, encoded.payload))
 }
 
+fn add_directives(headers: &mut HeaderMap, directives: &[(&'static str, String)]) {
+    for (name, value) in directives {
+        headers.insert(*name, crate::headers::text_value(value));
+    }
+}
+
+/// The server's version as (major, minor, patch), from its INFO; `None` if it does not parse.
+fn server_version(inner: &Inner) -> Option<(u64, u64, u64)> {
+    let info = inner.client.server_info();
+    let mut parts = info
+        .version
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|p| !p.is_empty())
+        .map(|p| p.parse::<u64>().ok());
+    Some((
+        parts.next()??,
+        parts.next()??,
+        parts.next().flatten().unwrap_or(0),
+    ))
+}
+
+/// Refuses options the connected server is too old for (a typed error naming the version
+/// needed), before sending.
+fn check_server(inner: &Inner, options: &PublishOptions) -> Result<(), Error<PublishErrorKind>> {
+    let Some((major, minor)) = options.server_needed() else {
+        return Ok(());
+    };
+    match server_version(inner) {
+        Some((m, n, _)) if (m, n) < (major, minor) => Err(Error::with_detail(
+            PublishErrorKind::Unsupported,
+            format!(
+                "{} needs nats-server {major}.{minor} or later; the server is {}",
+                what_needs(options),
+                inner.client.server_info().version
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
+fn what_needs(options: &PublishOptions) -> &'static str {
+    match &options.schedule {
+        Some(Schedule::Every(_)) => "a recurring schedule (@every)",
+        Some(Schedule::Cron { .. }) => "a cron schedule",
+        Some(_) => "a deferred publish (@at)",
+        None => "a per-event time-to-live (Nats-TTL)",
+    }
+}
+
 /// Checks the type (see [`check_type`]), fills in the source, encodes (see [`encode`]) and
 /// checks the size against the server's max payload.
 fn prepare(
@@ -153,11 +231,39 @@ fn prepare(
     event: &mut Event,
     subjects: &mut SubjectCache,
 ) -> Result<Prepared, Error<PublishErrorKind>> {
+    prepare_with(inner, event, subjects, &PublishOptions::default())
+}
+
+/// [`prepare`] with publish options: their directives are checked (also against the server's
+/// version) and added, and a scheduled event goes to its schedule subject.
+fn prepare_with(
+    inner: &Inner,
+    event: &mut Event,
+    subjects: &mut SubjectCache,
+    options: &PublishOptions,
+) -> Result<Prepared, Error<PublishErrorKind>> {
     check_type(event.ty()).map_err(|e| e.map_kind(|_| PublishErrorKind::InvalidType))?;
     let level = publish_level(event, inner.config.js_priority_levels)
         .map_err(|detail| Error::with_detail(PublishErrorKind::InvalidPriority, detail))?;
     populate_source(event, &inner.config.client_id);
-    let (headers, payload) = encode(inner.config.ce_mode, event)?;
+    let mut subject = subjects.subject(&inner.config, event.ty(), level);
+    let mut directives = Vec::new();
+    if !options.is_plain() {
+        check_server(inner, options)?;
+        let d = schedule::directives(
+            options,
+            event.id(),
+            &inner.config.js_stream,
+            &subject,
+            chrono::Utc::now(),
+        )?;
+        if let Some(schedule_subject) = d.subject {
+            subject = Subject::from(schedule_subject);
+        }
+        directives = d.headers;
+    }
+    let (mut headers, payload) = encode(inner.config.ce_mode, event)?;
+    add_directives(&mut headers, &directives);
     let size = wire_size(&headers, payload.len());
     let limit = inner.client.max_payload();
     if size > limit {
@@ -170,9 +276,10 @@ fn prepare(
         ));
     }
     Ok(Prepared {
-        subject: subjects.subject(&inner.config, event.ty(), level),
+        subject,
         headers: Some(headers),
         payload,
+        directives,
     })
 }
 
@@ -203,11 +310,18 @@ enum AttemptError {
     Fail(Error<PublishErrorKind>),
 }
 
-pub(crate) async fn publish(
+pub(crate) async fn publish(inner: &Arc<Inner>, event: Event) -> Result<PublishAck, PublishError> {
+    publish_with(inner, event, &PublishOptions::default()).await
+}
+
+/// [`publish`] with options (schedule, time-to-live).
+pub(crate) async fn publish_with(
     inner: &Arc<Inner>,
     mut event: Event,
+    options: &PublishOptions,
 ) -> Result<PublishAck, PublishError> {
-    let mut prepared = match prepare(inner, &mut event, &mut SubjectCache::default()) {
+    let mut prepared = match prepare_with(inner, &mut event, &mut SubjectCache::default(), options)
+    {
         Ok(prepared) => prepared,
         Err(err) => return Err(PublishError::from_error(err, Some(event))),
     };
@@ -559,6 +673,17 @@ fn classify(
             }
             let server_error =
                 source.and_then(|s| s.downcast_ref::<async_nats::jetstream::Error>());
+            let code = server_error.map(|e| e.error_code().0);
+            if let Some(kind) = code.and_then(schedule_error_kind) {
+                let detail = match code {
+                    Some(TTL_DISABLED_CODE | SCHEDULES_DISABLED_CODE) => format!(
+                        "the stream holding {} has this feature off (run init_stream / `cemsg stream init` on nats-server 2.12+)",
+                        prepared.subject
+                    ),
+                    _ => format!("the server refused the schedule of {}", prepared.subject),
+                };
+                return AttemptError::Fail(Error::with_detail(kind, detail).source(err));
+            }
             if server_error.is_some_and(|e| e.error_code().0 == DUPLICATE_IN_PROCESS_CODE) {
                 // An earlier attempt with this id is still being stored (a clustered stream
                 // replicating it): ask again, and the answer will be its ack or "duplicate".
@@ -603,6 +728,7 @@ mod tests {
                 subject: Subject::from("events.org.example.thing.happened"),
                 headers: Some(headers.clone()),
                 payload,
+                directives: Vec::new(),
             };
             let first = prepared.take_headers(mode, &event).expect("first attempt");
             let retry = prepared
@@ -645,6 +771,7 @@ mod tests {
             subject: Subject::from("events.a b"),
             headers: None,
             payload: Bytes::new(),
+            directives: Vec::new(),
         };
         let refused = async_nats::jetstream::context::PublishError::with_source(
             JsPublishErrorKind::Other,

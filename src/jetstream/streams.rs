@@ -20,11 +20,16 @@ pub(crate) const STREAM_NOT_FOUND_CODE: u64 = 10059;
 pub(crate) fn events_stream_config(config: &Config) -> StreamConfig {
     StreamConfig {
         name: config.js_stream.clone(),
-        subjects: vec![format!("{}.>", config.js_subject_prefix)],
+        subjects: vec![
+            format!("{}.>", config.js_subject_prefix),
+            crate::events::schedule::schedule_subjects(&config.js_stream),
+        ],
         storage: StorageType::File,
         duplicate_window: config.js_duplicate_window,
         num_replicas: config.js_replicas,
         description: Some("CloudEvents (ce-messaging)".to_owned()),
+        allow_message_ttl: true,
+        allow_message_schedules: true,
         ..Default::default()
     }
 }
@@ -43,9 +48,30 @@ pub(crate) fn dead_letter_stream_config(config: &Config) -> StreamConfig {
     }
 }
 
-/// Creates or updates the events stream and the dead-letter stream.
-pub(crate) async fn init_streams(js: &Context, config: &Config) -> Result<(), StreamError> {
-    ensure_stream(js, events_stream_config(config)).await?;
+/// Creates or updates the events stream and the dead-letter stream. The events stream gets
+/// per-message TTL (`allow_msg_ttl`) on nats-server 2.11+ and message schedules
+/// (`allow_msg_schedules`, the schedule subjects) on 2.12+; an older server gets a stream
+/// without them (a publish that needs them is refused with `Unsupported`, naming the
+/// version).
+pub(crate) async fn init_streams(
+    js: &Context,
+    config: &Config,
+    server_version: &str,
+) -> Result<(), StreamError> {
+    let mut events = events_stream_config(config);
+    let version = parse_version(server_version);
+    if version.is_some_and(|v| v < (2, 11)) {
+        events.allow_message_ttl = false;
+    }
+    if version.is_some_and(|v| v < (2, 12)) {
+        events.allow_message_schedules = false;
+        events.subjects.truncate(1);
+        tracing::info!(
+            server = server_version,
+            "nats-server before 2.12: the events stream gets no message schedules"
+        );
+    }
+    ensure_stream(js, events).await?;
     ensure_stream(js, dead_letter_stream_config(config)).await?;
     Ok(())
 }
@@ -67,6 +93,9 @@ async fn ensure_stream(js: &Context, wanted: StreamConfig) -> Result<(), StreamE
             }
             updated.duplicate_window = wanted.duplicate_window;
             updated.num_replicas = wanted.num_replicas;
+            // Features are only turned on (another user of the stream may rely on them).
+            updated.allow_message_ttl |= wanted.allow_message_ttl;
+            updated.allow_message_schedules |= wanted.allow_message_schedules;
             if updated != info.config {
                 js.update_stream(updated).await.map_err(|e| {
                     Error::with_source(StreamErrorKind::Create, e)
@@ -87,6 +116,14 @@ async fn ensure_stream(js: &Context, wanted: StreamConfig) -> Result<(), StreamE
         Err(err) => Err(Error::with_source(StreamErrorKind::Other, err)
             .detail(format!("looking up stream {name}"))),
     }
+}
+
+/// (major, minor) of a server version text (`2.15.1`, `v2.12.0-RC.1`).
+fn parse_version(version: &str) -> Option<(u64, u64)> {
+    let mut parts = version
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|p| !p.is_empty());
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
 }
 
 fn is_not_found(err: &async_nats::jetstream::context::GetStreamError) -> bool {
@@ -111,8 +148,14 @@ mod tests {
         let events = events_stream_config(&config);
         assert_eq!(
             (events.name.as_str(), events.subjects.clone()),
-            ("EV", vec!["ev.>".to_string()])
+            (
+                "EV",
+                vec!["ev.>".to_string(), "_CE_SCHEDULE.EV.>".to_string()]
+            )
         );
+        assert!(events.allow_message_ttl && events.allow_message_schedules);
+        assert_eq!(parse_version("2.15.1"), Some((2, 15)));
+        assert_eq!(parse_version("v2.12.0-RC.1"), Some((2, 12)));
         assert_eq!(events.storage, StorageType::File);
         assert_eq!(events.num_replicas, 3);
         assert_eq!(events.duplicate_window, Duration::from_secs(7));

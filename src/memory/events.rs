@@ -26,7 +26,8 @@ use crate::event_source::{EventSource, RawEvent, SourceBackend};
 use crate::events::{level_subjects, priority_durable, priority_subject, publish_level};
 use crate::events::{
     start_delivery_pool, Acker, DeadLetterPublishError, DeadLetterSink, Delivery, DeliveryContext,
-    EventConnection, EventHandlers, EventListenOptions, PublishAck, PublishError,
+    EventConnection, EventHandlers, EventListenOptions, PublishAck, PublishError, PublishOptions,
+    ScheduleInfo,
 };
 use crate::headers::NATS_MSG_ID;
 use crate::listener::Listener;
@@ -247,7 +248,10 @@ impl MemoryEvents {
         inner.broker.streams().create_or_update(
             &inner.stream,
             StreamSettings {
-                subjects: vec![format!("{}.>", inner.subject_prefix)],
+                subjects: vec![
+                    format!("{}.>", inner.subject_prefix),
+                    crate::events::schedule::schedule_subjects(&inner.stream),
+                ],
                 duplicate_window: inner.duplicate_window,
                 max_messages,
                 max_bytes,
@@ -264,7 +268,15 @@ impl MemoryEvents {
         )
     }
 
-    fn publish_one(&self, mut event: Event) -> Result<PublishAck, PublishError> {
+    fn publish_one(&self, event: Event) -> Result<PublishAck, PublishError> {
+        self.publish_one_with(event, &PublishOptions::default())
+    }
+
+    fn publish_one_with(
+        &self,
+        mut event: Event,
+        options: &PublishOptions,
+    ) -> Result<PublishAck, PublishError> {
         let inner = &self.inner;
         if self.is_closed() {
             return Err(PublishError::new(
@@ -290,6 +302,16 @@ impl MemoryEvents {
             level,
             inner.config.js_priority_levels,
         );
+        let directives = match crate::events::schedule::directives(
+            options,
+            event.id(),
+            &inner.stream,
+            &subject,
+            inner.broker.streams().wall_now(),
+        ) {
+            Ok(directives) => directives,
+            Err(err) => return Err(PublishError::from_error(err, Some(event))),
+        };
         let encoded = match codec::encode(&event, inner.mode) {
             Ok(encoded) => encoded,
             Err(err) => {
@@ -309,6 +331,10 @@ impl MemoryEvents {
             }
         };
         headers.insert(NATS_MSG_ID, msg_id);
+        for (name, value) in &directives.headers {
+            headers.insert(*name, crate::headers::text_value(value));
+        }
+        let subject = directives.subject.unwrap_or(subject);
         if let Err(detail) = inner.broker.check_size(&headers, &encoded.payload) {
             let err = Error::with_detail(PublishErrorKind::TooLarge, detail);
             return Err(PublishError::from_error(err, Some(event)));
@@ -331,6 +357,33 @@ impl EventConnection for MemoryEvents {
             events.into_iter().map(|e| self.publish_one(e)).collect()
         })
         .await
+    }
+
+    async fn publish_with(
+        &self,
+        event: Event,
+        options: PublishOptions,
+    ) -> Result<PublishAck, PublishError> {
+        crate::events::traced_publish(event, |event| async move {
+            self.publish_one_with(event, &options)
+        })
+        .await
+    }
+
+    async fn schedules(&self) -> Result<Vec<ScheduleInfo>, StreamError> {
+        let prefix = crate::events::schedule_subject(&self.inner.stream, "");
+        self.inner
+            .broker
+            .streams()
+            .schedules(&self.inner.stream, &prefix)
+    }
+
+    async fn cancel_schedule(&self, id: &str) -> Result<bool, StreamError> {
+        let subject = crate::events::schedule_subject(&self.inner.stream, id);
+        self.inner
+            .broker
+            .streams()
+            .cancel_schedule(&self.inner.stream, &subject)
     }
 
     async fn listen(
@@ -480,6 +533,7 @@ impl EventConnection for MemoryEvents {
                         delivered: delivered.deliveries,
                         acker,
                         hold,
+                        expires: delivered.expires,
                     };
                     // The window made room: queueing does not wait, and a delivery taken is run
                     // even while stopping. Refused only when the workers are gone: dropped, its
@@ -1591,5 +1645,119 @@ mod tests {
             (3, 0, 0),
             "all handled, none handed back"
         );
+    }
+
+    /// Schedules and expiry run on tokio's clock: with paused time an hour passes at once, and
+    /// firings land exactly on their instants.
+    #[tokio::test(start_paused = true)]
+    async fn schedules_and_expiry_follow_tokios_paused_clock() {
+        let broker = MemoryBroker::new();
+        let events = connection(&broker, "paused").await;
+        let event_type = ty();
+        // The first listener is stopped before anything fires: its receiver only keeps the
+        // channel open; the second listener's receiver is the one read.
+        let (tx, _first_rx) = mpsc::channel(64);
+        let mut rx;
+        let handlers = EventHandlers::new().on(
+            &event_type,
+            event_handler_fn(move |event, _| {
+                let tx = tx.clone();
+                async move {
+                    let _ = tx
+                        .send((event.id().to_owned(), tokio::time::Instant::now()))
+                        .await;
+                    Ok(())
+                }
+            }),
+        );
+        let listener = events.listen(handlers, fast_options()).await.unwrap();
+        let start = tokio::time::Instant::now();
+        let once = new_event(&event_type, "t", &1).unwrap();
+        let once_id = once.id().to_owned();
+        let every = new_event(&event_type, "t", &2).unwrap();
+        let every_id = every.id().to_owned();
+        let stale = new_event(&event_type, "t", &3).unwrap();
+        let stale_id = stale.id().to_owned();
+        events
+            .publish_with(once, PublishOptions::after(Duration::from_secs(3600)))
+            .await
+            .unwrap();
+        events
+            .publish_with(every, PublishOptions::every(Duration::from_secs(600)))
+            .await
+            .unwrap();
+        // Expires in the stream before anyone could take it (the listener is busy with
+        // nothing, so it would take it at once: stop pulling first).
+        listener.stop(WAIT).await;
+        events
+            .publish_with(
+                stale,
+                PublishOptions::default().with_ttl(Duration::from_secs(5)),
+            )
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        assert!(
+            !broker
+                .stream_messages("CLOUDEVENTS")
+                .unwrap()
+                .iter()
+                .any(|m| m.event().is_ok_and(|e| e.id() == stale_id)),
+            "the expired event left the stream"
+        );
+        let handlers = {
+            let (tx2, rx2) = mpsc::channel(64);
+            rx = rx2;
+            EventHandlers::new().on(
+                &event_type,
+                event_handler_fn(move |event, _| {
+                    let tx = tx2.clone();
+                    async move {
+                        let _ = tx
+                            .send((event.id().to_owned(), tokio::time::Instant::now()))
+                            .await;
+                        Ok(())
+                    }
+                }),
+            )
+        };
+        let listener = events.listen(handlers, fast_options()).await.unwrap();
+        let mut seen = Vec::new();
+        while seen.len() < 7 {
+            seen.push(
+                tokio::time::timeout(Duration::from_secs(7200), rx.recv())
+                    .await
+                    .unwrap()
+                    .unwrap(),
+            );
+        }
+        listener.stop(WAIT).await;
+        assert!(
+            !seen.iter().any(|(id, _)| *id == stale_id),
+            "expired event handled"
+        );
+        let recurring: Vec<_> = seen
+            .iter()
+            .filter(|(id, _)| id.starts_with(&format!("{every_id}@")))
+            .collect();
+        for (k, (_, at)) in recurring.iter().enumerate() {
+            assert_eq!(
+                *at - start,
+                Duration::from_secs(600 * (k as u64 + 1)),
+                "firing {k}"
+            );
+        }
+        let (_, once_at) = seen
+            .iter()
+            .find(|(id, _)| *id == once_id)
+            .expect("the one-shot fired");
+        let elapsed = *once_at - start;
+        assert!(
+            elapsed >= Duration::from_secs(3600) && elapsed <= Duration::from_secs(3601),
+            "one-shot after {elapsed:?}"
+        );
+        assert_eq!(seen.iter().filter(|(id, _)| *id == once_id).count(), 1);
+        assert!(events.cancel_schedule(&every_id).await.unwrap());
+        assert!(events.schedules().await.unwrap().is_empty());
     }
 }

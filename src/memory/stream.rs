@@ -244,6 +244,71 @@ struct StreamState {
     dedupe: HashMap<String, u64>,
     dedupe_order: VecDeque<(Instant, String)>,
     consumers: HashMap<String, ConsumerState>,
+    /// The schedules kept by the stream, by schedule subject (one per subject, as ADR-51).
+    schedules: BTreeMap<String, MemorySchedule>,
+    /// Messages with a time-to-live, by expiry (tokio's clock), and the expiry of each.
+    expiring: std::collections::BTreeSet<(Instant, u64)>,
+    expires: HashMap<u64, Instant>,
+}
+
+/// How a schedule repeats.
+#[derive(Debug, Clone)]
+enum Repeat {
+    /// `@at`: fires once, then the schedule message is removed.
+    Once,
+    /// `@every <interval>`.
+    Every(Duration),
+    /// A cron expression (UTC).
+    Cron(crate::events::schedule::Cron),
+}
+
+/// A schedule the memory stream keeps, as JetStream keeps an ADR-51 schedule message.
+#[derive(Debug, Clone)]
+struct MemorySchedule {
+    /// The stream sequence of the schedule message (headers and payload of every firing).
+    seq: u64,
+    target: String,
+    repeat: Repeat,
+    /// The next firing, on tokio's clock.
+    next: Instant,
+    ttl: Option<String>,
+}
+
+/// The memory backend's wall clock: UTC that moves with tokio's clock (so paused time in
+/// tests moves cron and `@at` schedules too), anchored at the first use.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Clock {
+    wall: chrono::DateTime<chrono::Utc>,
+    instant: Instant,
+}
+
+impl Clock {
+    fn now() -> Clock {
+        Clock {
+            wall: chrono::Utc::now(),
+            instant: Instant::now(),
+        }
+    }
+
+    /// The wall time of `at`.
+    fn wall_at(&self, at: Instant) -> chrono::DateTime<chrono::Utc> {
+        let since = chrono::Duration::from_std(at.saturating_duration_since(self.instant))
+            .unwrap_or(chrono::Duration::zero());
+        let before = chrono::Duration::from_std(self.instant.saturating_duration_since(at))
+            .unwrap_or(chrono::Duration::zero());
+        self.wall + since - before
+    }
+
+    /// The instant of wall time `wall` (now at the latest... or the past, as it is).
+    fn instant_of(&self, wall: chrono::DateTime<chrono::Utc>) -> Instant {
+        match (wall - self.wall).to_std() {
+            Ok(ahead) => self.instant + ahead,
+            Err(_) => {
+                let behind = (self.wall - wall).to_std().unwrap_or(Duration::ZERO);
+                self.instant.checked_sub(behind).unwrap_or(self.instant)
+            }
+        }
+    }
 }
 
 impl StreamState {
@@ -265,6 +330,154 @@ impl StreamState {
         }
     }
 
+    /// Stores a message (expiring at `expires`), returns its sequence.
+    fn store(
+        &mut self,
+        subject: &str,
+        headers: HeaderMap,
+        payload: Bytes,
+        expires: Option<Instant>,
+    ) -> u64 {
+        self.last_seq += 1;
+        let seq = self.last_seq;
+        let message = Arc::new(StoredMessage {
+            sequence: seq,
+            subject: subject.to_owned(),
+            headers,
+            payload,
+            published: chrono::Utc::now(),
+        });
+        self.bytes += stored_size(&message);
+        self.messages.insert(seq, message);
+        if let Some(at) = expires {
+            self.expiring.insert((at, seq));
+            self.expires.insert(seq, at);
+        }
+        seq
+    }
+
+    /// Removes one message (and its expiry).
+    fn remove_message(&mut self, seq: u64) -> bool {
+        if let Some(at) = self.expires.remove(&seq) {
+            self.expiring.remove(&(at, seq));
+        }
+        match self.messages.remove(&seq) {
+            Some(message) => {
+                self.bytes = self.bytes.saturating_sub(stored_size(&message));
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Removes the messages whose time-to-live passed, as JetStream does.
+    fn prune_expired(&mut self, now: Instant) {
+        while let Some(&(at, seq)) = self.expiring.first() {
+            if at > now {
+                break;
+            }
+            self.remove_message(seq);
+        }
+    }
+
+    /// Fires every schedule that is due (each once, with the headers JetStream gives a
+    /// firing) and returns when the next one is due.
+    fn fire_due(&mut self, now: Instant, clock: &Clock) -> Option<Instant> {
+        use crate::events::schedule::{rfc3339, NATS_SCHEDULER, NATS_SCHEDULE_NEXT};
+        loop {
+            let due = self
+                .schedules
+                .iter()
+                .filter(|(_, s)| s.next <= now)
+                .min_by_key(|(_, s)| s.next)
+                .map(|(subject, _)| subject.clone());
+            let Some(subject) = due else { break };
+            let Some(mut schedule) = self.schedules.remove(&subject) else {
+                break;
+            };
+            let Some(message) = self.messages.get(&schedule.seq).cloned() else {
+                // The schedule message is gone (deleted, or discarded by the limits).
+                continue;
+            };
+            let fired_at = schedule.next;
+            let next = match &schedule.repeat {
+                Repeat::Once => None,
+                Repeat::Every(interval) => {
+                    let mut next = fired_at + *interval;
+                    while next <= now {
+                        next += *interval;
+                    }
+                    Some(next)
+                }
+                Repeat::Cron(cron) => {
+                    let mut after = clock.wall_at(fired_at);
+                    let now_wall = clock.wall_at(now);
+                    if after < now_wall {
+                        after = now_wall;
+                    }
+                    cron.next_after(after).map(|wall| clock.instant_of(wall))
+                }
+            };
+            let mut headers = HeaderMap::new();
+            for (name, values) in message.headers.iter() {
+                let name_str: &str = name.as_ref();
+                let lower = name_str.to_ascii_lowercase();
+                if lower.starts_with("nats-schedule")
+                    || lower == "nats-msg-id"
+                    || lower == "nats-rollup"
+                    || lower == "nats-ttl"
+                {
+                    continue;
+                }
+                for value in values {
+                    headers.append(name.clone(), value.clone());
+                }
+            }
+            headers.insert(NATS_SCHEDULER, crate::headers::text_value(&subject));
+            let next_value = match next {
+                Some(at) => rfc3339(clock.wall_at(at)),
+                None => "purge".to_owned(),
+            };
+            headers.insert(NATS_SCHEDULE_NEXT, crate::headers::text_value(&next_value));
+            let ttl = schedule
+                .ttl
+                .as_deref()
+                .and_then(|v| parse_message_ttl(v).ok().flatten());
+            if let Some(value) = &schedule.ttl {
+                headers.insert(crate::events::NATS_TTL, crate::headers::text_value(value));
+            }
+            let target = schedule.target.clone();
+            self.store(
+                &target,
+                headers,
+                message.payload.clone(),
+                ttl.map(|t| fired_at + t),
+            );
+            for consumer in self.consumers.values() {
+                if consumer.matches(&target) {
+                    consumer.notify.notify_waiters();
+                }
+            }
+            match next {
+                Some(at) => {
+                    schedule.next = at;
+                    self.schedules.insert(subject, schedule);
+                }
+                None => {
+                    self.remove_message(schedule.seq);
+                }
+            }
+        }
+        self.schedules.values().map(|s| s.next).min()
+    }
+
+    /// Fires what is due and drops what expired: the stream as JetStream would show it now.
+    fn catch_up(&mut self, now: Instant, clock: &Clock) -> Option<Instant> {
+        let next = self.fire_due(now, clock);
+        self.prune_expired(now);
+        next
+    }
+
     fn over_limit(&self) -> bool {
         self.messages.len() > self.settings.max_messages.max(1)
             || (self.settings.max_bytes > 0
@@ -278,6 +491,9 @@ impl StreamState {
                 break;
             };
             self.bytes = self.bytes.saturating_sub(stored_size(&message));
+            if let Some(at) = self.expires.remove(&seq) {
+                self.expiring.remove(&(at, seq));
+            }
             let unsettled = self
                 .consumers
                 .iter()
@@ -298,6 +514,8 @@ pub(crate) struct Delivered {
     pub message: Arc<StoredMessage>,
     /// 1-based delivery count.
     pub deliveries: u64,
+    /// When its time-to-live passes.
+    pub expires: Option<Instant>,
 }
 
 /// What a consumer wait found.
@@ -311,6 +529,8 @@ pub(crate) enum Next {
 #[derive(Default)]
 pub(crate) struct Streams {
     state: Mutex<HashMap<String, StreamState>>,
+    /// The wall clock of schedules, anchored at the first schedule or expiry.
+    clock: std::sync::OnceLock<Clock>,
     /// The listeners pulling from each durable (by stream and durable) and the filter subjects
     /// they listen with: "one durable, one type set" (see [`Streams::claim_durable`]).
     live: Mutex<HashMap<(String, String), LiveDurable>>,
@@ -343,6 +563,11 @@ impl Streams {
         self.state
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The memory backend's wall clock now (see [`Clock`]).
+    pub fn wall_now(&self) -> chrono::DateTime<chrono::Utc> {
+        self.clock.get_or_init(Clock::now).wall_at(Instant::now())
     }
 
     /// Registers a listener of `durable` with `filter_subjects` (sorted), unless other
@@ -439,6 +664,9 @@ impl Streams {
                         dedupe: HashMap::new(),
                         dedupe_order: VecDeque::new(),
                         consumers: HashMap::new(),
+                        schedules: BTreeMap::new(),
+                        expiring: std::collections::BTreeSet::new(),
+                        expires: HashMap::new(),
                     },
                 );
             }
@@ -504,6 +732,22 @@ impl Streams {
                 ));
             }
         }
+        let clock = *self.clock.get_or_init(Clock::now);
+        let ttl = match headers.get(crate::events::NATS_TTL) {
+            Some(value) => Some(parse_message_ttl(value.as_str())?),
+            None => None,
+        };
+        let schedule = match headers.get(crate::events::NATS_SCHEDULE) {
+            Some(value) => Some(parse_schedule(
+                value.as_str(),
+                &headers,
+                subject,
+                stream,
+                &clock,
+                now,
+            )?),
+            None => None,
+        };
         stream.prune_dedupe(now);
         let msg_id = headers
             .get(NATS_MSG_ID)
@@ -518,17 +762,27 @@ impl Streams {
                 });
             }
         }
-        stream.last_seq += 1;
-        let seq = stream.last_seq;
-        let message = Arc::new(StoredMessage {
-            sequence: seq,
-            subject: subject.to_owned(),
+        if schedule.is_some() {
+            // One schedule per subject: a new one replaces the old (JetStream rolls the
+            // subject up).
+            if let Some(old) = stream.schedules.remove(subject) {
+                stream.remove_message(old.seq);
+            }
+        }
+        let seq = stream.store(
+            subject,
             headers,
             payload,
-            published: chrono::Utc::now(),
-        });
-        stream.bytes += stored_size(&message);
-        stream.messages.insert(seq, message);
+            ttl.flatten().map(|ttl| now + ttl),
+        );
+        if let Some(mut schedule) = schedule {
+            schedule.seq = seq;
+            stream.schedules.insert(subject.to_owned(), schedule);
+            // Waiting consumers look again, and so wait for this firing too.
+            for consumer in stream.consumers.values() {
+                consumer.notify.notify_waiters();
+            }
+        }
         if let Some(id) = msg_id {
             if !stream.settings.duplicate_window.is_zero() {
                 stream.dedupe.insert(id.clone(), seq);
@@ -623,16 +877,22 @@ impl Streams {
         let Some(state) = streams.get_mut(stream) else {
             return Ok(Next::Gone);
         };
+        let clock = *self.clock.get_or_init(Clock::now);
+        let next_firing = state.catch_up(now, &clock);
         let StreamState {
             messages,
             last_seq,
             consumers,
+            expires,
             ..
         } = state;
         let Some(consumer) = consumers.get_mut(durable) else {
             return Ok(Next::Gone);
         };
-        let wake = consumer.advance_timers(now);
+        let wake = match (consumer.advance_timers(now), next_firing) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         // Redeliveries first, lowest sequence first, as JetStream does.
         let ready: Vec<u64> = consumer
             .tracked
@@ -656,6 +916,7 @@ impl Streams {
                     return Ok(Next::Message(Delivered {
                         message: message.clone(),
                         deliveries,
+                        expires: expires.get(&seq).copied(),
                     }));
                 }
                 // Discarded from the stream, or no longer in the filter: nothing to redeliver.
@@ -690,6 +951,7 @@ impl Streams {
             return Ok(Next::Message(Delivered {
                 message: message.clone(),
                 deliveries: 1,
+                expires: expires.get(&seq).copied(),
             }));
         }
         Err((consumer.notify.clone(), wake))
@@ -841,33 +1103,72 @@ impl Streams {
         });
     }
 
+    /// The stream `stream` as it is now: due schedules fired, expired messages gone.
+    fn caught_up<R>(
+        &self,
+        stream: &str,
+        f: impl FnOnce(&mut StreamState) -> R,
+    ) -> Result<R, StreamError> {
+        let clock = *self.clock.get_or_init(Clock::now);
+        let mut streams = self.lock();
+        let state = streams.get_mut(stream).ok_or_else(|| not_found(stream))?;
+        state.catch_up(Instant::now(), &clock);
+        Ok(f(state))
+    }
+
     pub fn messages(&self, stream: &str) -> Result<Vec<StoredMessage>, StreamError> {
-        let streams = self.lock();
-        let state = streams.get(stream).ok_or_else(|| not_found(stream))?;
-        Ok(state.messages.values().map(|m| (**m).clone()).collect())
+        self.caught_up(stream, |state| {
+            state.messages.values().map(|m| (**m).clone()).collect()
+        })
     }
 
     pub fn len(&self, stream: &str) -> Result<usize, StreamError> {
-        let streams = self.lock();
-        let state = streams.get(stream).ok_or_else(|| not_found(stream))?;
-        Ok(state.messages.len())
+        self.caught_up(stream, |state| state.messages.len())
     }
 
     pub fn delete_message(&self, stream: &str, seq: u64) -> Result<bool, StreamError> {
-        let mut streams = self.lock();
-        let state = streams.get_mut(stream).ok_or_else(|| not_found(stream))?;
-        match state.messages.remove(&seq) {
-            Some(message) => {
-                state.bytes = state.bytes.saturating_sub(stored_size(&message));
-                Ok(true)
+        self.caught_up(stream, |state| state.remove_message(seq))
+    }
+
+    /// The schedules of `stream` whose subjects start with `prefix`, by subject.
+    pub fn schedules(
+        &self,
+        stream: &str,
+        prefix: &str,
+    ) -> Result<Vec<crate::events::ScheduleInfo>, StreamError> {
+        self.caught_up(stream, |state| {
+            state
+                .schedules
+                .iter()
+                .filter_map(|(subject, schedule)| {
+                    let message = state.messages.get(&schedule.seq)?;
+                    crate::events::ScheduleInfo::from_message(
+                        prefix,
+                        subject,
+                        Some(&message.headers),
+                        &message.payload,
+                    )
+                })
+                .collect()
+        })
+    }
+
+    /// Removes the schedule on `subject` (and its message); whether there was one.
+    pub fn cancel_schedule(&self, stream: &str, subject: &str) -> Result<bool, StreamError> {
+        self.caught_up(stream, |state| match state.schedules.remove(subject) {
+            Some(schedule) => {
+                state.remove_message(schedule.seq);
+                true
             }
-            None => Ok(false),
-        }
+            None => false,
+        })
     }
 
     pub fn consumer_info(&self, stream: &str, durable: &str) -> Option<ConsumerInfo> {
-        let streams = self.lock();
-        let state = streams.get(stream)?;
+        let clock = *self.clock.get_or_init(Clock::now);
+        let mut streams = self.lock();
+        let state = streams.get_mut(stream)?;
+        state.catch_up(Instant::now(), &clock);
         let c = state.consumers.get(durable)?;
         let num_pending = state
             .messages
@@ -894,6 +1195,103 @@ impl Streams {
             max_deliver: c.settings.max_deliver,
         })
     }
+}
+
+/// A `Nats-TTL` value as JetStream reads it: `never` (`None`), whole seconds or a duration
+/// with units, at least 1 s; anything else is refused (JetStream error 10165).
+fn parse_message_ttl(value: &str) -> Result<Option<Duration>, Error<PublishErrorKind>> {
+    let value = value.trim();
+    if value.eq_ignore_ascii_case("never") {
+        return Ok(None);
+    }
+    let ttl = value
+        .parse::<u64>()
+        .map(Duration::from_secs)
+        .or_else(|_| crate::events::parse_duration(value));
+    match ttl {
+        Ok(ttl) if ttl >= crate::events::schedule::MIN_INTERVAL => Ok(Some(ttl)),
+        _ => Err(Error::with_detail(
+            PublishErrorKind::Other,
+            format!("invalid per-message TTL {value:?} (JetStream error 10165)"),
+        )),
+    }
+}
+
+/// Reads a schedule message's directives as JetStream does (errors 10189 bad pattern, 10190
+/// bad target), on tokio's clock.
+fn parse_schedule(
+    value: &str,
+    headers: &HeaderMap,
+    subject: &str,
+    stream: &StreamState,
+    clock: &Clock,
+    now: Instant,
+) -> Result<MemorySchedule, Error<PublishErrorKind>> {
+    use crate::events::schedule::{
+        Cron, MIN_INTERVAL, NATS_SCHEDULE_TARGET, NATS_SCHEDULE_TIME_ZONE, NATS_SCHEDULE_TTL,
+    };
+    let bad_pattern = |why: String| {
+        Error::with_detail(
+            PublishErrorKind::InvalidSchedule,
+            format!("message schedules pattern is invalid: {why} (JetStream error 10189)"),
+        )
+    };
+    let target = headers
+        .get(NATS_SCHEDULE_TARGET)
+        .map(|v| v.as_str().to_owned())
+        .unwrap_or_default();
+    if target.is_empty()
+        || target == subject
+        || target.contains(['*', '>'])
+        || !stream.holds(&target)
+    {
+        return Err(Error::with_detail(
+            PublishErrorKind::InvalidSchedule,
+            format!("message schedules target {target:?} is invalid (JetStream error 10190)"),
+        ));
+    }
+    if let Some(zone) = headers.get(NATS_SCHEDULE_TIME_ZONE) {
+        let zone = zone.as_str();
+        if !zone.is_empty() && !zone.eq_ignore_ascii_case("utc") {
+            return Err(Error::with_detail(
+                PublishErrorKind::Unsupported,
+                format!("the memory backend reads cron in UTC only, not in time zone {zone:?}"),
+            ));
+        }
+    }
+    let value = value.trim();
+    let (repeat, next) = if let Some(at) = value.strip_prefix("@at ") {
+        let at = chrono::DateTime::parse_from_rfc3339(at.trim())
+            .map_err(|e| bad_pattern(format!("{at:?}: {e}")))?
+            .with_timezone(&chrono::Utc);
+        (Repeat::Once, clock.instant_of(at).max(now))
+    } else if let Some(every) = value.strip_prefix("@every ") {
+        let interval = crate::events::parse_duration(every).map_err(bad_pattern)?;
+        if interval < MIN_INTERVAL {
+            return Err(bad_pattern(format!("interval {interval:?} under 1 s")));
+        }
+        (Repeat::Every(interval), now + interval)
+    } else {
+        let cron = Cron::parse(value).map_err(bad_pattern)?;
+        let next = cron
+            .next_after(clock.wall_at(now))
+            .ok_or_else(|| bad_pattern(format!("{value:?} never fires")))?;
+        let next = clock.instant_of(next);
+        (Repeat::Cron(cron), next)
+    };
+    let ttl = headers
+        .get(NATS_SCHEDULE_TTL)
+        .map(|v| v.as_str().to_owned());
+    if let Some(ttl) = &ttl {
+        parse_message_ttl(ttl)?;
+    }
+    Ok(MemorySchedule {
+        seq: 0,
+        target,
+        repeat,
+        next,
+        ttl,
+    })
 }
 
 /// What a stored message counts against the stream's byte limit.

@@ -25,6 +25,16 @@ pub mod metric_names {
     /// stream, a timeout, a lost connection); the event was nak'ed with a growing delay and is
     /// offered again (label `reason`, the dead-letter reason).
     pub const DEAD_LETTER_FAILURES: &str = "ce_messaging_events_dead_letter_failures_total";
+    /// Counter: events whose time-to-live (`Nats-TTL`) passed before a handler started
+    /// them (e.g. while they waited for a worker or a redelivery); acked without a handler
+    /// run and not dead-lettered (label `type`).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// assert!(ce_messaging::telemetry::metric_names::EXPIRED.ends_with("_total"));
+    /// ```
+    pub const EXPIRED: &str = "ce_messaging_events_expired_total";
     /// Histogram, seconds: how long handlers ran (labels `type`, `kind` = `event` | `query`).
     pub const HANDLER_DURATION: &str = "ce_messaging_handler_duration_seconds";
     /// Counter: queries served (labels `type` (the op), `code`).
