@@ -267,8 +267,8 @@ pub struct ListenArgs {
     /// Exit after SECS seconds without an event.
     #[arg(long, value_name = "SECS")]
     idle: Option<f64>,
-    /// Where the durable starts when this listen creates it: all, new, sequence:<n> or
-    /// time:<RFC 3339>; an existing durable keeps its position. Default:
+    /// Where the durable starts when this listen creates it: all, new, sequence:N or
+    /// time:RFC3339; an existing durable keeps its position. Default:
     /// NATS_JS_START_POSITION, else new (only events published from now on, so a first listen
     /// on a shared server does not work through other applications' history).
     #[arg(long, value_name = "POSITION")]
