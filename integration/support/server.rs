@@ -486,11 +486,36 @@ pub fn free_port() -> u16 {
 }
 
 /// `n` distinct ports that were free a moment ago: all are held until all are picked, so the
-/// kernel cannot hand out the same one twice.
+/// same one is not handed out twice.
+///
+/// They are picked below the kernel's ephemeral range (`ip_local_port_range`), where the kernel
+/// never puts the local end of an outgoing connection: a node that is killed and restarted on
+/// its ports (fault scenarios) would otherwise find its port taken by some client's connection
+/// made while it was down ("address already in use" on the route port, seen when many
+/// scenarios run in parallel). Falls back to kernel-chosen ports when that range is too small.
 pub fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0 to find a free port"))
-        .collect();
+    let (low, _) = ephemeral_range();
+    // Ports 10000..low: far from well-known services, outside the ephemeral range.
+    let span = u32::from(low.saturating_sub(10_000));
+    let mut listeners: Vec<TcpListener> = Vec::with_capacity(n);
+    if span >= 1_000 {
+        let mut state = seed();
+        let mut tries = 0;
+        while listeners.len() < n && tries < 50 * n {
+            tries += 1;
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            let port = 10_000 + ((state >> 33) as u32 % span) as u16;
+            if let Ok(listener) = TcpListener::bind(("127.0.0.1", port)) {
+                listeners.push(listener);
+            }
+        }
+    }
+    while listeners.len() < n {
+        listeners
+            .push(TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0 to find a free port"));
+    }
     listeners
         .iter()
         .map(|l| {
@@ -499,6 +524,28 @@ pub fn free_ports(n: usize) -> Vec<u16> {
                 .port()
         })
         .collect()
+}
+
+/// The kernel's ephemeral port range (`/proc/sys/net/ipv4/ip_local_port_range`), Linux's
+/// default when it cannot be read.
+fn ephemeral_range() -> (u16, u16) {
+    fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|text| {
+            let mut parts = text.split_whitespace().map(|p| p.parse::<u16>().ok());
+            Some((parts.next()??, parts.next()??))
+        })
+        .unwrap_or((32_768, 60_999))
+}
+
+/// A different starting point for every call in every process (time, process id, a counter).
+fn seed() -> u64 {
+    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let calls = CALLS.fetch_add(1, Ordering::Relaxed);
+    nanos ^ (u64::from(std::process::id()) << 32) ^ calls.wrapping_mul(0x9E37_79B9_7F4A_7C15)
 }
 
 /// Finds `nats-server`: `NATS_SERVER_BIN`, then `.tools/bin/nats-server` in this checkout (or in
