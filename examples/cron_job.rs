@@ -11,10 +11,7 @@
 
 use std::time::Duration;
 
-use ce_messaging::config::Config;
-use ce_messaging::event::new_event_auto_source;
-use ce_messaging::events::{event_handler_fn, EventHandlers, EventListenOptions, PublishOptions};
-use cloudevents::AttributesReader;
+use ce_messaging::prelude::*;
 use tokio::sync::mpsc;
 
 mod common;

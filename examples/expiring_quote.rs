@@ -11,11 +11,7 @@
 
 use std::time::Duration;
 
-use ce_messaging::config::Config;
-use ce_messaging::event::new_event_auto_source;
-use ce_messaging::events::{
-    typed_event_handler, EventHandlers, EventListenOptions, PublishOptions, TypedEvent,
-};
+use ce_messaging::prelude::*;
 use tokio::sync::mpsc;
 
 mod common;

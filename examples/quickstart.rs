@@ -24,11 +24,8 @@
 
 use std::time::Duration;
 
-use ce_messaging::config::Config;
-use ce_messaging::event::{new_event_auto_source, EventExt, EventType};
-use ce_messaging::events::{typed_event_handler, EventHandlers, EventListenOptions, TypedEvent};
-use ce_messaging::handler::HandlerError;
-use ce_messaging::query::{typed_handler, QueryHandlers, QueryListenOptions, TypedRequest};
+use ce_messaging::prelude::*;
+use ce_messaging::StartPosition;
 use serde::{Deserialize, Serialize};
 
 mod common;
@@ -68,9 +65,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // not work through another application's history of the same event types. The listener
     // below starts before anything is published, so it still gets its own events. A rerun
     // reuses the durable, which keeps its position (what was published in between comes).
-    config
-        .js_start_position
-        .get_or_insert(ce_messaging::config::StartPosition::New);
+    config.js_start_position.get_or_insert(StartPosition::New);
 
     let common::Backends {
         queries,

@@ -12,11 +12,7 @@
 
 use std::time::{Duration, Instant};
 
-use ce_messaging::config::Config;
-use ce_messaging::event::new_event_auto_source;
-use ce_messaging::events::{
-    typed_event_handler, EventHandlers, EventListenOptions, PublishOptions, TypedEvent,
-};
+use ce_messaging::prelude::*;
 use tokio::sync::mpsc;
 
 mod common;
@@ -52,7 +48,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let started = Instant::now();
     let reminder = new_event_auto_source(REMINDER, &42u64)?;
     let forgotten = new_event_auto_source(REMINDER, &43u64)?;
-    let forgotten_id = cloudevents::AttributesReader::id(&forgotten).to_owned();
+    let forgotten_id = forgotten.id().to_owned();
     events
         .publish_with(reminder, PublishOptions::after(Duration::from_secs(2)))
         .await?;

@@ -19,18 +19,9 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ce_messaging::config::Config;
-use ce_messaging::error::{RemoteError, RequestErrorKind};
-use ce_messaging::event::{new_event_auto_source, EventExt, EventType};
-use ce_messaging::events::{
-    typed_event_handler, EventConnection, EventHandlers, EventListenOptions, TypedEvent,
-};
-use ce_messaging::handler::{HandlerError, State};
-use ce_messaging::query::{
-    typed_handler, QueryConnection, QueryHandlers, QueryListenOptions, ReplyStreamOptions,
-    ReplyWriter, TypedRequest,
-};
-use ce_messaging::Event;
+use ce_messaging::error::RequestErrorKind;
+use ce_messaging::prelude::*;
+use ce_messaging::RemoteError;
 use serde::{Deserialize, Serialize};
 
 mod common;
@@ -143,13 +134,7 @@ async fn delete(State(store): State<Store>, req: TypedEvent<ByName>) -> Result<(
 async fn start_service(
     queries: &dyn QueryConnection,
     events: &dyn EventConnection,
-) -> Result<
-    (
-        ce_messaging::listener::Listener,
-        ce_messaging::listener::Listener,
-    ),
-    Box<dyn std::error::Error>,
-> {
+) -> Result<(Listener, Listener), Box<dyn std::error::Error>> {
     let store = Store::default();
     let query_handlers = QueryHandlers::default()
         .on(GET, typed_handler(get))

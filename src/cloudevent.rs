@@ -5,7 +5,7 @@
 //! # Examples
 //!
 //! ```
-//! use ce_messaging::event::{new_event, EventExt, EventType};
+//! use ce_messaging::cloudevent::{new_event, EventExt, EventType};
 //! use cloudevents::AttributesReader;
 //!
 //! #[derive(serde::Serialize, serde::Deserialize, PartialEq, Debug)]
@@ -122,7 +122,7 @@ string_newtype! {
     /// # Examples
     ///
     /// ```
-    /// use ce_messaging::event::EventType;
+    /// use ce_messaging::cloudevent::EventType;
     /// let ty = EventType::from("org.example.order.created");
     /// assert_eq!(ty.as_str(), "org.example.order.created");
     /// ```
@@ -136,7 +136,7 @@ string_newtype! {
     /// # Examples
     ///
     /// ```
-    /// use ce_messaging::event::QueryOp;
+    /// use ce_messaging::cloudevent::QueryOp;
     /// let op = QueryOp::from("cyverse.workspace.get");
     /// assert_eq!(op.to_string(), "cyverse.workspace.get");
     /// ```
@@ -150,7 +150,7 @@ string_newtype! {
     /// # Examples
     ///
     /// ```
-    /// use ce_messaging::event::TransactionId;
+    /// use ce_messaging::cloudevent::TransactionId;
     /// let tid = TransactionId::generate();
     /// assert!(tid.as_str().starts_with("tid-"));
     /// assert_eq!(tid.as_str().len(), 4 + 20);
@@ -164,7 +164,7 @@ impl TransactionId {
     /// # Examples
     ///
     /// ```
-    /// use ce_messaging::event::TransactionId;
+    /// use ce_messaging::cloudevent::TransactionId;
     /// assert_ne!(TransactionId::generate(), TransactionId::generate());
     /// ```
     pub fn generate() -> Self {
@@ -179,7 +179,7 @@ impl TransactionId {
 /// # Examples
 ///
 /// ```
-/// use ce_messaging::event::{check_type, MAX_TYPE_LEN};
+/// use ce_messaging::cloudevent::{check_type, MAX_TYPE_LEN};
 /// assert!(check_type(&"x".repeat(MAX_TYPE_LEN)).is_ok());
 /// assert!(check_type(&"x".repeat(MAX_TYPE_LEN + 1)).is_err());
 /// ```
@@ -202,7 +202,7 @@ pub const MAX_TYPE_LEN: usize = 255;
 /// # Examples
 ///
 /// ```
-/// use ce_messaging::event::check_type;
+/// use ce_messaging::cloudevent::check_type;
 /// use ce_messaging::error::EventErrorKind;
 ///
 /// assert!(check_type("org.example.order.created").is_ok());
@@ -272,7 +272,7 @@ impl EventType {
     /// # Examples
     ///
     /// ```
-    /// use ce_messaging::event::EventType;
+    /// use ce_messaging::cloudevent::EventType;
     /// assert!(EventType::from("org.example.order.created").check().is_ok());
     /// assert!(EventType::from("org.example.*").check().is_err());
     /// ```
@@ -291,7 +291,7 @@ impl QueryOp {
     /// # Examples
     ///
     /// ```
-    /// use ce_messaging::event::QueryOp;
+    /// use ce_messaging::cloudevent::QueryOp;
     /// assert!(QueryOp::from("cyverse.workspace.get").check().is_ok());
     /// assert!(QueryOp::from("cyverse..get").check().is_err());
     /// ```
@@ -305,7 +305,7 @@ impl QueryOp {
 /// # Examples
 ///
 /// ```
-/// let id = ce_messaging::event::new_event_id();
+/// let id = ce_messaging::cloudevent::new_event_id();
 /// assert!(id.starts_with("cloudevent-"));
 /// assert_eq!(id.len(), "cloudevent-".len() + 20);
 /// ```
@@ -319,7 +319,7 @@ pub fn new_event_id() -> String {
 /// # Examples
 ///
 /// ```
-/// use ce_messaging::event::{new_event, EventExt};
+/// use ce_messaging::cloudevent::{new_event, EventExt};
 /// use cloudevents::AttributesReader;
 ///
 /// let event = new_event("org.example.ping", "pinger", &serde_json::json!({"n": 1}))?;
@@ -342,7 +342,7 @@ pub fn new_event<T: Serialize + ?Sized>(
 /// # Examples
 ///
 /// ```
-/// use ce_messaging::event::{new_event_with_tid, EventExt, TransactionId};
+/// use ce_messaging::cloudevent::{new_event_with_tid, EventExt, TransactionId};
 ///
 /// let tid = TransactionId::from("tid-c2hb2r8ck8sl4rbj5te0");
 /// let event = new_event_with_tid("org.example.pong", "ponger", &42, tid.clone())?;
@@ -380,7 +380,7 @@ pub fn new_event_with_tid<T: Serialize + ?Sized>(
 /// # Examples
 ///
 /// ```
-/// use ce_messaging::event::{new_event_with_id, EventExt};
+/// use ce_messaging::cloudevent::{new_event_with_id, EventExt};
 /// use cloudevents::AttributesReader;
 ///
 /// let event = new_event_with_id("order-1042-created", "org.example.order.created", "shop", &1042)?;
@@ -437,7 +437,7 @@ fn build_event<T: Serialize + ?Sized>(
 /// # Examples
 ///
 /// ```
-/// use ce_messaging::event::{new_event_auto_source, AUTO_POPULATE_SOURCE};
+/// use ce_messaging::cloudevent::{new_event_auto_source, AUTO_POPULATE_SOURCE};
 /// use cloudevents::AttributesReader;
 ///
 /// let event = new_event_auto_source("org.example.ping", &())?;
@@ -456,7 +456,7 @@ pub fn new_event_auto_source<T: Serialize + ?Sized>(
 /// # Examples
 ///
 /// ```
-/// use ce_messaging::event::{needs_source, new_event, new_event_auto_source};
+/// use ce_messaging::cloudevent::{needs_source, new_event, new_event_auto_source};
 /// assert!(needs_source(&new_event_auto_source("t", &1)?));
 /// assert!(!needs_source(&new_event("t", "me", &1)?));
 /// # Ok::<(), ce_messaging::error::EventError>(())
@@ -471,7 +471,7 @@ pub fn needs_source(event: &Event) -> bool {
 /// # Examples
 ///
 /// ```
-/// use ce_messaging::event::{new_event_auto_source, populate_source};
+/// use ce_messaging::cloudevent::{new_event_auto_source, populate_source};
 /// use cloudevents::AttributesReader;
 ///
 /// let mut event = new_event_auto_source("t", &1)?;
@@ -500,7 +500,7 @@ pub(crate) fn has_transaction_id(event: &Event) -> bool {
 /// # Examples
 ///
 /// ```
-/// use ce_messaging::event::{new_event, EventExt, TransactionId};
+/// use ce_messaging::cloudevent::{new_event, EventExt, TransactionId};
 ///
 /// let mut event = new_event("t", "s", &vec![1, 2, 3])?;
 /// let tid = TransactionId::generate();

@@ -26,7 +26,7 @@
 //! ```
 //! use ce_messaging::cloudevents::{AttributesReader, Data};
 //! use ce_messaging::codec::{decode, encode, ContentMode};
-//! use ce_messaging::event::{new_event, EventExt};
+//! use ce_messaging::cloudevent::{new_event, EventExt};
 //!
 //! let event = new_event("org.example.thing.created", "svc", &serde_json::json!({"n": 1}))?;
 //! for mode in [ContentMode::Structured, ContentMode::Binary] {
@@ -98,7 +98,7 @@ pub enum ContentMode {
 ///
 /// ```
 /// use ce_messaging::codec::{encode, ContentMode};
-/// let event = ce_messaging::event::new_event("t", "s", &1)?;
+/// let event = ce_messaging::cloudevent::new_event("t", "s", &1)?;
 /// let msg = encode(&event, ContentMode::Binary)?;
 /// assert_eq!(msg.headers.get("ce-type").map(|v| v.as_str()), Some("t"));
 /// assert_eq!(&msg.payload[..], b"1");
@@ -131,7 +131,7 @@ pub struct EncodedEvent {
 ///
 /// ```
 /// use ce_messaging::codec::{encode, ContentMode};
-/// let event = ce_messaging::event::new_event("t", "s", &"hi")?;
+/// let event = ce_messaging::cloudevent::new_event("t", "s", &"hi")?;
 /// let msg = encode(&event, ContentMode::Structured)?;
 /// assert_eq!(
 ///     msg.headers.get("Content-Type").map(|v| v.as_str()),
@@ -580,7 +580,7 @@ fn parse_utc_time(text: &[u8]) -> Option<chrono::DateTime<chrono::Utc>> {
 /// use ce_messaging::codec::{decode, HeaderMap};
 /// use ce_messaging::cloudevents::{AttributesReader, Data};
 /// use ce_messaging::error::DecodeErrorKind;
-/// use ce_messaging::event::EventExt;
+/// use ce_messaging::cloudevent::EventExt;
 ///
 /// let mut headers = HeaderMap::new();
 /// headers.insert("ce-specversion", "1.0");

@@ -490,7 +490,7 @@ pub type ResponseError = Error<ResponseErrorKind>;
 /// use ce_messaging::error::PublishErrorKind;
 /// use ce_messaging::error::PublishError;
 ///
-/// let event = ce_messaging::event::new_event("t", "s", &1).unwrap();
+/// let event = ce_messaging::cloudevent::new_event("t", "s", &1).unwrap();
 /// let err = PublishError::new(PublishErrorKind::TimedOut, Some(event));
 /// assert_eq!(err.kind(), PublishErrorKind::TimedOut);
 /// assert!(err.into_event().is_some());

@@ -86,8 +86,10 @@
 //! - **Modules** stay public and document each area (its rules and the rest of its types: the
 //!   dead-letter API in [`jetstream`], trace context and metric names in [`telemetry`], ...).
 //! - **Hidden** (`#[doc(hidden)]`, public only for the `cemsg` CLI and the tests, with no
-//!   stability promise): the wire codec (`codec`), the header names (`headers`), and the old
-//!   module paths `event` and `event_source` kept so existing code compiles.
+//!   stability promise): the wire codec (`codec`), the header names (`headers`), the old
+//!   module paths `event` and `event_source` kept so existing code compiles, and `async_trait`
+//!   (its attribute, for implementing [`QueryConnection`] or [`EventConnection`] outside this
+//!   crate without a dependency of one's own).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -129,6 +131,13 @@ pub use cloudevents;
 pub use cloudevents::Event;
 pub use tokio_util::sync::CancellationToken;
 
+/// The `#[async_trait]` attribute, for code outside this crate that implements
+/// [`QueryConnection`] or [`EventConnection`] (the two traits still use it, for `dyn`):
+/// `#[ce_messaging::async_trait::async_trait]` needs no dependency of its own. Handlers and
+/// [`shutdown::Drain`] are plain `async fn` and do not need it.
+#[doc(hidden)]
+pub use async_trait;
+
 // The traits and their backends.
 pub use events::EventConnection;
 pub use jetstream::JetStreamEvents;
@@ -152,7 +161,7 @@ pub use query::{
 // Options and what the calls return.
 pub use events::{
     Backoff, DurableInfo, EventFilter, EventListenOptions, EventResponsePromise, EventSource,
-    PublishAck, StartPosition,
+    PublishAck, PublishOptions, Schedule, ScheduleInfo, StartPosition,
 };
 pub use query::{QueryListenOptions, ReplyStream, ReplyStreamOptions};
 
@@ -190,8 +199,8 @@ pub mod prelude {
     pub use crate::{
         event_handler_fn, handler_fn, new_event, new_event_auto_source, typed_event_handler,
         typed_handler, Config, Drain, EventConnection, EventExt, EventHandler, EventHandlers,
-        EventListenOptions, EventType, HandlerError, Listener, QueryConnection, QueryHandler,
-        QueryHandlers, QueryListenOptions, QueryOp, Reply, ReplyStreamOptions, ReplyWriter,
-        Shutdown, State, TransactionId, TypedEvent, TypedRequest,
+        EventListenOptions, EventType, HandlerError, Listener, PublishOptions, QueryConnection,
+        QueryHandler, QueryHandlers, QueryListenOptions, QueryOp, Reply, ReplyStreamOptions,
+        ReplyWriter, Shutdown, State, TransactionId, TypedEvent, TypedRequest,
     };
 }

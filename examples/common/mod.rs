@@ -3,9 +3,7 @@
 
 use std::sync::Arc;
 
-use ce_messaging::config::Config;
-use ce_messaging::events::EventConnection;
-use ce_messaging::query::QueryConnection;
+use ce_messaging::prelude::*;
 use ce_messaging::{JetStreamEvents, MemoryBroker, NatsQueries};
 
 /// The two connections a service uses, behind the traits it is written against.

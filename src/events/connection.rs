@@ -89,7 +89,7 @@ impl DurableInfo {
 ///
 /// ```no_run
 /// use ce_messaging::events::EventConnection;
-/// use ce_messaging::event::new_event_auto_source;
+/// use ce_messaging::cloudevent::new_event_auto_source;
 ///
 /// async fn order_created(events: &dyn EventConnection) -> Result<(), Box<dyn std::error::Error>> {
 ///     let event = new_event_auto_source("org.example.order.created", &serde_json::json!({"id": 1}))?;
@@ -134,7 +134,7 @@ pub trait EventConnection: Send + Sync {
     ///
     /// ```no_run
     /// # async fn demo(events: &dyn ce_messaging::events::EventConnection) -> Result<(), Box<dyn std::error::Error>> {
-    /// use ce_messaging::event::new_event_auto_source;
+    /// use ce_messaging::cloudevent::new_event_auto_source;
     /// use ce_messaging::events::PublishOptions;
     /// use std::time::Duration;
     ///
@@ -245,7 +245,7 @@ pub trait EventConnection: Send + Sync {
     ///
     /// ```no_run
     /// # async fn demo(events: &dyn ce_messaging::events::EventConnection) -> Result<(), Box<dyn std::error::Error>> {
-    /// use ce_messaging::event::{new_event_auto_source, EventType};
+    /// use ce_messaging::cloudevent::{new_event_auto_source, EventType};
     /// let request = new_event_auto_source("org.example.quote.requested", &42)?;
     /// let mut promise = events.request(request, &[EventType::from("org.example.quote.given")]).await?;
     /// let response = promise.response(std::time::Duration::from_secs(5)).await?;

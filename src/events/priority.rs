@@ -39,7 +39,7 @@ pub const MAX_PRIORITY_LEVELS: u8 = 10;
 ///
 /// ```
 /// use ce_messaging::events::{event_priority, set_priority};
-/// let mut event = ce_messaging::event::new_event("org.example.order.paid", "svc", &1)?;
+/// let mut event = ce_messaging::cloudevent::new_event("org.example.order.paid", "svc", &1)?;
 /// assert_eq!(event_priority(&event), Ok(None));
 /// set_priority(&mut event, 0);
 /// assert_eq!(event_priority(&event), Ok(Some(0)));
@@ -58,7 +58,7 @@ pub fn set_priority(event: &mut Event, priority: u8) {
 /// ```
 /// use ce_messaging::events::event_priority;
 /// use cloudevents::AttributesWriter;
-/// let mut event = ce_messaging::event::new_event("t", "s", &1)?;
+/// let mut event = ce_messaging::cloudevent::new_event("t", "s", &1)?;
 /// event.set_extension("priority", "2");
 /// assert_eq!(event_priority(&event), Ok(Some(2)));
 /// event.set_extension("priority", "high");

@@ -36,8 +36,8 @@ pub struct ListenerId(u64);
 /// # Examples
 ///
 /// ```
-/// use ce_messaging::event_source::EventFilter;
-/// use ce_messaging::event::TransactionId;
+/// use ce_messaging::events::EventFilter;
+/// use ce_messaging::cloudevent::TransactionId;
 ///
 /// let tid = TransactionId::generate();
 /// let filter = EventFilter::by_type("org.example.done").and_transaction(tid).once();
@@ -404,7 +404,7 @@ async fn dispatch(
 /// # Examples
 ///
 /// ```no_run
-/// # async fn demo(mut promise: ce_messaging::event_source::EventResponsePromise) -> Result<(), ce_messaging::error::ResponseError> {
+/// # async fn demo(mut promise: ce_messaging::events::EventResponsePromise) -> Result<(), ce_messaging::error::ResponseError> {
 /// let first = promise.response(std::time::Duration::from_secs(5)).await?;
 /// println!("{first}");
 /// promise.close().await;
@@ -450,7 +450,7 @@ impl EventResponsePromise {
     ///
     /// ```no_run
     /// # async fn demo(events: &dyn ce_messaging::events::EventConnection, request: ce_messaging::Event) -> Result<(), Box<dyn std::error::Error>> {
-    /// use ce_messaging::event::EventType;
+    /// use ce_messaging::cloudevent::EventType;
     /// let promise = events.request(request, &[EventType::from("org.example.quote.given")]).await?;
     /// if promise.publish_ack().is_some_and(|ack| ack.duplicate) {
     ///     println!("already requested earlier; its response may have been sent already");

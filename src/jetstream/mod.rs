@@ -10,7 +10,7 @@
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! use ce_messaging::config::Config;
-//! use ce_messaging::event::new_event_auto_source;
+//! use ce_messaging::cloudevent::new_event_auto_source;
 //! use ce_messaging::events::EventConnection;
 //! use ce_messaging::jetstream::JetStreamEvents;
 //!

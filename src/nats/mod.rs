@@ -9,7 +9,7 @@
 //!
 //! ```no_run
 //! use ce_messaging::config::Config;
-//! use ce_messaging::event::new_event;
+//! use ce_messaging::cloudevent::new_event;
 //! use ce_messaging::nats::NatsQueries;
 //! use ce_messaging::query::{handler_fn, QueryConnection, QueryHandlers, QueryListenOptions};
 //!
@@ -62,7 +62,7 @@ use connection::ConnectionEvents;
 ///
 /// ```no_run
 /// use ce_messaging::config::Config;
-/// use ce_messaging::event::new_event;
+/// use ce_messaging::cloudevent::new_event;
 /// use ce_messaging::nats::NatsQueries;
 /// use ce_messaging::query::QueryConnection;
 ///
@@ -238,7 +238,7 @@ impl NatsQueries {
     ///
     /// ```no_run
     /// # async fn demo(queries: ce_messaging::nats::NatsQueries) -> Result<(), Box<dyn std::error::Error>> {
-    /// use ce_messaging::event::new_event;
+    /// use ce_messaging::cloudevent::new_event;
     /// let reply = queries.request(new_event("org.example.ping", "demo", &())?).await?;
     /// # Ok(()) }
     /// ```
@@ -263,7 +263,7 @@ impl NatsQueries {
     ///
     /// ```no_run
     /// # async fn demo(queries: ce_messaging::nats::NatsQueries) -> Result<(), Box<dyn std::error::Error>> {
-    /// use ce_messaging::event::new_event;
+    /// use ce_messaging::cloudevent::new_event;
     /// let ping = new_event("org.example.ping", "demo", &())?;
     /// let reply = queries
     ///     .request_with_timeout(ping, std::time::Duration::from_millis(500))

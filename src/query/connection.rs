@@ -29,7 +29,7 @@ pub const MAX_BUFFERED_REPLIES: usize = 100_000;
 ///
 /// ```no_run
 /// use ce_messaging::query::QueryConnection;
-/// use ce_messaging::event::new_event;
+/// use ce_messaging::cloudevent::new_event;
 ///
 /// async fn get_workspace(queries: &dyn QueryConnection) -> Result<(), Box<dyn std::error::Error>> {
 ///     let request = new_event("cyverse.workspace.get", "client", &serde_json::json!({"name": "w1"}))?;

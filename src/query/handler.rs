@@ -35,7 +35,7 @@ use super::ReplyWriter;
 ///
 /// impl QueryHandler for Echo {
 ///     async fn handle(&self, request: Event, reply: ReplyWriter, _state: &()) -> Result<(), HandlerError> {
-///         let data: serde_json::Value = ce_messaging::event::EventExt::data_as(&request)?;
+///         let data: serde_json::Value = ce_messaging::cloudevent::EventExt::data_as(&request)?;
 ///         reply.reply_data("org.example.echoed", &data).await?;
 ///         Ok(())
 ///     }

@@ -231,7 +231,7 @@ impl TraceContext {
     ///
     /// ```
     /// use ce_messaging::telemetry::TraceContext;
-    /// let mut event = ce_messaging::event::new_event("t", "s", &1).unwrap();
+    /// let mut event = ce_messaging::cloudevent::new_event("t", "s", &1).unwrap();
     /// assert!(TraceContext::from_event(&event).is_none());
     /// let ctx = TraceContext::new_root();
     /// ctx.inject(&mut event);
@@ -249,7 +249,7 @@ impl TraceContext {
     ///
     /// ```
     /// use cloudevents::AttributesReader;
-    /// let mut event = ce_messaging::event::new_event("t", "s", &1).unwrap();
+    /// let mut event = ce_messaging::cloudevent::new_event("t", "s", &1).unwrap();
     /// ce_messaging::telemetry::TraceContext::new_root().inject(&mut event);
     /// assert!(event.extension("traceparent").is_some());
     /// ```
