@@ -1497,3 +1497,104 @@ async fn scheduled_and_expiring_publishes_are_listed_cancelled_and_fire() {
         run(cemsg(&url, &args)).await.fails_with(1);
     }
 }
+
+/// Polls (bounded) `cemsg schedule list` until `pred` holds for its lines; returns them.
+async fn schedules_until(url: &str, what: &str, pred: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let listed = cemsg_ok(url, &["schedule", "list"]).await;
+        if pred(&listed) {
+            return listed;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what} within {WAIT:?}: {listed:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn valid_at_and_cron_publishes_are_listed_and_fire() {
+    let server = server_with_streams().await;
+    let url = server.url();
+    let js = async_nats::jetstream::new(support::connect(server.url()).await);
+    let stream = js.get_stream("CLOUDEVENTS").await.expect("events stream");
+
+    // --at a few seconds ahead: listed with the instant, stored on the event's subject not
+    // before it, then gone from the list (a one-shot schedule is purged after its firing).
+    let reminder = "org.example.cli.reminder";
+    let at = chrono::Utc::now() + chrono::Duration::seconds(3);
+    let at_text = at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let published = cemsg_ok(
+        &url,
+        &["publish", reminder, "--data", "{}", "--at", &at_text],
+    )
+    .await;
+    let id = published[0]["id"].as_str().expect("id").to_owned();
+    let listed = cemsg_ok(&url, &["schedule", "list"]).await;
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0]["id"], id.as_str());
+    let schedule = listed[0]["schedule"].as_str().expect("schedule");
+    let listed_at = chrono::DateTime::parse_from_rfc3339(
+        schedule.strip_prefix("@at ").expect("an @at schedule"),
+    )
+    .expect("RFC 3339");
+    assert_eq!(listed_at.timestamp(), at.timestamp(), "{schedule}");
+    assert_eq!(listed[0]["target"], format!("events.{reminder}").as_str());
+    let fired = last_on_subject(&server, &format!("events.{reminder}")).await;
+    assert_eq!(
+        fired.get("Nats-Scheduler").map(|v| v.as_str().to_owned()),
+        Some(format!("_CE_SCHEDULE.CLOUDEVENTS.{id}"))
+    );
+    let message = stream
+        .get_last_raw_message_by_subject(&format!("events.{reminder}"))
+        .await
+        .expect("the firing");
+    assert!(
+        message.time.unix_timestamp() >= at.timestamp(),
+        "stored at {}, before its time {at}",
+        message.time
+    );
+    schedules_until(&url, "the fired one-shot schedule gone", |l| {
+        !l.iter().any(|s| s["id"] == id.as_str())
+    })
+    .await;
+
+    // --cron every second in --time-zone UTC: listed with its zone, fires, cancel ends it.
+    let tick = "org.example.cli.crontick";
+    let published = cemsg_ok(
+        &url,
+        &[
+            "publish",
+            tick,
+            "--data",
+            "{}",
+            "--cron",
+            "* * * * * *",
+            "--time-zone",
+            "UTC",
+        ],
+    )
+    .await;
+    let tick_id = published[0]["id"].as_str().expect("id").to_owned();
+    let listed = cemsg_ok(&url, &["schedule", "list"]).await;
+    let entry = listed
+        .iter()
+        .find(|s| s["id"] == tick_id.as_str())
+        .unwrap_or_else(|| panic!("the cron schedule is listed: {listed:?}"));
+    assert_eq!(entry["schedule"], "* * * * * *");
+    assert_eq!(entry["time_zone"], "UTC");
+    assert_eq!(entry["target"], format!("events.{tick}").as_str());
+    let fired = last_on_subject(&server, &format!("events.{tick}")).await;
+    assert_eq!(
+        fired.get("Nats-Scheduler").map(|v| v.as_str().to_owned()),
+        Some(format!("_CE_SCHEDULE.CLOUDEVENTS.{tick_id}"))
+    );
+    let cancelled = cemsg_ok(&url, &["schedule", "cancel", &tick_id]).await;
+    assert_eq!(cancelled[0]["cancelled"], true);
+    assert!(cemsg_ok(&url, &["schedule", "list"]).await.is_empty());
+    run(cemsg(&url, &["schedule", "cancel", &tick_id]))
+        .await
+        .fails_with(6);
+}

@@ -1694,3 +1694,83 @@ async fn consumer_info_counts_events_parked_at_the_servers_delivery_limit() {
     assert_eq!(err.kind(), ce_messaging::error::StreamErrorKind::NotFound);
     assert!(err.to_string().contains("nobody"), "{err}");
 }
+
+/// A stream created before issue 17 (no `allow_msg_ttl`, no `allow_msg_schedules`): a publish
+/// with a time-to-live or a schedule is refused with the typed `Unsupported`, naming
+/// `init_stream`, and the event handed back; `init_stream` then turns both on in place and the
+/// same publishes are stored.
+#[tokio::test]
+async fn init_stream_turns_on_ttl_and_schedules_on_an_existing_stream() {
+    let server = NatsServer::start();
+    let config = config_for(&server, "old-stream");
+    let js = raw_js(&server).await;
+    tokio::time::timeout(
+        WAIT,
+        js.create_stream(jetstream::stream::Config {
+            name: config.js_stream.clone(),
+            subjects: vec![
+                format!("{}.>", config.js_subject_prefix),
+                format!("_CE_SCHEDULE.{}.>", config.js_stream),
+            ],
+            ..Default::default()
+        }),
+    )
+    .await
+    .expect("create timed out")
+    .expect("a stream without TTL or schedules");
+    let events = connection(&server, &config).await;
+    let attempts = [
+        ce_messaging::events::PublishOptions::default().with_ttl(Duration::from_secs(30)),
+        ce_messaging::events::PublishOptions::after(Duration::from_secs(3600)),
+    ];
+    for options in &attempts {
+        let err = tokio::time::timeout(
+            WAIT,
+            events.publish_with(
+                new_event_auto_source(TYPE_A, &serde_json::json!({})).expect("event"),
+                options.clone(),
+            ),
+        )
+        .await
+        .expect("publish timed out")
+        .expect_err("the stream has the feature off");
+        assert_eq!(
+            err.kind(),
+            PublishErrorKind::Unsupported,
+            "{options:?}: {err}"
+        );
+        assert!(err.to_string().contains("init_stream"), "{err}");
+        assert!(err.into_event().is_some(), "the event is handed back");
+    }
+    assert_eq!(stream_messages(&js, &config.js_stream).await, 0);
+    tokio::time::timeout(WAIT, events.init_stream())
+        .await
+        .expect("init_stream timed out")
+        .expect("init_stream");
+    let info = js
+        .get_stream(&config.js_stream)
+        .await
+        .expect("stream")
+        .info()
+        .await
+        .expect("info")
+        .config
+        .clone();
+    assert!(
+        info.allow_message_ttl && info.allow_message_schedules,
+        "turned on in place: {info:?}"
+    );
+    for options in attempts {
+        tokio::time::timeout(
+            WAIT,
+            events.publish_with(
+                new_event_auto_source(TYPE_A, &serde_json::json!({})).expect("event"),
+                options,
+            ),
+        )
+        .await
+        .expect("publish timed out")
+        .expect("stored after init_stream");
+    }
+    assert_eq!(stream_messages(&js, &config.js_stream).await, 2);
+}

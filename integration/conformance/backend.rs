@@ -69,6 +69,8 @@ pub struct EventCaps {
     /// Putting arbitrary bytes (not a CloudEvent) on an event subject, to see the listener
     /// dead-letter it with reason `decode`.
     pub raw_publish: Option<&'static str>,
+    /// Reading cron in a time zone that is not UTC all year (`Europe/Berlin`).
+    pub cron_time_zones: Option<&'static str>,
 }
 
 /// A message as the broker stores it.

@@ -143,6 +143,10 @@ macro_rules! schedule_cases {
             cancelled_schedule_never_fires,
             recurring_schedule_fires_n_times_with_own_ids,
             expired_event_is_never_handled,
+            event_expired_while_waiting_for_redelivery_is_not_handled_again,
+            cron_schedule_fires_every_second_until_cancelled,
+            cron_time_zones_utc_everywhere_others_on_jetstream_only,
+            scheduled_event_with_priority_fires_on_its_level,
             invalid_schedules_are_refused_at_once,
         );
     };

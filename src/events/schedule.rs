@@ -65,7 +65,8 @@ pub enum Schedule {
     /// On a 6-field cron expression (`sec min hour day-of-month month day-of-week`, e.g.
     /// `0 30 9 * * mon-fri`) or `@yearly`, `@monthly`, `@weekly`, `@daily`, `@hourly`, read in
     /// `time_zone` (an IANA name; `None`: UTC). nats-server 2.14+. The memory backend reads
-    /// cron in UTC only.
+    /// cron in UTC only: it accepts the zones that are UTC all year (`UTC`, `Etc/UTC`, `GMT`,
+    /// ...) and refuses any other with `PublishErrorKind::Unsupported`.
     Cron {
         /// The expression.
         expression: String,

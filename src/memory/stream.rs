@@ -1252,10 +1252,14 @@ fn parse_schedule(
     }
     if let Some(zone) = headers.get(NATS_SCHEDULE_TIME_ZONE) {
         let zone = zone.as_str();
-        if !zone.is_empty() && !zone.eq_ignore_ascii_case("utc") {
+        if !zone.is_empty() && !is_utc_zone(zone) {
             return Err(Error::with_detail(
                 PublishErrorKind::Unsupported,
-                format!("the memory backend reads cron in UTC only, not in time zone {zone:?}"),
+                format!(
+                    "the memory backend reads cron in UTC only (time zones {}), not in time \
+                     zone {zone:?}; JetStream reads any IANA zone",
+                    UTC_ZONES.join(", ")
+                ),
             ));
         }
     }
@@ -1292,6 +1296,16 @@ fn parse_schedule(
         next,
         ttl,
     })
+}
+
+/// The IANA zone names the memory backend accepts for cron: those that are UTC all year.
+const UTC_ZONES: [&str; 8] = [
+    "UTC", "Etc/UTC", "Etc/UCT", "UCT", "Zulu", "Etc/Zulu", "GMT", "Etc/GMT",
+];
+
+/// Whether a cron time zone is UTC all year (so the memory backend reads it as UTC).
+fn is_utc_zone(zone: &str) -> bool {
+    UTC_ZONES.iter().any(|z| z.eq_ignore_ascii_case(zone))
 }
 
 /// What a stored message counts against the stream's byte limit.

@@ -57,7 +57,10 @@ impl EventBackend for Memory {
     type Events = MemoryEvents;
 
     fn caps() -> EventCaps {
-        EventCaps::default()
+        EventCaps {
+            cron_time_zones: Some("the memory backend reads cron in UTC only"),
+            ..EventCaps::default()
+        }
     }
 
     async fn start() -> Self {

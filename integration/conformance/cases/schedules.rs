@@ -10,9 +10,10 @@ use ce_messaging::config::Config;
 use ce_messaging::error::PublishErrorKind;
 use ce_messaging::event::new_event_auto_source;
 use ce_messaging::events::{
-    event_handler_fn, Backoff, EventConnection, EventHandlers, EventListenOptions, PublishOptions,
-    NATS_SCHEDULER,
+    event_handler_fn, priority_durable, set_priority, Backoff, EventConnection, EventHandlers,
+    EventListenOptions, PublishOptions, Schedule, NATS_SCHEDULER,
 };
+use ce_messaging::handler::HandlerError;
 use ce_messaging::listener::Listener;
 use ce_messaging::Event;
 use cloudevents::AttributesReader;
@@ -382,11 +383,21 @@ pub async fn expired_event_is_never_handled<B: EventBackend>() {
         "expiring publish",
         events.publish_with(
             quote,
-            PublishOptions::default().with_ttl(Duration::from_secs(1)),
+            PublishOptions::default().with_ttl(Duration::from_secs(2)),
         ),
     )
     .await
     .expect("published with a time-to-live");
+    // The listener holds the quote (delivered, unacknowledged, queued behind the blocker)
+    // before its time-to-live passes: what happens to it next is the listener's decision.
+    eventually("the quote to reach the listener", || async {
+        env.consumer_state(&config.js_stream, &durable).await
+            == Some(ConsumerState {
+                pending: 0,
+                ack_pending: 2,
+            })
+    })
+    .await;
     // The stream drops it when its time-to-live passes (the listener holds it meanwhile).
     eventually("the expired quote to leave the stream", || async {
         !env.stored(&config.js_stream).await.iter().any(|m| {
@@ -402,11 +413,365 @@ pub async fn expired_event_is_never_handled<B: EventBackend>() {
         "the expired quote was given to a handler"
     );
     wait_settled(&env, &config, &durable).await;
+    // Blocker, quote, marker: each delivered once, so the quote was settled by the listener's
+    // expiry check (acked without a handler run), not left to a redelivery.
+    assert_eq!(
+        env.deliveries(&config.js_stream, &durable).await,
+        Some(3),
+        "the quote was delivered to the listener once and settled there"
+    );
+    let info = B::durable_info(&events, &durable).await;
+    assert_eq!(
+        (info.pending, info.ack_pending, info.parked),
+        (0, 0, 0),
+        "{info:?}"
+    );
     assert!(
         env.stored(&config.js_dlq_stream).await.is_empty(),
         "expired events are counted, not dead-lettered"
     );
     within("stop", listener.stop(Duration::from_secs(5))).await;
+    B::close_events(&events).await;
+}
+
+/// An event whose handler failed retryably, with a back-off longer than its time-to-live, is
+/// never handled again: it expires while it waits for the redelivery, ends settled (nothing
+/// pending or unacknowledged) and is not dead-lettered.
+pub async fn event_expired_while_waiting_for_redelivery_is_not_handled_again<B: EventBackend>() {
+    let env = B::start().await;
+    let config = env.config("ttl");
+    let events = env.events(&config).await;
+    let (ty, marker_type) = (new_type("quote"), new_type("marker"));
+    let durable = format!("conf-{}", unique());
+    let seen: Seen<Handled> = Seen::new();
+    let runs = Seen::<String>::new();
+    let r = runs.clone();
+    let handlers = recording(&[&marker_type], &seen).on(
+        &ty,
+        event_handler_fn(move |event: Event, _| {
+            let runs = r.clone();
+            async move {
+                runs.push(event.id().to_owned());
+                // Retry later than the event's time-to-live.
+                Err(HandlerError::new("not now").retry_after(Duration::from_secs(6)))
+            }
+        }),
+    );
+    let listener = listen(&events, handlers, options(&durable, 2, 4)).await;
+    let quote = event(&ty, 1);
+    let quote_id = quote.id().to_owned();
+    within(
+        "expiring publish",
+        events.publish_with(
+            quote,
+            PublishOptions::default().with_ttl(Duration::from_secs(2)),
+        ),
+    )
+    .await
+    .expect("published with a time-to-live");
+    runs.wait_len("the first (failing) handler run", 1).await;
+    eventually("the expired quote to leave the stream", || async {
+        !env.stored(&config.js_stream).await.iter().any(|m| {
+            ce_messaging::codec::decode(Some(&m.headers), &m.payload)
+                .is_ok_and(|e| e.id() == quote_id)
+        })
+    })
+    .await;
+    // Settled: the redelivery it waited for is gone (nothing pending, nothing unacknowledged).
+    eventually("the expired quote settled", || async {
+        env.consumer_state(&config.js_stream, &durable).await
+            == Some(ConsumerState {
+                pending: 0,
+                ack_pending: 0,
+            })
+    })
+    .await;
+    marker(&events, &marker_type, &seen).await;
+    assert_eq!(
+        runs.snapshot(),
+        vec![quote_id.clone()],
+        "handled once, never again after it expired"
+    );
+    wait_settled(&env, &config, &durable).await;
+    let info = B::durable_info(&events, &durable).await;
+    assert_eq!(
+        (info.pending, info.ack_pending, info.parked),
+        (0, 0, 0),
+        "{info:?}"
+    );
+    assert!(
+        env.stored(&config.js_dlq_stream).await.is_empty(),
+        "an expired event is not dead-lettered"
+    );
+    within("stop", listener.stop(Duration::from_secs(5))).await;
+    B::close_events(&events).await;
+}
+
+/// A 6-field cron schedule firing every second fires again and again, each firing with its
+/// own id derived from the schedule, until it is cancelled; every firing is handled once and
+/// at the end nothing is pending, unacknowledged, parked or dead-lettered.
+pub async fn cron_schedule_fires_every_second_until_cancelled<B: EventBackend>() {
+    let env = B::start().await;
+    let config = env.config("sched");
+    let events = env.events(&config).await;
+    let (ty, marker_type) = (new_type("cron"), new_type("marker"));
+    let durable = format!("conf-{}", unique());
+    let seen = Seen::new();
+    let listener = listen(
+        &events,
+        recording(&[&ty, &marker_type], &seen),
+        options(&durable, 4, 16),
+    )
+    .await;
+    let tick = event(&ty, 7);
+    let id = tick.id().to_owned();
+    within(
+        "cron publish",
+        events.publish_with(tick, PublishOptions::cron("* * * * * *")),
+    )
+    .await
+    .expect("schedule stored");
+    let listed = within("schedules", events.schedules())
+        .await
+        .expect("schedules");
+    assert!(
+        listed.iter().any(|s| s.id == id
+            && s.schedule == "* * * * * *"
+            && s.target == config.events_subject(&ty)),
+        "the cron schedule is listed: {listed:?}"
+    );
+    within_for(
+        Duration::from_secs(20),
+        "three cron firings",
+        seen.wait_until("three cron firings", |s| {
+            s.iter().filter(|(e, _)| e.ty() == ty).count() >= 3
+        }),
+    )
+    .await;
+    assert!(
+        within("cancel", events.cancel_schedule(&id))
+            .await
+            .expect("cancel"),
+        "the cron schedule was there until cancelled"
+    );
+    marker(&events, &marker_type, &seen).await;
+    let after_cancel = seen.snapshot().iter().filter(|(e, _)| e.ty() == ty).count();
+    // A firing stored in the instant of the cancel may still arrive; none after the marker.
+    marker(&events, &marker_type, &seen).await;
+    let handled = seen.snapshot();
+    let firings: Vec<&Handled> = handled.iter().filter(|(e, _)| e.ty() == ty).collect();
+    assert_eq!(firings.len(), after_cancel, "no firing after the cancel");
+    let ids: std::collections::BTreeSet<String> =
+        firings.iter().map(|(e, _)| e.id().to_owned()).collect();
+    assert_eq!(
+        ids.len(),
+        firings.len(),
+        "every firing has its own id: {ids:?}"
+    );
+    for fid in &ids {
+        assert!(
+            fid.starts_with(&format!("{id}@")),
+            "firing id {fid} derives from {id}"
+        );
+    }
+    for (fired, _) in &firings {
+        assert_eq!(json_data(fired), json!({ "n": 7 }), "data intact");
+    }
+    assert!(!within("schedules", events.schedules())
+        .await
+        .expect("schedules")
+        .iter()
+        .any(|s| s.id == id));
+    let stored = env.stored(&config.js_stream).await;
+    let on_type = stored
+        .iter()
+        .filter(|m| m.subject == config.events_subject(&ty) && m.header(NATS_SCHEDULER).is_some())
+        .count();
+    assert_eq!(
+        on_type,
+        firings.len(),
+        "every stored firing was handled once"
+    );
+    wait_settled(&env, &config, &durable).await;
+    assert_eq!(
+        env.deliveries(&config.js_stream, &durable).await,
+        Some(handled.len() as u64),
+        "one delivery per handled event (firings and markers), no redelivery"
+    );
+    let info = B::durable_info(&events, &durable).await;
+    assert_eq!(
+        (info.pending, info.ack_pending, info.parked),
+        (0, 0, 0),
+        "{info:?}"
+    );
+    assert!(
+        env.stored(&config.js_dlq_stream).await.is_empty(),
+        "no dead letters"
+    );
+    within("stop", listener.stop(Duration::from_secs(5))).await;
+    B::close_events(&events).await;
+}
+
+/// Cron time zones: a zone that is UTC all year (`Etc/UTC`) is read by every backend (the
+/// schedule is listed with its zone and fires); another zone (`Europe/Berlin`) is read by
+/// JetStream and refused at once by the memory backend with `Unsupported`, nothing stored
+/// (the wire contract, "Scheduled and expiring events").
+pub async fn cron_time_zones_utc_everywhere_others_on_jetstream_only<B: EventBackend>() {
+    let env = B::start().await;
+    let config = env.config("sched");
+    let events = env.events(&config).await;
+    let ty = new_type("zoned");
+    let durable = format!("conf-{}", unique());
+    let seen = Seen::new();
+    let listener = listen(&events, recording(&[&ty], &seen), options(&durable, 2, 8)).await;
+    let utc = event(&ty, 1);
+    let utc_id = utc.id().to_owned();
+    within(
+        "cron publish in Etc/UTC",
+        events.publish_with(
+            utc,
+            PublishOptions::on(Schedule::Cron {
+                expression: "* * * * * *".to_owned(),
+                time_zone: Some("Etc/UTC".to_owned()),
+            }),
+        ),
+    )
+    .await
+    .expect("a UTC zone is read everywhere");
+    let listed = within("schedules", events.schedules())
+        .await
+        .expect("schedules");
+    assert!(
+        listed
+            .iter()
+            .any(|s| s.id == utc_id && s.time_zone.as_deref() == Some("Etc/UTC")),
+        "listed with its zone: {listed:?}"
+    );
+    seen.wait_until("an Etc/UTC firing", |s| {
+        s.iter()
+            .any(|(e, _)| e.id().starts_with(&format!("{utc_id}@")))
+    })
+    .await;
+    assert!(within("cancel", events.cancel_schedule(&utc_id))
+        .await
+        .expect("cancel"));
+    let berlin = event(&ty, 2);
+    let berlin_id = berlin.id().to_owned();
+    let result = within(
+        "cron publish in Europe/Berlin",
+        events.publish_with(
+            berlin,
+            PublishOptions::on(Schedule::Cron {
+                expression: "0 0 3 * * *".to_owned(),
+                time_zone: Some("Europe/Berlin".to_owned()),
+            }),
+        ),
+    )
+    .await;
+    let listed = within("schedules", events.schedules())
+        .await
+        .expect("schedules");
+    match B::caps().cron_time_zones {
+        Some(why) => {
+            let err = result.expect_err(why);
+            assert_eq!(err.kind(), PublishErrorKind::Unsupported, "{err}");
+            assert!(err.to_string().contains("Europe/Berlin"), "{err}");
+            assert!(err.into_event().is_some(), "the event is handed back");
+            assert!(
+                !listed.iter().any(|s| s.id == berlin_id),
+                "nothing stored: {listed:?}"
+            );
+        }
+        None => {
+            result.expect("JetStream reads any IANA zone");
+            assert!(
+                listed
+                    .iter()
+                    .any(|s| s.id == berlin_id && s.time_zone.as_deref() == Some("Europe/Berlin")),
+                "listed with its zone: {listed:?}"
+            );
+            assert!(within("cancel", events.cancel_schedule(&berlin_id))
+                .await
+                .expect("cancel"));
+        }
+    }
+    wait_settled(&env, &config, &durable).await;
+    within("stop", listener.stop(Duration::from_secs(5))).await;
+    assert!(
+        env.stored(&config.js_dlq_stream).await.is_empty(),
+        "no dead letters"
+    );
+    B::close_events(&events).await;
+}
+
+/// A deferred event with a priority (`js_priority_levels` 2, priority 0): the schedule
+/// targets its level's subject, the firing is stored there (`<prefix>._priority.0.<type>`)
+/// and handled by the level-0 consumer, once; the lowest level's consumer delivers nothing.
+pub async fn scheduled_event_with_priority_fires_on_its_level<B: EventBackend>() {
+    let env = B::start().await;
+    let mut config = env.config("sched");
+    config.js_priority_levels = 2;
+    let events = env.events(&config).await;
+    let ty = new_type("urgent");
+    let durable = format!("conf-{}", unique());
+    let seen = Seen::new();
+    let listener = listen(&events, recording(&[&ty], &seen), options(&durable, 2, 8)).await;
+    let mut urgent = event(&ty, 1);
+    set_priority(&mut urgent, 0);
+    let id = urgent.id().to_owned();
+    let level_subject = format!("{}._priority.0.{ty}", config.js_subject_prefix);
+    within(
+        "scheduled publish with a priority",
+        events.publish_with(urgent, PublishOptions::after(Duration::from_secs(1))),
+    )
+    .await
+    .expect("schedule stored");
+    let listed = within("schedules", events.schedules())
+        .await
+        .expect("schedules");
+    assert!(
+        listed
+            .iter()
+            .any(|s| s.id == id && s.target == level_subject),
+        "the schedule targets the level-0 subject: {listed:?}"
+    );
+    let handled = seen
+        .wait_until("the prioritised firing", |s| {
+            s.iter().any(|(e, _)| e.id() == id)
+        })
+        .await;
+    assert_eq!(handled.len(), 1, "{handled:?}");
+    let stored = env.stored(&config.js_stream).await;
+    let firings: Vec<_> = stored
+        .iter()
+        .filter(|m| m.header(NATS_SCHEDULER).is_some())
+        .collect();
+    assert_eq!(firings.len(), 1, "one firing stored");
+    assert_eq!(
+        firings[0].subject, level_subject,
+        "stored on its level's subject"
+    );
+    let (level0, level1) = (
+        priority_durable(&durable, 0, 2),
+        priority_durable(&durable, 1, 2),
+    );
+    wait_settled(&env, &config, &level0).await;
+    wait_settled(&env, &config, &level1).await;
+    assert_eq!(
+        env.deliveries(&config.js_stream, &level0).await,
+        Some(1),
+        "the level-0 consumer delivered the firing once"
+    );
+    assert_eq!(
+        env.deliveries(&config.js_stream, &level1).await,
+        Some(0),
+        "the lowest level's consumer delivered nothing"
+    );
+    within("stop", listener.stop(Duration::from_secs(5))).await;
+    assert!(
+        env.stored(&config.js_dlq_stream).await.is_empty(),
+        "no dead letters"
+    );
     B::close_events(&events).await;
 }
 
