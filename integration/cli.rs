@@ -248,7 +248,10 @@ async fn stream_init_says_what_it_did() {
             ("DEADLETTER".to_string(), "created".to_string())
         ]
     );
-    assert_eq!(first[0]["subjects"], json!(["events.>"]));
+    assert_eq!(
+        first[0]["subjects"],
+        json!(["events.>", "_CE_SCHEDULE.CLOUDEVENTS.>"])
+    );
     assert_eq!(first[1]["subjects"], json!(["deadletter.CLOUDEVENTS.>"]));
     let again = cemsg_ok(&url, &["stream", "init"]).await;
     assert!(
