@@ -1887,6 +1887,12 @@ async fn s14_scheduled_events_survive_losing_the_stream_leader() {
         percentile(&after_due, 0.99)
     );
     assert!(p99 < 1_000, "s14: p99 lateness {p99} ms");
+    // The line above cannot fail when stream info names the new leader only after the
+    // firings were handled (seen ~10 s after the kill, later than every firing). This one
+    // can: measured p99 after the due second was 1.1-5.0 s (quiet and loaded machines); a
+    // failover that held firings back for long would exceed it.
+    let due_p99 = percentile(&after_due, 0.99);
+    assert!(due_p99 < 10_000, "s14: p99 lateness after due {due_p99} ms");
     wait_stream_healthy(&inspector, &config.js_stream, 3).await;
     assert_schedules_fired_and_nothing_dead("s14", &events, &inspector, "s14").await;
     events.close().await;

@@ -1,4 +1,7 @@
 //! Tests of reading, validating and connecting with a configuration.
+//! (Test code only, declared `#[cfg(test)] mod tests;`: its unwrap()/expect() calls are
+//! assertions, never a library path.)
+#![cfg(test)]
 
 use super::connect::{caused_by_tls, UrlAuth};
 use super::*;

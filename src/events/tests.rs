@@ -1,4 +1,7 @@
 //! Tests of the events module as a whole (handlers, options, the delivery engine).
+//! (Test code only, declared `#[cfg(test)] mod tests;`: its unwrap()/expect() calls are
+//! assertions, never a library path.)
+#![cfg(test)]
 
 use super::*;
 

@@ -70,7 +70,7 @@ struct Inner {
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// use ce_messaging::error::PublishErrorKind;
 /// use ce_messaging::events::EventConnection;
-/// use ce_messaging::event::new_event_auto_source;
+/// use ce_messaging::cloudevent::new_event_auto_source;
 ///
 /// let broker = ce_messaging::memory::MemoryBroker::new();
 /// let events = broker.event_connection(&ce_messaging::config::Config::default());

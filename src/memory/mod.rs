@@ -38,7 +38,7 @@
 //! use ce_messaging::memory::MemoryBroker;
 //! use ce_messaging::query::{typed_handler, QueryConnection, QueryHandlers, QueryListenOptions, TypedRequest};
 //! use ce_messaging::handler::HandlerError;
-//! use ce_messaging::event::{new_event, EventExt};
+//! use ce_messaging::cloudevent::{new_event, EventExt};
 //!
 //! let broker = MemoryBroker::new();
 //! let config = Config::default();

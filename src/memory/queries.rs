@@ -55,7 +55,7 @@ struct Inner {
 ///
 /// let broker = ce_messaging::memory::MemoryBroker::new();
 /// let queries = broker.query_connection(&ce_messaging::config::Config::default());
-/// let request = ce_messaging::event::new_event("org.example.nobody", "me", &()).unwrap();
+/// let request = ce_messaging::cloudevent::new_event("org.example.nobody", "me", &()).unwrap();
 /// let err = queries.request(request).await.unwrap_err();
 /// assert_eq!(err.kind(), RequestErrorKind::NoResponders);
 /// # }

@@ -38,7 +38,7 @@ use super::bus::subject_matches;
 /// let broker = MemoryBroker::new();
 /// let events = broker.event_connection(&Config::default());
 /// events.init_stream().await?;
-/// events.publish(ce_messaging::event::new_event("org.example.a", "me", &1)?).await?;
+/// events.publish(ce_messaging::cloudevent::new_event("org.example.a", "me", &1)?).await?;
 /// let stored = broker.stream_messages("CLOUDEVENTS")?;
 /// assert_eq!(stored[0].subject, "events.org.example.a");
 /// assert_eq!(stored[0].event()?.ty(), "org.example.a");

@@ -1,4 +1,7 @@
 //! Tests of the query module as a whole (reply reading, reply writing, serving).
+//! (Test code only, declared `#[cfg(test)] mod tests;`: its unwrap()/expect() calls are
+//! assertions, never a library path.)
+#![cfg(test)]
 
 use super::*;
 

@@ -1,4 +1,7 @@
 //! Tests of trace propagation and metrics across the backends.
+//! (Test code only, declared `#[cfg(test)] mod tests;`: its unwrap()/expect() calls are
+//! assertions, never a library path.)
+#![cfg(test)]
 
 use super::*;
 
