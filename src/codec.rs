@@ -258,31 +258,52 @@ fn needs_json_escape(b: u8) -> bool {
 }
 
 /// Appends `text` as a JSON string, escaped as serde_json escapes it (`\"`, `\\`, the short
-/// forms of `\b \t \n \f \r`, `\u00xx` for the other control characters): the runs between
-/// escapes are copied whole, and the bytes are checked eight at a time.
+/// forms of `\b \t \n \f \r`, `\u00xx` for the other control characters). A string with
+/// nothing to escape (checked eight bytes at a time) is one copy; the others are written a
+/// byte at a time.
 fn write_json_str(out: &mut Vec<u8>, text: &str) {
     let bytes = text.as_bytes();
+    if any_needs_json_escape(bytes) {
+        write_json_str_escaped(out, bytes);
+        return;
+    }
     out.reserve(bytes.len() + 2);
     out.push(b'"');
+    out.extend_from_slice(bytes);
+    out.push(b'"');
+}
+
+/// Whether any byte of `bytes` needs an escape in a JSON string: whole words of eight bytes,
+/// then the last eight bytes again (overlapping) or, for a string shorter than that, each byte.
+fn any_needs_json_escape(bytes: &[u8]) -> bool {
+    let word = |chunk: &[u8]| {
+        // Invariant: callers pass eight-byte chunks.
+        u64::from_le_bytes(chunk.try_into().unwrap_or([0; 8]))
+    };
+    let mut chunks = bytes.chunks_exact(8);
+    if (&mut chunks).any(|chunk| word_needs_json_escape(word(chunk))) {
+        return true;
+    }
+    match bytes.len() {
+        0..8 => bytes.iter().any(|&b| needs_json_escape(b)),
+        len if len % 8 == 0 => false,
+        len => word_needs_json_escape(word(&bytes[len - 8..])),
+    }
+}
+
+/// [`write_json_str`] for a string with characters to escape: the runs between escapes are
+/// copied whole.
+#[cold]
+fn write_json_str_escaped(out: &mut Vec<u8>, bytes: &[u8]) {
+    out.reserve(bytes.len() + 8);
+    out.push(b'"');
     let mut start = 0;
-    let mut i = 0;
-    while i < bytes.len() {
-        // Whole words of eight bytes that need no escape are skipped in one step.
-        if let Some(word) = bytes.get(i..i + 8) {
-            // Invariant: `get(i..i + 8)` returned eight bytes.
-            let word = u64::from_le_bytes(word.try_into().unwrap_or([0; 8]));
-            if !word_needs_json_escape(word) {
-                i += 8;
-                continue;
-            }
-        }
-        let b = bytes[i];
+    for (i, &b) in bytes.iter().enumerate() {
         if needs_json_escape(b) {
             out.extend_from_slice(&bytes[start..i]);
             push_json_escape(out, b);
             start = i + 1;
         }
-        i += 1;
     }
     out.extend_from_slice(&bytes[start..]);
     out.push(b'"');
@@ -301,7 +322,6 @@ fn word_needs_json_escape(word: u64) -> bool {
 }
 
 /// Appends the JSON escape of `b`, one of the bytes [`needs_json_escape`] names.
-#[cold]
 fn push_json_escape(out: &mut Vec<u8>, b: u8) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     match b {

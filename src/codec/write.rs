@@ -434,16 +434,7 @@ pub(super) fn encode_binary(event: &Event) -> Result<EncodedEvent, EncodeError> 
 /// eight bytes at a time.
 fn percent_encode_into(out: &mut String, value: &str) {
     let bytes = value.as_bytes();
-    let mut i = 0;
-    while let Some(word) = bytes.get(i..i + 8) {
-        // Invariant: `get(i..i + 8)` returned eight bytes.
-        let word = u64::from_le_bytes(word.try_into().unwrap_or([0; 8]));
-        if !word_is_unreserved(word) {
-            break;
-        }
-        i += 8;
-    }
-    if bytes[i..].iter().all(|&b| is_unreserved(b)) {
+    if all_unreserved(bytes) {
         out.push_str(value);
         return;
     }
@@ -457,6 +448,25 @@ fn percent_encode_into(out: &mut String, value: &str) {
             out.push(char::from(HEX[usize::from(b >> 4)]));
             out.push(char::from(HEX[usize::from(b & 0x0F)]));
         }
+    }
+}
+
+/// Whether every byte of `bytes` goes into a header value as it is: whole words of eight
+/// bytes, then the last eight bytes again (overlapping) or, for a value shorter than that,
+/// each byte.
+fn all_unreserved(bytes: &[u8]) -> bool {
+    let word = |chunk: &[u8]| {
+        // Invariant: callers pass eight-byte chunks.
+        u64::from_le_bytes(chunk.try_into().unwrap_or([0; 8]))
+    };
+    let mut chunks = bytes.chunks_exact(8);
+    if !(&mut chunks).all(|chunk| word_is_unreserved(word(chunk))) {
+        return false;
+    }
+    match bytes.len() {
+        0..8 => bytes.iter().all(|&b| is_unreserved(b)),
+        len if len % 8 == 0 => true,
+        len => word_is_unreserved(word(&bytes[len - 8..])),
     }
 }
 
@@ -577,6 +587,24 @@ mod tests {
             let mut ours = Vec::new();
             write_json_value(&mut ours, &value).unwrap();
             prop_assert_eq!(ours, serde_json::to_vec(&value).unwrap());
+        }
+
+        /// Strings of every length, mostly printable ASCII with the odd byte to escape, are
+        /// written as serde_json writes them (the word checks and the overlapping last word).
+        #[test]
+        fn json_strings_are_written_as_serde_json_writes_them(text in "[ -~\t\n\u{1}\u{7f}é]{0,40}") {
+            let mut ours = Vec::new();
+            super::super::write_json_str(&mut ours, &text);
+            prop_assert_eq!(ours, serde_json::to_vec(&text).unwrap());
+        }
+
+        /// The word checks of header values agree with the byte check, at every length.
+        #[test]
+        fn header_values_are_checked_as_byte_by_byte(text in "[ -~é]{0,40}") {
+            prop_assert_eq!(all_unreserved(text.as_bytes()), text.bytes().all(is_unreserved));
+            let mut out = String::new();
+            percent_encode_into(&mut out, &text);
+            prop_assert_eq!(out, super::super::percent_encode(&text).into_owned());
         }
 
         /// The word test agrees with the byte test on every eight bytes.
