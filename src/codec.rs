@@ -146,8 +146,12 @@ pub struct EncodedEvent {
 pub fn encode(event: &Event, mode: ContentMode) -> Result<EncodedEvent, EncodeError> {
     match mode {
         ContentMode::Structured => {
-            let json = match event.specversion() {
-                SpecVersion::V10 => write_structured_v10(event)?,
+            let payload = match event.specversion() {
+                SpecVersion::V10 => {
+                    let mut json = Vec::with_capacity(structured_capacity(event));
+                    write_structured_v10(&mut json, event)?;
+                    Bytes::from(json)
+                }
                 // Spec 0.3 (rare): the sdk's JSON event format.
                 _ => {
                     let mut json = Vec::with_capacity(STRUCTURED_CAPACITY);
@@ -156,12 +160,12 @@ pub fn encode(event: &Event, mode: ContentMode) -> Result<EncodedEvent, EncodeEr
                         None => serde_json::to_writer(&mut json, event),
                     }
                     .map_err(|e| Error::with_source(EncodeErrorKind::Serialize, e))?;
-                    json
+                    Bytes::from(json)
                 }
             };
             Ok(EncodedEvent {
                 headers: EncodedHeaders::structured(),
-                payload: Bytes::from(json),
+                payload,
             })
         }
         ContentMode::Binary => write::encode_binary(event),
@@ -175,32 +179,26 @@ pub fn encode(event: &Event, mode: ContentMode) -> Result<EncodedEvent, EncodeEr
 /// as `data`, or `data_base64` for bytes), so peers that decode with the sdk read the same
 /// event (a property test pins it). JSON text data (`Data::Binary` with a JSON content type,
 /// as [`decode`] hands it out) is written as the `data` member as it is, when it is valid JSON.
-fn write_structured_v10(event: &Event) -> Result<Vec<u8>, EncodeError> {
+fn write_structured_v10(out: &mut Vec<u8>, event: &Event) -> Result<(), EncodeError> {
     let data = event.data();
-    let data_len = match data {
-        Some(Data::Binary(bytes)) => bytes.len() * 4 / 3 + 4,
-        Some(Data::String(text)) => text.len() + 2,
-        _ => 0,
-    };
-    let mut out = Vec::with_capacity(STRUCTURED_CAPACITY + data_len);
     out.extend_from_slice(br#"{"specversion":"1.0","id":"#);
-    write_json_str(&mut out, event.id());
+    write_json_str(out, event.id());
     out.extend_from_slice(br#","type":"#);
-    write_json_str(&mut out, event.ty());
+    write_json_str(out, event.ty());
     out.extend_from_slice(br#","source":"#);
-    write_json_str(&mut out, event.source().as_str());
+    write_json_str(out, event.source().as_str());
     let content_type = event.datacontenttype();
     if let Some(ct) = content_type {
         out.extend_from_slice(br#","datacontenttype":"#);
-        write_json_str(&mut out, ct);
+        write_json_str(out, ct);
     }
     if let Some(schema) = event.dataschema() {
         out.extend_from_slice(br#","dataschema":"#);
-        write_json_str(&mut out, schema.as_str());
+        write_json_str(out, schema.as_str());
     }
     if let Some(subject) = event.subject() {
         out.extend_from_slice(br#","subject":"#);
-        write_json_str(&mut out, subject);
+        write_json_str(out, subject);
     }
     if let Some(time) = event.time() {
         out.extend_from_slice(br#","time":""#);
@@ -218,11 +216,11 @@ fn write_structured_v10(event: &Event) -> Result<Vec<u8>, EncodeError> {
         None => {}
         Some(Data::Json(value)) => {
             out.extend_from_slice(br#","data":"#);
-            write::write_json_value(&mut out, value)?;
+            write::write_json_value(out, value)?;
         }
         Some(Data::String(text)) => {
             out.extend_from_slice(br#","data":"#);
-            write_json_str(&mut out, text);
+            write_json_str(out, text);
         }
         Some(Data::Binary(bytes)) => {
             let json_text = content_type.is_some_and(is_json_content_type)
@@ -232,24 +230,35 @@ fn write_structured_v10(event: &Event) -> Result<Vec<u8>, EncodeError> {
                 out.extend_from_slice(bytes.trim_ascii());
             } else {
                 out.extend_from_slice(br#","data_base64":""#);
-                write_base64(&mut out, bytes);
+                write_base64(out, bytes);
                 out.push(b'"');
             }
         }
     }
     for (name, value) in event.iter_extensions() {
         out.push(b',');
-        write_json_str(&mut out, name);
+        write_json_str(out, name);
         out.push(b':');
         match value {
-            ExtensionValue::String(text) => write_json_str(&mut out, text),
+            ExtensionValue::String(text) => write_json_str(out, text),
             ExtensionValue::Boolean(true) => out.extend_from_slice(b"true"),
             ExtensionValue::Boolean(false) => out.extend_from_slice(b"false"),
-            ExtensionValue::Integer(i) => write_integer(&mut out, *i),
+            ExtensionValue::Integer(i) => write_integer(out, *i),
         }
     }
     out.push(b'}');
-    Ok(out)
+    Ok(())
+}
+
+/// The room a structured encode of `event` starts with: the attributes of a typical event and
+/// the data when its size is known.
+fn structured_capacity(event: &Event) -> usize {
+    STRUCTURED_CAPACITY
+        + match event.data() {
+            Some(Data::Binary(bytes)) => bytes.len() * 4 / 3 + 4,
+            Some(Data::String(text)) => text.len() + 2,
+            _ => 0,
+        }
 }
 
 /// Whether a byte must be escaped in a JSON string: `"`, `\` and the control characters.
@@ -260,7 +269,8 @@ fn needs_json_escape(b: u8) -> bool {
 /// Appends `text` as a JSON string, escaped as serde_json escapes it (`\"`, `\\`, the short
 /// forms of `\b \t \n \f \r`, `\u00xx` for the other control characters). A string with
 /// nothing to escape (checked eight bytes at a time) is one copy; the others are written a
-/// byte at a time.
+/// byte at a time. Inlined: most strings are short, and a call costs as much as their check.
+#[inline]
 fn write_json_str(out: &mut Vec<u8>, text: &str) {
     let bytes = text.as_bytes();
     if any_needs_json_escape(bytes) {

@@ -333,9 +333,27 @@ impl HeaderWriter {
         }
     }
 
+    /// Adds a known header with a static value.
+    fn push_static(&mut self, name: KnownName, value: &'static str) {
+        self.entries.push(Entry {
+            name: Name::Known(name),
+            value: Text::Static(value),
+        });
+    }
+
+    /// Adds a known header with the percent-encoded `value`.
+    fn push_known(&mut self, name: KnownName, value: &str) {
+        self.push_value(Name::Known(name), value);
+    }
+
     /// Adds `ce-<name>` with the percent-encoded `value`.
     fn push(&mut self, name: &str, value: &str) -> Result<(), EncodeError> {
         let name = self.push_name(name)?;
+        self.push_value(name, value);
+        Ok(())
+    }
+
+    fn push_value(&mut self, name: Name, value: &str) {
         let start = self.text.len();
         percent_encode_into(&mut self.text, value);
         let value = Text::Span(Span {
@@ -343,7 +361,6 @@ impl HeaderWriter {
             end: self.text.len(),
         });
         self.entries.push(Entry { name, value });
-        Ok(())
     }
 
     /// The header name for the attribute or extension `name`: a known one, or `ce-<name>`
@@ -381,30 +398,38 @@ impl HeaderWriter {
 pub(super) fn encode_binary(event: &Event) -> Result<EncodedEvent, EncodeError> {
     // Attributes, the usual few extensions, and room for their values.
     let mut headers = HeaderWriter::with_capacity(12, 192);
-    let spec = match event.specversion() {
-        SpecVersion::V03 => "0.3",
-        SpecVersion::V10 => "1.0",
-    };
-    headers.entries.push(Entry {
-        name: Name::Known(KnownName::SpecVersion),
-        value: Text::Static(spec),
-    });
-    for (name, value) in event.iter_attributes() {
-        match value {
-            AttributeValue::SpecVersion(_) => {}
-            AttributeValue::String(text) => headers.push(name, text)?,
-            AttributeValue::URIRef(text) => headers.push(name, text.as_str())?,
-            AttributeValue::URI(url) => headers.push(name, url.as_str())?,
-            AttributeValue::Time(time) => {
-                let mut buf = [0u8; TIME_CAPACITY];
-                match format_time_into(&mut buf, time, TimeSuffix::Offset)
-                    .and_then(|len| std::str::from_utf8(&buf[..len]).ok())
-                {
-                    Some(text) => headers.push(name, text)?,
-                    None => headers.push(name, &time.to_rfc3339())?,
+    match event.specversion() {
+        // The 1.0 attributes through their getters, in the sdk's order, under their known names.
+        SpecVersion::V10 => {
+            headers.push_static(KnownName::SpecVersion, "1.0");
+            headers.push_known(KnownName::Id, event.id());
+            headers.push_known(KnownName::Type, event.ty());
+            headers.push_known(KnownName::Source, event.source().as_str());
+            if let Some(ct) = event.datacontenttype() {
+                headers.push_known(KnownName::DataContentType, ct);
+            }
+            if let Some(schema) = event.dataschema() {
+                headers.push_known(KnownName::DataSchema, schema.as_str());
+            }
+            if let Some(subject) = event.subject() {
+                headers.push_known(KnownName::Subject, subject);
+            }
+            if let Some(time) = event.time() {
+                push_time(&mut headers, "time", time)?;
+            }
+        }
+        SpecVersion::V03 => {
+            headers.push_static(KnownName::SpecVersion, "0.3");
+            for (name, value) in event.iter_attributes() {
+                match value {
+                    AttributeValue::SpecVersion(_) => {}
+                    AttributeValue::String(text) => headers.push(name, text)?,
+                    AttributeValue::URIRef(text) => headers.push(name, text.as_str())?,
+                    AttributeValue::URI(url) => headers.push(name, url.as_str())?,
+                    AttributeValue::Time(time) => push_time(&mut headers, name, time)?,
+                    other => headers.push(name, &other.to_string())?,
                 }
             }
-            other => headers.push(name, &other.to_string())?,
         }
     }
     for (name, value) in event.iter_extensions() {
@@ -427,6 +452,21 @@ pub(super) fn encode_binary(event: &Event) -> Result<EncodedEvent, EncodeError> 
         headers: headers.finish(),
         payload,
     })
+}
+
+/// Adds the `time` attribute `name` as chrono's `to_rfc3339` writes it (the sdk's form).
+fn push_time(
+    headers: &mut HeaderWriter,
+    name: &str,
+    time: &chrono::DateTime<chrono::Utc>,
+) -> Result<(), EncodeError> {
+    let mut buf = [0u8; TIME_CAPACITY];
+    match format_time_into(&mut buf, time, TimeSuffix::Offset)
+        .and_then(|len| std::str::from_utf8(&buf[..len]).ok())
+    {
+        Some(text) => headers.push(name, text),
+        None => headers.push(name, &time.to_rfc3339()),
+    }
 }
 
 /// Appends `value` percent-encoded per the contract (space, `"`, `%` and every byte outside
