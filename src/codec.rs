@@ -444,18 +444,18 @@ fn format_time_into(
         return None;
     }
     let seconds = clock.num_seconds_from_midnight();
-    // Two digits of `value` (0-99) at `at`: ASCII digits.
-    let mut two = |at: usize, value: u32| {
+    /// Two digits of `value` (0-99) at `at`: ASCII digits.
+    fn two(buf: &mut [u8; TIME_CAPACITY], at: usize, value: u32) {
         buf[at] = b'0' + (value / 10) as u8;
         buf[at + 1] = b'0' + (value % 10) as u8;
-    };
-    two(0, year / 100);
-    two(2, year % 100);
-    two(5, date.month());
-    two(8, date.day());
-    two(11, seconds / 3600);
-    two(14, seconds / 60 % 60);
-    two(17, seconds % 60);
+    }
+    two(buf, 0, year / 100);
+    two(buf, 2, year % 100);
+    two(buf, 5, date.month());
+    two(buf, 8, date.day());
+    two(buf, 11, seconds / 3600);
+    two(buf, 14, seconds / 60 % 60);
+    two(buf, 17, seconds % 60);
     buf[4] = b'-';
     buf[7] = b'-';
     buf[10] = b'T';
@@ -463,7 +463,7 @@ fn format_time_into(
     buf[16] = b':';
     let mut len = 19;
     if nanos != 0 {
-        let (mut fraction, digits) = if nanos % 1_000_000 == 0 {
+        let (mut fraction, digits): (u32, usize) = if nanos % 1_000_000 == 0 {
             (nanos / 1_000_000, 3)
         } else if nanos % 1_000 == 0 {
             (nanos / 1_000, 6)
@@ -471,19 +471,29 @@ fn format_time_into(
             (nanos, 9)
         };
         buf[19] = b'.';
-        for at in (20..20 + digits).rev() {
-            // `fraction % 10` is 0-9: an ASCII digit.
-            buf[at] = b'0' + (fraction % 10) as u8;
-            fraction /= 10;
-        }
         len = 20 + digits;
+        // Two digits at a step from the end, then the first one when `digits` is odd.
+        let mut at = len;
+        while at >= 22 {
+            at -= 2;
+            two(buf, at, fraction % 100);
+            fraction /= 100;
+        }
+        if at == 21 {
+            // `fraction` is now one digit, 0-9.
+            buf[20] = b'0' + fraction as u8;
+        }
     }
-    let suffix: &[u8] = match suffix {
-        TimeSuffix::Offset => b"+00:00",
-        TimeSuffix::Z => b"Z",
-    };
-    buf[len..len + suffix.len()].copy_from_slice(suffix);
-    Some(len + suffix.len())
+    match suffix {
+        TimeSuffix::Offset => {
+            buf[len..len + 6].copy_from_slice(b"+00:00");
+            Some(len + 6)
+        }
+        TimeSuffix::Z => {
+            buf[len] = b'Z';
+            Some(len + 1)
+        }
+    }
 }
 
 /// `time` exactly as chrono's `to_rfc3339` writes it (the sdk's form: `+00:00`, and 0, 3, 6

@@ -530,20 +530,6 @@ fn word_is_unreserved(word: u64) -> bool {
 /// without serde's serializer calls.
 pub(super) fn write_json_value(out: &mut Vec<u8>, value: &Value) -> Result<(), EncodeError> {
     match value {
-        Value::Null => out.extend_from_slice(b"null"),
-        Value::Bool(true) => out.extend_from_slice(b"true"),
-        Value::Bool(false) => out.extend_from_slice(b"false"),
-        Value::Number(number) => {
-            if let Some(n) = number.as_u64() {
-                write_u64(out, n);
-            } else if let Some(n) = number.as_i64() {
-                write_integer(out, n);
-            } else {
-                serde_json::to_writer(&mut *out, number)
-                    .map_err(|e| Error::with_source(EncodeErrorKind::Serialize, e))?;
-            }
-        }
-        Value::String(text) => write_json_str(out, text),
         Value::Array(items) => {
             out.push(b'[');
             let mut first = true;
@@ -552,7 +538,7 @@ pub(super) fn write_json_value(out: &mut Vec<u8>, value: &Value) -> Result<(), E
                     out.push(b',');
                 }
                 first = false;
-                write_json_value(out, item)?;
+                write_json_member(out, item)?;
             }
             out.push(b']');
         }
@@ -566,10 +552,35 @@ pub(super) fn write_json_value(out: &mut Vec<u8>, value: &Value) -> Result<(), E
                 first = false;
                 write_json_str(out, name);
                 out.push(b':');
-                write_json_value(out, member)?;
+                write_json_member(out, member)?;
             }
             out.push(b'}');
         }
+        leaf => write_json_member(out, leaf)?,
+    }
+    Ok(())
+}
+
+/// [`write_json_value`] for a member or element: strings, numbers, booleans and null written
+/// here without a call, arrays and objects through [`write_json_value`].
+#[inline(always)]
+fn write_json_member(out: &mut Vec<u8>, value: &Value) -> Result<(), EncodeError> {
+    match value {
+        Value::String(text) => write_json_str(out, text),
+        Value::Number(number) => {
+            if let Some(n) = number.as_u64() {
+                write_u64(out, n);
+            } else if let Some(n) = number.as_i64() {
+                write_integer(out, n);
+            } else {
+                serde_json::to_writer(&mut *out, number)
+                    .map_err(|e| Error::with_source(EncodeErrorKind::Serialize, e))?;
+            }
+        }
+        Value::Bool(true) => out.extend_from_slice(b"true"),
+        Value::Bool(false) => out.extend_from_slice(b"false"),
+        Value::Null => out.extend_from_slice(b"null"),
+        Value::Array(_) | Value::Object(_) => write_json_value(out, value)?,
     }
     Ok(())
 }
