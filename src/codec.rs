@@ -5,6 +5,9 @@
 //! strings escaped in runs, `time` formatted once into a stack buffer): the same members and
 //! values as the sdk's serde serializer, byte for byte (a property test pins it, and that the
 //! sdk's decoder reads it back); binary mode writes the `ce-*` headers from the borrowed event.
+//! The headers come out as [`EncodedHeaders`], a compact form (static names, values in one
+//! string) that becomes async-nats' [`HeaderMap`] where a message is sent, and `serde_json::Value`
+//! data is written directly, byte for byte as serde_json writes it.
 //! Spec 0.3 goes through the sdk's serde serializer. [`decode`] is on every message's path, so
 //! for spec 1.0 it reads the JSON event in one pass (serde_json, borrowed keys and strings,
 //! `data` kept as its raw JSON text) or the `ce-*` headers (one pass) and builds the event with
@@ -31,7 +34,8 @@
 //! let event = new_event("org.example.thing.created", "svc", &serde_json::json!({"n": 1}))?;
 //! for mode in [ContentMode::Structured, ContentMode::Binary] {
 //!     let msg = encode(&event, mode)?;
-//!     let back = decode(Some(&msg.headers), &msg.payload)?;
+//!     // Headers go out (and come back) as async-nats' `HeaderMap`.
+//!     let back = decode(Some(&msg.headers.to_header_map()), &msg.payload)?;
 //!     assert_eq!(back.id(), event.id());
 //!     assert_eq!(back.data(), Some(&Data::Binary(br#"{"n":1}"#.to_vec())));
 //!     assert_eq!(
@@ -291,7 +295,7 @@ fn any_needs_json_escape(bytes: &[u8]) -> bool {
         u64::from_le_bytes(chunk.try_into().unwrap_or([0; 8]))
     };
     let mut chunks = bytes.chunks_exact(8);
-    if (&mut chunks).any(|chunk| word_needs_json_escape(word(chunk))) {
+    if chunks.any(|chunk| word_needs_json_escape(word(chunk))) {
         return true;
     }
     match bytes.len() {

@@ -500,7 +500,7 @@ fn all_unreserved(bytes: &[u8]) -> bool {
         u64::from_le_bytes(chunk.try_into().unwrap_or([0; 8]))
     };
     let mut chunks = bytes.chunks_exact(8);
-    if !(&mut chunks).all(|chunk| word_is_unreserved(word(chunk))) {
+    if !chunks.all(|chunk| word_is_unreserved(word(chunk))) {
         return false;
     }
     match bytes.len() {
