@@ -21,10 +21,11 @@ use crate::error::{EncodeError, EncodeErrorKind, Error};
 /// The headers of an encoded event: what [`encode`](super::encode) puts beside the payload.
 ///
 /// Held in a compact form (names this library knows are static, values share one string), so
-/// encoding allocates once for all headers instead of a map entry, a `Vec` and a `String` per
-/// header as async-nats' [`HeaderMap`] does. Convert it with [`to_header_map`](Self::to_header_map)
-/// or `HeaderMap::from` where a NATS message is built; read it with [`get`](Self::get) and
-/// [`iter`](Self::iter). Names and values are as they go on the wire (binary-mode values
+/// encoding allocates twice for all headers (not at all in structured mode) instead of a hash
+/// table, and a `Vec` and a `String` per header, as async-nats' [`HeaderMap`] does. Convert it
+/// with [`to_header_map`](Self::to_header_map) or `HeaderMap::from` where a NATS message is
+/// built (that conversion costs what building the map costs); read it with [`get`](Self::get)
+/// and [`iter`](Self::iter). Names and values are as they go on the wire (binary-mode values
 /// percent-encoded).
 ///
 /// Equality does not depend on the order of the headers.
