@@ -24,6 +24,8 @@
 //!   `from_slice`), the hand-written peer's codec, for reference;
 //! - `encode-structured`, `encode-binary`, `decode-structured`, `decode-binary`: this crate's
 //!   codec (`decode` includes dropping the event);
+//! - `encode-structured-sent`, `encode-binary-sent`: `encode` and the headers converted to
+//!   async-nats' `HeaderMap`, as the library sends them (async-nats takes no other form);
 //! - `new-event`: `new_event` with the bench's data, dropped;
 //! - `data-as`: a decoded event's `data_as` into the data's own struct;
 //! - `query-memory` / `query-nats`: one sequential query round trip (requester and listener in
@@ -73,6 +75,16 @@ const OPS: &[Op] = &[
     },
     Op {
         name: "encode-binary",
+        n: 2000,
+        server: false,
+    },
+    Op {
+        name: "encode-structured-sent",
+        n: 2000,
+        server: false,
+    },
+    Op {
+        name: "encode-binary-sent",
         n: 2000,
         server: false,
     },
@@ -433,6 +445,19 @@ fn run(op: &str, n: u64) -> ExitCode {
                 black_box(encode(black_box(&event), mode).ok());
             })
         }
+        "encode-structured-sent" | "encode-binary-sent" => {
+            let event = bench_event();
+            let mode = if op == "encode-binary-sent" {
+                ContentMode::Binary
+            } else {
+                ContentMode::Structured
+            };
+            repeat(total, || {
+                let sent = encode(black_box(&event), mode)
+                    .map(|msg| (async_nats::HeaderMap::from(msg.headers), msg.payload));
+                black_box(sent.ok());
+            })
+        }
         "decode-structured" | "decode-binary" => {
             let mode = if op == "decode-binary" {
                 ContentMode::Binary
@@ -440,8 +465,9 @@ fn run(op: &str, n: u64) -> ExitCode {
                 ContentMode::Structured
             };
             let msg = encode(&bench_event(), mode).expect("encode");
+            let headers = msg.headers.to_header_map();
             repeat(total, || {
-                black_box(decode(Some(&msg.headers), black_box(&msg.payload)).ok());
+                black_box(decode(Some(&headers), black_box(&msg.payload)).ok());
             })
         }
         "new-event" => repeat(total, || {
@@ -449,7 +475,7 @@ fn run(op: &str, n: u64) -> ExitCode {
         }),
         "data-as" => {
             let msg = encode(&bench_event(), ContentMode::Binary).expect("encode");
-            let event = decode(Some(&msg.headers), &msg.payload).expect("decode");
+            let event = decode(Some(&msg.headers.to_header_map()), &msg.payload).expect("decode");
             repeat(total, || {
                 black_box(black_box(&event).data_as::<Workspace<String>>().ok());
             })
@@ -560,6 +586,7 @@ async fn run_async(op: &str, total: u64) -> Result<(), String> {
             use futures::StreamExt;
             let encoded =
                 encode(&query_request(), ContentMode::Structured).map_err(|e| err("encode")(&e))?;
+            let headers = encoded.headers.to_header_map();
             let responder = async_nats::connect(&config.nats_url)
                 .await
                 .map_err(|e| err("connect")(&e))?;
@@ -587,7 +614,7 @@ async fn run_async(op: &str, total: u64) -> Result<(), String> {
                 let reply = client
                     .request_with_headers(
                         RAW_QUERY_SUBJECT,
-                        encoded.headers.clone(),
+                        headers.clone(),
                         encoded.payload.clone(),
                     )
                     .await
@@ -630,6 +657,7 @@ async fn run_async(op: &str, total: u64) -> Result<(), String> {
             events.init_stream().await.map_err(|e| err("stream")(&e))?;
             let encoded =
                 encode(&bench_event(), ContentMode::Structured).map_err(|e| err("encode")(&e))?;
+            let headers = encoded.headers.to_header_map();
             let client = async_nats::connect(&config.nats_url)
                 .await
                 .map_err(|e| err("connect")(&e))?;
@@ -637,11 +665,7 @@ async fn run_async(op: &str, total: u64) -> Result<(), String> {
             let subject = format!("{}.{EVENT_TYPE}", config.js_subject_prefix);
             for _ in 0..total {
                 let ack = js
-                    .publish_with_headers(
-                        subject.clone(),
-                        encoded.headers.clone(),
-                        encoded.payload.clone(),
-                    )
+                    .publish_with_headers(subject.clone(), headers.clone(), encoded.payload.clone())
                     .await
                     .map_err(|e| err("raw publish")(&e))?
                     .await

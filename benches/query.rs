@@ -190,7 +190,8 @@ fn codec_cost(request: &Event) -> Duration {
     for _ in 0..rounds {
         for event in [request, &reply] {
             let encoded = codec::encode(event, ContentMode::Structured).expect("encode");
-            let decoded = codec::decode(Some(&encoded.headers), &encoded.payload).expect("decode");
+            let headers = encoded.headers.to_header_map();
+            let decoded = codec::decode(Some(&headers), &encoded.payload).expect("decode");
             std::hint::black_box(decoded);
         }
     }
@@ -287,7 +288,7 @@ async fn main() {
 
     let raw_one = {
         let client = raw_client.clone();
-        let headers = encoded.headers.clone();
+        let headers = encoded.headers.to_header_map();
         let payload = encoded.payload.clone();
         move || {
             let client = client.clone();

@@ -220,7 +220,7 @@ async fn round_trip(mode: ContentMode) {
     let encoded = codec::encode(&request, mode).expect("encode");
     let raw_reply = within(
         "raw request",
-        raw.request_with_headers("test.echo", encoded.headers, encoded.payload),
+        raw.request_with_headers("test.echo", encoded.headers.into(), encoded.payload),
     )
     .await
     .expect("raw reply");
@@ -1373,7 +1373,7 @@ async fn raw_request(
 ) -> async_nats::Message {
     let encoded = codec::encode(event, mode).expect("encode");
     let request = async_nats::Request::new()
-        .headers(encoded.headers)
+        .headers(encoded.headers.into())
         .payload(encoded.payload)
         .timeout(Some(WAIT));
     within(

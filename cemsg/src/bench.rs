@@ -192,7 +192,7 @@ impl HandCodec {
                 .map(|payload| (None, Bytes::from(payload)))
                 .map_err(err("hand-written encode")),
             HandCodec::Library => codec::encode(event, ContentMode::Structured)
-                .map(|encoded| (Some(encoded.headers), encoded.payload))
+                .map(|encoded| (Some(encoded.headers.into()), encoded.payload))
                 .map_err(err("hand-written encode")),
         }
     }
@@ -731,7 +731,7 @@ async fn query_scenarios(
     for client in [&raw_server, &hand_server] {
         client.flush().await.map_err(err("flush"))?;
     }
-    let (headers, payload) = (encoded.headers.clone(), encoded.payload.clone());
+    let (headers, payload) = (encoded.headers.to_header_map(), encoded.payload.clone());
     let raw_one = || {
         let (client, headers, payload) = (&raw_client, headers.clone(), payload.clone());
         async move {
@@ -868,7 +868,7 @@ type RawMessage = (String, async_nats::HeaderMap, Bytes);
 /// What the library sends for `event`, for the raw side: our encoding, same `Nats-Msg-Id`.
 fn raw_message(event: &Event) -> Result<RawMessage, Failure> {
     let encoded = codec::encode(event, ContentMode::Structured).map_err(err("encode"))?;
-    let mut headers = encoded.headers;
+    let mut headers = async_nats::HeaderMap::from(encoded.headers);
     headers.insert("Nats-Msg-Id", event.id());
     Ok((format!("{PREFIX}.{EVENT_TYPE}"), headers, encoded.payload))
 }
@@ -1508,8 +1508,8 @@ fn codec_scenario(args: &BenchArgs, sides: &Sides) -> Result<Vec<Row>, Failure> 
     let binary = codec::encode(&event, ContentMode::Binary).map_err(err("encode"))?;
     let sdk_json = Bytes::from(serde_json::to_vec(&event).map_err(err("sdk serialize"))?);
     for (name, encoded) in [("structured", &structured), ("binary", &binary)] {
-        let mut back =
-            codec::decode(Some(&encoded.headers), &encoded.payload).map_err(err("decode"))?;
+        let mut back = codec::decode(Some(&encoded.headers.to_header_map()), &encoded.payload)
+            .map_err(err("decode"))?;
         // JSON data decodes as its JSON text (read with data_as): compare it as JSON.
         if let Ok(value) = ce_messaging::event::EventExt::data_as::<serde_json::Value>(&back) {
             back.set_data_unchecked(value);
@@ -1521,6 +1521,11 @@ fn codec_scenario(args: &BenchArgs, sides: &Sides) -> Result<Vec<Row>, Failure> 
             ));
         }
     }
+    // The decode cases read headers as async-nats hands them over.
+    let (structured_headers, binary_headers) = (
+        structured.headers.to_header_map(),
+        binary.headers.to_header_map(),
+    );
     let mut cases = [
         Case::new(|| {
             black_box(serde_json::to_vec(black_box(&event)).ok());
@@ -1536,11 +1541,11 @@ fn codec_scenario(args: &BenchArgs, sides: &Sides) -> Result<Vec<Row>, Failure> 
         }),
         Case::new(|| {
             black_box(
-                codec::decode(Some(&structured.headers), black_box(&structured.payload)).ok(),
+                codec::decode(Some(&structured_headers), black_box(&structured.payload)).ok(),
             );
         }),
         Case::new(|| {
-            black_box(codec::decode(Some(&binary.headers), black_box(&binary.payload)).ok());
+            black_box(codec::decode(Some(&binary_headers), black_box(&binary.payload)).ok());
         }),
     ];
     for case in cases.iter_mut() {

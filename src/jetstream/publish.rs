@@ -164,7 +164,7 @@ impl SubjectCache {
 fn encode(mode: ContentMode, event: &Event) -> Result<(HeaderMap, Bytes), Error<PublishErrorKind>> {
     let encoded =
         codec::encode(event, mode).map_err(|e| e.map_kind(|_| PublishErrorKind::Encode))?;
-    let mut headers = encoded.headers;
+    let mut headers = HeaderMap::from(encoded.headers);
     let msg_id: async_nats::HeaderValue = event.id().parse().map_err(|_| {
         Error::with_detail(
             PublishErrorKind::Encode,

@@ -319,7 +319,7 @@ impl MemoryEvents {
                 return Err(PublishError::from_error(err, Some(event)));
             }
         };
-        let mut headers = encoded.headers;
+        let mut headers = HeaderMap::from(encoded.headers);
         let msg_id: async_nats::HeaderValue = match event.id().parse() {
             Ok(value) => value,
             Err(_) => {

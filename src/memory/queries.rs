@@ -161,16 +161,17 @@ impl MemoryQueries {
         }
         prepare_request(&mut request, &self.inner.client_id)?;
         let subject = request.ty().to_owned();
-        let mut encoded = codec::encode(&request, self.inner.mode)
+        let encoded = codec::encode(&request, self.inner.mode)
             .map_err(|e| e.map_kind(|_| RequestErrorKind::Encode))?;
-        set_request_timeout(&mut encoded.headers, timeout);
+        let mut headers = HeaderMap::from(encoded.headers);
+        set_request_timeout(&mut headers, timeout);
         self.inner
             .broker
-            .check_size(&encoded.headers, &encoded.payload)
+            .check_size(&headers, &encoded.payload)
             .map_err(|detail| Error::with_detail(RequestErrorKind::Encode, detail))?;
         Ok(Prepared {
             subject,
-            headers: encoded.headers,
+            headers,
             payload: encoded.payload,
         })
     }
@@ -488,7 +489,7 @@ mod tests {
         let encoded =
             codec::encode(&new_event(&op, "c", &1u64).unwrap(), ContentMode::Binary).unwrap();
         let (headers, payload) = broker
-            .request_raw(&op, encoded.headers, encoded.payload, WAIT)
+            .request_raw(&op, encoded.headers.into(), encoded.payload, WAIT)
             .await
             .unwrap();
         assert_eq!(content_mode_of(Some(&headers)), ContentMode::Binary);

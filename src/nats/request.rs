@@ -37,11 +37,12 @@ struct Outgoing {
 fn prepare(inner: &Inner, mut request: Event, timeout: Duration) -> Result<Outgoing, RequestError> {
     prepare_request(&mut request, &inner.source)?;
     let subject = request.ty().to_owned();
-    let mut encoded = codec::encode(&request, inner.mode)
+    let encoded = codec::encode(&request, inner.mode)
         .map_err(|e| e.map_kind(|_| RequestErrorKind::Encode))?;
-    set_request_timeout(&mut encoded.headers, timeout);
+    let mut headers = HeaderMap::from(encoded.headers);
+    set_request_timeout(&mut headers, timeout);
     let max = inner.client.max_payload();
-    let size = encoded.payload.len() + header_size(&encoded.headers);
+    let size = encoded.payload.len() + header_size(&headers);
     if max > 0 && size > max {
         return Err(Error::with_detail(
             RequestErrorKind::Encode,
@@ -50,7 +51,7 @@ fn prepare(inner: &Inner, mut request: Event, timeout: Duration) -> Result<Outgo
     }
     Ok(Outgoing {
         subject,
-        headers: encoded.headers,
+        headers,
         payload: encoded.payload,
     })
 }

@@ -197,19 +197,16 @@ impl ReplyWriter {
         );
         telemetry::record_trace(&span, trace.as_ref());
         let _entered = span.enter();
-        let mut encoded = codec::encode(&event, self.inner.mode)
+        let encoded = codec::encode(&event, self.inner.mode)
             .map_err(|e| e.map_kind(|_| ReplyErrorKind::Encode))?;
+        let mut headers = HeaderMap::from(encoded.headers);
         if let Some((index, total)) = position {
-            encoded
-                .headers
-                .insert(REPLY_STREAM_INDEX, index.to_string().as_str());
-            encoded
-                .headers
-                .insert(REPLY_STREAM_TOTAL, total.to_string().as_str());
+            headers.insert(REPLY_STREAM_INDEX, index.to_string().as_str());
+            headers.insert(REPLY_STREAM_TOTAL, total.to_string().as_str());
         }
         drop(_entered);
         Ok(EncodedReply {
-            headers: encoded.headers,
+            headers,
             payload: encoded.payload,
             span,
         })
@@ -492,7 +489,7 @@ pub(super) async fn send_error_reply(
         telemetry::outgoing(&mut e, false);
         codec::encode(&e, mode)
     }) {
-        Ok(Ok(encoded)) => (encoded.headers, encoded.payload),
+        Ok(Ok(encoded)) => (HeaderMap::from(encoded.headers), encoded.payload),
         _ => (HeaderMap::new(), Bytes::new()),
     };
     headers.insert(SERVICE_ERROR, text_value(text));

@@ -164,7 +164,7 @@ fn a_request_whose_deadline_passed_is_dropped_unanswered_and_counted() {
             .unwrap();
             let request = |ms: &str| {
                 let target = Arc::new(Recorded(Mutex::new(Vec::new())));
-                let mut headers = encoded.headers.clone();
+                let mut headers = encoded.headers.to_header_map();
                 headers.insert(REQUEST_TIMEOUT_MS, ms);
                 let request = RawRequest::received(
                     "t.op".into(),

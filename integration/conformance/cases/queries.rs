@@ -938,7 +938,7 @@ pub async fn request_type_must_match_its_subject<B: QueryBackend>() {
         let encoded = ce_messaging::codec::encode(&sneaky, mode).expect("encode");
         let (headers, _) = within(
             "error reply",
-            env.request_raw(&public, encoded.headers, encoded.payload, WAIT),
+            env.request_raw(&public, encoded.headers.into(), encoded.payload, WAIT),
         )
         .await;
         let header = |name: &str| headers.get(name).map(|v| v.as_str().to_owned());
@@ -971,7 +971,7 @@ pub async fn wildcard_listener_dispatches_by_type<B: QueryBackend>() {
         "reply",
         env.request_raw(
             &format!("{prefix}.public"),
-            encoded.headers,
+            encoded.headers.into(),
             encoded.payload,
             WAIT,
         ),
