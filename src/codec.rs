@@ -56,7 +56,6 @@ use crate::error::{DecodeError, DecodeErrorKind, EncodeError, EncodeErrorKind, E
 /// NATS message headers, as used by the codec.
 pub use async_nats::HeaderMap;
 use async_nats::{HeaderName, HeaderValue};
-use serde_json::value::RawValue;
 
 /// The `Content-Type` of a structured-mode message.
 pub const STRUCTURED_CONTENT_TYPE: &str = "application/cloudevents+json";
@@ -607,7 +606,7 @@ pub fn decode(headers: Option<&HeaderMap>, payload: &Bytes) -> Result<Event, Dec
         parts?.into_event()
     } else {
         // Structured, with or without a CloudEvents Content-Type (sdk-go sends none).
-        let parsed = JsonEvent::parse(payload).map_err(|e| {
+        let parsed = scan::parse(payload).map_err(|e| {
             if e.kind() == DecodeErrorKind::NotJson && !message.has_structured_content_type() {
                 e.map_kind(|_| DecodeErrorKind::NotCloudEvent)
             } else {
@@ -623,6 +622,9 @@ pub fn decode(headers: Option<&HeaderMap>, payload: &Bytes) -> Result<Event, Dec
         }
     }
 }
+
+/// The one-pass reader of structured-mode payloads.
+mod scan;
 
 /// Checks what the CloudEvents spec requires of a received event beyond its shape, the same
 /// for every content mode and spec version: `id`, `type` and `source` are not empty, nor is
@@ -902,8 +904,8 @@ impl<'a> NatsMessage<'a> {
 enum PartsData<'a> {
     /// Binary mode: the payload.
     Bytes(&'a Bytes),
-    /// Structured mode: the JSON text of the `data` member (validated, not parsed).
-    Json(&'a RawValue),
+    /// Structured mode: the JSON text of the `data` member (checked, not parsed).
+    Json(&'a str),
 }
 
 /// An event's attributes, extensions and data as read from the wire, borrowed where possible;
@@ -962,19 +964,21 @@ impl<'a> EventParts<'a> {
         let data = match data {
             None => return check_event(&event).map(|()| event),
             // Decode only once: the handler parses the JSON text straight into its own type.
-            Some(PartsData::Json(raw)) if is_json => Data::Binary(raw.get().as_bytes().to_vec()),
+            Some(PartsData::Json(text)) if is_json => Data::Binary(text.as_bytes().to_vec()),
             // The JSON event format without `datacontenttype`: the data is JSON, but an event
             // whose data is bytes without a JSON content type would be re-sent as
             // `data_base64`, so it is parsed (the sdk's decoder does the same).
-            Some(PartsData::Json(raw)) if !has_content_type => Data::Json(
-                serde_json::from_str(raw.get())
+            Some(PartsData::Json(text)) if !has_content_type => Data::Json(
+                serde_json::from_str(text)
                     .map_err(|e| Error::with_source(DecodeErrorKind::NotJson, e))?,
             ),
-            Some(PartsData::Json(raw)) => match serde_json::from_str::<JsonStr<'_>>(raw.get()) {
-                Ok(text) => Data::String(text.0.into_owned()),
-                Err(e) => {
-                    return Err(Error::with_source(DecodeErrorKind::InvalidAttribute, e)
-                        .detail("`data` of a non-JSON content type must be a JSON string"))
+            Some(PartsData::Json(text)) => match scan::json_string(text) {
+                Some(text) => Data::String(text.into_owned()),
+                None => {
+                    return Err(Error::with_detail(
+                        DecodeErrorKind::InvalidAttribute,
+                        "`data` of a non-JSON content type must be a JSON string",
+                    ))
                 }
             },
             Some(PartsData::Bytes(bytes)) if is_text && !is_json => {
@@ -1106,219 +1110,6 @@ impl BinaryDeserializer for EventParts<'_> {
             }
         }
         serializer.end()
-    }
-}
-
-/// A JSON string, borrowed from the input when it has no escapes.
-#[derive(serde::Deserialize)]
-struct JsonStr<'a>(#[serde(borrow)] Cow<'a, str>);
-
-/// A member value of a JSON event, read in the single pass over the payload: strings are
-/// borrowed when they have no escapes; what cannot be an attribute or extension value is
-/// skipped over and remembered as `Other`.
-enum Member<'a> {
-    Null,
-    Str(Cow<'a, str>),
-    Bool(bool),
-    Int(i64),
-    /// A fraction, an integer beyond `i64`, an array or an object.
-    Other,
-}
-
-impl<'de> serde::Deserialize<'de> for Member<'de> {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct Visitor;
-        impl<'de> serde::de::Visitor<'de> for Visitor {
-            type Value = Member<'de>;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a JSON value")
-            }
-            fn visit_unit<E>(self) -> Result<Self::Value, E> {
-                Ok(Member::Null)
-            }
-            fn visit_bool<E>(self, v: bool) -> Result<Self::Value, E> {
-                Ok(Member::Bool(v))
-            }
-            fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
-                Ok(Member::Int(v))
-            }
-            fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
-                Ok(i64::try_from(v).map_or(Member::Other, Member::Int))
-            }
-            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
-                Ok(Member::Other)
-            }
-            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
-                Ok(Member::Str(Cow::Borrowed(v)))
-            }
-            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
-                Ok(Member::Str(Cow::Owned(v.to_owned())))
-            }
-            fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
-                Ok(Member::Str(Cow::Owned(v)))
-            }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(
-                self,
-                mut seq: A,
-            ) -> Result<Self::Value, A::Error> {
-                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
-                Ok(Member::Other)
-            }
-            fn visit_map<A: serde::de::MapAccess<'de>>(
-                self,
-                mut map: A,
-            ) -> Result<Self::Value, A::Error> {
-                while map
-                    .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
-                    .is_some()
-                {}
-                Ok(Member::Other)
-            }
-        }
-        deserializer.deserialize_any(Visitor)
-    }
-}
-
-impl<'a> Member<'a> {
-    /// An attribute's value, which the JSON format requires to be a string.
-    fn into_string(self, name: &str) -> Result<Cow<'a, str>, DecodeError> {
-        match self {
-            Member::Str(text) => Ok(text),
-            _ => Err(Error::with_detail(
-                DecodeErrorKind::InvalidAttribute,
-                format!("`{name}` is not a string"),
-            )),
-        }
-    }
-
-    /// An extension's value: a string, a boolean or an integer.
-    fn into_extension(self, name: &str) -> Result<ExtensionValue, DecodeError> {
-        match self {
-            Member::Str(text) => Ok(ExtensionValue::String(text.into_owned())),
-            Member::Bool(b) => Ok(ExtensionValue::Boolean(b)),
-            Member::Int(i) => Ok(ExtensionValue::Integer(i)),
-            Member::Null | Member::Other => Err(Error::with_detail(
-                DecodeErrorKind::InvalidAttribute,
-                format!("extension `{name}` is not a string, boolean or integer"),
-            )),
-        }
-    }
-}
-
-/// A JSON event's members as read in one pass (a repeated member counts once, with its last
-/// value, as the sdk's decoder reads it); checked and typed by [`JsonEvent::into_parts`].
-#[derive(Default)]
-struct JsonEvent<'a> {
-    specversion: Option<Member<'a>>,
-    attributes: [Option<Member<'a>>; V10_ATTRIBUTES.len()],
-    datacontenttype: Option<Member<'a>>,
-    data: Option<&'a RawValue>,
-    data_base64: Option<Member<'a>>,
-    extensions: Vec<(Cow<'a, str>, Member<'a>)>,
-}
-
-/// Reads a JSON event into a [`JsonEvent`] in place (no moves of the large value through
-/// serde's return paths).
-impl<'de> serde::de::DeserializeSeed<'de> for &mut JsonEvent<'de> {
-    type Value = ();
-
-    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
-        struct Visitor<'e, 'de>(&'e mut JsonEvent<'de>);
-        impl<'de> serde::de::Visitor<'de> for Visitor<'_, 'de> {
-            type Value = ();
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a JSON object")
-            }
-            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-                let event = self.0;
-                while let Some(JsonStr(key)) = map.next_key::<JsonStr<'de>>()? {
-                    match key.as_ref() {
-                        "data" => event.data = Some(map.next_value()?),
-                        "data_base64" => event.data_base64 = Some(map.next_value()?),
-                        name => match Slot::of(name) {
-                            Slot::SpecVersion => event.specversion = Some(map.next_value()?),
-                            Slot::DataContentType => {
-                                event.datacontenttype = Some(map.next_value()?)
-                            }
-                            Slot::Attribute(i) => event.attributes[i] = Some(map.next_value()?),
-                            Slot::Extension => {
-                                let value = map.next_value()?;
-                                match event.extensions.iter_mut().find(|(n, _)| *n == key) {
-                                    Some(slot) => slot.1 = value,
-                                    None => event.extensions.push((key, value)),
-                                }
-                            }
-                        },
-                    }
-                }
-                Ok(())
-            }
-        }
-        deserializer.deserialize_map(Visitor(self))
-    }
-}
-
-impl<'a> JsonEvent<'a> {
-    /// Checks the members and hands them on as [`EventParts`]; `Ok(None)` for shapes left to
-    /// the sdk's decoder (spec 0.3, `data_base64`). `null` members are absent, as in the sdk.
-    fn into_parts(self) -> Result<Option<EventParts<'a>>, DecodeError> {
-        let present = |member: Option<Member<'a>>| member.filter(|m| !matches!(m, Member::Null));
-        if present(self.data_base64).is_some() {
-            return Ok(None);
-        }
-        let mut parts = EventParts::default();
-        if let Some(version) = present(self.specversion) {
-            let version = version.into_string("specversion")?;
-            if version != "1.0" {
-                if version == "0.3" {
-                    return Ok(None);
-                }
-                return Err(Error::with_detail(
-                    DecodeErrorKind::UnknownSpecVersion,
-                    format!("`{version}`"),
-                ));
-            }
-            parts.specversion = Some(version);
-        }
-        for ((slot, member), name) in parts
-            .attributes
-            .iter_mut()
-            .zip(self.attributes)
-            .zip(V10_ATTRIBUTES)
-        {
-            if let Some(member) = present(member) {
-                *slot = Some(member.into_string(name)?);
-            }
-        }
-        if let Some(ct) = present(self.datacontenttype) {
-            parts.datacontenttype = Some(ct.into_string("datacontenttype")?);
-        }
-        parts.extensions.reserve_exact(self.extensions.len());
-        for (name, member) in self.extensions {
-            if !matches!(member, Member::Null) {
-                let value = member.into_extension(&name)?;
-                parts.extensions.push((name, value));
-            }
-        }
-        parts.data = self
-            .data
-            .filter(|raw| raw.get() != "null")
-            .map(PartsData::Json);
-        Ok(Some(parts))
-    }
-
-    /// Reads a structured-mode payload (see [`JsonEvent::into_parts`]).
-    fn parse(payload: &'a Bytes) -> Result<Option<EventParts<'a>>, DecodeError> {
-        // JSON text is UTF-8: checked once for the whole payload, which is cheaper than
-        // serde_json's check of each string as it reads it from bytes.
-        let text = std::str::from_utf8(payload)
-            .map_err(|e| Error::with_source(DecodeErrorKind::NotJson, e))?;
-        let mut event = JsonEvent::default();
-        let mut deserializer = serde_json::Deserializer::from_str(text);
-        serde::de::DeserializeSeed::deserialize(&mut event, &mut deserializer)
-            .and_then(|()| deserializer.end())
-            .map_err(|e| Error::with_source(DecodeErrorKind::NotJson, e))?;
-        event.into_parts()
     }
 }
 
