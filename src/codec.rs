@@ -915,8 +915,52 @@ struct EventParts<'a> {
     specversion: Option<Cow<'a, str>>,
     attributes: [Option<Cow<'a, str>>; V10_ATTRIBUTES.len()],
     datacontenttype: Option<Cow<'a, str>>,
-    extensions: Vec<(Cow<'a, str>, ExtensionValue)>,
+    extensions: Extensions<'a>,
     data: Option<PartsData<'a>>,
+}
+
+/// The extensions of an event being decoded, in the order read: the first two inline (an
+/// event of this library carries one or two: the transaction id, a trace parent), so that
+/// they cost no list allocation; more go to a `Vec`.
+#[derive(Default)]
+struct Extensions<'a> {
+    inline: [Option<(Cow<'a, str>, ExtensionValue)>; 2],
+    more: Vec<(Cow<'a, str>, ExtensionValue)>,
+}
+
+impl<'a> Extensions<'a> {
+    fn push(&mut self, extension: (Cow<'a, str>, ExtensionValue)) {
+        match self.inline.iter_mut().find(|slot| slot.is_none()) {
+            Some(slot) => *slot = Some(extension),
+            None => self.more.push(extension),
+        }
+    }
+
+    fn iter_mut(&mut self) -> impl Iterator<Item = &mut (Cow<'a, str>, ExtensionValue)> {
+        self.inline.iter_mut().flatten().chain(self.more.iter_mut())
+    }
+
+    /// Takes out the extension named `name`, if there is one.
+    fn remove(&mut self, name: &str) {
+        for slot in &mut self.inline {
+            if slot.as_ref().is_some_and(|(n, _)| n == name) {
+                *slot = None;
+            }
+        }
+        self.more.retain(|(n, _)| n != name);
+    }
+}
+
+impl<'a> IntoIterator for Extensions<'a> {
+    type Item = (Cow<'a, str>, ExtensionValue);
+    type IntoIter = std::iter::Chain<
+        std::iter::Flatten<std::array::IntoIter<Option<Self::Item>, 2>>,
+        std::vec::IntoIter<Self::Item>,
+    >;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.inline.into_iter().flatten().chain(self.more)
+    }
 }
 
 /// The 1.0 attributes other than `specversion` and `datacontenttype`, in the order set.

@@ -43,38 +43,78 @@ impl<'a> Value<'a> {
     fn into_string(self, name: &str) -> Result<Cow<'a, str>, DecodeError> {
         match self {
             Value::Str(text) => Ok(text),
-            _ => Err(Error::with_detail(
-                DecodeErrorKind::InvalidAttribute,
-                format!("`{name}` is not a string"),
-            )),
-        }
-    }
-
-    /// An extension's value: a string, a boolean or an integer.
-    fn into_extension(self, name: &str) -> Result<ExtensionValue, DecodeError> {
-        match self {
-            Value::Str(text) => Ok(ExtensionValue::String(text.into_owned())),
-            Value::Bool(b) => Ok(ExtensionValue::Boolean(b)),
-            Value::Int(i) => Ok(ExtensionValue::Integer(i)),
-            Value::Null | Value::Other => Err(Error::with_detail(
-                DecodeErrorKind::InvalidAttribute,
-                format!("extension `{name}` is not a string, boolean or integer"),
-            )),
+            _ => Err(not_a_string(name)),
         }
     }
 }
 
-/// A JSON event's members as read in the pass; checked and typed by
-/// [`JsonEvent::into_parts`].
+fn not_a_string(name: &str) -> DecodeError {
+    Error::with_detail(
+        DecodeErrorKind::InvalidAttribute,
+        format!("`{name}` is not a string"),
+    )
+}
+
+/// A JSON event's members as read in the pass, straight into the [`EventParts`] they become
+/// (a value that cannot be what its member needs is remembered, and refused by
+/// [`JsonEvent::into_parts`] once the whole payload is known to be JSON).
 #[derive(Default)]
 pub(super) struct JsonEvent<'a> {
+    parts: EventParts<'a>,
     specversion: Option<Value<'a>>,
-    attributes: [Option<Value<'a>>; V10_ATTRIBUTES.len()],
-    datacontenttype: Option<Value<'a>>,
+    /// Bit `i`: the attribute `V10_ATTRIBUTES[i]` is neither a string nor null; bit 6: the
+    /// same for `datacontenttype`.
+    not_strings: u8,
     /// The JSON text of the `data` member, without the whitespace around it.
     data: Option<&'a str>,
-    data_base64: Option<Value<'a>>,
-    extensions: Vec<(Cow<'a, str>, Value<'a>)>,
+    has_data_base64: bool,
+    /// Extensions whose value is not a string, boolean or integer (nor null), in the order
+    /// first read.
+    bad_extensions: Vec<Cow<'a, str>>,
+}
+
+/// Bit of `datacontenttype` in [`JsonEvent::not_strings`].
+const CONTENT_TYPE_BIT: u8 = 1 << V10_ATTRIBUTES.len();
+
+impl<'a> JsonEvent<'a> {
+    /// Sets a string attribute's slot (and its bit in `not_strings`) from its value.
+    fn set_string(
+        slot: &mut Option<Cow<'a, str>>,
+        not_strings: &mut u8,
+        bit: u8,
+        value: Value<'a>,
+    ) {
+        *slot = None;
+        *not_strings &= !bit;
+        match value {
+            Value::Str(text) => *slot = Some(text),
+            Value::Null => {}
+            _ => *not_strings |= bit,
+        }
+    }
+
+    /// Sets (or, when `null`, removes) an extension; a value of another type is remembered
+    /// as refused.
+    fn set_extension(&mut self, name: Cow<'a, str>, value: Value<'a>) {
+        if !self.bad_extensions.is_empty() {
+            self.bad_extensions.retain(|n| *n != name);
+        }
+        let value = match value {
+            Value::Str(text) => ExtensionValue::String(text.into_owned()),
+            Value::Bool(b) => ExtensionValue::Boolean(b),
+            Value::Int(i) => ExtensionValue::Integer(i),
+            Value::Null => return self.parts.extensions.remove(&name),
+            Value::Other => {
+                self.parts.extensions.remove(&name);
+                return self.bad_extensions.push(name);
+            }
+        };
+        if let Some(slot) = self.parts.extensions.iter_mut().find(|(n, _)| *n == name) {
+            slot.1 = value;
+            return;
+        }
+        self.parts.extensions.push((name, value));
+    }
 }
 
 /// Which member a name is: the match is on the whole name (the compiler switches on the
@@ -129,46 +169,41 @@ pub(super) fn read_event(payload: &[u8]) -> Result<JsonEvent<'_>, DecodeError> {
 impl<'a> JsonEvent<'a> {
     /// Checks the members and hands them on as [`EventParts`]; `Ok(None)` for shapes left to
     /// the sdk's decoder (spec 0.3, `data_base64`). `null` members are absent, as in the sdk.
+    /// The checks go in the order of the sdk's attributes: `specversion`, the other
+    /// attributes, `datacontenttype`, the extensions.
     pub(super) fn into_parts(self) -> Result<Option<EventParts<'a>>, DecodeError> {
-        let present = |member: Option<Value<'a>>| member.filter(|m| !matches!(m, Value::Null));
-        if present(self.data_base64).is_some() {
+        if self.has_data_base64 {
             return Ok(None);
         }
-        let mut parts = EventParts::default();
-        if let Some(version) = present(self.specversion) {
-            let version = version.into_string("specversion")?;
-            if version != "1.0" {
-                if version == "0.3" {
-                    return Ok(None);
+        let mut parts = self.parts;
+        match self.specversion {
+            None | Some(Value::Null) => {}
+            Some(version) => {
+                let version = version.into_string("specversion")?;
+                if version != "1.0" {
+                    if version == "0.3" {
+                        return Ok(None);
+                    }
+                    return Err(Error::with_detail(
+                        DecodeErrorKind::UnknownSpecVersion,
+                        format!("`{version}`"),
+                    ));
                 }
-                return Err(Error::with_detail(
-                    DecodeErrorKind::UnknownSpecVersion,
-                    format!("`{version}`"),
-                ));
-            }
-            parts.specversion = Some(version);
-        }
-        for ((slot, member), name) in parts
-            .attributes
-            .iter_mut()
-            .zip(self.attributes)
-            .zip(V10_ATTRIBUTES)
-        {
-            if let Some(member) = present(member) {
-                *slot = Some(member.into_string(name)?);
+                parts.specversion = Some(version);
             }
         }
-        if let Some(ct) = present(self.datacontenttype) {
-            parts.datacontenttype = Some(ct.into_string("datacontenttype")?);
+        if self.not_strings != 0 {
+            let name = match V10_ATTRIBUTES.get(self.not_strings.trailing_zeros() as usize) {
+                Some(name) => name,
+                None => "datacontenttype",
+            };
+            return Err(not_a_string(name));
         }
-        if !self.extensions.is_empty() {
-            parts.extensions.reserve_exact(self.extensions.len());
-            for (name, member) in self.extensions {
-                if !matches!(member, Value::Null) {
-                    let value = member.into_extension(&name)?;
-                    parts.extensions.push((name, value));
-                }
-            }
+        if let Some(name) = self.bad_extensions.first() {
+            return Err(Error::with_detail(
+                DecodeErrorKind::InvalidAttribute,
+                format!("extension `{name}` is not a string, boolean or integer"),
+            ));
         }
         parts.data = self
             .data
@@ -345,15 +380,30 @@ impl<'a> Scanner<'a> {
                         event.data = self.text.get(start..self.pos);
                     }
                     MemberName::SpecVersion => event.specversion = Some(self.value()?),
-                    MemberName::Attribute(i) => event.attributes[i] = Some(self.value()?),
-                    MemberName::DataContentType => event.datacontenttype = Some(self.value()?),
-                    MemberName::DataBase64 => event.data_base64 = Some(self.value()?),
+                    MemberName::Attribute(i) => {
+                        let value = self.value()?;
+                        JsonEvent::set_string(
+                            &mut event.parts.attributes[i],
+                            &mut event.not_strings,
+                            1 << i,
+                            value,
+                        );
+                    }
+                    MemberName::DataContentType => {
+                        let value = self.value()?;
+                        JsonEvent::set_string(
+                            &mut event.parts.datacontenttype,
+                            &mut event.not_strings,
+                            CONTENT_TYPE_BIT,
+                            value,
+                        );
+                    }
+                    MemberName::DataBase64 => {
+                        event.has_data_base64 = !matches!(self.value()?, Value::Null)
+                    }
                     MemberName::Extension => {
                         let value = self.value()?;
-                        match event.extensions.iter_mut().find(|(n, _)| *n == name) {
-                            Some(slot) => slot.1 = value,
-                            None => event.extensions.push((name, value)),
-                        }
+                        event.set_extension(name, value);
                     }
                 }
                 self.skip_whitespace();
@@ -750,28 +800,70 @@ mod tests {
         }
     }
 
-    /// The members the pass read, by name (each with its last value).
+    /// The members the pass read, by name (each with its last value), in the form
+    /// [`normalized`] gives.
     fn members(event: JsonEvent<'_>) -> BTreeMap<String, Read> {
         let mut out = BTreeMap::new();
-        let named = [("specversion", event.specversion)]
+        if let Some(version) = event.specversion {
+            out.insert("specversion".to_owned(), version.into());
+        }
+        let attributes = V10_ATTRIBUTES
             .into_iter()
-            .chain(V10_ATTRIBUTES.into_iter().zip(event.attributes))
-            .chain([
-                ("datacontenttype", event.datacontenttype),
-                ("data_base64", event.data_base64),
-            ]);
-        for (name, value) in named {
-            if let Some(value) = value {
-                out.insert(name.to_owned(), value.into());
+            .zip(event.parts.attributes)
+            .chain([("datacontenttype", event.parts.datacontenttype)]);
+        for (i, (name, value)) in attributes.enumerate() {
+            if let Some(text) = value {
+                out.insert(name.to_owned(), Read::Str(text.into_owned()));
+            } else if event.not_strings & (1 << i) != 0 {
+                out.insert(name.to_owned(), Read::Other);
             }
+        }
+        if event.has_data_base64 {
+            out.insert("data_base64".to_owned(), Read::Other);
         }
         if let Some(data) = event.data {
             out.insert("data".to_owned(), Read::Data(data.to_owned()));
         }
-        for (name, value) in event.extensions {
-            out.insert(name.into_owned(), value.into());
+        for (name, value) in event.parts.extensions {
+            let value = match value {
+                ExtensionValue::String(text) => Read::Str(text),
+                ExtensionValue::Boolean(b) => Read::Bool(b),
+                ExtensionValue::Integer(i) => Read::Int(i),
+            };
+            out.insert(name.into_owned(), value);
+        }
+        for name in event.bad_extensions {
+            out.insert(name.into_owned(), Read::Other);
         }
         out
+    }
+
+    /// What the pass keeps of each member: `null` is absent (but for `specversion`, kept as
+    /// read, and `data`, kept as its text); a spec attribute or extension that is not what it
+    /// must be is `Other`, and so is any `data_base64`.
+    fn normalized(members: BTreeMap<String, Read>) -> BTreeMap<String, Read> {
+        members
+            .into_iter()
+            .filter_map(|(name, value)| {
+                let value = match (name.as_str(), value) {
+                    ("specversion", value) | ("data", value) => value,
+                    (_, Read::Null) => return None,
+                    ("data_base64", _) => Read::Other,
+                    (
+                        "id" | "source" | "type" | "subject" | "time" | "dataschema"
+                        | "datacontenttype",
+                        Read::Str(text),
+                    ) => Read::Str(text),
+                    (
+                        "id" | "source" | "type" | "subject" | "time" | "dataschema"
+                        | "datacontenttype",
+                        _,
+                    ) => Read::Other,
+                    (_, value) => value,
+                };
+                Some((name, value))
+            })
+            .collect()
     }
 
     /// The reference: serde_json reading the payload as this module's pass replaced it
@@ -855,7 +947,9 @@ mod tests {
             }
         }
         let text = std::str::from_utf8(payload).ok()?;
-        serde_json::from_str::<Members>(text).ok().map(|m| m.0)
+        serde_json::from_str::<Members>(text)
+            .ok()
+            .map(|m| normalized(m.0))
     }
 
     fn ours(payload: &[u8]) -> Option<BTreeMap<String, Read>> {
@@ -868,10 +962,10 @@ mod tests {
             br#"{"id":"plain text","source":"a\"b\\c\/d\b\f\n\r\t\u00e9\ud83d\ude00 end"}"#,
         )
         .unwrap();
-        let [id, source, ..] = event.attributes;
-        assert!(matches!(id, Some(Value::Str(Cow::Borrowed("plain text")))));
+        let [id, source, ..] = event.parts.attributes;
+        assert!(matches!(id, Some(Cow::Borrowed("plain text"))));
         match source {
-            Some(Value::Str(Cow::Owned(text))) => {
+            Some(Cow::Owned(text)) => {
                 assert_eq!(text, "a\"b\\c/d\u{8}\u{c}\n\r\té😀 end")
             }
             _ => panic!("an escaped string is decoded"),
@@ -894,8 +988,7 @@ mod tests {
     fn numbers_are_integers_only_when_serde_json_reads_them_so() {
         let read = |n: &str| {
             let payload = format!(r#"{{"ext":{n}}}"#);
-            read_event(payload.as_bytes())
-                .map(|e| Read::from(e.extensions.into_iter().next().unwrap().1))
+            read_event(payload.as_bytes()).map(|e| members(e).remove("ext").unwrap())
         };
         assert_eq!(read("0").ok(), Some(Read::Int(0)));
         assert_eq!(read("-7").ok(), Some(Read::Int(-7)));
@@ -992,7 +1085,7 @@ mod tests {
     #[test]
     fn member_names_with_escapes_are_matched_decoded() {
         let event = read_event(br#"{"\u0069d":"1","d\u0061ta":[1]}"#).unwrap();
-        assert!(matches!(&event.attributes[0], Some(Value::Str(id)) if id == "1"));
+        assert!(matches!(&event.parts.attributes[0], Some(id) if id == "1"));
         assert_eq!(event.data, Some("[1]"));
     }
 
