@@ -6,7 +6,7 @@
 //! values as the sdk's serde serializer, byte for byte (a property test pins it, and that the
 //! sdk's decoder reads it back); binary mode writes the `ce-*` headers from the borrowed event.
 //! Spec 0.3 goes through the sdk's serde serializer. [`decode`] is on every message's path, so
-//! for spec 1.0 it reads the JSON event in one pass (serde_json, borrowed keys and strings,
+//! for spec 1.0 it reads the JSON event in one pass (`scan.rs`, borrowed keys and strings,
 //! `data` kept as its raw JSON text) or the `ce-*` headers (one pass) and builds the event with
 //! the sdk's `EventBuilderV10`; spec 0.3 goes through the sdk's [`BinaryDeserializer`] /
 //! [`StructuredDeserializer`] route, and `data_base64` through the sdk's own JSON format
