@@ -606,19 +606,23 @@ pub fn decode(headers: Option<&HeaderMap>, payload: &Bytes) -> Result<Event, Dec
         parts?.into_event()
     } else {
         // Structured, with or without a CloudEvents Content-Type (sdk-go sends none).
-        let parsed = scan::parse(payload).map_err(|e| {
-            if e.kind() == DecodeErrorKind::NotJson && !message.has_structured_content_type() {
-                e.map_kind(|_| DecodeErrorKind::NotCloudEvent)
-            } else {
+        let mut json = scan::JsonEvent::default();
+        if let Err(e) = scan::read_event_into(payload, &mut json) {
+            // Not JSON (the only error of the pass): without a CloudEvents Content-Type, not
+            // a CloudEvent at all.
+            return Err(if message.has_structured_content_type() {
                 e
-            }
-        })?;
-        match parsed {
-            Some(parts) => parts.into_event(),
+            } else {
+                e.map_kind(|_| DecodeErrorKind::NotCloudEvent)
+            });
+        }
+        if json.check_members()? {
+            json.take_parts().into_event()
+        } else {
             // Rare shapes (spec 0.3, `data_base64`): the sdk's own JSON format decoder.
-            None => StructuredDeserializer::into_event(message)
+            StructuredDeserializer::into_event(message)
                 .map_err(decode_error)
-                .and_then(|event| check_event(&event).map(|()| event)),
+                .and_then(|event| check_event(&event).map(|()| event))
         }
     }
 }

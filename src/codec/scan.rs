@@ -18,7 +18,7 @@
 //!
 //! A member named twice counts once, with its last value (as the sdk's decoder reads it); a
 //! `null` member is absent. What the members mean is checked after the pass
-//! ([`JsonEvent::into_parts`]), so a payload that is not JSON is always `NotJson`, whatever its
+//! ([`JsonEvent::check_members`]), so a payload that is not JSON is always `NotJson`, whatever its
 //! members.
 use std::borrow::Cow;
 
@@ -57,7 +57,7 @@ fn not_a_string(name: &str) -> DecodeError {
 
 /// A JSON event's members as read in the pass, straight into the [`EventParts`] they become
 /// (a value that cannot be what its member needs is remembered, and refused by
-/// [`JsonEvent::into_parts`] once the whole payload is known to be JSON).
+/// [`JsonEvent::check_members`] once the whole payload is known to be JSON).
 #[derive(Default)]
 pub(super) struct JsonEvent<'a> {
     parts: EventParts<'a>,
@@ -145,51 +145,54 @@ fn member_name(name: &str) -> MemberName {
     }
 }
 
-/// Reads a structured-mode payload into [`EventParts`]; `Ok(None)` for the shapes left to
-/// the sdk's decoder (spec 0.3, `data_base64`). See the module text for what is accepted.
-pub(super) fn parse(payload: &[u8]) -> Result<Option<EventParts<'_>>, DecodeError> {
-    read_event(payload)?.into_parts()
-}
-
-/// The pass itself: the members of the one JSON object in `payload`.
-pub(super) fn read_event(payload: &[u8]) -> Result<JsonEvent<'_>, DecodeError> {
+/// The pass itself: the members of the one JSON object in `payload`, into `event` (filled in
+/// place: the parts are large, and every move of them is a copy).
+pub(super) fn read_event_into<'a>(
+    payload: &'a [u8],
+    event: &mut JsonEvent<'a>,
+) -> Result<(), DecodeError> {
     // JSON text is UTF-8: checked once for the whole payload (a word at a time while it is
     // ASCII), so that the pass can look at bytes and slice at ASCII delimiters.
     let text = std::str::from_utf8(payload).map_err(|e| {
         Error::with_source(DecodeErrorKind::NotJson, e).detail("the payload is not UTF-8")
     })?;
     let mut scanner = Scanner { text, pos: 0 };
-    let mut event = JsonEvent::default();
     scanner
-        .event_members(&mut event)
-        .map_err(|e| e.into_decode_error())?;
-    Ok(event)
+        .event_members(event)
+        .map_err(SyntaxError::into_decode_error)
+}
+
+/// [`read_event_into`] a new [`JsonEvent`].
+#[cfg(test)]
+fn read_event(payload: &[u8]) -> Result<JsonEvent<'_>, DecodeError> {
+    let mut event = JsonEvent::default();
+    read_event_into(payload, &mut event).map(|()| event)
 }
 
 impl<'a> JsonEvent<'a> {
-    /// Checks the members and hands them on as [`EventParts`]; `Ok(None)` for shapes left to
-    /// the sdk's decoder (spec 0.3, `data_base64`). `null` members are absent, as in the sdk.
-    /// The checks go in the order of the sdk's attributes: `specversion`, the other
-    /// attributes, `datacontenttype`, the extensions.
-    pub(super) fn into_parts(self) -> Result<Option<EventParts<'a>>, DecodeError> {
+    /// Checks the members and completes the parts: `Ok(true)` when they are a 1.0 event to
+    /// build ([`JsonEvent::take_parts`]), `Ok(false)` for shapes left to the sdk's decoder
+    /// (spec 0.3, `data_base64`). `null` members are absent, as in the sdk. The checks go in
+    /// the order of the sdk's attributes: `specversion`, the other attributes,
+    /// `datacontenttype`, the extensions.
+    pub(super) fn check_members(&mut self) -> Result<bool, DecodeError> {
         if self.has_data_base64 {
-            return Ok(None);
+            return Ok(false);
         }
-        let mut parts = self.parts;
-        match self.specversion {
+        match self.specversion.take() {
             None | Some(Value::Null) => {}
             Some(version) => {
                 let version = version.into_string("specversion")?;
                 if version != "1.0" {
                     if version == "0.3" {
-                        return Ok(None);
+                        return Ok(false);
                     }
                     return Err(Error::with_detail(
                         DecodeErrorKind::UnknownSpecVersion,
                         format!("`{version}`"),
                     ));
                 }
-                parts.specversion = Some(version);
+                self.parts.specversion = Some(version);
             }
         }
         if self.not_strings != 0 {
@@ -205,11 +208,16 @@ impl<'a> JsonEvent<'a> {
                 format!("extension `{name}` is not a string, boolean or integer"),
             ));
         }
-        parts.data = self
+        self.parts.data = self
             .data
             .filter(|text| *text != "null")
             .map(PartsData::Json);
-        Ok(Some(parts))
+        Ok(true)
+    }
+
+    /// The parts read (after [`JsonEvent::check_members`]), leaving empty ones.
+    pub(super) fn take_parts(&mut self) -> EventParts<'a> {
+        std::mem::take(&mut self.parts)
     }
 }
 
