@@ -337,6 +337,7 @@ impl<'a> Scanner<'a> {
         self.text.as_bytes()
     }
 
+    #[inline(always)]
     fn peek(&self) -> Option<u8> {
         self.bytes().get(self.pos).copied()
     }
@@ -348,6 +349,7 @@ impl<'a> Scanner<'a> {
         })
     }
 
+    #[inline(always)]
     fn skip_whitespace(&mut self) {
         while self.peek().is_some_and(is_whitespace) {
             self.pos += 1;
@@ -355,6 +357,7 @@ impl<'a> Scanner<'a> {
     }
 
     /// Skips whitespace and then `byte`, or fails naming `expected`.
+    #[inline(always)]
     fn eat(&mut self, byte: u8, expected: &'static str) -> Scan<()> {
         self.skip_whitespace();
         if self.peek() == Some(byte) {
@@ -434,6 +437,7 @@ impl<'a> Scanner<'a> {
     }
 
     /// A member's value (at its first byte): strings decoded, containers skipped.
+    #[inline(always)]
     fn value(&mut self) -> Scan<Value<'a>> {
         match self.peek() {
             Some(b'"') => self.string().map(Value::Str),
