@@ -9,7 +9,7 @@
 //! string) that becomes async-nats' [`HeaderMap`] where a message is sent, and `serde_json::Value`
 //! data is written directly, byte for byte as serde_json writes it.
 //! Spec 0.3 goes through the sdk's serde serializer. [`decode`] is on every message's path, so
-//! for spec 1.0 it reads the JSON event in one pass (serde_json, borrowed keys and strings,
+//! for spec 1.0 it reads the JSON event in one pass (`scan.rs`, borrowed keys and strings,
 //! `data` kept as its raw JSON text) or the `ce-*` headers (one pass) and builds the event with
 //! the sdk's `EventBuilderV10`; spec 0.3 goes through the sdk's [`BinaryDeserializer`] /
 //! [`StructuredDeserializer`] route, and `data_base64` through the sdk's own JSON format
@@ -63,7 +63,6 @@ pub use write::EncodedHeaders;
 
 mod write;
 use async_nats::HeaderValue;
-use serde_json::value::RawValue;
 
 /// The `Content-Type` of a structured-mode message.
 pub const STRUCTURED_CONTENT_TYPE: &str = "application/cloudevents+json";
@@ -625,22 +624,29 @@ pub fn decode(headers: Option<&HeaderMap>, payload: &Bytes) -> Result<Event, Dec
         parts?.into_event()
     } else {
         // Structured, with or without a CloudEvents Content-Type (sdk-go sends none).
-        let parsed = JsonEvent::parse(payload).map_err(|e| {
-            if e.kind() == DecodeErrorKind::NotJson && !message.has_structured_content_type() {
-                e.map_kind(|_| DecodeErrorKind::NotCloudEvent)
-            } else {
+        let mut json = scan::JsonEvent::default();
+        if let Err(e) = scan::read_event_into(payload, &mut json) {
+            // Not JSON (the only error of the pass): without a CloudEvents Content-Type, not
+            // a CloudEvent at all.
+            return Err(if message.has_structured_content_type() {
                 e
-            }
-        })?;
-        match parsed {
-            Some(parts) => parts.into_event(),
+            } else {
+                e.map_kind(|_| DecodeErrorKind::NotCloudEvent)
+            });
+        }
+        if json.check_members()? {
+            json.take_parts().into_event()
+        } else {
             // Rare shapes (spec 0.3, `data_base64`): the sdk's own JSON format decoder.
-            None => StructuredDeserializer::into_event(message)
+            StructuredDeserializer::into_event(message)
                 .map_err(decode_error)
-                .and_then(|event| check_event(&event).map(|()| event)),
+                .and_then(|event| check_event(&event).map(|()| event))
         }
     }
 }
+
+/// The one-pass reader of structured-mode payloads.
+mod scan;
 
 /// Checks what the CloudEvents spec requires of a received event beyond its shape, the same
 /// for every content mode and spec version: `id`, `type` and `source` are not empty, nor is
@@ -920,8 +926,8 @@ impl<'a> NatsMessage<'a> {
 enum PartsData<'a> {
     /// Binary mode: the payload.
     Bytes(&'a Bytes),
-    /// Structured mode: the JSON text of the `data` member (validated, not parsed).
-    Json(&'a RawValue),
+    /// Structured mode: the JSON text of the `data` member (checked, not parsed).
+    Json(&'a str),
 }
 
 /// An event's attributes, extensions and data as read from the wire, borrowed where possible;
@@ -931,8 +937,52 @@ struct EventParts<'a> {
     specversion: Option<Cow<'a, str>>,
     attributes: [Option<Cow<'a, str>>; V10_ATTRIBUTES.len()],
     datacontenttype: Option<Cow<'a, str>>,
-    extensions: Vec<(Cow<'a, str>, ExtensionValue)>,
+    extensions: Extensions<'a>,
     data: Option<PartsData<'a>>,
+}
+
+/// The extensions of an event being decoded, in the order read: the first two inline (an
+/// event of this library carries one or two: the transaction id, a trace parent), so that
+/// they cost no list allocation; more go to a `Vec`.
+#[derive(Default)]
+struct Extensions<'a> {
+    inline: [Option<(Cow<'a, str>, ExtensionValue)>; 2],
+    more: Vec<(Cow<'a, str>, ExtensionValue)>,
+}
+
+impl<'a> Extensions<'a> {
+    fn push(&mut self, extension: (Cow<'a, str>, ExtensionValue)) {
+        match self.inline.iter_mut().find(|slot| slot.is_none()) {
+            Some(slot) => *slot = Some(extension),
+            None => self.more.push(extension),
+        }
+    }
+
+    fn iter_mut(&mut self) -> impl Iterator<Item = &mut (Cow<'a, str>, ExtensionValue)> {
+        self.inline.iter_mut().flatten().chain(self.more.iter_mut())
+    }
+
+    /// Takes out the extension named `name`, if there is one.
+    fn remove(&mut self, name: &str) {
+        for slot in &mut self.inline {
+            if slot.as_ref().is_some_and(|(n, _)| n == name) {
+                *slot = None;
+            }
+        }
+        self.more.retain(|(n, _)| n != name);
+    }
+}
+
+impl<'a> IntoIterator for Extensions<'a> {
+    type Item = (Cow<'a, str>, ExtensionValue);
+    type IntoIter = std::iter::Chain<
+        std::iter::Flatten<std::array::IntoIter<Option<Self::Item>, 2>>,
+        std::vec::IntoIter<Self::Item>,
+    >;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.inline.into_iter().flatten().chain(self.more)
+    }
 }
 
 /// The 1.0 attributes other than `specversion` and `datacontenttype`, in the order set.
@@ -980,19 +1030,21 @@ impl<'a> EventParts<'a> {
         let data = match data {
             None => return check_event(&event).map(|()| event),
             // Decode only once: the handler parses the JSON text straight into its own type.
-            Some(PartsData::Json(raw)) if is_json => Data::Binary(raw.get().as_bytes().to_vec()),
+            Some(PartsData::Json(text)) if is_json => Data::Binary(text.as_bytes().to_vec()),
             // The JSON event format without `datacontenttype`: the data is JSON, but an event
             // whose data is bytes without a JSON content type would be re-sent as
             // `data_base64`, so it is parsed (the sdk's decoder does the same).
-            Some(PartsData::Json(raw)) if !has_content_type => Data::Json(
-                serde_json::from_str(raw.get())
+            Some(PartsData::Json(text)) if !has_content_type => Data::Json(
+                serde_json::from_str(text)
                     .map_err(|e| Error::with_source(DecodeErrorKind::NotJson, e))?,
             ),
-            Some(PartsData::Json(raw)) => match serde_json::from_str::<JsonStr<'_>>(raw.get()) {
-                Ok(text) => Data::String(text.0.into_owned()),
-                Err(e) => {
-                    return Err(Error::with_source(DecodeErrorKind::InvalidAttribute, e)
-                        .detail("`data` of a non-JSON content type must be a JSON string"))
+            Some(PartsData::Json(text)) => match scan::json_string(text) {
+                Some(text) => Data::String(text.into_owned()),
+                None => {
+                    return Err(Error::with_detail(
+                        DecodeErrorKind::InvalidAttribute,
+                        "`data` of a non-JSON content type must be a JSON string",
+                    ))
                 }
             },
             Some(PartsData::Bytes(bytes)) if is_text && !is_json => {
@@ -1124,219 +1176,6 @@ impl BinaryDeserializer for EventParts<'_> {
             }
         }
         serializer.end()
-    }
-}
-
-/// A JSON string, borrowed from the input when it has no escapes.
-#[derive(serde::Deserialize)]
-struct JsonStr<'a>(#[serde(borrow)] Cow<'a, str>);
-
-/// A member value of a JSON event, read in the single pass over the payload: strings are
-/// borrowed when they have no escapes; what cannot be an attribute or extension value is
-/// skipped over and remembered as `Other`.
-enum Member<'a> {
-    Null,
-    Str(Cow<'a, str>),
-    Bool(bool),
-    Int(i64),
-    /// A fraction, an integer beyond `i64`, an array or an object.
-    Other,
-}
-
-impl<'de> serde::Deserialize<'de> for Member<'de> {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct Visitor;
-        impl<'de> serde::de::Visitor<'de> for Visitor {
-            type Value = Member<'de>;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a JSON value")
-            }
-            fn visit_unit<E>(self) -> Result<Self::Value, E> {
-                Ok(Member::Null)
-            }
-            fn visit_bool<E>(self, v: bool) -> Result<Self::Value, E> {
-                Ok(Member::Bool(v))
-            }
-            fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
-                Ok(Member::Int(v))
-            }
-            fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
-                Ok(i64::try_from(v).map_or(Member::Other, Member::Int))
-            }
-            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
-                Ok(Member::Other)
-            }
-            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
-                Ok(Member::Str(Cow::Borrowed(v)))
-            }
-            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
-                Ok(Member::Str(Cow::Owned(v.to_owned())))
-            }
-            fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
-                Ok(Member::Str(Cow::Owned(v)))
-            }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(
-                self,
-                mut seq: A,
-            ) -> Result<Self::Value, A::Error> {
-                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
-                Ok(Member::Other)
-            }
-            fn visit_map<A: serde::de::MapAccess<'de>>(
-                self,
-                mut map: A,
-            ) -> Result<Self::Value, A::Error> {
-                while map
-                    .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
-                    .is_some()
-                {}
-                Ok(Member::Other)
-            }
-        }
-        deserializer.deserialize_any(Visitor)
-    }
-}
-
-impl<'a> Member<'a> {
-    /// An attribute's value, which the JSON format requires to be a string.
-    fn into_string(self, name: &str) -> Result<Cow<'a, str>, DecodeError> {
-        match self {
-            Member::Str(text) => Ok(text),
-            _ => Err(Error::with_detail(
-                DecodeErrorKind::InvalidAttribute,
-                format!("`{name}` is not a string"),
-            )),
-        }
-    }
-
-    /// An extension's value: a string, a boolean or an integer.
-    fn into_extension(self, name: &str) -> Result<ExtensionValue, DecodeError> {
-        match self {
-            Member::Str(text) => Ok(ExtensionValue::String(text.into_owned())),
-            Member::Bool(b) => Ok(ExtensionValue::Boolean(b)),
-            Member::Int(i) => Ok(ExtensionValue::Integer(i)),
-            Member::Null | Member::Other => Err(Error::with_detail(
-                DecodeErrorKind::InvalidAttribute,
-                format!("extension `{name}` is not a string, boolean or integer"),
-            )),
-        }
-    }
-}
-
-/// A JSON event's members as read in one pass (a repeated member counts once, with its last
-/// value, as the sdk's decoder reads it); checked and typed by [`JsonEvent::into_parts`].
-#[derive(Default)]
-struct JsonEvent<'a> {
-    specversion: Option<Member<'a>>,
-    attributes: [Option<Member<'a>>; V10_ATTRIBUTES.len()],
-    datacontenttype: Option<Member<'a>>,
-    data: Option<&'a RawValue>,
-    data_base64: Option<Member<'a>>,
-    extensions: Vec<(Cow<'a, str>, Member<'a>)>,
-}
-
-/// Reads a JSON event into a [`JsonEvent`] in place (no moves of the large value through
-/// serde's return paths).
-impl<'de> serde::de::DeserializeSeed<'de> for &mut JsonEvent<'de> {
-    type Value = ();
-
-    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
-        struct Visitor<'e, 'de>(&'e mut JsonEvent<'de>);
-        impl<'de> serde::de::Visitor<'de> for Visitor<'_, 'de> {
-            type Value = ();
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a JSON object")
-            }
-            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-                let event = self.0;
-                while let Some(JsonStr(key)) = map.next_key::<JsonStr<'de>>()? {
-                    match key.as_ref() {
-                        "data" => event.data = Some(map.next_value()?),
-                        "data_base64" => event.data_base64 = Some(map.next_value()?),
-                        name => match Slot::of(name) {
-                            Slot::SpecVersion => event.specversion = Some(map.next_value()?),
-                            Slot::DataContentType => {
-                                event.datacontenttype = Some(map.next_value()?)
-                            }
-                            Slot::Attribute(i) => event.attributes[i] = Some(map.next_value()?),
-                            Slot::Extension => {
-                                let value = map.next_value()?;
-                                match event.extensions.iter_mut().find(|(n, _)| *n == key) {
-                                    Some(slot) => slot.1 = value,
-                                    None => event.extensions.push((key, value)),
-                                }
-                            }
-                        },
-                    }
-                }
-                Ok(())
-            }
-        }
-        deserializer.deserialize_map(Visitor(self))
-    }
-}
-
-impl<'a> JsonEvent<'a> {
-    /// Checks the members and hands them on as [`EventParts`]; `Ok(None)` for shapes left to
-    /// the sdk's decoder (spec 0.3, `data_base64`). `null` members are absent, as in the sdk.
-    fn into_parts(self) -> Result<Option<EventParts<'a>>, DecodeError> {
-        let present = |member: Option<Member<'a>>| member.filter(|m| !matches!(m, Member::Null));
-        if present(self.data_base64).is_some() {
-            return Ok(None);
-        }
-        let mut parts = EventParts::default();
-        if let Some(version) = present(self.specversion) {
-            let version = version.into_string("specversion")?;
-            if version != "1.0" {
-                if version == "0.3" {
-                    return Ok(None);
-                }
-                return Err(Error::with_detail(
-                    DecodeErrorKind::UnknownSpecVersion,
-                    format!("`{version}`"),
-                ));
-            }
-            parts.specversion = Some(version);
-        }
-        for ((slot, member), name) in parts
-            .attributes
-            .iter_mut()
-            .zip(self.attributes)
-            .zip(V10_ATTRIBUTES)
-        {
-            if let Some(member) = present(member) {
-                *slot = Some(member.into_string(name)?);
-            }
-        }
-        if let Some(ct) = present(self.datacontenttype) {
-            parts.datacontenttype = Some(ct.into_string("datacontenttype")?);
-        }
-        parts.extensions.reserve_exact(self.extensions.len());
-        for (name, member) in self.extensions {
-            if !matches!(member, Member::Null) {
-                let value = member.into_extension(&name)?;
-                parts.extensions.push((name, value));
-            }
-        }
-        parts.data = self
-            .data
-            .filter(|raw| raw.get() != "null")
-            .map(PartsData::Json);
-        Ok(Some(parts))
-    }
-
-    /// Reads a structured-mode payload (see [`JsonEvent::into_parts`]).
-    fn parse(payload: &'a Bytes) -> Result<Option<EventParts<'a>>, DecodeError> {
-        // JSON text is UTF-8: checked once for the whole payload, which is cheaper than
-        // serde_json's check of each string as it reads it from bytes.
-        let text = std::str::from_utf8(payload)
-            .map_err(|e| Error::with_source(DecodeErrorKind::NotJson, e))?;
-        let mut event = JsonEvent::default();
-        let mut deserializer = serde_json::Deserializer::from_str(text);
-        serde::de::DeserializeSeed::deserialize(&mut event, &mut deserializer)
-            .and_then(|()| deserializer.end())
-            .map_err(|e| Error::with_source(DecodeErrorKind::NotJson, e))?;
-        event.into_parts()
     }
 }
 

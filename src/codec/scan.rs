@@ -1,0 +1,1297 @@
+//! The JSON event format (a structured-mode payload) read in one pass over its bytes, for
+//! [`decode`](super::decode): member names matched as they are read, string values borrowed
+//! from the payload unless they hold escapes (escapes are decoded only then), and `data` kept
+//! as its JSON text after a structural check, not parsed.
+//!
+//! **What "valid" means.** The payload is JSON as RFC 8259 writes it and as serde_json reads
+//! it, no looser: UTF-8 (checked once for the whole payload), one object with only whitespace
+//! (space, tab, line feed, carriage return) around it, member names and string values with no
+//! unescaped control character (below U+0020) and only the escapes `\" \\ \/ \b \f \n \r \t
+//! \uXXXX`, numbers as the grammar writes them (no leading zero, no `+`, no bare `.`), the
+//! literals `true`, `false`, `null` and no trailing commas. As in serde_json, the `\u` escapes
+//! of a member's own string value or name must pair UTF-16 surrogates (they are decoded), while
+//! those inside `data` and inside array or object values need only be four hex digits (they
+//! are checked, not decoded; serde_json reads a `RawValue` the same way), and a number value of
+//! a member that does not fit an `f64` (`1e400`) is refused. Nesting has no depth limit (it is
+//! skipped without recursion). Anything else is [`DecodeErrorKind::NotJson`], whose text says
+//! at which byte and what was expected.
+//!
+//! A member named twice counts once, with its last value (as the sdk's decoder reads it); a
+//! `null` member is absent. What the members mean is checked after the pass
+//! ([`JsonEvent::check_members`]), so a payload that is not JSON is always `NotJson`, whatever
+//! its members. A differential property test (`the_pass_reads_what_serde_json_reads`) holds the
+//! pass to the serde_json reading it replaced, on generated, mutated and arbitrary payloads.
+use std::borrow::Cow;
+
+use cloudevents::event::ExtensionValue;
+
+use super::{EventParts, PartsData, V10_ATTRIBUTES};
+use crate::error::{DecodeError, DecodeErrorKind, Error};
+
+/// A member value of a JSON event as the pass reads it: what an attribute or extension can
+/// be, or `Other` for what it cannot (a fraction, an integer beyond `i64`, an array, an
+/// object), which is checked and skipped over.
+pub(super) enum Value<'a> {
+    Null,
+    Str(Cow<'a, str>),
+    Bool(bool),
+    Int(i64),
+    Other,
+}
+
+impl<'a> Value<'a> {
+    /// An attribute's value, which the JSON format requires to be a string.
+    fn into_string(self, name: &str) -> Result<Cow<'a, str>, DecodeError> {
+        match self {
+            Value::Str(text) => Ok(text),
+            _ => Err(not_a_string(name)),
+        }
+    }
+}
+
+fn not_a_string(name: &str) -> DecodeError {
+    Error::with_detail(
+        DecodeErrorKind::InvalidAttribute,
+        format!("`{name}` is not a string"),
+    )
+}
+
+/// A JSON event's members as read in the pass, straight into the [`EventParts`] they become
+/// (a value that cannot be what its member needs is remembered, and refused by
+/// [`JsonEvent::check_members`] once the whole payload is known to be JSON).
+#[derive(Default)]
+pub(super) struct JsonEvent<'a> {
+    parts: EventParts<'a>,
+    specversion: Option<Value<'a>>,
+    /// Bit `i`: the attribute `V10_ATTRIBUTES[i]` is neither a string nor null; bit 6: the
+    /// same for `datacontenttype`.
+    not_strings: u8,
+    /// The JSON text of the `data` member, without the whitespace around it.
+    data: Option<&'a str>,
+    has_data_base64: bool,
+    /// Extensions whose value is not a string, boolean or integer (nor null), in the order
+    /// first read.
+    bad_extensions: Vec<Cow<'a, str>>,
+}
+
+/// Bit of `datacontenttype` in [`JsonEvent::not_strings`].
+const CONTENT_TYPE_BIT: u8 = 1 << V10_ATTRIBUTES.len();
+
+impl<'a> JsonEvent<'a> {
+    /// Sets a string attribute's slot (and its bit in `not_strings`) from its value.
+    #[inline(always)]
+    fn set_string(
+        slot: &mut Option<Cow<'a, str>>,
+        not_strings: &mut u8,
+        bit: u8,
+        value: Value<'a>,
+    ) {
+        *slot = None;
+        *not_strings &= !bit;
+        match value {
+            Value::Str(text) => *slot = Some(text),
+            Value::Null => {}
+            _ => *not_strings |= bit,
+        }
+    }
+
+    /// Sets (or, when `null`, removes) an extension; a value of another type is remembered
+    /// as refused.
+    fn set_extension(&mut self, name: Cow<'a, str>, value: Value<'a>) {
+        if !self.bad_extensions.is_empty() {
+            self.bad_extensions.retain(|n| *n != name);
+        }
+        let value = match value {
+            Value::Str(text) => ExtensionValue::String(text.into_owned()),
+            Value::Bool(b) => ExtensionValue::Boolean(b),
+            Value::Int(i) => ExtensionValue::Integer(i),
+            Value::Null => return self.parts.extensions.remove(&name),
+            Value::Other => {
+                self.parts.extensions.remove(&name);
+                return self.bad_extensions.push(name);
+            }
+        };
+        if let Some(slot) = self.parts.extensions.iter_mut().find(|(n, _)| *n == name) {
+            slot.1 = value;
+            return;
+        }
+        self.parts.extensions.push((name, value));
+    }
+}
+
+/// Which member a name is: the match is on the whole name (the compiler switches on the
+/// length first), so an extension costs one failed comparison or none.
+enum MemberName {
+    SpecVersion,
+    DataContentType,
+    /// An index into [`V10_ATTRIBUTES`].
+    Attribute(usize),
+    Data,
+    DataBase64,
+    Extension,
+}
+
+fn member_name(name: &str) -> MemberName {
+    match name {
+        "specversion" => MemberName::SpecVersion,
+        "id" => MemberName::Attribute(0),
+        "source" => MemberName::Attribute(1),
+        "type" => MemberName::Attribute(2),
+        "subject" => MemberName::Attribute(3),
+        "time" => MemberName::Attribute(4),
+        "dataschema" => MemberName::Attribute(5),
+        "datacontenttype" => MemberName::DataContentType,
+        "data" => MemberName::Data,
+        "data_base64" => MemberName::DataBase64,
+        _ => MemberName::Extension,
+    }
+}
+
+/// The pass itself: the members of the one JSON object in `payload`, into `event` (filled in
+/// place: the parts are large, and every move of them is a copy).
+pub(super) fn read_event_into<'a>(
+    payload: &'a [u8],
+    event: &mut JsonEvent<'a>,
+) -> Result<(), DecodeError> {
+    // JSON text is UTF-8: checked once for the whole payload (a word at a time while it is
+    // ASCII), so that the pass can look at bytes and slice at ASCII delimiters.
+    let text = std::str::from_utf8(payload).map_err(|e| {
+        Error::with_source(DecodeErrorKind::NotJson, e).detail("the payload is not UTF-8")
+    })?;
+    let mut scanner = Scanner { text, pos: 0 };
+    scanner
+        .event_members(event)
+        .map_err(SyntaxError::into_decode_error)
+}
+
+/// [`read_event_into`] a new [`JsonEvent`].
+#[cfg(test)]
+fn read_event(payload: &[u8]) -> Result<JsonEvent<'_>, DecodeError> {
+    let mut event = JsonEvent::default();
+    read_event_into(payload, &mut event).map(|()| event)
+}
+
+impl<'a> JsonEvent<'a> {
+    /// Checks the members and completes the parts: `Ok(true)` when they are a 1.0 event to
+    /// build ([`JsonEvent::take_parts`]), `Ok(false)` for shapes left to the sdk's decoder
+    /// (spec 0.3, `data_base64`). `null` members are absent, as in the sdk. The checks go in
+    /// the order of the sdk's attributes: `specversion`, the other attributes,
+    /// `datacontenttype`, the extensions.
+    pub(super) fn check_members(&mut self) -> Result<bool, DecodeError> {
+        if self.has_data_base64 {
+            return Ok(false);
+        }
+        match self.specversion.take() {
+            None | Some(Value::Null) => {}
+            Some(version) => {
+                let version = version.into_string("specversion")?;
+                if version != "1.0" {
+                    if version == "0.3" {
+                        return Ok(false);
+                    }
+                    return Err(Error::with_detail(
+                        DecodeErrorKind::UnknownSpecVersion,
+                        format!("`{version}`"),
+                    ));
+                }
+                self.parts.specversion = Some(version);
+            }
+        }
+        if self.not_strings != 0 {
+            let name = match V10_ATTRIBUTES.get(self.not_strings.trailing_zeros() as usize) {
+                Some(name) => name,
+                None => "datacontenttype",
+            };
+            return Err(not_a_string(name));
+        }
+        if let Some(name) = self.bad_extensions.first() {
+            return Err(Error::with_detail(
+                DecodeErrorKind::InvalidAttribute,
+                format!("extension `{name}` is not a string, boolean or integer"),
+            ));
+        }
+        self.parts.data = self
+            .data
+            .filter(|text| *text != "null")
+            .map(PartsData::Json);
+        Ok(true)
+    }
+
+    /// The parts read (after [`JsonEvent::check_members`]), leaving empty ones.
+    pub(super) fn take_parts(&mut self) -> EventParts<'a> {
+        std::mem::take(&mut self.parts)
+    }
+}
+
+/// The text of a JSON string (`"..."`, nothing around it), escapes decoded; `None` when
+/// `json` is not exactly one JSON string.
+pub(super) fn json_string(json: &str) -> Option<Cow<'_, str>> {
+    if !json.starts_with('"') {
+        return None;
+    }
+    let mut scanner = Scanner { text: json, pos: 0 };
+    let text = scanner.string().ok()?;
+    (scanner.pos == json.len()).then_some(text)
+}
+
+/// Where the payload stopped being JSON: the byte offset and what was expected there.
+struct SyntaxError {
+    at: usize,
+    expected: &'static str,
+}
+
+impl SyntaxError {
+    fn into_decode_error(self) -> DecodeError {
+        Error::with_detail(
+            DecodeErrorKind::NotJson,
+            format!("at byte {}: expected {}", self.at, self.expected),
+        )
+    }
+}
+
+/// A JSON whitespace byte.
+fn is_whitespace(b: u8) -> bool {
+    matches!(b, b' ' | b'\n' | b'\t' | b'\r')
+}
+
+/// A byte that ends a run of plain string bytes: `"`, `\` or a control character.
+fn is_string_special(b: u8) -> bool {
+    b == b'"' || b == b'\\' || b < 0x20
+}
+
+/// The bytes of `word` (eight payload bytes, little-endian) that are [`is_string_special`],
+/// as their high bits; exact for the lowest such byte (a byte above it may be flagged too,
+/// by a borrow, which does not matter: only the lowest is used).
+fn string_special_bits(word: u64) -> u64 {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH_BITS: u64 = 0x8080_8080_8080_8080;
+    let zero_bytes = |v: u64| v.wrapping_sub(ONES) & !v;
+    let quote = zero_bytes(word ^ (ONES * u64::from(b'"')));
+    let backslash = zero_bytes(word ^ (ONES * u64::from(b'\\')));
+    // A byte below 0x20 borrows into its high bit, which a byte of 0x80 or more already has.
+    let control = word.wrapping_sub(ONES * 0x20) & !word;
+    (quote | backslash | control) & HIGH_BITS
+}
+
+/// The value of a hex digit.
+fn hex_digit(b: u8) -> Option<u16> {
+    match b {
+        b'0'..=b'9' => Some(u16::from(b - b'0')),
+        b'a'..=b'f' => Some(u16::from(b - b'a' + 10)),
+        b'A'..=b'F' => Some(u16::from(b - b'A' + 10)),
+        _ => None,
+    }
+}
+
+/// The containers a skipped value is inside, innermost last: a bit per level (set for an
+/// object), 64 levels in a word and the outer words in a `Vec` that is only allocated for
+/// values nested deeper than that.
+#[derive(Default)]
+struct Nesting {
+    depth: usize,
+    bits: u64,
+    outer: Vec<u64>,
+}
+
+impl Nesting {
+    fn push(&mut self, object: bool) {
+        if self.depth > 0 && self.depth.is_multiple_of(64) {
+            self.outer.push(self.bits);
+            self.bits = 0;
+        }
+        self.bits = (self.bits << 1) | u64::from(object);
+        self.depth += 1;
+    }
+
+    fn pop(&mut self) {
+        self.depth -= 1;
+        self.bits >>= 1;
+        if self.depth > 0 && self.depth.is_multiple_of(64) {
+            // Pushed when this level was entered (depth went past a multiple of 64).
+            self.bits = self.outer.pop().unwrap_or_default();
+        }
+    }
+
+    /// Whether the innermost container is an object; `None` at the top level.
+    fn innermost_is_object(&self) -> Option<bool> {
+        (self.depth > 0).then_some(self.bits & 1 == 1)
+    }
+}
+
+/// What a number turned out to be.
+enum Number {
+    /// An integer that fits an `i64` (not `-0`, which serde_json reads as a float).
+    Int(i64),
+    /// A fraction, an exponent, `-0` or an integer beyond `i64`.
+    Other,
+}
+
+/// A cursor over the payload (valid UTF-8, so slices at ASCII bytes are `str` slices).
+struct Scanner<'a> {
+    text: &'a str,
+    pos: usize,
+}
+
+type Scan<T> = Result<T, SyntaxError>;
+
+impl<'a> Scanner<'a> {
+    fn bytes(&self) -> &'a [u8] {
+        self.text.as_bytes()
+    }
+
+    #[inline(always)]
+    fn peek(&self) -> Option<u8> {
+        self.bytes().get(self.pos).copied()
+    }
+
+    fn fail<T>(&self, expected: &'static str) -> Scan<T> {
+        Err(SyntaxError {
+            at: self.pos,
+            expected,
+        })
+    }
+
+    #[inline(always)]
+    fn skip_whitespace(&mut self) {
+        while self.peek().is_some_and(is_whitespace) {
+            self.pos += 1;
+        }
+    }
+
+    /// Skips whitespace and then `byte`, or fails naming `expected`.
+    #[inline(always)]
+    fn eat(&mut self, byte: u8, expected: &'static str) -> Scan<()> {
+        self.skip_whitespace();
+        if self.peek() == Some(byte) {
+            self.pos += 1;
+            Ok(())
+        } else {
+            self.fail(expected)
+        }
+    }
+
+    /// The members of the payload's one object, into `event`; then only whitespace.
+    fn event_members(&mut self, event: &mut JsonEvent<'a>) -> Scan<()> {
+        self.eat(b'{', "`{` (a JSON event is an object)")?;
+        self.skip_whitespace();
+        if self.peek() == Some(b'}') {
+            self.pos += 1;
+        } else {
+            loop {
+                self.skip_whitespace();
+                if self.peek() != Some(b'"') {
+                    return self.fail("a member name");
+                }
+                let name = self.string()?;
+                self.eat(b':', "`:`")?;
+                self.skip_whitespace();
+                match member_name(&name) {
+                    MemberName::Data => {
+                        let start = self.pos;
+                        self.skip_value()?;
+                        // Both ends are at ASCII bytes (a value's first and past its last).
+                        event.data = self.text.get(start..self.pos);
+                    }
+                    MemberName::SpecVersion => event.specversion = Some(self.value()?),
+                    MemberName::Attribute(i) => {
+                        let value = self.value()?;
+                        JsonEvent::set_string(
+                            &mut event.parts.attributes[i],
+                            &mut event.not_strings,
+                            1 << i,
+                            value,
+                        );
+                    }
+                    MemberName::DataContentType => {
+                        let value = self.value()?;
+                        JsonEvent::set_string(
+                            &mut event.parts.datacontenttype,
+                            &mut event.not_strings,
+                            CONTENT_TYPE_BIT,
+                            value,
+                        );
+                    }
+                    MemberName::DataBase64 => {
+                        event.has_data_base64 = !matches!(self.value()?, Value::Null)
+                    }
+                    MemberName::Extension => {
+                        let value = self.value()?;
+                        event.set_extension(name, value);
+                    }
+                }
+                self.skip_whitespace();
+                match self.peek() {
+                    Some(b',') => self.pos += 1,
+                    Some(b'}') => {
+                        self.pos += 1;
+                        break;
+                    }
+                    _ => return self.fail("`,` or `}`"),
+                }
+            }
+        }
+        self.skip_whitespace();
+        if self.pos == self.text.len() {
+            Ok(())
+        } else {
+            self.fail("the end of the payload after the event object")
+        }
+    }
+
+    /// A member's value (at its first byte): strings decoded, containers skipped.
+    #[inline(always)]
+    fn value(&mut self) -> Scan<Value<'a>> {
+        match self.peek() {
+            Some(b'"') => self.string().map(Value::Str),
+            Some(b'{' | b'[') => self.skip_value().map(|()| Value::Other),
+            Some(b't') => self.literal(b"true").map(|()| Value::Bool(true)),
+            Some(b'f') => self.literal(b"false").map(|()| Value::Bool(false)),
+            Some(b'n') => self.literal(b"null").map(|()| Value::Null),
+            Some(b'-' | b'0'..=b'9') => {
+                let start = self.pos;
+                match self.number()? {
+                    Number::Int(i) => Ok(Value::Int(i)),
+                    Number::Other => {
+                        // As serde_json: a number beyond `f64` is an error, not a value.
+                        let finite = self
+                            .text
+                            .get(start..self.pos)
+                            .and_then(|n| n.parse::<f64>().ok())
+                            .is_some_and(f64::is_finite);
+                        if finite {
+                            Ok(Value::Other)
+                        } else {
+                            Err(SyntaxError {
+                                at: start,
+                                expected: "a number within the range of an f64",
+                            })
+                        }
+                    }
+                }
+            }
+            _ => self.fail("a JSON value"),
+        }
+    }
+
+    fn literal(&mut self, word: &'static [u8]) -> Scan<()> {
+        if self.bytes()[self.pos..].starts_with(word) {
+            self.pos += word.len();
+            Ok(())
+        } else {
+            self.fail("`true`, `false` or `null`")
+        }
+    }
+
+    /// A number (at its first byte, `-` or a digit), as the JSON grammar writes it.
+    fn number(&mut self) -> Scan<Number> {
+        let bytes = self.bytes();
+        let negative = self.peek() == Some(b'-');
+        if negative {
+            self.pos += 1;
+        }
+        let mut magnitude: u64 = 0;
+        let mut fits = true;
+        match self.peek() {
+            Some(b'0') => self.pos += 1,
+            Some(b'1'..=b'9') => {
+                while let Some(&d @ b'0'..=b'9') = bytes.get(self.pos) {
+                    match magnitude
+                        .checked_mul(10)
+                        .and_then(|m| m.checked_add(u64::from(d - b'0')))
+                    {
+                        Some(m) => magnitude = m,
+                        None => fits = false,
+                    }
+                    self.pos += 1;
+                }
+            }
+            _ => return self.fail("a digit"),
+        }
+        let mut integer = fits;
+        if self.peek() == Some(b'.') {
+            self.pos += 1;
+            self.digits()?;
+            integer = false;
+        }
+        if matches!(self.peek(), Some(b'e' | b'E')) {
+            self.pos += 1;
+            if matches!(self.peek(), Some(b'+' | b'-')) {
+                self.pos += 1;
+            }
+            self.digits()?;
+            integer = false;
+        }
+        if !integer {
+            return Ok(Number::Other);
+        }
+        Ok(if negative {
+            // -1 ..= -2^63; `-0` is a float to serde_json.
+            match magnitude {
+                1..=0x8000_0000_0000_0000 => Number::Int((magnitude as i64).wrapping_neg()),
+                _ => Number::Other,
+            }
+        } else {
+            i64::try_from(magnitude).map_or(Number::Other, Number::Int)
+        })
+    }
+
+    /// One or more digits.
+    fn digits(&mut self) -> Scan<()> {
+        let start = self.pos;
+        while self.peek().is_some_and(|b| b.is_ascii_digit()) {
+            self.pos += 1;
+        }
+        if self.pos == start {
+            self.fail("a digit")
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Index of the first [`is_string_special`] byte at or after `from` (or the end):
+    /// eight bytes at a step while there are eight.
+    // Inlined into each caller's loop: the constants and the saved registers of a call
+    // cost more than the search itself on the short strings of an event (measured).
+    #[inline(always)]
+    fn plain_run_end(&self, mut from: usize) -> usize {
+        let bytes = self.bytes();
+        while let Some(word) = bytes.get(from..).and_then(<[u8]>::first_chunk::<8>) {
+            let special = string_special_bits(u64::from_le_bytes(*word));
+            if special != 0 {
+                return from + (special.trailing_zeros() / 8) as usize;
+            }
+            from += 8;
+        }
+        while bytes.get(from).is_some_and(|&b| !is_string_special(b)) {
+            from += 1;
+        }
+        from
+    }
+
+    /// A string (at its opening quote), borrowed when it has no escapes.
+    // Inlined into each caller's loop: the constants and the saved registers of a call
+    // cost more than the search itself on the short strings of an event (measured).
+    #[inline(always)]
+    fn string(&mut self) -> Scan<Cow<'a, str>> {
+        let start = self.pos + 1;
+        let end = self.plain_run_end(start);
+        match self.bytes().get(end) {
+            Some(b'"') => {
+                self.pos = end + 1;
+                // Both ends are at ASCII bytes (after a quote, at a quote).
+                match self.text.get(start..end) {
+                    Some(text) => Ok(Cow::Borrowed(text)),
+                    None => self.fail("a string"),
+                }
+            }
+            Some(b'\\') => self.escaped_string(start, end).map(Cow::Owned),
+            _ => {
+                self.pos = end;
+                self.fail("a closing `\"` (no control characters in a string)")
+            }
+        }
+    }
+
+    /// The rest of a string that has an escape at `escape`, decoded.
+    fn escaped_string(&mut self, start: usize, mut escape: usize) -> Scan<String> {
+        let mut out = String::with_capacity(escape - start + 16);
+        let mut run_start = start;
+        loop {
+            // `run_start` is after a quote or an escape, `escape` at a `\` or `"`: ASCII bytes.
+            out.push_str(self.text.get(run_start..escape).unwrap_or_default());
+            match self.bytes().get(escape) {
+                Some(b'"') => {
+                    self.pos = escape + 1;
+                    return Ok(out);
+                }
+                Some(b'\\') => {
+                    self.pos = escape + 1;
+                    self.unescape_into(&mut out)?;
+                }
+                _ => {
+                    self.pos = escape;
+                    return self.fail("a closing `\"` (no control characters in a string)");
+                }
+            }
+            run_start = self.pos;
+            escape = self.plain_run_end(run_start);
+        }
+    }
+
+    /// One escape (after its `\`), decoded into `out`; `\u` escapes must pair surrogates.
+    fn unescape_into(&mut self, out: &mut String) -> Scan<()> {
+        let Some(b) = self.peek() else {
+            return self.fail("an escape");
+        };
+        self.pos += 1;
+        let c = match b {
+            b'"' => '"',
+            b'\\' => '\\',
+            b'/' => '/',
+            b'b' => '\u{8}',
+            b'f' => '\u{c}',
+            b'n' => '\n',
+            b'r' => '\r',
+            b't' => '\t',
+            b'u' => {
+                let first = self.hex4()?;
+                let code = match first {
+                    0xDC00..=0xDFFF => {
+                        return self.fail("a leading surrogate before a trailing one")
+                    }
+                    0xD800..=0xDBFF => {
+                        if !self.bytes()[self.pos..].starts_with(b"\\u") {
+                            return self.fail("a `\\u` trailing surrogate after a leading one");
+                        }
+                        self.pos += 2;
+                        let second = self.hex4()?;
+                        if !(0xDC00..=0xDFFF).contains(&second) {
+                            return self.fail("a trailing surrogate after a leading one");
+                        }
+                        0x10000 + ((u32::from(first) - 0xD800) << 10) + (u32::from(second) - 0xDC00)
+                    }
+                    code => u32::from(code),
+                };
+                match char::from_u32(code) {
+                    Some(c) => c,
+                    None => return self.fail("a Unicode scalar value"),
+                }
+            }
+            _ => {
+                self.pos -= 1;
+                return self.fail("an escape: one of `\"\\/bfnrt` or `u` and four hex digits");
+            }
+        };
+        out.push(c);
+        Ok(())
+    }
+
+    /// Four hex digits.
+    fn hex4(&mut self) -> Scan<u16> {
+        let mut value = 0;
+        for _ in 0..4 {
+            match self.peek().and_then(hex_digit) {
+                Some(digit) => value = value << 4 | digit,
+                None => return self.fail("four hex digits after `\\u`"),
+            }
+            self.pos += 1;
+        }
+        Ok(value)
+    }
+
+    /// Checks a string (at its opening quote) without decoding it: escapes must be valid, a
+    /// `\u` escape four hex digits.
+    // Inlined into each caller's loop: the constants and the saved registers of a call
+    // cost more than the search itself on the short strings of an event (measured).
+    #[inline(always)]
+    fn skip_string(&mut self) -> Scan<()> {
+        let mut at = self.plain_run_end(self.pos + 1);
+        loop {
+            match self.bytes().get(at) {
+                Some(b'"') => {
+                    self.pos = at + 1;
+                    return Ok(());
+                }
+                Some(b'\\') => {
+                    self.pos = at + 1;
+                    match self.peek() {
+                        Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => {
+                            self.pos += 1
+                        }
+                        Some(b'u') => {
+                            self.pos += 1;
+                            self.hex4()?;
+                        }
+                        _ => {
+                            return self
+                                .fail("an escape: one of `\"\\/bfnrt` or `u` and four hex digits")
+                        }
+                    }
+                    at = self.plain_run_end(self.pos);
+                }
+                _ => {
+                    self.pos = at;
+                    return self.fail("a closing `\"` (no control characters in a string)");
+                }
+            }
+        }
+    }
+
+    /// Checks and skips one value (at its first byte) of any depth, without recursion.
+    fn skip_value(&mut self) -> Scan<()> {
+        let mut nesting = Nesting::default();
+        loop {
+            // At a value.
+            self.skip_whitespace();
+            match self.peek() {
+                Some(open @ (b'{' | b'[')) => {
+                    self.pos += 1;
+                    self.skip_whitespace();
+                    let (object, close) = if open == b'{' {
+                        (true, b'}')
+                    } else {
+                        (false, b']')
+                    };
+                    if self.peek() == Some(close) {
+                        self.pos += 1;
+                    } else {
+                        nesting.push(object);
+                        if object {
+                            self.skip_member_name()?;
+                        }
+                        continue;
+                    }
+                }
+                Some(b'"') => self.skip_string()?,
+                Some(b't') => self.literal(b"true")?,
+                Some(b'f') => self.literal(b"false")?,
+                Some(b'n') => self.literal(b"null")?,
+                Some(b'-' | b'0'..=b'9') => {
+                    self.number()?;
+                }
+                _ => return self.fail("a JSON value"),
+            }
+            // After a value: close the containers it ends, or go on to the next value.
+            loop {
+                let Some(object) = nesting.innermost_is_object() else {
+                    return Ok(());
+                };
+                self.skip_whitespace();
+                match (self.peek(), object) {
+                    (Some(b','), _) => {
+                        self.pos += 1;
+                        if object {
+                            self.skip_whitespace();
+                            self.skip_member_name()?;
+                        }
+                        break;
+                    }
+                    (Some(b'}'), true) | (Some(b']'), false) => {
+                        self.pos += 1;
+                        nesting.pop();
+                    }
+                    (_, true) => return self.fail("`,` or `}`"),
+                    (_, false) => return self.fail("`,` or `]`"),
+                }
+            }
+        }
+    }
+
+    /// A member name inside a skipped object (at its first byte) and the `:` after it.
+    fn skip_member_name(&mut self) -> Scan<()> {
+        if self.peek() != Some(b'"') {
+            return self.fail("a member name");
+        }
+        self.skip_string()?;
+        self.eat(b':', "`:`")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use bytes::Bytes;
+    use cloudevents::event::Data;
+    use cloudevents::{AttributesWriter, Event, EventBuilder, EventBuilderV10};
+    use proptest::prelude::*;
+    use serde_json::value::RawValue;
+
+    use super::*;
+    use crate::codec::{decode, encode, ContentMode, HeaderMap, STRUCTURED_CONTENT_TYPE};
+
+    /// A member as read, for comparing the pass with the reference reader.
+    #[derive(Debug, PartialEq)]
+    enum Read {
+        Null,
+        Str(String),
+        Bool(bool),
+        Int(i64),
+        Other,
+        Data(String),
+    }
+
+    impl From<Value<'_>> for Read {
+        fn from(value: Value<'_>) -> Self {
+            match value {
+                Value::Null => Read::Null,
+                Value::Str(text) => Read::Str(text.into_owned()),
+                Value::Bool(b) => Read::Bool(b),
+                Value::Int(i) => Read::Int(i),
+                Value::Other => Read::Other,
+            }
+        }
+    }
+
+    /// The members the pass read, by name (each with its last value), in the form
+    /// [`normalized`] gives.
+    fn members(event: JsonEvent<'_>) -> BTreeMap<String, Read> {
+        let mut out = BTreeMap::new();
+        if let Some(version) = event.specversion {
+            out.insert("specversion".to_owned(), version.into());
+        }
+        let attributes = V10_ATTRIBUTES
+            .into_iter()
+            .zip(event.parts.attributes)
+            .chain([("datacontenttype", event.parts.datacontenttype)]);
+        for (i, (name, value)) in attributes.enumerate() {
+            if let Some(text) = value {
+                out.insert(name.to_owned(), Read::Str(text.into_owned()));
+            } else if event.not_strings & (1 << i) != 0 {
+                out.insert(name.to_owned(), Read::Other);
+            }
+        }
+        if event.has_data_base64 {
+            out.insert("data_base64".to_owned(), Read::Other);
+        }
+        if let Some(data) = event.data {
+            out.insert("data".to_owned(), Read::Data(data.to_owned()));
+        }
+        for (name, value) in event.parts.extensions {
+            let value = match value {
+                ExtensionValue::String(text) => Read::Str(text),
+                ExtensionValue::Boolean(b) => Read::Bool(b),
+                ExtensionValue::Integer(i) => Read::Int(i),
+            };
+            out.insert(name.into_owned(), value);
+        }
+        for name in event.bad_extensions {
+            out.insert(name.into_owned(), Read::Other);
+        }
+        out
+    }
+
+    /// What the pass keeps of each member: `null` is absent (but for `specversion`, kept as
+    /// read, and `data`, kept as its text); a spec attribute or extension that is not what it
+    /// must be is `Other`, and so is any `data_base64`.
+    fn normalized(members: BTreeMap<String, Read>) -> BTreeMap<String, Read> {
+        members
+            .into_iter()
+            .filter_map(|(name, value)| {
+                let value = match (name.as_str(), value) {
+                    ("specversion", value) | ("data", value) => value,
+                    (_, Read::Null) => return None,
+                    ("data_base64", _) => Read::Other,
+                    (
+                        "id" | "source" | "type" | "subject" | "time" | "dataschema"
+                        | "datacontenttype",
+                        Read::Str(text),
+                    ) => Read::Str(text),
+                    (
+                        "id" | "source" | "type" | "subject" | "time" | "dataschema"
+                        | "datacontenttype",
+                        _,
+                    ) => Read::Other,
+                    (_, value) => value,
+                };
+                Some((name, value))
+            })
+            .collect()
+    }
+
+    /// The reference: serde_json reading the payload as this module's pass replaced it
+    /// (`data` as a `RawValue`, every other member through `deserialize_any`, arrays and
+    /// objects in it skipped with `IgnoredAny`), with each member's last value.
+    fn reference(payload: &[u8]) -> Option<BTreeMap<String, Read>> {
+        struct Member(Read);
+        impl<'de> serde::Deserialize<'de> for Member {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                struct Visitor;
+                impl<'de> serde::de::Visitor<'de> for Visitor {
+                    type Value = Member;
+                    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                        f.write_str("a JSON value")
+                    }
+                    fn visit_unit<E>(self) -> Result<Member, E> {
+                        Ok(Member(Read::Null))
+                    }
+                    fn visit_bool<E>(self, v: bool) -> Result<Member, E> {
+                        Ok(Member(Read::Bool(v)))
+                    }
+                    fn visit_i64<E>(self, v: i64) -> Result<Member, E> {
+                        Ok(Member(Read::Int(v)))
+                    }
+                    fn visit_u64<E>(self, v: u64) -> Result<Member, E> {
+                        Ok(Member(i64::try_from(v).map_or(Read::Other, Read::Int)))
+                    }
+                    fn visit_f64<E>(self, _: f64) -> Result<Member, E> {
+                        Ok(Member(Read::Other))
+                    }
+                    fn visit_str<E>(self, v: &str) -> Result<Member, E> {
+                        Ok(Member(Read::Str(v.to_owned())))
+                    }
+                    fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                        self,
+                        mut seq: A,
+                    ) -> Result<Member, A::Error> {
+                        while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                        Ok(Member(Read::Other))
+                    }
+                    fn visit_map<A: serde::de::MapAccess<'de>>(
+                        self,
+                        mut map: A,
+                    ) -> Result<Member, A::Error> {
+                        while map
+                            .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+                            .is_some()
+                        {}
+                        Ok(Member(Read::Other))
+                    }
+                }
+                d.deserialize_any(Visitor)
+            }
+        }
+        struct Members(BTreeMap<String, Read>);
+        impl<'de> serde::Deserialize<'de> for Members {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                struct Visitor;
+                impl<'de> serde::de::Visitor<'de> for Visitor {
+                    type Value = Members;
+                    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                        f.write_str("a JSON object")
+                    }
+                    fn visit_map<A: serde::de::MapAccess<'de>>(
+                        self,
+                        mut map: A,
+                    ) -> Result<Members, A::Error> {
+                        let mut out = BTreeMap::new();
+                        while let Some(name) = map.next_key::<String>()? {
+                            let value = if name == "data" {
+                                Read::Data(map.next_value::<&RawValue>()?.get().to_owned())
+                            } else {
+                                map.next_value::<Member>()?.0
+                            };
+                            out.insert(name, value);
+                        }
+                        Ok(Members(out))
+                    }
+                }
+                d.deserialize_map(Visitor)
+            }
+        }
+        let text = std::str::from_utf8(payload).ok()?;
+        serde_json::from_str::<Members>(text)
+            .ok()
+            .map(|m| normalized(m.0))
+    }
+
+    fn ours(payload: &[u8]) -> Option<BTreeMap<String, Read>> {
+        read_event(payload).ok().map(members)
+    }
+
+    #[test]
+    fn strings_are_borrowed_unless_escaped_and_escapes_are_decoded() {
+        let event = read_event(
+            br#"{"id":"plain text","source":"a\"b\\c\/d\b\f\n\r\t\u00e9\ud83d\ude00 end"}"#,
+        )
+        .unwrap();
+        let [id, source, ..] = event.parts.attributes;
+        assert!(matches!(id, Some(Cow::Borrowed("plain text"))));
+        match source {
+            Some(Cow::Owned(text)) => {
+                assert_eq!(text, "a\"b\\c/d\u{8}\u{c}\n\r\té😀 end")
+            }
+            _ => panic!("an escaped string is decoded"),
+        }
+    }
+
+    #[test]
+    fn data_is_kept_as_its_json_text() {
+        let payload = br#"{ "data" :  {"a": [1, -2.5e3, "\ud800", {}], "b" : null}  , "id":"1"}"#;
+        let event = read_event(payload).unwrap();
+        assert_eq!(
+            event.data,
+            Some(r#"{"a": [1, -2.5e3, "\ud800", {}], "b" : null}"#)
+        );
+        assert_eq!(read_event(br#"{"data":"x"}"#).unwrap().data, Some(r#""x""#));
+        assert_eq!(read_event(br#"{"data":null}"#).unwrap().data, Some("null"));
+    }
+
+    #[test]
+    fn numbers_are_integers_only_when_serde_json_reads_them_so() {
+        let read = |n: &str| {
+            let payload = format!(r#"{{"ext":{n}}}"#);
+            read_event(payload.as_bytes()).map(|e| members(e).remove("ext").unwrap())
+        };
+        assert_eq!(read("0").ok(), Some(Read::Int(0)));
+        assert_eq!(read("-7").ok(), Some(Read::Int(-7)));
+        assert_eq!(read("9223372036854775807").ok(), Some(Read::Int(i64::MAX)));
+        assert_eq!(read("-9223372036854775808").ok(), Some(Read::Int(i64::MIN)));
+        assert_eq!(read("9223372036854775808").ok(), Some(Read::Other));
+        assert_eq!(read("-9223372036854775809").ok(), Some(Read::Other));
+        assert_eq!(
+            read("123456789012345678901234567890").ok(),
+            Some(Read::Other)
+        );
+        assert_eq!(read("-0").ok(), Some(Read::Other));
+        assert_eq!(read("1.5").ok(), Some(Read::Other));
+        assert_eq!(read("1E+2").ok(), Some(Read::Other));
+        for bad in [
+            "01", "-", "+1", "1.", ".5", "1e", "1e+", "--1", "0x10", "1e400", "-1e400",
+        ] {
+            let err = read(bad)
+                .err()
+                .unwrap_or_else(|| panic!("{bad} is refused"));
+            assert_eq!(err.kind(), DecodeErrorKind::NotJson, "{bad}");
+        }
+    }
+
+    #[test]
+    fn malformed_json_is_not_json_and_says_where() {
+        let cases: [&[u8]; 16] = [
+            b"",
+            b"   ",
+            b"[]",
+            b"{",
+            b"{\"id\"}",
+            b"{\"id\":}",
+            b"{\"id\":\"1\",}",
+            b"{\"id\":\"1\"} x",
+            b"{\"id\":\"a\x01b\"}",
+            b"{\"id\":\"\\x\"}",
+            b"{\"id\":\"\\u12g4\"}",
+            b"{\"id\":\"\\ud800\"}",
+            b"{\"id\":\"\\udc00\"}",
+            b"{\"data\":[1,2}",
+            b"{\"data\":{\"a\" 1}}",
+            b"{\"id\":\"\xff\"}",
+        ];
+        for payload in cases {
+            let err = match read_event(payload) {
+                Ok(_) => panic!("{:?} is refused", String::from_utf8_lossy(payload)),
+                Err(e) => e,
+            };
+            assert_eq!(err.kind(), DecodeErrorKind::NotJson);
+            assert!(
+                reference(payload).is_none(),
+                "{:?}",
+                String::from_utf8_lossy(payload)
+            );
+        }
+        let err = read_event(br#"{"id":"1" "source":"s"}"#).err().unwrap();
+        assert_eq!(err.detail_text(), Some("at byte 10: expected `,` or `}`"));
+    }
+
+    #[test]
+    fn nesting_of_any_depth_is_checked_without_recursion() {
+        for depth in [1, 63, 64, 65, 128, 129, 100_000] {
+            let nested = format!(
+                r#"{{"data":{}{}{}}}"#,
+                r#"[{"a":"#.repeat(depth),
+                "1",
+                "}]".repeat(depth)
+            );
+            let event = read_event(nested.as_bytes()).unwrap_or_else(|e| panic!("{depth}: {e}"));
+            assert_eq!(event.data.map(str::len), Some(nested.len() - 9));
+            // One closing bracket swapped, at the innermost level and at the outermost.
+            let inner = nested.replacen("}]", "]]", 1);
+            assert!(read_event(inner.as_bytes()).is_err(), "{depth}");
+            let closes = "}]".repeat(depth);
+            let outer = format!(
+                r#"{{"data":{}1{}}}}}"#,
+                r#"[{"a":"#.repeat(depth),
+                &closes[..closes.len() - 1]
+            );
+            assert!(read_event(outer.as_bytes()).is_err(), "{depth}");
+        }
+    }
+
+    #[test]
+    fn a_repeated_member_counts_with_its_last_value() {
+        let event = read_event(br#"{"id":"1","x":1,"id":"2","x":null,"y":true,"x":"3"}"#).unwrap();
+        let map = members(event);
+        assert_eq!(map.get("id"), Some(&Read::Str("2".into())));
+        assert_eq!(map.get("x"), Some(&Read::Str("3".into())));
+        assert_eq!(map.get("y"), Some(&Read::Bool(true)));
+    }
+
+    #[test]
+    fn member_names_with_escapes_are_matched_decoded() {
+        let event = read_event(br#"{"\u0069d":"1","d\u0061ta":[1]}"#).unwrap();
+        assert!(matches!(&event.parts.attributes[0], Some(id) if id == "1"));
+        assert_eq!(event.data, Some("[1]"));
+    }
+
+    #[test]
+    fn json_string_reads_exactly_one_string() {
+        assert_eq!(json_string(r#""h\u00e9""#).as_deref(), Some("hé"));
+        assert_eq!(json_string(r#""""#).as_deref(), Some(""));
+        for bad in [r#""a" "#, "1", r#"{"a":1}"#, r#""a"#, r#""\ud800""#, ""] {
+            assert_eq!(json_string(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn special_bytes_are_found_at_every_position_of_a_word() {
+        for position in 0..8 {
+            for byte in 0..=255u8 {
+                let mut word = *b"abcdefgh";
+                word[position] = byte;
+                let bits = string_special_bits(u64::from_le_bytes(word));
+                let found = (bits != 0).then(|| bits.trailing_zeros() as usize / 8);
+                let expected = is_string_special(byte).then_some(position);
+                assert_eq!(found, expected, "byte {byte:#x} at {position}");
+            }
+        }
+    }
+
+    /// A JSON value as text, with the shapes the pass treats differently: escapes, surrogates,
+    /// numbers at the edges of `i64` and `f64`, nested containers.
+    fn json_value() -> impl Strategy<Value = String> {
+        let leaf = prop_oneof![
+            Just("null".to_owned()),
+            Just("true".to_owned()),
+            Just("false".to_owned()),
+            Just("0".to_owned()),
+            Just("-0".to_owned()),
+            Just("-12".to_owned()),
+            Just("9223372036854775808".to_owned()),
+            Just("-9223372036854775808".to_owned()),
+            Just("18446744073709551616".to_owned()),
+            Just("1.5e3".to_owned()),
+            Just("-2.5E-3".to_owned()),
+            Just("1e400".to_owned()),
+            Just(r#""""#.to_owned()),
+            Just(r#""caf\u00e9 \ud83d\ude00""#.to_owned()),
+            Just(r#""\ud83d""#.to_owned()),
+            Just(r#""\udc00x""#.to_owned()),
+            Just(r#""\"\\\/\b\f\n\r\t""#.to_owned()),
+            any::<i64>().prop_map(|i| i.to_string()),
+            any::<String>().prop_map(|s| serde_json::to_string(&s).unwrap()),
+        ];
+        leaf.prop_recursive(4, 24, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4)
+                    .prop_map(|items| format!("[{}]", items.join(", "))),
+                proptest::collection::vec((member_name_text(), inner), 0..4).prop_map(|members| {
+                    let members: Vec<String> = members
+                        .into_iter()
+                        .map(|(n, v)| format!("{n}:{v}"))
+                        .collect();
+                    format!("{{ {} }}", members.join(","))
+                }),
+            ]
+        })
+    }
+
+    fn member_name_text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just(r#""specversion""#.to_owned()),
+            Just(r#""id""#.to_owned()),
+            Just(r#""source""#.to_owned()),
+            Just(r#""type""#.to_owned()),
+            Just(r#""time""#.to_owned()),
+            Just(r#""datacontenttype""#.to_owned()),
+            Just(r#""data""#.to_owned()),
+            Just(r#""data_base64""#.to_owned()),
+            Just(r#""d\u0061ta""#.to_owned()),
+            Just(r#""ext""#.to_owned()),
+            "\"[a-z]{1,8}\"",
+        ]
+    }
+
+    /// A JSON event object as text, then changed at up to three places (a byte deleted,
+    /// replaced or inserted: one of the bytes JSON's grammar turns on, or a byte that is not
+    /// UTF-8).
+    fn payload() -> impl Strategy<Value = Vec<u8>> {
+        let whitespace = prop_oneof![Just(""), Just(" "), Just("\n\t "), Just("\r")];
+        let members =
+            proptest::collection::vec((member_name_text(), json_value(), whitespace), 0..8);
+        let edits = proptest::collection::vec(
+            (
+                any::<proptest::sample::Index>(),
+                0..3u8,
+                proptest::sample::select(b"{}[],:\"\\ 0-eE.u\x01\xc3ntf".to_vec()),
+            ),
+            0..3,
+        );
+        (members, edits).prop_map(|(members, edits)| {
+            let members: Vec<String> = members
+                .into_iter()
+                .map(|(n, v, ws)| format!("{ws}{n}{ws}:{ws}{v}{ws}"))
+                .collect();
+            let mut bytes = format!("{{{}}}", members.join(",")).into_bytes();
+            for (at, edit, byte) in edits {
+                let i = at.index(bytes.len() + 1);
+                match edit {
+                    0 if i < bytes.len() => {
+                        bytes.remove(i);
+                    }
+                    1 if i < bytes.len() => bytes[i] = byte,
+                    _ => bytes.insert(i, byte),
+                }
+            }
+            bytes
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(4000))]
+
+        /// The pass accepts exactly what serde_json accepted before it and reads the same
+        /// members; what it refuses is `NotJson` (`NotCloudEvent` without a CloudEvents
+        /// `Content-Type`), and `decode` never panics.
+        #[test]
+        fn the_pass_reads_what_serde_json_reads(payload in prop_oneof![
+            payload(),
+            proptest::collection::vec(any::<u8>(), 0..64),
+        ]) {
+            let ours_read = ours(&payload);
+            prop_assert_eq!(&ours_read, &reference(&payload), "{:?}", String::from_utf8_lossy(&payload));
+            let payload = Bytes::from(payload);
+            let mut ct = HeaderMap::new();
+            ct.insert("Content-Type", STRUCTURED_CONTENT_TYPE);
+            let with_ct = decode(Some(&ct), &payload);
+            let without = decode(None, &payload);
+            if ours_read.is_none() {
+                prop_assert_eq!(with_ct.err().map(|e| e.kind()), Some(DecodeErrorKind::NotJson));
+                prop_assert_eq!(without.err().map(|e| e.kind()), Some(DecodeErrorKind::NotCloudEvent));
+            }
+        }
+
+        /// Any 1.0 event encoded in structured mode decodes to itself, byte for byte: every
+        /// attribute and extension, and its data (JSON data as the JSON text the encoder wrote).
+        #[test]
+        fn structured_round_trip_is_exact(
+            (id, source, ty, subject) in (".+", ".+", ".+", proptest::option::of(".+")),
+            time in proptest::option::of((-62_167_219_200i64..253_402_300_800, 0..1_000_000_000u32)),
+            extensions in proptest::collection::vec(("[a-z][a-z0-9]{0,7}", prop_oneof![
+                any::<String>().prop_map(ExtensionValue::String),
+                any::<bool>().prop_map(ExtensionValue::Boolean),
+                any::<i64>().prop_map(ExtensionValue::Integer),
+            ]), 0..4),
+            data in prop_oneof![
+                Just(None),
+                any::<String>().prop_map(|t| {
+                    Some(("application/json", Data::Json(serde_json::Value::String(t))))
+                }),
+                Just(Some((
+                    "application/json",
+                    Data::Json(serde_json::json!({"a": [1, 2.5, null], "é": "x\u{1}"})),
+                ))),
+                any::<String>().prop_map(|t| Some(("text/plain", Data::String(t)))),
+                proptest::collection::vec(any::<u8>(), 0..40)
+                    .prop_map(|b| Some(("application/octet-stream", Data::Binary(b)))),
+            ],
+        ) {
+            let mut event = EventBuilderV10::new().id(id).source(source).ty(ty).build().unwrap();
+            event.set_subject(subject);
+            event.set_time(time.and_then(|(s, n)| chrono::DateTime::from_timestamp(s, n)));
+            for (name, value) in extensions {
+                if super::super::spec_attribute_name(&name).is_none() && name != "data" {
+                    event.set_extension(&name, value);
+                }
+            }
+            if let Some((ct, data)) = data {
+                event.set_data(ct, data);
+            }
+            let msg = encode(&event, ContentMode::Structured).unwrap();
+            let back = decode(Some(&msg.headers.to_header_map()), &msg.payload).unwrap();
+            let mut expected: Event = event.clone();
+            if let Some(Data::Json(value)) = event.data() {
+                expected.set_data_unchecked(serde_json::to_vec(value).unwrap());
+            }
+            prop_assert_eq!(back, expected);
+        }
+    }
+}
