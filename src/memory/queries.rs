@@ -38,6 +38,8 @@ struct Inner {
     /// Cancelled when `close` has stopped the listeners: nothing is sent any more.
     closed: CancellationToken,
     listeners: Mutex<Vec<Listener>>,
+    /// The ops requested so far: checked, their metric labels built.
+    known_ops: crate::query::KnownOps,
 }
 
 /// The in-memory [`QueryConnection`]; made by
@@ -94,6 +96,7 @@ impl MemoryQueries {
                 closing: CancellationToken::new(),
                 closed: CancellationToken::new(),
                 listeners: Mutex::new(Vec::new()),
+                known_ops: Default::default(),
             }),
         }
     }
@@ -155,11 +158,22 @@ impl MemoryQueries {
     }
 
     /// Encodes a request that its requester waits `timeout` for (`Request-Timeout-Ms`).
-    fn prepare(&self, mut request: Event, timeout: Duration) -> Result<Prepared, RequestError> {
+    /// `traced`: the request came through [`traced_request`](crate::query::traced_request),
+    /// which did all but the source.
+    fn prepare(
+        &self,
+        mut request: Event,
+        timeout: Duration,
+        traced: bool,
+    ) -> Result<Prepared, RequestError> {
         if self.is_closed() {
             return Err(Error::new(RequestErrorKind::ConnectionClosed));
         }
-        prepare_request(&mut request, &self.inner.client_id)?;
+        if traced {
+            crate::event::populate_source(&mut request, &self.inner.client_id);
+        } else {
+            prepare_request(&mut request, &self.inner.client_id)?;
+        }
         let subject = request.ty().to_owned();
         let mut encoded = codec::encode(&request, self.inner.mode)
             .map_err(|e| e.map_kind(|_| RequestErrorKind::Encode))?;
@@ -194,7 +208,7 @@ impl MemoryQueries {
     /// One request on the bus and its one reply (inside [`traced_request`](crate::query::traced_request)).
     async fn request_once(&self, request: Event, timeout: Duration) -> Result<Event, RequestError> {
         let timeout = timeout.min(MAX_REQUEST_TIMEOUT);
-        let prepared = self.prepare(request, timeout)?;
+        let prepared = self.prepare(request, timeout, true)?;
         // One reply is all a request reads; a second one is dropped like a NATS reply to an
         // inbox that was already unsubscribed.
         let (inbox, mut replies) = Inbox::single();
@@ -227,7 +241,10 @@ impl QueryConnection for MemoryQueries {
         request: Event,
         timeout: Duration,
     ) -> Result<Event, RequestError> {
-        crate::query::traced_request(request, |request| self.request_once(request, timeout)).await
+        crate::query::traced_request(request, &self.inner.known_ops, |request| {
+            self.request_once(request, timeout)
+        })
+        .await
     }
 
     async fn request_stream(
@@ -248,7 +265,7 @@ impl QueryConnection for MemoryQueries {
                 .min(MAX_REQUEST_TIMEOUT),
         );
         let deadline = options.deadline.unwrap_or(self.inner.request_timeout);
-        let prepared = self.prepare(request, deadline)?;
+        let prepared = self.prepare(request, deadline, false)?;
         let (inbox, replies) = Inbox::new(self.capacity());
         let delivered = self.send(prepared, inbox.clone());
         let first: Vec<RawReply> = if delivered == 0 {
@@ -307,7 +324,7 @@ impl QueryConnection for MemoryQueries {
 
         let ctx = Arc::new(ServeContext {
             handlers,
-            source: self.inner.client_id.clone(),
+            source: self.inner.client_id.as_str().into(),
             by_subject,
         });
         let pool = WorkerPool::start(

@@ -130,7 +130,7 @@ pub(super) async fn listen(
 
     let serve = Arc::new(ServeContext {
         handlers,
-        source: inner.source.clone(),
+        source: inner.source.as_str().into(),
         by_subject,
     });
     // The serving future lives in place in its worker's task: no heap box per request.

@@ -15,6 +15,7 @@ use super::Inner;
 use crate::codec;
 use crate::config::MAX_REQUEST_TIMEOUT;
 use crate::error::{Error, RequestError, RequestErrorKind};
+use crate::event::populate_source;
 use crate::query::{
     header_size, interpret_reply, prepare_request, set_request_timeout, RawReply, ReplyStream,
     ReplyStreamOptions,
@@ -31,11 +32,21 @@ struct Outgoing {
     payload: Bytes,
 }
 
-/// Fills in source and transaction id, encodes in the connection's content mode with the
-/// requester's `timeout` (`Request-Timeout-Ms`), and refuses a message larger than the server
-/// accepts before anything is sent.
-fn prepare(inner: &Inner, mut request: Event, timeout: Duration) -> Result<Outgoing, RequestError> {
-    prepare_request(&mut request, &inner.source)?;
+/// Fills in source and transaction id (only the source for a request that came through
+/// [`traced_request`](crate::query::traced_request), which did the rest), encodes in the
+/// connection's content mode with the requester's `timeout` (`Request-Timeout-Ms`), and
+/// refuses a message larger than the server accepts before anything is sent.
+fn prepare(
+    inner: &Inner,
+    mut request: Event,
+    timeout: Duration,
+    traced: bool,
+) -> Result<Outgoing, RequestError> {
+    if traced {
+        populate_source(&mut request, &inner.source);
+    } else {
+        prepare_request(&mut request, &inner.source)?;
+    }
     let subject = request.ty().to_owned();
     let mut encoded = codec::encode(&request, inner.mode)
         .map_err(|e| e.map_kind(|_| RequestErrorKind::Encode))?;
@@ -137,7 +148,7 @@ pub(super) async fn request(
 ) -> Result<Event, RequestError> {
     check_connection(inner).await?;
     let timeout = timeout.min(MAX_REQUEST_TIMEOUT);
-    let out = prepare(inner, request, timeout)?;
+    let out = prepare(inner, request, timeout, true)?;
     // One timer bounds registering, handing the request to the connection (which can block
     // while the client's buffers are full) and the wait for the reply.
     let exchange = async {
@@ -198,7 +209,7 @@ pub(super) async fn request_stream(
         .unwrap_or(inner.default_timeout)
         .min(MAX_REQUEST_TIMEOUT);
     options.deadline = Some(deadline);
-    let out = prepare(inner, request, deadline)?;
+    let out = prepare(inner, request, deadline, false)?;
     let waiter = inner
         .mux
         .many(STREAM_CAPACITY)
