@@ -387,7 +387,12 @@ fn raw_request(message: BusMessage, max_payload: usize) -> RawRequest {
     let reply = message
         .reply
         .map(|inbox| Arc::new(SizedReply { inbox, max_payload }) as Arc<dyn ReplyTarget>);
-    RawRequest::received(message.subject, message.headers, message.payload, reply)
+    RawRequest::received(
+        message.subject.into(),
+        message.headers,
+        message.payload,
+        reply,
+    )
 }
 
 /// A requester's inbox as a reply target that knows the broker's `max_payload`, so a reply

@@ -70,13 +70,7 @@ fn raw_request(client: &Arc<Client>, message: async_nats::Message) -> RawRequest
             subject,
         }) as Arc<dyn ReplyTarget>
     });
-    RawRequest::received(
-        // Copied as a str: `to_string` would go through the formatting machinery.
-        message.subject.as_str().to_owned(),
-        message.headers,
-        message.payload,
-        reply,
-    )
+    RawRequest::received(message.subject, message.headers, message.payload, reply)
 }
 
 /// Subscribes and starts serving `handlers`.

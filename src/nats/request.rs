@@ -3,6 +3,7 @@
 //! scatter-gather from many repliers). The reply rules are the shared layer's
 //! ([`interpret_reply`], [`ReplyStream::from_raw`]).
 
+use std::future::Future;
 use std::time::Duration;
 
 use async_nats::connection::State;
@@ -141,22 +142,35 @@ fn map_publish_error(inner: &Inner, err: async_nats::PublishError) -> RequestErr
 /// Sends `request` on its op and waits up to `timeout` (clamped to
 /// [`MAX_REQUEST_TIMEOUT`]) for the one reply, through the connection's multiplexer (whose
 /// entry for this request is gone when this returns, whatever the outcome).
-pub(super) async fn request(
+///
+/// The request is encoded when this is called (encoding has no effects), so the future holds
+/// the encoded message instead of the event; a closed or lost connection is still reported
+/// before an encoding error.
+pub(super) fn request(
     inner: &Inner,
     request: Event,
     timeout: Duration,
-) -> Result<Event, RequestError> {
-    check_connection(inner).await?;
+) -> impl Future<Output = Result<Event, RequestError>> + Send + '_ {
     let timeout = timeout.min(MAX_REQUEST_TIMEOUT);
-    let out = prepare(inner, request, timeout, true)?;
+    let prepared = prepare(inner, request, timeout, true);
+    async move {
+        check_connection(inner).await?;
+        exchange(inner, prepared?, timeout).await
+    }
+}
+
+/// Sends a prepared request and waits up to `timeout` for its one reply.
+async fn exchange(inner: &Inner, out: Outgoing, timeout: Duration) -> Result<Event, RequestError> {
     // One timer bounds registering, handing the request to the connection (which can block
     // while the client's buffers are full) and the wait for the reply.
     let exchange = async {
-        let mut waiter = inner
-            .mux
-            .one()
-            .await
-            .map_err(|e| register_error(inner, e))?;
+        let registered = match inner.mux.one_now() {
+            Some(registered) => registered,
+            // The connection's first request subscribes the reply route: boxed, so that its
+            // state does not make every request's future larger.
+            None => Box::pin(inner.mux.one()).await,
+        };
+        let mut waiter = registered.map_err(|e| register_error(inner, e))?;
         inner
             .client
             .publish_with_reply_and_headers(

@@ -5,6 +5,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_nats::Subject;
 use bytes::Bytes;
 use cloudevents::AttributesReader;
 use futures::FutureExt;
@@ -112,7 +113,8 @@ fn deadline_of(timeout_ms: Option<&str>) -> Option<tokio::time::Instant> {
 
 /// A request as a backend receives it.
 pub(crate) struct RawRequest {
-    pub subject: String,
+    /// Shared bytes: taken from the received message without a copy.
+    pub subject: Subject,
     pub headers: Option<HeaderMap>,
     pub payload: Bytes,
     pub reply: Option<Arc<dyn ReplyTarget>>,
@@ -125,7 +127,7 @@ pub(crate) struct RawRequest {
 impl RawRequest {
     /// A request received now; its deadline and content mode are read from its headers.
     pub(crate) fn received(
-        subject: String,
+        subject: Subject,
         headers: Option<HeaderMap>,
         payload: Bytes,
         reply: Option<Arc<dyn ReplyTarget>>,
@@ -260,7 +262,7 @@ fn admit<'a>(request: RawRequest, ctx: &'a ServeContext, span: &tracing::Span) -
     {
         // Its requester gave up while it waited for a worker: nobody reads a reply.
         tracing::debug!(subject = %request.subject, "query dropped: its requester's timeout ran out");
-        Shed::Expired.count(&request.subject);
+        Shed::Expired.count(request.subject.as_str());
         return Admission::Dropped;
     }
     let mode = request.mode;
@@ -280,13 +282,13 @@ fn admit<'a>(request: RawRequest, ctx: &'a ServeContext, span: &tracing::Span) -
     telemetry::record_event(span, &event);
     let trace = telemetry::incoming(&event, !span.is_disabled());
     telemetry::record_trace(span, trace.as_ref());
-    if ctx.by_subject && event.ty() != request.subject {
+    if ctx.by_subject && event.ty() != request.subject.as_str() {
         // The subject chose this listener (and is what permissions look at); a request whose
         // type names another op must not reach that op's handler.
         let text = format!(
             "request type {:?} does not match its subject {:?}",
             event.ty(),
-            request.subject
+            request.subject.as_str()
         );
         tracing::warn!(subject = %request.subject, "event.type" = event.ty(), "query type does not match its subject");
         let writer = ReplyWriter::new(
@@ -308,7 +310,7 @@ fn admit<'a>(request: RawRequest, ctx: &'a ServeContext, span: &tracing::Span) -
     let op = if ctx.by_subject {
         request.subject
     } else {
-        event.ty().to_owned()
+        Subject::from(event.ty())
     };
     let writer = ReplyWriter::new(target, op, event.transaction_id(), mode, ctx.source.clone());
     let Some(entry) = ctx.handlers.get(writer.op()) else {

@@ -6,6 +6,7 @@ use std::future::Future;
 use futures::future::{self, Either, TryFutureExt};
 use std::sync::{Arc, Mutex};
 
+use async_nats::Subject;
 use async_trait::async_trait;
 use bytes::Bytes;
 use cloudevents::{AttributesReader, Event};
@@ -78,7 +79,7 @@ enum Unsent {
 
 struct ReplyInner {
     target: Arc<dyn ReplyTarget>,
-    op: String,
+    op: Subject,
     request_tid: Option<TransactionId>,
     mode: ContentMode,
     /// Shared with the listener: a copy per request would cost an allocation.
@@ -111,7 +112,7 @@ pub struct ReplyWriter {
 impl std::fmt::Debug for ReplyWriter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ReplyWriter")
-            .field("op", &self.inner.op)
+            .field("op", &self.inner.op.as_str())
             .field("transaction_id", &self.inner.request_tid)
             .finish()
     }
@@ -120,7 +121,7 @@ impl std::fmt::Debug for ReplyWriter {
 impl ReplyWriter {
     pub(crate) fn new(
         target: Arc<dyn ReplyTarget>,
-        op: String,
+        op: Subject,
         request_tid: Option<TransactionId>,
         mode: ContentMode,
         source: Arc<str>,
@@ -354,7 +355,7 @@ impl ReplyWriter {
     ) -> impl Future<Output = Result<(), ReplyError>> + Send + '_ {
         send_error_reply(
             self.inner.target.as_ref(),
-            &self.inner.op,
+            self.inner.op.as_str(),
             self.inner.request_tid.clone(),
             self.inner.mode,
             &self.inner.source,
