@@ -336,7 +336,7 @@ impl QueryConnection for MemoryQueries {
             },
         );
         let submitter = pool.submitter();
-        let stopping = pool.context().stopping;
+        let stopping = pool.context().stopping.clone();
         let source = self.inner.client_id.clone();
         let max_payload = self.inner.broker.options().max_payload;
         pool.spawn_intake(async move {

@@ -141,7 +141,7 @@ pub(super) async fn listen(
         client: Arc::new(inner.client.clone()),
         source: inner.source.clone(),
         subscriptions: Subscriptions::new(subscriptions),
-        stopping: pool.context().stopping,
+        stopping: pool.context().stopping.clone(),
         listener_token: token.clone(),
     };
     pool.spawn_intake(intake.run(pool.submitter()));
