@@ -215,15 +215,16 @@ pub(crate) fn serve_request<'a>(
         parent_span_id = Empty,
         code = Empty,
     );
-    let serving =
-        tracing::Instrument::instrument(serve(request, ctx, work, span.clone()), span.clone());
-    async move {
-        let (outcome, code) = serving.await;
-        if let Some(code) = code {
-            span.record("code", code);
-        }
-        outcome
-    }
+    // A combinator, not an `async move` block: a block would hold the serving future twice
+    // (as its capture and as the awaited value), 1.9 KB instead of under 1 KB.
+    tracing::Instrument::instrument(serve(request, ctx, work, span.clone()), span.clone()).map(
+        move |(outcome, code)| {
+            if let Some(code) = code {
+                span.record("code", code);
+            }
+            outcome
+        },
+    )
 }
 
 /// What a received request comes to once it is decoded and looked up. Worked out before
