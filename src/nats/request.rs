@@ -4,6 +4,8 @@
 //! ([`interpret_reply`], [`ReplyStream::from_raw`]).
 
 use std::future::Future;
+
+use futures::future::{self, Either, FutureExt};
 use std::time::Duration;
 
 use async_nats::connection::State;
@@ -112,18 +114,25 @@ fn disconnected(inner: &Inner, prefix: &str) -> Option<RequestError> {
 /// caller retrying in a loop would never give the connection's own task (on the same worker
 /// thread) a turn to reconnect.
 async fn check_connection(inner: &Inner) -> Result<(), RequestError> {
-    let refused = if inner.events.is_closed() {
+    match refusal(inner) {
+        Some(err) => refuse(err).await,
+        None => Ok(()),
+    }
+}
+
+/// Why a request cannot be sent now (closed, or disconnected), if it cannot.
+fn refusal(inner: &Inner) -> Option<RequestError> {
+    if inner.events.is_closed() {
         Some(Error::new(RequestErrorKind::ConnectionClosed))
     } else {
         disconnected(inner, "")
-    };
-    match refused {
-        Some(err) => {
-            tokio::task::yield_now().await;
-            Err(err)
-        }
-        None => Ok(()),
     }
+}
+
+/// Fails with `err` after a turn of the runtime (see [`check_connection`]).
+async fn refuse<T>(err: RequestError) -> Result<T, RequestError> {
+    tokio::task::yield_now().await;
+    Err(err)
 }
 
 fn map_publish_error(inner: &Inner, err: async_nats::PublishError) -> RequestError {
@@ -153,17 +162,26 @@ pub(super) fn request(
 ) -> impl Future<Output = Result<Event, RequestError>> + Send + '_ {
     let timeout = timeout.min(MAX_REQUEST_TIMEOUT);
     let prepared = prepare(inner, request, timeout, true);
-    async move {
-        check_connection(inner).await?;
-        exchange(inner, prepared?, timeout).await
+    // No `async` block around `exchange`: it would hold the prepared request twice.
+    if let Some(refused) = refusal(inner) {
+        return Either::Left(Either::Left(refuse(refused)));
+    }
+    match prepared {
+        Ok(out) => Either::Right(exchange(inner, out, timeout)),
+        Err(err) => Either::Left(Either::Right(future::ready(Err(err)))),
     }
 }
 
-/// Sends a prepared request and waits up to `timeout` for its one reply.
-async fn exchange(inner: &Inner, out: Outgoing, timeout: Duration) -> Result<Event, RequestError> {
-    // One timer bounds registering, handing the request to the connection (which can block
-    // while the client's buffers are full) and the wait for the reply.
-    let exchange = async {
+/// Sends a prepared request and waits up to `timeout` for its one reply. One timer bounds
+/// registering, handing the request to the connection (which can block while the client's
+/// buffers are full) and the wait for the reply. Not an `async fn`: the exchange takes the
+/// prepared request itself, and the reply is read by a `map`.
+fn exchange(
+    inner: &Inner,
+    out: Outgoing,
+    timeout: Duration,
+) -> impl Future<Output = Result<Event, RequestError>> + Send + '_ {
+    let exchange = async move {
         let registered = match inner.mux.one_now() {
             Some(registered) => registered,
             // The connection's first request subscribes the reply route: boxed, so that its
@@ -185,22 +203,24 @@ async fn exchange(inner: &Inner, out: Outgoing, timeout: Duration) -> Result<Eve
             .await
             .map_err(|_| Error::new(RequestErrorKind::ConnectionClosed))
     };
-    let message: Message = match tokio::time::timeout(timeout, exchange).await {
-        Err(_) => {
-            let prefix = format!("no reply within {timeout:?}: ");
-            return Err(disconnected(inner, &prefix).unwrap_or_else(|| {
-                Error::with_detail(
-                    RequestErrorKind::TimedOut,
-                    format!("no reply within {timeout:?}"),
-                )
-            }));
+    tokio::time::timeout(timeout, exchange).map(move |result| {
+        let message: Message = match result {
+            Err(_) => {
+                let prefix = format!("no reply within {timeout:?}: ");
+                return Err(disconnected(inner, &prefix).unwrap_or_else(|| {
+                    Error::with_detail(
+                        RequestErrorKind::TimedOut,
+                        format!("no reply within {timeout:?}"),
+                    )
+                }));
+            }
+            Ok(result) => result?,
+        };
+        if message.status == Some(StatusCode::NO_RESPONDERS) {
+            return Err(Error::new(RequestErrorKind::NoResponders));
         }
-        Ok(result) => result?,
-    };
-    if message.status == Some(StatusCode::NO_RESPONDERS) {
-        return Err(Error::new(RequestErrorKind::NoResponders));
-    }
-    interpret_reply(message.headers.as_ref(), &message.payload).map(|(event, _)| event)
+        interpret_reply(message.headers.as_ref(), &message.payload).map(|(event, _)| event)
+    })
 }
 
 /// Registers a reply stream with the multiplexer, sends `request` with its reply subject, and

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use cloudevents::{AttributesReader, Event};
+use futures::future::{self, Either, FutureExt};
 
 use crate::codec::HeaderMap;
 use crate::error::{ListenError, RequestError, RequestErrorKind};
@@ -149,11 +150,16 @@ impl KnownOps {
 /// id and trace context here, and the time to its reply (or error) is recorded by op and
 /// outcome. Every backend's [`QueryConnection::request_with_timeout`] goes through here, and
 /// its `send` needs only to [`populate_source`] before it encodes.
-pub(crate) async fn traced_request<F, Fut>(
+///
+/// Not an `async fn`: the request is prepared and `send` called (inside the span) when this is
+/// called, and the outcome recorded by a `map`, so the future is the backend's future and a
+/// few words (an `async fn` would also hold the event; an `async` block awaiting the backend's
+/// future would hold that future twice).
+pub(crate) fn traced_request<F, Fut>(
     mut request: Event,
     known: &KnownOps,
     send: F,
-) -> Result<Event, RequestError>
+) -> impl Future<Output = Result<Event, RequestError>>
 where
     F: FnOnce(Event) -> Fut,
     Fut: Future<Output = Result<Event, RequestError>>,
@@ -170,18 +176,18 @@ where
         outcome = Empty,
     );
     let started = std::time::Instant::now();
-    let (op, ok_histogram) = match known.get(request.ty()) {
-        Some(known) => known,
-        None => match known.learn(request.ty()) {
-            Ok(known) => known,
-            Err(err) => {
-                let _entered = span.enter();
-                let outcome = request_outcome(err.kind());
-                record_failure(request.ty().to_owned(), outcome, started);
-                span.record("outcome", outcome);
-                return Err(err);
-            }
-        },
+    let known_op = match known.get(request.ty()) {
+        Some(known) => Ok(known),
+        None => known.learn(request.ty()),
+    };
+    let (op, ok_histogram) = match known_op {
+        Ok(known) => known,
+        Err(err) => {
+            let outcome = request_outcome(err.kind());
+            record_failure(request.ty().to_owned(), outcome, started);
+            span.record("outcome", outcome);
+            return Either::Left(future::ready(Err(err)));
+        }
     };
     if !crate::event::has_transaction_id(&request) {
         request.set_transaction_id(&TransactionId::generate());
@@ -189,20 +195,25 @@ where
     let trace = telemetry::outgoing(&mut request, !span.is_disabled());
     telemetry::record_event(&span, &request);
     telemetry::record_trace(&span, trace.as_ref());
-    let result = tracing::Instrument::instrument(send(request), span.clone()).await;
-    let outcome = match &result {
-        Ok(_) => {
-            ok_histogram.record(started.elapsed().as_secs_f64());
-            "ok"
-        }
-        Err(err) => {
-            let outcome = request_outcome(err.kind());
-            record_failure(op.as_ref().to_owned(), outcome, started);
-            outcome
-        }
+    let sending = {
+        let _entered = span.enter();
+        tracing::Instrument::instrument(send(request), span.clone())
     };
-    span.record("outcome", outcome);
-    result
+    Either::Right(sending.map(move |result| {
+        let outcome = match &result {
+            Ok(_) => {
+                ok_histogram.record(started.elapsed().as_secs_f64());
+                "ok"
+            }
+            Err(err) => {
+                let outcome = request_outcome(err.kind());
+                record_failure(op.as_ref().to_owned(), outcome, started);
+                outcome
+            }
+        };
+        span.record("outcome", outcome);
+        result
+    }))
 }
 
 fn record_failure(op: String, outcome: &'static str, started: std::time::Instant) {
