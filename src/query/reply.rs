@@ -332,11 +332,12 @@ impl ReplyWriter {
     /// Answers with an error: `Nats-Service-Error: <text>`, `Nats-Service-Error-Code: <code>`,
     /// and an event of type `<op>.error` with data `{"error": text, "code": code}`.
     ///
+    /// The error reply is encoded (and counts as sent) when this is called; the future
+    /// returned only sends it.
+    ///
     /// # Errors
     ///
     /// `AlreadyReplied`; `Send`.
-    ///
-    /// The error reply is encoded when this is called; the future returned only sends it.
     pub fn error(
         &self,
         code: u16,
