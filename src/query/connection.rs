@@ -127,13 +127,13 @@ type KnownOp = (Arc<str>, metrics::Histogram);
 
 impl KnownOps {
     /// `op` and its `ok` histogram when `op` is known.
-    fn get(&self, op: &str) -> Option<KnownOp> {
+    pub(super) fn get(&self, op: &str) -> Option<KnownOp> {
         let ops = self.ops.lock().ok()?;
         ops.iter().find(|(known, _)| known.as_ref() == op).cloned()
     }
 
     /// Checks `op`; `op` and the histogram of its `ok` outcome, remembered when there is room.
-    fn learn(&self, op: &str) -> Result<KnownOp, RequestError> {
+    pub(super) fn learn(&self, op: &str) -> Result<KnownOp, RequestError> {
         check_op(op)?;
         let histogram = metrics::histogram!(telemetry::metric_names::REQUEST_DURATION, "type" => op.to_owned(), "outcome" => "ok");
         let known: KnownOp = (op.into(), histogram);
