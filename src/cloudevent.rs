@@ -485,10 +485,19 @@ pub fn populate_source(event: &mut Event, source: &str) {
     }
 }
 
+/// The `transactionid` extension, found by walking the extensions: an event has a few, and
+/// walking them is cheaper than the SipHash a lookup in the sdk's map costs (issue 16).
+fn transaction_id_value(event: &Event) -> Option<&ExtensionValue> {
+    event
+        .iter_extensions()
+        .find(|(name, _)| *name == TRANSACTION_ID_EXTENSION)
+        .map(|(_, value)| value)
+}
+
 /// Whether [`EventExt::transaction_id`] would find one, without copying it out (the request,
 /// reply and response paths only ask whether to set one).
 pub(crate) fn has_transaction_id(event: &Event) -> bool {
-    match event.extension(TRANSACTION_ID_EXTENSION) {
+    match transaction_id_value(event) {
         Some(ExtensionValue::String(s)) => !s.is_empty(),
         Some(ExtensionValue::Integer(_) | ExtensionValue::Boolean(_)) => true,
         None => false,
@@ -527,7 +536,7 @@ pub trait EventExt {
 
 impl EventExt for Event {
     fn transaction_id(&self) -> Option<TransactionId> {
-        match self.extension(TRANSACTION_ID_EXTENSION) {
+        match transaction_id_value(self) {
             Some(ExtensionValue::String(s)) if !s.is_empty() => Some(TransactionId(s.clone())),
             Some(ExtensionValue::Integer(i)) => Some(TransactionId(i.to_string())),
             Some(ExtensionValue::Boolean(b)) => Some(TransactionId(b.to_string())),

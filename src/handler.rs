@@ -162,6 +162,15 @@ impl<H: ?Sized, M> Registry<H, M> {
     }
 
     pub(crate) fn get(&self, key: &str) -> Option<&Entry<H, M>> {
+        // A few keys (a listener of one or two types, the usual case): compared as strings,
+        // which is cheaper than hashing the key with SipHash.
+        if self.map.len() <= 4 {
+            return self
+                .map
+                .iter()
+                .find(|(k, _)| k.as_str() == key)
+                .map(|(_, entry)| entry);
+        }
         self.map.get(key)
     }
 

@@ -37,19 +37,31 @@ pub(crate) enum Outcome {
     Requeued,
 }
 
-/// Signals given to the code that processes one item.
+/// Signals given to the code that processes one item. Shared: each item gets a clone, which
+/// is one reference count (a clone of each token would lock each token's tree node twice).
 #[derive(Clone)]
-pub(crate) struct WorkContext {
+pub(crate) struct WorkContext(Arc<WorkSignals>);
+
+/// The signals of a [`WorkContext`].
+pub(crate) struct WorkSignals {
     /// Set when the listener begins to stop: items not yet started should be handed back.
     pub stopping: CancellationToken,
     /// Set when the grace period ran out: in-flight work must give up now.
     pub abort: CancellationToken,
     /// Set when the stop is over (every worker and the intake have ended).
     pub finished: CancellationToken,
-    crashed: Arc<AtomicBool>,
+    crashed: AtomicBool,
 }
 
-impl WorkContext {
+impl std::ops::Deref for WorkContext {
+    type Target = WorkSignals;
+
+    fn deref(&self) -> &WorkSignals {
+        &self.0
+    }
+}
+
+impl WorkSignals {
     /// True when the listener was aborted as if its process died: nothing must be settled.
     pub fn crashed(&self) -> bool {
         self.crashed.load(Ordering::SeqCst)
@@ -173,12 +185,12 @@ impl<M: Send + 'static> WorkerPool<M> {
             tx: Some(tx),
             available: available.clone(),
         };
-        let ctx = WorkContext {
+        let ctx = WorkContext(Arc::new(WorkSignals {
             stopping,
             abort: CancellationToken::new(),
             finished: CancellationToken::new(),
-            crashed: Arc::new(AtomicBool::new(false)),
-        };
+            crashed: AtomicBool::new(false),
+        }));
         let tracker = TaskTracker::new();
         let counters = Arc::new(Counters::default());
         let process = Arc::new(process);

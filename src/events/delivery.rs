@@ -224,7 +224,7 @@ pub(crate) fn start_delivery_pool(
             async move { process_delivery(delivery, &ctx, &work).await }.boxed()
         },
     );
-    window.spawn_keep_alive(keep_alive_every, pool.context().finished);
+    window.spawn_keep_alive(keep_alive_every, pool.context().finished.clone());
     pool
 }
 

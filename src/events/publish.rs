@@ -2,6 +2,7 @@
 //! shares: the `publish` span, the trace context put on the event, the outcome counted by type.
 
 use std::future::Future;
+use std::sync::Arc;
 
 use cloudevents::{AttributesReader, Event};
 
@@ -27,11 +28,50 @@ pub struct PublishAck {
     pub duplicate: bool,
 }
 
+/// The most types a connection remembers in its [`KnownTypes`]; publishes of further types
+/// build their metric labels per publish.
+const MAX_KNOWN_TYPES: usize = 64;
+
+/// The event types a connection has published: each one's `published` counter, registered
+/// once, at its first stored event (install a metrics recorder before the first publish), so
+/// that a publish of a known type builds no metric labels. Few types per connection, so a
+/// short list compared by string.
+#[derive(Default)]
+pub(crate) struct KnownTypes {
+    types: std::sync::Mutex<Vec<KnownType>>,
+}
+
+/// A known type (shared: other outcomes label their metric with it) and its `published`
+/// counter.
+type KnownType = (Arc<str>, metrics::Counter);
+
+impl KnownTypes {
+    fn get(&self, event_type: &str) -> Option<KnownType> {
+        let types = self.types.lock().ok()?;
+        types
+            .iter()
+            .find(|(t, _)| t.as_ref() == event_type)
+            .cloned()
+    }
+
+    /// The `published` counter of `event_type`, remembered when there is room.
+    fn learn(&self, event_type: &Arc<str>) -> metrics::Counter {
+        let counter = metrics::counter!(telemetry::metric_names::PUBLISHED, "type" => event_type.as_ref().to_owned());
+        if let Ok(mut types) = self.types.lock() {
+            if types.len() < MAX_KNOWN_TYPES && !types.iter().any(|(t, _)| t == event_type) {
+                types.push((event_type.clone(), counter.clone()));
+            }
+        }
+        counter
+    }
+}
+
 /// One publish inside a `publish` span: the event gets its trace context (see
-/// [`telemetry`]), the outcome is counted by type. Every backend's
-/// [`EventConnection::publish`] goes through here.
+/// [`telemetry`]), the outcome is counted by type (`known` keeps the connection's counters).
+/// Every backend's [`EventConnection::publish`] goes through here.
 pub(crate) async fn traced_publish<F, Fut>(
     mut event: Event,
+    known: &KnownTypes,
     publish: F,
 ) -> Result<PublishAck, PublishError>
 where
@@ -53,9 +93,21 @@ where
     telemetry::record_event(&span, &event);
     telemetry::record_trace(&span, trace.as_ref());
     // The metrics label; taken before the event moves into the backend.
-    let event_type = event.ty().to_owned();
+    let (event_type, published) = match known.get(event.ty()) {
+        Some((event_type, counter)) => (event_type, Some(counter)),
+        None => (Arc::from(event.ty()), None),
+    };
     let result = tracing::Instrument::instrument(publish(event), span.clone()).await;
-    span.record("outcome", count_publish(event_type, &result));
+    let outcome = match &result {
+        Ok(ack) if !ack.duplicate => {
+            published
+                .unwrap_or_else(|| known.learn(&event_type))
+                .increment(1);
+            "stored"
+        }
+        _ => count_publish(event_type.as_ref().to_owned(), &result),
+    };
+    span.record("outcome", outcome);
     result
 }
 

@@ -263,7 +263,7 @@ pub(crate) async fn listen(
         &inner.client,
         presence,
         &subjects,
-        pool.context().stopping,
+        pool.context().stopping.clone(),
         token.clone(),
     )
     .await;

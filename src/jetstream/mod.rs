@@ -75,6 +75,10 @@ pub(crate) struct Inner {
     pub(crate) config: Config,
     pub(crate) retry: PublishRetry,
     pub(crate) source: EventSource,
+    /// The last type's subject, for single publishes (see [`publish::SubjectCache`]).
+    pub(crate) subjects: publish::SubjectCache,
+    /// The types published so far and their metric handles.
+    pub(crate) known_types: crate::events::KnownTypes,
 }
 
 impl std::fmt::Debug for JetStreamEvents {
@@ -131,6 +135,8 @@ impl JetStreamEvents {
                 config,
                 retry,
                 source: EventSource::new(Arc::new(backend)),
+                subjects: Default::default(),
+                known_types: Default::default(),
             }),
         }
     }
@@ -282,7 +288,10 @@ impl JetStreamEvents {
 #[async_trait]
 impl EventConnection for JetStreamEvents {
     async fn publish(&self, event: Event) -> Result<PublishAck, PublishError> {
-        crate::events::traced_publish(event, |event| publish::publish(&self.inner, event)).await
+        crate::events::traced_publish(event, &self.inner.known_types, |event| {
+            publish::publish(&self.inner, event)
+        })
+        .await
     }
 
     async fn publish_all(&self, events: Vec<Event>) -> Vec<Result<PublishAck, PublishError>> {
@@ -297,7 +306,7 @@ impl EventConnection for JetStreamEvents {
         event: Event,
         options: PublishOptions,
     ) -> Result<PublishAck, PublishError> {
-        crate::events::traced_publish(event, |event| {
+        crate::events::traced_publish(event, &self.inner.known_types, |event| {
             publish::publish_with(&self.inner, event, &options)
         })
         .await

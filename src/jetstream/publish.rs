@@ -136,15 +136,34 @@ impl Prepared {
 }
 
 /// The most recent type's subject (at its priority level), so that a batch of one type
-/// formats it once.
+/// formats it once; the connection keeps one for its single publishes, so that a service
+/// publishing one type formats it once. A type is cached only after it passed
+/// [`check_type`], so a publish of the cached type skips that check.
 #[derive(Default)]
-struct SubjectCache {
-    last: Option<(String, u8, Subject)>,
+pub(crate) struct SubjectCache {
+    last: std::sync::Mutex<Option<(String, u8, Subject)>>,
 }
 
 impl SubjectCache {
-    fn subject(&mut self, config: &Config, event_type: &str, level: u8) -> Subject {
-        match &self.last {
+    /// Whether `event_type` is the cached one (it passed [`check_type`]).
+    fn knows(&self, event_type: &str) -> bool {
+        self.last
+            .lock()
+            .is_ok_and(|last| last.as_ref().is_some_and(|(ty, _, _)| ty == event_type))
+    }
+
+    /// The subject of `event_type` (checked by the caller) at `level`.
+    fn subject(&self, config: &Config, event_type: &str, level: u8) -> Subject {
+        let Ok(mut last) = self.last.lock() else {
+            // Poisoned (a panic while it was held): formatted afresh.
+            return Subject::from(priority_subject(
+                &config.js_subject_prefix,
+                event_type,
+                level,
+                config.js_priority_levels,
+            ));
+        };
+        match &*last {
             Some((ty, at, subject)) if ty == event_type && *at == level => subject.clone(),
             _ => {
                 let subject = Subject::from(priority_subject(
@@ -153,7 +172,7 @@ impl SubjectCache {
                     level,
                     config.js_priority_levels,
                 ));
-                self.last = Some((event_type.to_owned(), level, subject.clone()));
+                *last = Some((event_type.to_owned(), level, subject.clone()));
                 subject
             }
         }
@@ -229,7 +248,7 @@ fn what_needs(options: &PublishOptions) -> &'static str {
 fn prepare(
     inner: &Inner,
     event: &mut Event,
-    subjects: &mut SubjectCache,
+    subjects: &SubjectCache,
 ) -> Result<Prepared, Error<PublishErrorKind>> {
     prepare_with(inner, event, subjects, &PublishOptions::default())
 }
@@ -239,10 +258,12 @@ fn prepare(
 fn prepare_with(
     inner: &Inner,
     event: &mut Event,
-    subjects: &mut SubjectCache,
+    subjects: &SubjectCache,
     options: &PublishOptions,
 ) -> Result<Prepared, Error<PublishErrorKind>> {
-    check_type(event.ty()).map_err(|e| e.map_kind(|_| PublishErrorKind::InvalidType))?;
+    if !subjects.knows(event.ty()) {
+        check_type(event.ty()).map_err(|e| e.map_kind(|_| PublishErrorKind::InvalidType))?;
+    }
     let level = publish_level(event, inner.config.js_priority_levels)
         .map_err(|detail| Error::with_detail(PublishErrorKind::InvalidPriority, detail))?;
     populate_source(event, &inner.config.client_id);
@@ -320,8 +341,7 @@ pub(crate) async fn publish_with(
     mut event: Event,
     options: &PublishOptions,
 ) -> Result<PublishAck, PublishError> {
-    let mut prepared = match prepare_with(inner, &mut event, &mut SubjectCache::default(), options)
-    {
+    let mut prepared = match prepare_with(inner, &mut event, &inner.subjects, options) {
         Ok(prepared) => prepared,
         Err(err) => return Err(PublishError::from_error(err, Some(event))),
     };
@@ -342,9 +362,9 @@ pub(crate) async fn publish_all(
     let mut results: Vec<Option<Result<PublishAck, PublishError>>> =
         (0..count).map(|_| None).collect();
     let mut in_flight = futures::stream::FuturesUnordered::new();
-    let mut subjects = SubjectCache::default();
+    let subjects = SubjectCache::default();
     for (index, mut event) in events.into_iter().enumerate() {
-        let mut prepared = match prepare(inner, &mut event, &mut subjects) {
+        let mut prepared = match prepare(inner, &mut event, &subjects) {
             Ok(prepared) => prepared,
             Err(err) => {
                 results[index] = Some(Err(PublishError::from_error(err, Some(event))));
@@ -753,7 +773,7 @@ mod tests {
     #[test]
     fn the_subject_follows_the_type_of_each_event_in_a_batch() {
         let config = Config::default();
-        let mut cache = SubjectCache::default();
+        let cache = SubjectCache::default();
         let subjects: Vec<String> = ["a.x", "a.x", "b.y", "a.x"]
             .iter()
             .map(|ty| cache.subject(&config, ty, 0).to_string())

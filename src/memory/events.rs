@@ -54,6 +54,8 @@ struct Inner {
     closing: CancellationToken,
     /// Cancelled when `close` has stopped the listeners: nothing is sent any more.
     closed: CancellationToken,
+    /// The types published so far and their metric handles.
+    known_types: crate::events::KnownTypes,
     listeners: Mutex<Vec<Listener>>,
     source: EventSource,
 }
@@ -115,6 +117,7 @@ impl MemoryEvents {
         }));
         MemoryEvents {
             inner: Arc::new(Inner {
+                known_types: Default::default(),
                 broker,
                 config: config.clone(),
                 client_id: config.client_id.clone(),
@@ -349,7 +352,10 @@ impl MemoryEvents {
 #[async_trait]
 impl EventConnection for MemoryEvents {
     async fn publish(&self, event: Event) -> Result<PublishAck, PublishError> {
-        crate::events::traced_publish(event, |event| async move { self.publish_one(event) }).await
+        crate::events::traced_publish(event, &self.inner.known_types, |event| async move {
+            self.publish_one(event)
+        })
+        .await
     }
 
     async fn publish_all(&self, events: Vec<Event>) -> Vec<Result<PublishAck, PublishError>> {
@@ -364,7 +370,7 @@ impl EventConnection for MemoryEvents {
         event: Event,
         options: PublishOptions,
     ) -> Result<PublishAck, PublishError> {
-        crate::events::traced_publish(event, |event| async move {
+        crate::events::traced_publish(event, &self.inner.known_types, |event| async move {
             self.publish_one_with(event, &options)
         })
         .await

@@ -38,6 +38,8 @@ struct Inner {
     /// Cancelled when `close` has stopped the listeners: nothing is sent any more.
     closed: CancellationToken,
     listeners: Mutex<Vec<Listener>>,
+    /// The ops requested so far: checked, their metric labels built.
+    known_ops: crate::query::KnownOps,
 }
 
 /// The in-memory [`QueryConnection`]; made by
@@ -94,6 +96,7 @@ impl MemoryQueries {
                 closing: CancellationToken::new(),
                 closed: CancellationToken::new(),
                 listeners: Mutex::new(Vec::new()),
+                known_ops: Default::default(),
             }),
         }
     }
@@ -155,11 +158,22 @@ impl MemoryQueries {
     }
 
     /// Encodes a request that its requester waits `timeout` for (`Request-Timeout-Ms`).
-    fn prepare(&self, mut request: Event, timeout: Duration) -> Result<Prepared, RequestError> {
+    /// `traced`: the request came through [`traced_request`](crate::query::traced_request),
+    /// which did all but the source.
+    fn prepare(
+        &self,
+        mut request: Event,
+        timeout: Duration,
+        traced: bool,
+    ) -> Result<Prepared, RequestError> {
         if self.is_closed() {
             return Err(Error::new(RequestErrorKind::ConnectionClosed));
         }
-        prepare_request(&mut request, &self.inner.client_id)?;
+        if traced {
+            crate::event::populate_source(&mut request, &self.inner.client_id);
+        } else {
+            prepare_request(&mut request, &self.inner.client_id)?;
+        }
         let subject = request.ty().to_owned();
         let encoded = codec::encode(&request, self.inner.mode)
             .map_err(|e| e.map_kind(|_| RequestErrorKind::Encode))?;
@@ -195,7 +209,7 @@ impl MemoryQueries {
     /// One request on the bus and its one reply (inside [`traced_request`](crate::query::traced_request)).
     async fn request_once(&self, request: Event, timeout: Duration) -> Result<Event, RequestError> {
         let timeout = timeout.min(MAX_REQUEST_TIMEOUT);
-        let prepared = self.prepare(request, timeout)?;
+        let prepared = self.prepare(request, timeout, true)?;
         // One reply is all a request reads; a second one is dropped like a NATS reply to an
         // inbox that was already unsubscribed.
         let (inbox, mut replies) = Inbox::single();
@@ -228,7 +242,10 @@ impl QueryConnection for MemoryQueries {
         request: Event,
         timeout: Duration,
     ) -> Result<Event, RequestError> {
-        crate::query::traced_request(request, |request| self.request_once(request, timeout)).await
+        crate::query::traced_request(request, &self.inner.known_ops, |request| {
+            self.request_once(request, timeout)
+        })
+        .await
     }
 
     async fn request_stream(
@@ -249,7 +266,7 @@ impl QueryConnection for MemoryQueries {
                 .min(MAX_REQUEST_TIMEOUT),
         );
         let deadline = options.deadline.unwrap_or(self.inner.request_timeout);
-        let prepared = self.prepare(request, deadline)?;
+        let prepared = self.prepare(request, deadline, false)?;
         let (inbox, replies) = Inbox::new(self.capacity());
         let delivered = self.send(prepared, inbox.clone());
         let first: Vec<RawReply> = if delivered == 0 {
@@ -308,7 +325,7 @@ impl QueryConnection for MemoryQueries {
 
         let ctx = Arc::new(ServeContext {
             handlers,
-            source: self.inner.client_id.clone(),
+            source: self.inner.client_id.as_str().into(),
             by_subject,
         });
         let pool = WorkerPool::start(
@@ -320,7 +337,7 @@ impl QueryConnection for MemoryQueries {
             },
         );
         let submitter = pool.submitter();
-        let stopping = pool.context().stopping;
+        let stopping = pool.context().stopping.clone();
         let source = self.inner.client_id.clone();
         let max_payload = self.inner.broker.options().max_payload;
         pool.spawn_intake(async move {
@@ -371,7 +388,12 @@ fn raw_request(message: BusMessage, max_payload: usize) -> RawRequest {
     let reply = message
         .reply
         .map(|inbox| Arc::new(SizedReply { inbox, max_payload }) as Arc<dyn ReplyTarget>);
-    RawRequest::received(message.subject, message.headers, message.payload, reply)
+    RawRequest::received(
+        message.subject.into(),
+        message.headers,
+        message.payload,
+        reply,
+    )
 }
 
 /// A requester's inbox as a reply target that knows the broker's `max_payload`, so a reply

@@ -70,13 +70,7 @@ fn raw_request(client: &Arc<Client>, message: async_nats::Message) -> RawRequest
             subject,
         }) as Arc<dyn ReplyTarget>
     });
-    RawRequest::received(
-        // Copied as a str: `to_string` would go through the formatting machinery.
-        message.subject.as_str().to_owned(),
-        message.headers,
-        message.payload,
-        reply,
-    )
+    RawRequest::received(message.subject, message.headers, message.payload, reply)
 }
 
 /// Subscribes and starts serving `handlers`.
@@ -130,7 +124,7 @@ pub(super) async fn listen(
 
     let serve = Arc::new(ServeContext {
         handlers,
-        source: inner.source.clone(),
+        source: inner.source.as_str().into(),
         by_subject,
     });
     // The serving future lives in place in its worker's task: no heap box per request.
@@ -147,7 +141,7 @@ pub(super) async fn listen(
         client: Arc::new(inner.client.clone()),
         source: inner.source.clone(),
         subscriptions: Subscriptions::new(subscriptions),
-        stopping: pool.context().stopping,
+        stopping: pool.context().stopping.clone(),
         listener_token: token.clone(),
     };
     pool.spawn_intake(intake.run(pool.submitter()));

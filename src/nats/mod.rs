@@ -90,6 +90,8 @@ struct Inner {
     /// Routes the replies of requests and reply streams (instead of async-nats' own request
     /// multiplexer, which keeps an entry per timed-out request).
     mux: mux::Multiplexer,
+    /// The ops requested so far: checked, their metric labels built.
+    known_ops: crate::query::KnownOps,
 }
 
 impl std::fmt::Debug for NatsQueries {
@@ -188,6 +190,7 @@ impl NatsQueries {
                 queue_group: config.queue_group().to_owned(),
                 wildcard_subject: config.wildcard_subject.clone(),
                 events,
+                known_ops: Default::default(),
             }),
         }
     }
@@ -275,7 +278,7 @@ impl NatsQueries {
         request: Event,
         timeout: Duration,
     ) -> impl Future<Output = Result<Event, RequestError>> + Send + '_ {
-        crate::query::traced_request(request, move |request| {
+        crate::query::traced_request(request, &self.inner.known_ops, move |request| {
             request::request(&self.inner, request, timeout)
         })
     }

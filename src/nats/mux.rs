@@ -183,6 +183,10 @@ impl Multiplexer {
 
     async fn register<R>(&self, slot: Slot, replies: R) -> Result<Waiter<R>, RegisterError> {
         let route = self.route().await?;
+        Self::register_on(route, slot, replies)
+    }
+
+    fn register_on<R>(route: &Route, slot: Slot, replies: R) -> Result<Waiter<R>, RegisterError> {
         let mut table = route.table.lock().map_err(|_| RegisterError::Closed)?;
         if table.closed {
             return Err(RegisterError::Closed);
@@ -200,6 +204,16 @@ impl Multiplexer {
             table: route.table.clone(),
             replies,
         })
+    }
+
+    /// [`one`](Self::one) without waiting, once the reply route is set up (every request
+    /// after the connection's first); `None` before.
+    pub(crate) fn one_now(
+        &self,
+    ) -> Option<Result<Waiter<oneshot::Receiver<Message>>, RegisterError>> {
+        let route = self.route.get()?;
+        let (tx, rx) = oneshot::channel();
+        Some(Self::register_on(route, Slot::Once(tx), rx))
     }
 
     /// Registers a request that waits for one reply.

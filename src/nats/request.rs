@@ -3,6 +3,9 @@
 //! scatter-gather from many repliers). The reply rules are the shared layer's
 //! ([`interpret_reply`], [`ReplyStream::from_raw`]).
 
+use std::future::Future;
+
+use futures::future::{self, Either, FutureExt};
 use std::time::Duration;
 
 use async_nats::connection::State;
@@ -15,6 +18,7 @@ use super::Inner;
 use crate::codec;
 use crate::config::MAX_REQUEST_TIMEOUT;
 use crate::error::{Error, RequestError, RequestErrorKind};
+use crate::event::populate_source;
 use crate::query::{
     header_size, interpret_reply, prepare_request, set_request_timeout, RawReply, ReplyStream,
     ReplyStreamOptions,
@@ -31,11 +35,21 @@ struct Outgoing {
     payload: Bytes,
 }
 
-/// Fills in source and transaction id, encodes in the connection's content mode with the
-/// requester's `timeout` (`Request-Timeout-Ms`), and refuses a message larger than the server
-/// accepts before anything is sent.
-fn prepare(inner: &Inner, mut request: Event, timeout: Duration) -> Result<Outgoing, RequestError> {
-    prepare_request(&mut request, &inner.source)?;
+/// Fills in source and transaction id (only the source for a request that came through
+/// [`traced_request`](crate::query::traced_request), which did the rest), encodes in the
+/// connection's content mode with the requester's `timeout` (`Request-Timeout-Ms`), and
+/// refuses a message larger than the server accepts before anything is sent.
+fn prepare(
+    inner: &Inner,
+    mut request: Event,
+    timeout: Duration,
+    traced: bool,
+) -> Result<Outgoing, RequestError> {
+    if traced {
+        populate_source(&mut request, &inner.source);
+    } else {
+        prepare_request(&mut request, &inner.source)?;
+    }
     let subject = request.ty().to_owned();
     let encoded = codec::encode(&request, inner.mode)
         .map_err(|e| e.map_kind(|_| RequestErrorKind::Encode))?;
@@ -101,18 +115,25 @@ fn disconnected(inner: &Inner, prefix: &str) -> Option<RequestError> {
 /// caller retrying in a loop would never give the connection's own task (on the same worker
 /// thread) a turn to reconnect.
 async fn check_connection(inner: &Inner) -> Result<(), RequestError> {
-    let refused = if inner.events.is_closed() {
+    match refusal(inner) {
+        Some(err) => refuse(err).await,
+        None => Ok(()),
+    }
+}
+
+/// Why a request cannot be sent now (closed, or disconnected), if it cannot.
+fn refusal(inner: &Inner) -> Option<RequestError> {
+    if inner.events.is_closed() {
         Some(Error::new(RequestErrorKind::ConnectionClosed))
     } else {
         disconnected(inner, "")
-    };
-    match refused {
-        Some(err) => {
-            tokio::task::yield_now().await;
-            Err(err)
-        }
-        None => Ok(()),
     }
+}
+
+/// Fails with `err` after a turn of the runtime (see [`check_connection`]).
+async fn refuse<T>(err: RequestError) -> Result<T, RequestError> {
+    tokio::task::yield_now().await;
+    Err(err)
 }
 
 fn map_publish_error(inner: &Inner, err: async_nats::PublishError) -> RequestError {
@@ -131,22 +152,44 @@ fn map_publish_error(inner: &Inner, err: async_nats::PublishError) -> RequestErr
 /// Sends `request` on its op and waits up to `timeout` (clamped to
 /// [`MAX_REQUEST_TIMEOUT`]) for the one reply, through the connection's multiplexer (whose
 /// entry for this request is gone when this returns, whatever the outcome).
-pub(super) async fn request(
+///
+/// The request is encoded when this is called (encoding has no effects), so the future holds
+/// the encoded message instead of the event; a closed or lost connection is still reported
+/// before an encoding error.
+pub(super) fn request(
     inner: &Inner,
     request: Event,
     timeout: Duration,
-) -> Result<Event, RequestError> {
-    check_connection(inner).await?;
+) -> impl Future<Output = Result<Event, RequestError>> + Send + '_ {
     let timeout = timeout.min(MAX_REQUEST_TIMEOUT);
-    let out = prepare(inner, request, timeout)?;
-    // One timer bounds registering, handing the request to the connection (which can block
-    // while the client's buffers are full) and the wait for the reply.
-    let exchange = async {
-        let mut waiter = inner
-            .mux
-            .one()
-            .await
-            .map_err(|e| register_error(inner, e))?;
+    let prepared = prepare(inner, request, timeout, true);
+    // No `async` block around `exchange`: it would hold the prepared request twice.
+    if let Some(refused) = refusal(inner) {
+        return Either::Left(Either::Left(refuse(refused)));
+    }
+    match prepared {
+        Ok(out) => Either::Right(exchange(inner, out, timeout)),
+        Err(err) => Either::Left(Either::Right(future::ready(Err(err)))),
+    }
+}
+
+/// Sends a prepared request and waits up to `timeout` for its one reply. One timer bounds
+/// registering, handing the request to the connection (which can block while the client's
+/// buffers are full) and the wait for the reply. Not an `async fn`: the exchange takes the
+/// prepared request itself, and the reply is read by a `map`.
+fn exchange(
+    inner: &Inner,
+    out: Outgoing,
+    timeout: Duration,
+) -> impl Future<Output = Result<Event, RequestError>> + Send + '_ {
+    let exchange = async move {
+        let registered = match inner.mux.one_now() {
+            Some(registered) => registered,
+            // The connection's first request subscribes the reply route: boxed, so that its
+            // state does not make every request's future larger.
+            None => Box::pin(inner.mux.one()).await,
+        };
+        let mut waiter = registered.map_err(|e| register_error(inner, e))?;
         inner
             .client
             .publish_with_reply_and_headers(
@@ -161,22 +204,24 @@ pub(super) async fn request(
             .await
             .map_err(|_| Error::new(RequestErrorKind::ConnectionClosed))
     };
-    let message: Message = match tokio::time::timeout(timeout, exchange).await {
-        Err(_) => {
-            let prefix = format!("no reply within {timeout:?}: ");
-            return Err(disconnected(inner, &prefix).unwrap_or_else(|| {
-                Error::with_detail(
-                    RequestErrorKind::TimedOut,
-                    format!("no reply within {timeout:?}"),
-                )
-            }));
+    tokio::time::timeout(timeout, exchange).map(move |result| {
+        let message: Message = match result {
+            Err(_) => {
+                let prefix = format!("no reply within {timeout:?}: ");
+                return Err(disconnected(inner, &prefix).unwrap_or_else(|| {
+                    Error::with_detail(
+                        RequestErrorKind::TimedOut,
+                        format!("no reply within {timeout:?}"),
+                    )
+                }));
+            }
+            Ok(result) => result?,
+        };
+        if message.status == Some(StatusCode::NO_RESPONDERS) {
+            return Err(Error::new(RequestErrorKind::NoResponders));
         }
-        Ok(result) => result?,
-    };
-    if message.status == Some(StatusCode::NO_RESPONDERS) {
-        return Err(Error::new(RequestErrorKind::NoResponders));
-    }
-    interpret_reply(message.headers.as_ref(), &message.payload).map(|(event, _)| event)
+        interpret_reply(message.headers.as_ref(), &message.payload).map(|(event, _)| event)
+    })
 }
 
 /// Registers a reply stream with the multiplexer, sends `request` with its reply subject, and
@@ -199,7 +244,7 @@ pub(super) async fn request_stream(
         .unwrap_or(inner.default_timeout)
         .min(MAX_REQUEST_TIMEOUT);
     options.deadline = Some(deadline);
-    let out = prepare(inner, request, deadline)?;
+    let out = prepare(inner, request, deadline, false)?;
     let waiter = inner
         .mux
         .many(STREAM_CAPACITY)

@@ -3,10 +3,12 @@
 //! the requester's timeout carried in a header).
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use cloudevents::{AttributesReader, Event};
+use futures::future::{self, Either, FutureExt};
 
 use crate::codec::HeaderMap;
 use crate::error::{ListenError, RequestError, RequestErrorKind};
@@ -89,10 +91,10 @@ pub trait QueryConnection: Send + Sync {
 
 /// Fills in what a request needs before it is sent: the source and a transaction id; refuses
 /// an op that breaks the subject-token rule ([`check_type`](crate::event::check_type)) first.
-/// Every backend's request and reply stream goes through here.
+/// A backend's reply stream goes through here; its one-reply request went through
+/// [`traced_request`] and needs only [`populate_source`].
 pub(crate) fn prepare_request(request: &mut Event, source: &str) -> Result<(), RequestError> {
-    crate::event::check_type(request.ty())
-        .map_err(|e| e.map_kind(|_| RequestErrorKind::InvalidOptions))?;
+    check_op(request.ty())?;
     populate_source(request, source);
     if !crate::event::has_transaction_id(request) {
         request.set_transaction_id(&TransactionId::generate());
@@ -102,13 +104,62 @@ pub(crate) fn prepare_request(request: &mut Event, source: &str) -> Result<(), R
     Ok(())
 }
 
-/// One request inside a `request` span: the request gets its transaction id and trace
-/// context here, and the time to its reply (or error) is recorded by op and outcome. Every
-/// backend's [`QueryConnection::request_with_timeout`] goes through here.
-pub(crate) async fn traced_request<F, Fut>(
+fn check_op(op: &str) -> Result<(), RequestError> {
+    crate::event::check_type(op).map_err(|e| e.map_kind(|_| RequestErrorKind::InvalidOptions))
+}
+
+/// The most ops a connection remembers in its [`KnownOps`]; requests of further ops are
+/// checked and labelled per request.
+const MAX_KNOWN_OPS: usize = 64;
+
+/// The ops a connection has sent requests for: each one's type passed
+/// [`check_type`](crate::event::check_type), and its `request_duration` histogram with
+/// outcome `ok` is registered (once, at the op's first request: install a metrics recorder
+/// before the first request). A request of a known op neither checks its type again nor
+/// builds metric labels. Few ops per connection, so a short list compared by string.
+#[derive(Default)]
+pub(crate) struct KnownOps {
+    ops: std::sync::Mutex<Vec<KnownOp>>,
+}
+
+/// A known op (shared: a failed request labels its metric with it) and its `ok` histogram.
+type KnownOp = (Arc<str>, metrics::Histogram);
+
+impl KnownOps {
+    /// `op` and its `ok` histogram when `op` is known.
+    pub(super) fn get(&self, op: &str) -> Option<KnownOp> {
+        let ops = self.ops.lock().ok()?;
+        ops.iter().find(|(known, _)| known.as_ref() == op).cloned()
+    }
+
+    /// Checks `op`; `op` and the histogram of its `ok` outcome, remembered when there is room.
+    pub(super) fn learn(&self, op: &str) -> Result<KnownOp, RequestError> {
+        check_op(op)?;
+        let histogram = metrics::histogram!(telemetry::metric_names::REQUEST_DURATION, "type" => op.to_owned(), "outcome" => "ok");
+        let known: KnownOp = (op.into(), histogram);
+        if let Ok(mut ops) = self.ops.lock() {
+            if ops.len() < MAX_KNOWN_OPS && !ops.iter().any(|(k, _)| k.as_ref() == op) {
+                ops.push(known.clone());
+            }
+        }
+        Ok(known)
+    }
+}
+
+/// One request inside a `request` span: the request's op is checked, it gets its transaction
+/// id and trace context here, and the time to its reply (or error) is recorded by op and
+/// outcome. Every backend's [`QueryConnection::request_with_timeout`] goes through here, and
+/// its `send` needs only to [`populate_source`] before it encodes.
+///
+/// Not an `async fn`: the request is prepared and `send` called (inside the span) when this is
+/// called, and the outcome recorded by a `map`, so the future is the backend's future and a
+/// few words (an `async fn` would also hold the event; an `async` block awaiting the backend's
+/// future would hold that future twice).
+pub(crate) fn traced_request<F, Fut>(
     mut request: Event,
+    known: &KnownOps,
     send: F,
-) -> Result<Event, RequestError>
+) -> impl Future<Output = Result<Event, RequestError>>
 where
     F: FnOnce(Event) -> Fut,
     Fut: Future<Output = Result<Event, RequestError>>,
@@ -124,23 +175,50 @@ where
         parent_span_id = Empty,
         outcome = Empty,
     );
+    let started = std::time::Instant::now();
+    let known_op = match known.get(request.ty()) {
+        Some(known) => Ok(known),
+        None => known.learn(request.ty()),
+    };
+    let (op, ok_histogram) = match known_op {
+        Ok(known) => known,
+        Err(err) => {
+            let outcome = request_outcome(err.kind());
+            record_failure(request.ty().to_owned(), outcome, started);
+            span.record("outcome", outcome);
+            return Either::Left(future::ready(Err(err)));
+        }
+    };
     if !crate::event::has_transaction_id(&request) {
         request.set_transaction_id(&TransactionId::generate());
     }
     let trace = telemetry::outgoing(&mut request, !span.is_disabled());
     telemetry::record_event(&span, &request);
     telemetry::record_trace(&span, trace.as_ref());
-    let op = request.ty().to_owned();
-    let started = std::time::Instant::now();
-    let result = tracing::Instrument::instrument(send(request), span.clone()).await;
-    let outcome = match &result {
-        Ok(_) => "ok",
-        Err(err) => request_outcome(err.kind()),
+    let sending = {
+        let _entered = span.enter();
+        tracing::Instrument::instrument(send(request), span.clone())
     };
+    Either::Right(sending.map(move |result| {
+        let outcome = match &result {
+            Ok(_) => {
+                ok_histogram.record(started.elapsed().as_secs_f64());
+                "ok"
+            }
+            Err(err) => {
+                let outcome = request_outcome(err.kind());
+                record_failure(op.as_ref().to_owned(), outcome, started);
+                outcome
+            }
+        };
+        span.record("outcome", outcome);
+        result
+    }))
+}
+
+fn record_failure(op: String, outcome: &'static str, started: std::time::Instant) {
     metrics::histogram!(telemetry::metric_names::REQUEST_DURATION, "type" => op, "outcome" => outcome)
         .record(started.elapsed().as_secs_f64());
-    span.record("outcome", outcome);
-    result
 }
 
 fn request_outcome(kind: RequestErrorKind) -> &'static str {
@@ -158,8 +236,28 @@ fn request_outcome(kind: RequestErrorKind) -> &'static str {
     }
 }
 
-/// Puts the requester's remaining timeout on a request ([`REQUEST_TIMEOUT_MS`]).
+/// Puts the requester's remaining timeout on a request ([`REQUEST_TIMEOUT_MS`]): the digits
+/// written on the stack (the formatting machinery cost about 500 instructions per request),
+/// the name built at compile time (a `&str` name is validated and matched per call).
 pub(crate) fn set_request_timeout(headers: &mut HeaderMap, timeout: Duration) {
+    const NAME: async_nats::HeaderName = async_nats::HeaderName::from_static(REQUEST_TIMEOUT_MS);
     let ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
-    headers.insert(REQUEST_TIMEOUT_MS, ms.to_string().as_str());
+    let mut digits = [0u8; 20];
+    headers.insert(NAME, decimal(ms, &mut digits));
+}
+
+/// `n` in decimal, written into the end of `buffer`.
+pub(crate) fn decimal(mut n: u64, buffer: &mut [u8; 20]) -> &str {
+    let mut start = buffer.len();
+    loop {
+        start -= 1;
+        // A digit: `n % 10` is below 10.
+        buffer[start] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    // Only ASCII digits were written; the fallback is never taken.
+    std::str::from_utf8(&buffer[start..]).unwrap_or("0")
 }

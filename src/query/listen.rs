@@ -1,27 +1,25 @@
 //! The server side of queries: [`QueryListenOptions`] and how a listener serves one request
 //! (deadline, load shedding, handler lookup, the `handle` span and metrics).
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_nats::Subject;
 use bytes::Bytes;
 use cloudevents::AttributesReader;
 use futures::FutureExt;
 
-use async_nats::HeaderName;
-
 use crate::codec::{self, ContentMode, HeaderMap};
 use crate::error::{Error, ListenError};
 use crate::event::EventExt;
-use crate::handler::call_handler;
+use crate::handler::{call_handler, BoxFuture, HandlerError};
 use crate::headers::REQUEST_TIMEOUT_MS;
 use crate::listener::WorkerOptions;
-use crate::telemetry::{self, QueryOpMetrics};
+use crate::telemetry::{self, QueryOpMetrics, TraceContext};
 use crate::worker::{Outcome, WorkContext};
 
-use super::reply::send_error_reply;
-use super::stream::header;
-use super::{QueryHandlers, ReplyTarget, ReplyWriter};
+use super::{HandlerEntry, QueryHandlers, ReplyTarget, ReplyWriter};
 
 /// How a query listener runs.
 ///
@@ -77,28 +75,37 @@ impl QueryListenOptions {
 }
 
 /// The content mode a message was sent in (binary when `ce-specversion` is present).
+#[cfg(test)]
 pub(crate) fn content_mode_of(headers: Option<&HeaderMap>) -> ContentMode {
-    let binary = headers.is_some_and(|h| {
-        h.iter()
-            .any(|(name, _)| AsRef::<str>::as_ref(name).eq_ignore_ascii_case("ce-specversion"))
-    });
-    if binary {
-        ContentMode::Binary
-    } else {
-        ContentMode::Structured
-    }
+    received_headers(headers).0
 }
 
-const REQUEST_TIMEOUT_MS_NAME: HeaderName = HeaderName::from_static(REQUEST_TIMEOUT_MS);
+/// What a listener reads from a request's headers on receipt, in one pass over the map (a
+/// lookup would hash the name with SipHash): its content mode, and its `Request-Timeout-Ms`.
+fn received_headers(headers: Option<&HeaderMap>) -> (ContentMode, Option<&str>) {
+    let mut mode = ContentMode::Structured;
+    let mut timeout = None;
+    for (name, values) in headers.into_iter().flat_map(HeaderMap::iter) {
+        let name: &str = name.as_ref();
+        if name == REQUEST_TIMEOUT_MS {
+            timeout = values.first().map(|v| v.as_str());
+        } else if name.eq_ignore_ascii_case("ce-specversion") {
+            mode = ContentMode::Binary;
+        }
+    }
+    (mode, timeout)
+}
 
 /// When the requester of a message received now gives up: now + its `Request-Timeout-Ms`.
 /// `None` when the header is absent or not a number (a requester of another library): such a
 /// request is never dropped as expired.
+#[cfg(test)]
 pub(crate) fn request_deadline(headers: Option<&HeaderMap>) -> Option<tokio::time::Instant> {
-    let ms: u64 = header(headers, REQUEST_TIMEOUT_MS_NAME)?
-        .trim()
-        .parse()
-        .ok()?;
+    deadline_of(received_headers(headers).1)
+}
+
+fn deadline_of(timeout_ms: Option<&str>) -> Option<tokio::time::Instant> {
+    let ms: u64 = timeout_ms?.trim().parse().ok()?;
     // Clamped: a huge value must not overflow the clock.
     let left = Duration::from_millis(ms).min(crate::config::MAX_REQUEST_TIMEOUT);
     Some(tokio::time::Instant::now() + left)
@@ -106,29 +113,34 @@ pub(crate) fn request_deadline(headers: Option<&HeaderMap>) -> Option<tokio::tim
 
 /// A request as a backend receives it.
 pub(crate) struct RawRequest {
-    pub subject: String,
+    /// Shared bytes: taken from the received message without a copy.
+    pub subject: Subject,
     pub headers: Option<HeaderMap>,
     pub payload: Bytes,
     pub reply: Option<Arc<dyn ReplyTarget>>,
     /// When the requester gives up, computed on receipt from `Request-Timeout-Ms`.
     pub deadline: Option<tokio::time::Instant>,
+    /// The content mode it came in (the replies go in the same).
+    pub mode: ContentMode,
 }
 
 impl RawRequest {
-    /// A request received now; its deadline is read from its headers.
+    /// A request received now; its deadline and content mode are read from its headers.
     pub(crate) fn received(
-        subject: String,
+        subject: Subject,
         headers: Option<HeaderMap>,
         payload: Bytes,
         reply: Option<Arc<dyn ReplyTarget>>,
     ) -> Self {
-        let deadline = request_deadline(headers.as_ref());
+        let (mode, timeout) = received_headers(headers.as_ref());
+        let deadline = deadline_of(timeout);
         RawRequest {
             subject,
             headers,
             payload,
             reply,
             deadline,
+            mode,
         }
     }
 }
@@ -136,7 +148,8 @@ impl RawRequest {
 /// What serving needs besides the request.
 pub(crate) struct ServeContext {
     pub handlers: QueryHandlers,
-    pub source: String,
+    /// The listener's client id, shared with each request's [`ReplyWriter`].
+    pub source: Arc<str>,
     /// One subscription per op: the handler is the subject's, and a request whose `type`
     /// differs is refused (400). `false` on a wildcard listener, which dispatches by `type`.
     pub by_subject: bool,
@@ -174,13 +187,7 @@ pub(crate) async fn refuse_request(request: RawRequest, source: &str, code: u16,
     let tid = codec::decode(request.headers.as_ref(), &request.payload)
         .ok()
         .and_then(|event| event.transaction_id());
-    let writer = ReplyWriter::new(
-        target,
-        request.subject,
-        tid,
-        content_mode_of(request.headers.as_ref()),
-        source.to_owned(),
-    );
+    let writer = ReplyWriter::new(target, request.subject, tid, request.mode, source.into());
     if let Err(err) = writer.error(code, text).await {
         tracing::warn!(error = %err, "error reply not sent");
     }
@@ -189,11 +196,14 @@ pub(crate) async fn refuse_request(request: RawRequest, source: &str, code: u16,
 /// Serves one request per the contract: decode (400), dispatch by type (404), run the handler
 /// (500 on error or panic), flush a buffered stream, answer a handler that sent nothing, and
 /// answer 503 when the listener's grace period runs out mid-request.
-pub(crate) async fn serve_request(
+///
+/// Not an `async fn`: the span is made and the serving future built here, so the request is
+/// held once (an `async fn` would hold it as its own argument and again inside `serve`).
+pub(crate) fn serve_request<'a>(
     request: RawRequest,
-    ctx: &ServeContext,
-    work: &WorkContext,
-) -> Outcome {
+    ctx: &'a ServeContext,
+    work: &'a WorkContext,
+) -> impl Future<Output = Outcome> + Send + 'a {
     use tracing::field::Empty;
     let span = tracing::info_span!(
         "handle_query",
@@ -205,13 +215,123 @@ pub(crate) async fn serve_request(
         parent_span_id = Empty,
         code = Empty,
     );
-    let (outcome, code) =
-        tracing::Instrument::instrument(serve(request, ctx, work, span.clone()), span.clone())
-            .await;
-    if let Some(code) = code {
-        span.record("code", code);
+    // A combinator, not an `async move` block: a block would hold the serving future twice
+    // (as its capture and as the awaited value), 1.9 KB instead of under 1 KB.
+    tracing::Instrument::instrument(serve(request, ctx, work, span.clone()), span.clone()).map(
+        move |(outcome, code)| {
+            if let Some(code) = code {
+                span.record("code", code);
+            }
+            outcome
+        },
+    )
+}
+
+/// What a received request comes to once it is decoded and looked up. Worked out before
+/// anything is awaited, so that the decoded event (300 bytes) is not part of the serving
+/// future: it moves into the handler's future at once.
+enum Admission<'a> {
+    /// Nothing to answer: no reply subject, or its requester gave up.
+    Dropped,
+    /// Answered at once with an error reply; `counted`: under the op's metrics.
+    Refused {
+        writer: ReplyWriter,
+        trace: Option<TraceContext>,
+        code: u16,
+        text: String,
+        counted: bool,
+    },
+    /// Its handler runs (`handling`, not polled yet).
+    Handled {
+        writer: ReplyWriter,
+        trace: Option<TraceContext>,
+        entry: &'a HandlerEntry,
+        handling: BoxFuture<'a, Result<(), HandlerError>>,
+    },
+}
+
+/// Decodes `request` (400), checks its type against the subject (400), finds its handler
+/// (404), and records the event and its trace context on `span`.
+fn admit<'a>(request: RawRequest, ctx: &'a ServeContext, span: &tracing::Span) -> Admission<'a> {
+    let Some(target) = request.reply else {
+        tracing::debug!(subject = %request.subject, "query without reply subject ignored");
+        return Admission::Dropped;
+    };
+    if request
+        .deadline
+        .is_some_and(|deadline| deadline <= tokio::time::Instant::now())
+    {
+        // Its requester gave up while it waited for a worker: nobody reads a reply.
+        tracing::debug!(subject = %request.subject, "query dropped: its requester's timeout ran out");
+        Shed::Expired.count(request.subject.as_str());
+        return Admission::Dropped;
     }
-    outcome
+    let mode = request.mode;
+    let event = match codec::decode(request.headers.as_ref(), &request.payload) {
+        Ok(event) => event,
+        Err(err) => {
+            tracing::warn!(subject = %request.subject, error = %err, "undecodable query");
+            return Admission::Refused {
+                writer: ReplyWriter::new(target, request.subject, None, mode, ctx.source.clone()),
+                trace: None,
+                code: 400,
+                text: format!("undecodable request: {err}"),
+                counted: false,
+            };
+        }
+    };
+    telemetry::record_event(span, &event);
+    let trace = telemetry::incoming(&event, !span.is_disabled());
+    telemetry::record_trace(span, trace.as_ref());
+    if ctx.by_subject && event.ty() != request.subject.as_str() {
+        // The subject chose this listener (and is what permissions look at); a request whose
+        // type names another op must not reach that op's handler.
+        let text = format!(
+            "request type {:?} does not match its subject {:?}",
+            event.ty(),
+            request.subject.as_str()
+        );
+        tracing::warn!(subject = %request.subject, "event.type" = event.ty(), "query type does not match its subject");
+        let writer = ReplyWriter::new(
+            target,
+            request.subject,
+            event.transaction_id(),
+            mode,
+            ctx.source.clone(),
+        );
+        return Admission::Refused {
+            writer,
+            trace,
+            code: 400,
+            text,
+            counted: true,
+        };
+    }
+    // One subscription per op: the subject is the op (checked above), taken as it is.
+    let op = if ctx.by_subject {
+        request.subject
+    } else {
+        Subject::from(event.ty())
+    };
+    let writer = ReplyWriter::new(target, op, event.transaction_id(), mode, ctx.source.clone());
+    let Some(entry) = ctx.handlers.get(writer.op()) else {
+        tracing::warn!(op = %writer.op(), "query for an op with no handler");
+        let text = format!("no handler for op {}", writer.op());
+        return Admission::Refused {
+            writer,
+            trace,
+            code: 404,
+            text,
+            counted: true,
+        };
+    };
+    let handling = entry.handler.handle(event, writer.clone());
+    Admission::Handled {
+        writer,
+        trace,
+        entry,
+        handling,
+    }
 }
 
 /// [`serve_request`] inside its span; also gives the status the reply carried (200, or the
@@ -222,79 +342,31 @@ async fn serve(
     work: &WorkContext,
     span: tracing::Span,
 ) -> (Outcome, Option<u16>) {
-    let Some(target) = request.reply else {
-        tracing::debug!(subject = %request.subject, "query without reply subject ignored");
-        return (Outcome::Finished, None);
-    };
-    if request
-        .deadline
-        .is_some_and(|deadline| deadline <= tokio::time::Instant::now())
-    {
-        // Its requester gave up while it waited for a worker: nobody reads a reply.
-        tracing::debug!(subject = %request.subject, "query dropped: its requester's timeout ran out");
-        Shed::Expired.count(&request.subject);
-        return (Outcome::Finished, None);
-    }
-    let mode = content_mode_of(request.headers.as_ref());
-    let event = match codec::decode(request.headers.as_ref(), &request.payload) {
-        Ok(event) => event,
-        Err(err) => {
-            tracing::warn!(subject = %request.subject, error = %err, "undecodable query");
-            let text = format!("undecodable request: {err}");
-            if let Err(e) = send_error_reply(
-                target.as_ref(),
-                &request.subject,
-                None,
-                mode,
-                &ctx.source,
-                400,
-                &text,
-            )
-            .await
-            {
+    let (writer, trace, entry, handling) = match admit(request, ctx, &span) {
+        Admission::Dropped => return (Outcome::Finished, None),
+        Admission::Refused {
+            writer,
+            trace,
+            code,
+            text,
+            counted,
+        } => {
+            if let Err(e) = telemetry::in_context(trace, writer.error(code, &text)).await {
                 tracing::warn!(error = %e, "error reply not sent");
             }
-            return (Outcome::Finished, Some(400));
+            if counted {
+                QueryOpMetrics::register(writer.op()).handled(code);
+            }
+            return (Outcome::Finished, Some(code));
         }
+        Admission::Handled {
+            writer,
+            trace,
+            entry,
+            handling,
+        } => (writer, trace, entry, handling),
     };
-    telemetry::record_event(&span, &event);
-    let trace = telemetry::incoming(&event, !span.is_disabled());
-    telemetry::record_trace(&span, trace.as_ref());
-    if ctx.by_subject && event.ty() != request.subject {
-        // The subject chose this listener (and is what permissions look at); a request whose
-        // type names another op must not reach that op's handler.
-        let text = format!(
-            "request type {:?} does not match its subject {:?}",
-            event.ty(),
-            request.subject
-        );
-        tracing::warn!(subject = %request.subject, "event.type" = event.ty(), "query type does not match its subject");
-        let writer = ReplyWriter::new(
-            target,
-            request.subject,
-            event.transaction_id(),
-            mode,
-            ctx.source.clone(),
-        );
-        let _ = telemetry::in_context(trace, writer.error(400, &text)).await;
-        QueryOpMetrics::register(writer.op()).handled(400);
-        return (Outcome::Finished, Some(400));
-    }
-    let writer = ReplyWriter::new(
-        target,
-        event.ty().to_owned(),
-        event.transaction_id(),
-        mode,
-        ctx.source.clone(),
-    );
     let op = writer.op();
-    let Some(entry) = ctx.handlers.get(op) else {
-        tracing::warn!(op = %op, "query for an op with no handler");
-        let _ = telemetry::in_context(trace, writer.error(404, &format!("no handler for op {op}")))
-            .await;
-        QueryOpMetrics::register(op).handled(404);
-        return (Outcome::Finished, Some(404));
-    };
     let metrics = entry.metrics.get_or_init(|| QueryOpMetrics::register(op));
     let (outcome, code) = telemetry::in_context(trace, async {
         let started = std::time::Instant::now();
@@ -305,7 +377,7 @@ async fn serve(
         } else {
             tokio::select! {
                 biased;
-                result = call_handler(entry.handler.handle(event, writer.clone())).fuse() => Some(result),
+                result = call_handler(handling).fuse() => Some(result),
                 _ = work.abort.cancelled() => None,
             }
         };
@@ -322,7 +394,7 @@ async fn serve(
             .handler_duration
             .record(started.elapsed().as_secs_f64());
         let (sent, code) = match result {
-            Ok(()) => match writer.flush_buffered().await {
+            Ok(()) => match writer.flush().await {
                 Ok(true) => (Ok(()), writer.sent_code()),
                 Ok(false) if writer.is_sent() => (Ok(()), writer.sent_code()),
                 Ok(false) => (

@@ -1,8 +1,12 @@
 //! Answering a query: the [`ReplyWriter`] a handler replies through (one reply, a
 //! [`ReplyStreamWriter`], or an error reply) and the backend's [`ReplyTarget`] it sends to.
 
+use std::future::Future;
+
+use futures::future::{self, Either, TryFutureExt};
 use std::sync::{Arc, Mutex};
 
+use async_nats::Subject;
 use async_trait::async_trait;
 use bytes::Bytes;
 use cloudevents::{AttributesReader, Event};
@@ -66,12 +70,20 @@ struct EncodedReply {
     span: tracing::Span,
 }
 
+/// Why [`ReplyWriter::reply`] sends no reply of its own.
+enum Unsent {
+    Error(ReplyError),
+    /// Answered with a 500 instead: (size, max).
+    Oversized(usize, usize),
+}
+
 struct ReplyInner {
     target: Arc<dyn ReplyTarget>,
-    op: String,
+    op: Subject,
     request_tid: Option<TransactionId>,
     mode: ContentMode,
-    source: String,
+    /// Shared with the listener: a copy per request would cost an allocation.
+    source: Arc<str>,
     state: Mutex<ReplyState>,
 }
 
@@ -100,7 +112,7 @@ pub struct ReplyWriter {
 impl std::fmt::Debug for ReplyWriter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ReplyWriter")
-            .field("op", &self.inner.op)
+            .field("op", &self.inner.op.as_str())
             .field("transaction_id", &self.inner.request_tid)
             .finish()
     }
@@ -109,10 +121,10 @@ impl std::fmt::Debug for ReplyWriter {
 impl ReplyWriter {
     pub(crate) fn new(
         target: Arc<dyn ReplyTarget>,
-        op: String,
+        op: Subject,
         request_tid: Option<TransactionId>,
         mode: ContentMode,
-        source: String,
+        source: Arc<str>,
     ) -> Self {
         ReplyWriter {
             inner: Arc::new(ReplyInner {
@@ -219,12 +231,15 @@ impl ReplyWriter {
         (max > 0 && size > max).then_some((size, max))
     }
 
-    async fn send_encoded(&self, reply: EncodedReply) -> Result<(), ReplyError> {
+    /// The send of an encoded reply in its span (the target's future is made at once).
+    fn send_encoded(
+        &self,
+        reply: EncodedReply,
+    ) -> impl Future<Output = Result<(), ReplyError>> + Send + '_ {
         tracing::Instrument::instrument(
             self.inner.target.send(reply.headers, reply.payload),
             reply.span,
         )
-        .await
         .map_err(|e| Error::with_source(ReplyErrorKind::Send, e))
     }
 
@@ -245,35 +260,56 @@ impl ReplyWriter {
     /// than the server's `max_payload` is answered with a 500 error reply (`reply too large:
     /// N bytes, max_payload M`) at once, and this returns `TooLarge`.
     ///
+    /// The event is encoded when this is called, and the future returned only sends it: the
+    /// future stays small (it is part of every handler's future, which is boxed).
+    ///
     /// # Errors
     ///
     /// `AlreadyReplied` if a reply was sent before; `Encode` (nothing was sent, the handler
     /// may still answer); `TooLarge`; `Send`.
-    pub async fn reply(&self, event: Event) -> Result<(), ReplyError> {
-        if self.is_sent() {
-            return Err(Error::new(ReplyErrorKind::AlreadyReplied));
+    pub fn reply(&self, event: Event) -> impl Future<Output = Result<(), ReplyError>> + Send + '_ {
+        match self.ready_to_send(event) {
+            Ok(encoded) => Either::Left(self.send_encoded(encoded)),
+            Err(Unsent::Error(err)) => Either::Right(Either::Left(future::ready(Err(err)))),
+            // Rare: boxed, so that its state does not make every reply's future larger.
+            Err(Unsent::Oversized(size, max)) => {
+                Either::Right(Either::Right(Box::pin(async move {
+                    Err(self.refuse_oversized(size, max).await)
+                })))
+            }
         }
-        let encoded = self.encode_reply(event, None)?;
-        let oversized = self.oversized(&encoded);
-        self.mark_sent(if oversized.is_some() { 500 } else { 200 })?;
-        if let Some((size, max)) = oversized {
-            return Err(self.refuse_oversized(size, max).await);
-        }
-        self.send_encoded(encoded).await
     }
 
-    /// Sends the one reply, an event of `event_type` with JSON `data`.
+    /// Encodes the one reply and marks it sent, unless it cannot go.
+    fn ready_to_send(&self, event: Event) -> Result<EncodedReply, Unsent> {
+        if self.is_sent() {
+            return Err(Unsent::Error(Error::new(ReplyErrorKind::AlreadyReplied)));
+        }
+        let encoded = self.encode_reply(event, None).map_err(Unsent::Error)?;
+        let oversized = self.oversized(&encoded);
+        self.mark_sent(if oversized.is_some() { 500 } else { 200 })
+            .map_err(Unsent::Error)?;
+        match oversized {
+            Some((size, max)) => Err(Unsent::Oversized(size, max)),
+            None => Ok(encoded),
+        }
+    }
+
+    /// Sends the one reply, an event of `event_type` with JSON `data`. The data is
+    /// serialized when this is called (so it need be neither `Send` nor `Sync`).
     ///
     /// # Errors
     ///
     /// As [`reply`](Self::reply), and `Encode` when the data does not serialize.
-    pub async fn reply_data<T: Serialize + ?Sized>(
+    pub fn reply_data<T: Serialize + ?Sized>(
         &self,
         event_type: &str,
         data: &T,
-    ) -> Result<(), ReplyError> {
-        let event = self.new_reply_event(event_type, data)?;
-        self.reply(event).await
+    ) -> impl Future<Output = Result<(), ReplyError>> + Send + '_ {
+        match self.new_reply_event(event_type, data) {
+            Ok(event) => Either::Left(self.reply(event)),
+            Err(err) => Either::Right(future::ready(Err(err))),
+        }
     }
 
     pub(super) fn new_reply_event<T: Serialize + ?Sized>(
@@ -286,32 +322,44 @@ impl ReplyWriter {
             .request_tid
             .clone()
             .unwrap_or_else(TransactionId::generate);
-        new_event_with_tid(event_type, self.inner.source.as_str(), data, tid)
+        new_event_with_tid(event_type, &*self.inner.source, data, tid)
             .map_err(|e| e.map_kind(|_| ReplyErrorKind::Encode))
     }
 
     /// Answers with an error: `Nats-Service-Error: <text>`, `Nats-Service-Error-Code: <code>`,
     /// and an event of type `<op>.error` with data `{"error": text, "code": code}`.
     ///
+    /// The error reply is encoded (and counts as sent) when this is called; the future
+    /// returned only sends it.
+    ///
     /// # Errors
     ///
     /// `AlreadyReplied`; `Send`.
-    pub async fn error(&self, code: u16, text: &str) -> Result<(), ReplyError> {
-        self.mark_sent(code)?;
-        self.send_error_reply(code, text).await
+    pub fn error(
+        &self,
+        code: u16,
+        text: &str,
+    ) -> impl Future<Output = Result<(), ReplyError>> + Send + '_ {
+        match self.mark_sent(code) {
+            Ok(()) => Either::Left(self.send_error_reply(code, text)),
+            Err(err) => Either::Right(future::ready(Err(err))),
+        }
     }
 
-    async fn send_error_reply(&self, code: u16, text: &str) -> Result<(), ReplyError> {
+    fn send_error_reply(
+        &self,
+        code: u16,
+        text: &str,
+    ) -> impl Future<Output = Result<(), ReplyError>> + Send + '_ {
         send_error_reply(
             self.inner.target.as_ref(),
-            &self.inner.op,
+            self.inner.op.as_str(),
             self.inner.request_tid.clone(),
             self.inner.mode,
             &self.inner.source,
             code,
             text,
         )
-        .await
     }
 
     /// A writer for a stream of replies: they are buffered and sent by
@@ -328,7 +376,23 @@ impl ReplyWriter {
         }
     }
 
-    pub(crate) async fn flush_buffered(&self) -> Result<bool, ReplyError> {
+    /// Sends what a streaming handler buffered (`Ok(false)`: nothing to send). The stream's
+    /// sending is boxed: most handlers send one reply, and its state would otherwise make
+    /// every request's serving future (moved as a whole) several times larger.
+    pub(crate) async fn flush(&self) -> Result<bool, ReplyError> {
+        let pending = self
+            .inner
+            .state
+            .lock()
+            .map(|state| !state.sent && (state.streaming || !state.buffered.is_empty()))
+            .unwrap_or(false);
+        if !pending {
+            return Ok(false);
+        }
+        Box::pin(self.flush_buffered()).await
+    }
+
+    async fn flush_buffered(&self) -> Result<bool, ReplyError> {
         let buffered = {
             let mut state = self
                 .inner
@@ -462,15 +526,15 @@ impl ReplyStreamWriter {
     }
 }
 
-pub(super) async fn send_error_reply(
-    target: &dyn ReplyTarget,
+pub(super) fn send_error_reply<'a>(
+    target: &'a dyn ReplyTarget,
     op: &str,
     tid: Option<TransactionId>,
     mode: ContentMode,
     source: &str,
     code: u16,
     text: &str,
-) -> Result<(), ReplyError> {
+) -> impl Future<Output = Result<(), ReplyError>> + Send + 'a {
     let data = serde_json::json!({ "error": text, "code": code });
     let error_type = format!("{op}.error");
     let source = if source.is_empty() {
@@ -496,6 +560,5 @@ pub(super) async fn send_error_reply(
     headers.insert(SERVICE_ERROR_CODE, code.to_string().as_str());
     let span = tracing::info_span!("reply", "event.type" = op, code);
     tracing::Instrument::instrument(target.send(headers, payload), span)
-        .await
         .map_err(|e| Error::with_source(ReplyErrorKind::Send, e))
 }

@@ -10,8 +10,6 @@ use cloudevents::Event;
 use futures::stream::BoxStream;
 use futures::{Stream, StreamExt};
 
-use async_nats::HeaderName;
-
 use crate::codec::{self, HeaderMap};
 use crate::error::{Error, RemoteError, RequestError, RequestErrorKind};
 use crate::headers::{REPLY_STREAM_INDEX, REPLY_STREAM_TOTAL, SERVICE_ERROR, SERVICE_ERROR_CODE};
@@ -183,11 +181,12 @@ impl ReplyStream {
                         Some((Err(Error::new(RequestErrorKind::NoResponders)), st))
                     }
                     Some(RawReply::Message { headers, payload }) => {
-                        if is_empty_stream_marker(headers.as_ref()) {
+                        let found = ReplyHeaders::of(headers.as_ref());
+                        if found.is_empty_stream_marker() {
                             // Zero replies: the stream ends cleanly (the state is dropped).
                             return None;
                         }
-                        if st.sentinel && payload.is_empty() && !is_error_reply(headers.as_ref()) {
+                        if st.sentinel && payload.is_empty() && !found.is_error_reply() {
                             st.done = true;
                             return st.incomplete_error().map(|e| (Err(e), st));
                         }
@@ -270,27 +269,45 @@ pub(crate) enum RawReply {
     NoResponders,
 }
 
-// The reply headers as names built at compile time: a lookup by `&str` builds (allocates) a
-// header name per call, four of them per reply read.
-const SERVICE_ERROR_NAME: HeaderName = HeaderName::from_static(SERVICE_ERROR);
-const SERVICE_ERROR_CODE_NAME: HeaderName = HeaderName::from_static(SERVICE_ERROR_CODE);
-const REPLY_STREAM_INDEX_NAME: HeaderName = HeaderName::from_static(REPLY_STREAM_INDEX);
-const REPLY_STREAM_TOTAL_NAME: HeaderName = HeaderName::from_static(REPLY_STREAM_TOTAL);
-
-pub(super) fn header(headers: Option<&HeaderMap>, name: HeaderName) -> Option<&str> {
-    headers.and_then(|h| h.get(name)).map(|v| v.as_str())
+/// The headers a requester reads on a reply, found in one pass over the map: a lookup each
+/// would hash every name with SipHash (async-nats' `HeaderMap` is a std `HashMap`), and a reply
+/// was looked at up to seven times. Names match exactly, as `HeaderMap::get` matches them.
+#[derive(Default, Clone, Copy)]
+pub(super) struct ReplyHeaders<'a> {
+    error: Option<&'a str>,
+    error_code: Option<&'a str>,
+    index: Option<&'a str>,
+    total: Option<&'a str>,
 }
 
-fn is_error_reply(headers: Option<&HeaderMap>) -> bool {
-    header(headers, SERVICE_ERROR_CODE_NAME).is_some()
-        || header(headers, SERVICE_ERROR_NAME).is_some()
-}
+impl<'a> ReplyHeaders<'a> {
+    pub(super) fn of(headers: Option<&'a HeaderMap>) -> Self {
+        let mut found = ReplyHeaders::default();
+        let Some(headers) = headers else {
+            return found;
+        };
+        for (name, values) in headers.iter() {
+            let slot = match AsRef::<str>::as_ref(name) {
+                SERVICE_ERROR => &mut found.error,
+                SERVICE_ERROR_CODE => &mut found.error_code,
+                REPLY_STREAM_INDEX => &mut found.index,
+                REPLY_STREAM_TOTAL => &mut found.total,
+                _ => continue,
+            };
+            *slot = values.first().map(|v| v.as_str());
+        }
+        found
+    }
 
-/// The end marker of a reply stream with zero replies: `Reply-Stream-Total: 0` (on an empty
-/// message that is no error reply).
-fn is_empty_stream_marker(headers: Option<&HeaderMap>) -> bool {
-    !is_error_reply(headers)
-        && header(headers, REPLY_STREAM_TOTAL_NAME).is_some_and(|t| t.trim() == "0")
+    pub(super) fn is_error_reply(&self) -> bool {
+        self.error_code.is_some() || self.error.is_some()
+    }
+
+    /// The end marker of a reply stream with zero replies: `Reply-Stream-Total: 0` (on an
+    /// empty message that is no error reply).
+    pub(super) fn is_empty_stream_marker(&self) -> bool {
+        !self.is_error_reply() && self.total.is_some_and(|t| t.trim() == "0")
+    }
 }
 
 /// Reads a reply: an error reply becomes `Remote`, the end marker of an empty reply stream
@@ -300,15 +317,17 @@ pub(crate) fn interpret_reply(
     headers: Option<&HeaderMap>,
     payload: &Bytes,
 ) -> Result<(Event, Option<(usize, usize)>), RequestError> {
-    if is_empty_stream_marker(headers) {
+    let found = ReplyHeaders::of(headers);
+    if found.is_empty_stream_marker() {
         return Err(Error::with_detail(
             RequestErrorKind::EmptyStream,
             "the replier answered with zero replies; read this op with request_stream",
         ));
     }
-    if is_error_reply(headers) {
-        let text = header(headers, SERVICE_ERROR_NAME).unwrap_or("remote error");
-        let code = header(headers, SERVICE_ERROR_CODE_NAME)
+    if found.is_error_reply() {
+        let text = found.error.unwrap_or("remote error");
+        let code = found
+            .error_code
             .and_then(|c| c.trim().parse().ok())
             .unwrap_or(500);
         return Err(RemoteError::new(code, text).into_request_error());
@@ -316,8 +335,8 @@ pub(crate) fn interpret_reply(
     let event =
         codec::decode(headers, payload).map_err(|e| e.map_kind(|_| RequestErrorKind::Decode))?;
     let position = match (
-        header(headers, REPLY_STREAM_INDEX_NAME).and_then(|v| v.trim().parse().ok()),
-        header(headers, REPLY_STREAM_TOTAL_NAME).and_then(|v| v.trim().parse().ok()),
+        found.index.and_then(|v| v.trim().parse().ok()),
+        found.total.and_then(|v| v.trim().parse().ok()),
     ) {
         (Some(index), Some(total)) => Some((index, total)),
         _ => None,

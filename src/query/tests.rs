@@ -282,3 +282,29 @@ async fn the_end_marker_of_an_empty_stream_ends_it_without_an_item() {
     assert!(stream.next().await.is_none());
     assert!(started.elapsed() < Duration::from_secs(10));
 }
+
+#[test]
+fn known_ops_remember_checked_ops_only_and_at_most_their_bound() {
+    let known = KnownOps::default();
+    let err = known.learn("has space").unwrap_err();
+    assert_eq!(err.kind(), RequestErrorKind::InvalidOptions);
+    assert!(
+        known.get("has space").is_none(),
+        "a refused op is not remembered"
+    );
+    let (op, _) = known.learn("t.op").unwrap();
+    assert_eq!(op.as_ref(), "t.op");
+    assert!(known.get("t.op").is_some());
+    // Learning it again keeps one entry.
+    assert!(known.learn("t.op").is_ok());
+    for n in 0..100 {
+        assert!(known.learn(&format!("t.op{n}")).is_ok());
+    }
+    assert!(known.get("t.op62").is_some(), "the first 64 ops are kept");
+    assert!(
+        known.get("t.op63").is_none(),
+        "beyond 64 ops a request is checked and labelled per call"
+    );
+    // A known op is still recognised by exact name only.
+    assert!(known.get("t.o").is_none());
+}

@@ -369,8 +369,12 @@ impl TraceContext {
     }
 }
 
+/// A string extension of `event`. Found by walking the extensions, not by a lookup: an event
+/// carries a few of them, and a lookup hashes the name with SipHash (the sdk's map), which
+/// costs several times a walk past two or three entries; most events asked have no trace
+/// context at all.
 fn extension_str<'a>(event: &'a Event, name: &str) -> Option<&'a str> {
-    match event.extension(name)? {
+    match event.iter_extensions().find(|(key, _)| *key == name)?.1 {
         ExtensionValue::String(s) => Some(s.as_str()),
         _ => None,
     }
@@ -499,10 +503,14 @@ pub(crate) fn record_trace(span: &tracing::Span, ctx: Option<&TraceContext>) {
     }
 }
 
-/// Runs `fut` in `ctx` when there is one.
-pub(crate) async fn in_context<F: Future>(ctx: Option<TraceContext>, fut: F) -> F::Output {
+/// Runs `fut` in `ctx` when there is one. Not an `async fn`: that would hold `fut` twice (as
+/// its argument and inside the scope), and `fut` is a whole serving future.
+pub(crate) fn in_context<F: Future>(
+    ctx: Option<TraceContext>,
+    fut: F,
+) -> impl Future<Output = F::Output> {
     match ctx {
-        Some(ctx) => ctx.scope(fut).await,
-        None => fut.await,
+        Some(ctx) => futures::future::Either::Left(ctx.scope(fut)),
+        None => futures::future::Either::Right(fut),
     }
 }
