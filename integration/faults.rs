@@ -2204,6 +2204,9 @@ async fn s14_scheduled_events_survive_losing_the_stream_leader() {
         "s14: p99 lateness {p99} ms after the server is back, bound {bound} ms (baseline {base_p99} ms)"
     );
     wait_stream_healthy(&inspector, &stream, 3).await;
+    // The dead-letter stream may have lost its leader to the same kill (and the meta leader
+    // with it): its lookup times out until both are elected again.
+    wait_stream_healthy(&inspector, "DEADLETTER", 3).await;
     assert_schedules_fired_and_nothing_dead("s14", &events, &inspector, "s14").await;
     events.close().await;
 }
