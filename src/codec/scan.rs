@@ -234,6 +234,21 @@ pub(super) fn json_string(json: &str) -> Option<Cow<'_, str>> {
     (scanner.pos == json.len()).then_some(text)
 }
 
+/// Whether `bytes` are one JSON value with only whitespace around it, by the same structural
+/// check the pass applies to a `data` member (so what the encoder writes as `data`, the
+/// decoder reads back as it was). Used by the structured encoder for JSON text data.
+pub(super) fn is_json_text(bytes: &[u8]) -> bool {
+    let Ok(text) = std::str::from_utf8(bytes) else {
+        return false;
+    };
+    let mut scanner = Scanner { text, pos: 0 };
+    if scanner.skip_value().is_err() {
+        return false;
+    }
+    scanner.skip_whitespace();
+    scanner.pos == text.len()
+}
+
 /// Where the payload stopped being JSON: the byte offset and what was expected there.
 struct SyntaxError {
     at: usize,
@@ -1247,6 +1262,36 @@ mod tests {
                 prop_assert_eq!(with_ct.err().map(|e| e.kind()), Some(DecodeErrorKind::NotJson));
                 prop_assert_eq!(without.err().map(|e| e.kind()), Some(DecodeErrorKind::NotCloudEvent));
             }
+        }
+
+        /// The encoder's check of JSON text data (`is_json_text`) accepts exactly the UTF-8
+        /// text that serde_json reads as one value (the check it replaced), on generated
+        /// values changed at up to three places and on arbitrary bytes.
+        #[test]
+        fn json_text_check_agrees_with_serde_json(text in prop_oneof![
+            (json_value(), proptest::collection::vec((
+                any::<proptest::sample::Index>(),
+                0..3u8,
+                proptest::sample::select(b"{}[],:\"\\ 0-eE.u\x01\xc3ntf".to_vec()),
+            ), 0..3)).prop_map(|(value, edits)| {
+                let mut bytes = format!(" {value}\n").into_bytes();
+                for (at, edit, byte) in edits {
+                    let i = at.index(bytes.len() + 1);
+                    match edit {
+                        0 if i < bytes.len() => {
+                            bytes.remove(i);
+                        }
+                        1 if i < bytes.len() => bytes[i] = byte,
+                        _ => bytes.insert(i, byte),
+                    }
+                }
+                bytes
+            }),
+            proptest::collection::vec(any::<u8>(), 0..32),
+        ]) {
+            let reference = std::str::from_utf8(&text).is_ok()
+                && serde_json::from_slice::<serde::de::IgnoredAny>(&text).is_ok();
+            prop_assert_eq!(is_json_text(&text), reference, "{:?}", String::from_utf8_lossy(&text));
         }
 
         /// Any 1.0 event encoded in structured mode decodes to itself, byte for byte: every
