@@ -183,8 +183,9 @@ pub fn encode(event: &Event, mode: ContentMode) -> Result<EncodedEvent, EncodeEr
 /// as `data`, or `data_base64` for bytes), so peers that decode with the sdk read the same
 /// event (a property test pins it). JSON text data (`Data::Binary` with a JSON content type,
 /// as [`decode`] hands it out and [`new_event`](crate::cloudevent::new_event) builds it) is
-/// written as the `data` member as it is, when the decoder's own structural check
-/// (`scan::is_json_text`, one pass, no parse) finds one JSON value; else as `data_base64`.
+/// written as the `data` member as it is, when a structural check with the grammar of the
+/// decoder's `data` check (`scan::is_json_text`, one pass, no parse) finds one JSON value;
+/// else as `data_base64`.
 fn write_structured_v10(out: &mut Vec<u8>, event: &Event) -> Result<(), EncodeError> {
     let data = event.data();
     out.extend_from_slice(br#"{"specversion":"1.0","id":"#);
