@@ -316,16 +316,27 @@ pub fn new_event_id() -> String {
 /// Creates an event with JSON `data`, the given `type` and `source`, a fresh id, the current UTC
 /// time, `datacontenttype: application/json` and a new transaction id.
 ///
+/// The data is held as its JSON text (`serde_json::to_vec`), `Data::Binary` with the JSON
+/// content type: the form a decoded event carries it in, so JSON data has one form
+/// everywhere in this library. Read it with [`EventExt::data_as`]. The codec writes it as the
+/// `data` member (structured mode) or as the payload (binary mode), as it is. Objects keep
+/// the order in which `T` serializes its fields (a struct: declaration order), not the sorted
+/// order a `serde_json::Value` would give them. The sdk's own serde
+/// (`serde_json::to_vec(&event)`) writes bytes as `data_base64`: to send such an event
+/// through the sdk, use [`codec::encode`](crate::codec::encode) instead.
+///
 /// # Examples
 ///
 /// ```
 /// use ce_messaging::cloudevent::{new_event, EventExt};
-/// use cloudevents::AttributesReader;
+/// use cloudevents::{AttributesReader, Data};
 ///
 /// let event = new_event("org.example.ping", "pinger", &serde_json::json!({"n": 1}))?;
 /// assert_eq!(event.ty(), "org.example.ping");
 /// assert_eq!(event.source().as_str(), "pinger");
 /// assert_eq!(event.datacontenttype(), Some("application/json"));
+/// assert_eq!(event.data(), Some(&Data::Binary(br#"{"n":1}"#.to_vec())));
+/// assert_eq!(event.data_as::<serde_json::Value>()?, serde_json::json!({"n": 1}));
 /// assert!(event.transaction_id().is_some());
 /// # Ok::<(), ce_messaging::error::EventError>(())
 /// ```
@@ -418,14 +429,16 @@ fn build_event<T: Serialize + ?Sized>(
     data: &T,
     tid: TransactionId,
 ) -> Result<Event, EventError> {
-    let value = serde_json::to_value(data)
+    // The data as its JSON text, the form a decoded event carries it in: encoded once here,
+    // sent as it is, parsed only when a handler asks for a type (`EventExt::data_as`).
+    let json = serde_json::to_vec(data)
         .map_err(|e| Error::with_source(EventErrorKind::DataSerialize, e))?;
     EventBuilderV10::new()
         .id(id)
         .ty(event_type)
         .source(source)
         .time(chrono::Utc::now())
-        .data(JSON_CONTENT_TYPE, value)
+        .data(JSON_CONTENT_TYPE, Data::Binary(json))
         .extension(TRANSACTION_ID_EXTENSION, tid.into_string())
         .build()
         .map_err(|e| Error::with_source(EventErrorKind::Build, e))
@@ -525,9 +538,10 @@ pub trait EventExt {
     /// Sets the `transactionid` extension.
     fn set_transaction_id(&mut self, tid: &TransactionId);
 
-    /// Deserializes the data as JSON into `T`. Accepts JSON data, and string or binary data
-    /// holding JSON text: a decoded event carries JSON data as its text (see
-    /// [`codec::decode`](crate::codec::decode)), which is parsed here once, straight into `T`.
+    /// Deserializes the data as JSON into `T`. Accepts binary or string data holding JSON
+    /// text (the form [`new_event`] builds and a decoded event carries, see
+    /// [`codec::decode`](crate::codec::decode)), parsed here once, straight into `T`; and
+    /// `Data::Json` (a `serde_json::Value`, as events built with the sdk's builder hold it).
     fn data_as<T: DeserializeOwned>(&self) -> Result<T, EventError>;
 
     /// The event type as an [`EventType`].
@@ -632,6 +646,65 @@ mod tests {
         let age = chrono::Utc::now() - *time;
         assert!(age.num_seconds() < 5 && age.num_seconds() >= 0);
         assert_eq!(event.specversion(), cloudevents::event::SpecVersion::V10);
+    }
+
+    #[test]
+    fn new_event_data_is_its_json_text_in_field_order() {
+        // Fields out of alphabetical order: the text keeps `T`'s order (a `Value` would sort).
+        #[derive(Serialize)]
+        struct Order {
+            zone: &'static str,
+            amount: f64,
+            items: Vec<u32>,
+        }
+        let order = Order {
+            zone: "é\"",
+            amount: 2.5,
+            items: vec![1, 2],
+        };
+        let event = new_event("t", "s", &order).unwrap();
+        assert_eq!(event.datacontenttype(), Some(JSON_CONTENT_TYPE));
+        assert_eq!(
+            event.data(),
+            Some(&Data::Binary(
+                r#"{"zone":"é\"","amount":2.5,"items":[1,2]}"#.as_bytes().to_vec()
+            ))
+        );
+        // The reply helpers build their events with `new_event_with_tid`: the same form.
+        let reply = new_event_with_tid("t", "s", &"ok", TransactionId::generate()).unwrap();
+        assert_eq!(reply.data(), Some(&Data::Binary(br#""ok""#.to_vec())));
+        let err = new_event("t", "s", &std::collections::HashMap::from([((1, 2), 3)]));
+        assert_eq!(err.unwrap_err().kind(), EventErrorKind::DataSerialize);
+    }
+
+    #[test]
+    fn data_as_reads_json_value_data_as_sdk_built_events_hold_it() {
+        let expected = Workspace {
+            name: "é x".into(),
+            size: 9,
+        };
+        let event = EventBuilderV10::new()
+            .id("x")
+            .ty("t")
+            .source("s")
+            .data(
+                JSON_CONTENT_TYPE,
+                serde_json::json!({"size": 9, "name": "é x"}),
+            )
+            .build()
+            .unwrap();
+        assert!(matches!(event.data(), Some(Data::Json(_))));
+        assert_eq!(event.data_as::<Workspace>().unwrap(), expected);
+        let built = new_event("t", "s", &expected).unwrap();
+        assert!(matches!(built.data(), Some(Data::Binary(_))));
+        assert_eq!(built.data_as::<Workspace>().unwrap(), expected);
+        assert_eq!(
+            built.data_as::<serde_json::Value>().unwrap(),
+            *match event.data() {
+                Some(Data::Json(value)) => value,
+                other => panic!("{other:?}"),
+            }
+        );
     }
 
     #[test]

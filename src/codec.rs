@@ -125,9 +125,10 @@ pub struct EncodedEvent {
 /// `application/cloudevents+json`. Binary: the payload is the data and every attribute and
 /// extension is a percent-encoded `ce-<name>` header.
 ///
-/// JSON text data (`Data::Binary` with a JSON content type, as [`decode`] hands it out) is
-/// written as it came: the `data` member in structured mode (when the bytes are valid JSON;
-/// else `data_base64`), the payload in binary mode.
+/// JSON text data (`Data::Binary` with a JSON content type, as [`decode`] hands it out and
+/// [`new_event`](crate::cloudevent::new_event) builds it) is written as it is: the `data`
+/// member in structured mode (when the bytes are one JSON value; else `data_base64`), the
+/// payload in binary mode (one copy).
 ///
 /// # Errors
 ///
@@ -181,7 +182,10 @@ pub fn encode(event: &Event, mode: ContentMode) -> Result<EncodedEvent, EncodeEr
 /// (`time` as chrono's serde form, with `Z`; extensions as strings, booleans or integers; data
 /// as `data`, or `data_base64` for bytes), so peers that decode with the sdk read the same
 /// event (a property test pins it). JSON text data (`Data::Binary` with a JSON content type,
-/// as [`decode`] hands it out) is written as the `data` member as it is, when it is valid JSON.
+/// as [`decode`] hands it out and [`new_event`](crate::cloudevent::new_event) builds it) is
+/// written as the `data` member as it is, when a structural check with the grammar of the
+/// decoder's `data` check (`scan::is_json_text`, one pass, no parse) finds one JSON value;
+/// else as `data_base64`.
 fn write_structured_v10(out: &mut Vec<u8>, event: &Event) -> Result<(), EncodeError> {
     let data = event.data();
     out.extend_from_slice(br#"{"specversion":"1.0","id":"#);
@@ -226,8 +230,8 @@ fn write_structured_v10(out: &mut Vec<u8>, event: &Event) -> Result<(), EncodeEr
             write_json_str(out, text);
         }
         Some(Data::Binary(bytes)) => {
-            let json_text = content_type.is_some_and(is_json_content_type)
-                && serde_json::from_slice::<serde::de::IgnoredAny>(bytes).is_ok();
+            let json_text =
+                content_type.is_some_and(is_json_content_type) && scan::is_json_text(bytes);
             if json_text {
                 out.extend_from_slice(br#","data":"#);
                 out.extend_from_slice(bytes.trim_ascii());
@@ -1611,6 +1615,92 @@ mod tests {
             decode(Some(&msg.headers.to_header_map()), &msg.payload).unwrap(),
             not_json
         );
+    }
+
+    #[test]
+    fn json_text_data_that_is_not_one_json_value_goes_as_data_base64() {
+        let event = |bytes: &[u8]| {
+            let mut event = full_event(Some(("application/json", Data::Json(json!(null)))));
+            event.set_data_unchecked(bytes.to_vec());
+            event
+        };
+        let not_json: [&[u8]; 9] = [
+            b"",
+            b"  ",
+            b"{not json",
+            b"[1,]",
+            b"1 2",
+            br#"{"a":1}}"#,
+            b"\"\xff\"",
+            b"\"tab\there\"",
+            b"01",
+        ];
+        for bytes in not_json {
+            let sent = event(bytes);
+            let msg = encode(&sent, ContentMode::Structured).unwrap();
+            let json: serde_json::Value = serde_json::from_slice(&msg.payload).unwrap();
+            assert!(json.get("data").is_none(), "{bytes:?}: {json}");
+            assert!(json["data_base64"].is_string(), "{bytes:?}: {json}");
+            let back = decode(Some(&msg.headers.to_header_map()), &msg.payload).unwrap();
+            assert_eq!(back, sent, "{bytes:?}");
+        }
+        // One JSON value with whitespace around it: the `data` member, trimmed.
+        let msg = encode(&event(b" \n[1, {\"a\": null}]\t"), ContentMode::Structured).unwrap();
+        let text = std::str::from_utf8(&msg.payload).unwrap();
+        assert!(text.contains(r#","data":[1, {"a": null}],"#), "{text}");
+    }
+
+    #[test]
+    fn a_new_event_is_sent_as_the_equivalent_value_event_was() {
+        // Fields in alphabetical order (the bench's data): the same bytes as a `Value` event.
+        #[derive(serde::Serialize)]
+        struct Sorted {
+            name: &'static str,
+            size: u64,
+            tags: [&'static str; 2],
+        }
+        // Fields out of order: the same JSON, members in the struct's order.
+        #[derive(serde::Serialize)]
+        struct Unsorted {
+            size: u64,
+            name: &'static str,
+        }
+        fn check<T: serde::Serialize>(data: &T, same_bytes: bool) {
+            let built = crate::cloudevent::new_event("t", "s", data).unwrap();
+            assert!(matches!(built.data(), Some(Data::Binary(_))));
+            let mut value_event = built.clone();
+            value_event.set_data_unchecked(Data::Json(serde_json::to_value(data).unwrap()));
+            for mode in [ContentMode::Structured, ContentMode::Binary] {
+                let ours = encode(&built, mode).unwrap();
+                let before = encode(&value_event, mode).unwrap();
+                assert_eq!(ours.headers, before.headers);
+                if same_bytes {
+                    assert_eq!(ours.payload, before.payload);
+                } else {
+                    assert_ne!(ours.payload, before.payload);
+                    let parsed = |p: &[u8]| serde_json::from_slice::<serde_json::Value>(p).unwrap();
+                    assert_eq!(parsed(&ours.payload), parsed(&before.payload));
+                }
+            }
+            // The structured form is what the sdk's serializer writes for the `Value` event.
+            if same_bytes {
+                assert_eq!(
+                    encode(&built, ContentMode::Structured).unwrap().payload,
+                    serde_json::to_vec(&value_event).unwrap()
+                );
+            }
+        }
+        check(
+            &Sorted {
+                name: "é \"x\"",
+                size: 1024,
+                tags: ["a", "b"],
+            },
+            true,
+        );
+        check(&Unsorted { size: 7, name: "n" }, false);
+        check(&json!({"b": [1.5, -0.0, 1e300], "a": null}), true);
+        check(&"text \u{1}", true);
     }
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {

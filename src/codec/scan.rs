@@ -21,6 +21,9 @@
 //! ([`JsonEvent::check_members`]), so a payload that is not JSON is always `NotJson`, whatever
 //! its members. A differential property test (`the_pass_reads_what_serde_json_reads`) holds the
 //! pass to the serde_json reading it replaced, on generated, mutated and arbitrary payloads.
+//!
+//! The encoder's check of JSON text data ([`is_json_text`]) is here too: the same grammar as
+//! the `data` check, in a pass of its own (`json_text_check_agrees_with_serde_json`).
 use std::borrow::Cow;
 
 use cloudevents::event::ExtensionValue;
@@ -232,6 +235,185 @@ pub(super) fn json_string(json: &str) -> Option<Cow<'_, str>> {
     let mut scanner = Scanner { text: json, pos: 0 };
     let text = scanner.string().ok()?;
     (scanner.pos == json.len()).then_some(text)
+}
+
+/// Whether `bytes` are one JSON value with only whitespace around it: the grammar the pass
+/// applies to a `data` member (UTF-8; strings with valid escapes, `\u` four hex digits, no
+/// control characters; numbers as JSON writes them; any depth, without recursion), so what the
+/// encoder writes as `data` the decoder reads back as it was. Used by the structured encoder
+/// for JSON text data; a pass of its own, without the scanner's error positions and number
+/// values, as it is on every encode of such data (a property test holds it to serde_json).
+pub(super) fn is_json_text(bytes: &[u8]) -> bool {
+    (bytes.is_ascii() || std::str::from_utf8(bytes).is_ok()) && is_one_json_value(bytes)
+}
+
+/// The grammar half of [`is_json_text`], on bytes known to be UTF-8.
+fn is_one_json_value(b: &[u8]) -> bool {
+    let mut i = 0;
+    let mut nesting = Nesting::default();
+    loop {
+        // At a value.
+        skip_json_whitespace(b, &mut i);
+        match b.get(i) {
+            Some(&open @ (b'{' | b'[')) => {
+                i += 1;
+                skip_json_whitespace(b, &mut i);
+                let object = open == b'{';
+                let close = if object { b'}' } else { b']' };
+                if b.get(i) == Some(&close) {
+                    i += 1;
+                } else {
+                    nesting.push(object);
+                    if object && !is_member_name(b, &mut i) {
+                        return false;
+                    }
+                    continue;
+                }
+            }
+            Some(b'"') => {
+                if !is_string(b, &mut i) {
+                    return false;
+                }
+            }
+            Some(b't') => {
+                if !is_literal(b, &mut i, b"true") {
+                    return false;
+                }
+            }
+            Some(b'f') => {
+                if !is_literal(b, &mut i, b"false") {
+                    return false;
+                }
+            }
+            Some(b'n') => {
+                if !is_literal(b, &mut i, b"null") {
+                    return false;
+                }
+            }
+            Some(b'-' | b'0'..=b'9') => {
+                if !is_number(b, &mut i) {
+                    return false;
+                }
+            }
+            _ => return false,
+        }
+        // After a value: close the containers it ends, or go on to the next value.
+        loop {
+            skip_json_whitespace(b, &mut i);
+            let Some(object) = nesting.innermost_is_object() else {
+                return i == b.len();
+            };
+            match (b.get(i), object) {
+                (Some(b','), _) => {
+                    i += 1;
+                    if object {
+                        skip_json_whitespace(b, &mut i);
+                        if !is_member_name(b, &mut i) {
+                            return false;
+                        }
+                    }
+                    break;
+                }
+                (Some(b'}'), true) | (Some(b']'), false) => {
+                    i += 1;
+                    nesting.pop();
+                }
+                _ => return false,
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn skip_json_whitespace(b: &[u8], i: &mut usize) {
+    while b.get(*i).copied().is_some_and(is_whitespace) {
+        *i += 1;
+    }
+}
+
+/// A literal (`true`, `false`, `null`) at `i`.
+fn is_literal(b: &[u8], i: &mut usize, word: &[u8]) -> bool {
+    let ok = b.get(*i..).is_some_and(|rest| rest.starts_with(word));
+    *i += word.len();
+    ok
+}
+
+/// A string at its opening quote, `i` moved past its closing one.
+#[inline(always)]
+fn is_string(b: &[u8], i: &mut usize) -> bool {
+    *i += 1;
+    loop {
+        match b.get(*i) {
+            Some(b'"') => {
+                *i += 1;
+                return true;
+            }
+            Some(b'\\') => match b.get(*i + 1) {
+                Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => *i += 2,
+                Some(b'u') => {
+                    let hex = b.get(*i + 2..*i + 6);
+                    if !hex.is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)) {
+                        return false;
+                    }
+                    *i += 6;
+                }
+                _ => return false,
+            },
+            Some(&c) if c >= 0x20 => *i += 1,
+            _ => return false,
+        }
+    }
+}
+
+/// A member name inside an object and the `:` after it.
+fn is_member_name(b: &[u8], i: &mut usize) -> bool {
+    if b.get(*i) != Some(&b'"') || !is_string(b, i) {
+        return false;
+    }
+    skip_json_whitespace(b, i);
+    if b.get(*i) == Some(&b':') {
+        *i += 1;
+        true
+    } else {
+        false
+    }
+}
+
+/// A number at its first byte (`-` or a digit), as the JSON grammar writes it.
+fn is_number(b: &[u8], i: &mut usize) -> bool {
+    let digits = |i: &mut usize| {
+        let start = *i;
+        while b.get(*i).is_some_and(u8::is_ascii_digit) {
+            *i += 1;
+        }
+        *i > start
+    };
+    if b.get(*i) == Some(&b'-') {
+        *i += 1;
+    }
+    match b.get(*i) {
+        Some(b'0') => *i += 1,
+        Some(b'1'..=b'9') => {
+            digits(i);
+        }
+        _ => return false,
+    }
+    if b.get(*i) == Some(&b'.') {
+        *i += 1;
+        if !digits(i) {
+            return false;
+        }
+    }
+    if matches!(b.get(*i), Some(b'e' | b'E')) {
+        *i += 1;
+        if matches!(b.get(*i), Some(b'+' | b'-')) {
+            *i += 1;
+        }
+        if !digits(i) {
+            return false;
+        }
+    }
+    true
 }
 
 /// Where the payload stopped being JSON: the byte offset and what was expected there.
@@ -1247,6 +1429,36 @@ mod tests {
                 prop_assert_eq!(with_ct.err().map(|e| e.kind()), Some(DecodeErrorKind::NotJson));
                 prop_assert_eq!(without.err().map(|e| e.kind()), Some(DecodeErrorKind::NotCloudEvent));
             }
+        }
+
+        /// The encoder's check of JSON text data (`is_json_text`) accepts exactly the UTF-8
+        /// text that serde_json reads as one value (the check it replaced), on generated
+        /// values changed at up to three places and on arbitrary bytes.
+        #[test]
+        fn json_text_check_agrees_with_serde_json(text in prop_oneof![
+            (json_value(), proptest::collection::vec((
+                any::<proptest::sample::Index>(),
+                0..3u8,
+                proptest::sample::select(b"{}[],:\"\\ 0-eE.u\x01\xc3ntf".to_vec()),
+            ), 0..3)).prop_map(|(value, edits)| {
+                let mut bytes = format!(" {value}\n").into_bytes();
+                for (at, edit, byte) in edits {
+                    let i = at.index(bytes.len() + 1);
+                    match edit {
+                        0 if i < bytes.len() => {
+                            bytes.remove(i);
+                        }
+                        1 if i < bytes.len() => bytes[i] = byte,
+                        _ => bytes.insert(i, byte),
+                    }
+                }
+                bytes
+            }),
+            proptest::collection::vec(any::<u8>(), 0..32),
+        ]) {
+            let reference = std::str::from_utf8(&text).is_ok()
+                && serde_json::from_slice::<serde::de::IgnoredAny>(&text).is_ok();
+            prop_assert_eq!(is_json_text(&text), reference, "{:?}", String::from_utf8_lossy(&text));
         }
 
         /// Any 1.0 event encoded in structured mode decodes to itself, byte for byte: every

@@ -166,6 +166,21 @@ async fn roundtrip<B: QueryBackend>(mode: ContentMode) {
         Some("a b%c\"d é\u{1F600}".to_owned())
     );
     assert_eq!(got.data_as::<Value>().expect("data"), data);
+    // JSON data has one form on every backend and in both modes: the JSON text that
+    // `new_event` built (`Data::Binary`), handed to the handler byte for byte.
+    assert!(
+        matches!(request.data(), Some(cloudevents::Data::Binary(_))),
+        "{:?}",
+        request.data()
+    );
+    assert_eq!(got.data(), request.data());
+    // The reply (built by `new_event_with_tid`) reaches the requester as its JSON text too.
+    assert_eq!(
+        reply.data(),
+        Some(&cloudevents::Data::Binary(
+            serde_json::to_vec(&json!({ "echo": data })).expect("JSON")
+        ))
+    );
 
     assert_eq!(reply.ty(), format!("{op}.reply"));
     assert_eq!(reply.source().as_str(), server_config.client_id);
