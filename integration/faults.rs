@@ -237,16 +237,28 @@ async fn stop(listener: &Listener) {
 /// while, so a failed read is started again until a deadline.
 async fn stored_ids(client: &async_nats::Client, stream: &str) -> HashMap<String, usize> {
     let js = jetstream::new(client.clone());
+    let what = format!("reading stream {stream}");
+    retry_reading(&what, || read_stream(&js, stream)).await
+}
+
+/// Runs `read` until it succeeds, for at most 60 s in all; panics naming `what` with the last
+/// error after that. For reads of JetStream state that a recovering cluster may refuse or time
+/// out for a while.
+async fn retry_reading<T, F, Fut>(what: &str, mut read: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        let error = match tokio::time::timeout(left, read_stream(&js, stream)).await {
-            Ok(Ok(ids)) => return ids,
+        let error = match tokio::time::timeout(left, read()).await {
+            Ok(Ok(value)) => return value,
             Ok(Err(error)) => error,
             Err(_) => "timed out".to_owned(),
         };
         if Instant::now() >= deadline {
-            panic!("reading stream {stream}: {error}");
+            panic!("{what}: {error}");
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -1885,20 +1897,8 @@ async fn firing_times(
     count: usize,
 ) -> HashMap<String, chrono::DateTime<chrono::Utc>> {
     let js = jetstream::new(client.clone());
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let read = read_firings(&js, stream, subject, count);
-        let error = match tokio::time::timeout(left, read).await {
-            Ok(Ok(times)) => return times,
-            Ok(Err(error)) => error,
-            Err(_) => "timed out".to_owned(),
-        };
-        if Instant::now() >= deadline {
-            panic!("reading the firings on {subject}: {error}");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let what = format!("reading the firings on {subject}");
+    retry_reading(&what, || read_firings(&js, stream, subject, count)).await
 }
 
 async fn read_firings(

@@ -362,22 +362,10 @@ fn push_json_escape(out: &mut Vec<u8>, b: u8) {
 
 /// Appends an integer in decimal.
 fn write_integer(out: &mut Vec<u8>, value: i64) {
-    let mut buf = [0u8; 20];
-    let mut n = value.unsigned_abs();
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        // `n % 10` is 0-9: an ASCII digit.
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
     if value < 0 {
         out.push(b'-');
     }
-    out.extend_from_slice(&buf[i..]);
+    write::write_u64(out, value.unsigned_abs());
 }
 
 /// Appends `bytes` in standard base64 with padding (RFC 4648 section 4), as the sdk writes

@@ -1393,18 +1393,23 @@ mod tests {
                 .map(|(n, v, ws)| format!("{ws}{n}{ws}:{ws}{v}{ws}"))
                 .collect();
             let mut bytes = format!("{{{}}}", members.join(",")).into_bytes();
-            for (at, edit, byte) in edits {
-                let i = at.index(bytes.len() + 1);
-                match edit {
-                    0 if i < bytes.len() => {
-                        bytes.remove(i);
-                    }
-                    1 if i < bytes.len() => bytes[i] = byte,
-                    _ => bytes.insert(i, byte),
-                }
-            }
+            apply_edits(&mut bytes, edits);
             bytes
         })
+    }
+
+    /// Removes, replaces or inserts a byte at each `(place, edit, byte)`.
+    fn apply_edits(bytes: &mut Vec<u8>, edits: Vec<(proptest::sample::Index, u8, u8)>) {
+        for (at, edit, byte) in edits {
+            let i = at.index(bytes.len() + 1);
+            match edit {
+                0 if i < bytes.len() => {
+                    bytes.remove(i);
+                }
+                1 if i < bytes.len() => bytes[i] = byte,
+                _ => bytes.insert(i, byte),
+            }
+        }
     }
 
     proptest! {
@@ -1442,16 +1447,7 @@ mod tests {
                 proptest::sample::select(b"{}[],:\"\\ 0-eE.u\x01\xc3ntf".to_vec()),
             ), 0..3)).prop_map(|(value, edits)| {
                 let mut bytes = format!(" {value}\n").into_bytes();
-                for (at, edit, byte) in edits {
-                    let i = at.index(bytes.len() + 1);
-                    match edit {
-                        0 if i < bytes.len() => {
-                            bytes.remove(i);
-                        }
-                        1 if i < bytes.len() => bytes[i] = byte,
-                        _ => bytes.insert(i, byte),
-                    }
-                }
+                apply_edits(&mut bytes, edits);
                 bytes
             }),
             proptest::collection::vec(any::<u8>(), 0..32),

@@ -587,7 +587,7 @@ fn write_json_member(out: &mut Vec<u8>, value: &Value) -> Result<(), EncodeError
 }
 
 /// Appends an unsigned integer in decimal.
-fn write_u64(out: &mut Vec<u8>, mut n: u64) {
+pub(super) fn write_u64(out: &mut Vec<u8>, mut n: u64) {
     let mut buf = [0u8; 20];
     let mut i = buf.len();
     loop {
