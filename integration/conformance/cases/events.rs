@@ -32,7 +32,7 @@ use super::{eventually, skip, within, Gate, Peak, Seen};
 use crate::backend::{unique, ConsumerState, EventBackend, Stored};
 
 /// A fresh event type, unique to this case run.
-fn new_type(name: &str) -> String {
+pub(super) fn new_type(name: &str) -> String {
     format!("conf.{}.{name}", unique())
 }
 
@@ -82,7 +82,7 @@ fn recording(event_type: &str, seen: &Seen<Event>) -> EventHandlers {
     )
 }
 
-async fn listen<E: EventConnection>(
+pub(super) async fn listen<E: EventConnection>(
     connection: &E,
     handlers: EventHandlers,
     options: EventListenOptions,
@@ -114,7 +114,7 @@ async fn stop_all(listeners: &[Listener]) {
 }
 
 /// Waits until the durable has nothing pending and nothing unacknowledged.
-async fn wait_settled<B: EventBackend>(env: &B, config: &Config, durable: &str) {
+pub(super) async fn wait_settled<B: EventBackend>(env: &B, config: &Config, durable: &str) {
     eventually(
         &format!("durable {durable} to have everything acked"),
         || async {

@@ -14,17 +14,13 @@ use ce_messaging::events::{
     EventListenOptions, PublishOptions, Schedule, NATS_SCHEDULER,
 };
 use ce_messaging::handler::HandlerError;
-use ce_messaging::listener::Listener;
 use ce_messaging::Event;
 use cloudevents::AttributesReader;
 use serde_json::json;
 
+use super::events::{listen, new_type, wait_settled};
 use super::{eventually, within, within_for, Gate, Seen};
 use crate::backend::{unique, ConsumerState, EventBackend};
-
-fn new_type(name: &str) -> String {
-    format!("conf.{}.{name}", unique())
-}
 
 fn options(durable: &str, workers: usize, buffer: usize) -> EventListenOptions {
     EventListenOptions {
@@ -77,16 +73,6 @@ fn recording(types: &[&str], seen: &Seen<Handled>) -> EventHandlers {
     handlers
 }
 
-async fn listen<E: EventConnection>(
-    connection: &E,
-    handlers: EventHandlers,
-    options: EventListenOptions,
-) -> Listener {
-    within("listen", connection.listen(handlers, options))
-        .await
-        .expect("listen")
-}
-
 /// The wall time `@at` will name for a delay from now: rounded up to a whole second, as the
 /// library sends it; a firing before it is early.
 fn due_after(
@@ -116,15 +102,22 @@ async fn marker<E: EventConnection>(connection: &E, marker_type: &str, seen: &Se
     .await;
 }
 
-async fn wait_settled<B: EventBackend>(env: &B, config: &Config, durable: &str) {
-    eventually(&format!("durable {durable} settled"), || async {
-        env.consumer_state(&config.js_stream, durable).await
-            == Some(ConsumerState {
-                pending: 0,
-                ack_pending: 0,
-            })
-    })
-    .await;
+/// The accounting each case ends with: the durable has nothing pending, unacknowledged or
+/// parked, and the dead-letter stream is empty (`why` says why none is expected).
+async fn assert_settled_nothing_dead<B: EventBackend>(
+    env: &B,
+    config: &Config,
+    events: &B::Events,
+    durable: &str,
+    why: &str,
+) {
+    let info = B::durable_info(events, durable).await;
+    assert_eq!(
+        (info.pending, info.ack_pending, info.parked),
+        (0, 0, 0),
+        "{info:?}"
+    );
+    assert!(env.stored(&config.js_dlq_stream).await.is_empty(), "{why}");
 }
 
 /// A deferred event is delivered once, as an ordinary event on its type, not before its time;
@@ -420,16 +413,14 @@ pub async fn expired_event_is_never_handled<B: EventBackend>() {
         Some(3),
         "the quote was delivered to the listener once and settled there"
     );
-    let info = B::durable_info(&events, &durable).await;
-    assert_eq!(
-        (info.pending, info.ack_pending, info.parked),
-        (0, 0, 0),
-        "{info:?}"
-    );
-    assert!(
-        env.stored(&config.js_dlq_stream).await.is_empty(),
-        "expired events are counted, not dead-lettered"
-    );
+    assert_settled_nothing_dead(
+        &env,
+        &config,
+        &events,
+        &durable,
+        "expired events are counted, not dead-lettered",
+    )
+    .await;
     within("stop", listener.stop(Duration::from_secs(5))).await;
     B::close_events(&events).await;
 }
@@ -493,16 +484,14 @@ pub async fn event_expired_while_waiting_for_redelivery_is_not_handled_again<B: 
         "handled once, never again after it expired"
     );
     wait_settled(&env, &config, &durable).await;
-    let info = B::durable_info(&events, &durable).await;
-    assert_eq!(
-        (info.pending, info.ack_pending, info.parked),
-        (0, 0, 0),
-        "{info:?}"
-    );
-    assert!(
-        env.stored(&config.js_dlq_stream).await.is_empty(),
-        "an expired event is not dead-lettered"
-    );
+    assert_settled_nothing_dead(
+        &env,
+        &config,
+        &events,
+        &durable,
+        "an expired event is not dead-lettered",
+    )
+    .await;
     within("stop", listener.stop(Duration::from_secs(5))).await;
     B::close_events(&events).await;
 }
@@ -598,16 +587,7 @@ pub async fn cron_schedule_fires_every_second_until_cancelled<B: EventBackend>()
         Some(handled.len() as u64),
         "one delivery per handled event (firings and markers), no redelivery"
     );
-    let info = B::durable_info(&events, &durable).await;
-    assert_eq!(
-        (info.pending, info.ack_pending, info.parked),
-        (0, 0, 0),
-        "{info:?}"
-    );
-    assert!(
-        env.stored(&config.js_dlq_stream).await.is_empty(),
-        "no dead letters"
-    );
+    assert_settled_nothing_dead(&env, &config, &events, &durable, "no dead letters").await;
     within("stop", listener.stop(Duration::from_secs(5))).await;
     B::close_events(&events).await;
 }
