@@ -2,10 +2,6 @@
 //! at most `buffer` wait, and stopping is drain-then-close (stop intake, let in-flight work finish
 //! within a grace period, then abort what is left and wait for it to be cleaned up).
 //!
-//! A query listener's intake is one of the workers ([`InPlaceWorker`]): it serves a request in
-//! its own task when it is free, and hands off to the pool's tasks only what arrives while it is
-//! busy.
-//!
 //! Workers are long-lived tasks pulling from one bounded channel: no task is spawned per message.
 //! The hand-off costs one wake-up per item: a sender wakes one idle worker (`Notify`), which
 //! takes the next item with `try_recv` under a short synchronous lock (an async mutex around
@@ -16,13 +12,9 @@
 //! worker would otherwise touch per item).
 
 use std::future::Future;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
-
-use futures::{Stream, StreamExt};
 
 use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{mpsc, Notify};
@@ -143,28 +135,6 @@ impl<M> Tx<M> {
     }
 }
 
-impl<M> Tx<M> {
-    /// Queues an item only if there is room now; gives it back, saying why, when the queue is
-    /// full or the pool is stopping.
-    fn try_send(&self, item: M, stopping: &CancellationToken) -> Result<(), (M, Refused)> {
-        if stopping.is_cancelled() {
-            return Err((item, Refused::Stopping));
-        }
-        let Some(tx) = self.tx.as_ref() else {
-            return Err((item, Refused::Stopping));
-        };
-        match tx.try_reserve() {
-            Ok(permit) => {
-                permit.send(item);
-                self.available.notify_one();
-                Ok(())
-            }
-            Err(mpsc::error::TrySendError::Full(())) => Err((item, Refused::Full)),
-            Err(mpsc::error::TrySendError::Closed(())) => Err((item, Refused::Stopping)),
-        }
-    }
-}
-
 /// A bounded pool of workers processing items of type `M`.
 pub(crate) struct WorkerPool<M> {
     tx: Tx<M>,
@@ -179,114 +149,11 @@ pub(crate) struct WorkerPool<M> {
     _marker: std::marker::PhantomData<M>,
 }
 
-/// What every worker of a pool shares: the queue's receiving end, the processing function,
-/// the signals and the counters. The pool's tasks and an intake's [`InPlaceWorker`] take
-/// items the same way.
-struct Shared<M, F> {
-    /// The lock is held only for `try_recv`; it cannot be poisoned (nothing under it panics),
-    /// and if it were the workers stop as on a closed queue.
-    rx: std::sync::Mutex<mpsc::Receiver<M>>,
-    process: F,
-    ctx: WorkContext,
-    aborted: Arc<AtomicBool>,
-    available: Arc<Notify>,
-    counters: Arc<Counters>,
-    /// Workers parked (or about to park) waiting for an item: an intake's in-place worker
-    /// takes a queued item only when none is, so that an item queued for the pool runs on a
-    /// pool task (which may run on another thread) rather than in the intake's task.
-    parked: AtomicUsize,
-}
-
-impl<M, F, Fut> Shared<M, F>
-where
-    F: Fn(M, WorkContext) -> Fut,
-    Fut: Future<Output = Outcome>,
-{
-    fn try_next(&self) -> Result<M, TryRecvError> {
-        match self.rx.lock() {
-            Ok(mut rx) => rx.try_recv(),
-            Err(_) => Err(TryRecvError::Disconnected),
-        }
-    }
-
-    /// The next item; `None` once the pool was aborted, or the queue is closed and empty.
-    async fn next(&self) -> Option<M> {
-        loop {
-            if self.aborted.load(Ordering::SeqCst) {
-                return None;
-            }
-            // An item waiting: taken at once, no registration.
-            match self.try_next() {
-                Ok(item) => return Some(item),
-                Err(TryRecvError::Disconnected) => return None,
-                Err(TryRecvError::Empty) => {}
-            }
-            // Registered before looking again, so an item sent (or an abort begun) after that
-            // look still wakes this worker, or leaves a permit that completes it. Dropped
-            // before the item is processed: a busy worker must not stay registered, or a send
-            // would wake it instead of an idle one (a notification it did receive is passed on
-            // to another waiter on drop).
-            let notified = self.available.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.aborted.load(Ordering::SeqCst) {
-                return None;
-            }
-            match self.try_next() {
-                Ok(item) => return Some(item),
-                Err(TryRecvError::Disconnected) => return None,
-                Err(TryRecvError::Empty) => {}
-            }
-            let _parked = Parked::count(&self.parked);
-            notified.await;
-        }
-    }
-
-    fn start(&self, item: M) -> Fut {
-        (self.process)(item, self.ctx.clone())
-    }
-
-    fn count(&self, outcome: Outcome) {
-        let counter = match outcome {
-            Outcome::Finished => &self.counters.finished,
-            Outcome::Abandoned => &self.counters.abandoned,
-            Outcome::Requeued => &self.counters.requeued,
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// A worker's life: processes items, one at a time, until the queue ends or the pool is
-    /// aborted. The item's future runs in place (not boxed).
-    async fn work(&self) {
-        while let Some(item) = self.next().await {
-            let outcome = self.start(item).await;
-            self.count(outcome);
-        }
-    }
-}
-
-/// Counts a parked worker while it lives (also when its wait is dropped).
-struct Parked<'a>(&'a AtomicUsize);
-
-impl<'a> Parked<'a> {
-    fn count(parked: &'a AtomicUsize) -> Self {
-        parked.fetch_add(1, Ordering::SeqCst);
-        Parked(parked)
-    }
-}
-
-impl Drop for Parked<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
 impl<M: Send + 'static> WorkerPool<M> {
     /// Starts `workers` worker tasks reading from a channel of capacity `buffer`.
     ///
     /// `process` returns a future of its own type, run in place inside the worker's task: a
     /// listener that names no boxed future pays no heap allocation per item.
-    #[cfg(test)]
     pub fn start<F, Fut>(workers: usize, buffer: usize, process: F) -> Self
     where
         F: Fn(M, WorkContext) -> Fut + Send + Sync + 'static,
@@ -310,48 +177,9 @@ impl<M: Send + 'static> WorkerPool<M> {
         F: Fn(M, WorkContext) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Outcome> + Send + 'static,
     {
-        Self::build(workers.max(1), buffer, stopping, process).0
-    }
-
-    /// Like [`start`](Self::start), with one of the `workers` being the intake's own
-    /// [`InPlaceWorker`]: `workers - 1` tasks are started, and the intake serves an item in
-    /// its own task when its slot is free (no hand-off: no wake-up of another task, no
-    /// cross-thread steal), queueing for the pool's tasks only what arrives while it is busy.
-    pub fn start_with_in_place<F, Fut>(
-        workers: usize,
-        buffer: usize,
-        process: F,
-    ) -> (Self, InPlaceWorker<M, F>)
-    where
-        F: Fn(M, WorkContext) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = Outcome> + Send + 'static,
-    {
-        let (pool, shared) = Self::build(
-            workers.max(1) - 1,
-            buffer,
-            CancellationToken::new(),
-            process,
-        );
-        let in_place = InPlaceWorker {
-            shared,
-            tx: pool.tx.clone(),
-            stopping: pool.ctx.stopping.clone(),
-        };
-        (pool, in_place)
-    }
-
-    /// The pool with `tasks` worker tasks, and what they share.
-    fn build<F, Fut>(
-        tasks: usize,
-        buffer: usize,
-        stopping: CancellationToken,
-        process: F,
-    ) -> (Self, Arc<Shared<M, F>>)
-    where
-        F: Fn(M, WorkContext) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = Outcome> + Send + 'static,
-    {
+        let workers = workers.max(1);
         let (tx, rx) = mpsc::channel::<M>(buffer.max(1));
+        let rx = Arc::new(std::sync::Mutex::new(rx));
         let available = Arc::new(Notify::new());
         let tx = Tx {
             tx: Some(tx),
@@ -365,21 +193,64 @@ impl<M: Send + 'static> WorkerPool<M> {
         }));
         let tracker = TaskTracker::new();
         let counters = Arc::new(Counters::default());
+        let process = Arc::new(process);
         let aborted = Arc::new(AtomicBool::new(false));
-        let shared = Arc::new(Shared {
-            rx: std::sync::Mutex::new(rx),
-            process,
-            ctx: ctx.clone(),
-            aborted: aborted.clone(),
-            available: available.clone(),
-            counters: counters.clone(),
-            parked: AtomicUsize::new(0),
-        });
-        for _ in 0..tasks {
-            let shared = shared.clone();
-            tracker.spawn(async move { shared.work().await });
+        for _ in 0..workers {
+            let rx = rx.clone();
+            let ctx = ctx.clone();
+            let aborted = aborted.clone();
+            let counters = counters.clone();
+            let process = process.clone();
+            let available = available.clone();
+            tracker.spawn(async move {
+                loop {
+                    // Dropped before the item is processed: a busy worker must not stay
+                    // registered, or a send would wake it instead of an idle one (a
+                    // notification it did receive is passed on to another waiter on drop).
+                    // The lock is held only for `try_recv`; it cannot be poisoned (nothing
+                    // under it panics), and if it were the worker stops as on a closed queue.
+                    let try_next = || match rx.lock() {
+                        Ok(mut rx) => rx.try_recv(),
+                        Err(_) => Err(TryRecvError::Disconnected),
+                    };
+                    let item = loop {
+                        if aborted.load(Ordering::SeqCst) {
+                            break None;
+                        }
+                        // An item waiting: taken at once, no registration.
+                        match try_next() {
+                            Ok(item) => break Some(item),
+                            Err(TryRecvError::Disconnected) => break None,
+                            Err(TryRecvError::Empty) => {}
+                        }
+                        // Registered before looking again, so an item sent (or an abort begun)
+                        // after that look still wakes this worker, or leaves a permit that
+                        // completes it.
+                        let notified = available.notified();
+                        tokio::pin!(notified);
+                        notified.as_mut().enable();
+                        if aborted.load(Ordering::SeqCst) {
+                            break None;
+                        }
+                        match try_next() {
+                            Ok(item) => break Some(item),
+                            Err(TryRecvError::Disconnected) => break None,
+                            Err(TryRecvError::Empty) => {}
+                        }
+                        notified.await;
+                    };
+                    let Some(item) = item else { break };
+                    let outcome = process(item, ctx.clone()).await;
+                    let counter = match outcome {
+                        Outcome::Finished => &counters.finished,
+                        Outcome::Abandoned => &counters.abandoned,
+                        Outcome::Requeued => &counters.requeued,
+                    };
+                    counter.fetch_add(1, Ordering::Relaxed);
+                }
+            });
         }
-        let pool = WorkerPool {
+        WorkerPool {
             tx,
             ctx,
             aborted,
@@ -387,8 +258,7 @@ impl<M: Send + 'static> WorkerPool<M> {
             tracker,
             counters,
             _marker: std::marker::PhantomData,
-        };
-        (pool, shared)
+        }
     }
 
     /// The signals shared with the workers.
@@ -504,124 +374,22 @@ impl<M: Send + 'static> Submitter<M> {
 
     /// Queues an item only if there is room now (load shedding); gives it back, saying why,
     /// when the queue is full or the pool is stopping.
-    #[cfg(test)]
     pub fn try_submit(&self, item: M) -> Result<(), (M, Refused)> {
-        self.tx.try_send(item, &self.stopping)
-    }
-}
-
-/// An intake's own worker (see [`WorkerPool::start_with_in_place`]): it serves an item in the
-/// intake's task when its slot is free, and queues it for the pool's tasks otherwise. It is
-/// one of the pool's `workers`: at most `workers` items are processed at once, counting the
-/// one in its slot, and at most `buffer` wait.
-///
-/// The slot is a pinned `Option` of the processing future that lives in the intake's own
-/// future ([`empty_slot`](Self::empty_slot)), polled alongside the intake's source by
-/// [`next_from`](Self::next_from): no box, no task, no wake-up of another task per item.
-pub(crate) struct InPlaceWorker<M, F> {
-    shared: Arc<Shared<M, F>>,
-    tx: Tx<M>,
-    stopping: CancellationToken,
-}
-
-impl<M, F, Fut> InPlaceWorker<M, F>
-where
-    M: Send + 'static,
-    F: Fn(M, WorkContext) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = Outcome> + Send + 'static,
-{
-    /// An empty slot, to be pinned in the intake's future.
-    pub fn empty_slot(&self) -> Option<Fut> {
-        None
-    }
-
-    /// Takes `item`: started in `slot` when the slot is free (it is polled by the next
-    /// [`next_from`](Self::next_from) or [`finish`](Self::finish)), else queued for the pool
-    /// if there is room now. Gives it back, saying why, when the queue is full (every worker
-    /// busy and `buffer` items waiting) or the pool is stopping.
-    pub fn offer(&self, mut slot: Pin<&mut Option<Fut>>, item: M) -> Result<(), (M, Refused)> {
         if self.stopping.is_cancelled() {
             return Err((item, Refused::Stopping));
         }
-        // A free slot means nothing waits in the queue that the slot could take: `drive`
-        // takes the queue's head whenever the slot is free and no pool task is idle.
-        if slot.is_none() {
-            slot.set(Some(self.shared.start(item)));
-            return Ok(());
-        }
-        self.tx.try_send(item, &self.stopping)
-    }
-
-    /// Waits for the next item of `incoming`, processing the item in `slot` meanwhile (and
-    /// after it, items that wait in the queue while every pool task is busy).
-    ///
-    /// # Cancel safety
-    ///
-    /// Cancel-safe if `incoming`'s `next` is: the slot's state lives in `slot`.
-    pub async fn next_from<S>(
-        &self,
-        mut slot: Pin<&mut Option<Fut>>,
-        incoming: &mut S,
-    ) -> Option<S::Item>
-    where
-        S: Stream + Unpin,
-    {
-        std::future::poll_fn(|cx| {
-            self.drive(slot.as_mut(), cx);
-            incoming.poll_next_unpin(cx)
-        })
-        .await
-    }
-
-    /// Polls the slot's item; each time the slot is free, takes a queued item into it when no
-    /// pool task is parked to take it (so queued items are not left waiting while the slot,
-    /// one of the `workers`, is idle).
-    fn drive(&self, mut slot: Pin<&mut Option<Fut>>, cx: &mut Context<'_>) {
-        loop {
-            let Some(fut) = slot.as_mut().as_pin_mut() else {
-                if self.shared.aborted.load(Ordering::SeqCst)
-                    || self.shared.parked.load(Ordering::SeqCst) > 0
-                {
-                    return;
-                }
-                match self.shared.try_next() {
-                    Ok(item) => slot.set(Some(self.shared.start(item))),
-                    Err(_) => return,
-                }
-                continue;
-            };
-            // A panic in the processing future (a library bug: handler panics are caught
-            // inside it) must not end the intake: the item is dropped, as a pool task would
-            // drop it by ending.
-            let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| fut.poll(cx)));
-            match polled {
-                Ok(Poll::Pending) => return,
-                Ok(Poll::Ready(outcome)) => {
-                    slot.set(None);
-                    self.shared.count(outcome);
-                }
-                Err(_) => {
-                    slot.set(None);
-                    tracing::error!("processing an item panicked; the item is dropped");
-                }
+        let Some(tx) = self.tx.tx.as_ref() else {
+            return Err((item, Refused::Stopping));
+        };
+        match tx.try_reserve() {
+            Ok(permit) => {
+                permit.send(item);
+                self.tx.available.notify_one();
+                Ok(())
             }
+            Err(mpsc::error::TrySendError::Full(())) => Err((item, Refused::Full)),
+            Err(mpsc::error::TrySendError::Closed(())) => Err((item, Refused::Stopping)),
         }
-    }
-
-    /// Ends the intake's part: stops queueing (the pool's queue closes once its other
-    /// senders are gone), finishes the item in `slot`, then helps the pool's tasks drain the
-    /// queue, until it is closed and empty or the pool is aborted (the grace period ran out).
-    pub async fn finish(self, mut slot: Pin<&mut Option<Fut>>) {
-        let InPlaceWorker { shared, tx, .. } = self;
-        drop(tx);
-        if let Some(fut) = slot.as_mut().as_pin_mut() {
-            match futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(fut)).await {
-                Ok(outcome) => shared.count(outcome),
-                Err(_) => tracing::error!("processing an item panicked; the item is dropped"),
-            }
-        }
-        slot.set(None);
-        shared.work().await;
     }
 }
 
@@ -866,6 +634,7 @@ pub struct StopReport {
 mod tests {
     use super::*;
     use futures::FutureExt;
+    use std::sync::atomic::AtomicUsize;
 
     #[tokio::test]
     async fn never_runs_more_than_workers_at_once() {
@@ -1118,219 +887,6 @@ mod tests {
         gate.notify_one();
         let report = pool.stop(Duration::from_secs(5), false).await;
         assert_eq!(report.handled_total + report.abandoned, 2);
-    }
-
-    /// What a test intake saw: items refused, and the id of the intake's task.
-    struct TestIntake {
-        feed: futures::channel::mpsc::UnboundedSender<u32>,
-        refused: mpsc::UnboundedReceiver<(u32, Refused)>,
-        intake_task: tokio::sync::oneshot::Receiver<tokio::task::Id>,
-    }
-
-    /// Starts a pool with an in-place worker and an intake over a channel, run the way the
-    /// query listeners run theirs (serve in place, queue when busy, refuse when full; on stop,
-    /// finish in place and drain).
-    fn in_place_pool<F, Fut>(
-        workers: usize,
-        buffer: usize,
-        process: F,
-    ) -> (WorkerPool<u32>, TestIntake)
-    where
-        F: Fn(u32, WorkContext) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = Outcome> + Send + 'static,
-    {
-        let (pool, in_place) = WorkerPool::start_with_in_place(workers, buffer, process);
-        let (feed, mut incoming) = futures::channel::mpsc::unbounded::<u32>();
-        let (refused_tx, refused) = mpsc::unbounded_channel();
-        let (task_tx, intake_task) = tokio::sync::oneshot::channel();
-        let stopping = pool.context().stopping.clone();
-        pool.spawn_intake(async move {
-            let _ = task_tx.send(tokio::task::id());
-            let slot = in_place.empty_slot();
-            tokio::pin!(slot);
-            loop {
-                let item = tokio::select! {
-                    biased;
-                    _ = stopping.cancelled() => break,
-                    item = in_place.next_from(slot.as_mut(), &mut incoming) => match item {
-                        Some(item) => item,
-                        None => break,
-                    },
-                };
-                if let Err(refused) = in_place.offer(slot.as_mut(), item) {
-                    let _ = refused_tx.send(refused);
-                }
-            }
-            in_place.finish(slot).await;
-        });
-        let intake = TestIntake {
-            feed,
-            refused,
-            intake_task,
-        };
-        (pool, intake)
-    }
-
-    /// A processing function that reports each start (item, task) and waits for a permit of
-    /// `gate` (or the abort: then the item is abandoned).
-    fn gated(
-        gate: Arc<tokio::sync::Semaphore>,
-        started: mpsc::UnboundedSender<(u32, tokio::task::Id)>,
-        running: Arc<AtomicUsize>,
-        peak: Arc<AtomicUsize>,
-    ) -> impl Fn(u32, WorkContext) -> futures::future::BoxFuture<'static, Outcome> + Send + Sync
-    {
-        move |i, ctx: WorkContext| {
-            let (gate, started, running, peak) =
-                (gate.clone(), started.clone(), running.clone(), peak.clone());
-            async move {
-                let now = running.fetch_add(1, Ordering::SeqCst) + 1;
-                peak.fetch_max(now, Ordering::SeqCst);
-                let _ = started.send((i, tokio::task::id()));
-                let outcome = tokio::select! {
-                    permit = gate.acquire() => { permit.expect("gate open").forget(); Outcome::Finished }
-                    _ = ctx.abort.cancelled() => Outcome::Abandoned,
-                };
-                running.fetch_sub(1, Ordering::SeqCst);
-                outcome
-            }
-            .boxed()
-        }
-    }
-
-    async fn next<T>(rx: &mut mpsc::UnboundedReceiver<T>, what: &str) -> T {
-        tokio::time::timeout(Duration::from_secs(5), rx.recv())
-            .await
-            .unwrap_or_else(|_| panic!("{what}: timed out"))
-            .unwrap_or_else(|| panic!("{what}: channel closed"))
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn in_place_serves_in_the_intake_task_queues_while_busy_and_refuses_when_full() {
-        let gate = Arc::new(tokio::sync::Semaphore::new(0));
-        let (started_tx, mut started) = mpsc::unbounded_channel();
-        let (running, peak) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-        let process = gated(gate.clone(), started_tx, running.clone(), peak.clone());
-        let (pool, mut intake) = in_place_pool(2, 1, process);
-        let intake_task = tokio::time::timeout(Duration::from_secs(5), &mut intake.intake_task)
-            .await
-            .expect("intake started")
-            .unwrap();
-        intake.feed.unbounded_send(1).unwrap();
-        let (item, task) = next(&mut started, "item 1").await;
-        assert_eq!(
-            (item, task),
-            (1, intake_task),
-            "a free in-place worker serves in place"
-        );
-        // The in-place worker is busy: item 2 goes to the pool's task.
-        intake.feed.unbounded_send(2).unwrap();
-        let (item, task) = next(&mut started, "item 2").await;
-        assert_eq!(item, 2);
-        assert_ne!(task, intake_task, "served by the pool's task");
-        // Both workers busy: item 3 waits in the queue (1), item 4 is refused.
-        intake.feed.unbounded_send(3).unwrap();
-        intake.feed.unbounded_send(4).unwrap();
-        assert_eq!(
-            next(&mut intake.refused, "refusal").await,
-            (4, Refused::Full)
-        );
-        assert!(started.try_recv().is_err(), "item 3 waits for a worker");
-        gate.add_permits(3);
-        let (item, _) = next(&mut started, "item 3").await;
-        assert_eq!(item, 3);
-        // Both free again: the next item is served in place again.
-        intake.feed.unbounded_send(5).unwrap();
-        gate.add_permits(1);
-        let (item, task) = next(&mut started, "item 5").await;
-        assert_eq!((item, task), (5, intake_task));
-        let report = tokio::time::timeout(
-            Duration::from_secs(5),
-            pool.stop(Duration::from_secs(5), false),
-        )
-        .await
-        .expect("stop returned");
-        assert_eq!(report.handled_total, 4);
-        assert_eq!(
-            peak.load(Ordering::SeqCst),
-            2,
-            "never more than two at once"
-        );
-        assert_eq!(running.load(Ordering::SeqCst), 0);
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn one_worker_is_the_intake_itself_and_stop_drains_it_and_the_queue() {
-        let gate = Arc::new(tokio::sync::Semaphore::new(0));
-        let (started_tx, mut started) = mpsc::unbounded_channel();
-        let (running, peak) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-        let process = gated(gate.clone(), started_tx, running.clone(), peak.clone());
-        let (pool, mut intake) = in_place_pool(1, 2, process);
-        for i in 1..=4 {
-            intake.feed.unbounded_send(i).unwrap();
-        }
-        assert_eq!(next(&mut started, "item 1").await.0, 1);
-        assert_eq!(
-            next(&mut intake.refused, "refusal").await,
-            (4, Refused::Full)
-        );
-        // Stopping with one in place and two queued: all three run within the grace period.
-        let stop = tokio::spawn(pool.stop(Duration::from_secs(10), false));
-        gate.add_permits(3);
-        let report = tokio::time::timeout(Duration::from_secs(5), stop)
-            .await
-            .expect("stop returned")
-            .unwrap();
-        assert_eq!((report.finished, report.abandoned), (3, 0), "{report:?}");
-        let order: Vec<u32> =
-            std::iter::from_fn(|| started.try_recv().ok().map(|(i, _)| i)).collect();
-        assert_eq!(order, [2, 3], "the queued ones, in order");
-        assert_eq!(peak.load(Ordering::SeqCst), 1);
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn stop_aborts_an_in_place_item_after_the_grace_period() {
-        for crash in [false, true] {
-            let gate = Arc::new(tokio::sync::Semaphore::new(0));
-            let (started_tx, mut started) = mpsc::unbounded_channel();
-            let (running, peak) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-            let process = gated(gate.clone(), started_tx, running.clone(), peak.clone());
-            let (pool, intake) = in_place_pool(3, 2, process);
-            intake.feed.unbounded_send(1).unwrap();
-            next(&mut started, "item 1").await;
-            let report = tokio::time::timeout(
-                Duration::from_secs(5),
-                pool.stop(Duration::from_millis(50), crash),
-            )
-            .await
-            .expect("stop returned although the in-place item never finishes");
-            assert_eq!((report.finished, report.abandoned), (0, 1), "{report:?}");
-            assert_eq!(
-                running.load(Ordering::SeqCst),
-                0,
-                "the abandoned item was cleaned up"
-            );
-        }
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_panicking_item_in_place_does_not_end_the_intake() {
-        let (done_tx, mut done) = mpsc::unbounded_channel();
-        let (pool, intake) = in_place_pool(1, 1, move |i: u32, _| {
-            let done_tx = done_tx.clone();
-            async move {
-                if i == 1 {
-                    panic!("item 1 panics in place");
-                }
-                let _ = done_tx.send(i);
-                Outcome::Finished
-            }
-        });
-        intake.feed.unbounded_send(1).unwrap();
-        intake.feed.unbounded_send(2).unwrap();
-        assert_eq!(next(&mut done, "item 2 after the panic").await, 2);
-        let report = pool.stop(Duration::from_secs(5), false).await;
-        assert_eq!(report.handled_total, 1);
     }
 
     #[tokio::test]

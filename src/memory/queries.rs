@@ -328,9 +328,7 @@ impl QueryConnection for MemoryQueries {
             source: self.inner.client_id.as_str().into(),
             by_subject,
         });
-        // As on NATS: a request is served in the intake's task when its own worker is free,
-        // queued for the pool's tasks when it is busy, refused (503) when the queue is full.
-        let (pool, in_place) = WorkerPool::start_with_in_place(
+        let pool = WorkerPool::start(
             options.pool.workers,
             options.pool.buffer,
             move |request, work| {
@@ -338,23 +336,22 @@ impl QueryConnection for MemoryQueries {
                 async move { serve_request(request, &ctx, &work).await }
             },
         );
+        let submitter = pool.submitter();
         let stopping = pool.context().stopping.clone();
         let source = self.inner.client_id.clone();
         let max_payload = self.inner.broker.options().max_payload;
         pool.spawn_intake(async move {
-            let slot = in_place.empty_slot();
-            tokio::pin!(slot);
             loop {
                 let message = tokio::select! {
                     biased;
                     _ = stopping.cancelled() => break,
-                    message = in_place.next_from(slot.as_mut(), &mut incoming) => match message {
+                    message = incoming.next() => match message {
                         Some(message) => message,
                         None => break,
                     },
                 };
                 // As on NATS: never wait for room; a full queue is answered 503 at once.
-                match in_place.offer(slot.as_mut(), raw_request(message, max_payload)) {
+                match submitter.try_submit(raw_request(message, max_payload)) {
                     Ok(()) => {}
                     Err((request, Refused::Full)) => {
                         Shed::Busy.count(&request.subject);
@@ -366,19 +363,16 @@ impl QueryConnection for MemoryQueries {
                     }
                 }
             }
+            drop(submitter);
             // Unsubscribe before the stop completes: requests that arrive from now on find no
             // responder (or another member of the group). Requests already delivered to this
-            // listener but not started are answered with a 503 at once. Meanwhile the request
-            // in place (and queued ones, with the pool's tasks) finishes.
-            let refuse_leftovers = async {
-                for subscription in incoming.iter_mut() {
-                    subscription.unsubscribe();
-                }
-                while let Some(message) = incoming.next().await {
-                    refuse(raw_request(message, max_payload), &source).await;
-                }
-            };
-            tokio::join!(in_place.finish(slot), refuse_leftovers);
+            // listener but not started are answered with a 503 at once.
+            for subscription in incoming.iter_mut() {
+                subscription.unsubscribe();
+            }
+            while let Some(message) = incoming.next().await {
+                refuse(raw_request(message, max_payload), &source).await;
+            }
         });
         let token = self.inner.closing.child_token();
         let listener = Listener::supervise(pool, options.pool.grace, token);

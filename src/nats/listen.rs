@@ -1,6 +1,6 @@
 //! Serving queries: queue-group subscriptions (one per op, or one wildcard subject) feed the
-//! bounded worker pool through an intake loop, which serves a request itself when its own
-//! worker is free; replies are published to each request's reply subject.
+//! bounded worker pool through an intake loop; replies are published to each request's reply
+//! subject.
 //!
 //! The intake loop reads the subscriptions as fast as requests come and never waits for room
 //! in the pool: a request that finds every worker busy and the queue (`buffer`) full is
@@ -14,7 +14,6 @@
 //! with a 503 error reply, and exits; the worker pool lets queued and in-flight handlers
 //! finish within the grace period.
 
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -36,7 +35,7 @@ use crate::query::{
     refuse_request, serve_request, QueryHandlers, QueryListenOptions, RawRequest, ReplyTarget,
     ServeContext, Shed, BUSY_TEXT,
 };
-use crate::worker::{InPlaceWorker, Outcome, Refused, WorkContext, WorkerPool};
+use crate::worker::{Refused, Submitter, WorkerPool};
 
 /// How long `listen` and stopping wait for the server to confirm (un)subscribing, and
 /// stopping for the requests left in the buffers to be answered.
@@ -128,9 +127,8 @@ pub(super) async fn listen(
         source: inner.source.as_str().into(),
         by_subject,
     });
-    // The serving future lives in place in its worker's task (or in the intake's, see
-    // `Intake::run`): no heap box per request.
-    let (pool, in_place) = WorkerPool::start_with_in_place(
+    // The serving future lives in place in its worker's task: no heap box per request.
+    let pool = WorkerPool::start(
         options.pool.workers,
         options.pool.buffer,
         move |request, work| {
@@ -146,7 +144,7 @@ pub(super) async fn listen(
         stopping: pool.context().stopping.clone(),
         listener_token: token.clone(),
     };
-    pool.spawn_intake(intake.run(in_place));
+    pool.spawn_intake(intake.run(pool.submitter()));
     tracing::info!(subjects = ?subjects, queue_group = %group, workers = options.pool.workers, buffer = options.pool.buffer, "query listener started");
     Ok(Listener::supervise(pool, options.pool.grace, token))
 }
@@ -205,43 +203,32 @@ struct Intake {
 }
 
 impl Intake {
-    /// Serves requests until the listener stops: a request that finds the intake's own
-    /// worker free is served in place, in this task (no hand-off: the hand-written responder's
-    /// inline loop, with the same latency), one that comes while it is busy goes to the pool's
-    /// tasks, and one that finds every worker busy and the queue full is refused (503).
-    /// Holds the pool's queue only while it runs: the workers see the end of the queue once
-    /// `in_place` is finished.
-    async fn run<F, Fut>(mut self, in_place: InPlaceWorker<RawRequest, F>)
-    where
-        F: Fn(RawRequest, WorkContext) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = Outcome> + Send + 'static,
-    {
+    /// Feeds the pool until the listener stops. Holds the pool's submitter only while it
+    /// runs: the workers see the end of the queue once it is dropped.
+    async fn run(mut self, submitter: Submitter<RawRequest>) {
         // One wait on the token for the whole loop, polled only when no message is ready: a
         // fresh `cancelled()` per message would register with the token and leave again each
         // time. Stopping still ends the loop before the next message is taken.
         let stopping = self.stopping.clone();
         let stopped = stopping.cancelled();
         tokio::pin!(stopped);
-        let slot = in_place.empty_slot();
-        tokio::pin!(slot);
         loop {
             if stopping.is_cancelled() {
                 break;
             }
             let message = tokio::select! {
                 biased;
-                message = in_place.next_from(slot.as_mut(), &mut self.subscriptions) => message,
+                message = self.subscriptions.next() => message,
                 _ = &mut stopped => break,
             };
             let Some(message) = message else {
                 // Every subscription ended: the connection was closed (or drained).
                 tracing::info!("query listener's subscriptions ended; stopping the listener");
                 self.listener_token.cancel();
-                in_place.finish(slot).await;
                 return;
             };
             let request = raw_request(&self.client, message);
-            match in_place.offer(slot.as_mut(), request) {
+            match submitter.try_submit(request) {
                 Ok(()) => {}
                 Err((request, Refused::Full)) => {
                     Shed::Busy.count(&request.subject);
@@ -253,9 +240,8 @@ impl Intake {
                 }
             }
         }
-        // The request in place (and queued ones, with the pool's tasks) finishes while the
-        // subscriptions are drained.
-        tokio::join!(in_place.finish(slot), self.unsubscribe());
+        drop(submitter);
+        self.unsubscribe().await;
     }
 
     /// Unsubscribes, makes sure the server saw it, then answers what was already delivered.
