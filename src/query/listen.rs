@@ -325,7 +325,27 @@ fn admit<'a>(request: RawRequest, ctx: &'a ServeContext, span: &tracing::Span) -
             counted: true,
         };
     };
-    let handling = entry.handler.handle(event, writer.clone());
+    // A handler whose `handle` panics before returning its future is answered like one whose
+    // future panics (500), and does not take its worker down (the intake's, when in place).
+    let handling = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        entry.handler.handle(event, writer.clone())
+    })) {
+        Ok(handling) => handling,
+        Err(panic) => {
+            let text = format!(
+                "handler panicked: {}",
+                crate::handler::panic_text(panic.as_ref())
+            );
+            tracing::error!(op = %writer.op(), panic = %text, "handler panicked");
+            return Admission::Refused {
+                writer,
+                trace,
+                code: 500,
+                text,
+                counted: true,
+            };
+        }
+    };
     Admission::Handled {
         writer,
         trace,
