@@ -1197,8 +1197,9 @@ pub async fn busy_listener_bounds_serves_queued_and_stop_drains_all<B: QueryBack
     });
     // Begun once a probe is no longer answered "busy": it then finds no responder, or a
     // stopping listener. A probe that reaches a NATS listener while it unsubscribes may go
-    // unanswered (seen under load); it times out and the next probe looks again. The
-    // handlers are held all along.
+    // unanswered (seen under load: async-nats 0.51 forgets a drained subscription before the
+    // server's PONG, docs/wire-contract.md "Stopping"); it times out and the next probe looks
+    // again. The handlers are held all along.
     within("the stop to begin", async {
         loop {
             let probe = client
