@@ -603,3 +603,39 @@ pub(super) async fn dead_letter(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_value_finds_what_header_map_get_finds() {
+        let mut headers = HeaderMap::new();
+        headers.insert(NATS_MSG_ID, "cloudevent-1");
+        headers.insert(super::super::schedule::NATS_SCHEDULER, "_CE_SCHEDULE.S.x");
+        headers.append(super::super::schedule::NATS_TTL, "5s");
+        headers.append(super::super::schedule::NATS_TTL, "9s");
+        headers.insert("ce-type", "org.example.a");
+        for name in [
+            NATS_MSG_ID,
+            super::super::schedule::NATS_SCHEDULER,
+            super::super::schedule::NATS_SCHEDULE_NEXT,
+            super::super::schedule::NATS_TTL,
+            "nats-ttl",
+            "ce-type",
+            "Ce-Type",
+            "absent",
+        ] {
+            assert_eq!(
+                header_value(&headers, name),
+                headers.get(name).map(|v| v.as_str()),
+                "{name}"
+            );
+        }
+        assert_eq!(
+            header_value(&headers, super::super::schedule::NATS_TTL),
+            Some("5s")
+        );
+        assert_eq!(header_value(&HeaderMap::new(), NATS_MSG_ID), None);
+    }
+}
