@@ -219,9 +219,10 @@ pub(crate) fn start_delivery_pool(
         workers,
         window.capacity(),
         stopping,
+        // Run in place in the worker's task (no heap box per delivery).
         move |delivery, work| {
             let ctx = ctx.clone();
-            async move { process_delivery(delivery, &ctx, &work).await }.boxed()
+            async move { process_delivery(delivery, &ctx, &work).await }
         },
     );
     window.spawn_keep_alive(keep_alive_every, pool.context().finished.clone());
@@ -254,6 +255,11 @@ pub(crate) async fn process_delivery(
         outcome = Empty,
         reason = Empty,
     );
+    if span.is_disabled() {
+        // No subscriber wants the span: nothing to enter per poll, and the delivery future is
+        // not moved into an `Instrumented` wrapper.
+        return deliver(delivery, ctx, work, span).await.0;
+    }
     let (outcome, settled) =
         tracing::Instrument::instrument(deliver(delivery, ctx, work, span.clone()), span.clone())
             .await;
@@ -292,7 +298,15 @@ async fn deliver(
             return (Outcome::Finished, settled);
         }
     };
-    super::schedule::apply_firing_id(&mut event, delivery.headers.as_ref());
+    // Only a scheduled firing carries `Nats-Scheduler` (one pass over the few headers, where
+    // two map lookups would each copy and hash a header name).
+    if let Some(headers) = delivery
+        .headers
+        .as_ref()
+        .filter(|headers| header_value(headers, super::schedule::NATS_SCHEDULER).is_some())
+    {
+        super::schedule::apply_firing_id(&mut event, Some(headers));
+    }
     if super::schedule::expired(delivery.expires) {
         // Its time-to-live passed while it waited (for a worker or a redelivery): the
         // publisher said it is worthless now. Settled without a handler, counted, not
@@ -340,39 +354,54 @@ async fn deliver(
     let responses = EventResponseWriter::new(ctx.connection.clone(), tid, ctx.source.clone())
         .with_delivery_count(delivery.delivered);
     let started = std::time::Instant::now();
+    let now = tokio::time::Instant::now();
     let handling =
         telemetry::in_context(trace, call_handler(entry.handler.handle(event, responses))).fuse();
     futures::pin_mut!(handling);
+    // A handler that is done at its first poll (most are) needs no timers: the in-progress
+    // ticker and the time limit are made only when it has to wait. The first poll comes after
+    // the abort check, as in the loop below, and the limit counts from before it.
+    if work.abort.is_cancelled() {
+        if !work.crashed() {
+            settle(delivery.acker.nak(None).await, "nak");
+        }
+        return (Outcome::Abandoned, "abandoned");
+    }
+    let first = futures::poll!(&mut handling);
     // Tell the server we are still working well before the ack wait runs out (a third of it,
     // so a late tick on a loaded machine still comes in time).
     let tick = (ctx.ack_wait / 3).max(Duration::from_millis(20));
-    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + tick, tick);
-    let time_limit = tokio::time::sleep(ctx.handler_timeout);
-    futures::pin_mut!(time_limit);
-    let result = loop {
-        tokio::select! {
-            biased;
-            _ = work.abort.cancelled() => {
-                if !work.crashed() {
-                    settle(delivery.acker.nak(None).await, "nak");
+    let result = if let std::task::Poll::Ready(result) = first {
+        result
+    } else {
+        let mut ticker = tokio::time::interval_at(now + tick, tick);
+        let time_limit = tokio::time::sleep_until(now + ctx.handler_timeout);
+        futures::pin_mut!(time_limit);
+        loop {
+            tokio::select! {
+                biased;
+                _ = work.abort.cancelled() => {
+                    if !work.crashed() {
+                        settle(delivery.acker.nak(None).await, "nak");
+                    }
+                    return (Outcome::Abandoned, "abandoned");
                 }
-                return (Outcome::Abandoned, "abandoned");
+                result = &mut handling => break result,
+                _ = &mut time_limit => {
+                    tracing::warn!(
+                        event_type = %event_type,
+                        event_id = %event_id,
+                        delivered = delivery.delivered,
+                        limit = ?ctx.handler_timeout,
+                        "handler exceeded its time limit; cancelled and settled as a failure"
+                    );
+                    break Err(HandlerError::new(format!(
+                        "handler time limit {:?} exceeded",
+                        ctx.handler_timeout
+                    )));
+                }
+                _ = ticker.tick() => settle(delivery.acker.in_progress().await, "in-progress"),
             }
-            result = &mut handling => break result,
-            _ = &mut time_limit => {
-                tracing::warn!(
-                    event_type = %event_type,
-                    event_id = %event_id,
-                    delivered = delivery.delivered,
-                    limit = ?ctx.handler_timeout,
-                    "handler exceeded its time limit; cancelled and settled as a failure"
-                );
-                break Err(HandlerError::new(format!(
-                    "handler time limit {:?} exceeded",
-                    ctx.handler_timeout
-                )));
-            }
-            _ = ticker.tick() => settle(delivery.acker.in_progress().await, "in-progress"),
         }
     };
     metrics
@@ -413,6 +442,18 @@ async fn deliver(
         }
     };
     (Outcome::Finished, settled)
+}
+
+/// The first value of header `name` (exact name, as [`HeaderMap::get`] matches it), found by
+/// walking the headers: a delivered message has a handful, and `get` with a `&str` copies the
+/// name into a new `HeaderName` and hashes it, many times the cost of this walk.
+pub(crate) fn header_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.iter().find_map(|(key, values)| {
+        let key: &str = key.as_ref();
+        (key == name)
+            .then(|| values.first().map(|value| value.as_str()))
+            .flatten()
+    })
 }
 
 fn settle(result: Result<(), BoxError>, what: &str) {
@@ -560,5 +601,41 @@ pub(super) async fn dead_letter(
             settle(delivery.acker.nak(Some(delay)).await, "nak");
             "nak"
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_value_finds_what_header_map_get_finds() {
+        let mut headers = HeaderMap::new();
+        headers.insert(NATS_MSG_ID, "cloudevent-1");
+        headers.insert(super::super::schedule::NATS_SCHEDULER, "_CE_SCHEDULE.S.x");
+        headers.append(super::super::schedule::NATS_TTL, "5s");
+        headers.append(super::super::schedule::NATS_TTL, "9s");
+        headers.insert("ce-type", "org.example.a");
+        for name in [
+            NATS_MSG_ID,
+            super::super::schedule::NATS_SCHEDULER,
+            super::super::schedule::NATS_SCHEDULE_NEXT,
+            super::super::schedule::NATS_TTL,
+            "nats-ttl",
+            "ce-type",
+            "Ce-Type",
+            "absent",
+        ] {
+            assert_eq!(
+                header_value(&headers, name),
+                headers.get(name).map(|v| v.as_str()),
+                "{name}"
+            );
+        }
+        assert_eq!(
+            header_value(&headers, super::super::schedule::NATS_TTL),
+            Some("5s")
+        );
+        assert_eq!(header_value(&HeaderMap::new(), NATS_MSG_ID), None);
     }
 }
