@@ -429,7 +429,18 @@ where
     }
 }
 
-pub(crate) fn panic_text(panic: &(dyn Any + Send)) -> String {
+/// Calls a handler's `handle` (which builds its future), turning a panic there — a handler
+/// written as a closure that panics before its `async` block — into the same error as a
+/// panic inside the future, so that it never unwinds through a worker.
+pub(crate) fn start_handler<F>(handle: impl FnOnce() -> F) -> Result<F, HandlerError> {
+    std::panic::catch_unwind(AssertUnwindSafe(handle)).map_err(|panic| {
+        let text = panic_text(panic.as_ref());
+        tracing::error!(panic = %text, "handler panicked");
+        HandlerError::new(format!("handler panicked: {text}"))
+    })
+}
+
+fn panic_text(panic: &(dyn Any + Send)) -> String {
     if let Some(s) = panic.downcast_ref::<&str>() {
         (*s).to_owned()
     } else if let Some(s) = panic.downcast_ref::<String>() {

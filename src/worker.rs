@@ -431,6 +431,13 @@ struct Waiting {
     started: Arc<AtomicBool>,
 }
 
+impl Waiting {
+    /// Not started by a worker and not dropped: still waiting for one.
+    fn live(&self) -> bool {
+        !self.started.load(Ordering::SeqCst) && self.acker.strong_count() > 0
+    }
+}
+
 /// Places taken in a [`DeliveryWindow`] and not yet used; unused ones go back on drop.
 pub(crate) struct Reserved {
     slots: Arc<tokio::sync::Semaphore>,
@@ -556,6 +563,16 @@ impl DeliveryWindow {
         }
         let started = Arc::new(AtomicBool::new(false));
         if let Ok(mut waiting) = self.inner.waiting.lock() {
+            // Entries of deliveries already started or dropped are of no use (and each keeps
+            // its acker's allocation alive through the weak reference); the keep-alive tick
+            // drops them, but a fast stream of events adds thousands between two ticks (a
+            // 50,000-event backlog drained within one tick held them all: 6 MB). Drop them
+            // here once the list holds twice the window: a live entry holds a place, so at
+            // most `capacity` survive, the list stays under `2 * capacity`, and this runs at
+            // most once per `capacity` holds.
+            if waiting.len() >= 2 * self.inner.capacity {
+                waiting.retain(Waiting::live);
+            }
             waiting.push(Waiting {
                 acker: Arc::downgrade(acker),
                 started: started.clone(),
@@ -572,7 +589,7 @@ impl DeliveryWindow {
     pub async fn keep_alive(&self) -> usize {
         let ackers: Vec<Arc<dyn Acker>> = match self.inner.waiting.lock() {
             Ok(mut waiting) => {
-                waiting.retain(|w| !w.started.load(Ordering::SeqCst) && w.acker.strong_count() > 0);
+                waiting.retain(Waiting::live);
                 waiting.iter().filter_map(|w| w.acker.upgrade()).collect()
             }
             Err(_) => Vec::new(),
@@ -851,6 +868,34 @@ mod tests {
         assert_eq!(waiting.0.load(Ordering::SeqCst), 1);
         assert_eq!(started.0.load(Ordering::SeqCst), 0);
         assert_eq!(dropped.0.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn the_window_forgets_finished_deliveries_between_keep_alive_ticks() {
+        let window = DeliveryWindow::new(4);
+        let waiting = Arc::new(CountingAcker::default());
+        let w: Arc<dyn Acker> = waiting.clone();
+        let mut reserved = window.reserve(1).await;
+        let _waiting_hold = window.hold(&mut reserved, &w).await;
+        drop(reserved);
+        // A thousand deliveries come and go (started or dropped) and no tick comes.
+        for i in 0..1_000 {
+            let acker: Arc<dyn Acker> = Arc::new(CountingAcker::default());
+            let mut reserved = window.reserve(1).await;
+            let hold = window.hold(&mut reserved, &acker).await;
+            if i % 2 == 0 {
+                hold.start();
+            }
+            drop(hold);
+            let entries = window.inner.waiting.lock().unwrap().len();
+            assert!(
+                entries <= 2 * window.capacity(),
+                "{entries} entries after {i}"
+            );
+        }
+        // The one still waiting is still kept alive, and only it.
+        assert_eq!(window.keep_alive().await, 1);
+        assert_eq!(waiting.0.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test]

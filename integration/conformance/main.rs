@@ -97,6 +97,7 @@ macro_rules! event_cases {
             concurrent_listeners_share_one_durable,
             failed_event_is_redelivered_after_its_delay,
             listener_continues_after_errors,
+            listener_survives_a_handler_panicking_before_its_future,
             listener_stop_and_restart_continues,
             unacked_event_is_redelivered_after_ack_wait,
             long_handler_is_not_redelivered,

@@ -14,7 +14,7 @@ use futures::FutureExt;
 use crate::codec::{self, HeaderMap};
 use crate::error::BoxError;
 use crate::event::EventExt;
-use crate::handler::{call_handler, HandlerError};
+use crate::handler::{call_handler, start_handler, HandlerError};
 use crate::headers::{
     text_value, DEAD_LETTER_DELIVERIES, DEAD_LETTER_ERROR, DEAD_LETTER_PAYLOAD, DEAD_LETTER_REASON,
     DEAD_LETTER_SIZE, DEAD_LETTER_STREAM, DEAD_LETTER_STREAM_SEQ, DEAD_LETTER_SUBJECT, NATS_MSG_ID,
@@ -355,8 +355,11 @@ async fn deliver(
         .with_delivery_count(delivery.delivered);
     let started = std::time::Instant::now();
     let now = tokio::time::Instant::now();
-    let handling =
-        telemetry::in_context(trace, call_handler(entry.handler.handle(event, responses))).fuse();
+    // A handler that panics while building its future fails like one whose future panics
+    // (retried, then dead-lettered) instead of unwinding through the worker.
+    let handling = start_handler(|| entry.handler.handle(event, responses))
+        .unwrap_or_else(|err| Box::pin(std::future::ready(Err(err))));
+    let handling = telemetry::in_context(trace, call_handler(handling)).fuse();
     futures::pin_mut!(handling);
     // A handler that is done at its first poll (most are) needs no timers: the in-progress
     // ticker and the time limit are made only when it has to wait. The first poll comes after

@@ -13,7 +13,7 @@ use futures::FutureExt;
 use crate::codec::{self, ContentMode, HeaderMap};
 use crate::error::{Error, ListenError};
 use crate::event::EventExt;
-use crate::handler::{call_handler, BoxFuture, HandlerError};
+use crate::handler::{call_handler, start_handler, BoxFuture, HandlerError};
 use crate::headers::REQUEST_TIMEOUT_MS;
 use crate::listener::WorkerOptions;
 use crate::telemetry::{self, QueryOpMetrics, TraceContext};
@@ -326,22 +326,15 @@ fn admit<'a>(request: RawRequest, ctx: &'a ServeContext, span: &tracing::Span) -
         };
     };
     // A handler whose `handle` panics before returning its future is answered like one whose
-    // future panics (500), and does not take its worker down (the intake's, when in place).
-    let handling = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        entry.handler.handle(event, writer.clone())
-    })) {
+    // future panics (500), and does not take its worker down.
+    let handling = match start_handler(|| entry.handler.handle(event, writer.clone())) {
         Ok(handling) => handling,
-        Err(panic) => {
-            let text = format!(
-                "handler panicked: {}",
-                crate::handler::panic_text(panic.as_ref())
-            );
-            tracing::error!(op = %writer.op(), panic = %text, "handler panicked");
+        Err(err) => {
             return Admission::Refused {
                 writer,
                 trace,
                 code: 500,
-                text,
+                text: err.to_string(),
                 counted: true,
             };
         }

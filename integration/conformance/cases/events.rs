@@ -554,6 +554,67 @@ pub async fn listener_continues_after_errors<B: EventBackend>() {
     listener.stop(Duration::from_secs(5)).await;
 }
 
+/// A handler that panics while building its future (a closure that panics before its `async`
+/// block) fails like one whose future panics: the event is retried and handled, the one
+/// worker survives and serves the other events, nothing is dead-lettered or left pending.
+pub async fn listener_survives_a_handler_panicking_before_its_future<B: EventBackend>() {
+    let env = B::start().await;
+    let config = env.config("svc");
+    let connection = env.events(&config).await;
+    let event_type = new_type("eager");
+    let durable = new_durable();
+    let attempts: Arc<std::sync::Mutex<HashMap<u64, usize>>> = Arc::default();
+    let done: Seen<u64> = Seen::new();
+    let (a, d) = (attempts.clone(), done.clone());
+    let handlers = EventHandlers::new().on(
+        &event_type,
+        event_handler_fn(move |event: Event, _| {
+            // Not inside the `async` block: this runs when the handler is called.
+            let n: u64 = event.data_as().expect("the case sends numbers");
+            let attempt = {
+                let mut map = a.lock().expect("lock");
+                let count = map.entry(n).or_default();
+                *count += 1;
+                *count
+            };
+            if attempt == 1 && n % 2 == 1 {
+                panic!("handler panics before returning its future ({n})");
+            }
+            let done = d.clone();
+            async move {
+                done.push(n);
+                Ok(())
+            }
+        }),
+    );
+    let listener = listen(&connection, handlers, one_worker(&durable)).await;
+    for n in 0..6u64 {
+        publish(&connection, event(&event_type, &json!(n))).await;
+    }
+    let handled = done
+        .wait_until("all 6 handled", |d| {
+            d.iter().collect::<BTreeSet<_>>().len() == 6
+        })
+        .await;
+    assert_eq!(handled.len(), 6, "each handled once: {handled:?}");
+    let attempts = attempts.lock().expect("lock").clone();
+    for n in 0..6u64 {
+        let expected = if n % 2 == 1 { 2 } else { 1 };
+        assert_eq!(
+            attempts.get(&n),
+            Some(&expected),
+            "attempts of {n}: {attempts:?}"
+        );
+    }
+    wait_settled(&env, &config, &durable).await;
+    assert!(env.stored(&config.js_dlq_stream).await.is_empty());
+    let report = within("the stop", listener.stop(Duration::from_secs(5))).await;
+    assert_eq!(
+        report.handled_total, 9,
+        "six events, three of them twice: {report:?}"
+    );
+}
+
 /// A listener stopped mid-stream and a new one on the same durable together handle every
 /// event.
 pub async fn listener_stop_and_restart_continues<B: EventBackend>() {
