@@ -331,23 +331,53 @@ enum AttemptError {
     Fail(Error<PublishErrorKind>),
 }
 
-pub(crate) async fn publish(inner: &Arc<Inner>, event: Event) -> Result<PublishAck, PublishError> {
-    publish_with(inner, event, &PublishOptions::default()).await
+/// Publishes one event: prepared (checked, encoded) when called, sent and retried (see
+/// [`send_with_retry`]) when awaited.
+pub(crate) fn publish(
+    inner: &Arc<Inner>,
+    event: Event,
+) -> impl std::future::Future<Output = Result<PublishAck, PublishError>> + '_ {
+    publish_with(inner, event, &PublishOptions::default())
 }
 
-/// [`publish`] with options (schedule, time-to-live).
-pub(crate) async fn publish_with(
-    inner: &Arc<Inner>,
+/// [`publish`] with options (schedule, time-to-live), which are read when this is called.
+///
+/// Not an `async fn`: one taking the event would keep a copy of it (and of the options) in
+/// its future beside the one the sending future holds; the prepare step needs neither
+/// across an await.
+pub(crate) fn publish_with<'a>(
+    inner: &'a Arc<Inner>,
     mut event: Event,
     options: &PublishOptions,
-) -> Result<PublishAck, PublishError> {
-    let mut prepared = match prepare_with(inner, &mut event, &inner.subjects, options) {
-        Ok(prepared) => prepared,
-        Err(err) => return Err(PublishError::from_error(err, Some(event))),
-    };
-    match send_with_retry(inner, &mut prepared, &event, Instant::now()).await {
-        Ok(ack) => Ok(ack),
-        Err(err) => Err(PublishError::from_error(err, Some(event))),
+) -> impl std::future::Future<Output = Result<PublishAck, PublishError>> + 'a {
+    match prepare_with(inner, &mut event, &inner.subjects, options) {
+        Ok(prepared) => futures::future::Either::Left(send_prepared(inner, prepared, event)),
+        Err(err) => futures::future::Either::Right(std::future::ready(Err(
+            PublishError::from_error(err, Some(event)),
+        ))),
+    }
+}
+
+/// Sends a prepared event (see [`send_with_retry`]); a failure hands the event back.
+///
+/// The retry loop's future is boxed (about 900 bytes, a small block for malloc) so that the
+/// future of a publish, which the `EventConnection` trait boxes, stays one too: above about
+/// 1 KB malloc takes its large-block path, which cost more than the rest of the publish's
+/// own machinery. Not an `async fn`, whose parameters would be held twice.
+fn send_prepared(
+    inner: &Inner,
+    mut prepared: Prepared,
+    event: Event,
+) -> impl std::future::Future<Output = Result<PublishAck, PublishError>> + '_ {
+    async move {
+        let result = Box::pin(send_with_retry(
+            inner,
+            &mut prepared,
+            &event,
+            Instant::now(),
+        ))
+        .await;
+        result.map_err(|err| PublishError::from_error(err, Some(event)))
     }
 }
 
@@ -492,8 +522,10 @@ async fn send_with_retry(
     loop {
         if !connected(inner) {
             let since = *down_since.get_or_insert_with(Instant::now);
-            if !wait_connected(inner, deadline).await {
-                return Err(disconnected_error(inner, event, since, attempts).await);
+            // The rare waits are boxed: inline they would make every publish's future (boxed
+            // once per publish, held once per pipelined event) larger.
+            if !Box::pin(wait_connected(inner, deadline)).await {
+                return Err(Box::pin(disconnected_error(inner, event, since, attempts)).await);
             }
             tracing::debug!(event_id = %event.id(), down_for = ?since.elapsed(), "connection back; publishing");
         }
@@ -510,7 +542,7 @@ async fn send_with_retry(
             Err(AttemptError::Fail(err)) => return Err(err),
             Err(AttemptError::Retry(why)) => why,
             Err(AttemptError::NoResponders(why)) => {
-                if !stream_may_exist(inner, &prepared.subject, attempt_timeout).await {
+                if !Box::pin(stream_may_exist(inner, &prepared.subject, attempt_timeout)).await {
                     return Err(Error::with_detail(
                         PublishErrorKind::StreamNotFound,
                         format!(
@@ -614,14 +646,21 @@ async fn send(
     let message = PublishMessage::build()
         .payload(prepared.payload.clone())
         .headers(headers);
-    let sending = inner.js.send_publish(prepared.subject.clone(), message);
-    // Also bounds the wait for an in-flight permit (the context allows 5,000 unacked
-    // publishes and waits for a permit when they are all taken).
-    match tokio::time::timeout(timeout, sending).await {
-        Err(_) => Err(AttemptError::Retry("send timed out".into())),
-        Ok(Err(err)) => Err(classify(err, prepared)),
-        Ok(Ok(ack_future)) => Ok(ack_future),
-    }
+    // Boxed: async-nats' sending future is about 850 bytes; inline it would make every
+    // publish's future, which is boxed too, larger than malloc's small-block sizes.
+    let mut sending = Box::pin(inner.js.send_publish(prepared.subject.clone(), message));
+    // Usually handed over at the first poll (a permit free, room in the connection's queue):
+    // then no timer is armed. Otherwise the timeout also bounds the wait for an in-flight
+    // permit (the context allows 5,000 unacked publishes and waits for a permit when they
+    // are all taken).
+    let sent = match futures::poll!(sending.as_mut()) {
+        std::task::Poll::Ready(sent) => sent,
+        std::task::Poll::Pending => match tokio::time::timeout(timeout, sending).await {
+            Err(_) => return Err(AttemptError::Retry("send timed out".into())),
+            Ok(sent) => sent,
+        },
+    };
+    sent.map_err(|err| classify(err, prepared))
 }
 
 async fn await_ack(
