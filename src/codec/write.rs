@@ -254,6 +254,20 @@ impl EncodedHeaders {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn to_header_map(&self) -> HeaderMap {
+        if let Cow::Borrowed(entries) = &self.entries {
+            if std::ptr::eq(*entries, &STRUCTURED_HEADERS[..]) {
+                // Cloned from one built once: a clone allocates what a build does but hashes
+                // nothing.
+                static STRUCTURED_MAP: std::sync::OnceLock<HeaderMap> = std::sync::OnceLock::new();
+                return STRUCTURED_MAP
+                    .get_or_init(|| Self::structured().build_header_map())
+                    .clone();
+            }
+        }
+        self.build_header_map()
+    }
+
+    fn build_header_map(&self) -> HeaderMap {
         let mut map = HeaderMap::new();
         for entry in self.entries.iter() {
             let name = match entry.name {
@@ -701,6 +715,20 @@ mod tests {
             map.get("Content-Type").map(HeaderValue::as_str),
             Some(STRUCTURED_CONTENT_TYPE)
         );
+    }
+
+    #[test]
+    fn structured_header_maps_are_cloned_from_one_built_map_and_stay_apart() {
+        let headers = EncodedHeaders::structured();
+        let built = headers.build_header_map();
+        let mut first = headers.to_header_map();
+        assert_eq!(first, built);
+        first.insert("Nats-Msg-Id", "a");
+        first.insert("Content-Type", "text/plain");
+        // A change to one converted map does not reach the next one.
+        let second = headers.to_header_map();
+        assert_eq!(second, built);
+        assert_eq!(second.get("Nats-Msg-Id"), None);
     }
 
     #[test]

@@ -69,14 +69,19 @@ impl KnownTypes {
 /// One publish inside a `publish` span: the event gets its trace context (see
 /// [`telemetry`]), the outcome is counted by type (`known` keeps the connection's counters).
 /// Every backend's [`EventConnection::publish`] goes through here.
-pub(crate) async fn traced_publish<F, Fut>(
+///
+/// The span, the trace context and the metrics label are made when this is called, and
+/// `publish` is called then too; the returned future holds `publish`'s future and the label,
+/// not the event (an `async fn` taking the event would keep a copy of it beside the one
+/// `publish`'s future holds, and the whole future is boxed once per publish).
+pub(crate) fn traced_publish<'a, F, Fut>(
     mut event: Event,
-    known: &KnownTypes,
+    known: &'a KnownTypes,
     publish: F,
-) -> Result<PublishAck, PublishError>
+) -> impl Future<Output = Result<PublishAck, PublishError>> + 'a
 where
     F: FnOnce(Event) -> Fut,
-    Fut: Future<Output = Result<PublishAck, PublishError>>,
+    Fut: Future<Output = Result<PublishAck, PublishError>> + 'a,
 {
     use tracing::field::Empty;
     let span = tracing::info_span!(
@@ -97,18 +102,25 @@ where
         Some((event_type, counter)) => (event_type, Some(counter)),
         None => (Arc::from(event.ty()), None),
     };
-    let result = tracing::Instrument::instrument(publish(event), span.clone()).await;
-    let outcome = match &result {
-        Ok(ack) if !ack.duplicate => {
-            published
-                .unwrap_or_else(|| known.learn(&event_type))
-                .increment(1);
-            "stored"
-        }
-        _ => count_publish(event_type.as_ref().to_owned(), &result),
+    let publishing = {
+        let _entered = span.enter();
+        tracing::Instrument::instrument(publish(event), span.clone())
     };
-    span.record("outcome", outcome);
-    result
+    // A `map`, not an `async` block: awaiting the captured future would move it into a
+    // second slot of the block's state.
+    futures::FutureExt::map(publishing, move |result| {
+        let outcome = match &result {
+            Ok(ack) if !ack.duplicate => {
+                published
+                    .unwrap_or_else(|| known.learn(&event_type))
+                    .increment(1);
+                "stored"
+            }
+            _ => count_publish(event_type.as_ref().to_owned(), &result),
+        };
+        span.record("outcome", outcome);
+        result
+    })
 }
 
 /// [`traced_publish`] for a batch: one `publish_all` span, a trace context per event, each

@@ -287,11 +287,27 @@ impl JetStreamEvents {
 
 #[async_trait]
 impl EventConnection for JetStreamEvents {
-    async fn publish(&self, event: Event) -> Result<PublishAck, PublishError> {
-        crate::events::traced_publish(event, &self.inner.known_types, |event| {
-            publish::publish(&self.inner, event)
-        })
-        .await
+    // Written out as `async_trait` expands it: an `async fn` here would keep a copy of the
+    // event in the boxed future beside the one the publish holds (see `traced_publish`).
+    fn publish<'life0, 'async_trait>(
+        &'life0 self,
+        event: Event,
+    ) -> std::pin::Pin<
+        Box<
+            dyn std::future::Future<Output = Result<PublishAck, PublishError>>
+                + Send
+                + 'async_trait,
+        >,
+    >
+    where
+        'life0: 'async_trait,
+        Self: 'async_trait,
+    {
+        Box::pin(crate::events::traced_publish(
+            event,
+            &self.inner.known_types,
+            |event| publish::publish(&self.inner, event),
+        ))
     }
 
     async fn publish_all(&self, events: Vec<Event>) -> Vec<Result<PublishAck, PublishError>> {

@@ -30,7 +30,6 @@ use crate::event::{check_type, populate_source};
 use crate::events::schedule;
 use crate::events::{priority_subject, publish_level};
 use crate::events::{PublishAck, PublishError, PublishOptions, Schedule};
-use crate::headers::NATS_MSG_ID;
 
 use super::{client_closed, Inner};
 
@@ -190,7 +189,8 @@ fn encode(mode: ContentMode, event: &Event) -> Result<(HeaderMap, Bytes), Error<
             format!("event id {:?} cannot be a Nats-Msg-Id header", event.id()),
         )
     })?;
-    headers.insert(NATS_MSG_ID, msg_id);
+    // async-nats' constant: a standard name, hashed as an enum tag instead of its text.
+    headers.insert(async_nats::header::NATS_MESSAGE_ID, msg_id);
     Ok((headers, encoded.payload))
 }
 
@@ -331,85 +331,276 @@ enum AttemptError {
     Fail(Error<PublishErrorKind>),
 }
 
-pub(crate) async fn publish(inner: &Arc<Inner>, event: Event) -> Result<PublishAck, PublishError> {
-    publish_with(inner, event, &PublishOptions::default()).await
+/// Publishes one event: prepared (checked, encoded) when called, sent and retried (see
+/// [`send_with_retry`]) when awaited.
+pub(crate) fn publish(
+    inner: &Arc<Inner>,
+    event: Event,
+) -> impl std::future::Future<Output = Result<PublishAck, PublishError>> + '_ {
+    publish_with(inner, event, &PublishOptions::default())
 }
 
-/// [`publish`] with options (schedule, time-to-live).
-pub(crate) async fn publish_with(
-    inner: &Arc<Inner>,
+/// [`publish`] with options (schedule, time-to-live), which are read when this is called.
+///
+/// Not an `async fn`: one taking the event would keep a copy of it (and of the options) in
+/// its future beside the one the sending future holds; the prepare step needs neither
+/// across an await.
+pub(crate) fn publish_with<'a>(
+    inner: &'a Arc<Inner>,
     mut event: Event,
     options: &PublishOptions,
-) -> Result<PublishAck, PublishError> {
-    let mut prepared = match prepare_with(inner, &mut event, &inner.subjects, options) {
-        Ok(prepared) => prepared,
-        Err(err) => return Err(PublishError::from_error(err, Some(event))),
-    };
-    match send_with_retry(inner, &mut prepared, &event, Instant::now()).await {
-        Ok(ack) => Ok(ack),
-        Err(err) => Err(PublishError::from_error(err, Some(event))),
+) -> impl std::future::Future<Output = Result<PublishAck, PublishError>> + 'a {
+    match prepare_with(inner, &mut event, &inner.subjects, options) {
+        Ok(prepared) => futures::future::Either::Left(send_prepared(inner, prepared, event)),
+        Err(err) => futures::future::Either::Right(std::future::ready(Err(
+            PublishError::from_error(err, Some(event)),
+        ))),
+    }
+}
+
+/// Sends a prepared event (see [`send_with_retry`]); a failure hands the event back.
+///
+/// The retry loop's future is boxed (about 900 bytes, a small block for malloc) so that the
+/// future of a publish, which the `EventConnection` trait boxes, stays one too: above about
+/// 1 KB malloc takes its large-block path, which cost more than the rest of the publish's
+/// own machinery. Not an `async fn`, whose parameters would be held twice.
+#[allow(clippy::manual_async_fn)]
+fn send_prepared(
+    inner: &Inner,
+    mut prepared: Prepared,
+    event: Event,
+) -> impl std::future::Future<Output = Result<PublishAck, PublishError>> + '_ {
+    async move {
+        let result = Box::pin(send_with_retry(
+            inner,
+            &mut prepared,
+            &event,
+            Instant::now(),
+        ))
+        .await;
+        result.map_err(|err| PublishError::from_error(err, Some(event)))
     }
 }
 
 /// Pipelined: every event is sent in order without waiting, at most [`PIPELINE_WINDOW`] acks
 /// are awaited at once, and an event whose first ack is lost goes through the same retry as
 /// [`publish`].
+///
+/// A first ack is awaited by async-nats' own ack future beside the number of the event's slot
+/// ([`FirstAck`], a small allocation in the `FuturesUnordered`); the event and what a retry
+/// needs wait in the slot ([`Window`]), so the in-flight futures are no larger than a
+/// hand-written pipeline's. Only a retried event gets a future of its own (boxed).
 pub(crate) async fn publish_all(
     inner: &Arc<Inner>,
     events: Vec<Event>,
 ) -> Vec<Result<PublishAck, PublishError>> {
-    let count = events.len();
-    let mut results: Vec<Option<Result<PublishAck, PublishError>>> =
-        (0..count).map(|_| None).collect();
-    let mut in_flight = futures::stream::FuturesUnordered::new();
+    let mut window = Window::new(inner, events.len());
     let subjects = SubjectCache::default();
     for (index, mut event) in events.into_iter().enumerate() {
         let mut prepared = match prepare(inner, &mut event, &subjects) {
             Ok(prepared) => prepared,
             Err(err) => {
-                results[index] = Some(Err(PublishError::from_error(err, Some(event))));
+                window.results[index] = Some(Err(PublishError::from_error(err, Some(event))));
                 continue;
             }
         };
         let started = Instant::now();
-        let timeout = inner.retry.attempt_timeout;
-        let sent = send(inner, &mut prepared, &event, timeout).await;
-        in_flight.push(async move {
-            let first = match sent {
-                Ok(ack_future) => await_ack(inner, ack_future, &prepared, timeout).await,
-                Err(err) => Err(err),
-            };
-            let result = match first {
-                Ok(ack) => Ok(ack),
-                Err(AttemptError::Fail(err)) => Err(err),
-                // No responders: the retry loop tells a missing stream from an election.
-                // Boxed: the rare retry's state would otherwise make every in-flight future
-                // (one allocation each in the FuturesUnordered) several times larger.
-                Err(AttemptError::Retry(_) | AttemptError::NoResponders(_)) => {
-                    Box::pin(send_with_retry(inner, &mut prepared, &event, started)).await
-                }
-            };
-            (
-                index,
-                result.map_err(|err| PublishError::from_error(err, Some(event))),
-            )
-        });
-        while in_flight.len() >= PIPELINE_WINDOW {
-            if let Some((index, result)) = in_flight.next().await {
-                results[index] = Some(result);
-            }
+        let sent = send(inner, &mut prepared, &event, inner.retry.attempt_timeout).await;
+        let waiting = Waiting {
+            index,
+            event,
+            prepared,
+            started,
+        };
+        match sent {
+            Ok(ack_future) => window.await_first_ack(waiting, ack_future),
+            Err(err) => window.attempt_failed(waiting, err),
+        }
+        while window.len() >= PIPELINE_WINDOW {
+            window.settle_next().await;
         }
     }
-    while let Some((index, result)) = in_flight.next().await {
-        results[index] = Some(result);
+    while window.len() > 0 {
+        window.settle_next().await;
     }
-    results
+    window
+        .results
         .into_iter()
         .map(|result| {
             // Every index is settled above exactly once; the fallback only keeps this total.
             result.unwrap_or_else(|| Err(PublishError::new(PublishErrorKind::Other, None)))
         })
         .collect()
+}
+
+/// An event of [`publish_all`] sent once, waiting for its first ack.
+struct Waiting {
+    /// Its place in the batch.
+    index: usize,
+    event: Event,
+    prepared: Prepared,
+    /// When its first attempt started (the retry budget counts from there).
+    started: Instant,
+}
+
+/// The ack future of a sent message, as async-nats makes it.
+type AckFuture = <PublishAckFuture as IntoFuture>::IntoFuture;
+
+/// The first ack of the event in a [`Window`] slot.
+struct FirstAck {
+    slot: usize,
+    ack: AckFuture,
+}
+
+impl std::future::Future for FirstAck {
+    type Output = (
+        usize,
+        Result<async_nats::jetstream::publish::PublishAck, JsPublishError>,
+    );
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let this = self.get_mut();
+        this.ack.as_mut().poll(cx).map(|ack| (this.slot, ack))
+    }
+}
+
+type JsPublishError = async_nats::jetstream::context::PublishError;
+
+/// A retried event of [`publish_all`]: its index and outcome.
+type Retry<'a> = std::pin::Pin<
+    Box<dyn std::future::Future<Output = (usize, Result<PublishAck, PublishError>)> + Send + 'a>,
+>;
+
+/// The in-flight part of [`publish_all`]: first acks, retries, the events they belong to,
+/// and the results so far.
+struct Window<'a> {
+    inner: &'a Arc<Inner>,
+    results: Vec<Option<Result<PublishAck, PublishError>>>,
+    /// The events waiting for their first ack; a settled slot is reused (`free`), so there
+    /// are never more slots than the window.
+    slots: Vec<Option<Waiting>>,
+    free: Vec<usize>,
+    first_acks: futures::stream::FuturesUnordered<FirstAck>,
+    retries: futures::stream::FuturesUnordered<Retry<'a>>,
+}
+
+impl<'a> Window<'a> {
+    fn new(inner: &'a Arc<Inner>, count: usize) -> Self {
+        Window {
+            inner,
+            results: (0..count).map(|_| None).collect(),
+            slots: Vec::new(),
+            free: Vec::new(),
+            first_acks: futures::stream::FuturesUnordered::new(),
+            retries: futures::stream::FuturesUnordered::new(),
+        }
+    }
+
+    /// Acks and retries in flight.
+    fn len(&self) -> usize {
+        self.first_acks.len() + self.retries.len()
+    }
+
+    fn await_first_ack(&mut self, waiting: Waiting, ack: PublishAckFuture) {
+        let slot = match self.free.pop() {
+            Some(slot) => {
+                self.slots[slot] = Some(waiting);
+                slot
+            }
+            None => {
+                self.slots.push(Some(waiting));
+                self.slots.len() - 1
+            }
+        };
+        self.first_acks.push(FirstAck {
+            slot,
+            ack: ack.into_future(),
+        });
+    }
+
+    /// A failed first attempt: given up, or retried with the same id.
+    fn attempt_failed(&mut self, waiting: Waiting, err: AttemptError) {
+        match err {
+            AttemptError::Fail(err) => {
+                self.results[waiting.index] =
+                    Some(Err(PublishError::from_error(err, Some(waiting.event))));
+            }
+            // No responders: the retry loop tells a missing stream from an election.
+            AttemptError::Retry(_) | AttemptError::NoResponders(_) => {
+                let inner = self.inner;
+                self.retries.push(Box::pin(async move {
+                    let Waiting {
+                        index,
+                        event,
+                        mut prepared,
+                        started,
+                    } = waiting;
+                    let result = send_with_retry(inner, &mut prepared, &event, started).await;
+                    (
+                        index,
+                        result.map_err(|err| PublishError::from_error(err, Some(event))),
+                    )
+                }));
+            }
+        }
+    }
+
+    /// Waits for the next first ack or retry to settle and records it. Only called while
+    /// something is in flight.
+    async fn settle_next(&mut self) {
+        enum Settled {
+            First(
+                usize,
+                Result<async_nats::jetstream::publish::PublishAck, JsPublishError>,
+            ),
+            Retried(usize, Result<PublishAck, PublishError>),
+        }
+        let settled = std::future::poll_fn(|cx| {
+            use std::task::Poll;
+            let mut pending = false;
+            match self.first_acks.poll_next_unpin(cx) {
+                Poll::Ready(Some((slot, ack))) => {
+                    return Poll::Ready(Some(Settled::First(slot, ack)))
+                }
+                Poll::Ready(None) => {}
+                Poll::Pending => pending = true,
+            }
+            match self.retries.poll_next_unpin(cx) {
+                Poll::Ready(Some((index, result))) => {
+                    return Poll::Ready(Some(Settled::Retried(index, result)))
+                }
+                Poll::Ready(None) => {}
+                Poll::Pending => pending = true,
+            }
+            if pending {
+                Poll::Pending
+            } else {
+                Poll::Ready(None)
+            }
+        })
+        .await;
+        match settled {
+            None => {}
+            Some(Settled::Retried(index, result)) => self.results[index] = Some(result),
+            Some(Settled::First(slot, ack)) => {
+                // Every pushed ack has its event in its slot until here.
+                let Some(waiting) = self.slots.get_mut(slot).and_then(Option::take) else {
+                    return;
+                };
+                self.free.push(slot);
+                match ack {
+                    Ok(ack) => self.results[waiting.index] = Some(Ok(publish_ack(ack))),
+                    Err(err) => {
+                        let err = classify(err, &waiting.prepared);
+                        self.attempt_failed(waiting, err);
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Whether the client has a connection to a server right now (not reconnecting).
@@ -492,8 +683,10 @@ async fn send_with_retry(
     loop {
         if !connected(inner) {
             let since = *down_since.get_or_insert_with(Instant::now);
-            if !wait_connected(inner, deadline).await {
-                return Err(disconnected_error(inner, event, since, attempts).await);
+            // The rare waits are boxed: inline they would make every publish's future (boxed
+            // once per publish, held once per pipelined event) larger.
+            if !Box::pin(wait_connected(inner, deadline)).await {
+                return Err(Box::pin(disconnected_error(inner, event, since, attempts)).await);
             }
             tracing::debug!(event_id = %event.id(), down_for = ?since.elapsed(), "connection back; publishing");
         }
@@ -510,7 +703,7 @@ async fn send_with_retry(
             Err(AttemptError::Fail(err)) => return Err(err),
             Err(AttemptError::Retry(why)) => why,
             Err(AttemptError::NoResponders(why)) => {
-                if !stream_may_exist(inner, &prepared.subject, attempt_timeout).await {
+                if !Box::pin(stream_may_exist(inner, &prepared.subject, attempt_timeout)).await {
                     return Err(Error::with_detail(
                         PublishErrorKind::StreamNotFound,
                         format!(
@@ -614,14 +807,21 @@ async fn send(
     let message = PublishMessage::build()
         .payload(prepared.payload.clone())
         .headers(headers);
-    let sending = inner.js.send_publish(prepared.subject.clone(), message);
-    // Also bounds the wait for an in-flight permit (the context allows 5,000 unacked
-    // publishes and waits for a permit when they are all taken).
-    match tokio::time::timeout(timeout, sending).await {
-        Err(_) => Err(AttemptError::Retry("send timed out".into())),
-        Ok(Err(err)) => Err(classify(err, prepared)),
-        Ok(Ok(ack_future)) => Ok(ack_future),
-    }
+    // Boxed: async-nats' sending future is about 850 bytes; inline it would make every
+    // publish's future, which is boxed too, larger than malloc's small-block sizes.
+    let mut sending = Box::pin(inner.js.send_publish(prepared.subject.clone(), message));
+    // Usually handed over at the first poll (a permit free, room in the connection's queue):
+    // then no timer is armed. Otherwise the timeout also bounds the wait for an in-flight
+    // permit (the context allows 5,000 unacked publishes and waits for a permit when they
+    // are all taken).
+    let sent = match futures::poll!(sending.as_mut()) {
+        std::task::Poll::Ready(sent) => sent,
+        std::task::Poll::Pending => match tokio::time::timeout(timeout, sending).await {
+            Err(_) => return Err(AttemptError::Retry("send timed out".into())),
+            Ok(sent) => sent,
+        },
+    };
+    sent.map_err(|err| classify(err, prepared))
 }
 
 async fn await_ack(
@@ -632,11 +832,15 @@ async fn await_ack(
 ) -> Result<PublishAck, AttemptError> {
     match within_ack_timeout(inner, timeout, ack_future.into_future()).await? {
         Err(err) => Err(classify(err, prepared)),
-        Ok(ack) => Ok(PublishAck {
-            stream: ack.stream,
-            sequence: ack.sequence,
-            duplicate: ack.duplicate,
-        }),
+        Ok(ack) => Ok(publish_ack(ack)),
+    }
+}
+
+fn publish_ack(ack: async_nats::jetstream::publish::PublishAck) -> PublishAck {
+    PublishAck {
+        stream: ack.stream,
+        sequence: ack.sequence,
+        duplicate: ack.duplicate,
     }
 }
 
@@ -720,6 +924,7 @@ fn classify(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::headers::NATS_MSG_ID;
 
     #[test]
     fn wire_size_counts_the_header_block_like_hpub() {

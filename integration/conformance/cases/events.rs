@@ -324,6 +324,21 @@ pub async fn publish_without_stream_is_stream_not_found<B: EventBackend>() {
         err.into_event().map(|b| b.id().to_owned()),
         Some(e.id().to_owned())
     );
+    // The batch form says the same for every event, in order, and hands each one back.
+    let batch = vec![
+        event(&new_type("lost"), &json!(2)),
+        event(&new_type("lost"), &json!(3)),
+    ];
+    let results = within("publish_all", publisher.publish_all(batch.clone())).await;
+    assert_eq!(results.len(), batch.len());
+    for (sent, result) in batch.iter().zip(results) {
+        let err = result.expect_err("no stream");
+        assert_eq!(err.kind(), PublishErrorKind::StreamNotFound, "{err}");
+        assert_eq!(
+            err.into_event().map(|b| b.id().to_owned()),
+            Some(sent.id().to_owned())
+        );
+    }
 }
 
 /// A new durable receives events published before it existed.
