@@ -11,9 +11,10 @@
 //! A reply is routed where it arrives, as async-nats routes its own: the subscription's waker
 //! is a [`Router`], so the task that queues a reply on the subscription (async-nats'
 //! connection task) reads it and hands it to its caller at once. A task of our own reading the
-//! subscription cost every request one more wake-up and scheduling between the connection and
-//! the caller (about 10 us of CPU time per sequential round trip on the requester alone, for a
-//! few hundred instructions).
+//! subscription cost every request one more wake-up and task poll between the connection and
+//! the caller: about the same instructions, more CPU time per round trip (figures in
+//! docs/performance.md, "Machinery per request").
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::hash::{BuildHasherDefault, Hasher};
