@@ -522,6 +522,38 @@ pub async fn failed_event_is_redelivered_after_its_delay<B: EventBackend>() {
     listener.stop(Duration::from_secs(5)).await;
 }
 
+/// Counts one more attempt at event `n`; returns which attempt it is (1 for the first).
+fn next_attempt(attempts: &std::sync::Mutex<HashMap<u64, usize>>, n: u64) -> usize {
+    let mut map = attempts.lock().expect("lock");
+    let count = map.entry(n).or_default();
+    *count += 1;
+    *count
+}
+
+/// Publishes events `0..count` of `event_type`, waits until `done` holds each of them and the
+/// durable has everything acked, and checks that nothing was dead-lettered; returns `done`'s
+/// contents.
+async fn publish_until_each_handled<B: EventBackend>(
+    env: &B,
+    config: &Config,
+    connection: &impl EventConnection,
+    (event_type, durable): (&str, &str),
+    done: &Seen<u64>,
+    count: u64,
+) -> Vec<u64> {
+    for n in 0..count {
+        publish(connection, event(event_type, &json!(n))).await;
+    }
+    let handled = done
+        .wait_until(&format!("all {count} handled"), |d| {
+            d.iter().collect::<BTreeSet<_>>().len() as u64 == count
+        })
+        .await;
+    wait_settled(env, config, durable).await;
+    assert!(env.stored(&config.js_dlq_stream).await.is_empty());
+    handled
+}
+
 /// A listener keeps handling after handlers fail and panic; every event is handled in the end.
 pub async fn listener_continues_after_errors<B: EventBackend>() {
     let env = B::start().await;
@@ -537,12 +569,7 @@ pub async fn listener_continues_after_errors<B: EventBackend>() {
         typed_event_handler(move |e: TypedEvent<u64>| {
             let (attempts, done) = (a.clone(), d.clone());
             async move {
-                let attempt = {
-                    let mut map = attempts.lock().expect("lock");
-                    let n = map.entry(e.data).or_default();
-                    *n += 1;
-                    *n
-                };
+                let attempt = next_attempt(&attempts, e.data);
                 if attempt == 1 && e.data.is_multiple_of(3) {
                     return Err(HandlerError::new("first attempt fails"));
                 }
@@ -555,17 +582,9 @@ pub async fn listener_continues_after_errors<B: EventBackend>() {
         }),
     );
     let listener = listen(&connection, handlers, one_worker(&durable)).await;
-    for n in 0..9u64 {
-        publish(&connection, event(&event_type, &json!(n))).await;
-    }
-    let handled = done
-        .wait_until("all 9 handled", |d| {
-            d.iter().collect::<BTreeSet<_>>().len() == 9
-        })
-        .await;
+    let kind = (event_type.as_str(), durable.as_str());
+    let handled = publish_until_each_handled(&env, &config, &connection, kind, &done, 9).await;
     assert_eq!(handled.len(), 9);
-    wait_settled(&env, &config, &durable).await;
-    assert!(env.stored(&config.js_dlq_stream).await.is_empty());
     listener.stop(Duration::from_secs(5)).await;
 }
 
@@ -586,12 +605,7 @@ pub async fn listener_survives_a_handler_panicking_before_its_future<B: EventBac
         event_handler_fn(move |event: Event, _| {
             // Not inside the `async` block: this runs when the handler is called.
             let n: u64 = event.data_as().expect("the case sends numbers");
-            let attempt = {
-                let mut map = a.lock().expect("lock");
-                let count = map.entry(n).or_default();
-                *count += 1;
-                *count
-            };
+            let attempt = next_attempt(&a, n);
             if attempt == 1 && n % 2 == 1 {
                 panic!("handler panics before returning its future ({n})");
             }
@@ -603,14 +617,8 @@ pub async fn listener_survives_a_handler_panicking_before_its_future<B: EventBac
         }),
     );
     let listener = listen(&connection, handlers, one_worker(&durable)).await;
-    for n in 0..6u64 {
-        publish(&connection, event(&event_type, &json!(n))).await;
-    }
-    let handled = done
-        .wait_until("all 6 handled", |d| {
-            d.iter().collect::<BTreeSet<_>>().len() == 6
-        })
-        .await;
+    let kind = (event_type.as_str(), durable.as_str());
+    let handled = publish_until_each_handled(&env, &config, &connection, kind, &done, 6).await;
     assert_eq!(handled.len(), 6, "each handled once: {handled:?}");
     let attempts = attempts.lock().expect("lock").clone();
     for n in 0..6u64 {
@@ -621,8 +629,6 @@ pub async fn listener_survives_a_handler_panicking_before_its_future<B: EventBac
             "attempts of {n}: {attempts:?}"
         );
     }
-    wait_settled(&env, &config, &durable).await;
-    assert!(env.stored(&config.js_dlq_stream).await.is_empty());
     let report = within("the stop", listener.stop(Duration::from_secs(5))).await;
     assert_eq!(
         report.handled_total, 9,

@@ -1104,19 +1104,7 @@ pub async fn full_queue_is_answered_busy<B: QueryBackend>() {
         let (client, op) = (client.clone(), op.clone());
         tokio::spawn(async move { client.request(request_event(&op, &json!(i))).await })
     };
-    let (done, other) = match within(
-        "a busy answer",
-        futures::future::select(request(1), request(2)),
-    )
-    .await
-    {
-        futures::future::Either::Left((done, other)) => (done, other),
-        futures::future::Either::Right((done, other)) => (done, other),
-    };
-    let err = done.expect("join").expect_err("answered busy");
-    let (code, text) = remote_code(&err);
-    assert_eq!(code, 503, "{err}");
-    assert!(text.starts_with("listener busy"), "{text}");
+    let other = one_refused_busy_one_queued(request(1), request(2)).await;
     assert_eq!(started.len(), 1, "only the first handler runs");
     gate.open();
     within("the queued one", other)
@@ -1129,6 +1117,23 @@ pub async fn full_queue_is_answered_busy<B: QueryBackend>() {
         .expect("first served");
     assert_eq!(started.len(), 2);
     listener.stop(Duration::from_secs(5)).await;
+}
+
+/// Of two requests sent to a listener whose workers are all busy and whose queue has one free
+/// slot, one is answered 503 busy at once; returns the other (queued) one.
+async fn one_refused_busy_one_queued<T: std::fmt::Debug>(
+    a: tokio::task::JoinHandle<Result<T, ce_messaging::error::RequestError>>,
+    b: tokio::task::JoinHandle<Result<T, ce_messaging::error::RequestError>>,
+) -> tokio::task::JoinHandle<Result<T, ce_messaging::error::RequestError>> {
+    let (refused, queued) = match within("a busy answer", futures::future::select(a, b)).await {
+        futures::future::Either::Left((done, other)) => (done, other),
+        futures::future::Either::Right((done, other)) => (done, other),
+    };
+    let err = refused.expect("join").expect_err("answered busy");
+    let (code, text) = remote_code(&err);
+    assert_eq!(code, 503, "{err}");
+    assert!(text.starts_with("listener busy"), "{text}");
+    queued
 }
 
 /// With two workers and one queue slot, a request that comes while the first is being served
@@ -1176,19 +1181,7 @@ pub async fn busy_listener_bounds_serves_queued_and_stop_drains_all<B: QueryBack
         .await;
     peak.wait_running(2).await;
     // Both workers busy, the queue empty: of two more, one queues and one is refused at once.
-    let (refused, queued) = match within(
-        "a busy answer",
-        futures::future::select(request(2), request(3)),
-    )
-    .await
-    {
-        futures::future::Either::Left((done, other)) => (done, other),
-        futures::future::Either::Right((done, other)) => (done, other),
-    };
-    let err = refused.expect("join").expect_err("answered busy");
-    let (code, text) = remote_code(&err);
-    assert_eq!(code, 503, "{err}");
-    assert!(text.starts_with("listener busy"), "{text}");
+    let queued = one_refused_busy_one_queued(request(2), request(3)).await;
     assert_eq!(started.len(), 2, "the queued one waits for a worker");
     // The stop begins with two in flight and one queued; all three finish once the gate opens.
     let stop = tokio::spawn({
