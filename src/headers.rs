@@ -60,3 +60,37 @@ pub fn text_value(text: &str) -> HeaderValue {
     // Invariant: `clean` has no CR or LF, the only characters async-nats rejects in a value.
     clean.parse().unwrap_or_default()
 }
+
+/// Size of headers + payload as the server counts it against `max_payload` (as `HPUB`): what a
+/// publish is checked against before it is sent, and a dead letter before it is written.
+pub(crate) fn wire_size(headers: &async_nats::HeaderMap, payload_len: usize) -> usize {
+    if headers.is_empty() {
+        return payload_len;
+    }
+    let mut len = b"NATS/1.0\r\n".len() + b"\r\n".len();
+    for (name, values) in headers.iter() {
+        let name: &str = name.as_ref();
+        for value in values {
+            let value: &str = value.as_ref();
+            len += name.len() + 2 + value.len() + 2;
+        }
+    }
+    len + payload_len
+}
+
+/// `n` in decimal, written into the end of `buffer` (header values such as
+/// [`REQUEST_TIMEOUT_MS`], JSON integers, reply-subject tokens): no formatting machinery.
+pub(crate) fn decimal(mut n: u64, buffer: &mut [u8; 20]) -> &str {
+    let mut start = buffer.len();
+    loop {
+        start -= 1;
+        // A digit: `n % 10` is below 10.
+        buffer[start] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    // Only ASCII digits were written; the fallback is never taken.
+    std::str::from_utf8(&buffer[start..]).unwrap_or("0")
+}

@@ -601,19 +601,9 @@ fn write_json_member(out: &mut Vec<u8>, value: &Value) -> Result<(), EncodeError
 }
 
 /// Appends an unsigned integer in decimal.
-pub(super) fn write_u64(out: &mut Vec<u8>, mut n: u64) {
-    let mut buf = [0u8; 20];
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        // `n % 10` is 0-9: an ASCII digit.
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&buf[i..]);
+pub(super) fn write_u64(out: &mut Vec<u8>, n: u64) {
+    let mut digits = [0u8; 20];
+    out.extend_from_slice(crate::headers::decimal(n, &mut digits).as_bytes());
 }
 
 #[cfg(test)]

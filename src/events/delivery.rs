@@ -16,8 +16,9 @@ use crate::error::BoxError;
 use crate::event::EventExt;
 use crate::handler::{call_handler, start_handler, HandlerError};
 use crate::headers::{
-    text_value, DEAD_LETTER_DELIVERIES, DEAD_LETTER_ERROR, DEAD_LETTER_PAYLOAD, DEAD_LETTER_REASON,
-    DEAD_LETTER_SIZE, DEAD_LETTER_STREAM, DEAD_LETTER_STREAM_SEQ, DEAD_LETTER_SUBJECT, NATS_MSG_ID,
+    text_value, wire_size, DEAD_LETTER_DELIVERIES, DEAD_LETTER_ERROR, DEAD_LETTER_PAYLOAD,
+    DEAD_LETTER_REASON, DEAD_LETTER_SIZE, DEAD_LETTER_STREAM, DEAD_LETTER_STREAM_SEQ,
+    DEAD_LETTER_SUBJECT, NATS_MSG_ID,
 };
 use crate::telemetry::{self, EventTypeMetrics};
 use crate::worker::{Hold, Outcome, WorkContext};
@@ -146,23 +147,6 @@ pub(crate) fn cap_dead_letter_error(text: &str) -> String {
         end -= 1;
     }
     format!("{}... [{} bytes cut]", &text[..end], text.len() - end)
-}
-
-/// Size of headers + payload as the server counts it against `max_payload` (as `HPUB`).
-pub(super) fn wire_size(headers: &HeaderMap, payload_len: usize) -> usize {
-    let mut block = 0;
-    for (name, values) in headers.iter() {
-        let name: &str = name.as_ref();
-        for value in values {
-            let value: &str = value.as_ref();
-            block += name.len() + 2 + value.len() + 2;
-        }
-    }
-    if block == 0 {
-        payload_len
-    } else {
-        b"NATS/1.0\r\n".len() + block + b"\r\n".len() + payload_len
-    }
 }
 
 /// One delivered message, as a backend hands it to the shared processing.

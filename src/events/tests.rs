@@ -4,6 +4,7 @@
 #![cfg(test)]
 
 use super::*;
+use crate::headers::wire_size;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -1256,7 +1256,7 @@ impl DeadLetterSink for JetStreamDeadLetters {
         payload: Bytes,
     ) -> Result<(), DeadLetterPublishError> {
         // Never send what the server refuses by size: it would close the connection.
-        let size = super::publish::wire_size(&headers, payload.len());
+        let size = crate::headers::wire_size(&headers, payload.len());
         let max = self.client.max_payload();
         if size > max {
             return Err(DeadLetterPublishError::TooLarge(format!(

@@ -31,6 +31,8 @@ use crate::events::schedule;
 use crate::events::{priority_subject, publish_level};
 use crate::events::{PublishAck, PublishError, PublishOptions, Schedule};
 
+use crate::headers::wire_size;
+
 use super::{client_closed, Inner};
 
 /// JetStream's error code for "duplicate message id is in process": a message with the same
@@ -302,22 +304,6 @@ fn prepare_with(
         payload,
         directives,
     })
-}
-
-/// Size of headers + payload as the server counts it against `max_payload` (as `HPUB`).
-pub(crate) fn wire_size(headers: &HeaderMap, payload_len: usize) -> usize {
-    if headers.is_empty() {
-        return payload_len;
-    }
-    let mut len = b"NATS/1.0\r\n".len() + b"\r\n".len();
-    for (name, values) in headers.iter() {
-        let name: &str = name.as_ref();
-        for value in values {
-            let value: &str = value.as_ref();
-            len += name.len() + 2 + value.len() + 2;
-        }
-    }
-    len + payload_len
 }
 
 /// What one attempt's failure means for the next step.

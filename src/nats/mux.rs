@@ -88,19 +88,10 @@ struct Table {
 /// `prefix` followed by `token` in decimal: a reply subject, without the formatting machinery.
 fn reply_subject(prefix: &str, token: u64) -> Subject {
     let mut digits = [0u8; 20];
-    let mut start = digits.len();
-    let mut rest = token;
-    loop {
-        start -= 1;
-        digits[start] = b'0' + (rest % 10) as u8;
-        rest /= 10;
-        if rest == 0 {
-            break;
-        }
-    }
-    let mut subject = String::with_capacity(prefix.len() + digits.len() - start);
+    let token = crate::headers::decimal(token, &mut digits);
+    let mut subject = String::with_capacity(prefix.len() + token.len());
     subject.push_str(prefix);
-    subject.extend(digits[start..].iter().map(|&d| char::from(d)));
+    subject.push_str(token);
     Subject::from(subject)
 }
 

@@ -243,21 +243,5 @@ pub(crate) fn set_request_timeout(headers: &mut HeaderMap, timeout: Duration) {
     const NAME: async_nats::HeaderName = async_nats::HeaderName::from_static(REQUEST_TIMEOUT_MS);
     let ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
     let mut digits = [0u8; 20];
-    headers.insert(NAME, decimal(ms, &mut digits));
-}
-
-/// `n` in decimal, written into the end of `buffer`.
-pub(crate) fn decimal(mut n: u64, buffer: &mut [u8; 20]) -> &str {
-    let mut start = buffer.len();
-    loop {
-        start -= 1;
-        // A digit: `n % 10` is below 10.
-        buffer[start] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    // Only ASCII digits were written; the fallback is never taken.
-    std::str::from_utf8(&buffer[start..]).unwrap_or("0")
+    headers.insert(NAME, crate::headers::decimal(ms, &mut digits));
 }
