@@ -250,6 +250,18 @@ pub(super) fn is_json_text(bytes: &[u8]) -> bool {
 /// The grammar half of [`is_json_text`], on bytes known to be UTF-8.
 fn is_one_json_value(b: &[u8]) -> bool {
     let mut i = 0;
+    skip_json_whitespace(b, &mut i);
+    json_value_end(b, i).is_some_and(|mut end| {
+        skip_json_whitespace(b, &mut end);
+        end == b.len()
+    })
+}
+
+/// Where the one JSON value at `i` (its first byte) ends, just past it; `None` when the
+/// bytes there are not one value (the grammar of [`is_json_text`], bytes known to be UTF-8).
+/// No error positions and no number values: the scanner's `data` check runs this first and
+/// only goes over a value again, with [`Scanner::skip_value`], to say where it is wrong.
+fn json_value_end(b: &[u8], mut i: usize) -> Option<usize> {
     let mut nesting = Nesting::default();
     loop {
         // At a value.
@@ -265,51 +277,51 @@ fn is_one_json_value(b: &[u8]) -> bool {
                 } else {
                     nesting.push(object);
                     if object && !is_member_name(b, &mut i) {
-                        return false;
+                        return None;
                     }
                     continue;
                 }
             }
             Some(b'"') => {
                 if !is_string(b, &mut i) {
-                    return false;
+                    return None;
                 }
             }
             Some(b't') => {
                 if !is_literal(b, &mut i, b"true") {
-                    return false;
+                    return None;
                 }
             }
             Some(b'f') => {
                 if !is_literal(b, &mut i, b"false") {
-                    return false;
+                    return None;
                 }
             }
             Some(b'n') => {
                 if !is_literal(b, &mut i, b"null") {
-                    return false;
+                    return None;
                 }
             }
             Some(b'-' | b'0'..=b'9') => {
                 if !is_number(b, &mut i) {
-                    return false;
+                    return None;
                 }
             }
-            _ => return false,
+            _ => return None,
         }
         // After a value: close the containers it ends, or go on to the next value.
         loop {
-            skip_json_whitespace(b, &mut i);
             let Some(object) = nesting.innermost_is_object() else {
-                return i == b.len();
+                return Some(i);
             };
+            skip_json_whitespace(b, &mut i);
             match (b.get(i), object) {
                 (Some(b','), _) => {
                     i += 1;
                     if object {
                         skip_json_whitespace(b, &mut i);
                         if !is_member_name(b, &mut i) {
-                            return false;
+                            return None;
                         }
                     }
                     break;
@@ -318,7 +330,7 @@ fn is_one_json_value(b: &[u8]) -> bool {
                     i += 1;
                     nesting.pop();
                 }
-                _ => return false,
+                _ => return None,
             }
         }
     }
@@ -343,6 +355,7 @@ fn is_literal(b: &[u8], i: &mut usize, word: &[u8]) -> bool {
 fn is_string(b: &[u8], i: &mut usize) -> bool {
     *i += 1;
     loop {
+        *i = plain_run_end(b, *i);
         match b.get(*i) {
             Some(b'"') => {
                 *i += 1;
@@ -359,7 +372,6 @@ fn is_string(b: &[u8], i: &mut usize) -> bool {
                 }
                 _ => return false,
             },
-            Some(&c) if c >= 0x20 => *i += 1,
             _ => return false,
         }
     }
@@ -453,6 +465,23 @@ fn string_special_bits(word: u64) -> u64 {
     // A byte below 0x20 borrows into its high bit, which a byte of 0x80 or more already has.
     let control = word.wrapping_sub(ONES * 0x20) & !word;
     (quote | backslash | control) & HIGH_BITS
+}
+
+/// Index of the first [`is_string_special`] byte of `bytes` at or after `from` (or the end):
+/// eight bytes at a step while there are eight.
+#[inline(always)]
+fn plain_run_end(bytes: &[u8], mut from: usize) -> usize {
+    while let Some(word) = bytes.get(from..).and_then(<[u8]>::first_chunk::<8>) {
+        let special = string_special_bits(u64::from_le_bytes(*word));
+        if special != 0 {
+            return from + (special.trailing_zeros() / 8) as usize;
+        }
+        from += 8;
+    }
+    while bytes.get(from).is_some_and(|&b| !is_string_special(b)) {
+        from += 1;
+    }
+    from
 }
 
 /// The value of a hex digit.
@@ -570,7 +599,13 @@ impl<'a> Scanner<'a> {
                 match member_name(&name) {
                     MemberName::Data => {
                         let start = self.pos;
-                        self.skip_value()?;
+                        // The lean check first; the scanner's own, which says where the
+                        // value is wrong, only when it fails (same grammar, both held to
+                        // serde_json by the property tests).
+                        match json_value_end(self.bytes(), start) {
+                            Some(end) => self.pos = end,
+                            None => self.skip_value()?,
+                        }
                         // Both ends are at ASCII bytes (a value's first and past its last).
                         event.data = self.text.get(start..self.pos);
                     }
@@ -735,19 +770,8 @@ impl<'a> Scanner<'a> {
     // Inlined into each caller's loop: the constants and the saved registers of a call
     // cost more than the search itself on the short strings of an event (measured).
     #[inline(always)]
-    fn plain_run_end(&self, mut from: usize) -> usize {
-        let bytes = self.bytes();
-        while let Some(word) = bytes.get(from..).and_then(<[u8]>::first_chunk::<8>) {
-            let special = string_special_bits(u64::from_le_bytes(*word));
-            if special != 0 {
-                return from + (special.trailing_zeros() / 8) as usize;
-            }
-            from += 8;
-        }
-        while bytes.get(from).is_some_and(|&b| !is_string_special(b)) {
-            from += 1;
-        }
-        from
+    fn plain_run_end(&self, from: usize) -> usize {
+        plain_run_end(self.bytes(), from)
     }
 
     /// A string (at its opening quote), borrowed when it has no escapes.
