@@ -102,9 +102,10 @@ impl<M> Drop for Tx<M> {
 }
 
 impl<M> Tx<M> {
-    /// Queues an item, waiting for room; gives it back when the pool is stopping or closed.
-    async fn send(&self, item: M, stopping: &CancellationToken) -> Result<(), M> {
-        if stopping.is_cancelled() {
+    /// Queues an item, waiting for room; gives it back when the pool is closed or, given a
+    /// `stopping` token, stopping.
+    async fn send(&self, item: M, stopping: Option<&CancellationToken>) -> Result<(), M> {
+        if stopping.is_some_and(CancellationToken::is_cancelled) {
             return Err(item);
         }
         let Some(tx) = self.tx.as_ref() else {
@@ -120,9 +121,15 @@ impl<M> Tx<M> {
             Err(mpsc::error::TrySendError::Closed(())) => return Err(item),
             Err(mpsc::error::TrySendError::Full(())) => {}
         }
+        let stopped = async {
+            match stopping {
+                Some(stopping) => stopping.cancelled().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             biased;
-            _ = stopping.cancelled() => Err(item),
+            () = stopped => Err(item),
             permit = tx.reserve() => match permit {
                 Ok(permit) => {
                     permit.send(item);
@@ -272,7 +279,7 @@ impl<M: Send + 'static> WorkerPool<M> {
     /// is for the pool's own tests.
     #[cfg(test)]
     pub async fn submit(&self, item: M) -> Result<(), M> {
-        self.tx.send(item, &self.ctx.stopping).await
+        self.tx.send(item, Some(&self.ctx.stopping)).await
     }
 
     /// A cloneable handle that queues items, for an intake loop that runs apart from the pool
@@ -360,7 +367,7 @@ impl<M: Send + 'static> Submitter<M> {
     // Listeners use `submit_draining` (events) or `try_submit` (queries); the tests use this.
     #[cfg(test)]
     pub async fn submit(&self, item: M) -> Result<(), M> {
-        self.tx.send(item, &self.stopping).await
+        self.tx.send(item, Some(&self.stopping)).await
     }
 
     /// Queues an item even while the pool is stopping (it is run within the grace period),
@@ -368,8 +375,7 @@ impl<M: Send + 'static> Submitter<M> {
     /// is closed. For an intake whose items already hold a place in a [`DeliveryWindow`], so
     /// that room is there.
     pub async fn submit_draining(&self, item: M) -> Result<(), M> {
-        let never = CancellationToken::new();
-        self.tx.send(item, &never).await
+        self.tx.send(item, None).await
     }
 
     /// Queues an item only if there is room now (load shedding); gives it back, saying why,
