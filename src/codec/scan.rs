@@ -1276,6 +1276,9 @@ mod tests {
         }
         let err = read_event(br#"{"id":"1" "source":"s"}"#).err().unwrap();
         assert_eq!(err.detail_text(), Some("at byte 10: expected `,` or `}`"));
+        // Inside `data` the lean check fails first; the scanner's then says where.
+        let err = read_event(br#"{"data":{"a" 1}}"#).err().unwrap();
+        assert_eq!(err.detail_text(), Some("at byte 13: expected `:`"));
     }
 
     #[test]
