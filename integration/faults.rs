@@ -1778,16 +1778,19 @@ async fn s13_scheduled_events_survive_a_kill_9_and_fire_once_on_time() {
     let due = whole_second(start + chrono::Duration::seconds(5));
     let ids = schedule_all(&events, COUNT, due).await;
     let scheduled_in = chrono::Utc::now() - start;
-    assert!(
-        scheduled_in < chrono::Duration::seconds(2),
-        "scheduling took {scheduled_in}, past the kill"
-    );
-    // Kill -9 at 2 s, restart at once.
+    // Kill -9 at 2 s (or as soon as every schedule is stored, if that took longer on a loaded
+    // machine), restart at once. What the scenario needs is that every schedule is stored and
+    // none is due yet when the server dies.
     let kill_at = start + chrono::Duration::seconds(2);
     let wait = (kill_at - chrono::Utc::now())
         .to_std()
         .unwrap_or(Duration::ZERO);
     tokio::time::sleep(wait).await;
+    let killed = chrono::Utc::now();
+    assert!(
+        killed < due,
+        "s13: scheduling took {scheduled_in}: the kill at {killed} is not before the events' time {due}"
+    );
     let s = server.clone();
     blocking(move || s.kill()).await;
     let s = server.clone();
@@ -1807,7 +1810,9 @@ async fn s13_scheduled_events_survive_a_kill_9_and_fire_once_on_time() {
         late[late.len() - 1],
     );
     eprintln!(
-        "s13: {COUNT} events due {due}, server back {back} ({:.2} s after the start); lateness after max(due, back): p50 {p50} ms, p99 {p99} ms, max {max} ms",
+        "s13: {COUNT} events scheduled in {:.2} s, due {due}, killed {:.2} s and back {back} ({:.2} s) after the start; lateness after max(due, back): p50 {p50} ms, p99 {p99} ms, max {max} ms",
+        scheduled_in.num_milliseconds() as f64 / 1000.0,
+        (killed - start).num_milliseconds() as f64 / 1000.0,
         (back - start).num_milliseconds() as f64 / 1000.0
     );
     // The issue asks for p99 < 1 s after the server is back. On this machine (a debug build,
