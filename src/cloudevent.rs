@@ -317,7 +317,7 @@ pub fn new_event_id() -> String {
 /// here rather than by its `Display`, which goes through the formatting machinery and
 /// `format!`'s growing string (about 1,000 instructions an id): a new event, with its id and
 /// its transaction id, costs 1,250 instructions less (callgrind, `scripts/instructions`).
-fn prefixed_xid(prefix: &str) -> String {
+pub(crate) fn prefixed_xid(prefix: &str) -> String {
     let mut text = String::with_capacity(prefix.len() + XID_TEXT_LEN);
     text.push_str(prefix);
     push_xid(&mut text, &xid::new());

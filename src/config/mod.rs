@@ -318,7 +318,7 @@ pub struct Config {
 
 /// A freshly generated client id: `ce-messaging-<xid>`.
 fn generated_client_id() -> String {
-    format!("ce-messaging-{}", xid::new())
+    crate::cloudevent::prefixed_xid("ce-messaging-")
 }
 
 impl Default for Config {
