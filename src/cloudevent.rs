@@ -22,7 +22,7 @@ use std::borrow::Borrow;
 use std::fmt;
 
 use cloudevents::event::ExtensionValue;
-use cloudevents::{AttributesReader, Data, Event, EventBuilder, EventBuilderV10};
+use cloudevents::{AttributesReader, AttributesWriter, Data, Event, EventBuilder, EventBuilderV10};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::error::{Error, EventError, EventErrorKind};
@@ -469,15 +469,18 @@ fn build_event<T: Serialize + ?Sized>(
     // sent as it is, parsed only when a handler asks for a type (`EventExt::data_as`).
     let json = serde_json::to_vec(data)
         .map_err(|e| Error::with_source(EventErrorKind::DataSerialize, e))?;
-    EventBuilderV10::new()
+    // The builder is a large value moved through every call: only the required attributes
+    // go through it (one chain, built in place); the rest are set on the built event.
+    let mut event = EventBuilderV10::new()
         .id(id)
         .ty(event_type)
         .source(source)
-        .time(chrono::Utc::now())
-        .data(JSON_CONTENT_TYPE, Data::Binary(json))
-        .extension(TRANSACTION_ID_EXTENSION, tid.into_string())
         .build()
-        .map_err(|e| Error::with_source(EventErrorKind::Build, e))
+        .map_err(|e| Error::with_source(EventErrorKind::Build, e))?;
+    event.set_time(Some(chrono::Utc::now()));
+    event.set_data(JSON_CONTENT_TYPE, Data::Binary(json));
+    event.set_extension(TRANSACTION_ID_EXTENSION, tid.into_string());
+    Ok(event)
 }
 
 /// Like [`new_event`], with the source left as [`AUTO_POPULATE_SOURCE`] so the connection that
