@@ -9,7 +9,15 @@
 //! cargo bench --bench instructions -- --ops decode-structured,encode-binary
 //! cargo bench --bench instructions -- --markdown        # the table for docs/performance.md
 //! scripts/instructions                                  # the same, via the script
+//! scripts/instructions --check benches/instructions.baseline   # held to the baseline
+//! scripts/instructions --write-baseline benches/instructions.baseline
 //! ```
+//!
+//! `--check FILE` measures the operations FILE lists and fails (exit 1) when one costs more
+//! than its figure there plus the tolerance (3 %, `--tolerance PCT`); `scripts/test` runs it on
+//! `benches/instructions.baseline`. The file records the environment it was measured in
+//! (`--environment`: rustc, architecture, CPU, glibc); elsewhere its figures are shown, not
+//! held.
 //!
 //! Needs `valgrind` on the `PATH`. The `*-nats` operations need a nats-server (JetStream for
 //! the publish ones): `NATS_SERVER_BIN`, `.tools/bin/nats-server` or `nats-server` on the
@@ -236,6 +244,9 @@ fn drive(args: &[String]) -> ExitCode {
     let mut wanted: Option<Vec<String>> = None;
     let mut markdown = false;
     let mut scale = 1u64;
+    let mut check: Option<PathBuf> = None;
+    let mut write_baseline: Option<PathBuf> = None;
+    let mut tolerance = DEFAULT_TOLERANCE_PERCENT;
     let mut iter = args.iter();
     while let Some(arg) = iter.next() {
         match arg.as_str() {
@@ -246,6 +257,19 @@ fn drive(args: &[String]) -> ExitCode {
             }
             "--markdown" => markdown = true,
             "--scale" => scale = iter.next().and_then(|v| v.parse().ok()).unwrap_or(1).max(1),
+            "--check" => check = iter.next().map(PathBuf::from),
+            "--write-baseline" => write_baseline = iter.next().map(PathBuf::from),
+            "--tolerance" => match iter.next().and_then(|v| v.parse::<f64>().ok()) {
+                Some(t) if t >= 0.0 => tolerance = t,
+                _ => {
+                    eprintln!("--tolerance needs a percentage (a number >= 0)");
+                    return ExitCode::from(2);
+                }
+            },
+            "--environment" => {
+                println!("{}", environment());
+                return ExitCode::SUCCESS;
+            }
             "--list" => {
                 for op in OPS {
                     println!("{}", op.name);
@@ -255,8 +279,16 @@ fn drive(args: &[String]) -> ExitCode {
             "-h" | "--help" => {
                 println!(
                     "instructions [--ops a,b] [--markdown] [--scale K] [--list]\n\
+                     \x20            [--check FILE [--tolerance PCT]] [--write-baseline FILE]\n\
                      Instruction counts per operation (callgrind, n and 2n runs subtracted); \
-                     --scale multiplies n."
+                     --scale multiplies n.\n\
+                     --check FILE: measure the operations FILE lists and fail (exit 1) when one \
+                     costs more than its figure there plus PCT percent (default \
+                     {DEFAULT_TOLERANCE_PERCENT}).\n\
+                     --write-baseline FILE: measure and write FILE (the operations of --ops, or \
+                     every one but the sdk's references).\n\
+                     --environment: what the counts depend on besides the code (compiler, CPU, \
+                     glibc), as a baseline records it."
                 );
                 return ExitCode::SUCCESS;
             }
@@ -265,6 +297,29 @@ fn drive(args: &[String]) -> ExitCode {
                 return ExitCode::from(2);
             }
         }
+    }
+    let baseline = match &check {
+        Some(path) => match read_baseline(path) {
+            Ok(baseline) => {
+                if wanted.is_none() {
+                    wanted = Some(baseline.figures.iter().map(|(op, _)| op.clone()).collect());
+                }
+                Some(baseline)
+            }
+            Err(why) => {
+                eprintln!("{why}");
+                return ExitCode::from(2);
+            }
+        },
+        None => None,
+    };
+    if write_baseline.is_some() && wanted.is_none() {
+        wanted = Some(
+            OPS.iter()
+                .filter(|op| !is_reference(op.name))
+                .map(|op| op.name.to_owned())
+                .collect(),
+        );
     }
     if let Some(wanted) = &wanted {
         if let Some(bad) = wanted.iter().find(|w| !OPS.iter().any(|op| op.name == *w)) {
@@ -292,6 +347,11 @@ fn drive(args: &[String]) -> ExitCode {
     let server = if ops.iter().any(|op| op.server) {
         match Server::start() {
             Ok(server) => Some(server),
+            Err(why) if baseline.is_some() || write_baseline.is_some() => {
+                // A baseline's operation that cannot be measured is not a pass.
+                eprintln!("no nats-server for the *-nats operations: {why}");
+                return ExitCode::FAILURE;
+            }
             Err(why) => {
                 eprintln!("no nats-server, the *-nats operations are left out: {why}");
                 None
@@ -315,22 +375,60 @@ fn drive(args: &[String]) -> ExitCode {
         }
         let n = op.n * scale;
         let url = server.as_ref().map(Server::url);
-        let counts = [n, 2 * n].map(|n| callgrind(&exe, op.name, n, url.as_deref()));
-        match counts {
-            [Ok(one), Ok(two)] => {
-                let per_op = (two as f64 - one as f64) / n as f64;
-                rows.push((op.name, per_op, n));
-                if !markdown {
-                    println!(
-                        "{:<20} {:>10.0} instructions/op  (n = {n})",
-                        op.name, per_op
-                    );
-                }
-            }
-            [Err(e), _] | [_, Err(e)] => {
+        let measure = || -> Result<f64, String> {
+            let one = callgrind(&exe, op.name, n, url.as_deref())?;
+            let two = callgrind(&exe, op.name, 2 * n, url.as_deref())?;
+            Ok((two as f64 - one as f64) / n as f64)
+        };
+        let mut per_op = match measure() {
+            Ok(per_op) => per_op,
+            Err(e) => {
                 eprintln!("{}: {e}", op.name);
                 return ExitCode::FAILURE;
             }
+        };
+        // The operations that run tasks (the query and publish ones) land in one of a few
+        // figures about 1-3 % apart, as their tasks happen to be polled: noise only ever adds
+        // work. A baseline is written with the highest of three measurements, and a check
+        // that finds an operation over its figure measures it twice more and keeps the lowest,
+        // so that a change fails the check only when every measurement says so.
+        let extra = if write_baseline.is_some() {
+            2
+        } else {
+            let limit = baseline.as_ref().and_then(|b| {
+                b.figures
+                    .iter()
+                    .find(|(name, _)| name == op.name)
+                    .map(|(_, figure)| figure * (1.0 + tolerance / 100.0))
+            });
+            if limit.is_some_and(|limit| per_op > limit) {
+                2
+            } else {
+                0
+            }
+        };
+        for _ in 0..extra {
+            match measure() {
+                Ok(again) if write_baseline.is_some() => per_op = per_op.max(again),
+                Ok(again) => per_op = per_op.min(again),
+                Err(e) => {
+                    eprintln!("{}: {e}", op.name);
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+        rows.push((op.name, per_op, n));
+        if !markdown {
+            println!(
+                "{:<20} {:>10.0} instructions/op  (n = {n}{})",
+                op.name,
+                per_op,
+                match (extra, write_baseline.is_some()) {
+                    (0, _) => "",
+                    (_, true) => ", highest of 3",
+                    (_, false) => ", lowest of 3",
+                }
+            );
         }
     }
     if markdown {
@@ -345,7 +443,223 @@ fn drive(args: &[String]) -> ExitCode {
         2,
         started.elapsed().as_secs_f64()
     );
-    ExitCode::SUCCESS
+    let measured: Vec<(String, f64)> = rows
+        .iter()
+        .map(|(name, per_op, _)| ((*name).to_owned(), *per_op))
+        .collect();
+    if let Some(path) = &write_baseline {
+        if let Err(e) = std::fs::write(path, baseline_text(&measured, &environment())) {
+            eprintln!("cannot write {}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+        eprintln!("wrote {}", path.display());
+    }
+    match &baseline {
+        Some(baseline) => {
+            let here = environment();
+            let held = baseline.environment.as_deref() == Some(here.as_str());
+            if !held {
+                println!(
+                    "the baseline was measured in another environment ({}); this is {here}: \
+                     its figures are shown, not held",
+                    baseline.environment.as_deref().unwrap_or("not recorded")
+                );
+            }
+            let report = compare(&baseline.figures, &measured, tolerance, held);
+            print!("{}", report.text);
+            if report.passed {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        None => ExitCode::SUCCESS,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The baseline: the figures a change is held to (`--check`), so that one that raises them fails
+// `scripts/test` instead of waiting for someone to compare tables.
+
+/// How much above its baseline figure an operation may cost before `--check` fails: the round
+/// trips through a server vary by about 1 % from run to run, and unrelated code moves the
+/// codegen of the codec by up to about 2 %.
+const DEFAULT_TOLERANCE_PERCENT: f64 = 3.0;
+
+/// The sdk's own operations, what the sdk's `Event` costs and raw async-nats: measured for
+/// reference, never held to a baseline (they are not this crate's code).
+fn is_reference(op: &str) -> bool {
+    op.starts_with("sdk-") || op.ends_with("-raw")
+}
+
+/// The baseline file: one `operation instructions` pair a line; `#` starts a comment.
+fn read_baseline(path: &std::path::Path) -> Result<Baseline, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read the baseline {}: {e}", path.display()))?;
+    parse_baseline(&text).map_err(|why| format!("{}: {why}", path.display()))
+}
+
+/// A baseline file read: its figures and the environment they were measured in.
+struct Baseline {
+    figures: Vec<(String, f64)>,
+    environment: Option<String>,
+}
+
+/// The comment line that records where the figures were measured.
+const ENVIRONMENT_PREFIX: &str = "# environment:";
+
+fn parse_baseline(text: &str) -> Result<Baseline, String> {
+    let mut baseline = Vec::new();
+    let mut environment = None;
+    for (number, line) in text.lines().enumerate() {
+        if let Some(env) = line.strip_prefix(ENVIRONMENT_PREFIX) {
+            environment = Some(env.trim().to_owned());
+            continue;
+        }
+        let line = line.split('#').next().unwrap_or_default().trim();
+        if line.is_empty() {
+            continue;
+        }
+        let mut fields = line.split_whitespace();
+        let (Some(op), Some(count), None) = (fields.next(), fields.next(), fields.next()) else {
+            return Err(format!(
+                "line {}: expected `operation instructions`, found `{line}`",
+                number + 1
+            ));
+        };
+        if !OPS.iter().any(|known| known.name == op) {
+            return Err(format!(
+                "line {}: unknown operation `{op}` (try --list)",
+                number + 1
+            ));
+        }
+        let count = count
+            .replace(',', "")
+            .parse::<f64>()
+            .ok()
+            .filter(|c| *c > 0.0)
+            .ok_or_else(|| {
+                format!(
+                    "line {}: `{count}` is not a positive instruction count",
+                    number + 1
+                )
+            })?;
+        baseline.push((op.to_owned(), count));
+    }
+    if baseline.is_empty() {
+        return Err("no operations".into());
+    }
+    Ok(Baseline {
+        figures: baseline,
+        environment,
+    })
+}
+
+/// What instruction counts depend on besides the code: the compiler (codegen), the machine's
+/// architecture and CPU (glibc picks its `memcpy` and string functions by CPU features) and
+/// glibc itself. Figures measured in another environment are shown, not held.
+fn environment() -> String {
+    let output = |program: &str, args: &[&str]| {
+        Command::new(program)
+            .args(args)
+            .stderr(Stdio::null())
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .unwrap_or_else(|| format!("{program}: unknown"))
+    };
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("model name")?.split_once(':'))
+                .map(|(_, model)| model.trim().to_owned())
+        })
+        .unwrap_or_else(|| "cpu: unknown".into());
+    format!(
+        "{}; {}; {cpu}; {}",
+        output(&rustc, &["-V"]),
+        std::env::consts::ARCH,
+        output("getconf", &["GNU_LIBC_VERSION"])
+    )
+}
+
+fn baseline_text(measured: &[(String, f64)], environment: &str) -> String {
+    let mut text = String::from(
+        "# Instructions per operation that `scripts/instructions --check` (run by scripts/test)\n\
+         # holds the code to: an operation that costs more than its figure plus the tolerance\n\
+         # (3 %) fails the check. Written by `scripts/instructions --write-baseline FILE`; when a\n\
+         # change raises a figure on purpose, or lowers one, write it anew in the same commit and\n\
+         # say why. Figures measured in another environment (below) are shown, not held.\n\
+         # See docs/performance.md \"Instruction counts\".\n",
+    );
+    text.push_str(&format!("{ENVIRONMENT_PREFIX} {environment}\n"));
+    for (op, per_op) in measured {
+        text.push_str(&format!("{op} {}\n", per_op.round() as u64));
+    }
+    text
+}
+
+/// What `--check` prints and whether it passed.
+struct Report {
+    text: String,
+    passed: bool,
+}
+
+/// Each baseline operation against its measured figure: over the tolerance fails, a figure
+/// that went down by more than it is reported so that the baseline is written anew.
+/// `held`: the baseline was measured in this environment; otherwise nothing fails.
+fn compare(
+    baseline: &[(String, f64)],
+    measured: &[(String, f64)],
+    tolerance: f64,
+    held: bool,
+) -> Report {
+    let mut text = format!(
+        "{:<24} {:>10} {:>10} {:>8}  (tolerance +{tolerance}%)\n",
+        "operation", "baseline", "now", "change"
+    );
+    let mut passed = true;
+    for (op, expected) in baseline {
+        let Some(now) = measured
+            .iter()
+            .find(|(name, _)| name == op)
+            .map(|(_, n)| *n)
+        else {
+            text.push_str(&format!(
+                "{op:<24} {expected:>10.0} {:>10} FAILED: not measured\n",
+                "-"
+            ));
+            passed = false;
+            continue;
+        };
+        let change = (now - expected) / expected * 100.0;
+        let verdict = if change > tolerance && !held {
+            "raised (not held)"
+        } else if change > tolerance {
+            passed = false;
+            "FAILED: raised"
+        } else if change < -tolerance {
+            "lower: write the baseline anew"
+        } else {
+            "ok"
+        };
+        text.push_str(&format!(
+            "{op:<24} {expected:>10.0} {now:>10.0} {change:>+7.1}%  {verdict}\n"
+        ));
+    }
+    text.push_str(if !held {
+        "instruction counts: not held (another environment)\n"
+    } else if passed {
+        "instruction counts: within the baseline\n"
+    } else {
+        "instruction counts: over the baseline (above); if that is the price of the change, \
+         write the baseline anew (scripts/instructions --write-baseline \
+         benches/instructions.baseline) and say why in the commit\n"
+    });
+    Report { text, passed }
 }
 
 /// `12345` as `12,345`.
