@@ -378,6 +378,9 @@ fn is_string(b: &[u8], i: &mut usize) -> bool {
 }
 
 /// A member name inside an object and the `:` after it.
+// Inlined: a call per member of a JSON data object cost more than the check (decode-structured
+// 7,962 -> 7,784 instructions, encode-structured 2,897 -> 2,712).
+#[inline(always)]
 fn is_member_name(b: &[u8], i: &mut usize) -> bool {
     if b.get(*i) != Some(&b'"') || !is_string(b, i) {
         return false;
