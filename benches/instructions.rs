@@ -681,11 +681,16 @@ fn run(op: &str, n: u64) -> ExitCode {
                 black_box(black_box(&event).data_as::<Workspace<String>>().ok());
             })
         }
-        "query-memory" | "query-nats" | "query-nats-raw" | "publish-memory" | "publish-nats"
-        | "publish-nats-raw" | "query-responder" | "query-responder-hand" | "query-requester"
-        | "query-requester-hand" => {
-            runtime().block_on(run_async(op, total))
-        }
+        "query-memory"
+        | "query-nats"
+        | "query-nats-raw"
+        | "publish-memory"
+        | "publish-nats"
+        | "publish-nats-raw"
+        | "query-responder"
+        | "query-responder-hand"
+        | "query-requester"
+        | "query-requester-hand" => runtime().block_on(run_async(op, total)),
         other => Err(format!("unknown operation `{other}`")),
     };
     match result {
@@ -970,8 +975,8 @@ async fn run_async(op: &str, total: u64) -> Result<(), String> {
                     .request_with_headers(QUERY_TYPE, encoded.headers.into(), encoded.payload)
                     .await
                     .map_err(|e| err("request")(&e))?;
-                let reply =
-                    decode(reply.headers.as_ref(), &reply.payload).map_err(|e| err("decode")(&e))?;
+                let reply = decode(reply.headers.as_ref(), &reply.payload)
+                    .map_err(|e| err("decode")(&e))?;
                 black_box(reply.data_as::<serde_json::Value>().ok());
             }
         }

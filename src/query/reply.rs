@@ -267,12 +267,18 @@ impl ReplyWriter {
     ///
     /// `AlreadyReplied` if a reply was sent before; `Encode` (nothing was sent, the handler
     /// may still answer); `TooLarge`; `Send`.
-    pub fn reply(&self, mut event: Event) -> impl Future<Output = Result<(), ReplyError>> + Send + '_ {
+    pub fn reply(
+        &self,
+        mut event: Event,
+    ) -> impl Future<Output = Result<(), ReplyError>> + Send + '_ {
         self.reply_mut(&mut event)
     }
 
     /// [`reply`](Self::reply) of a borrowed event (dropped by the caller).
-    fn reply_mut(&self, event: &mut Event) -> impl Future<Output = Result<(), ReplyError>> + Send + '_ {
+    fn reply_mut(
+        &self,
+        event: &mut Event,
+    ) -> impl Future<Output = Result<(), ReplyError>> + Send + '_ {
         match self.ready_to_send(event) {
             Ok(encoded) => Either::Left(self.send_encoded(encoded)),
             Err(Unsent::Error(err)) => Either::Right(Either::Left(future::ready(Err(err)))),
