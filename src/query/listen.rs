@@ -402,9 +402,8 @@ async fn serve(
             .record(started.elapsed().as_secs_f64());
         let (sent, code) = match result {
             Ok(()) => match writer.flush().await {
-                Ok(true) => (Ok(()), writer.sent_code()),
-                Ok(false) if writer.is_sent() => (Ok(()), writer.sent_code()),
-                Ok(false) => (
+                Ok(Some(code)) => (Ok(()), code),
+                Ok(None) => (
                     writer.error(500, "handler returned without replying").await,
                     500,
                 ),

@@ -387,20 +387,27 @@ impl ReplyWriter {
         }
     }
 
-    /// Sends what a streaming handler buffered (`Ok(false)`: nothing to send). The stream's
-    /// sending is boxed: most handlers send one reply, and its state would otherwise make
-    /// every request's serving future (moved as a whole) several times larger.
-    pub(crate) async fn flush(&self) -> Result<bool, ReplyError> {
-        let pending = self
+    /// Sends what a streaming handler buffered, and gives the status of what was sent (by
+    /// this or before: 200 or an error reply's code), `None` when nothing was: one look at
+    /// the state for a handler that replied once. The stream's sending is boxed: most
+    /// handlers send one reply, and its state would otherwise make every request's serving
+    /// future (moved as a whole) several times larger.
+    pub(crate) async fn flush(&self) -> Result<Option<u16>, ReplyError> {
+        let (pending, sent) = self
             .inner
             .state
             .lock()
-            .map(|state| !state.sent && (state.streaming || !state.buffered.is_empty()))
-            .unwrap_or(false);
+            .map(|state| {
+                let pending = !state.sent && (state.streaming || !state.buffered.is_empty());
+                (pending, state.sent.then_some(state.code))
+            })
+            // As `is_sent` and `sent_code` read a poisoned state: sent, 200.
+            .unwrap_or((false, Some(200)));
         if !pending {
-            return Ok(false);
+            return Ok(sent);
         }
-        Box::pin(self.flush_buffered()).await
+        Box::pin(self.flush_buffered()).await?;
+        Ok(self.is_sent().then(|| self.sent_code()))
     }
 
     async fn flush_buffered(&self) -> Result<bool, ReplyError> {
