@@ -45,6 +45,24 @@
 //! - `publish-memory` / `publish-nats`: `new_event` and `publish` of one event, awaiting its
 //!   ack; `publish-nats-raw`: raw JetStream publish of bytes encoded once before, awaiting the
 //!   PubAck.
+//!
+//! One side of a query alone (the process under callgrind runs one side; its peer is this
+//! executable again, `--peer <role> <n>`, outside valgrind, against the same server):
+//!
+//! - `query-responder`: `NatsQueries::listen` with the handler of `query-nats` (decode,
+//!   `data_as`, `reply_data`: a new reply event, encoded); the peer is a plain async-nats
+//!   requester sending the same bytes each time (the request as the library's requester sends
+//!   it: structured, with a transaction id and `Request-Timeout-Ms`), retrying until the
+//!   responder subscribed;
+//! - `query-responder-hand`: the same work written by hand: an async-nats subscription, this
+//!   crate's `decode`, `data_as`, `new_event` and `encode`, published inline in the loop;
+//! - `query-requester`: `NatsQueries::request` of a clone of the request event and `data_as`
+//!   of the reply; the peer is a plain async-nats responder answering every request with the
+//!   same reply event, encoded once;
+//! - `query-requester-hand`: the same with async-nats' `Client::request_with_headers` and this
+//!   crate's codec inline (clone, `encode`, request, `decode`, `data_as`).
+//!
+//! A side's machinery is the library op minus its `-hand` op.
 use std::hint::black_box;
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -146,6 +164,26 @@ const OPS: &[Op] = &[
         server: true,
     },
     Op {
+        name: "query-responder",
+        n: 300,
+        server: true,
+    },
+    Op {
+        name: "query-responder-hand",
+        n: 300,
+        server: true,
+    },
+    Op {
+        name: "query-requester",
+        n: 300,
+        server: true,
+    },
+    Op {
+        name: "query-requester-hand",
+        n: 300,
+        server: true,
+    },
+    Op {
         name: "publish-nats",
         n: 300,
         server: true,
@@ -234,6 +272,13 @@ fn main() -> ExitCode {
         };
         return run(op, n);
     }
+    if args.first().map(String::as_str) == Some("--peer") {
+        let (Some(role), Some(n)) = (args.get(1), args.get(2).and_then(|n| n.parse().ok())) else {
+            eprintln!("usage: instructions --peer <requester|responder> <n>");
+            return ExitCode::from(2);
+        };
+        return peer(role, n);
+    }
     drive(&args)
 }
 
@@ -244,6 +289,7 @@ fn drive(args: &[String]) -> ExitCode {
     let mut wanted: Option<Vec<String>> = None;
     let mut markdown = false;
     let mut scale = 1u64;
+    let mut threads = 1usize;
     let mut check: Option<PathBuf> = None;
     let mut write_baseline: Option<PathBuf> = None;
     let mut tolerance = DEFAULT_TOLERANCE_PERCENT;
@@ -257,6 +303,7 @@ fn drive(args: &[String]) -> ExitCode {
             }
             "--markdown" => markdown = true,
             "--scale" => scale = iter.next().and_then(|v| v.parse().ok()).unwrap_or(1).max(1),
+            "--threads" => threads = iter.next().and_then(|v| v.parse().ok()).unwrap_or(1).max(1),
             "--check" => check = iter.next().map(PathBuf::from),
             "--write-baseline" => write_baseline = iter.next().map(PathBuf::from),
             "--tolerance" => match iter.next().and_then(|v| v.parse::<f64>().ok()) {
@@ -278,10 +325,11 @@ fn drive(args: &[String]) -> ExitCode {
             }
             "-h" | "--help" => {
                 println!(
-                    "instructions [--ops a,b] [--markdown] [--scale K] [--list]\n\
+                    "instructions [--ops a,b] [--markdown] [--scale K] [--threads T] [--list]\n\
                      \x20            [--check FILE [--tolerance PCT]] [--write-baseline FILE]\n\
                      Instruction counts per operation (callgrind, n and 2n runs subtracted); \
-                     --scale multiplies n.\n\
+                     --scale multiplies n; --threads T runs the async operations on a \
+                     multi-thread tokio runtime of T workers (default: current-thread).\n\
                      --check FILE: measure the operations FILE lists and fail (exit 1) when one \
                      costs more than its figure there plus PCT percent (default \
                      {DEFAULT_TOLERANCE_PERCENT}).\n\
@@ -313,6 +361,10 @@ fn drive(args: &[String]) -> ExitCode {
         },
         None => None,
     };
+    if (check.is_some() || write_baseline.is_some()) && threads != 1 {
+        eprintln!("a baseline is measured on a current-thread runtime: no --threads with it");
+        return ExitCode::from(2);
+    }
     if write_baseline.is_some() && wanted.is_none() {
         wanted = Some(
             OPS.iter()
@@ -360,6 +412,8 @@ fn drive(args: &[String]) -> ExitCode {
     } else {
         None
     };
+    // The children read it (`runtime`).
+    std::env::set_var(THREADS_VAR, threads.to_string());
     let exe = match std::env::current_exe() {
         Ok(exe) => exe,
         Err(e) => {
@@ -375,9 +429,15 @@ fn drive(args: &[String]) -> ExitCode {
         }
         let n = op.n * scale;
         let url = server.as_ref().map(Server::url);
+        let count = |n: u64| match (peer_role(op.name), url.as_deref()) {
+            (Some(role), Some(url)) => with_peer(&exe, role, n, url, || {
+                callgrind(&exe, op.name, n, Some(url))
+            }),
+            _ => callgrind(&exe, op.name, n, url.as_deref()),
+        };
         let measure = || -> Result<f64, String> {
-            let one = callgrind(&exe, op.name, n, url.as_deref())?;
-            let two = callgrind(&exe, op.name, 2 * n, url.as_deref())?;
+            let one = count(n)?;
+            let two = count(2 * n)?;
             Ok((two as f64 - one as f64) / n as f64)
         };
         let mut per_op = match measure() {
@@ -486,10 +546,11 @@ fn drive(args: &[String]) -> ExitCode {
 /// codegen of the codec by up to about 2 %.
 const DEFAULT_TOLERANCE_PERCENT: f64 = 3.0;
 
-/// The sdk's own operations, what the sdk's `Event` costs and raw async-nats: measured for
-/// reference, never held to a baseline (they are not this crate's code).
+/// The sdk's own operations, what the sdk's `Event` costs, raw async-nats and the hand-written
+/// sides of a query (async-nats with this crate's codec inline, what a side's machinery is
+/// measured against): measured for reference, never held to a baseline.
 fn is_reference(op: &str) -> bool {
-    op.starts_with("sdk-") || op.ends_with("-raw")
+    op.starts_with("sdk-") || op.ends_with("-raw") || op.ends_with("-hand")
 }
 
 /// The baseline file: one `operation instructions` pair a line; `#` starts a comment.
@@ -681,8 +742,13 @@ fn group_thousands(value: i64) -> String {
 /// Total instructions of `exe --run op n` under callgrind (every thread).
 fn callgrind(exe: &PathBuf, op: &str, n: u64, url: Option<&str>) -> Result<u64, String> {
     let mut command = Command::new("valgrind");
+    // `CALLGRIND_OUT` keeps the profiles (`<dir>/<op>.<n>.out`) for `callgrind_annotate`.
+    let out = match std::env::var("CALLGRIND_OUT") {
+        Ok(dir) if !dir.is_empty() => format!("--callgrind-out-file={dir}/{op}.{n}.out"),
+        _ => "--callgrind-out-file=/dev/null".to_owned(),
+    };
     command
-        .args(["--tool=callgrind", "--callgrind-out-file=/dev/null"])
+        .args(["--tool=callgrind", &out])
         .arg(exe)
         .args(["--run", op, &n.to_string()])
         .stdout(Stdio::null())
@@ -705,6 +771,70 @@ fn callgrind(exe: &PathBuf, op: &str, n: u64, url: Option<&str>) -> Result<u64, 
             rest.trim().parse::<u64>().ok()
         })
         .ok_or_else(|| format!("no `Collected :` line in callgrind's output: {stderr}"))
+}
+
+/// The peer an operation that measures one side of a query needs: `requester` (it sends the
+/// requests the measured responder answers) or `responder`.
+fn peer_role(op: &str) -> Option<&'static str> {
+    match op {
+        "query-responder" | "query-responder-hand" => Some("requester"),
+        "query-requester" | "query-requester-hand" => Some("responder"),
+        _ => None,
+    }
+}
+
+/// Runs `measure` while a peer (`exe --peer role n`, not under valgrind) runs: a responder is
+/// waited for until it says it subscribed, and stopped after; a requester sends its `n` (plus
+/// warm-up) requests once the measured responder listens, and is waited for after.
+fn with_peer(
+    exe: &PathBuf,
+    role: &str,
+    n: u64,
+    url: &str,
+    measure: impl FnOnce() -> Result<u64, String>,
+) -> Result<u64, String> {
+    use std::io::BufRead;
+    let mut child = Command::new(exe)
+        .args(["--peer", role, &n.to_string()])
+        .env("NATS_URL", url)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| format!("cannot start the {role} peer: {e}"))?;
+    if role == "responder" {
+        let mut line = String::new();
+        let ready = child
+            .stdout
+            .take()
+            .map(|out| std::io::BufReader::new(out).read_line(&mut line));
+        if !matches!(ready, Some(Ok(_))) || line.trim() != "ready" {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("the {role} peer did not start"));
+        }
+        let measured = measure();
+        let _ = child.kill();
+        let _ = child.wait();
+        return measured;
+    }
+    let measured = measure();
+    // The requester ends once its last request was answered, before the measured responder
+    // exits; a failed measurement leaves it waiting: stopped.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) if status.success() => return measured,
+            Ok(Some(status)) => return Err(format!("the {role} peer failed ({status})")),
+            Ok(None) if measured.is_ok() && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return measured.and(Err(format!("the {role} peer did not end")));
+            }
+        }
+    }
 }
 
 /// A nats-server with JetStream on a free loopback port, its store in a temporary folder;
@@ -871,14 +1001,16 @@ fn run(op: &str, n: u64) -> ExitCode {
                 black_box(black_box(&event).data_as::<Workspace<String>>().ok());
             })
         }
-        "query-memory" | "query-nats" | "query-nats-raw" | "publish-memory" | "publish-nats"
-        | "publish-nats-raw" => {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("a tokio runtime");
-            runtime.block_on(run_async(op, total))
-        }
+        "query-memory"
+        | "query-nats"
+        | "query-nats-raw"
+        | "publish-memory"
+        | "publish-nats"
+        | "publish-nats-raw"
+        | "query-responder"
+        | "query-responder-hand"
+        | "query-requester"
+        | "query-requester-hand" => runtime().block_on(run_async(op, total)),
         other => Err(format!("unknown operation `{other}`")),
     };
     match result {
@@ -888,6 +1020,25 @@ fn run(op: &str, n: u64) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Set by the driver (`--threads`) for its children: the tokio runtime's workers; 1 (or
+/// unset) means a current-thread runtime.
+const THREADS_VAR: &str = "INSTRUCTIONS_THREADS";
+
+fn runtime() -> tokio::runtime::Runtime {
+    let threads = std::env::var(THREADS_VAR)
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(1);
+    let mut builder = if threads > 1 {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.worker_threads(threads);
+        builder
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    };
+    builder.enable_all().build().expect("a tokio runtime")
 }
 
 fn repeat(total: u64, mut f: impl FnMut()) -> Result<(), String> {
@@ -1065,7 +1216,211 @@ async fn run_async(op: &str, total: u64) -> Result<(), String> {
             }
             events.close().await;
         }
+        "query-responder" => {
+            let serving = ce_messaging::NatsQueries::connect(&config)
+                .await
+                .map_err(|e| err("connect")(&e))?;
+            let counted = Counted::new(total);
+            let handlers = QueryHandlers::new().on(QUERY_TYPE, {
+                let counted = counted.clone();
+                handler_fn(move |request: Event, reply| {
+                    let counted = counted.clone();
+                    async move {
+                        let data: serde_json::Value = request.data_as()?;
+                        reply.reply_data(REPLY_TYPE, &data).await?;
+                        counted.one();
+                        Ok(())
+                    }
+                })
+            });
+            let listener = serving
+                .listen(handlers, QueryListenOptions::default())
+                .await
+                .map_err(|e| err("listen")(&e))?;
+            counted.all().await?;
+            listener.stop(Duration::from_secs(5)).await;
+            serving.close().await;
+        }
+        "query-responder-hand" => {
+            use futures::StreamExt;
+            let client = async_nats::connect(&config.nats_url)
+                .await
+                .map_err(|e| err("connect")(&e))?;
+            let mut requests = client
+                .subscribe(QUERY_TYPE)
+                .await
+                .map_err(|e| err("subscribe")(&e))?;
+            client.flush().await.map_err(|e| err("flush")(&e))?;
+            for _ in 0..total {
+                let message = requests.next().await.ok_or("the subscription ended")?;
+                let reply_to = message.reply.ok_or("a request without a reply subject")?;
+                let request = decode(message.headers.as_ref(), &message.payload)
+                    .map_err(|e| err("decode")(&e))?;
+                let data: serde_json::Value = request.data_as().map_err(|e| err("data")(&e))?;
+                let reply =
+                    new_event(REPLY_TYPE, HAND_SOURCE, &data).map_err(|e| err("reply")(&e))?;
+                let encoded =
+                    encode(&reply, ContentMode::Structured).map_err(|e| err("encode")(&e))?;
+                client
+                    .publish_with_headers(reply_to, encoded.headers.into(), encoded.payload)
+                    .await
+                    .map_err(|e| err("publish")(&e))?;
+            }
+            client.flush().await.map_err(|e| err("flush")(&e))?;
+        }
+        "query-requester" => {
+            let requester = ce_messaging::NatsQueries::connect(&config)
+                .await
+                .map_err(|e| err("connect")(&e))?;
+            let request = query_request();
+            for _ in 0..total {
+                let reply = requester
+                    .request(request.clone())
+                    .await
+                    .map_err(|e| err("request")(&e))?;
+                black_box(reply.data_as::<serde_json::Value>().ok());
+            }
+            requester.close().await;
+        }
+        "query-requester-hand" => {
+            let client = async_nats::connect(&config.nats_url)
+                .await
+                .map_err(|e| err("connect")(&e))?;
+            let request = query_request();
+            for _ in 0..total {
+                let event = request.clone();
+                let encoded =
+                    encode(&event, ContentMode::Structured).map_err(|e| err("encode")(&e))?;
+                let reply = client
+                    .request_with_headers(QUERY_TYPE, encoded.headers.into(), encoded.payload)
+                    .await
+                    .map_err(|e| err("request")(&e))?;
+                let reply = decode(reply.headers.as_ref(), &reply.payload)
+                    .map_err(|e| err("decode")(&e))?;
+                black_box(reply.data_as::<serde_json::Value>().ok());
+            }
+        }
         other => return Err(format!("unknown operation `{other}`")),
+    }
+    Ok(())
+}
+
+/// The source of the hand-written responder's replies.
+const HAND_SOURCE: &str = "bench-responder";
+
+/// Counts a measured responder's answered requests; [`Counted::all`] returns once all came.
+#[derive(Clone)]
+struct Counted {
+    total: u64,
+    done: std::sync::Arc<(std::sync::atomic::AtomicU64, tokio::sync::Notify)>,
+}
+
+impl Counted {
+    fn new(total: u64) -> Self {
+        Counted {
+            total,
+            done: Default::default(),
+        }
+    }
+
+    fn one(&self) {
+        let (count, notify) = &*self.done;
+        if count.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == self.total {
+            notify.notify_one();
+        }
+    }
+
+    async fn all(&self) -> Result<(), String> {
+        tokio::time::timeout(Duration::from_secs(600), self.done.1.notified())
+            .await
+            .map_err(|_| "the peer's requests did not all come in 600 s".to_owned())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The peer of a one-side operation, outside valgrind.
+
+fn peer(role: &str, n: u64) -> ExitCode {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    let result = runtime.block_on(async {
+        let url = config().nats_url;
+        let client = async_nats::ConnectOptions::new()
+            .request_timeout(Some(Duration::from_secs(120)))
+            .connect(&url)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        match role {
+            "responder" => peer_responder(client).await,
+            "requester" => peer_requester(client, WARM_UP + n).await,
+            other => Err(format!("unknown peer role `{other}`")),
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("peer {role}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Answers every request with the same reply event (with a transaction id, as the library's
+/// replies carry one), encoded once; says `ready` once subscribed.
+async fn peer_responder(client: async_nats::Client) -> Result<(), String> {
+    use futures::StreamExt;
+    use std::io::Write;
+    let mut reply = new_event(REPLY_TYPE, HAND_SOURCE, &serde_json::json!({"workspace": "w-123", "user": "alice", "fields": ["name", "size", "owner"]}))
+        .map_err(|e| format!("reply: {e}"))?;
+    reply.set_transaction_id(&ce_messaging::event::TransactionId::generate());
+    let encoded = encode(&reply, ContentMode::Structured).map_err(|e| format!("encode: {e}"))?;
+    let headers = encoded.headers.to_header_map();
+    let mut requests = client
+        .subscribe(QUERY_TYPE)
+        .await
+        .map_err(|e| format!("subscribe: {e}"))?;
+    client.flush().await.map_err(|e| format!("flush: {e}"))?;
+    println!("ready");
+    let _ = std::io::stdout().flush();
+    while let Some(message) = requests.next().await {
+        if let Some(reply_to) = message.reply {
+            client
+                .publish_with_headers(reply_to, headers.clone(), encoded.payload.clone())
+                .await
+                .map_err(|e| format!("publish: {e}"))?;
+        }
+    }
+    Ok(())
+}
+
+/// Sends `total` requests one after the other, the same bytes each time: the request as the
+/// library's requester sends it (structured, a transaction id, `Request-Timeout-Ms`). Waits
+/// (retrying on no-responders) until the measured responder subscribed.
+async fn peer_requester(client: async_nats::Client, total: u64) -> Result<(), String> {
+    let mut request = query_request();
+    request.set_transaction_id(&ce_messaging::event::TransactionId::generate());
+    let encoded = encode(&request, ContentMode::Structured).map_err(|e| format!("encode: {e}"))?;
+    let mut headers = encoded.headers.to_header_map();
+    headers.insert(ce_messaging::headers::REQUEST_TIMEOUT_MS, "120000");
+    let started = Instant::now();
+    let mut answered = 0;
+    while answered < total {
+        match client
+            .request_with_headers(QUERY_TYPE, headers.clone(), encoded.payload.clone())
+            .await
+        {
+            Ok(_) => answered += 1,
+            Err(e)
+                if answered == 0
+                    && e.kind() == async_nats::client::RequestErrorKind::NoResponders
+                    && started.elapsed() < Duration::from_secs(120) =>
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            Err(e) => return Err(format!("request {answered}: {e}")),
+        }
     }
     Ok(())
 }

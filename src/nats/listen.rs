@@ -213,9 +213,9 @@ impl Intake {
         let stopped = stopping.cancelled();
         tokio::pin!(stopped);
         loop {
-            if stopping.is_cancelled() {
-                break;
-            }
+            // No `stopping.is_cancelled()` first (it locks the token's tree node): a message
+            // taken once stopping began is refused by `try_submit` (`Stopping`) and answered
+            // 503 below, as the ones left in the buffers are.
             let message = tokio::select! {
                 biased;
                 message = self.subscriptions.next() => message,

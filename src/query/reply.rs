@@ -177,26 +177,26 @@ impl ReplyWriter {
         self.inner.state.lock().map(|s| s.sent).unwrap_or(true)
     }
 
-    fn prepare(&self, mut event: Event) -> (Event, Option<telemetry::TraceContext>) {
-        populate_source(&mut event, &self.inner.source);
-        if !crate::event::has_transaction_id(&event) {
+    fn prepare(&self, event: &mut Event) -> Option<telemetry::TraceContext> {
+        populate_source(event, &self.inner.source);
+        if !crate::event::has_transaction_id(event) {
             if let Some(tid) = &self.inner.request_tid {
                 event.set_transaction_id(tid);
             }
         }
         // The reply continues the trace of the request it answers.
-        let trace = telemetry::outgoing(&mut event, false);
-        (event, trace)
+        telemetry::outgoing(event, false)
     }
 
     /// Encodes one reply (in its `reply` span), with its stream position when it is part of
-    /// a reply stream.
+    /// a reply stream. The event is borrowed: passed by value down the reply's calls, its 300
+    /// bytes were copied at each.
     fn encode_reply(
         &self,
-        event: Event,
+        event: &mut Event,
         position: Option<(usize, usize)>,
     ) -> Result<EncodedReply, ReplyError> {
-        let (event, trace) = self.prepare(event);
+        let trace = self.prepare(event);
         let span = tracing::info_span!(
             "reply",
             "event.id" = event.id(),
@@ -209,7 +209,7 @@ impl ReplyWriter {
         );
         telemetry::record_trace(&span, trace.as_ref());
         let _entered = span.enter();
-        let encoded = codec::encode(&event, self.inner.mode)
+        let encoded = codec::encode(event, self.inner.mode)
             .map_err(|e| e.map_kind(|_| ReplyErrorKind::Encode))?;
         let mut headers = HeaderMap::from(encoded.headers);
         if let Some((index, total)) = position {
@@ -267,7 +267,18 @@ impl ReplyWriter {
     ///
     /// `AlreadyReplied` if a reply was sent before; `Encode` (nothing was sent, the handler
     /// may still answer); `TooLarge`; `Send`.
-    pub fn reply(&self, event: Event) -> impl Future<Output = Result<(), ReplyError>> + Send + '_ {
+    pub fn reply(
+        &self,
+        mut event: Event,
+    ) -> impl Future<Output = Result<(), ReplyError>> + Send + '_ {
+        self.reply_mut(&mut event)
+    }
+
+    /// [`reply`](Self::reply) of a borrowed event (dropped by the caller).
+    fn reply_mut(
+        &self,
+        event: &mut Event,
+    ) -> impl Future<Output = Result<(), ReplyError>> + Send + '_ {
         match self.ready_to_send(event) {
             Ok(encoded) => Either::Left(self.send_encoded(encoded)),
             Err(Unsent::Error(err)) => Either::Right(Either::Left(future::ready(Err(err)))),
@@ -281,7 +292,7 @@ impl ReplyWriter {
     }
 
     /// Encodes the one reply and marks it sent, unless it cannot go.
-    fn ready_to_send(&self, event: Event) -> Result<EncodedReply, Unsent> {
+    fn ready_to_send(&self, event: &mut Event) -> Result<EncodedReply, Unsent> {
         if self.is_sent() {
             return Err(Unsent::Error(Error::new(ReplyErrorKind::AlreadyReplied)));
         }
@@ -307,7 +318,7 @@ impl ReplyWriter {
         data: &T,
     ) -> impl Future<Output = Result<(), ReplyError>> + Send + '_ {
         match self.new_reply_event(event_type, data) {
-            Ok(event) => Either::Left(self.reply(event)),
+            Ok(mut event) => Either::Left(self.reply_mut(&mut event)),
             Err(err) => Either::Right(future::ready(Err(err))),
         }
     }
@@ -376,20 +387,27 @@ impl ReplyWriter {
         }
     }
 
-    /// Sends what a streaming handler buffered (`Ok(false)`: nothing to send). The stream's
-    /// sending is boxed: most handlers send one reply, and its state would otherwise make
-    /// every request's serving future (moved as a whole) several times larger.
-    pub(crate) async fn flush(&self) -> Result<bool, ReplyError> {
-        let pending = self
+    /// Sends what a streaming handler buffered, and gives the status of what was sent (by
+    /// this or before: 200 or an error reply's code), `None` when nothing was: one look at
+    /// the state for a handler that replied once. The stream's sending is boxed: most
+    /// handlers send one reply, and its state would otherwise make every request's serving
+    /// future (moved as a whole) several times larger.
+    pub(crate) async fn flush(&self) -> Result<Option<u16>, ReplyError> {
+        let (pending, sent) = self
             .inner
             .state
             .lock()
-            .map(|state| !state.sent && (state.streaming || !state.buffered.is_empty()))
-            .unwrap_or(false);
+            .map(|state| {
+                let pending = !state.sent && (state.streaming || !state.buffered.is_empty());
+                (pending, state.sent.then_some(state.code))
+            })
+            // As `is_sent` and `sent_code` read a poisoned state: sent, 200.
+            .unwrap_or((false, Some(200)));
         if !pending {
-            return Ok(false);
+            return Ok(sent);
         }
-        Box::pin(self.flush_buffered()).await
+        Box::pin(self.flush_buffered()).await?;
+        Ok(self.is_sent().then(|| self.sent_code()))
     }
 
     async fn flush_buffered(&self) -> Result<bool, ReplyError> {
@@ -419,8 +437,11 @@ impl ReplyWriter {
         // whole, or with one error reply.
         let total = buffered.len();
         let mut encoded = Vec::with_capacity(total);
-        for (index, event) in buffered.into_iter().enumerate() {
-            let reply = match self.encode_reply(event, Some((index, total))) {
+        for (index, mut event) in buffered.into_iter().enumerate() {
+            // The event is dropped here, not held across the awaits below.
+            let reply = self.encode_reply(&mut event, Some((index, total)));
+            drop(event);
+            let reply = match reply {
                 Ok(reply) => reply,
                 Err(err) => {
                     self.set_code(500);
