@@ -184,6 +184,16 @@ const OPS: &[Op] = &[
         server: true,
     },
     Op {
+        name: "consume-nats",
+        n: 500,
+        server: true,
+    },
+    Op {
+        name: "consume-nats-hand",
+        n: 500,
+        server: true,
+    },
+    Op {
         name: "publish-nats",
         n: 300,
         server: true,
@@ -779,6 +789,7 @@ fn peer_role(op: &str) -> Option<&'static str> {
     match op {
         "query-responder" | "query-responder-hand" => Some("requester"),
         "query-requester" | "query-requester-hand" => Some("responder"),
+        "consume-nats" | "consume-nats-hand" => Some("publisher"),
         _ => None,
     }
 }
@@ -794,6 +805,20 @@ fn with_peer(
     measure: impl FnOnce() -> Result<u64, String>,
 ) -> Result<u64, String> {
     use std::io::BufRead;
+    if role == "publisher" {
+        // The events are stored before the measured listener starts: it reads a backlog.
+        let status = Command::new(exe)
+            .args(["--peer", role, &n.to_string()])
+            .env("NATS_URL", url)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .status()
+            .map_err(|e| format!("cannot run the {role} peer: {e}"))?;
+        if !status.success() {
+            return Err(format!("the {role} peer failed ({status})"));
+        }
+        return measure();
+    }
     let mut child = Command::new(exe)
         .args(["--peer", role, &n.to_string()])
         .env("NATS_URL", url)
@@ -1010,7 +1035,9 @@ fn run(op: &str, n: u64) -> ExitCode {
         | "query-responder"
         | "query-responder-hand"
         | "query-requester"
-        | "query-requester-hand" => runtime().block_on(run_async(op, total)),
+        | "query-requester-hand"
+        | "consume-nats"
+        | "consume-nats-hand" => runtime().block_on(run_async(op, total)),
         other => Err(format!("unknown operation `{other}`")),
     };
     match result {
@@ -1300,10 +1327,83 @@ async fn run_async(op: &str, total: u64) -> Result<(), String> {
                 black_box(reply.data_as::<serde_json::Value>().ok());
             }
         }
+        "consume-nats" => {
+            // As `cemsg bench` scenario 5's library side: a durable listener whose handler
+            // only counts; each event is decoded, handed to a worker, settled with an ack.
+            use ce_messaging::events::{event_handler_fn, EventHandlers, EventListenOptions};
+            let events = ce_messaging::JetStreamEvents::connect(&config)
+                .await
+                .map_err(|e| err("connect")(&e))?;
+            let counted = Counted::new(total);
+            let handlers = EventHandlers::new().on(EVENT_TYPE, {
+                let counted = counted.clone();
+                event_handler_fn(move |_, _| {
+                    counted.one();
+                    async { Ok(()) }
+                })
+            });
+            let listener = events
+                .listen(
+                    handlers,
+                    EventListenOptions {
+                        durable_name: Some(CONSUME_DURABLE.into()),
+                        pool: ce_messaging::WorkerOptions::new(CONSUME_WORKERS, CONSUME_BUFFER),
+                        ..Default::default()
+                    },
+                )
+                .await
+                .map_err(|e| err("listen")(&e))?;
+            counted.all().await?;
+            listener.stop(Duration::from_secs(5)).await;
+            events.close().await;
+        }
+        "consume-nats-hand" => {
+            // The same by hand: an async-nats pull consumer (same max ack pending), this
+            // crate's `decode` of each event, the event dropped, a plain ack.
+            use async_nats::jetstream::consumer::{pull, AckPolicy};
+            use futures::StreamExt;
+            let client = async_nats::connect(&config.nats_url)
+                .await
+                .map_err(|e| err("connect")(&e))?;
+            let js = async_nats::jetstream::new(client);
+            let stream = js
+                .get_stream(&config.js_stream)
+                .await
+                .map_err(|e| err("stream")(&e))?;
+            let consumer = stream
+                .create_consumer(pull::Config {
+                    durable_name: Some(CONSUME_HAND_DURABLE.into()),
+                    ack_policy: AckPolicy::Explicit,
+                    max_ack_pending: (CONSUME_WORKERS + CONSUME_BUFFER) as i64,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| err("consumer")(&e))?;
+            let mut messages = consumer.messages().await.map_err(|e| err("messages")(&e))?;
+            for _ in 0..total {
+                let message = tokio::time::timeout(Duration::from_secs(60), messages.next())
+                    .await
+                    .map_err(|_| "no event in 60 s".to_owned())?
+                    .ok_or("the pull consumer ended")?
+                    .map_err(|e| err("pulled")(&e))?;
+                let event = decode(message.headers.as_ref(), &message.payload)
+                    .map_err(|e| err("decode")(&e))?;
+                black_box(event);
+                message.ack().await.map_err(|e| err("ack")(&e))?;
+            }
+        }
         other => return Err(format!("unknown operation `{other}`")),
     }
     Ok(())
 }
+
+/// The durables of `consume-nats` and `consume-nats-hand` (deleted by the publisher peer
+/// before each run, so that each reads exactly the events it stored).
+const CONSUME_DURABLE: &str = "instructions-consume";
+const CONSUME_HAND_DURABLE: &str = "instructions-consume-hand";
+/// Workers and read-ahead of the consuming operations (as `cemsg bench` scenario 5).
+const CONSUME_WORKERS: usize = 16;
+const CONSUME_BUFFER: usize = 256;
 
 /// The source of the hand-written responder's replies.
 const HAND_SOURCE: &str = "bench-responder";
@@ -1355,6 +1455,7 @@ fn peer(role: &str, n: u64) -> ExitCode {
         match role {
             "responder" => peer_responder(client).await,
             "requester" => peer_requester(client, WARM_UP + n).await,
+            "publisher" => peer_publisher(client, WARM_UP + n).await,
             other => Err(format!("unknown peer role `{other}`")),
         }
     });
@@ -1391,6 +1492,55 @@ async fn peer_responder(client: async_nats::Client) -> Result<(), String> {
                 .await
                 .map_err(|e| format!("publish: {e}"))?;
         }
+    }
+    Ok(())
+}
+
+/// Empties the stream, deletes the consuming operations' durables and stores `total` events
+/// (the bench event as the library publishes it, structured, each with its own
+/// `Nats-Msg-Id`), with acks pipelined; returns once all are stored.
+async fn peer_publisher(client: async_nats::Client, total: u64) -> Result<(), String> {
+    let config = config();
+    let events = ce_messaging::JetStreamEvents::connect(&config)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    events
+        .init_stream()
+        .await
+        .map_err(|e| format!("stream: {e}"))?;
+    events.close().await;
+    let js = async_nats::jetstream::new(client);
+    let stream = js
+        .get_stream(&config.js_stream)
+        .await
+        .map_err(|e| format!("get stream: {e}"))?;
+    for durable in [CONSUME_DURABLE, CONSUME_HAND_DURABLE] {
+        // Absent on the first run: nothing to delete.
+        let _ = stream.delete_consumer(durable).await;
+    }
+    stream.purge().await.map_err(|e| format!("purge: {e}"))?;
+    let encoded =
+        encode(&bench_event(), ContentMode::Structured).map_err(|e| format!("encode: {e}"))?;
+    let subject = format!("{}.{EVENT_TYPE}", config.js_subject_prefix);
+    let run = xid::new().to_string();
+    let mut acks = Vec::with_capacity(total as usize);
+    for i in 0..total {
+        let mut headers = encoded.headers.to_header_map();
+        headers.insert("Nats-Msg-Id", format!("{run}-{i}").as_str());
+        let ack = js
+            .publish_with_headers(subject.clone(), headers, encoded.payload.clone())
+            .await
+            .map_err(|e| format!("publish: {e}"))?;
+        acks.push(ack);
+    }
+    for ack in acks {
+        tokio::time::timeout(
+            Duration::from_secs(60),
+            std::future::IntoFuture::into_future(ack),
+        )
+        .await
+        .map_err(|_| "no PubAck in 60 s".to_owned())?
+        .map_err(|e| format!("PubAck: {e}"))?;
     }
     Ok(())
 }
