@@ -46,7 +46,7 @@
 //!   ack; `publish-nats-raw`: raw JetStream publish of bytes encoded once before, awaiting the
 //!   PubAck.
 //!
-//! One side of a query alone (the process under callgrind runs one side; its peer is this
+//! One side alone (the process under callgrind runs one side; its peer is this
 //! executable again, `--peer <role> <n>`, outside valgrind, against the same server):
 //!
 //! - `query-responder`: `NatsQueries::listen` with the handler of `query-nats` (decode,
@@ -61,6 +61,14 @@
 //!   same reply event, encoded once;
 //! - `query-requester-hand`: the same with async-nats' `Client::request_with_headers` and this
 //!   crate's codec inline (clone, `encode`, request, `decode`, `data_as`).
+//!
+//! - `consume-nats`: a durable listener (`JetStreamEvents::listen`, 16 workers, 256 read-ahead,
+//!   a handler that only counts, as `cemsg bench` scenario 5's library side); the peer, run to
+//!   its end before the measured process starts, empties the stream, deletes the consuming
+//!   durables and stores the events (the bench event as the library publishes it, each with
+//!   its own `Nats-Msg-Id`);
+//! - `consume-nats-hand`: the same by hand: an async-nats pull consumer (same max ack
+//!   pending), this crate's `decode` of each event, a plain ack.
 //!
 //! A side's machinery is the library op minus its `-hand` op.
 use std::hint::black_box;
@@ -713,7 +721,7 @@ fn compare(
             passed = false;
             "FAILED: raised"
         } else if change < -tolerance {
-            "lower: write the baseline anew"
+            "lower: if it stays so, write the baseline anew"
         } else {
             "ok"
         };
