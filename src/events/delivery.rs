@@ -177,7 +177,7 @@ pub(crate) struct DeliveryContext {
     pub backoff: Backoff,
     pub dead_letters: Arc<dyn DeadLetterSink>,
     pub connection: Arc<dyn EventConnection>,
-    pub source: String,
+    pub source: Arc<str>,
 }
 
 /// Redelivery delays of a message whose dead-letter publish failed (no dead-letter stream, a
@@ -333,8 +333,9 @@ async fn deliver(
         .get_or_init(|| EventTypeMetrics::register(event_type));
     metrics.delivered.increment(1);
     let tid = event.transaction_id();
-    // For the time-limit warning (the event moves into the handler).
-    let (event_type, event_id) = (event_type.to_owned(), event.id().to_owned());
+    // For the time-limit warning (the event moves into the handler); its type is the metrics'
+    // label (the handler's key, the event's type), not a copy per event.
+    let event_id = event.id().to_owned();
     let responses = EventResponseWriter::new(ctx.connection.clone(), tid, ctx.source.clone())
         .with_delivery_count(delivery.delivered);
     let started = std::time::Instant::now();
@@ -376,7 +377,7 @@ async fn deliver(
                 result = &mut handling => break result,
                 _ = &mut time_limit => {
                     tracing::warn!(
-                        event_type = %event_type,
+                        event_type = %metrics.event_type(),
                         event_id = %event_id,
                         delivered = delivery.delivered,
                         limit = ?ctx.handler_timeout,

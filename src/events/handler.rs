@@ -422,7 +422,8 @@ impl<S> EventHandlers<S> {
 pub struct EventResponseWriter {
     connection: Arc<dyn EventConnection>,
     tid: Option<TransactionId>,
-    source: String,
+    /// The listener's source, shared by every delivery (no copy per event).
+    source: Arc<str>,
     delivery_count: u64,
 }
 
@@ -439,7 +440,7 @@ impl EventResponseWriter {
     pub(crate) fn new(
         connection: Arc<dyn EventConnection>,
         tid: Option<TransactionId>,
-        source: String,
+        source: Arc<str>,
     ) -> Self {
         EventResponseWriter {
             connection,
@@ -509,10 +510,9 @@ impl EventResponseWriter {
         data: &T,
     ) -> Result<PublishAck, PublishError> {
         let tid = self.tid.clone().unwrap_or_else(TransactionId::generate);
-        let event =
-            new_event_with_tid(event_type, self.source.as_str(), data, tid).map_err(|e| {
-                PublishError::from_error(e.map_kind(|_| PublishErrorKind::Encode), None)
-            })?;
+        let event = new_event_with_tid(event_type, &*self.source, data, tid).map_err(|e| {
+            PublishError::from_error(e.map_kind(|_| PublishErrorKind::Encode), None)
+        })?;
         self.respond(event).await
     }
 

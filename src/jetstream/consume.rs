@@ -250,7 +250,7 @@ pub(crate) async fn listen(
         backoff: options.backoff,
         dead_letters,
         connection,
-        source: config.client_id.clone(),
+        source: config.client_id.as_str().into(),
     });
     let token = CancellationToken::new();
     let pool = start_delivery_pool(options.pool.workers, &window, token.child_token(), ctx);

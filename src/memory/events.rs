@@ -482,7 +482,7 @@ impl EventConnection for MemoryEvents {
                 durable: durable.clone(),
             }),
             connection: Arc::new(self.clone()),
-            source: inner.client_id.clone(),
+            source: inner.client_id.as_str().into(),
         });
         // The listener's window, as the JetStream intake's: take only as many messages as
         // there are free places (workers + buffer); the queue has room for all of them.

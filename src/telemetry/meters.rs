@@ -59,6 +59,11 @@ pub(crate) struct EventTypeMetrics {
 }
 
 impl EventTypeMetrics {
+    /// The event type these handles count (their `type` label).
+    pub(crate) fn event_type(&self) -> &str {
+        &self.event_type
+    }
+
     pub(crate) fn register(event_type: &str) -> Self {
         let label = event_type.to_owned();
         EventTypeMetrics {
