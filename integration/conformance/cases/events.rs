@@ -1354,7 +1354,8 @@ fn responder(request_type: &str, response_type: &str) -> EventHandlers {
 /// A request event's promise gets the response with the same transaction id.
 pub async fn promise_gets_response_by_transaction_id<B: EventBackend>() {
     let env = B::start().await;
-    let service = env.events(&env.config("svc")).await;
+    let service_config = env.config("svc");
+    let service = env.events(&service_config).await;
     let client = env.events(&env.config("cli")).await;
     let (request_type, response_type) = (new_type("quote.requested"), new_type("quote.given"));
     let listener = listen(
@@ -1377,6 +1378,9 @@ pub async fn promise_gets_response_by_transaction_id<B: EventBackend>() {
         .expect("response");
     assert_eq!(response.ty(), response_type);
     assert_eq!(response.transaction_id(), Some(tid));
+    // `respond_data` fills in the responding listener's source (its client id), shared by
+    // every delivery of the listener.
+    assert_eq!(response.source().as_str(), service_config.client_id);
     assert_eq!(
         response.data_as::<Value>().expect("data"),
         json!({"echo": {"item": "a"}})
