@@ -33,6 +33,9 @@
 //!   builder makes it (data a `serde_json::Value`);
 //! - `encode-structured`, `encode-binary`, `decode-structured`, `decode-binary`: this crate's
 //!   codec (`decode` includes dropping the event);
+//! - `peek-tid-structured`: `peek_transaction_id` of the structured event (what an event source
+//!   whose listeners all wait for transaction ids spends on another request's response instead
+//!   of a decode);
 //! - `encode-structured-sent`, `encode-binary-sent`: `encode` and the headers converted to
 //!   async-nats' `HeaderMap`, as the library sends them (async-nats takes no other form);
 //! - `new-event`: `new_event` with the bench's data, dropped;
@@ -43,7 +46,8 @@
 //! - `query-nats-raw`: the same round trip with raw async-nats (echo responder, bytes encoded
 //!   once before), the limit of this client;
 //! - `publish-memory` / `publish-nats`: `new_event` and `publish` of one event, awaiting its
-//!   ack; `publish-nats-raw`: raw JetStream publish of bytes encoded once before, awaiting the
+//!   ack; `publish-memory-promise`: the same while an event source waits for a transaction id
+//!   the events do not carry (what skipping another request's response costs); `publish-nats-raw`: raw JetStream publish of bytes encoded once before, awaiting the
 //!   PubAck.
 //!
 //! One side alone (the process under callgrind runs one side; its peer is this
@@ -82,7 +86,7 @@ use ce_messaging::cloudevents::event::{Data, ExtensionValue};
 use ce_messaging::cloudevents::{
     AttributesReader, AttributesWriter, Event, EventBuilder, EventBuilderV10,
 };
-use ce_messaging::codec::{decode, encode, ContentMode};
+use ce_messaging::codec::{decode, encode, peek_transaction_id, ContentMode};
 use ce_messaging::config::Config;
 use ce_messaging::event::{new_event, EventExt};
 use ce_messaging::events::EventConnection;
@@ -137,6 +141,11 @@ const OPS: &[Op] = &[
         server: false,
     },
     Op {
+        name: "peek-tid-structured",
+        n: 2000,
+        server: false,
+    },
+    Op {
         name: "sdk-event-floor",
         n: 2000,
         server: false,
@@ -158,6 +167,11 @@ const OPS: &[Op] = &[
     },
     Op {
         name: "publish-memory",
+        n: 500,
+        server: false,
+    },
+    Op {
+        name: "publish-memory-promise",
         n: 500,
         server: false,
     },
@@ -988,6 +1002,13 @@ fn run(op: &str, n: u64) -> ExitCode {
                 black_box(decode(Some(&headers), black_box(&msg.payload)).ok());
             })
         }
+        "peek-tid-structured" => {
+            let msg = encode(&bench_event(), ContentMode::Structured).expect("encode");
+            let headers = msg.headers.to_header_map();
+            repeat(total, || {
+                black_box(peek_transaction_id(Some(&headers), black_box(&msg.payload)));
+            })
+        }
         "sdk-event-floor" => {
             // What `decode` cannot go below while it returns the sdk's `Event`: the decoded
             // event's attributes, extensions and data as owned values, put into an `Event` by
@@ -1038,6 +1059,7 @@ fn run(op: &str, n: u64) -> ExitCode {
         | "query-nats"
         | "query-nats-raw"
         | "publish-memory"
+        | "publish-memory-promise"
         | "publish-nats"
         | "publish-nats-raw"
         | "query-responder"
@@ -1211,6 +1233,40 @@ async fn run_async(op: &str, total: u64) -> Result<(), String> {
                     .map_err(|e| err("publish")(&e))?;
                 black_box(ack);
             }
+        }
+        "publish-memory-promise" => {
+            // `publish-memory` while an event source listens for a transaction id none of the
+            // events carries (a promise of responses of any type): the difference is what the
+            // source spends on each event that is not for it. One event with the awaited id
+            // ends the run, after every other one (the source reads them in order).
+            use ce_messaging::event::TransactionId;
+            use ce_messaging::event_source::EventFilter;
+            let broker = ce_messaging::MemoryBroker::new();
+            let events = broker.event_connection(&config);
+            events.init_stream().await.map_err(|e| err("stream")(&e))?;
+            let awaited = TransactionId::generate();
+            let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+            let source = events.event_source();
+            source
+                .add_listener(EventFilter::by_transaction(awaited.clone()), move |event| {
+                    let _ = tx.try_send(event);
+                })
+                .await
+                .map_err(|e| err("listen")(&e))?;
+            for _ in 0..total {
+                let ack = events
+                    .publish(bench_event())
+                    .await
+                    .map_err(|e| err("publish")(&e))?;
+                black_box(ack);
+            }
+            let mut last = bench_event();
+            last.set_transaction_id(&awaited);
+            events.publish(last).await.map_err(|e| err("publish")(&e))?;
+            tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                .await
+                .map_err(|_| "the awaited event did not arrive".to_owned())?
+                .ok_or("the source stopped")?;
         }
         "publish-nats" => {
             let events = ce_messaging::JetStreamEvents::connect(&config)

@@ -637,6 +637,57 @@ pub fn decode(headers: Option<&HeaderMap>, payload: &Bytes) -> Result<Event, Dec
     }
 }
 
+/// The transaction id (`transactionid` extension) the event in a message carries, read without
+/// decoding the event: an [`EventSource`](crate::events::EventSource) whose listeners all wait
+/// for given transaction ids skips the responses of other requests with it, unbuilt.
+///
+/// `Some` only when it is certain: whenever [`decode`] succeeds on the same message, its
+/// event's transaction id is this one. `None` when the message has none, and whenever telling
+/// would take the whole decode (escapes in structured mode, the header twice in binary mode);
+/// the caller then decodes. A message this reads a transaction id from may still fail to
+/// decode. Binary mode reads the `ce-*` headers as `decode` does; structured mode looks at the
+/// payload's top-level members only, skipping values with the grammar check of
+/// [`encode`]'s JSON data.
+///
+/// # Examples
+///
+/// ```
+/// use ce_messaging::cloudevent::{new_event_with_tid, TransactionId};
+/// use ce_messaging::codec::{encode, peek_transaction_id, ContentMode};
+/// let tid = TransactionId::generate();
+/// let event = new_event_with_tid("org.example.done", "svc", &1, tid.clone())?;
+/// let msg = encode(&event, ContentMode::Structured)?;
+/// assert_eq!(peek_transaction_id(None, &msg.payload).as_deref(), Some(tid.as_str()));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn peek_transaction_id<'a>(
+    headers: Option<&'a HeaderMap>,
+    payload: &'a Bytes,
+) -> Option<Cow<'a, str>> {
+    let message = NatsMessage { headers, payload };
+    match message.binary_parts() {
+        // Binary mode: every extension is a header value, so a string.
+        Some(Ok(parts)) => {
+            let mut tids = parts
+                .extensions
+                .into_iter()
+                .filter(|(name, _)| name == crate::cloudevent::TRANSACTION_ID_EXTENSION);
+            let (_, value) = tids.next()?;
+            if tids.next().is_some() {
+                // Two headers (in different letter case): which one `decode` keeps depends on
+                // the header map's order.
+                return None;
+            }
+            match value {
+                ExtensionValue::String(text) if !text.is_empty() => Some(Cow::Owned(text)),
+                _ => None,
+            }
+        }
+        Some(Err(_)) => None,
+        None => scan::peek_transaction_id(payload).map(Cow::Borrowed),
+    }
+}
+
 /// The one-pass reader of structured-mode payloads.
 mod scan;
 

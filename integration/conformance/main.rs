@@ -117,6 +117,7 @@ macro_rules! event_cases {
             promise_times_out_without_response,
             event_source_add_remove_once,
             event_source_filters_by_transaction,
+            event_source_reads_transaction_ids_as_decode_does,
             invalid_event_types_are_refused_at_once,
             poison_with_directives_is_dead_lettered_without_them,
             oversized_poison_is_dead_lettered_as_a_reference,

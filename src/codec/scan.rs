@@ -237,6 +237,69 @@ pub(super) fn json_string(json: &str) -> Option<Cow<'_, str>> {
     (scanner.pos == json.len()).then_some(text)
 }
 
+/// The text of the payload's top-level `transactionid` member, read without decoding the
+/// event, for [`peek_transaction_id`](super::peek_transaction_id): `Some` only when the last
+/// member of that name is a non-empty string without escapes, so that whenever `decode`
+/// succeeds its event carries exactly this transaction id. `None` when there is no such
+/// member, and whenever telling would take the whole decode: an escape in a member name
+/// (`"transacti\u006fnid"` is the same name), an escape in the value, a value that is not a
+/// string (an integer transaction id is its decimal text), or a payload that is not one object.
+/// Values are skipped with the lean grammar pass of [`is_json_text`].
+pub(super) fn peek_transaction_id(b: &[u8]) -> Option<&str> {
+    const TRANSACTION_ID: &[u8] = crate::cloudevent::TRANSACTION_ID_EXTENSION.as_bytes();
+    let mut i = 0;
+    skip_json_whitespace(b, &mut i);
+    if b.get(i) != Some(&b'{') {
+        return None;
+    }
+    i += 1;
+    // The value of the last `transactionid` member when it is a plain string.
+    let mut found = None;
+    loop {
+        skip_json_whitespace(b, &mut i);
+        let name_start = i + 1;
+        if b.get(i) != Some(&b'"') || !is_string(b, &mut i) {
+            // Also an empty object (`{}`): no members, no transaction id.
+            return None;
+        }
+        // Between the quotes: `is_string` moved `i` past the closing one.
+        let name = b.get(name_start..i - 1)?;
+        // An escape makes a name shorter than its text: only a longer text can be
+        // `transactionid` in disguise, so only such names are searched for one.
+        if name.len() > TRANSACTION_ID.len() && name.contains(&b'\\') {
+            return None;
+        }
+        skip_json_whitespace(b, &mut i);
+        if b.get(i) != Some(&b':') {
+            return None;
+        }
+        i += 1;
+        skip_json_whitespace(b, &mut i);
+        let value_start = i;
+        if b.get(i) == Some(&b'"') {
+            // Most members are strings: no container to track.
+            if !is_string(b, &mut i) {
+                return None;
+            }
+        } else {
+            i = json_value_end(b, i)?;
+        }
+        if name == TRANSACTION_ID {
+            found = match b.get(value_start..i)? {
+                [b'"', text @ .., b'"'] if !text.is_empty() && !text.contains(&b'\\') => Some(text),
+                _ => None,
+            };
+        }
+        skip_json_whitespace(b, &mut i);
+        match b.get(i) {
+            Some(b',') => i += 1,
+            Some(b'}') => break,
+            _ => return None,
+        }
+    }
+    std::str::from_utf8(found?).ok()
+}
+
 /// Whether `bytes` are one JSON value with only whitespace around it: the grammar the pass
 /// applies to a `data` member (UTF-8; strings with valid escapes, `\u` four hex digits, no
 /// control characters; numbers as JSON writes them; any depth, without recursion), so what the
@@ -1579,5 +1642,97 @@ mod tests {
             }
             prop_assert_eq!(back, expected);
         }
+    }
+
+    /// Members that set or hide a `transactionid`, in the ways a sender may write one.
+    fn transaction_id_member() -> impl Strategy<Value = String> {
+        let name = prop_oneof![
+            Just(r#""transactionid""#),
+            Just(r#""transacti\u006fnid""#),
+            Just(r#""transactionId""#),
+            Just(r#""data""#),
+            Just(r#""id""#),
+        ];
+        let value = prop_oneof![
+            Just(r#""tid-a""#),
+            Just(r#""tid-b""#),
+            Just(r#""\u0074id-a""#),
+            Just(r#""""#),
+            Just("7"),
+            Just("true"),
+            Just("null"),
+            Just(r#"{"transactionid":"tid-b"}"#),
+            Just(r#"["tid-b"]"#),
+        ];
+        (name, value).prop_map(|(n, v)| format!("{n}:{v}"))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(3000))]
+
+        /// Whenever `decode` succeeds, the transaction id read without decoding (when one is
+        /// read) is the decoded event's: on events with `transactionid` members written in
+        /// every way a sender may (escaped, twice, nested, not a string), changed at up to
+        /// three places, in structured mode and, for plain values, in binary mode.
+        #[test]
+        fn peeked_transaction_id_is_what_decode_reads(
+            members in proptest::collection::vec(transaction_id_member(), 0..4),
+            edits in proptest::collection::vec((
+                any::<proptest::sample::Index>(),
+                0..3u8,
+                proptest::sample::select(b"{}[],:\"\\ 0-u\x01\xc3t".to_vec()),
+            ), 0..3),
+        ) {
+            use crate::cloudevent::EventExt;
+            let mut bytes = format!(
+                r#"{{"specversion":"1.0","id":"i","source":"s","type":"t"{}}}"#,
+                members.iter().map(|m| format!(",{m}")).collect::<String>(),
+            )
+            .into_bytes();
+            apply_edits(&mut bytes, edits);
+            let payload = Bytes::from(bytes);
+            if let Ok(event) = decode(None, &payload) {
+                let peeked = crate::codec::peek_transaction_id(None, &payload);
+                if let Some(tid) = peeked {
+                    prop_assert_eq!(
+                        event.transaction_id().map(|t| t.as_str().to_owned()),
+                        Some(tid.into_owned()),
+                        "{:?}", String::from_utf8_lossy(&payload)
+                    );
+                }
+                // The same event in binary mode.
+                let msg = encode(&event, ContentMode::Binary).unwrap();
+                let headers = msg.headers.to_header_map();
+                let peeked = crate::codec::peek_transaction_id(Some(&headers), &msg.payload);
+                let back = decode(Some(&headers), &msg.payload).unwrap();
+                prop_assert_eq!(
+                    peeked.map(Cow::into_owned),
+                    back.transaction_id().map(|t| t.as_str().to_owned())
+                );
+            }
+        }
+    }
+
+    /// What this library sends is read without decoding, in both modes: the skip is taken.
+    #[test]
+    fn transaction_ids_this_library_writes_are_peeked() {
+        use crate::cloudevent::{new_event_with_tid, TransactionId};
+        let tid = TransactionId::generate();
+        let event =
+            new_event_with_tid("t", "s", &serde_json::json!({"a": [1]}), tid.clone()).unwrap();
+        for mode in [ContentMode::Structured, ContentMode::Binary] {
+            let msg = encode(&event, mode).unwrap();
+            let headers = msg.headers.to_header_map();
+            assert_eq!(
+                crate::codec::peek_transaction_id(Some(&headers), &msg.payload).as_deref(),
+                Some(tid.as_str()),
+                "{mode:?}"
+            );
+        }
+        let none = new_event_with_tid("t", "s", &1, TransactionId::generate()).unwrap();
+        let mut none = none;
+        none.remove_extension(crate::cloudevent::TRANSACTION_ID_EXTENSION);
+        let msg = encode(&none, ContentMode::Structured).unwrap();
+        assert_eq!(crate::codec::peek_transaction_id(None, &msg.payload), None);
     }
 }

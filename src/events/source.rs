@@ -5,6 +5,8 @@
 //! event published while nobody listens is not replayed to them). One subscription is made
 //! per event type that has listeners (and one for all event subjects while a listener filters
 //! by transaction id only); it starts with the first listener and stops after the last.
+//! While every listener of a subscription waits for given transaction ids (as promises do), an
+//! event whose transaction id, read without decoding it, is none of theirs is skipped unbuilt.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -93,6 +95,16 @@ impl EventFilter {
             .as_ref()
             .is_none_or(|t| t.as_str() == event.ty())
             && self.tid.as_ref().is_none_or(|want| Some(want) == tid)
+    }
+
+    /// Whether this filter's listener is served by the subscription `key` ([`key`](Self::key)
+    /// without making one).
+    fn is_on(&self, key: &SubKey) -> bool {
+        match (&self.event_type, key) {
+            (Some(t), SubKey::Type(k)) => t.as_str() == k,
+            (None, SubKey::All) => true,
+            _ => false,
+        }
     }
 
     fn key(&self) -> SubKey {
@@ -343,6 +355,42 @@ fn remove_locked(state: &mut State, id: ListenerId) -> bool {
     true
 }
 
+/// Whether `raw` is certainly for none of the listeners of subscription `key`: when each of
+/// them waits for a transaction id (promises; the subscription of all types has only such
+/// listeners) and the message's transaction id, read without decoding it
+/// ([`codec::peek_transaction_id`]), is none of theirs. Such events (other requests'
+/// responses, every event of every type for the subscription of all types) are then skipped
+/// without building them: a decode is most of what handling one costs here. When the
+/// transaction id cannot be read that cheaply, the event is decoded and matched as before.
+fn is_for_others(inner: &Inner, key: &SubKey, raw: &RawEvent) -> bool {
+    let each_waits_for_a_tid = {
+        let state = inner
+            .state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        state
+            .listeners
+            .values()
+            .filter(|e| e.filter.is_on(key))
+            .all(|e| e.filter.tid.is_some())
+    };
+    if !each_waits_for_a_tid {
+        return false;
+    }
+    let Some(tid) = codec::peek_transaction_id(raw.headers.as_ref(), &raw.payload) else {
+        return false;
+    };
+    let state = inner
+        .state
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    !state
+        .listeners
+        .values()
+        .filter(|e| e.filter.is_on(key))
+        .any(|e| e.filter.tid.as_ref().is_none_or(|t| t.as_str() == tid))
+}
+
 async fn dispatch(
     inner: std::sync::Weak<Inner>,
     key: SubKey,
@@ -358,6 +406,10 @@ async fn dispatch(
                 None => break,
             },
         };
+        let Some(inner) = inner.upgrade() else { break };
+        if is_for_others(&inner, &key, &raw) {
+            continue;
+        }
         let event = match codec::decode(raw.headers.as_ref(), &raw.payload) {
             Ok(event) => event,
             Err(err) => {
@@ -365,7 +417,6 @@ async fn dispatch(
                 continue;
             }
         };
-        let Some(inner) = inner.upgrade() else { break };
         let tid = event.transaction_id();
         let callbacks: Vec<Callback> = {
             let mut state = inner
@@ -375,7 +426,7 @@ async fn dispatch(
             let matching: Vec<(ListenerId, bool, Callback)> = state
                 .listeners
                 .iter()
-                .filter(|(_, e)| e.filter.key() == key && e.filter.matches(&event, tid.as_ref()))
+                .filter(|(_, e)| e.filter.is_on(&key) && e.filter.matches(&event, tid.as_ref()))
                 .map(|(id, e)| (*id, e.filter.once, e.callback.clone()))
                 .collect();
             for (id, once, _) in &matching {

@@ -1613,6 +1613,119 @@ pub async fn event_source_filters_by_transaction<B: EventBackend>() {
     assert_eq!(ids(&by_both.snapshot()), ids(&[sequence[1].clone()]));
 }
 
+/// A listener waiting for a transaction id gets every event that decodes with that id, however
+/// the sender wrote it, and no other: the id escaped in a JSON string, a `transactionid` member
+/// written twice (the last counts), its name escaped, a percent-encoded `ce-transactionid`
+/// header. (The event source skips others' events by reading their transaction id before
+/// decoding them; this holds that reading to what `decode` makes of the message.)
+pub async fn event_source_reads_transaction_ids_as_decode_does<B: EventBackend>() {
+    if let Some(why) = B::caps().raw_publish {
+        skip(
+            B::NAME,
+            "event_source_reads_transaction_ids_as_decode_does",
+            why,
+        );
+        return;
+    }
+    let env = B::start().await;
+    let config = env.config("cli");
+    let client = env.events(&config).await;
+    let source = client.event_source();
+    let event_type = new_type("tidread");
+    let subject = config.events_subject(&event_type);
+    let wanted = TransactionId::generate();
+    let seen = Seen::new();
+    let s = seen.clone();
+    within(
+        "add",
+        source.add_listener(EventFilter::by_transaction(wanted.clone()), move |e| {
+            s.push(e)
+        }),
+    )
+    .await
+    .expect("added");
+    let tid = wanted.as_str();
+    // `tid-...`: its first letter escaped as JSON and as a percent-encoded header value.
+    let escaped = format!("\\u0074{}", &tid[1..]);
+    let percent = format!("%74{}", &tid[1..]);
+    let structured = |id: &str, members: &str| {
+        Bytes::from(format!(
+            r#"{{"specversion":"1.0","id":"{id}","source":"raw","type":"{event_type}"{members}}}"#
+        ))
+    };
+    let ce_json = || {
+        let mut h = HeaderMap::new();
+        h.insert("Content-Type", "application/cloudevents+json");
+        h
+    };
+    let raw: Vec<(&str, HeaderMap, Bytes)> = vec![
+        (
+            "escaped",
+            ce_json(),
+            structured("escaped", &format!(r#","transactionid":"{escaped}""#)),
+        ),
+        (
+            "other",
+            ce_json(),
+            structured("other", r#","transactionid":"tid-someone-else""#),
+        ),
+        (
+            "twice",
+            HeaderMap::new(),
+            structured(
+                "twice",
+                &format!(r#","transactionid":"tid-someone-else","data":1,"transactionid":"{tid}""#),
+            ),
+        ),
+        (
+            "other-last",
+            ce_json(),
+            structured(
+                "other-last",
+                &format!(r#","transactionid":"{tid}","transactionid":"tid-someone-else""#),
+            ),
+        ),
+        (
+            "name-escaped",
+            ce_json(),
+            structured(
+                "name-escaped",
+                &format!(r#","transactionid":"tid-someone-else","transacti\u006fnid":"{tid}""#),
+            ),
+        ),
+        (
+            "binary",
+            {
+                let mut h = HeaderMap::new();
+                h.insert("ce-specversion", "1.0");
+                h.insert("ce-id", "binary");
+                h.insert("ce-source", "raw");
+                h.insert("ce-type", event_type.as_str());
+                h.insert("ce-transactionid", percent.as_str());
+                h
+            },
+            Bytes::new(),
+        ),
+        (
+            "plain",
+            ce_json(),
+            structured("plain", &format!(r#","transactionid":"{tid}""#)),
+        ),
+    ];
+    for (_, headers, payload) in raw {
+        env.publish_raw(&subject, headers, payload).await;
+    }
+    // The last one is plain: once it is seen, everything before it was read.
+    let got = seen
+        .wait_until("the plain event", |s| s.iter().any(|e| e.id() == "plain"))
+        .await;
+    let got: Vec<&str> = got.iter().map(|e| e.id()).collect();
+    assert_eq!(got, ["escaped", "twice", "name-escaped", "binary", "plain"]);
+    for e in seen.snapshot() {
+        assert_eq!(e.transaction_id().as_ref(), Some(&wanted), "{}", e.id());
+    }
+}
+
 /// An event of `event_type` (which need not be valid: the type is set after building).
 fn event_of_type(event_type: &str) -> Event {
     let mut e = event("conf.placeholder", &json!("bad"));
