@@ -132,7 +132,11 @@ pub struct EncodedEvent {
 ///
 /// # Errors
 ///
-/// [`EncodeErrorKind::InvalidHeader`] when an extension name cannot be a NATS header name;
+/// [`EncodeErrorKind::InvalidAttribute`] when the event breaks a rule [`decode`] holds received
+/// events to, so that its receivers would refuse it: `id`, `type` or `source` empty, `subject`
+/// empty, `datacontenttype` not an RFC 2046 media type, an extension name that is not
+/// lower-case ASCII letters and digits (see `docs/wire-contract.md`);
+/// [`EncodeErrorKind::InvalidHeader`] when an attribute cannot be a NATS header (binary mode);
 /// [`EncodeErrorKind::Serialize`] when the event cannot be serialized.
 ///
 /// # Examples
@@ -148,6 +152,7 @@ pub struct EncodedEvent {
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub fn encode(event: &Event, mode: ContentMode) -> Result<EncodedEvent, EncodeError> {
+    check_outgoing(event)?;
     match mode {
         ContentMode::Structured => {
             let payload = match event.specversion() {
@@ -158,6 +163,9 @@ pub fn encode(event: &Event, mode: ContentMode) -> Result<EncodedEvent, EncodeEr
                 }
                 // Spec 0.3 (rare): the sdk's JSON event format.
                 _ => {
+                    for (name, _) in event.iter_extensions() {
+                        check_outgoing_extension(name)?;
+                    }
                     let mut json = Vec::with_capacity(STRUCTURED_CAPACITY);
                     match with_parsed_json_data(event) {
                         Some(forward) => serde_json::to_writer(&mut json, &forward),
@@ -243,9 +251,11 @@ fn write_structured_v10(out: &mut Vec<u8>, event: &Event) -> Result<(), EncodeEr
         }
     }
     for (name, value) in event.iter_extensions() {
-        out.push(b',');
-        write_json_str(out, name);
-        out.push(b':');
+        check_outgoing_extension(name)?;
+        // Lower-case letters and digits: nothing to escape.
+        out.extend_from_slice(b",\"");
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b"\":");
         match value {
             ExtensionValue::String(text) => write_json_str(out, text),
             ExtensionValue::Boolean(true) => out.extend_from_slice(b"true"),
@@ -697,41 +707,93 @@ mod scan;
 /// lower-case ASCII letters and digits. Byte checks only; nothing is allocated unless the
 /// event is refused.
 fn check_event(event: &Event) -> Result<(), DecodeError> {
-    let refuse = |detail: String| {
-        Err(Error::with_detail(
+    match spec_fault(event) {
+        None => Ok(()),
+        Some(detail) => Err(Error::with_detail(
             DecodeErrorKind::InvalidAttribute,
             detail,
-        ))
-    };
+        )),
+    }
+}
+
+/// The same rules on an event about to be sent ([`encode`]): an event its receivers would
+/// refuse is refused here, with a typed error, instead of being stored and dead-lettered by
+/// every listener (`Dead-Letter-Reason: decode`). The attributes here; the extension names
+/// where the encoders write them ([`check_outgoing_extension`]), so the extensions are walked
+/// once.
+fn check_outgoing(event: &Event) -> Result<(), EncodeError> {
+    match attribute_fault(event) {
+        None => Ok(()),
+        Some(detail) => Err(refused_outgoing(detail)),
+    }
+}
+
+/// The first rule of [`check_event`] that `event` breaks, said in words; `None` when it
+/// breaks none.
+#[inline(always)]
+fn spec_fault(event: &Event) -> Option<String> {
+    if let Some(fault) = attribute_fault(event) {
+        return Some(fault);
+    }
+    for (name, _) in event.iter_extensions() {
+        if !is_attribute_name(name) {
+            return extension_name_fault(name);
+        }
+    }
+    None
+}
+
+/// [`spec_fault`] of the attributes alone (the encoders check extension names as they write
+/// them, in the same loop).
+#[inline(always)]
+fn attribute_fault(event: &Event) -> Option<String> {
     if event.id().is_empty() {
-        return refuse("`id` is empty".into());
+        return Some("`id` is empty".into());
     }
     if event.ty().is_empty() {
-        return refuse("`type` is empty".into());
+        return Some("`type` is empty".into());
     }
     if event.source().is_empty() {
-        return refuse("`source` is empty".into());
+        return Some("`source` is empty".into());
     }
     if event.subject().is_some_and(str::is_empty) {
-        return refuse("`subject` is empty (leave it out instead)".into());
+        return Some("`subject` is empty (leave it out instead)".into());
     }
     if let Some(ct) = event.datacontenttype() {
         // The content type of `new_event`'s JSON data: one comparison instead of the grammar.
         if ct != "application/json" && !is_media_type(ct) {
-            return refuse(format!(
+            return Some(format!(
                 "`datacontenttype` is not an RFC 2046 media type \
                  (`type/subtype`, optionally `; name=value` parameters): `{ct}`"
             ));
         }
     }
-    for (name, _) in event.iter_extensions() {
-        if !is_attribute_name(name) {
-            return refuse(format!(
-                "extension `{name}`: attribute names are lower-case ASCII letters and digits"
-            ));
-        }
+    None
+}
+
+/// What is wrong with an extension name, when it is not an attribute name.
+#[inline]
+fn extension_name_fault(name: &str) -> Option<String> {
+    (!is_attribute_name(name)).then(|| {
+        format!("extension `{name}`: attribute names are lower-case ASCII letters and digits")
+    })
+}
+
+/// The error [`encode`] refuses an event with that breaks a rule of [`check_event`].
+fn refused_outgoing(detail: String) -> EncodeError {
+    Error::with_detail(
+        EncodeErrorKind::InvalidAttribute,
+        format!("{detail} (receivers refuse such an event)"),
+    )
+}
+
+/// An extension name the encoders are about to write, checked as receivers check it.
+#[inline]
+fn check_outgoing_extension(name: &str) -> Result<(), EncodeError> {
+    match extension_name_fault(name) {
+        None => Ok(()),
+        Some(detail) => Err(refused_outgoing(detail)),
     }
-    Ok(())
 }
 
 /// Whether `name` is a CloudEvents attribute name: one or more of `a`-`z` and `0`-`9`.
@@ -1980,13 +2042,60 @@ mod tests {
     fn bad_extension_name_is_an_encode_error_not_a_panic() {
         let mut event = full_event(None);
         event.set_extension("bad name:\r\n", "v");
-        let err = encode(&event, ContentMode::Binary).unwrap_err();
-        assert_eq!(err.kind(), EncodeErrorKind::InvalidHeader);
-        // Structured mode carries any name inside the JSON (sending is not checked), but a
-        // receiver refuses it: it is not a CloudEvents attribute name.
-        let msg = encode(&event, ContentMode::Structured).unwrap();
-        let err = decode(Some(&msg.headers.to_header_map()), &msg.payload).unwrap_err();
-        assert_eq!(err.kind(), DecodeErrorKind::InvalidAttribute);
+        for mode in [ContentMode::Binary, ContentMode::Structured] {
+            let err = encode(&event, mode).unwrap_err();
+            assert_eq!(err.kind(), EncodeErrorKind::InvalidAttribute, "{mode:?}");
+        }
+    }
+
+    /// What a receiver refuses is refused when sent, in both modes, with the receiver's words
+    /// (before, it was sent, stored, and dead-lettered by every listener as `decode`).
+    #[test]
+    fn events_receivers_refuse_are_not_encoded() {
+        use cloudevents::AttributesWriter;
+        type Spoil = fn(&mut Event);
+        let cases: [(&str, Spoil); 6] = [
+            ("`id` is empty", |e| {
+                e.set_id("");
+            }),
+            ("`type` is empty", |e| {
+                e.set_type("");
+            }),
+            ("`source` is empty", |e| {
+                e.set_source("");
+            }),
+            ("`subject` is empty", |e| {
+                e.set_subject(Some(""));
+            }),
+            ("not an RFC 2046 media type", |e| {
+                e.set_datacontenttype(Some("json"));
+            }),
+            ("extension `MyExt`", |e| {
+                e.set_extension("MyExt", "v");
+            }),
+        ];
+        for (words, spoil) in cases {
+            let mut event = full_event(None);
+            spoil(&mut event);
+            for mode in [ContentMode::Binary, ContentMode::Structured] {
+                let err = encode(&event, mode).unwrap_err();
+                assert_eq!(
+                    err.kind(),
+                    EncodeErrorKind::InvalidAttribute,
+                    "{words} {mode:?}"
+                );
+                let text = err.to_string();
+                assert!(
+                    text.contains(words) && text.contains("receivers refuse"),
+                    "{text}"
+                );
+            }
+        }
+        // The event each case spoils is sent as it is.
+        for mode in [ContentMode::Binary, ContentMode::Structured] {
+            let msg = encode(&full_event(None), mode).unwrap();
+            decode(Some(&msg.headers.to_header_map()), &msg.payload).unwrap();
+        }
     }
 
     #[test]

@@ -286,6 +286,10 @@ error_kind! {
 error_kind! {
     /// What went wrong turning a CloudEvent into a NATS message.
     EncodeErrorKind {
+        /// The event breaks a CloudEvents rule its receivers hold events to (an empty `id`,
+        /// `type`, `source` or `subject`, a `datacontenttype` that is not a media type, an
+        /// extension name that is not lower-case letters and digits): not sent.
+        InvalidAttribute => "invalid attribute",
         /// An attribute or extension could not be expressed as a NATS header.
         InvalidHeader => "invalid header",
         /// The event could not be serialized.

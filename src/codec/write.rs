@@ -13,8 +13,8 @@ use cloudevents::{AttributesReader, Event};
 use serde_json::Value;
 
 use super::{
-    format_time_into, is_unreserved, write_integer, write_json_str, EncodedEvent, TimeSuffix,
-    CE_PREFIX, STRUCTURED_CONTENT_TYPE, TIME_CAPACITY,
+    check_outgoing_extension, format_time_into, is_unreserved, write_integer, write_json_str,
+    EncodedEvent, TimeSuffix, CE_PREFIX, STRUCTURED_CONTENT_TYPE, TIME_CAPACITY,
 };
 use crate::error::{EncodeError, EncodeErrorKind, Error};
 
@@ -448,6 +448,7 @@ pub(super) fn encode_binary(event: &Event) -> Result<EncodedEvent, EncodeError> 
         }
     }
     for (name, value) in event.iter_extensions() {
+        check_outgoing_extension(name)?;
         match value {
             ExtensionValue::String(text) => headers.push(name, text)?,
             other => headers.push(name, &other.to_string())?,

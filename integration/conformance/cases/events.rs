@@ -1837,6 +1837,88 @@ pub async fn invalid_event_types_are_refused_at_once<B: EventBackend>() {
     assert!(env.stored(&config.js_dlq_stream).await.is_empty());
 }
 
+/// An event its receivers would refuse (an extension name with capitals, an empty `subject`, a
+/// `datacontenttype` that is no media type) is refused when published, at once, with the event
+/// handed back: by `publish`, per event by `publish_all`, and by `request`. Nothing of it is
+/// stored or dead-lettered; the listener gets the good events only and settles them.
+pub async fn events_receivers_refuse_are_refused_when_published<B: EventBackend>() {
+    let env = B::start().await;
+    let config = env.config("svc");
+    let connection = env.events(&config).await;
+    let event_type = new_type("refused");
+    let durable = new_durable();
+    let seen = Seen::new();
+    let listener = listen(
+        &connection,
+        recording(&event_type, &seen),
+        options(&durable),
+    )
+    .await;
+    let at_once = Duration::from_secs(2);
+    type Spoil = fn(&mut Event);
+    let spoils: [(&str, Spoil); 3] = [
+        ("extension `MyExt`", |e| {
+            e.set_extension("MyExt", "v");
+        }),
+        ("`subject` is empty", |e| {
+            e.set_subject(Some(""));
+        }),
+        ("not an RFC 2046 media type", |e| {
+            e.set_datacontenttype(Some("json"));
+        }),
+    ];
+    let spoiled = |spoil: Spoil| {
+        let mut e = event(&event_type, &json!("bad"));
+        spoil(&mut e);
+        e
+    };
+    for (words, spoil) in spoils {
+        let bad = spoiled(spoil);
+        let err = super::within_for(at_once, words, connection.publish(bad.clone()))
+            .await
+            .expect_err(words);
+        assert_eq!(err.kind(), PublishErrorKind::Encode, "{words}: {err}");
+        let text = err.to_string();
+        assert!(
+            text.contains(words) && text.contains("receivers refuse"),
+            "{words}: {text}"
+        );
+        assert_eq!(
+            err.into_event().map(|b| b.id().to_owned()),
+            Some(bad.id().to_owned())
+        );
+        let err = super::within_for(
+            at_once,
+            words,
+            connection.request(spoiled(spoil), &[EventType::from(new_type("re").as_str())]),
+        )
+        .await
+        .expect_err(words);
+        assert_eq!(err.kind(), ResponseErrorKind::Publish, "{words}: {err}");
+    }
+    assert_eq!(connection.event_source().listener_count(), 0);
+    let good = [event(&event_type, &json!(1)), event(&event_type, &json!(2))];
+    let batch = vec![
+        good[0].clone(),
+        spoiled(spoils[0].1),
+        good[1].clone(),
+        spoiled(spoils[1].1),
+    ];
+    let results = super::within_for(at_once, "publish_all", connection.publish_all(batch)).await;
+    assert!(results[0].is_ok() && results[2].is_ok(), "{results:?}");
+    for i in [1, 3] {
+        let err = results[i].as_ref().expect_err("a refused event in a batch");
+        assert_eq!(err.kind(), PublishErrorKind::Encode, "{err}");
+    }
+    let got = seen.wait_len("the two good events", 2).await;
+    assert_eq!(ids(&got), ids(&good));
+    wait_settled(&env, &config, &durable).await;
+    let stored = env.stored(&config.js_stream).await;
+    assert_eq!(stored.len(), 2, "only the good events are stored");
+    assert!(env.stored(&config.js_dlq_stream).await.is_empty());
+    listener.stop(Duration::from_secs(5)).await;
+}
+
 /// Publisher directives on a poison message (`Nats-Expected-Stream`,
 /// `Nats-Expected-Last-Sequence`) are for the stream that stored the original: the dead letter
 /// goes without them (JetStream would refuse it: errors 10060 / 10071), keeping the payload and

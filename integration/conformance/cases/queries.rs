@@ -280,6 +280,66 @@ pub async fn concurrent_requests_get_their_own_replies<B: QueryBackend>() {
     listener.stop(Duration::from_secs(5)).await;
 }
 
+/// A request or reply its receiver would refuse (here an extension name with capitals) is
+/// refused when sent, at once, with `Encode`: the request never reaches a handler; a handler's
+/// bad reply is refused to the handler, which can still answer.
+pub async fn events_receivers_refuse_are_refused_when_sent<B: QueryBackend>() {
+    let env = B::start().await;
+    let server = env.queries(&env.config("svc")).await;
+    let client = env.queries(&env.config("cli")).await;
+    let op = new_op("refused");
+    let refusals = Seen::new();
+    let called = Seen::new();
+    let (r, c) = (refusals.clone(), called.clone());
+    let handlers = QueryHandlers::new().on(
+        op.as_str(),
+        handler_fn(move |request: Event, reply| {
+            let (r, c) = (r.clone(), c.clone());
+            async move {
+                c.push(request.id().to_owned());
+                let mut bad = new_event_auto_source(&format!("{}.reply", request.ty()), &1)
+                    .map_err(|e| HandlerError::new(e.to_string()))?;
+                bad.set_extension("MyExt", "v");
+                match reply.reply(bad).await {
+                    Ok(()) => r.push("sent".to_owned()),
+                    Err(e) => r.push(format!("{:?}: {e}", e.kind())),
+                }
+                reply
+                    .reply_data(&format!("{}.reply", request.ty()), &"good")
+                    .await?;
+                Ok(())
+            }
+        }),
+    );
+    let listener = listen(&server, handlers, options()).await;
+
+    let mut bad = request_event(&op, &json!(1));
+    bad.set_extension("MyExt", "v");
+    let err = within_for(Duration::from_secs(2), "the refusal", client.request(bad))
+        .await
+        .expect_err("a request receivers refuse");
+    assert_eq!(err.kind(), RequestErrorKind::Encode, "{err}");
+    assert!(err.to_string().contains("receivers refuse"), "{err}");
+
+    let good = request_event(&op, &json!(2));
+    let reply = within("the good reply", client.request(good.clone()))
+        .await
+        .expect("a reply");
+    assert_eq!(reply.data_as::<String>().expect("data"), "good");
+    let refusals = refusals.snapshot();
+    assert_eq!(refusals.len(), 1, "{refusals:?}");
+    assert!(
+        refusals[0].starts_with("Encode") && refusals[0].contains("receivers refuse"),
+        "{refusals:?}"
+    );
+    assert_eq!(
+        called.snapshot(),
+        [good.id().to_owned()],
+        "only the good request was handled"
+    );
+    listener.stop(Duration::from_secs(5)).await;
+}
+
 /// A request nobody answers in time fails with `TimedOut`, not earlier than its timeout; the
 /// connection's default timeout comes from the configuration.
 pub async fn request_times_out<B: QueryBackend>() {
