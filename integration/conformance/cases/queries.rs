@@ -297,7 +297,7 @@ pub async fn events_receivers_refuse_are_refused_when_sent<B: QueryBackend>() {
             let (r, c) = (r.clone(), c.clone());
             async move {
                 c.push(request.id().to_owned());
-                let mut bad = new_event_auto_source(&format!("{}.reply", request.ty()), &1)
+                let mut bad = new_event_auto_source(format!("{}.reply", request.ty()), &1)
                     .map_err(|e| HandlerError::new(e.to_string()))?;
                 bad.set_extension("MyExt", "v");
                 match reply.reply(bad).await {
