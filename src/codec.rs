@@ -135,8 +135,10 @@ pub struct EncodedEvent {
 /// [`EncodeErrorKind::InvalidAttribute`] when the event breaks a rule [`decode`] holds received
 /// events to, so that its receivers would refuse it: `id`, `type` or `source` empty, `subject`
 /// empty, `datacontenttype` not an RFC 2046 media type, an extension name that is not
-/// lower-case ASCII letters and digits (see `docs/wire-contract.md`);
-/// [`EncodeErrorKind::InvalidHeader`] when an attribute cannot be a NATS header (binary mode);
+/// lower-case ASCII letters and digits, or an extension named like a spec attribute (or
+/// `data`) that receivers would read as that attribute (see `docs/wire-contract.md`);
+/// [`EncodeErrorKind::InvalidHeader`] when an attribute cannot be a NATS header (binary mode;
+/// not expected of an event that passes the checks above);
 /// [`EncodeErrorKind::Serialize`] when the event cannot be serialized.
 ///
 /// # Examples
@@ -779,6 +781,25 @@ fn extension_name_fault(name: &str) -> Option<String> {
     })
 }
 
+/// Why an extension about to be sent has a name receivers cannot read as an extension: not an
+/// attribute name ([`extension_name_fault`]), or a spec attribute's name (in any version) or
+/// `data`, which receivers read as that attribute or the data (a second `id` member or
+/// `ce-type` header), so the event would be refused or arrive changed.
+#[inline]
+fn outgoing_extension_fault(name: &str) -> Option<String> {
+    if let Some(fault) = extension_name_fault(name) {
+        return Some(fault);
+    }
+    // `eq_ignore_ascii_case` compares lengths first: most names cost eleven length checks.
+    if name == "data" || spec_attribute_name(name).is_some() {
+        return Some(format!(
+            "extension `{name}`: the name of a CloudEvents attribute (or `data`), which \
+             receivers read as that attribute"
+        ));
+    }
+    None
+}
+
 /// The error [`encode`] refuses an event with that breaks a rule of [`check_event`].
 fn refused_outgoing(detail: String) -> EncodeError {
     Error::with_detail(
@@ -790,7 +811,7 @@ fn refused_outgoing(detail: String) -> EncodeError {
 /// An extension name the encoders are about to write, checked as receivers check it.
 #[inline]
 fn check_outgoing_extension(name: &str) -> Result<(), EncodeError> {
-    match extension_name_fault(name) {
+    match outgoing_extension_fault(name) {
         None => Ok(()),
         Some(detail) => Err(refused_outgoing(detail)),
     }
@@ -2054,7 +2075,7 @@ mod tests {
     fn events_receivers_refuse_are_not_encoded() {
         use cloudevents::AttributesWriter;
         type Spoil = fn(&mut Event);
-        let cases: [(&str, Spoil); 6] = [
+        let cases: [(&str, Spoil); 10] = [
             ("`id` is empty", |e| {
                 e.set_id("");
             }),
@@ -2073,6 +2094,27 @@ mod tests {
             ("extension `MyExt`", |e| {
                 e.set_extension("MyExt", "v");
             }),
+            (
+                "extension `type`: the name of a CloudEvents attribute",
+                |e| {
+                    e.set_extension("type", "org.example.other");
+                },
+            ),
+            ("extension `id`: the name of a CloudEvents attribute", |e| {
+                e.set_extension("id", "");
+            }),
+            (
+                "extension `data`: the name of a CloudEvents attribute",
+                |e| {
+                    e.set_extension("data", "x");
+                },
+            ),
+            (
+                "extension `schemaurl`: the name of a CloudEvents attribute",
+                |e| {
+                    e.set_extension("schemaurl", "x");
+                },
+            ),
         ];
         for (words, spoil) in cases {
             let mut event = full_event(None);

@@ -1837,8 +1837,9 @@ pub async fn invalid_event_types_are_refused_at_once<B: EventBackend>() {
     assert!(env.stored(&config.js_dlq_stream).await.is_empty());
 }
 
-/// An event its receivers would refuse (an extension name with capitals, an empty `subject`, a
-/// `datacontenttype` that is no media type) is refused when published, at once, with the event
+/// An event its receivers would refuse or read as another event (an extension name with
+/// capitals, an extension named `type`, an empty `subject`, a `datacontenttype` that is no
+/// media type) is refused when published, at once, with the event
 /// handed back: by `publish`, per event by `publish_all`, and by `request`. Nothing of it is
 /// stored or dead-lettered; the listener gets the good events only and settles them.
 pub async fn events_receivers_refuse_are_refused_when_published<B: EventBackend>() {
@@ -1856,10 +1857,16 @@ pub async fn events_receivers_refuse_are_refused_when_published<B: EventBackend>
     .await;
     let at_once = Duration::from_secs(2);
     type Spoil = fn(&mut Event);
-    let spoils: [(&str, Spoil); 3] = [
+    let spoils: [(&str, Spoil); 4] = [
         ("extension `MyExt`", |e| {
             e.set_extension("MyExt", "v");
         }),
+        (
+            "extension `type`: the name of a CloudEvents attribute",
+            |e| {
+                e.set_extension("type", "org.example.other");
+            },
+        ),
         ("`subject` is empty", |e| {
             e.set_subject(Some(""));
         }),
