@@ -1673,9 +1673,14 @@ mod tests {
         /// Whenever `decode` succeeds, the transaction id read without decoding (when one is
         /// read) is the decoded event's: on events with `transactionid` members written in
         /// every way a sender may (escaped, twice, nested, not a string), changed at up to
-        /// three places, in structured mode and, for plain values, in binary mode.
+        /// three places, spec 1.0 and 0.3, with or without `data_base64`, with no headers, the
+        /// structured Content-Type, that and `ce-*` headers, or `ce-*` headers alone (binary);
+        /// and each decoded 1.0 event re-encoded in binary mode.
         #[test]
         fn peeked_transaction_id_is_what_decode_reads(
+            version in prop_oneof![Just("1.0"), Just("0.3")],
+            base64 in any::<bool>(),
+            header_set in 0..4u8,
             members in proptest::collection::vec(transaction_id_member(), 0..4),
             edits in proptest::collection::vec((
                 any::<proptest::sample::Index>(),
@@ -1685,14 +1690,33 @@ mod tests {
         ) {
             use crate::cloudevent::EventExt;
             let mut bytes = format!(
-                r#"{{"specversion":"1.0","id":"i","source":"s","type":"t"{}}}"#,
+                r#"{{"specversion":"{version}","id":"i","source":"s","type":"t"{}{}}}"#,
+                if base64 { r#","data_base64":"aGk=""# } else { "" },
                 members.iter().map(|m| format!(",{m}")).collect::<String>(),
             )
             .into_bytes();
             apply_edits(&mut bytes, edits);
             let payload = Bytes::from(bytes);
-            if let Ok(event) = decode(None, &payload) {
-                let peeked = crate::codec::peek_transaction_id(None, &payload);
+            // No headers; the structured Content-Type; that and `ce-*` headers too (still
+            // structured); `ce-*` headers alone (binary: the payload is the data).
+            let mut headers = HeaderMap::new();
+            if matches!(header_set, 1 | 2) {
+                headers.insert("Content-Type", STRUCTURED_CONTENT_TYPE);
+            }
+            if matches!(header_set, 2 | 3) {
+                for (name, value) in [
+                    ("ce-specversion", "1.0"),
+                    ("ce-id", "h"),
+                    ("ce-source", "s"),
+                    ("ce-type", "t"),
+                    ("ce-transactionid", "tid-b"),
+                ] {
+                    headers.insert(name, value);
+                }
+            }
+            let headers = (header_set > 0).then_some(headers);
+            if let Ok(event) = decode(headers.as_ref(), &payload) {
+                let peeked = crate::codec::peek_transaction_id(headers.as_ref(), &payload);
                 if let Some(tid) = peeked {
                     prop_assert_eq!(
                         event.transaction_id().map(|t| t.as_str().to_owned()),
