@@ -709,13 +709,21 @@ mod scan;
 /// lower-case ASCII letters and digits. Byte checks only; nothing is allocated unless the
 /// event is refused.
 fn check_event(event: &Event) -> Result<(), DecodeError> {
-    match spec_fault(event) {
-        None => Ok(()),
-        Some(detail) => Err(Error::with_detail(
+    let refuse = |detail| {
+        Err(Error::with_detail(
             DecodeErrorKind::InvalidAttribute,
             detail,
-        )),
+        ))
+    };
+    if let Some(fault) = attribute_fault(event) {
+        return refuse(fault);
     }
+    for (name, _) in event.iter_extensions() {
+        if !is_attribute_name(name) {
+            return refuse(extension_name_fault(name));
+        }
+    }
+    Ok(())
 }
 
 /// The same rules on an event about to be sent ([`encode`]): an event its receivers would
@@ -730,23 +738,9 @@ fn check_outgoing(event: &Event) -> Result<(), EncodeError> {
     }
 }
 
-/// The first rule of [`check_event`] that `event` breaks, said in words; `None` when it
-/// breaks none.
-#[inline(always)]
-fn spec_fault(event: &Event) -> Option<String> {
-    if let Some(fault) = attribute_fault(event) {
-        return Some(fault);
-    }
-    for (name, _) in event.iter_extensions() {
-        if !is_attribute_name(name) {
-            return extension_name_fault(name);
-        }
-    }
-    None
-}
-
-/// [`spec_fault`] of the attributes alone (the encoders check extension names as they write
-/// them, in the same loop).
+/// The first rule of [`check_event`] on the attributes that `event` breaks, said in words
+/// (the extension names are checked where they are walked: by `check_event`, and by the
+/// encoders as they write them).
 #[inline(always)]
 fn attribute_fault(event: &Event) -> Option<String> {
     if event.id().is_empty() {
@@ -773,34 +767,14 @@ fn attribute_fault(event: &Event) -> Option<String> {
     None
 }
 
-/// What is wrong with an extension name, when it is not an attribute name.
-#[inline]
-fn extension_name_fault(name: &str) -> Option<String> {
-    (!is_attribute_name(name)).then(|| {
-        format!("extension `{name}`: attribute names are lower-case ASCII letters and digits")
-    })
-}
-
-/// Why an extension about to be sent has a name receivers cannot read as an extension: not an
-/// attribute name ([`extension_name_fault`]), or a spec attribute's name (in any version) or
-/// `data`, which receivers read as that attribute or the data (a second `id` member or
-/// `ce-type` header), so the event would be refused or arrive changed.
-#[inline]
-fn outgoing_extension_fault(name: &str) -> Option<String> {
-    if let Some(fault) = extension_name_fault(name) {
-        return Some(fault);
-    }
-    // `eq_ignore_ascii_case` compares lengths first: most names cost eleven length checks.
-    if name == "data" || spec_attribute_name(name).is_some() {
-        return Some(format!(
-            "extension `{name}`: the name of a CloudEvents attribute (or `data`), which \
-             receivers read as that attribute"
-        ));
-    }
-    None
+/// What is wrong with an extension name that is not an attribute name.
+#[cold]
+fn extension_name_fault(name: &str) -> String {
+    format!("extension `{name}`: attribute names are lower-case ASCII letters and digits")
 }
 
 /// The error [`encode`] refuses an event with that breaks a rule of [`check_event`].
+#[cold]
 fn refused_outgoing(detail: String) -> EncodeError {
     Error::with_detail(
         EncodeErrorKind::InvalidAttribute,
@@ -808,13 +782,24 @@ fn refused_outgoing(detail: String) -> EncodeError {
     )
 }
 
-/// An extension name the encoders are about to write, checked as receivers check it.
-#[inline]
+/// An extension name the encoders are about to write, checked as receivers check it, and
+/// refused as well when it is a spec attribute's name (in any version) or `data`: receivers
+/// read such an extension as that attribute or the data (a second `id` member or `ce-type`
+/// header), so the event would be refused or arrive changed.
+#[inline(always)]
 fn check_outgoing_extension(name: &str) -> Result<(), EncodeError> {
-    match outgoing_extension_fault(name) {
-        None => Ok(()),
-        Some(detail) => Err(refused_outgoing(detail)),
+    // `eq_ignore_ascii_case` compares lengths first: most names cost eleven length checks.
+    if is_attribute_name(name) && name != "data" && spec_attribute_name(name).is_none() {
+        return Ok(());
     }
+    Err(refused_outgoing(if is_attribute_name(name) {
+        format!(
+            "extension `{name}`: the name of a CloudEvents attribute (or `data`), which \
+             receivers read as that attribute"
+        )
+    } else {
+        extension_name_fault(name)
+    }))
 }
 
 /// Whether `name` is a CloudEvents attribute name: one or more of `a`-`z` and `0`-`9`.

@@ -163,6 +163,16 @@ struct Inner {
     setup: tokio::sync::Mutex<()>,
 }
 
+impl Inner {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A poisoned lock only means a callback panicked while the map was held; the map
+        // itself is always left consistent, so keep using it.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
 /// Dynamic listeners on published events. Cheap to clone; clones share the listeners.
 ///
 /// # Examples
@@ -207,12 +217,7 @@ impl EventSource {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        // A poisoned lock only means a callback panicked while the map was held; the map
-        // itself is always left consistent, so keep using it.
-        self.inner
-            .state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.inner.lock()
     }
 
     /// Adds a listener; returns once its subscription is active, so an event published after
@@ -363,32 +368,16 @@ fn remove_locked(state: &mut State, id: ListenerId) -> bool {
 /// without building them: a decode is most of what handling one costs here. When the
 /// transaction id cannot be read that cheaply, the event is decoded and matched as before.
 fn is_for_others(inner: &Inner, key: &SubKey, raw: &RawEvent) -> bool {
-    let each_waits_for_a_tid = {
-        let state = inner
-            .state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        state
-            .listeners
-            .values()
-            .filter(|e| e.filter.is_on(key))
-            .all(|e| e.filter.tid.is_some())
-    };
-    if !each_waits_for_a_tid {
+    let state = inner.lock();
+    let mut on_key = state.listeners.values().filter(|e| e.filter.is_on(key));
+    if !on_key.clone().all(|e| e.filter.tid.is_some()) {
         return false;
     }
+    // Under the lock (a byte walk, no await), so the listeners asked are the ones looked at.
     let Some(tid) = codec::peek_transaction_id(raw.headers.as_ref(), &raw.payload) else {
         return false;
     };
-    let state = inner
-        .state
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    !state
-        .listeners
-        .values()
-        .filter(|e| e.filter.is_on(key))
-        .any(|e| e.filter.tid.as_ref().is_none_or(|t| t.as_str() == tid))
+    !on_key.any(|e| e.filter.tid.as_ref().is_some_and(|t| t.as_str() == tid))
 }
 
 async fn dispatch(
@@ -419,10 +408,7 @@ async fn dispatch(
         };
         let tid = event.transaction_id();
         let callbacks: Vec<Callback> = {
-            let mut state = inner
-                .state
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut state = inner.lock();
             let matching: Vec<(ListenerId, bool, Callback)> = state
                 .listeners
                 .iter()

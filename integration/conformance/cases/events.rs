@@ -101,6 +101,18 @@ async fn publish<E: EventConnection>(
         .expect("published")
 }
 
+/// Whether the backend cannot store raw bytes, which the case needs: then it says why and
+/// the case skips.
+fn cannot_publish_raw<B: EventBackend>(case: &str) -> bool {
+    match B::caps().raw_publish {
+        Some(why) => {
+            skip(B::NAME, case, why);
+            true
+        }
+        None => false,
+    }
+}
+
 fn ids(events: &[Event]) -> BTreeSet<String> {
     events.iter().map(|e| e.id().to_owned()).collect()
 }
@@ -939,8 +951,7 @@ pub async fn rejected_event_goes_to_dead_letter<B: EventBackend>() {
 /// Bytes that are not a CloudEvent are dead-lettered with reason `decode`, unchanged, and the
 /// listener goes on.
 pub async fn undecodable_message_goes_to_dead_letter<B: EventBackend>() {
-    if let Some(why) = B::caps().raw_publish {
-        skip(B::NAME, "undecodable_message_goes_to_dead_letter", why);
+    if cannot_publish_raw::<B>("undecodable_message_goes_to_dead_letter") {
         return;
     }
     let env = B::start().await;
@@ -1619,12 +1630,7 @@ pub async fn event_source_filters_by_transaction<B: EventBackend>() {
 /// header. (The event source skips others' events by reading their transaction id before
 /// decoding them; this holds that reading to what `decode` makes of the message.)
 pub async fn event_source_reads_transaction_ids_as_decode_does<B: EventBackend>() {
-    if let Some(why) = B::caps().raw_publish {
-        skip(
-            B::NAME,
-            "event_source_reads_transaction_ids_as_decode_does",
-            why,
-        );
+    if cannot_publish_raw::<B>("event_source_reads_transaction_ids_as_decode_does") {
         return;
     }
     let env = B::start().await;
@@ -1931,12 +1937,7 @@ pub async fn events_receivers_refuse_are_refused_when_published<B: EventBackend>
 /// goes without them (JetStream would refuse it: errors 10060 / 10071), keeping the payload and
 /// the other headers, and nothing is left parked.
 pub async fn poison_with_directives_is_dead_lettered_without_them<B: EventBackend>() {
-    if let Some(why) = B::caps().raw_publish {
-        skip(
-            B::NAME,
-            "poison_with_directives_is_dead_lettered_without_them",
-            why,
-        );
+    if cannot_publish_raw::<B>("poison_with_directives_is_dead_lettered_without_them") {
         return;
     }
     let env = B::start().await;
@@ -1995,12 +1996,7 @@ pub async fn poison_with_directives_is_dead_lettered_without_them<B: EventBacken
 /// `Dead-Letter-*` headers) would not is dead-lettered as a reference record: no payload,
 /// `Dead-Letter-Payload: omitted`, and where the original is (subject, stream, sequence).
 pub async fn oversized_poison_is_dead_lettered_as_a_reference<B: EventBackend>() {
-    if let Some(why) = B::caps().raw_publish {
-        skip(
-            B::NAME,
-            "oversized_poison_is_dead_lettered_as_a_reference",
-            why,
-        );
+    if cannot_publish_raw::<B>("oversized_poison_is_dead_lettered_as_a_reference") {
         return;
     }
     // Both backends default to NATS' max payload of 1 MiB.
