@@ -91,6 +91,7 @@ use ce_messaging::config::Config;
 use ce_messaging::event::{new_event, EventExt};
 use ce_messaging::events::EventConnection;
 use ce_messaging::query::{handler_fn, QueryConnection, QueryHandlers, QueryListenOptions};
+use ce_messaging::ReceivedEvent;
 
 /// One operation: its name, how many times the `n` run repeats it, whether it needs a server.
 struct Op {
@@ -1119,7 +1120,7 @@ fn config() -> Config {
 fn query_handlers() -> QueryHandlers {
     QueryHandlers::new().on(
         QUERY_TYPE,
-        handler_fn(|request: Event, reply| async move {
+        handler_fn(|request: ReceivedEvent, reply| async move {
             let data: serde_json::Value = request.data_as()?;
             reply.reply_data(REPLY_TYPE, &data).await?;
             Ok(())
@@ -1314,7 +1315,7 @@ async fn run_async(op: &str, total: u64) -> Result<(), String> {
             let counted = Counted::new(total);
             let handlers = QueryHandlers::new().on(QUERY_TYPE, {
                 let counted = counted.clone();
-                handler_fn(move |request: Event, reply| {
+                handler_fn(move |request: ReceivedEvent, reply| {
                     let counted = counted.clone();
                     async move {
                         let data: serde_json::Value = request.data_as()?;

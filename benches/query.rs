@@ -24,7 +24,7 @@ use ce_messaging::config::Config;
 use ce_messaging::event::new_event;
 use ce_messaging::nats::NatsQueries;
 use ce_messaging::query::{handler_fn, QueryConnection, QueryHandlers, QueryListenOptions};
-use ce_messaging::Event;
+use ce_messaging::{Event, ReceivedEvent};
 use futures::StreamExt;
 
 const OP: &str = "bench.workspace.get";
@@ -234,7 +234,7 @@ async fn main() {
     let serving = NatsQueries::connect(&config).await.expect("connect");
     let handlers = QueryHandlers::new().on(
         OP,
-        handler_fn(|request: Event, reply| async move {
+        handler_fn(|request: ReceivedEvent, reply| async move {
             let data: serde_json::Value = ce_messaging::event::EventExt::data_as(&request)?;
             reply.reply_data("bench.workspace.got", &data).await?;
             Ok(())

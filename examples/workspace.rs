@@ -159,7 +159,7 @@ async fn change(
     event_type: &str,
     data: &impl Serialize,
     outcomes: &[&str],
-) -> Result<Event, Box<dyn std::error::Error>> {
+) -> Result<ReceivedEvent, Box<dyn std::error::Error>> {
     let request = new_event_auto_source(event_type, data)?;
     let outcomes: Vec<EventType> = outcomes.iter().map(|t| EventType::from(*t)).collect();
     let mut promise = events.request(request, &outcomes).await?;

@@ -14,7 +14,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::HeaderMap;
-use ce_messaging::cloudevents::AttributesReader;
 use ce_messaging::config::Config;
 use ce_messaging::events::{event_handler_fn, EventConnection, EventHandlers, EventListenOptions};
 use ce_messaging::handler::HandlerError;

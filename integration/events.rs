@@ -27,7 +27,7 @@ use ce_messaging::events::{
 use ce_messaging::handler::HandlerError;
 use ce_messaging::jetstream::{original_msg_id, JetStreamEvents, PublishRetry};
 use ce_messaging::listener::Listener;
-use ce_messaging::Event;
+use ce_messaging::{Event, ReceivedEvent};
 use support::server::{NatsServer, ServerOptions};
 use tokio_util::sync::CancellationToken;
 
@@ -222,7 +222,7 @@ async fn ten_thousand_events_in_both_modes_are_each_handled_exactly_once_intact(
         } else {
             "bulk"
         };
-        assert_eq!(got.source().as_str(), source, "auto source populated");
+        assert_eq!(got.source(), source, "auto source populated");
         assert_eq!(got.ty(), sent_event.ty());
         assert_eq!(got.time(), sent_event.time());
         assert_eq!(got.datacontenttype(), sent_event.datacontenttype());
@@ -1433,7 +1433,7 @@ async fn a_request_resolves_with_the_response_of_its_transaction_and_concurrent_
     let response = promise.response(WAIT).await.expect("response");
     assert_eq!(response.transaction_id(), Some(tid));
     assert_eq!(response.data_as::<u64>().unwrap(), 70);
-    assert_eq!(response.source().as_str(), "quoter");
+    assert_eq!(response.source(), "quoter");
     promise.close().await;
 
     // Many at once, each gets its own answer.
@@ -1521,7 +1521,7 @@ async fn event_source_listeners_by_type_tid_and_once_come_and_go_without_leaks()
 
     let cb = |seen: &Seen| {
         let seen = seen.clone();
-        move |event: Event| seen.record(&event)
+        move |event: ReceivedEvent| seen.record(&event)
     };
     let type_id = source
         .add_listener(EventFilter::by_type(TYPE_A), cb(&by_type))

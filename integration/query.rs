@@ -23,7 +23,7 @@ use ce_messaging::query::{
     handler_fn, typed_handler, QueryConnection, QueryHandlers, QueryListenOptions,
     ReplyStreamOptions, TypedRequest,
 };
-use ce_messaging::Event;
+use ce_messaging::{Event, ReceivedEvent};
 use cloudevents::{AttributesReader, AttributesWriter, EventBuilder, EventBuilderV10};
 use futures::StreamExt;
 use support::server::{NatsServer, ServerOptions};
@@ -97,7 +97,7 @@ fn remote(err: &RequestError) -> &RemoteError {
 fn ping_handlers(op: &str) -> QueryHandlers {
     QueryHandlers::new().on(
         op,
-        handler_fn(|request: Event, reply| async move {
+        handler_fn(|request: ReceivedEvent, reply| async move {
             let data: serde_json::Value = request.data_as()?;
             reply.reply_data("test.pong", &data).await?;
             Ok(())
@@ -132,12 +132,12 @@ fn echo_handlers() -> QueryHandlers {
     QueryHandlers::new()
         .on(
             "test.echo",
-            handler_fn(|request: Event, reply| async move {
+            handler_fn(|request: ReceivedEvent, reply| async move {
                 // The reply is the request itself under another type: every attribute the
                 // handler saw must come back to the requester.
                 let mut answer = request.clone();
                 answer.set_type("test.echo.reply");
-                reply.reply(answer).await?;
+                reply.reply(answer.into_event()).await?;
                 Ok(())
             }),
         )
@@ -695,7 +695,7 @@ async fn five_repliers(queries: &NatsQueries, op: &str) -> Vec<Listener> {
     listeners
 }
 
-fn replier_ids(replies: &[Event]) -> BTreeSet<u32> {
+fn replier_ids(replies: &[ReceivedEvent]) -> BTreeSet<u32> {
     replies
         .iter()
         .map(|r| r.data_as::<u32>().unwrap())
@@ -841,7 +841,7 @@ async fn four_workers_never_run_more_than_four_handlers_and_answer_all_200() {
     let (r, p) = (running.clone(), peak.clone());
     let handlers = QueryHandlers::new().on(
         "test.work",
-        handler_fn(move |request: Event, reply| {
+        handler_fn(move |request: ReceivedEvent, reply| {
             let (running, peak) = (r.clone(), p.clone());
             async move {
                 let now = running.fetch_add(1, Ordering::SeqCst) + 1;
@@ -953,7 +953,7 @@ async fn one_worker_survives_panics_and_garbage() {
     let queries = connect(&config(&server)).await;
     let handlers = QueryHandlers::new().on(
         "test.fragile",
-        handler_fn(|request: Event, reply| async move {
+        handler_fn(|request: ReceivedEvent, reply| async move {
             let word: String = request.data_as()?;
             if word == "panic" {
                 panic!("asked to panic");
@@ -1077,7 +1077,7 @@ struct Held {
 fn held_handlers(held: Arc<Held>) -> QueryHandlers {
     QueryHandlers::new().on(
         "test.hold",
-        handler_fn(move |request: Event, reply| {
+        handler_fn(move |request: ReceivedEvent, reply| {
             let held = held.clone();
             async move {
                 held.calls.fetch_add(1, Ordering::SeqCst);
@@ -1280,7 +1280,7 @@ async fn one_op_and_two_op_listeners_serve_and_end_when_their_connection_closes(
         for op in &ops {
             handlers = handlers.on(
                 *op,
-                handler_fn(|request: Event, reply| async move {
+                handler_fn(|request: ReceivedEvent, reply| async move {
                     let data: String = request.data_as()?;
                     reply.reply_data("test.reply", &data).await?;
                     Ok(())
@@ -1404,7 +1404,7 @@ async fn request_whose_type_disagrees_with_its_subject_is_400_naming_both() {
     let calls = admin_calls.clone();
     let handlers = ping_handlers("test.public").on(
         "test.admin",
-        handler_fn(move |_request: Event, reply| {
+        handler_fn(move |_request: ReceivedEvent, reply| {
             let calls = calls.clone();
             async move {
                 calls.fetch_add(1, Ordering::SeqCst);
@@ -1490,7 +1490,7 @@ async fn oversized_reply_is_a_prompt_500_and_a_typed_error_for_the_handler() {
     let (seen_tx, mut seen_rx) = tokio::sync::mpsc::channel::<String>(4);
     let handlers = QueryHandlers::new().on(
         "test.big",
-        handler_fn(move |_request: Event, reply| {
+        handler_fn(move |_request: ReceivedEvent, reply| {
             let seen_tx = seen_tx.clone();
             async move {
                 let big = "x".repeat(100_000);
@@ -1574,7 +1574,7 @@ async fn queued_requests_whose_caller_gave_up_are_dropped() {
     let count = started.clone();
     let handlers = QueryHandlers::new().on(
         "test.slow",
-        handler_fn(move |request: Event, reply| {
+        handler_fn(move |request: ReceivedEvent, reply| {
             let count = count.clone();
             async move {
                 let data: String = request.data_as()?;
@@ -1639,7 +1639,7 @@ async fn burst_of_400_is_shed_and_a_fresh_request_is_served_after_it() {
     let count = started.clone();
     let handlers = QueryHandlers::new().on(
         "test.work",
-        handler_fn(move |request: Event, reply| {
+        handler_fn(move |request: ReceivedEvent, reply| {
             let count = count.clone();
             async move {
                 count.fetch_add(1, Ordering::SeqCst);

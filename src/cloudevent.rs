@@ -587,6 +587,15 @@ pub trait EventExt {
     fn event_type(&self) -> EventType;
 }
 
+/// The error of [`EventExt::data_as`] when the data is not JSON of type `T`.
+#[cold]
+pub(crate) fn data_error<T>(e: serde_json::Error, id: &str, ty: &str) -> EventError {
+    Error::with_source(EventErrorKind::DataDeserialize, e).detail(format!(
+        "data of event {id} (type {ty}) into {}",
+        std::any::type_name::<T>()
+    ))
+}
+
 impl EventExt for Event {
     fn transaction_id(&self) -> Option<TransactionId> {
         match transaction_id_value(self) {
@@ -613,14 +622,7 @@ impl EventExt for Event {
             },
             Some(Data::String(text)) => serde_json::from_str(text),
         };
-        result.map_err(|e| {
-            Error::with_source(EventErrorKind::DataDeserialize, e).detail(format!(
-                "data of event {} (type {}) into {}",
-                self.id(),
-                self.ty(),
-                std::any::type_name::<T>()
-            ))
-        })
+        result.map_err(|e| data_error::<T>(e, self.id(), self.ty()))
     }
 
     fn event_type(&self) -> EventType {

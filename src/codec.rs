@@ -61,8 +61,10 @@ use crate::error::{DecodeError, DecodeErrorKind, EncodeError, EncodeErrorKind, E
 pub use async_nats::HeaderMap;
 pub use write::EncodedHeaders;
 
+mod received;
 mod write;
 use async_nats::HeaderValue;
+pub use received::ReceivedEvent;
 
 /// The `Content-Type` of a structured-mode message.
 pub const STRUCTURED_CONTENT_TYPE: &str = "application/cloudevents+json";
@@ -203,7 +205,7 @@ fn write_structured_v10(out: &mut Vec<u8>, event: &Event) -> Result<(), EncodeEr
     out.extend_from_slice(br#","type":"#);
     write_json_str(out, event.ty());
     out.extend_from_slice(br#","source":"#);
-    write_json_str(out, event.source().as_str());
+    write_json_str(out, event.source());
     let content_type = event.datacontenttype();
     if let Some(ct) = content_type {
         out.extend_from_slice(br#","datacontenttype":"#);
@@ -619,13 +621,13 @@ fn parse_utc_time(text: &[u8]) -> Option<chrono::DateTime<chrono::Utc>> {
 /// assert_eq!(err.kind(), DecodeErrorKind::NotCloudEvent);
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
-pub fn decode(headers: Option<&HeaderMap>, payload: &Bytes) -> Result<Event, DecodeError> {
+pub fn decode(headers: Option<&HeaderMap>, payload: &Bytes) -> Result<ReceivedEvent, DecodeError> {
     // Every route ends in `check_event`: `EventParts::into_event` checks the event it built
     // before returning it (checking here would move the large `Event` out of its `Result`
     // and back in, a copy on every message); the sdk's structured route is checked below.
     let message = NatsMessage { headers, payload };
     if let Some(parts) = message.binary_parts() {
-        parts?.into_event()
+        parts?.into_event().map(ReceivedEvent::from)
     } else {
         // Structured, with or without a CloudEvents Content-Type (sdk-go sends none).
         let mut json = scan::JsonEvent::default();
@@ -639,12 +641,18 @@ pub fn decode(headers: Option<&HeaderMap>, payload: &Bytes) -> Result<Event, Dec
             });
         }
         if json.check_members()? {
-            json.take_parts().into_event()
+            let parts = json.take_parts();
+            // The common shape becomes a checked view of the payload, built into an `Event`
+            // only when asked; anything else (and every error) is built now.
+            match received::Wire::read(payload, &parts) {
+                Some(wire) => Ok(ReceivedEvent::from_wire(wire)),
+                None => parts.into_event().map(ReceivedEvent::from),
+            }
         } else {
             // Rare shapes (spec 0.3, `data_base64`): the sdk's own JSON format decoder.
             StructuredDeserializer::into_event(message)
                 .map_err(decode_error)
-                .and_then(|event| check_event(&event).map(|()| event))
+                .and_then(|event| check_event(&event).map(|()| ReceivedEvent::from(event)))
         }
     }
 }
@@ -691,7 +699,7 @@ pub fn peek_transaction_id<'a>(
                 return None;
             }
             match value {
-                ExtensionValue::String(text) if !text.is_empty() => Some(Cow::Owned(text)),
+                PartsValue::Str(text) if !text.is_empty() => Some(text),
                 _ => None,
             }
         }
@@ -743,19 +751,38 @@ fn check_outgoing(event: &Event) -> Result<(), EncodeError> {
 /// encoders as they write them).
 #[inline(always)]
 fn attribute_fault(event: &Event) -> Option<String> {
-    if event.id().is_empty() {
+    attribute_values_fault(
+        event.id(),
+        event.ty(),
+        event.source(),
+        event.subject(),
+        event.datacontenttype(),
+    )
+}
+
+/// [`attribute_fault`] on the attribute values themselves (a [`ReceivedEvent`] checks them
+/// before any event is built).
+#[inline(always)]
+fn attribute_values_fault(
+    id: &str,
+    ty: &str,
+    source: &str,
+    subject: Option<&str>,
+    datacontenttype: Option<&str>,
+) -> Option<String> {
+    if id.is_empty() {
         return Some("`id` is empty".into());
     }
-    if event.ty().is_empty() {
+    if ty.is_empty() {
         return Some("`type` is empty".into());
     }
-    if event.source().is_empty() {
+    if source.is_empty() {
         return Some("`source` is empty".into());
     }
-    if event.subject().is_some_and(str::is_empty) {
+    if subject.is_some_and(str::is_empty) {
         return Some("`subject` is empty (leave it out instead)".into());
     }
-    if let Some(ct) = event.datacontenttype() {
+    if let Some(ct) = datacontenttype {
         // The content type of `new_event`'s JSON data: one comparison instead of the grammar.
         if ct != "application/json" && !is_media_type(ct) {
             return Some(format!(
@@ -1005,10 +1032,9 @@ impl<'a> NatsMessage<'a> {
                     Slot::SpecVersion => parts.specversion = Some(value),
                     Slot::DataContentType => parts.datacontenttype = Some(value),
                     Slot::Attribute(i) => parts.attributes[i] = Some(value),
-                    Slot::Extension => parts.extensions.push((
-                        Cow::Borrowed(attr),
-                        ExtensionValue::String(value.into_owned()),
-                    )),
+                    Slot::Extension => parts
+                        .extensions
+                        .push((Cow::Borrowed(attr), PartsValue::Str(value))),
                 }
             } else if name.eq_ignore_ascii_case(CONTENT_TYPE) {
                 content_type = values.first().map(|v| Cow::Borrowed(v.as_str()));
@@ -1057,19 +1083,37 @@ struct EventParts<'a> {
 /// they cost no list allocation; more go to a `Vec`.
 #[derive(Default)]
 struct Extensions<'a> {
-    inline: [Option<(Cow<'a, str>, ExtensionValue)>; 2],
-    more: Vec<(Cow<'a, str>, ExtensionValue)>,
+    inline: [Option<(Cow<'a, str>, PartsValue<'a>)>; 2],
+    more: Vec<(Cow<'a, str>, PartsValue<'a>)>,
+}
+
+/// An extension's value as read from the wire: a string borrowed where it can be (so that a
+/// [`ReceivedEvent`] can point at it in the payload), a boolean or an integer.
+enum PartsValue<'a> {
+    Str(Cow<'a, str>),
+    Bool(bool),
+    Int(i64),
+}
+
+impl PartsValue<'_> {
+    fn into_extension_value(self) -> ExtensionValue {
+        match self {
+            PartsValue::Str(text) => ExtensionValue::String(text.into_owned()),
+            PartsValue::Bool(b) => ExtensionValue::Boolean(b),
+            PartsValue::Int(i) => ExtensionValue::Integer(i),
+        }
+    }
 }
 
 impl<'a> Extensions<'a> {
-    fn push(&mut self, extension: (Cow<'a, str>, ExtensionValue)) {
+    fn push(&mut self, extension: (Cow<'a, str>, PartsValue<'a>)) {
         match self.inline.iter_mut().find(|slot| slot.is_none()) {
             Some(slot) => *slot = Some(extension),
             None => self.more.push(extension),
         }
     }
 
-    fn iter_mut(&mut self) -> impl Iterator<Item = &mut (Cow<'a, str>, ExtensionValue)> {
+    fn iter_mut(&mut self) -> impl Iterator<Item = &mut (Cow<'a, str>, PartsValue<'a>)> {
         self.inline.iter_mut().flatten().chain(self.more.iter_mut())
     }
 
@@ -1085,7 +1129,7 @@ impl<'a> Extensions<'a> {
 }
 
 impl<'a> IntoIterator for Extensions<'a> {
-    type Item = (Cow<'a, str>, ExtensionValue);
+    type Item = (Cow<'a, str>, PartsValue<'a>);
     type IntoIter = std::iter::Chain<
         std::iter::Flatten<std::array::IntoIter<Option<Self::Item>, 2>>,
         std::vec::IntoIter<Self::Item>,
@@ -1226,7 +1270,7 @@ impl EventParts<'_> {
             event.set_time(time);
         }
         for (name, value) in self.extensions {
-            event.set_extension(&name, value);
+            event.set_extension(&name, value.into_extension_value());
         }
         if let Some(schema) = dataschema {
             let url = url::Url::parse(&schema).map_err(|e| {
@@ -1281,8 +1325,10 @@ impl BinaryDeserializer for EventParts<'_> {
         for (name, value) in self.extensions {
             if attribute_names.contains(&name.as_ref()) {
                 // 0.3 attribute names (`schemaurl`, `datacontentencoding`) read as extensions.
+                let value = value.into_extension_value();
                 serializer = set(serializer, &name, Cow::Owned(value.to_string()))?;
             } else {
+                let value = value.into_extension_value();
                 serializer = serializer.set_extension(&name, value.into())?;
             }
         }
@@ -1827,7 +1873,7 @@ mod tests {
             let event = decode(h.as_ref(), &payload).unwrap();
             assert_eq!(event.id(), "A234-1234-1234");
             assert_eq!(event.ty(), "com.example.sampletype1");
-            assert_eq!(event.source().as_str(), "https://example.com/x");
+            assert_eq!(event.source(), "https://example.com/x");
             assert_eq!(
                 event.extension("transactionid"),
                 Some(&cloudevents::event::ExtensionValue::String("tid-1".into()))
@@ -1854,7 +1900,7 @@ mod tests {
         ]);
         let event = decode(Some(&h), &Bytes::from_static(br#"{"a":1}"#)).unwrap();
         assert_eq!(event.id(), "abc");
-        assert_eq!(event.source().as_str(), "/my source");
+        assert_eq!(event.source(), "/my source");
         assert_eq!(event.datacontenttype(), Some("application/json"));
         assert_eq!(
             event.time().unwrap().to_rfc3339(),
@@ -2317,7 +2363,7 @@ mod tests {
         ]);
         let event = decode(Some(&h), &Bytes::from_static(b"hi")).unwrap();
         assert_eq!(event.id(), "abc");
-        assert_eq!(event.source().as_str(), "/s");
+        assert_eq!(event.source(), "/s");
         assert_eq!(event.ty(), "t.x");
         assert_eq!(event.subject(), Some("sub"));
         assert!(event.time().is_some());

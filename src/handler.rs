@@ -61,6 +61,7 @@ use cloudevents::Event;
 use futures::FutureExt;
 use serde::de::DeserializeOwned;
 
+use crate::codec::ReceivedEvent;
 use crate::error::BoxError;
 use crate::telemetry::LazyMetrics;
 
@@ -201,12 +202,26 @@ impl<H: ?Sized, M> Registry<H, M> {
 /// with the data in JSON terms and never names a Rust type (serde's messages name the target
 /// type: `expected struct GetItem`; `data_as` adds its full path). An event without data reads
 /// as JSON `null`, so `()` and `Option<T>` accept it (a request for a list often has none).
-pub(crate) fn decode_data<T: DeserializeOwned>(event: &Event) -> Result<T, String> {
+pub(crate) fn decode_data<T: DeserializeOwned>(event: &ReceivedEvent) -> Result<T, String> {
+    let result = match event.wire_json_data() {
+        // Still a view of its payload: parsed from there, no `Event` built.
+        Some(Some(text)) => serde_json::from_str(text),
+        Some(None) => return no_data(),
+        None => return decode_event_data(event.event()),
+    };
+    result.map_err(|e| format!("invalid data: {}", without_type_names(&e.to_string())))
+}
+
+/// What [`decode_data`] gives for an event without data: `T` when it can be nothing (`()`,
+/// an `Option`), else an error.
+fn no_data<T: DeserializeOwned>() -> Result<T, String> {
+    T::deserialize(serde_json::Value::Null).map_err(|_| "the event has no data".to_owned())
+}
+
+/// [`decode_data`] of a built event.
+fn decode_event_data<T: DeserializeOwned>(event: &Event) -> Result<T, String> {
     let result = match event.data() {
-        None => {
-            return T::deserialize(serde_json::Value::Null)
-                .map_err(|_| "the event has no data".to_owned())
-        }
+        None => return no_data(),
         Some(Data::Json(value)) => T::deserialize(value),
         Some(Data::Binary(bytes)) => match std::str::from_utf8(bytes) {
             Ok(text) => serde_json::from_str(text),
@@ -515,22 +530,29 @@ mod registry_tests {
         // JSON text data (as `new_event` builds it and a decoded event carries it): serde_json
         // adds where in the text it stopped.
         let event = crate::event::new_event("t", "s", &"text").unwrap();
-        let err = decode_data::<Order>(&event).unwrap_err();
+        let err = decode_data::<Order>(&ReceivedEvent::from(event.clone())).unwrap_err();
         assert_eq!(
             err,
             "invalid data: invalid type: string \"text\", expected an object at line 1 column 6"
         );
         let ok = crate::event::new_event("t", "s", &serde_json::json!({"id": 4})).unwrap();
-        assert_eq!(decode_data::<Order>(&ok).unwrap().id, 4);
+        assert_eq!(
+            decode_data::<Order>(&ReceivedEvent::from(ok.clone()))
+                .unwrap()
+                .id,
+            4
+        );
         let mut empty = ok.clone();
         empty.take_data();
         assert_eq!(
-            decode_data::<Order>(&empty).unwrap_err(),
+            decode_data::<Order>(&ReceivedEvent::from(empty.clone())).unwrap_err(),
             "the event has no data"
         );
-        decode_data::<()>(&empty).expect("no data reads as null");
+        decode_data::<()>(&ReceivedEvent::from(empty.clone())).expect("no data reads as null");
         assert_eq!(
-            decode_data::<Option<Order>>(&empty).unwrap().map(|o| o.id),
+            decode_data::<Option<Order>>(&ReceivedEvent::from(empty.clone()))
+                .unwrap()
+                .map(|o| o.id),
             None
         );
     }

@@ -129,6 +129,7 @@ pub mod event_source {
 pub use async_nats;
 pub use cloudevents;
 pub use cloudevents::Event;
+pub use codec::ReceivedEvent;
 pub use tokio_util::sync::CancellationToken;
 
 /// The `#[async_trait]` attribute, for code outside this crate that implements
@@ -200,7 +201,7 @@ pub mod prelude {
         event_handler_fn, handler_fn, new_event, new_event_auto_source, typed_event_handler,
         typed_handler, Config, Drain, EventConnection, EventExt, EventHandler, EventHandlers,
         EventListenOptions, EventType, HandlerError, Listener, PublishOptions, QueryConnection,
-        QueryHandler, QueryHandlers, QueryListenOptions, QueryOp, Reply, ReplyStreamOptions,
-        ReplyWriter, Shutdown, State, TransactionId, TypedEvent, TypedRequest,
+        QueryHandler, QueryHandlers, QueryListenOptions, QueryOp, ReceivedEvent, Reply,
+        ReplyStreamOptions, ReplyWriter, Shutdown, State, TransactionId, TypedEvent, TypedRequest,
     };
 }

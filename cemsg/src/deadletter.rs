@@ -1,7 +1,6 @@
 //! `deadletter list` and `deadletter replay`, on the library's dead-letter API
 //! ([`ce_messaging::jetstream::dead_letters`]).
 
-use ce_messaging::cloudevents::AttributesReader;
 use ce_messaging::config::Config;
 use ce_messaging::jetstream::dead_letters::{
     DeadLetter, DeadLetterErrorKind, DeadLetterQuery, ReplayOptions, ReplayOutcome,

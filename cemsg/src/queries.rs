@@ -13,7 +13,7 @@ use ce_messaging::nats::NatsQueries;
 use ce_messaging::query::{
     handler_fn, QueryConnection, QueryHandlers, QueryListenOptions, ReplyStreamOptions, ReplyWriter,
 };
-use ce_messaging::Event;
+use ce_messaging::{Event, ReceivedEvent};
 use clap::Args;
 use tokio::sync::watch;
 
@@ -254,7 +254,11 @@ pub async fn reply(config: Config, args: ReplyArgs) -> Result<(), Failure> {
 
 /// The handler of `reply`: prints the request, then answers it. A request beyond `--count` is
 /// answered with an error (503) instead, so its requester is not left waiting.
-async fn answer(served: &Served, request: Event, reply: ReplyWriter) -> Result<(), HandlerError> {
+async fn answer(
+    served: &Served,
+    request: ReceivedEvent,
+    reply: ReplyWriter,
+) -> Result<(), HandlerError> {
     let n = served.claimed.fetch_add(1, Ordering::SeqCst) + 1;
     if served.limit.is_some_and(|limit| n > limit) {
         reply

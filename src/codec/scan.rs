@@ -26,9 +26,7 @@
 //! the `data` check, in a pass of its own (`json_text_check_agrees_with_serde_json`).
 use std::borrow::Cow;
 
-use cloudevents::event::ExtensionValue;
-
-use super::{EventParts, PartsData, V10_ATTRIBUTES};
+use super::{EventParts, PartsData, PartsValue, V10_ATTRIBUTES};
 use crate::error::{DecodeError, DecodeErrorKind, Error};
 
 /// A member value of a JSON event as the pass reads it: what an attribute or extension can
@@ -105,9 +103,9 @@ impl<'a> JsonEvent<'a> {
             self.bad_extensions.retain(|n| *n != name);
         }
         let value = match value {
-            Value::Str(text) => ExtensionValue::String(text.into_owned()),
-            Value::Bool(b) => ExtensionValue::Boolean(b),
-            Value::Int(i) => ExtensionValue::Integer(i),
+            Value::Str(text) => PartsValue::Str(text),
+            Value::Bool(b) => PartsValue::Bool(b),
+            Value::Int(i) => PartsValue::Int(i),
             Value::Null => return self.parts.extensions.remove(&name),
             Value::Other => {
                 self.parts.extensions.remove(&name);
@@ -1082,7 +1080,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use bytes::Bytes;
-    use cloudevents::event::Data;
+    use cloudevents::event::{Data, ExtensionValue};
     use cloudevents::{AttributesWriter, Event, EventBuilder, EventBuilderV10};
     use proptest::prelude::*;
     use serde_json::value::RawValue;
@@ -1139,9 +1137,9 @@ mod tests {
         }
         for (name, value) in event.parts.extensions {
             let value = match value {
-                ExtensionValue::String(text) => Read::Str(text),
-                ExtensionValue::Boolean(b) => Read::Bool(b),
-                ExtensionValue::Integer(i) => Read::Int(i),
+                PartsValue::Str(text) => Read::Str(text.into_owned()),
+                PartsValue::Bool(b) => Read::Bool(b),
+                PartsValue::Int(i) => Read::Int(i),
             };
             out.insert(name.into_owned(), value);
         }

@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use cloudevents::AttributesReader;
 use futures::FutureExt;
 
 use crate::codec::{self, HeaderMap};
@@ -302,7 +301,7 @@ async fn deliver(
         return (Outcome::Finished, "expired");
     }
     let event_type = event.ty();
-    telemetry::record_event(&span, &event);
+    telemetry::record_received(&span, &event);
     let trace = telemetry::incoming(&event, !span.is_disabled());
     telemetry::record_trace(&span, trace.as_ref());
     let entry = ctx.handlers.get(event_type).cloned();

@@ -10,6 +10,7 @@ use std::future::Future;
 use std::marker::PhantomData;
 use std::sync::Arc;
 
+use crate::codec::ReceivedEvent;
 use cloudevents::Event;
 use serde::{de::DeserializeOwned, Serialize};
 
@@ -32,12 +33,12 @@ use super::{EventConnection, PublishAck, PublishError};
 /// ```
 /// use ce_messaging::events::{EventHandler, EventHandlers, EventResponseWriter};
 /// use ce_messaging::handler::HandlerError;
-/// use ce_messaging::Event;
+/// use ce_messaging::ReceivedEvent;
 ///
 /// struct Audit;
 ///
 /// impl EventHandler for Audit {
-///     async fn handle(&self, event: Event, _responses: EventResponseWriter, _state: &()) -> Result<(), HandlerError> {
+///     async fn handle(&self, event: ReceivedEvent, _responses: EventResponseWriter, _state: &()) -> Result<(), HandlerError> {
 ///         println!("audit: {event}");
 ///         Ok(())
 ///     }
@@ -51,7 +52,7 @@ pub trait EventHandler<S = ()>: Send + Sync + 'static {
     /// deliveries); a panic counts as a retryable error.
     fn handle(
         &self,
-        event: Event,
+        event: ReceivedEvent,
         responses: EventResponseWriter,
         state: &S,
     ) -> impl Future<Output = Result<(), HandlerError>> + Send;
@@ -61,7 +62,7 @@ pub trait EventHandler<S = ()>: Send + Sync + 'static {
 pub(crate) trait ErasedEventHandler<S>: Send + Sync + 'static {
     fn call<'a>(
         &'a self,
-        event: Event,
+        event: ReceivedEvent,
         responses: EventResponseWriter,
         state: &'a S,
     ) -> BoxFuture<'a, Result<(), HandlerError>>;
@@ -70,7 +71,7 @@ pub(crate) trait ErasedEventHandler<S>: Send + Sync + 'static {
 impl<S, H: EventHandler<S>> ErasedEventHandler<S> for H {
     fn call<'a>(
         &'a self,
-        event: Event,
+        event: ReceivedEvent,
         responses: EventResponseWriter,
         state: &'a S,
     ) -> BoxFuture<'a, Result<(), HandlerError>> {
@@ -82,7 +83,7 @@ impl dyn ErasedEventHandler<()> {
     /// Calls a handler of a table whose state is bound (what a listener serves).
     pub(crate) fn handle(
         &self,
-        event: Event,
+        event: ReceivedEvent,
         responses: EventResponseWriter,
     ) -> BoxFuture<'_, Result<(), HandlerError>> {
         self.call(event, responses, &())
@@ -98,7 +99,7 @@ struct WithState<S> {
 impl<S: Send + Sync + 'static, S2> EventHandler<S2> for WithState<S> {
     fn handle(
         &self,
-        event: Event,
+        event: ReceivedEvent,
         responses: EventResponseWriter,
         _state: &S2,
     ) -> impl Future<Output = Result<(), HandlerError>> + Send {
@@ -123,12 +124,12 @@ impl<F> fmt::Debug for EventHandlerFn<F> {
 
 impl<S, F, Fut> EventHandler<S> for EventHandlerFn<F>
 where
-    F: Fn(Event, EventResponseWriter) -> Fut + Send + Sync + 'static,
+    F: Fn(ReceivedEvent, EventResponseWriter) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<(), HandlerError>> + Send,
 {
     fn handle(
         &self,
-        event: Event,
+        event: ReceivedEvent,
         responses: EventResponseWriter,
         _state: &S,
     ) -> impl Future<Output = Result<(), HandlerError>> + Send {
@@ -151,7 +152,7 @@ where
 /// ```
 pub fn event_handler_fn<F, Fut>(f: F) -> EventHandlerFn<F>
 where
-    F: Fn(Event, EventResponseWriter) -> Fut + Send + Sync + 'static,
+    F: Fn(ReceivedEvent, EventResponseWriter) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<(), HandlerError>> + Send,
 {
     EventHandlerFn { f }
@@ -164,7 +165,7 @@ pub struct TypedEvent<T> {
     /// The event data.
     pub data: T,
     /// The whole event.
-    pub event: Event,
+    pub event: ReceivedEvent,
     /// Publishes response events.
     pub responses: EventResponseWriter,
 }
@@ -198,7 +199,7 @@ impl<F, M> fmt::Debug for TypedEventHandler<F, M> {
 /// Deserializes the event data; data that does not fit the type will not fit on redelivery
 /// either, so it is a permanent failure.
 fn typed_event<T: DeserializeOwned>(
-    event: Event,
+    event: ReceivedEvent,
     responses: EventResponseWriter,
 ) -> Result<TypedEvent<T>, HandlerError> {
     let data = decode_data(&event).map_err(HandlerError::permanent)?;
@@ -218,7 +219,7 @@ where
 {
     async fn handle(
         &self,
-        event: Event,
+        event: ReceivedEvent,
         responses: EventResponseWriter,
         _state: &S,
     ) -> Result<(), HandlerError> {
@@ -235,7 +236,7 @@ where
 {
     async fn handle(
         &self,
-        event: Event,
+        event: ReceivedEvent,
         responses: EventResponseWriter,
         state: &S,
     ) -> Result<(), HandlerError> {
@@ -579,7 +580,7 @@ mod tests {
         impl EventHandler<Seen> for Raw {
             async fn handle(
                 &self,
-                event: Event,
+                event: ReceivedEvent,
                 _responses: EventResponseWriter,
                 state: &Seen,
             ) -> Result<(), HandlerError> {

@@ -328,7 +328,6 @@ impl ScheduleInfo {
         headers: Option<&crate::codec::HeaderMap>,
         payload: &bytes::Bytes,
     ) -> Option<ScheduleInfo> {
-        use cloudevents::AttributesReader;
         let id = subject.strip_prefix(prefix)?;
         let header = |name: &str| {
             headers
@@ -410,15 +409,16 @@ pub fn firing_id(event_id: &str, scheduler: Option<&str>, next: Option<&str>) ->
 
 /// Gives a decoded event the id of its firing (see [`firing_id`]).
 pub(crate) fn apply_firing_id(
-    event: &mut cloudevents::Event,
+    event: &mut crate::codec::ReceivedEvent,
     headers: Option<&crate::codec::HeaderMap>,
 ) {
-    use cloudevents::{AttributesReader, AttributesWriter};
+    use cloudevents::AttributesWriter;
     let Some(headers) = headers else { return };
     let scheduler = headers.get(NATS_SCHEDULER).map(|v| v.as_str());
     let next = headers.get(NATS_SCHEDULE_NEXT).map(|v| v.as_str());
     if let Some(id) = firing_id(event.id(), scheduler, next) {
-        event.set_id(id);
+        // A firing is rare: the event is built to take its new id.
+        event.event_mut().set_id(id);
     }
 }
 

@@ -13,9 +13,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::codec::ReceivedEvent;
 use async_trait::async_trait;
 use bytes::Bytes;
-use cloudevents::{AttributesReader, Event};
 use futures::stream::BoxStream;
 use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
@@ -90,7 +90,7 @@ impl EventFilter {
         self.once
     }
 
-    fn matches(&self, event: &Event, tid: Option<&TransactionId>) -> bool {
+    fn matches(&self, event: &ReceivedEvent, tid: Option<&TransactionId>) -> bool {
         self.event_type
             .as_ref()
             .is_none_or(|t| t.as_str() == event.ty())
@@ -137,7 +137,7 @@ enum SubKey {
     All,
 }
 
-type Callback = Arc<dyn Fn(Event) + Send + Sync>;
+type Callback = Arc<dyn Fn(ReceivedEvent) + Send + Sync>;
 
 struct Entry {
     filter: EventFilter,
@@ -231,7 +231,7 @@ impl EventSource {
     pub async fn add_listener(
         &self,
         filter: EventFilter,
-        callback: impl Fn(Event) + Send + Sync + 'static,
+        callback: impl Fn(ReceivedEvent) + Send + Sync + 'static,
     ) -> Result<ListenerId, ListenError> {
         if filter.event_type.is_none() && filter.tid.is_none() {
             return Err(Error::with_detail(
@@ -448,7 +448,7 @@ async fn dispatch(
 /// # Ok(()) }
 /// ```
 pub struct EventResponsePromise {
-    rx: mpsc::Receiver<Event>,
+    rx: mpsc::Receiver<ReceivedEvent>,
     ids: Vec<ListenerId>,
     source: EventSource,
     tid: TransactionId,
@@ -513,7 +513,7 @@ impl EventResponsePromise {
     /// # Cancel safety
     ///
     /// Cancel safe: a response not returned stays in the promise.
-    pub async fn response(&mut self, timeout: Duration) -> Result<Event, ResponseError> {
+    pub async fn response(&mut self, timeout: Duration) -> Result<ReceivedEvent, ResponseError> {
         match tokio::time::timeout(timeout, self.rx.recv()).await {
             Ok(Some(event)) => Ok(event),
             Ok(None) => Err(Error::new(ResponseErrorKind::Closed)),
@@ -532,13 +532,13 @@ impl EventResponsePromise {
     /// # Errors
     ///
     /// As [`response`](Self::response).
-    pub async fn response_default(&mut self) -> Result<Event, ResponseError> {
+    pub async fn response_default(&mut self) -> Result<ReceivedEvent, ResponseError> {
         let timeout = self.default_timeout;
         self.response(timeout).await
     }
 
     /// The responses as a stream (ends when the promise is released).
-    pub fn responses(&mut self) -> impl Stream<Item = Event> + '_ {
+    pub fn responses(&mut self) -> impl Stream<Item = ReceivedEvent> + '_ {
         futures::stream::poll_fn(move |cx| self.rx.poll_recv(cx))
     }
 

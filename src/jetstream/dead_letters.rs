@@ -21,6 +21,7 @@
 //! # Ok(()) }
 //! ```
 
+use crate::codec::ReceivedEvent;
 use std::fmt;
 
 use async_nats::jetstream::context::PublishErrorKind as JsPublishErrorKind;
@@ -29,7 +30,6 @@ use async_nats::jetstream::stream::{DeleteMessageErrorKind, RawMessageErrorKind}
 use async_nats::jetstream::ErrorCode;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use cloudevents::Event;
 
 use crate::codec::{self, HeaderMap};
 use crate::error::{DecodeError, Error};
@@ -241,7 +241,7 @@ impl DeadLetter {
     /// }
     /// # }
     /// ```
-    pub fn event(&self) -> Result<Event, DecodeError> {
+    pub fn event(&self) -> Result<ReceivedEvent, DecodeError> {
         codec::decode(Some(&self.headers), &self.payload)
     }
 

@@ -2,6 +2,7 @@
 //! with the real codec, published on the broker's subject space with an inbox for replies, and
 //! served by listeners that subscribe in a queue group and feed the shared bounded worker pool.
 
+use crate::codec::ReceivedEvent;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -207,7 +208,11 @@ impl MemoryQueries {
 
 impl MemoryQueries {
     /// One request on the bus and its one reply (inside [`traced_request`](crate::query::traced_request)).
-    async fn request_once(&self, request: Event, timeout: Duration) -> Result<Event, RequestError> {
+    async fn request_once(
+        &self,
+        request: Event,
+        timeout: Duration,
+    ) -> Result<ReceivedEvent, RequestError> {
         let timeout = timeout.min(MAX_REQUEST_TIMEOUT);
         let prepared = self.prepare(request, timeout, true)?;
         // One reply is all a request reads; a second one is dropped like a NATS reply to an
@@ -241,7 +246,7 @@ impl QueryConnection for MemoryQueries {
         &self,
         request: Event,
         timeout: Duration,
-    ) -> Result<Event, RequestError> {
+    ) -> Result<ReceivedEvent, RequestError> {
         crate::query::traced_request(request, &self.inner.known_ops, |request| {
             self.request_once(request, timeout)
         })

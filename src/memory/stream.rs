@@ -5,12 +5,12 @@
 //! All state sits behind one mutex that is never held across an await; consumers wait for work
 //! on a [`Notify`] and on a timer for the next ack-wait expiry or nak delay (no polling).
 
+use crate::codec::ReceivedEvent;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use cloudevents::Event;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -86,7 +86,7 @@ impl StoredMessage {
     /// if let Ok(event) = message.event() { println!("{event}"); }
     /// # }
     /// ```
-    pub fn event(&self) -> Result<Event, DecodeError> {
+    pub fn event(&self) -> Result<ReceivedEvent, DecodeError> {
         let headers = (!self.headers.is_empty()).then_some(&self.headers);
         codec::decode(headers, &self.payload)
     }

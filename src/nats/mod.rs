@@ -33,6 +33,7 @@ mod listen;
 mod mux;
 mod request;
 
+use crate::codec::ReceivedEvent;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -250,7 +251,7 @@ impl NatsQueries {
     pub fn request(
         &self,
         request: Event,
-    ) -> impl Future<Output = Result<Event, RequestError>> + Send + '_ {
+    ) -> impl Future<Output = Result<ReceivedEvent, RequestError>> + Send + '_ {
         self.request_with_timeout(request, self.inner.default_timeout)
     }
 
@@ -277,7 +278,7 @@ impl NatsQueries {
         &self,
         request: Event,
         timeout: Duration,
-    ) -> impl Future<Output = Result<Event, RequestError>> + Send + '_ {
+    ) -> impl Future<Output = Result<ReceivedEvent, RequestError>> + Send + '_ {
         crate::query::traced_request(request, &self.inner.known_ops, move |request| {
             request::request(&self.inner, request, timeout)
         })
@@ -334,7 +335,7 @@ impl QueryConnection for NatsQueries {
         self.inner.default_timeout
     }
 
-    async fn request(&self, request: Event) -> Result<Event, RequestError> {
+    async fn request(&self, request: Event) -> Result<ReceivedEvent, RequestError> {
         NatsQueries::request(self, request).await
     }
 
@@ -342,7 +343,7 @@ impl QueryConnection for NatsQueries {
         &self,
         request: Event,
         timeout: Duration,
-    ) -> Result<Event, RequestError> {
+    ) -> Result<ReceivedEvent, RequestError> {
         NatsQueries::request_with_timeout(self, request, timeout).await
     }
 

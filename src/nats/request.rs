@@ -3,6 +3,7 @@
 //! scatter-gather from many repliers). The reply rules are the shared layer's
 //! ([`interpret_reply`], [`ReplyStream::from_raw`]).
 
+use crate::codec::ReceivedEvent;
 use std::future::Future;
 
 use futures::future::{self, Either, FutureExt};
@@ -160,7 +161,7 @@ pub(super) fn request(
     inner: &Inner,
     request: Event,
     timeout: Duration,
-) -> impl Future<Output = Result<Event, RequestError>> + Send + '_ {
+) -> impl Future<Output = Result<ReceivedEvent, RequestError>> + Send + '_ {
     let timeout = timeout.min(MAX_REQUEST_TIMEOUT);
     let prepared = prepare(inner, request, timeout, true);
     // No `async` block around `exchange`: it would hold the prepared request twice.
@@ -181,7 +182,7 @@ fn exchange(
     inner: &Inner,
     out: Outgoing,
     timeout: Duration,
-) -> impl Future<Output = Result<Event, RequestError>> + Send + '_ {
+) -> impl Future<Output = Result<ReceivedEvent, RequestError>> + Send + '_ {
     let exchange = async move {
         let registered = match inner.mux.one_now() {
             Some(registered) => registered,

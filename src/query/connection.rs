@@ -2,6 +2,7 @@
 //! `request` shares (the request's source and transaction id, its `request` span and metrics,
 //! the requester's timeout carried in a header).
 
+use crate::codec::ReceivedEvent;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -54,7 +55,7 @@ pub trait QueryConnection: Send + Sync {
     /// [`RemoteError::of`](crate::error::RemoteError::of)), `Decode`, `Encode`, `ConnectionClosed`,
     /// `Disconnected`, and `EmptyStream` when the replier answered with a reply stream of zero
     /// replies (read such ops with [`request_stream`](Self::request_stream)).
-    async fn request(&self, request: Event) -> Result<Event, RequestError> {
+    async fn request(&self, request: Event) -> Result<ReceivedEvent, RequestError> {
         self.request_with_timeout(request, self.default_timeout())
             .await
     }
@@ -65,7 +66,7 @@ pub trait QueryConnection: Send + Sync {
         &self,
         request: Event,
         timeout: Duration,
-    ) -> Result<Event, RequestError>;
+    ) -> Result<ReceivedEvent, RequestError>;
 
     /// Sends a query and returns the stream of its replies: the replies of one replier that
     /// streams (ends after `Reply-Stream-Total`), or of many repliers (ends on the first of the
@@ -159,10 +160,10 @@ pub(crate) fn traced_request<F, Fut>(
     mut request: Event,
     known: &KnownOps,
     send: F,
-) -> impl Future<Output = Result<Event, RequestError>>
+) -> impl Future<Output = Result<ReceivedEvent, RequestError>>
 where
     F: FnOnce(Event) -> Fut,
-    Fut: Future<Output = Result<Event, RequestError>>,
+    Fut: Future<Output = Result<ReceivedEvent, RequestError>>,
 {
     use tracing::field::Empty;
     let span = tracing::info_span!(

@@ -9,7 +9,8 @@ use std::future::Future;
 use std::marker::PhantomData;
 use std::sync::Arc;
 
-use cloudevents::{AttributesReader, Event};
+use crate::codec::ReceivedEvent;
+use cloudevents::Event;
 use serde::{de::DeserializeOwned, Serialize};
 
 use crate::event::QueryOp;
@@ -29,12 +30,12 @@ use super::ReplyWriter;
 /// ```
 /// use ce_messaging::query::{QueryHandler, QueryHandlers, ReplyWriter};
 /// use ce_messaging::handler::HandlerError;
-/// use ce_messaging::Event;
+/// use ce_messaging::ReceivedEvent;
 ///
 /// struct Echo;
 ///
 /// impl QueryHandler for Echo {
-///     async fn handle(&self, request: Event, reply: ReplyWriter, _state: &()) -> Result<(), HandlerError> {
+///     async fn handle(&self, request: ReceivedEvent, reply: ReplyWriter, _state: &()) -> Result<(), HandlerError> {
 ///         let data: serde_json::Value = ce_messaging::cloudevent::EventExt::data_as(&request)?;
 ///         reply.reply_data("org.example.echoed", &data).await?;
 ///         Ok(())
@@ -49,7 +50,7 @@ pub trait QueryHandler<S = ()>: Send + Sync + 'static {
     /// replying is answered with a 500.
     fn handle(
         &self,
-        request: Event,
+        request: ReceivedEvent,
         reply: ReplyWriter,
         state: &S,
     ) -> impl Future<Output = Result<(), HandlerError>> + Send;
@@ -59,7 +60,7 @@ pub trait QueryHandler<S = ()>: Send + Sync + 'static {
 pub(crate) trait ErasedQueryHandler<S>: Send + Sync + 'static {
     fn call<'a>(
         &'a self,
-        request: Event,
+        request: ReceivedEvent,
         reply: ReplyWriter,
         state: &'a S,
     ) -> BoxFuture<'a, Result<(), HandlerError>>;
@@ -68,7 +69,7 @@ pub(crate) trait ErasedQueryHandler<S>: Send + Sync + 'static {
 impl<S, H: QueryHandler<S>> ErasedQueryHandler<S> for H {
     fn call<'a>(
         &'a self,
-        request: Event,
+        request: ReceivedEvent,
         reply: ReplyWriter,
         state: &'a S,
     ) -> BoxFuture<'a, Result<(), HandlerError>> {
@@ -80,7 +81,7 @@ impl dyn ErasedQueryHandler<()> {
     /// Calls a handler of a table whose state is bound (what a listener serves).
     pub(crate) fn handle(
         &self,
-        request: Event,
+        request: ReceivedEvent,
         reply: ReplyWriter,
     ) -> BoxFuture<'_, Result<(), HandlerError>> {
         self.call(request, reply, &())
@@ -96,7 +97,7 @@ struct WithState<S> {
 impl<S: Send + Sync + 'static, S2> QueryHandler<S2> for WithState<S> {
     fn handle(
         &self,
-        request: Event,
+        request: ReceivedEvent,
         reply: ReplyWriter,
         _state: &S2,
     ) -> impl Future<Output = Result<(), HandlerError>> + Send {
@@ -121,13 +122,13 @@ impl<F> fmt::Debug for HandlerFn<F> {
 
 impl<S, F, Fut> QueryHandler<S> for HandlerFn<F>
 where
-    F: Fn(Event, ReplyWriter) -> Fut + Send + Sync + 'static,
+    F: Fn(ReceivedEvent, ReplyWriter) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<(), HandlerError>> + Send,
     S: Sync,
 {
     fn handle(
         &self,
-        request: Event,
+        request: ReceivedEvent,
         reply: ReplyWriter,
         _state: &S,
     ) -> impl Future<Output = Result<(), HandlerError>> + Send {
@@ -151,7 +152,7 @@ where
 /// ```
 pub fn handler_fn<F, Fut>(f: F) -> HandlerFn<F>
 where
-    F: Fn(Event, ReplyWriter) -> Fut + Send + Sync + 'static,
+    F: Fn(ReceivedEvent, ReplyWriter) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<(), HandlerError>> + Send,
 {
     HandlerFn { f }
@@ -164,7 +165,7 @@ pub struct TypedRequest<T> {
     /// The request data.
     pub data: T,
     /// The whole request event (attributes, extensions).
-    pub event: Event,
+    pub event: ReceivedEvent,
 }
 
 /// The reply of a [`typed_handler`] with an event type the handler chose (without it, the reply
@@ -330,7 +331,9 @@ pub fn typed_handler<F, M>(f: F) -> TypedHandler<F, M> {
 }
 
 /// Deserializes the request data; data that does not fit is a permanent 400.
-fn typed_request<T: DeserializeOwned>(request: Event) -> Result<TypedRequest<T>, HandlerError> {
+fn typed_request<T: DeserializeOwned>(
+    request: ReceivedEvent,
+) -> Result<TypedRequest<T>, HandlerError> {
     let data =
         decode_data(&request).map_err(|text| HandlerError::permanent(text).with_code(400))?;
     Ok(TypedRequest {
@@ -364,7 +367,7 @@ where
 {
     async fn handle(
         &self,
-        request: Event,
+        request: ReceivedEvent,
         reply: ReplyWriter,
         _state: &S,
     ) -> Result<(), HandlerError> {
@@ -386,7 +389,7 @@ where
 {
     async fn handle(
         &self,
-        request: Event,
+        request: ReceivedEvent,
         reply: ReplyWriter,
         state: &S,
     ) -> Result<(), HandlerError> {
@@ -407,7 +410,7 @@ where
 {
     async fn handle(
         &self,
-        request: Event,
+        request: ReceivedEvent,
         reply: ReplyWriter,
         _state: &S,
     ) -> Result<(), HandlerError> {
@@ -424,7 +427,7 @@ where
 {
     async fn handle(
         &self,
-        request: Event,
+        request: ReceivedEvent,
         reply: ReplyWriter,
         state: &S,
     ) -> Result<(), HandlerError> {
@@ -602,7 +605,7 @@ mod tests {
         })
     }
 
-    async fn ask(client: &MemoryQueries, op: &str, data: &impl Serialize) -> Event {
+    async fn ask(client: &MemoryQueries, op: &str, data: &impl Serialize) -> ReceivedEvent {
         let request = new_event(op, "test", data).unwrap();
         client.request_with_timeout(request, WAIT).await.unwrap()
     }
@@ -756,7 +759,7 @@ mod tests {
         impl QueryHandler for Greeter {
             async fn handle(
                 &self,
-                request: Event,
+                request: ReceivedEvent,
                 reply: ReplyWriter,
                 _state: &(),
             ) -> Result<(), HandlerError> {

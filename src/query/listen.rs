@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use async_nats::Subject;
 use bytes::Bytes;
-use cloudevents::AttributesReader;
 use futures::FutureExt;
 
 use crate::codec::{self, ContentMode, HeaderMap};
@@ -273,7 +272,7 @@ fn admit<'a>(request: RawRequest, ctx: &'a ServeContext, span: &tracing::Span) -
             };
         }
     };
-    telemetry::record_event(span, &event);
+    telemetry::record_received(span, &event);
     let trace = telemetry::incoming(&event, !span.is_disabled());
     telemetry::record_trace(span, trace.as_ref());
     if ctx.by_subject && event.ty() != request.subject.as_str() {

@@ -1,12 +1,12 @@
 //! Reading replies: [`ReplyStreamOptions`] and the [`ReplyStream`] of a request that gets many
 //! replies, and how a raw reply becomes an event or a remote error.
 
+use crate::codec::ReceivedEvent;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use cloudevents::Event;
 use futures::stream::BoxStream;
 use futures::{Stream, StreamExt};
 
@@ -74,7 +74,7 @@ impl ReplyStreamOptions {
 
 /// The replies of a [`QueryConnection::request_stream`](super::QueryConnection::request_stream), as they arrive.
 ///
-/// A `futures::Stream` of `Result<Event, RequestError>`. The call that returns it fails only
+/// A `futures::Stream` of `Result<ReceivedEvent, RequestError>`. The call that returns it fails only
 /// for what stops the request from being sent (`InvalidOptions`, `Encode`, `Disconnected`,
 /// `ConnectionClosed`); everything that comes back after the send arrives here, in order:
 ///
@@ -101,7 +101,7 @@ impl ReplyStreamOptions {
 /// # Ok(()) }
 /// ```
 pub struct ReplyStream {
-    inner: BoxStream<'static, Result<Event, RequestError>>,
+    inner: BoxStream<'static, Result<ReceivedEvent, RequestError>>,
 }
 
 impl std::fmt::Debug for ReplyStream {
@@ -116,7 +116,7 @@ impl ReplyStream {
     /// # Cancel safety
     ///
     /// Cancel safe: a reply not returned stays in the stream.
-    pub async fn next(&mut self) -> Option<Result<Event, RequestError>> {
+    pub async fn next(&mut self) -> Option<Result<ReceivedEvent, RequestError>> {
         self.inner.next().await
     }
 
@@ -125,7 +125,7 @@ impl ReplyStream {
     /// # Cancel safety
     ///
     /// Cancel safe, as [`next`](Self::next).
-    pub async fn expect_next(&mut self) -> Result<Event, RequestError> {
+    pub async fn expect_next(&mut self) -> Result<ReceivedEvent, RequestError> {
         match self.inner.next().await {
             Some(result) => result,
             None => Err(Error::with_detail(
@@ -136,7 +136,7 @@ impl ReplyStream {
     }
 
     /// All remaining replies; the first error ends collection.
-    pub async fn collect_all(mut self) -> Result<Vec<Event>, RequestError> {
+    pub async fn collect_all(mut self) -> Result<Vec<ReceivedEvent>, RequestError> {
         let mut out = Vec::new();
         while let Some(item) = self.inner.next().await {
             out.push(item?);
@@ -250,7 +250,7 @@ impl StreamState {
 }
 
 impl Stream for ReplyStream {
-    type Item = Result<Event, RequestError>;
+    type Item = Result<ReceivedEvent, RequestError>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         self.inner.poll_next_unpin(cx)
@@ -316,7 +316,7 @@ impl<'a> ReplyHeaders<'a> {
 pub(crate) fn interpret_reply(
     headers: Option<&HeaderMap>,
     payload: &Bytes,
-) -> Result<(Event, Option<(usize, usize)>), RequestError> {
+) -> Result<(ReceivedEvent, Option<(usize, usize)>), RequestError> {
     let found = ReplyHeaders::of(headers);
     if found.is_empty_stream_marker() {
         return Err(Error::with_detail(

@@ -5,8 +5,6 @@
 
 use super::*;
 
-use cloudevents::Event;
-
 #[test]
 fn traceparent_round_trips_and_rejects_invalid_values() {
     let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
@@ -82,10 +80,10 @@ async fn outgoing_keeps_an_own_traceparent_continues_the_current_trace_or_stays_
 #[test]
 fn incoming_makes_the_handler_a_child_of_the_remote_span() {
     let mut event = crate::event::new_event("t", "s", &1).unwrap();
-    assert!(incoming(&event, false).is_none());
+    assert!(incoming(&event.clone().into(), false).is_none());
     let remote = TraceContext::new_root();
     remote.inject(&mut event);
-    let local = incoming(&event, false).unwrap();
+    let local = incoming(&event.clone().into(), false).unwrap();
     assert_eq!(local.trace_id(), remote.trace_id());
     assert_eq!(local.parent_span_id(), Some(remote.span_id()));
     assert_ne!(local.span_id(), remote.span_id());
@@ -306,7 +304,6 @@ fn without_a_subscriber_nothing_is_injected() {
 #[test]
 fn publish_all_counts_each_type_and_outcome_and_carries_the_trace_like_publish() {
     use crate::events::EventConnection;
-    use cloudevents::AttributesReader;
 
     let recorder = capture::MetricsCapture::new();
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -368,7 +365,7 @@ fn publish_all_counts_each_type_and_outcome_and_carries_the_trace_like_publish()
         2
     );
 
-    let decoded: Vec<Event> = messages
+    let decoded: Vec<crate::ReceivedEvent> = messages
         .iter()
         .map(|m| crate::codec::decode(Some(&m.headers), &m.payload).unwrap())
         .collect();

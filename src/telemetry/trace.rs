@@ -8,6 +8,7 @@ use std::future::Future;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
 
+use crate::codec::ReceivedEvent;
 use cloudevents::event::ExtensionValue;
 use cloudevents::Event;
 
@@ -466,11 +467,29 @@ pub(crate) fn outgoing_all(events: &mut [Event], start_new: bool) {
 
 /// The trace context a handler of `event` runs in: the next hop of the event's trace, or a
 /// new trace when `start_new` (a subscriber records the handler's span).
-pub(crate) fn incoming(event: &Event, start_new: bool) -> Option<TraceContext> {
-    match TraceContext::from_event(event) {
+pub(crate) fn incoming(event: &ReceivedEvent, start_new: bool) -> Option<TraceContext> {
+    let remote = event
+        .string_extension(TRACEPARENT_EXTENSION)
+        .and_then(|parent| {
+            TraceContext::parse(parent, event.string_extension(TRACESTATE_EXTENSION))
+        });
+    match remote {
         Some(remote) => Some(remote.child()),
         None if start_new => Some(TraceContext::new_root()),
         None => None,
+    }
+}
+
+/// [`record_event`] for a received event (read in place, nothing built).
+pub(crate) fn record_received(span: &tracing::Span, event: &ReceivedEvent) {
+    use crate::event::EventExt;
+    if span.is_disabled() {
+        return;
+    }
+    span.record("event.id", event.id());
+    span.record("event.type", event.ty());
+    if let Some(tid) = event.transaction_id() {
+        span.record("transaction_id", tid.as_str());
     }
 }
 

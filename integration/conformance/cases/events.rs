@@ -23,7 +23,7 @@ use ce_messaging::events::{
 use ce_messaging::handler::HandlerError;
 use ce_messaging::headers;
 use ce_messaging::listener::Listener;
-use ce_messaging::Event;
+use ce_messaging::{Event, ReceivedEvent};
 use cloudevents::{AttributesReader, AttributesWriter};
 use futures::future::join_all;
 use serde_json::{json, Value};
@@ -68,7 +68,7 @@ fn event(event_type: &str, data: &Value) -> Event {
 }
 
 /// Records every delivered event and acks it.
-fn recording(event_type: &str, seen: &Seen<Event>) -> EventHandlers {
+fn recording(event_type: &str, seen: &Seen<ReceivedEvent>) -> EventHandlers {
     let seen = seen.clone();
     EventHandlers::new().on(
         event_type,
@@ -113,8 +113,25 @@ fn cannot_publish_raw<B: EventBackend>(case: &str) -> bool {
     }
 }
 
-fn ids(events: &[Event]) -> BTreeSet<String> {
-    events.iter().map(|e| e.id().to_owned()).collect()
+/// An event sent (`Event`) or received (`ReceivedEvent`), for [`ids`].
+trait HasId {
+    fn event_id(&self) -> &str;
+}
+
+impl HasId for Event {
+    fn event_id(&self) -> &str {
+        self.id()
+    }
+}
+
+impl HasId for ReceivedEvent {
+    fn event_id(&self) -> &str {
+        self.id()
+    }
+}
+
+fn ids<E: HasId>(events: &[E]) -> BTreeSet<String> {
+    events.iter().map(|e| e.event_id().to_owned()).collect()
 }
 
 async fn stop_all(listeners: &[Listener]) {
@@ -176,7 +193,7 @@ async fn pubsub<B: EventBackend>(mode: ContentMode) {
         sent.push(e);
     }
     let got = seen.wait_len("10 events", 10).await;
-    let by_id: HashMap<&str, &Event> = got.iter().map(|e| (e.id(), e)).collect();
+    let by_id: HashMap<&str, &ReceivedEvent> = got.iter().map(|e| (e.id(), e)).collect();
     assert_eq!(by_id.len(), 10, "each event once");
     for e in &sent {
         let g = by_id
@@ -184,7 +201,7 @@ async fn pubsub<B: EventBackend>(mode: ContentMode) {
             .expect("every published event is delivered");
         assert_eq!(g.ty(), e.ty());
         assert_eq!(
-            g.source().as_str(),
+            g.source(),
             pub_config.client_id,
             "AUTO_POPULATE source is filled in"
         );
@@ -614,7 +631,7 @@ pub async fn listener_survives_a_handler_panicking_before_its_future<B: EventBac
     let (a, d) = (attempts.clone(), done.clone());
     let handlers = EventHandlers::new().on(
         &event_type,
-        event_handler_fn(move |event: Event, _| {
+        event_handler_fn(move |event: ReceivedEvent, _| {
             // Not inside the `async` block: this runs when the handler is called.
             let n: u64 = event.data_as().expect("the case sends numbers");
             let attempt = next_attempt(&a, n);
@@ -662,7 +679,7 @@ pub async fn listener_stop_and_restart_continues<B: EventBackend>() {
     }
     // The first listener holds its fifth event past the grace period, so the stop always comes
     // mid-stream (however fast the backend is) and that event is handed back.
-    let first: Seen<Event> = Seen::new();
+    let first: Seen<ReceivedEvent> = Seen::new();
     let gate = Gate::new();
     let (f, g) = (first.clone(), gate.clone());
     let holding = EventHandlers::new().on(
@@ -729,7 +746,7 @@ pub async fn unacked_event_is_redelivered_after_ack_wait<B: EventBackend>() {
         ..one_worker(&durable)
     };
     let gate = Gate::new();
-    let started: Seen<Event> = Seen::new();
+    let started: Seen<ReceivedEvent> = Seen::new();
     let (g, s) = (gate.clone(), started.clone());
     let handlers = EventHandlers::new().on(
         &event_type,
@@ -1035,8 +1052,8 @@ pub async fn event_worker_bound_is_never_exceeded<B: EventBackend>() {
 fn gated_recording(
     event_type: &str,
     gate: &Gate,
-    started: &Seen<Event>,
-    finished: &Seen<Event>,
+    started: &Seen<ReceivedEvent>,
+    finished: &Seen<ReceivedEvent>,
 ) -> EventHandlers {
     let (g, s, f) = (gate.clone(), started.clone(), finished.clone());
     EventHandlers::new().on(
@@ -1061,7 +1078,8 @@ pub async fn event_graceful_stop_finishes_in_flight_and_refuses_new<B: EventBack
     let connection = env.events(&config).await;
     let event_type = new_type("graceful");
     let durable = new_durable();
-    let (started, finished): (Seen<Event>, Seen<Event>) = (Seen::new(), Seen::new());
+    let (started, finished): (Seen<ReceivedEvent>, Seen<ReceivedEvent>) =
+        (Seen::new(), Seen::new());
     let (s, f) = (started.clone(), finished.clone());
     let handlers = EventHandlers::new().on(
         &event_type,
@@ -1349,7 +1367,7 @@ fn responder(request_type: &str, response_type: &str) -> EventHandlers {
     let response_type = response_type.to_owned();
     EventHandlers::new().on(
         request_type,
-        event_handler_fn(move |e: Event, responses| {
+        event_handler_fn(move |e: ReceivedEvent, responses| {
             let response_type = response_type.clone();
             async move {
                 let data: Value = e.data_as()?;
@@ -1391,7 +1409,7 @@ pub async fn promise_gets_response_by_transaction_id<B: EventBackend>() {
     assert_eq!(response.transaction_id(), Some(tid));
     // `respond_data` fills in the responding listener's source (its client id), shared by
     // every delivery of the listener.
-    assert_eq!(response.source().as_str(), service_config.client_id);
+    assert_eq!(response.source(), service_config.client_id);
     assert_eq!(
         response.data_as::<Value>().expect("data"),
         json!({"echo": {"item": "a"}})

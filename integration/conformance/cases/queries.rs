@@ -15,7 +15,7 @@ use ce_messaging::query::{
     handler_fn, typed_handler, QueryConnection, QueryHandlers, QueryListenOptions,
     ReplyStreamOptions, TypedRequest,
 };
-use ce_messaging::Event;
+use ce_messaging::{Event, ReceivedEvent};
 use cloudevents::{AttributesReader, AttributesWriter};
 use futures::future::join_all;
 use serde_json::{json, Value};
@@ -50,7 +50,7 @@ fn request_event(op: &str, data: &Value) -> Event {
 fn named(op: &str, name: &'static str) -> QueryHandlers {
     QueryHandlers::new().on(
         op,
-        handler_fn(move |request: Event, reply| async move {
+        handler_fn(move |request: ReceivedEvent, reply| async move {
             reply
                 .reply_data(&format!("{}.reply", request.ty()), &name)
                 .await?;
@@ -64,7 +64,7 @@ fn gated(op: &str, gate: &Gate, started: &Seen<String>) -> QueryHandlers {
     let (gate, started) = (gate.clone(), started.clone());
     QueryHandlers::new().on(
         op,
-        handler_fn(move |request: Event, reply| {
+        handler_fn(move |request: ReceivedEvent, reply| {
             let (gate, started) = (gate.clone(), started.clone());
             async move {
                 started.push(request.id().to_owned());
@@ -112,11 +112,11 @@ async fn roundtrip<B: QueryBackend>(mode: ContentMode) {
     let server = env.queries(&server_config).await;
     let client = env.queries(&client_config).await;
     let op = new_op("echo");
-    let seen: Seen<Event> = Seen::new();
+    let seen: Seen<ReceivedEvent> = Seen::new();
     let recorder = seen.clone();
     let handlers = QueryHandlers::new().on(
         &op,
-        handler_fn(move |request: Event, reply| {
+        handler_fn(move |request: ReceivedEvent, reply| {
             let recorder = recorder.clone();
             async move {
                 recorder.push(request.clone());
@@ -153,7 +153,7 @@ async fn roundtrip<B: QueryBackend>(mode: ContentMode) {
     assert_eq!(got.id(), request.id());
     assert_eq!(got.ty(), op);
     assert_eq!(
-        got.source().as_str(),
+        got.source(),
         client_config.client_id,
         "AUTO_POPULATE source is filled in"
     );
@@ -183,7 +183,7 @@ async fn roundtrip<B: QueryBackend>(mode: ContentMode) {
     );
 
     assert_eq!(reply.ty(), format!("{op}.reply"));
-    assert_eq!(reply.source().as_str(), server_config.client_id);
+    assert_eq!(reply.source(), server_config.client_id);
     assert_eq!(reply.transaction_id(), Some(tid));
     assert_eq!(
         reply.extension("conftag").map(|v| v.to_string()),
@@ -217,7 +217,7 @@ pub async fn reply_carries_the_request_transaction_id<B: QueryBackend>() {
     let recorder = seen.clone();
     let handlers = QueryHandlers::new().on(
         &op,
-        handler_fn(move |request: Event, reply| {
+        handler_fn(move |request: ReceivedEvent, reply| {
             let recorder = recorder.clone();
             async move {
                 recorder.push(request.transaction_id().map(|t| t.to_string()));
@@ -293,7 +293,7 @@ pub async fn events_receivers_refuse_are_refused_when_sent<B: QueryBackend>() {
     let (r, c) = (refusals.clone(), called.clone());
     let handlers = QueryHandlers::new().on(
         op.as_str(),
-        handler_fn(move |request: Event, reply| {
+        handler_fn(move |request: ReceivedEvent, reply| {
             let (r, c) = (r.clone(), c.clone());
             async move {
                 c.push(request.id().to_owned());
@@ -525,7 +525,7 @@ pub async fn handler_panicking_before_its_future_is_500_and_the_worker_survives<
     let op = new_op("eager");
     let handlers = QueryHandlers::new().on(
         &op,
-        handler_fn(|request: Event, reply| {
+        handler_fn(|request: ReceivedEvent, reply| {
             // Not an `async` block: this runs when the handler is called.
             let n: u64 = request.data_as().expect("the case sends numbers");
             if n % 2 == 1 {
@@ -613,7 +613,7 @@ async fn stop_all(listeners: &[Listener]) {
     .await;
 }
 
-fn names_of(replies: &[Event]) -> BTreeSet<String> {
+fn names_of(replies: &[ReceivedEvent]) -> BTreeSet<String> {
     replies
         .iter()
         .map(|e| e.data_as::<String>().expect("name"))
@@ -1039,7 +1039,7 @@ pub async fn request_type_must_match_its_subject<B: QueryBackend>() {
     let calls = admin_calls.clone();
     let handlers = named(&public, "public").on(
         &admin,
-        handler_fn(move |request: Event, reply| {
+        handler_fn(move |request: ReceivedEvent, reply| {
             let calls = calls.clone();
             async move {
                 calls.push(request.id().to_owned());
@@ -1110,7 +1110,7 @@ pub async fn oversized_reply_is_answered_500<B: QueryBackend>() {
     let seen = outcomes.clone();
     let handlers = QueryHandlers::new().on(
         &op,
-        handler_fn(move |_request: Event, reply| {
+        handler_fn(move |_request: ReceivedEvent, reply| {
             let seen = seen.clone();
             async move {
                 // Both backends default to a 1 MiB max payload.
@@ -1211,7 +1211,7 @@ pub async fn busy_listener_bounds_serves_queued_and_stop_drains_all<B: QueryBack
     let (g, s, p) = (gate.clone(), started.clone(), peak.clone());
     let handlers = QueryHandlers::new().on(
         &op,
-        handler_fn(move |request: Event, reply| {
+        handler_fn(move |request: ReceivedEvent, reply| {
             let (gate, started, peak) = (g.clone(), s.clone(), p.clone());
             async move {
                 let _running = peak.enter();

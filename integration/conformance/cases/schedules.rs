@@ -14,7 +14,7 @@ use ce_messaging::events::{
     EventListenOptions, PublishOptions, Schedule, NATS_SCHEDULER,
 };
 use ce_messaging::handler::HandlerError;
-use ce_messaging::Event;
+use ce_messaging::{Event, ReceivedEvent};
 use cloudevents::AttributesReader;
 use serde_json::json;
 
@@ -52,7 +52,7 @@ fn json_data(event: &Event) -> serde_json::Value {
 }
 
 /// What a handler saw: the event and the wall time it was handled at.
-type Handled = (Event, chrono::DateTime<chrono::Utc>);
+type Handled = (ReceivedEvent, chrono::DateTime<chrono::Utc>);
 
 /// Records every delivered event of `types` with the time it was handled, and acks it.
 fn recording(types: &[&str], seen: &Seen<Handled>) -> EventHandlers {
@@ -348,7 +348,7 @@ pub async fn expired_event_is_never_handled<B: EventBackend>() {
     let gate = Gate::new();
     let started = Seen::<u64>::new();
     let gated = |seen: Seen<Handled>, gate: Gate, started: Seen<u64>| {
-        event_handler_fn(move |event: Event, _| {
+        event_handler_fn(move |event: ReceivedEvent, _| {
             let (seen, gate, started) = (seen.clone(), gate.clone(), started.clone());
             async move {
                 started.push(1);
@@ -439,7 +439,7 @@ pub async fn event_expired_while_waiting_for_redelivery_is_not_handled_again<B: 
     let r = runs.clone();
     let handlers = recording(&[&marker_type], &seen).on(
         &ty,
-        event_handler_fn(move |event: Event, _| {
+        event_handler_fn(move |event: ReceivedEvent, _| {
             let runs = r.clone();
             async move {
                 runs.push(event.id().to_owned());
