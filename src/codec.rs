@@ -622,6 +622,25 @@ fn parse_utc_time(text: &[u8]) -> Option<chrono::DateTime<chrono::Utc>> {
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub fn decode(headers: Option<&HeaderMap>, payload: &Bytes) -> Result<ReceivedEvent, DecodeError> {
+    decode_as(headers, payload, View::WhenPossible)
+}
+
+/// Whether [`decode`] may hand out a view of the payload ([`ReceivedEvent`]'s lazy form).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum View {
+    WhenPossible,
+    /// Always build the event (tests hold the view to what this builds).
+    #[cfg(test)]
+    Never,
+}
+
+/// [`decode`], with or without views.
+#[inline(always)]
+fn decode_as(
+    headers: Option<&HeaderMap>,
+    payload: &Bytes,
+    view: View,
+) -> Result<ReceivedEvent, DecodeError> {
     // Every route ends in `check_event`: `EventParts::into_event` checks the event it built
     // before returning it (checking here would move the large `Event` out of its `Result`
     // and back in, a copy on every message); the sdk's structured route is checked below.
@@ -641,12 +660,16 @@ pub fn decode(headers: Option<&HeaderMap>, payload: &Bytes) -> Result<ReceivedEv
             });
         }
         if json.check_members()? {
-            let parts = json.take_parts();
             // The common shape becomes a checked view of the payload, built into an `Event`
             // only when asked; anything else (and every error) is built now.
-            match received::Wire::read(payload, &parts) {
+            let wire = match view {
+                View::WhenPossible => received::Wire::read(payload, json.parts()),
+                #[cfg(test)]
+                View::Never => None,
+            };
+            match wire {
                 Some(wire) => Ok(ReceivedEvent::from_wire(wire)),
-                None => parts.into_event().map(ReceivedEvent::from),
+                None => json.take_parts().into_event().map(ReceivedEvent::from),
             }
         } else {
             // Rare shapes (spec 0.3, `data_base64`): the sdk's own JSON format decoder.

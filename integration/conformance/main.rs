@@ -78,6 +78,7 @@ macro_rules! query_cases {
             request_whose_caller_gave_up_is_not_handled,
             empty_reply_stream_ends_without_an_item,
             reply_stream_without_listener_yields_no_responders_first,
+            requests_and_replies_are_read_in_place,
         );
     };
 }
@@ -137,6 +138,7 @@ macro_rules! event_cases {
             priority_listener_waits_on_every_level,
             priority_levels_are_part_of_a_durables_type_set,
             promise_gets_a_prioritised_response,
+            received_events_are_read_in_place,
         );
     };
 }

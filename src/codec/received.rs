@@ -15,7 +15,7 @@ use serde::de::DeserializeOwned;
 
 use super::{
     attribute_values_fault, is_attribute_name, is_json_content_type, parse_time, EventParts,
-    Extensions, PartsData, PartsValue,
+    PartsData, PartsValue,
 };
 use crate::cloudevent::{data_error, EventExt, EventType, TransactionId, TRANSACTION_ID_EXTENSION};
 use crate::error::{Error, EventError, EventErrorKind};
@@ -72,8 +72,13 @@ pub struct ReceivedEvent {
 enum Repr {
     /// Built when decoded (or made from an `Event`).
     Built(Event),
-    /// A view of a structured-mode payload, and the `Event` once something asked for it.
-    Wire { wire: Wire, event: OnceLock<Event> },
+    /// A view of a structured-mode payload, and the `Event` once something asked for it
+    /// (boxed: a received event is moved through channels and futures, and most are never
+    /// built).
+    Wire {
+        wire: Wire,
+        event: OnceLock<Box<Event>>,
+    },
 }
 
 /// Where a string value is in the payload (its text between the quotes, without escapes).
@@ -109,6 +114,8 @@ pub(super) struct Wire {
 
 /// Where `text`, a part of `payload`, is in it; `None` when it is not a part of it (an
 /// escaped value, decoded into a string of its own).
+// The `Cow`'s variant is the point: an owned (unescaped) value is not a part of the payload.
+#[allow(clippy::ptr_arg)]
 fn span_of(payload: &[u8], text: &Cow<'_, str>) -> Option<Span> {
     let Cow::Borrowed(text) = text else {
         return None;
@@ -205,40 +212,44 @@ impl Wire {
             .map(|(_, value)| *value)
     }
 
-    /// The sdk's event for this view: the one `decode` builds from the same parts.
+    /// The sdk's event for this view: what `decode` builds from the same parts (the build of
+    /// `EventParts::into_event`, without its checks and parsing, done when this was read; a
+    /// property test holds the two to the same event).
     fn build(&self) -> Event {
-        let text = |span| Some(Cow::Borrowed(self.text(span)));
-        let mut extensions = Extensions::default();
+        use cloudevents::{AttributesWriter, EventBuilder, EventBuilderV10};
+        let built = EventBuilderV10::new()
+            .id(self.text(self.id))
+            .source(self.text(self.source))
+            .ty(self.text(self.ty))
+            .build();
+        let mut event = match built {
+            Ok(event) => event,
+            // Invariant: the builder refuses only a missing `id`, `source` or `type` (and a
+            // `dataschema` it could not parse, which is not set here); all three are set.
+            Err(e) => unreachable!("a checked event failed to build: {e}"),
+        };
+        if let Some(subject) = self.subject {
+            event.set_subject(Some(self.text(subject)));
+        }
+        if let Some((_, time)) = self.time {
+            event.set_time(Some(time));
+        }
         for (name, value) in self.extensions.iter().flatten() {
             let value = match *value {
-                WireValue::Str(span) => PartsValue::Str(Cow::Borrowed(self.text(span))),
-                WireValue::Bool(b) => PartsValue::Bool(b),
-                WireValue::Int(i) => PartsValue::Int(i),
+                WireValue::Str(span) => ExtensionValue::String(self.text(span).to_owned()),
+                WireValue::Bool(b) => ExtensionValue::Boolean(b),
+                WireValue::Int(i) => ExtensionValue::Integer(i),
             };
-            extensions.push((Cow::Borrowed(self.text(*name)), value));
+            event.set_extension(self.text(*name), value);
         }
-        let parts = EventParts {
-            specversion: Some(Cow::Borrowed("1.0")),
-            attributes: [
-                text(self.id),
-                text(self.source),
-                text(self.ty),
-                self.subject.and_then(text),
-                self.time.and_then(|(span, _)| text(span)),
-                None,
-            ],
-            datacontenttype: self.datacontenttype.and_then(text),
-            extensions,
-            data: self.data.map(|span| PartsData::Json(self.text(span))),
-        };
-        match parts.into_event() {
-            Ok(event) => event,
-            // Invariant: `Wire::read` made this view only after the same parts passed every
-            // check `into_event` makes (spec 1.0, `id`, `source` and `type` present and the
-            // attribute rules, `time` parsed, extension names, JSON data with a JSON content
-            // type, no `dataschema`), so building them cannot fail.
-            Err(e) => unreachable!("a checked event failed to build: {e}"),
+        if let Some(ct) = self.datacontenttype {
+            event.set_datacontenttype(Some(self.text(ct)));
         }
+        if let Some(data) = self.data {
+            // JSON data stays its JSON text, as `decode` hands it out.
+            event.set_data_unchecked(self.text(data).as_bytes().to_vec());
+        }
+        event
     }
 }
 
@@ -256,7 +267,7 @@ impl ReceivedEvent {
     pub fn event(&self) -> &Event {
         match &self.repr {
             Repr::Built(event) => event,
-            Repr::Wire { wire, event } => event.get_or_init(|| wire.build()),
+            Repr::Wire { wire, event } => event.get_or_init(|| Box::new(wire.build())),
         }
     }
 
@@ -264,7 +275,10 @@ impl ReceivedEvent {
     pub fn into_event(self) -> Event {
         match self.repr {
             Repr::Built(event) => event,
-            Repr::Wire { wire, event } => event.into_inner().unwrap_or_else(|| wire.build()),
+            Repr::Wire { wire, event } => match event.into_inner() {
+                Some(event) => *event,
+                None => wire.build(),
+            },
         }
     }
 
@@ -457,7 +471,10 @@ impl ReceivedEvent {
     /// yet, and from then on everything is read from it.
     pub fn event_mut(&mut self) -> &mut Event {
         if let Repr::Wire { wire, event } = &mut self.repr {
-            let built = event.take().unwrap_or_else(|| wire.build());
+            let built = match event.take() {
+                Some(event) => *event,
+                None => wire.build(),
+            };
             self.repr = Repr::Built(built);
         }
         match &mut self.repr {
@@ -524,5 +541,191 @@ impl serde::Serialize for ReceivedEvent {
     /// As the [`Event`]'s (the JSON event format).
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         self.event().serialize(serializer)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use cloudevents::{AttributesReader, AttributesWriter, Event};
+    use proptest::prelude::*;
+
+    use super::ReceivedEvent;
+    use crate::cloudevent::{new_event_with_tid, EventExt, TransactionId};
+    use crate::codec::{
+        decode, decode_as, encode, ContentMode, HeaderMap, View, STRUCTURED_CONTENT_TYPE,
+    };
+
+    /// Every accessor of `received`, read before anything builds it, agrees with `built`
+    /// (the event `decode` builds without views); then the event it builds is `built`.
+    fn assert_reads_as(received: &ReceivedEvent, built: &Event) -> Result<(), TestCaseError> {
+        prop_assert_eq!(received.id(), built.id());
+        prop_assert_eq!(received.ty(), built.ty());
+        prop_assert_eq!(received.source(), built.source().as_str());
+        prop_assert_eq!(received.specversion(), built.specversion());
+        prop_assert_eq!(received.subject(), built.subject());
+        prop_assert_eq!(received.datacontenttype(), built.datacontenttype());
+        prop_assert_eq!(received.time(), built.time());
+        prop_assert_eq!(AttributesReader::dataschema(received), built.dataschema());
+        prop_assert_eq!(received.transaction_id(), built.transaction_id());
+        prop_assert_eq!(received.event_type(), built.event_type());
+        for (name, value) in built.iter_extensions() {
+            let text = match value {
+                cloudevents::event::ExtensionValue::String(text) => Some(text.as_str()),
+                _ => None,
+            };
+            prop_assert_eq!(received.string_extension(name), text, "{}", name);
+        }
+        prop_assert_eq!(received.string_extension("nosuchextension"), None);
+        let data =
+            |r: Result<serde_json::Value, _>| r.map_err(|e: crate::error::EventError| e.kind());
+        prop_assert_eq!(
+            data(received.data_as::<serde_json::Value>()),
+            data(built.data_as::<serde_json::Value>())
+        );
+        let as_handler_reads =
+            |e: &ReceivedEvent| crate::handler::decode_data::<serde_json::Value>(e);
+        prop_assert_eq!(
+            as_handler_reads(received),
+            as_handler_reads(&ReceivedEvent::from(built.clone()))
+        );
+        // Built once, on first use, and then the same event.
+        prop_assert_eq!(received.event(), built);
+        prop_assert!(!received.is_unbuilt());
+        prop_assert_eq!(received.clone().into_event(), built.clone());
+        Ok(())
+    }
+
+    /// A member of a generated JSON event: names and values as senders write them (escaped
+    /// or not, of every JSON type, `null`, twice).
+    fn member() -> impl Strategy<Value = String> {
+        let name = prop_oneof![
+            Just("id"),
+            Just("source"),
+            Just("type"),
+            Just("subject"),
+            Just("time"),
+            Just("datacontenttype"),
+            Just("dataschema"),
+            Just("data"),
+            Just("transactionid"),
+            Just("traceparent"),
+            Just("ext1"),
+            Just("ext2"),
+            Just("Bad"),
+            Just("specversion"),
+        ];
+        let value = prop_oneof![
+            Just(r#""x""#.to_owned()),
+            Just(r#""""#.to_owned()),
+            Just(r#""a\"b""#.to_owned()),
+            Just(r#""caf\u00e9""#.to_owned()),
+            Just(r#""é""#.to_owned()),
+            Just(r#""2026-12-05T13:00:00.123456789Z""#.to_owned()),
+            Just(r#""2026-12-05T13:00:00+01:00""#.to_owned()),
+            Just(r#""2026-02-30T13:00:00Z""#.to_owned()),
+            Just(r#""application/json""#.to_owned()),
+            Just(r#""text/plain""#.to_owned()),
+            Just(r#""json""#.to_owned()),
+            Just(r#""https://example.com/schema""#.to_owned()),
+            Just(r#""1.0""#.to_owned()),
+            Just("null".to_owned()),
+            Just("true".to_owned()),
+            Just("42".to_owned()),
+            Just("1.5".to_owned()),
+            Just(r#"{"a":[1,"b",null]}"#.to_owned()),
+            Just(r#"[1,2]"#.to_owned()),
+            "[a-z]{0,6}".prop_map(|t| format!("{t:?}")),
+        ];
+        (name, value).prop_map(|(name, value)| format!("{name:?}:{value}"))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(4000))]
+
+        /// `decode` hands out a view only where it reads exactly what building reads: on
+        /// generated JSON events (spec 1.0, all attributes, extensions of each type, escapes,
+        /// `null` and repeated members, bad values), with and without the structured
+        /// Content-Type, the same outcome as `decode` without views: the same error, or an
+        /// event whose every accessor and whose built `Event` are the same.
+        #[test]
+        fn a_view_reads_what_building_reads(
+            members in proptest::collection::vec(member(), 0..6),
+            required in proptest::collection::vec(proptest::bool::weighted(0.9), 3),
+            with_content_type in any::<bool>(),
+            spaces in any::<bool>(),
+        ) {
+            let mut all = Vec::new();
+            for (present, member) in required.iter().zip([r#""id":"i-1""#, r#""source":"s""#, r#""type":"t""#]) {
+                if *present {
+                    all.push(member.to_owned());
+                }
+            }
+            all.extend(members);
+            let sep = if spaces { " , " } else { "," };
+            let payload = Bytes::from(format!(r#"{{"specversion":"1.0"{sep}{}}}"#, all.join(sep)));
+            let mut headers = HeaderMap::new();
+            headers.insert("Content-Type", STRUCTURED_CONTENT_TYPE);
+            let headers = with_content_type.then_some(headers);
+            let viewed = decode(headers.as_ref(), &payload);
+            let built = decode_as(headers.as_ref(), &payload, View::Never);
+            match (viewed, built) {
+                (Ok(viewed), Ok(built)) => {
+                    prop_assert!(!built.is_unbuilt());
+                    assert_reads_as(&viewed, &built.into_event())?;
+                }
+                (Err(a), Err(b)) => {
+                    prop_assert_eq!(a.kind(), b.kind());
+                    prop_assert_eq!(a.to_string(), b.to_string());
+                }
+                (a, b) => prop_assert!(false, "{:?} / {:?} for {:?}", a, b, payload),
+            }
+        }
+    }
+
+    /// What this library sends in structured mode is received as a view: nothing is built
+    /// until asked for.
+    #[test]
+    fn what_this_library_sends_is_received_unbuilt() {
+        let tid = TransactionId::generate();
+        let mut event = new_event_with_tid(
+            "org.example.done",
+            "svc",
+            &serde_json::json!({"name": "my workspace", "tags": ["a", "b"]}),
+            tid.clone(),
+        )
+        .unwrap();
+        event.set_subject(Some("w-1"));
+        crate::telemetry::TraceContext::new_root().inject(&mut event);
+        let msg = encode(&event, ContentMode::Structured).unwrap();
+        let received = decode(Some(&msg.headers.to_header_map()), &msg.payload).unwrap();
+        assert!(received.is_unbuilt());
+        assert_eq!(received.transaction_id(), Some(tid));
+        assert_eq!(received.subject(), Some("w-1"));
+        assert!(received.string_extension("traceparent").is_some());
+        assert_eq!(
+            received.data_as::<serde_json::Value>().unwrap(),
+            serde_json::json!({"name": "my workspace", "tags": ["a", "b"]})
+        );
+        assert!(received.is_unbuilt(), "reading it built nothing");
+        // Binary mode is built when decoded.
+        let msg = encode(&event, ContentMode::Binary).unwrap();
+        let received = decode(Some(&msg.headers.to_header_map()), &msg.payload).unwrap();
+        assert!(!received.is_unbuilt());
+    }
+
+    /// Changing a received event builds it, and from then on it reads as changed.
+    #[test]
+    fn a_changed_view_reads_as_changed() {
+        let event = new_event_with_tid("t", "s", &1, TransactionId::new("tid-1")).unwrap();
+        let msg = encode(&event, ContentMode::Structured).unwrap();
+        let mut received = decode(None, &msg.payload).unwrap();
+        assert!(received.is_unbuilt());
+        received.set_id("changed");
+        received.set_transaction_id(&TransactionId::new("tid-2"));
+        assert!(!received.is_unbuilt());
+        assert_eq!(received.id(), "changed");
+        assert_eq!(received.transaction_id(), Some(TransactionId::new("tid-2")));
+        assert_eq!(received.into_event().id(), "changed");
     }
 }

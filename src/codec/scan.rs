@@ -218,6 +218,11 @@ impl<'a> JsonEvent<'a> {
         Ok(true)
     }
 
+    /// The parts read (after [`JsonEvent::check_members`]).
+    pub(super) fn parts(&self) -> &EventParts<'a> {
+        &self.parts
+    }
+
     /// The parts read (after [`JsonEvent::check_members`]), leaving empty ones.
     pub(super) fn take_parts(&mut self) -> EventParts<'a> {
         std::mem::take(&mut self.parts)

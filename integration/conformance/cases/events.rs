@@ -3021,3 +3021,62 @@ pub async fn promise_gets_a_prioritised_response<B: EventBackend>() {
         assert_eq!(got.id(), response.id());
     }
 }
+
+/// A listener's handler gets the published event read in place in structured mode (nothing
+/// built until something asks for the sdk's `Event`) and built in binary mode, on every
+/// backend alike, and it reads the same either way.
+pub async fn received_events_are_read_in_place<B: EventBackend>() {
+    for mode in [ContentMode::Structured, ContentMode::Binary] {
+        let env = B::start().await;
+        let mut pub_config = env.config("pub");
+        pub_config.ce_mode = mode;
+        let publisher = env.events(&pub_config).await;
+        let subscriber = env.events(&env.config("sub")).await;
+        let event_type = new_type("viewed");
+        let durable = new_durable();
+        // Whether the event was unbuilt when its handler started, and the event.
+        let seen: Seen<(bool, ReceivedEvent)> = Seen::new();
+        let recorder = seen.clone();
+        let handlers = EventHandlers::new().on(
+            &event_type,
+            event_handler_fn(move |event: ReceivedEvent, _| {
+                let recorder = recorder.clone();
+                async move {
+                    recorder.push((event.is_unbuilt(), event));
+                    Ok(())
+                }
+            }),
+        );
+        let listener = listen(&subscriber, handlers, options(&durable)).await;
+        let mut sent = event(&event_type, &json!({"n": 1, "name": "w"}));
+        sent.set_subject(Some("orders/1"));
+        publish(&publisher, sent.clone()).await;
+
+        let got = seen.wait_len("the event", 1).await;
+        let (unbuilt, got) = &got[0];
+        let structured = mode == ContentMode::Structured;
+        assert_eq!(*unbuilt, structured, "{mode:?}: unbuilt when handled");
+        assert_eq!(got.id(), sent.id());
+        assert_eq!(got.ty(), event_type);
+        assert_eq!(got.source(), pub_config.client_id);
+        assert_eq!(got.subject(), Some("orders/1"));
+        assert_eq!(got.time(), sent.time());
+        assert_eq!(got.datacontenttype(), Some("application/json"));
+        assert_eq!(got.transaction_id(), sent.transaction_id());
+        assert_eq!(
+            got.data_as::<Value>().expect("data"),
+            json!({"n": 1, "name": "w"})
+        );
+        assert_eq!(
+            got.is_unbuilt(),
+            structured,
+            "{mode:?}: reading built nothing"
+        );
+        // The sdk's event, built on request, is the published one (its JSON data as text).
+        let built = got.clone().into_event();
+        assert_eq!(built.id(), sent.id());
+        assert_eq!(built.subject(), Some("orders/1"));
+        assert_eq!(built.data(), sent.data());
+        listener.stop(Duration::from_secs(5)).await;
+    }
+}

@@ -1537,3 +1537,78 @@ pub async fn reply_stream_without_listener_yields_no_responders_first<B: QueryBa
     assert_eq!(err.kind(), RequestErrorKind::NoResponders);
     assert_no_responders(&client, &op).await;
 }
+
+/// A handler's request and the requester's reply are read in place in structured mode
+/// (nothing built until something asks for the sdk's `Event`) and built in binary mode, on
+/// every backend alike, and they read the same either way.
+pub async fn requests_and_replies_are_read_in_place<B: QueryBackend>() {
+    for mode in [ContentMode::Structured, ContentMode::Binary] {
+        let env = B::start().await;
+        let mut server_config = env.config("svc");
+        server_config.ce_mode = mode;
+        let mut client_config = env.config("cli");
+        client_config.ce_mode = mode;
+        let server = env.queries(&server_config).await;
+        let client = env.queries(&client_config).await;
+        let op = new_op("viewed");
+        // Whether the request was unbuilt when its handler started, and the request.
+        let seen: Seen<(bool, ReceivedEvent)> = Seen::new();
+        let recorder = seen.clone();
+        let handlers = QueryHandlers::new().on(
+            &op,
+            handler_fn(move |request: ReceivedEvent, reply| {
+                let recorder = recorder.clone();
+                async move {
+                    recorder.push((request.is_unbuilt(), request.clone()));
+                    let data: Value = request.data_as()?;
+                    reply
+                        .reply_data("conf.viewed.reply", &json!({"echo": data}))
+                        .await?;
+                    Ok(())
+                }
+            }),
+        );
+        let listener = listen(&server, handlers, options()).await;
+        let mut request = request_event(&op, &json!({"n": 1}));
+        request.set_subject(Some("w-1"));
+        let reply = within("the reply", client.request(request.clone()))
+            .await
+            .expect("reply");
+
+        let structured = mode == ContentMode::Structured;
+        let got = seen.snapshot().pop().expect("the handler saw the request");
+        let (unbuilt, got) = &got;
+        assert_eq!(
+            *unbuilt, structured,
+            "{mode:?}: request unbuilt when handled"
+        );
+        assert_eq!(got.id(), request.id());
+        assert_eq!(got.ty(), op);
+        assert_eq!(got.source(), client_config.client_id);
+        assert_eq!(got.subject(), Some("w-1"));
+        assert_eq!(got.time(), request.time());
+        assert_eq!(got.transaction_id(), request.transaction_id());
+        assert_eq!(
+            got.is_unbuilt(),
+            structured,
+            "{mode:?}: reading built nothing"
+        );
+
+        assert_eq!(reply.is_unbuilt(), structured, "{mode:?}: reply unbuilt");
+        assert_eq!(reply.ty(), "conf.viewed.reply");
+        assert_eq!(reply.source(), server_config.client_id);
+        assert_eq!(reply.transaction_id(), request.transaction_id());
+        assert_eq!(
+            reply.data_as::<Value>().expect("data"),
+            json!({"echo": {"n": 1}})
+        );
+        assert_eq!(
+            reply.is_unbuilt(),
+            structured,
+            "{mode:?}: reading built nothing"
+        );
+        let built = reply.into_event();
+        assert_eq!(built.ty(), "conf.viewed.reply");
+        listener.stop(Duration::from_secs(5)).await;
+    }
+}
