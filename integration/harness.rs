@@ -286,8 +286,10 @@ async fn cluster_forms_and_replicated_stream_accepts_writes() {
     let client = support::connect(&cluster.url()).await;
     let js = jetstream::new(client.clone());
     create_stream(&js, "REPL", 3).await;
-    assert_eq!(publish(&js, "repl.a", "one").await, 1);
+    // A replicated stream takes writes once its raft group has elected a leader, which can
+    // come after `create_stream` returns (a publish before it got `StreamNotFound`).
     let stream_leader = cluster.stream_leader(&client, "REPL").await;
+    assert_eq!(publish(&js, "repl.a", "one").await, 1);
     let mut stream = js.get_stream("REPL").await.expect("get_stream");
     let info = stream.info().await.expect("stream info");
     let cluster_info = info
