@@ -486,6 +486,7 @@ impl ReceivedEvent {
 }
 
 impl From<Event> for ReceivedEvent {
+    #[inline]
     fn from(event: Event) -> ReceivedEvent {
         ReceivedEvent {
             repr: Repr::Built(event),
