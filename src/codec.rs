@@ -10,8 +10,10 @@
 //! data is written directly, byte for byte as serde_json writes it.
 //! Spec 0.3 goes through the sdk's serde serializer. [`decode`] is on every message's path, so
 //! for spec 1.0 it reads the JSON event in one pass (`scan.rs`, borrowed keys and strings,
-//! `data` kept as its raw JSON text) or the `ce-*` headers (one pass) and builds the event with
-//! the sdk's `EventBuilderV10`; spec 0.3 goes through the sdk's [`BinaryDeserializer`] /
+//! `data` kept as its raw JSON text) or the `ce-*` headers (one pass). A structured event is
+//! handed out as a checked view of its payload ([`ReceivedEvent`], built into the sdk's `Event`
+//! only when asked); anything else is built with the sdk's `EventBuilderV10` when decoded;
+//! spec 0.3 goes through the sdk's [`BinaryDeserializer`] /
 //! [`StructuredDeserializer`] route, and `data_base64` through the sdk's own JSON format
 //! decoder. A property test pins that the structured decode agrees with the sdk's decoder.
 //!
@@ -641,9 +643,10 @@ fn decode_as(
     payload: &Bytes,
     view: View,
 ) -> Result<ReceivedEvent, DecodeError> {
-    // Every route ends in `check_event`: `EventParts::into_event` checks the event it built
-    // before returning it (checking here would move the large `Event` out of its `Result`
-    // and back in, a copy on every message); the sdk's structured route is checked below.
+    // Every route checks what `check_event` checks: `EventParts::into_event` checks the event
+    // it built before returning it (checking here would move the large `Event` out of its
+    // `Result` and back in, a copy on every message), a view is made only of parts that pass
+    // the same rules (`Wire::read`), and the sdk's structured route is checked below.
     let message = NatsMessage { headers, payload };
     if let Some(parts) = message.binary_parts() {
         parts?.into_event().map(ReceivedEvent::from)
@@ -1134,6 +1137,10 @@ impl<'a> Extensions<'a> {
             Some(slot) => *slot = Some(extension),
             None => self.more.push(extension),
         }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &(Cow<'a, str>, PartsValue<'a>)> {
+        self.inline.iter().flatten().chain(self.more.iter())
     }
 
     fn iter_mut(&mut self) -> impl Iterator<Item = &mut (Cow<'a, str>, PartsValue<'a>)> {

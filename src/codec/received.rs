@@ -32,13 +32,19 @@ use crate::error::{Error, EventError, EventErrorKind};
 /// the same names here, and its JSON data is parsed straight from the payload by
 /// [`EventExt::data_as`]. A handler that reads only those never builds an `Event` (about half
 /// of what decoding one costs, see `docs/performance.md`); anything else (`data()`,
-/// `extension()`, `dataschema()`, `iter()`, `&*event`) builds it once, the same `Event`
-/// `decode` would have built, and keeps it. Other events (binary mode, spec 0.3, escaped
-/// strings, more than two extensions, a `dataschema`) are built as they are decoded.
+/// `extension()`, `iter()`, `&*event`, `Debug`, `==`) builds it once, the same `Event`
+/// `decode` would have built, and keeps it. Other events are built as they are decoded: binary
+/// mode, spec 0.3, `data_base64`, an escape in an attribute's or extension's string (escapes
+/// inside `data` are fine), more than four extensions, a `dataschema`, and data that is not
+/// JSON (a non-JSON content type, or none).
+///
+/// A view holds the message's payload (`Bytes`: shared with the buffer the client read it
+/// into, not copied). Keep received events for as long as they are being handled; to store
+/// one for long, store its [`into_event`](Self::into_event), which owns its strings.
 ///
 /// It implements the sdk's [`AttributesReader`] too. The inherent accessors come first in
 /// method calls (`source()` gives a `&str` here, where the trait gives a `&String` and has to
-/// build the event for it). Code that needs an `&Event` gets one by deref coercion
+/// build the event for it; `received.source().as_str()` becomes `received.source()`). Code that needs an `&Event` gets one by deref coercion
 /// (`fn f(e: &Event)` takes `&received`).
 ///
 /// # Examples
@@ -88,6 +94,9 @@ struct Span {
     end: u32,
 }
 
+/// How many extensions a view holds; an event with more is built when decoded.
+const WIRE_EXTENSIONS: usize = 4;
+
 /// An extension value in the payload.
 #[derive(Clone, Copy)]
 enum WireValue {
@@ -105,9 +114,11 @@ pub(super) struct Wire {
     ty: Span,
     subject: Option<Span>,
     datacontenttype: Option<Span>,
-    /// The text of `time`, and its value (parsed when decoded, which checked it).
-    time: Option<(Span, DateTime<Utc>)>,
-    extensions: [Option<(Span, WireValue)>; 2],
+    /// `time`, parsed when decoded (which checked it).
+    time: Option<DateTime<Utc>>,
+    /// The extensions, in the order read (four hold what this library sends: a transaction
+    /// id, a trace parent and state, a priority).
+    extensions: [Option<(Span, WireValue)>; WIRE_EXTENSIONS],
     /// The JSON text of `data` (with a JSON content type; other data is built when decoded).
     data: Option<Span>,
 }
@@ -137,7 +148,9 @@ impl Wire {
     /// built (which then also says what is wrong with it, in `decode`'s own words).
     #[inline]
     pub(super) fn read(payload: &Bytes, parts: &EventParts<'_>) -> Option<Wire> {
-        if parts.specversion.as_deref() != Some("1.0") || !parts.extensions.more.is_empty() {
+        if parts.specversion.as_deref() != Some("1.0")
+            || parts.extensions.more.len() > WIRE_EXTENSIONS - parts.extensions.inline.len()
+        {
             return None;
         }
         let [Some(id), Some(source), Some(ty), subject, time, None] = &parts.attributes else {
@@ -155,14 +168,11 @@ impl Wire {
             return None;
         }
         let time = match time {
-            Some(text) => Some((span_of(payload, text)?, parse_time(text).ok()?)),
+            Some(text) => Some(parse_time(text).ok()?),
             None => None,
         };
-        let mut extensions = [None, None];
-        for (slot, extension) in extensions.iter_mut().zip(&parts.extensions.inline) {
-            let Some((name, value)) = extension else {
-                continue;
-            };
+        let mut extensions = [None; WIRE_EXTENSIONS];
+        for (slot, (name, value)) in extensions.iter_mut().zip(parts.extensions.iter()) {
             if !is_attribute_name(name) {
                 return None;
             }
@@ -224,14 +234,15 @@ impl Wire {
             .build();
         let mut event = match built {
             Ok(event) => event,
-            // Invariant: the builder refuses only a missing `id`, `source` or `type` (and a
-            // `dataschema` it could not parse, which is not set here); all three are set.
+            // Invariant: the builder refuses a missing `id`, `source` or `type` (all three are
+            // set), an empty `source` (refused by `attribute_values_fault` before a view is
+            // made) and a `dataschema` it cannot parse (a view has none).
             Err(e) => unreachable!("a checked event failed to build: {e}"),
         };
         if let Some(subject) = self.subject {
             event.set_subject(Some(self.text(subject)));
         }
-        if let Some((_, time)) = self.time {
+        if let Some(time) = self.time {
             event.set_time(Some(time));
         }
         for (name, value) in self.extensions.iter().flatten() {
@@ -348,7 +359,7 @@ impl ReceivedEvent {
     /// The `time` attribute.
     pub fn time(&self) -> Option<&DateTime<Utc>> {
         match self.wire() {
-            Some(wire) => wire.time.as_ref().map(|(_, time)| time),
+            Some(wire) => wire.time.as_ref(),
             None => self.event().time(),
         }
     }
@@ -376,9 +387,8 @@ impl ReceivedEvent {
 }
 
 /// The sdk's reader, for code written against it (`AttributesReader::id(&event)`, generic
-/// functions). The methods read the payload in place as the inherent ones do, except
-/// `source` (the trait returns a `&String`, which only the built event holds) and
-/// `dataschema`, which build the event.
+/// functions). The methods read the payload in place as the inherent ones do, except `source`
+/// (the trait returns a `&String`, which only the built event holds), which builds the event.
 impl AttributesReader for ReceivedEvent {
     fn id(&self) -> &str {
         ReceivedEvent::id(self)
@@ -526,6 +536,8 @@ impl PartialEq for ReceivedEvent {
     }
 }
 
+impl Eq for ReceivedEvent {}
+
 impl PartialEq<Event> for ReceivedEvent {
     fn eq(&self, other: &Event) -> bool {
         self.event() == other
@@ -598,23 +610,27 @@ mod tests {
     }
 
     /// A member of a generated JSON event: names and values as senders write them (escaped
-    /// or not, of every JSON type, `null`, twice).
-    fn member() -> impl Strategy<Value = String> {
+    /// or not, of every JSON type, `null`, twice), as `(name, value)` JSON texts.
+    fn member() -> impl Strategy<Value = (String, String)> {
         let name = prop_oneof![
-            Just("id"),
-            Just("source"),
-            Just("type"),
-            Just("subject"),
-            Just("time"),
-            Just("datacontenttype"),
-            Just("dataschema"),
-            Just("data"),
-            Just("transactionid"),
-            Just("traceparent"),
-            Just("ext1"),
-            Just("ext2"),
-            Just("Bad"),
-            Just("specversion"),
+            Just(r#""id""#),
+            Just(r#""i\u0064""#),
+            Just(r#""source""#),
+            Just(r#""type""#),
+            Just(r#""subject""#),
+            Just(r#""time""#),
+            Just(r#""datacontenttype""#),
+            Just(r#""dataschema""#),
+            Just(r#""data""#),
+            Just(r#""transactionid""#),
+            Just(r#""traceparent""#),
+            Just(r#""ext1""#),
+            Just(r#""ext\u0031""#),
+            Just(r#""ext2""#),
+            Just(r#""ext3""#),
+            Just(r#""ext4""#),
+            Just(r#""Bad""#),
+            Just(r#""specversion""#),
         ];
         let value = prop_oneof![
             Just(r#""x""#.to_owned()),
@@ -634,37 +650,94 @@ mod tests {
             Just("true".to_owned()),
             Just("42".to_owned()),
             Just("1.5".to_owned()),
-            Just(r#"{"a":[1,"b",null]}"#.to_owned()),
+            Just(r#"{"a":[1,"b\n",null]}"#.to_owned()),
             Just(r#"[1,2]"#.to_owned()),
             "[a-z]{0,6}".prop_map(|t| format!("{t:?}")),
         ];
-        (name, value).prop_map(|(name, value)| format!("{name:?}:{value}"))
+        (name, value).prop_map(|(name, value)| (name.to_owned(), value))
+    }
+
+    /// A `datacontenttype` value: JSON ones (which a view holds data of) and others.
+    fn content_type() -> impl Strategy<Value = &'static str> {
+        prop_oneof![
+            Just(r#""application/json""#),
+            Just(r#""application/vnd.x+json""#),
+            Just(r#""text/json""#),
+            Just(r#""application/json; charset=utf-8""#),
+            Just(r#""text/plain""#),
+            Just(r#""application/octet-stream""#),
+        ]
+    }
+
+    /// A `data` value of every JSON type (escapes inside `data` keep a view).
+    fn data() -> impl Strategy<Value = &'static str> {
+        prop_oneof![
+            Just(r#"{"name":"my workspace","tags":["a","b"],"n":1}"#),
+            Just(r#"{"q":"a\"b\u00e9"}"#),
+            Just(r#""text""#),
+            Just("[1, 2.5, null]"),
+            Just("42"),
+            Just("null"),
+        ]
     }
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(4000))]
 
         /// `decode` hands out a view only where it reads exactly what building reads: on
-        /// generated JSON events (spec 1.0, all attributes, extensions of each type, escapes,
-        /// `null` and repeated members, bad values), with and without the structured
-        /// Content-Type, the same outcome as `decode` without views: the same error, or an
-        /// event whose every accessor and whose built `Event` are the same.
+        /// generated JSON events (spec 1.0, every attribute, data of each JSON type under JSON
+        /// and other content types, extensions of each type up to five, escaped names and
+        /// values, `null` and repeated members, bad values, whitespace), with and without the
+        /// structured Content-Type, the same outcome as `decode` without views: the same
+        /// error, or an event whose every accessor and whose built `Event` are the same; and
+        /// the same event sent in binary mode comes back built, and equal.
         #[test]
         fn a_view_reads_what_building_reads(
-            members in proptest::collection::vec(member(), 0..6),
             required in proptest::collection::vec(proptest::bool::weighted(0.9), 3),
+            content_type in proptest::option::weighted(0.8, content_type()),
+            time in proptest::option::weighted(0.6, prop_oneof![
+                Just(r#""2026-12-05T13:00:00Z""#),
+                Just(r#""2026-12-05T13:00:00.5+00:00""#),
+                Just(r#""2026-12-05T14:00:00-00:30""#),
+                Just(r#""2026-12-05T13:00:00\u005a""#),
+            ]),
+            data in proptest::option::weighted(0.7, data()),
+            extensions in proptest::collection::vec(
+                (0..5usize, prop_oneof![
+                    Just(r#""v""#), Just("7"), Just("false"), Just("null"), Just(r#""""#),
+                ]),
+                0..6,
+            ),
+            members in proptest::collection::vec(member(), 0..4),
             with_content_type in any::<bool>(),
             spaces in any::<bool>(),
         ) {
-            let mut all = Vec::new();
-            for (present, member) in required.iter().zip([r#""id":"i-1""#, r#""source":"s""#, r#""type":"t""#]) {
+            let mut all: Vec<(String, String)> = vec![("\"specversion\"".into(), "\"1.0\"".into())];
+            for (present, (name, value)) in required
+                .iter()
+                .zip([("id", "\"i-1\""), ("source", "\"s\""), ("type", "\"t\"")])
+            {
                 if *present {
-                    all.push(member.to_owned());
+                    all.push((format!("{name:?}"), value.to_owned()));
                 }
             }
+            if let Some(ct) = content_type {
+                all.push(("\"datacontenttype\"".into(), ct.to_owned()));
+            }
+            if let Some(time) = time {
+                all.push(("\"time\"".into(), time.to_owned()));
+            }
+            if let Some(data) = data {
+                all.push(("\"data\"".into(), data.to_owned()));
+            }
+            let names = ["transactionid", "traceparent", "ext1", "ext2", "ext3"];
+            for (i, value) in extensions {
+                all.push((format!("{:?}", names[i]), value.to_owned()));
+            }
             all.extend(members);
-            let sep = if spaces { " , " } else { "," };
-            let payload = Bytes::from(format!(r#"{{"specversion":"1.0"{sep}{}}}"#, all.join(sep)));
+            let (sep, colon) = if spaces { (" , ", " :\n ") } else { (",", ":") };
+            let body: Vec<String> = all.iter().map(|(n, v)| format!("{n}{colon}{v}")).collect();
+            let payload = Bytes::from(format!("{{{}}}", body.join(sep)));
             let mut headers = HeaderMap::new();
             headers.insert("Content-Type", STRUCTURED_CONTENT_TYPE);
             let headers = with_content_type.then_some(headers);
@@ -673,7 +746,16 @@ mod tests {
             match (viewed, built) {
                 (Ok(viewed), Ok(built)) => {
                     prop_assert!(!built.is_unbuilt());
-                    assert_reads_as(&viewed, &built.into_event())?;
+                    let built = built.into_event();
+                    assert_reads_as(&viewed, &built)?;
+                    // Binary mode: built when decoded, and the same event.
+                    if let Ok(msg) = encode(&built, ContentMode::Binary) {
+                        let back = decode(Some(&msg.headers.to_header_map()), &msg.payload)
+                            .expect("what encode writes decodes");
+                        prop_assert!(!back.is_unbuilt());
+                        prop_assert_eq!(back.id(), built.id());
+                        prop_assert_eq!(back.transaction_id(), built.transaction_id());
+                    }
                 }
                 (Err(a), Err(b)) => {
                     prop_assert_eq!(a.kind(), b.kind());
