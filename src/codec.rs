@@ -1062,7 +1062,8 @@ impl<'a> NatsMessage<'a> {
                         .extensions
                         .push((Cow::Borrowed(attr), PartsValue::Str(value))),
                 }
-            } else if name.eq_ignore_ascii_case(CONTENT_TYPE) {
+            } else if name == "Content-Type" || name.eq_ignore_ascii_case(CONTENT_TYPE) {
+                // (As this library and most senders write it: one comparison first.)
                 content_type = values.first().map(|v| Cow::Borrowed(v.as_str()));
                 is_structured |= values
                     .iter()
