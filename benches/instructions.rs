@@ -62,7 +62,8 @@
 //!   it: structured, with a transaction id and `Request-Timeout-Ms`), retrying until the
 //!   responder subscribed;
 //! - `query-responder-hand`: the same work written by hand: an async-nats subscription, this
-//!   crate's `decode`, `data_as`, `new_event` and `encode`, published inline in the loop;
+//!   crate's `decode`, the request's type and transaction id read (as the library reads them),
+//!   `data_as`, `new_event_with_tid` and `encode`, published inline in the loop;
 //! - `query-requester`: `NatsQueries::request` of a clone of the request event and `data_as`
 //!   of the reply; the peer is a plain async-nats responder answering every request with the
 //!   same reply event, encoded once;
@@ -75,7 +76,8 @@
 //!   durables and stores the events (the bench event as the library publishes it, each with
 //!   its own `Nats-Msg-Id`);
 //! - `consume-nats-hand`: the same by hand: an async-nats pull consumer (same max ack
-//!   pending), this crate's `decode` of each event, a plain ack.
+//!   pending), this crate's `decode` of each event, its type and transaction id read (as the
+//!   library reads them), a plain ack.
 //!
 //! A side's machinery is the library op minus its `-hand` op.
 use std::hint::black_box;
@@ -91,7 +93,7 @@ use ce_messaging::cloudevents::{
 };
 use ce_messaging::codec::{decode, encode, peek_transaction_id, ContentMode};
 use ce_messaging::config::Config;
-use ce_messaging::event::{new_event, EventExt};
+use ce_messaging::event::{new_event, new_event_with_tid, EventExt};
 use ce_messaging::events::EventConnection;
 use ce_messaging::query::{handler_fn, QueryConnection, QueryHandlers, QueryListenOptions};
 use ce_messaging::ReceivedEvent;
@@ -1366,9 +1368,15 @@ async fn run_async(op: &str, total: u64) -> Result<(), String> {
                 let reply_to = message.reply.ok_or("a request without a reply subject")?;
                 let request = decode(message.headers.as_ref(), &message.payload)
                     .map_err(|e| err("decode")(&e))?;
+                // What the library reads of a request too: its type (to find the handler) and
+                // its transaction id (which the reply carries).
+                black_box(request.ty());
+                let tid = request
+                    .transaction_id()
+                    .ok_or("a request without a transaction id")?;
                 let data: serde_json::Value = request.data_as().map_err(|e| err("data")(&e))?;
-                let reply =
-                    new_event(REPLY_TYPE, HAND_SOURCE, &data).map_err(|e| err("reply")(&e))?;
+                let reply = new_event_with_tid(REPLY_TYPE, HAND_SOURCE, &data, tid)
+                    .map_err(|e| err("reply")(&e))?;
                 let encoded =
                     encode(&reply, ContentMode::Structured).map_err(|e| err("encode")(&e))?;
                 client
@@ -1471,6 +1479,9 @@ async fn run_async(op: &str, total: u64) -> Result<(), String> {
                     .map_err(|e| err("pulled")(&e))?;
                 let event = decode(message.headers.as_ref(), &message.payload)
                     .map_err(|e| err("decode")(&e))?;
+                // What the library reads of an event too: its type (to find the handler) and
+                // its transaction id (for the handler's response writer).
+                black_box((event.ty(), event.transaction_id()));
                 black_box(event);
                 message.ack().await.map_err(|e| err("ack")(&e))?;
             }

@@ -666,7 +666,7 @@ fn decode_as(
             // The common shape becomes a checked view of the payload, built into an `Event`
             // only when asked; anything else (and every error) is built now.
             let wire = match view {
-                View::WhenPossible => received::Wire::read(payload, json.parts()),
+                View::WhenPossible => received::Wire::read(json.text(), json.parts()),
                 #[cfg(test)]
                 View::Never => None,
             };

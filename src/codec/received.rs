@@ -7,7 +7,6 @@ use std::fmt;
 use std::ops::{Deref, DerefMut};
 use std::sync::OnceLock;
 
-use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use cloudevents::event::{ExtensionValue, SpecVersion};
 use cloudevents::{AttributesReader, Event};
@@ -38,9 +37,8 @@ use crate::error::{Error, EventError, EventErrorKind};
 /// inside `data` are fine), more than four extensions, a `dataschema`, and data that is not
 /// JSON (a non-JSON content type, or none).
 ///
-/// A view holds the message's payload (`Bytes`: shared with the buffer the client read it
-/// into, not copied). Keep received events for as long as they are being handled; to store
-/// one for long, store its [`into_event`](Self::into_event), which owns its strings.
+/// A view holds a copy of the payload's text (one allocation, not the client's read buffer)
+/// and where each value is in it.
 ///
 /// It implements the sdk's [`AttributesReader`] too. The inherent accessors come first in
 /// method calls (`source()` gives a `&str` here, where the trait gives a `&String` and has to
@@ -108,7 +106,11 @@ enum WireValue {
 /// A checked spec 1.0 structured-mode event, as places in its payload.
 #[derive(Clone)]
 pub(super) struct Wire {
-    payload: Bytes,
+    /// The payload, copied (one allocation): a `&str` of it is sliced at the places without
+    /// checking UTF-8 again on each read (the crate forbids `unsafe`, and `Bytes` are not
+    /// known to be text), and the client's read buffer, which the payload's `Bytes` share, is
+    /// not held for as long as the event is kept.
+    text: Box<str>,
     id: Span,
     source: Span,
     ty: Span,
@@ -127,7 +129,7 @@ pub(super) struct Wire {
 /// escaped value, decoded into a string of its own).
 // The `Cow`'s variant is the point: an owned (unescaped) value is not a part of the payload.
 #[allow(clippy::ptr_arg)]
-fn span_of(payload: &[u8], text: &Cow<'_, str>) -> Option<Span> {
+fn span_of(payload: &str, text: &Cow<'_, str>) -> Option<Span> {
     let Cow::Borrowed(text) = text else {
         return None;
     };
@@ -147,7 +149,7 @@ impl Wire {
     /// and it passes every check building it would make; `None` otherwise, and the event is
     /// built (which then also says what is wrong with it, in `decode`'s own words).
     #[inline]
-    pub(super) fn read(payload: &Bytes, parts: &EventParts<'_>) -> Option<Wire> {
+    pub(super) fn read(payload: &str, parts: &EventParts<'_>) -> Option<Wire> {
         if parts.specversion.as_deref() != Some("1.0")
             || parts.extensions.more.len() > WIRE_EXTENSIONS - parts.extensions.inline.len()
         {
@@ -184,7 +186,7 @@ impl Wire {
             *slot = Some((span_of(payload, name)?, value));
         }
         Some(Wire {
-            payload: payload.clone(),
+            text: Box::from(payload),
             id: span_of(payload, id)?,
             source: span_of(payload, source)?,
             ty: span_of(payload, ty)?,
@@ -203,13 +205,11 @@ impl Wire {
     }
 
     /// The text at `span`. Invariant: every span was made by [`Wire::read`] from a `&str`
-    /// that was a part of this same payload (the decoder checked the whole payload as UTF-8
-    /// and sliced it at ASCII quotes), and `Bytes` never change, so the slice is there and is
-    /// UTF-8; the empty string would only come back if that were broken.
+    /// that was a part of this same text, sliced at ASCII quotes, so the slice is there and at
+    /// character boundaries; the empty string would only come back if that were broken.
     fn text(&self, span: Span) -> &str {
-        self.payload
+        self.text
             .get(span.start as usize..span.end as usize)
-            .and_then(|bytes| std::str::from_utf8(bytes).ok())
             .unwrap_or_default()
     }
 

@@ -62,6 +62,8 @@ fn not_a_string(name: &str) -> DecodeError {
 /// [`JsonEvent::check_members`] once the whole payload is known to be JSON).
 #[derive(Default)]
 pub(super) struct JsonEvent<'a> {
+    /// The whole payload, as the text it was checked to be.
+    text: &'a str,
     parts: EventParts<'a>,
     specversion: Option<Value<'a>>,
     /// Bit `i`: the attribute `V10_ATTRIBUTES[i]` is neither a string nor null; bit 6: the
@@ -159,6 +161,7 @@ pub(super) fn read_event_into<'a>(
     let text = std::str::from_utf8(payload).map_err(|e| {
         Error::with_source(DecodeErrorKind::NotJson, e).detail("the payload is not UTF-8")
     })?;
+    event.text = text;
     let mut scanner = Scanner { text, pos: 0 };
     scanner
         .event_members(event)
@@ -221,6 +224,11 @@ impl<'a> JsonEvent<'a> {
     /// The parts read (after [`JsonEvent::check_members`]).
     pub(super) fn parts(&self) -> &EventParts<'a> {
         &self.parts
+    }
+
+    /// The payload the parts were read from, as text (checked UTF-8 by the pass).
+    pub(super) fn text(&self) -> &'a str {
+        self.text
     }
 
     /// The parts read (after [`JsonEvent::check_members`]), leaving empty ones.
