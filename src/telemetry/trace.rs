@@ -483,14 +483,7 @@ pub(crate) fn incoming(event: &ReceivedEvent, start_new: bool) -> Option<TraceCo
 /// [`record_event`] for a received event (read in place, nothing built).
 pub(crate) fn record_received(span: &tracing::Span, event: &ReceivedEvent) {
     use crate::event::EventExt;
-    if span.is_disabled() {
-        return;
-    }
-    span.record("event.id", event.id());
-    span.record("event.type", event.ty());
-    if let Some(tid) = event.transaction_id() {
-        span.record("transaction_id", tid.as_str());
-    }
+    record_ids(span, || (event.id(), event.ty(), event.transaction_id()));
 }
 
 /// Records an event's id, type and transaction id on `span` (fields `event.id`, `event.type`,
@@ -498,12 +491,21 @@ pub(crate) fn record_received(span: &tracing::Span, event: &ReceivedEvent) {
 pub(crate) fn record_event(span: &tracing::Span, event: &Event) {
     use crate::event::EventExt;
     use cloudevents::AttributesReader;
+    record_ids(span, || (event.id(), event.ty(), event.transaction_id()));
+}
+
+/// The fields of [`record_event`], read only when the span is recorded.
+fn record_ids<'e>(
+    span: &tracing::Span,
+    read: impl FnOnce() -> (&'e str, &'e str, Option<crate::event::TransactionId>),
+) {
     if span.is_disabled() {
         return;
     }
-    span.record("event.id", event.id());
-    span.record("event.type", event.ty());
-    if let Some(tid) = event.transaction_id() {
+    let (id, ty, tid) = read();
+    span.record("event.id", id);
+    span.record("event.type", ty);
+    if let Some(tid) = tid {
         span.record("transaction_id", tid.as_str());
     }
 }
