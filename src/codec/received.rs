@@ -186,7 +186,6 @@ impl Wire {
             *slot = Some((span_of(payload, name)?, value));
         }
         Some(Wire {
-            text: Box::from(payload),
             id: span_of(payload, id)?,
             source: span_of(payload, source)?,
             ty: span_of(payload, ty)?,
@@ -201,6 +200,8 @@ impl Wire {
             time,
             extensions,
             data,
+            // Last: copied only once every place is known to be in the payload.
+            text: Box::from(payload),
         })
     }
 
