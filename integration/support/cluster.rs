@@ -9,8 +9,12 @@ use super::server::{free_ports, NatsServer, ServerOptions};
 
 /// How long the cluster may take to form (routes up, meta leader elected).
 const FORM_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long [`NatsCluster::meta_leader`] and [`NatsCluster::stream_leader`] wait for a leader.
-const LEADER_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long [`NatsCluster::meta_leader`] and [`NatsCluster::stream_leader`] wait for a leader:
+/// the fault tests' own bound on a new leader after a kill (40 s), since an election after
+/// repeated kills took longer than 20 s once on a loaded 2-core machine.
+const LEADER_TIMEOUT: Duration = Duration::from_secs(40);
+/// How long one stream-info request of [`NatsCluster::stream_leader`] may take.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
 /// How many times a start picks new ports after losing a port race to another process.
 const PORT_RACE_ATTEMPTS: usize = 3;
 
@@ -155,7 +159,9 @@ impl NatsCluster {
         let mut last;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            match tokio::time::timeout(left, js.get_stream(stream)).await {
+            // Each attempt bounded on its own: a request sent while the client reconnects
+            // after a kill can hang, and must not use up the whole window.
+            match tokio::time::timeout(left.min(ATTEMPT_TIMEOUT), js.get_stream(stream)).await {
                 Ok(Ok(mut s)) => match s.info().await {
                     Ok(info) => {
                         let leader = info.cluster.as_ref().and_then(|c| c.leader.clone());
