@@ -5,6 +5,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use ce_messaging::codec::ContentMode;
+use ce_messaging::config::Config;
 use ce_messaging::error::{RemoteError, RequestErrorKind};
 use ce_messaging::event::{
     new_event_auto_source, new_event_with_tid, EventExt, AUTO_POPULATE_SOURCE,
@@ -103,7 +104,10 @@ async fn assert_no_responders<Q: QueryConnection>(client: &Q, op: &str) {
     assert_eq!(err.kind(), RequestErrorKind::NoResponders, "{err}");
 }
 
-async fn roundtrip<B: QueryBackend>(mode: ContentMode) {
+/// A backend with a server and a client connection, both in content mode `mode`.
+async fn in_mode<B: QueryBackend>(
+    mode: ContentMode,
+) -> (B, Config, B::Queries, Config, B::Queries) {
     let env = B::start().await;
     let mut server_config = env.config("svc");
     server_config.ce_mode = mode;
@@ -111,6 +115,11 @@ async fn roundtrip<B: QueryBackend>(mode: ContentMode) {
     client_config.ce_mode = mode;
     let server = env.queries(&server_config).await;
     let client = env.queries(&client_config).await;
+    (env, server_config, server, client_config, client)
+}
+
+async fn roundtrip<B: QueryBackend>(mode: ContentMode) {
+    let (_env, server_config, server, client_config, client) = in_mode::<B>(mode).await;
     let op = new_op("echo");
     let seen: Seen<ReceivedEvent> = Seen::new();
     let recorder = seen.clone();
@@ -1543,13 +1552,7 @@ pub async fn reply_stream_without_listener_yields_no_responders_first<B: QueryBa
 /// every backend alike, and they read the same either way.
 pub async fn requests_and_replies_are_read_in_place<B: QueryBackend>() {
     for mode in [ContentMode::Structured, ContentMode::Binary] {
-        let env = B::start().await;
-        let mut server_config = env.config("svc");
-        server_config.ce_mode = mode;
-        let mut client_config = env.config("cli");
-        client_config.ce_mode = mode;
-        let server = env.queries(&server_config).await;
-        let client = env.queries(&client_config).await;
+        let (_env, server_config, server, client_config, client) = in_mode::<B>(mode).await;
         let op = new_op("viewed");
         // Whether the request was unbuilt when its handler started, and the request.
         let seen: Seen<(bool, ReceivedEvent)> = Seen::new();
