@@ -3078,5 +3078,8 @@ pub async fn received_events_are_read_in_place<B: EventBackend>() {
         assert_eq!(built.subject(), Some("orders/1"));
         assert_eq!(built.data(), sent.data());
         listener.stop(Duration::from_secs(5)).await;
+        // The stored event was handled and acked, nothing parked or dead-lettered.
+        wait_settled(&env, &pub_config, &durable).await;
+        assert!(env.stored(&pub_config.js_dlq_stream).await.is_empty());
     }
 }
