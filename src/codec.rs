@@ -531,33 +531,58 @@ fn parse_time(text: &str) -> Result<chrono::DateTime<chrono::Utc>, chrono::Parse
 
 /// `YYYY-MM-DDTHH:MM:SS[.f]Z` or `...+00:00` with 1-9 fraction digits and a valid date and
 /// time (no leap second); `None` for anything else, which chrono then reads (or rejects).
+// Digit by digit on the fixed positions (decode-structured 5,157 -> 4,8xx instructions against
+// a `try_fold` per number and a search for the separators).
 fn parse_utc_time(text: &[u8]) -> Option<chrono::DateTime<chrono::Utc>> {
-    let number = |range: std::ops::Range<usize>| -> Option<u32> {
-        text.get(range)?.iter().try_fold(0u32, |n, &b| {
-            b.is_ascii_digit().then(|| n * 10 + u32::from(b - b'0'))
-        })
+    let (head, rest) = text.split_first_chunk::<19>()?;
+    // A digit's value, or 10 and more for any other byte (the subtraction wraps below `0`).
+    let digit = |i: usize| u32::from(head[i].wrapping_sub(b'0'));
+    let two = |i: usize| {
+        let (tens, ones) = (digit(i), digit(i + 1));
+        (tens < 10 && ones < 10).then_some(tens * 10 + ones)
     };
-    let separators = [(4, b'-'), (7, b'-'), (10, b'T'), (13, b':'), (16, b':')];
-    if separators.iter().any(|&(i, c)| text.get(i) != Some(&c)) {
+    if head[4] != b'-'
+        || head[7] != b'-'
+        || head[10] != b'T'
+        || head[13] != b':'
+        || head[16] != b':'
+    {
         return None;
     }
-    let (mut end, mut nanos) = (19, 0);
-    if text.get(19) == Some(&b'.') {
-        let digits = text[20..].iter().take_while(|b| b.is_ascii_digit()).count();
-        if !(1..=9).contains(&digits) {
-            return None;
+    let (year, month, day) = (two(0)? * 100 + two(2)?, two(5)?, two(8)?);
+    let (hour, minute, second) = (two(11)?, two(14)?, two(17)?);
+    let mut nanos = 0;
+    let zone = match rest.split_first() {
+        Some((b'.', fraction)) => {
+            let mut digits = 0;
+            for &b in fraction {
+                let d = u32::from(b.wrapping_sub(b'0'));
+                if d >= 10 {
+                    break;
+                }
+                if digits == 9 {
+                    // A tenth digit: left to chrono.
+                    return None;
+                }
+                // At most nine digits: below 10^9.
+                nanos = nanos * 10 + d;
+                digits += 1;
+            }
+            if digits == 0 {
+                return None;
+            }
+            // `digits` is 1-9: the power fits, and the product stays below 10^9.
+            nanos *= 10u32.pow(9 - digits);
+            &fraction[digits as usize..]
         }
-        // `digits` is 1-9: the power fits, and the product stays below 10^9.
-        nanos = number(20..20 + digits)? * 10u32.pow(9 - digits as u32);
-        end = 20 + digits;
-    }
-    if !matches!(text.get(end..), Some(b"Z" | b"+00:00")) {
+        _ => rest,
+    };
+    if zone != b"Z" && zone != b"+00:00" {
         return None;
     }
-    // `number` reads at most 4 digits here, so the year fits an i32.
-    let date =
-        chrono::NaiveDate::from_ymd_opt(number(0..4)? as i32, number(5..7)?, number(8..10)?)?;
-    let time = date.and_hms_nano_opt(number(11..13)?, number(14..16)?, number(17..19)?, nanos)?;
+    // `year` is at most 9,999: it fits an i32.
+    let date = chrono::NaiveDate::from_ymd_opt(year as i32, month, day)?;
+    let time = date.and_hms_nano_opt(hour, minute, second, nanos)?;
     Some(time.and_utc())
 }
 
