@@ -12,9 +12,10 @@ use cloudevents::event::{ExtensionValue, SpecVersion};
 use cloudevents::{AttributesReader, Event};
 use serde::de::DeserializeOwned;
 
+use super::scan::PlainEvent;
 use super::{
-    attribute_values_fault, is_attribute_name, is_json_content_type, parse_time, EventParts,
-    PartsData, PartsValue,
+    attribute_values_fault, is_attribute_name, is_attribute_name_bytes, is_content_type,
+    is_json_content_type, parse_time, parse_utc_time, EventParts, PartsData, PartsValue,
 };
 use crate::cloudevent::{data_error, EventExt, EventType, TransactionId, TRANSACTION_ID_EXTENSION};
 use crate::error::{Error, EventError, EventErrorKind};
@@ -87,17 +88,49 @@ enum Repr {
 
 /// Where a string value is in the payload (its text between the quotes, without escapes).
 #[derive(Clone, Copy)]
-struct Span {
+pub(super) struct Span {
     start: u32,
     end: u32,
 }
 
+impl Span {
+    /// The place `start..end`. Invariant: callers pass offsets into a payload they checked
+    /// fits `u32` (`scan::read_plain` does first), so the casts do not truncate.
+    pub(super) fn new(start: usize, end: usize) -> Span {
+        Span {
+            start: start as u32,
+            end: end as u32,
+        }
+    }
+
+    /// Where this place starts.
+    pub(super) fn start(self) -> usize {
+        self.start as usize
+    }
+
+    /// Whether the place holds no text.
+    pub(super) fn is_empty(&self) -> bool {
+        self.start == self.end
+    }
+
+    /// This place's bytes in `text` (no look at character boundaries).
+    pub(super) fn bytes(self, text: &str) -> Option<&[u8]> {
+        text.as_bytes().get(self.start as usize..self.end as usize)
+    }
+
+    /// This place's text in `text`; `None` if it is not a place in it at character
+    /// boundaries.
+    pub(super) fn of(self, text: &str) -> Option<&str> {
+        text.get(self.start as usize..self.end as usize)
+    }
+}
+
 /// How many extensions a view holds; an event with more is built when decoded.
-const WIRE_EXTENSIONS: usize = 4;
+pub(super) const WIRE_EXTENSIONS: usize = 4;
 
 /// An extension value in the payload.
 #[derive(Clone, Copy)]
-enum WireValue {
+pub(super) enum WireValue {
     Str(Span),
     Bool(bool),
     Int(i64),
@@ -201,6 +234,68 @@ impl Wire {
             extensions,
             data,
             // Last: copied only once every place is known to be in the payload.
+            text: Box::from(payload),
+        })
+    }
+
+    /// The view of an event read by [`scan::read_plain`](super::scan::read_plain) from
+    /// `payload`, when it passes every check building it would make (those of
+    /// [`Wire::read`]); `None` otherwise, and `decode` reads the event again on its general
+    /// path (which builds it, or says what is wrong with it).
+    #[inline]
+    pub(super) fn from_plain(payload: &str, plain: &PlainEvent) -> Option<Wire> {
+        let [Some(id), Some(source), Some(ty), subject, time] = plain.attributes else {
+            return None;
+        };
+        // The checks of `attribute_values_fault`, in its order, on the places where they
+        // can be (only the content type is looked at as text).
+        if [id, ty, source]
+            .iter()
+            .chain(subject.as_ref())
+            .any(Span::is_empty)
+        {
+            return None;
+        }
+        let ct = match plain.datacontenttype {
+            Some(span) => {
+                let ct = span.of(payload)?;
+                if !is_content_type(ct) {
+                    return None;
+                }
+                Some(ct)
+            }
+            None => None,
+        };
+        // `null` data is no data.
+        let data = match plain.data {
+            Some(span) if span.bytes(payload)? != b"null" => {
+                if !ct.is_some_and(is_json_content_type) {
+                    return None;
+                }
+                Some(span)
+            }
+            _ => None,
+        };
+        // The UTC form encoders write; any other (an offset, a tenth fraction digit) and an
+        // invalid time are left to the general path.
+        let time = match time {
+            Some(span) => Some(parse_utc_time(span.bytes(payload)?)?),
+            None => None,
+        };
+        for (name, _) in plain.extensions.iter().flatten() {
+            if !is_attribute_name_bytes(name.bytes(payload)?) {
+                return None;
+            }
+        }
+        Some(Wire {
+            id,
+            source,
+            ty,
+            subject,
+            datacontenttype: plain.datacontenttype,
+            time,
+            extensions: plain.extensions,
+            data,
             text: Box::from(payload),
         })
     }
@@ -712,6 +807,15 @@ mod tests {
             members in proptest::collection::vec(member(), 0..4),
             with_content_type in any::<bool>(),
             spaces in any::<bool>(),
+            // Around the object: whitespace, or something that makes the payload not JSON.
+            (before, after) in prop_oneof![
+                4 => Just(("", "")),
+                1 => Just((" \n", "\t ")),
+                1 => Just(("", " x")),
+                1 => Just(("", "}")),
+                1 => Just(("[", "]")),
+                1 => Just(("1", "")),
+            ],
         ) {
             let mut all: Vec<(String, String)> = vec![("\"specversion\"".into(), "\"1.0\"".into())];
             for (present, (name, value)) in required
@@ -738,7 +842,7 @@ mod tests {
             all.extend(members);
             let (sep, colon) = if spaces { (" , ", " :\n ") } else { (",", ":") };
             let body: Vec<String> = all.iter().map(|(n, v)| format!("{n}{colon}{v}")).collect();
-            let payload = Bytes::from(format!("{{{}}}", body.join(sep)));
+            let payload = Bytes::from(format!("{before}{{{}}}{after}", body.join(sep)));
             let mut headers = HeaderMap::new();
             headers.insert("Content-Type", STRUCTURED_CONTENT_TYPE);
             let headers = with_content_type.then_some(headers);
