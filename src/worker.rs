@@ -2,22 +2,23 @@
 //! at most `buffer` wait, and stopping is drain-then-close (stop intake, let in-flight work finish
 //! within a grace period, then abort what is left and wait for it to be cleaned up).
 //!
-//! Workers are long-lived tasks pulling from one bounded channel: no task is spawned per message.
-//! The hand-off costs one wake-up per item: a sender wakes one idle worker (`Notify`), which
-//! takes the next item with `try_recv` under a short synchronous lock (an async mutex around
-//! the receiver would wake the next waiting worker for every item as well). A worker that
-//! finds an item waiting takes it without registering anywhere; only a worker about to park
-//! registers with `Notify`, and the abort wakes parked workers through that same `Notify`
-//! instead of each one also waiting on the abort token (whose waiter list and lock every
-//! worker would otherwise touch per item).
+//! Workers are long-lived tasks pulling from one bounded queue: no task is spawned per message.
+//! The queue and the wakers of the workers parked on it are kept under one short synchronous
+//! lock ([`Queue`]), so that the hand-off costs one lock on each side and one wake-up: a sender
+//! queues an item and takes an idle worker's waker under the lock, then wakes it; a worker takes
+//! an item, or parks (leaves its waker) when there is none, under the lock. A worker that finds
+//! an item waiting takes it without parking, and a parked worker is woken at most once per item
+//! (a busy worker is never registered, so a send never wakes it instead of an idle one). The
+//! abort and the last sender's drop wake every parked worker.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc::error::TryRecvError;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -75,29 +76,235 @@ struct Counters {
     requeued: AtomicU64,
 }
 
+/// The pool's bounded queue and its parked workers.
+struct Queue<M> {
+    state: Mutex<QueueState<M>>,
+    capacity: usize,
+    /// Set (before the parked workers are woken) when the grace period ran out: workers take
+    /// no more items and end.
+    aborted: AtomicBool,
+    /// Wakes senders that wait for room ([`Tx::send`]); notified only while one waits.
+    room: Notify,
+}
+
+struct QueueState<M> {
+    items: VecDeque<M>,
+    /// The wakers of parked workers (worker index, waker), the last parked last.
+    idle: Vec<(usize, Waker)>,
+    /// `parked[i]`: worker `i` has an entry in `idle` (so it has at most one).
+    parked: Vec<bool>,
+    /// Live senders: once there is none and `items` is empty, the workers end.
+    senders: usize,
+    /// Workers still running: once there is none, sends fail and queued items are dropped.
+    workers: usize,
+    /// Senders waiting in [`Tx::send`] for room.
+    waiting_for_room: usize,
+}
+
+/// Why [`Queue::push`] gave an item back.
+enum Unqueued {
+    Full,
+    /// Every worker has ended.
+    Closed,
+}
+
+impl<M> QueueState<M> {
+    /// The waker of the worker parked last, which is no longer parked.
+    fn unpark_one(&mut self) -> Option<Waker> {
+        let (index, waker) = self.idle.pop()?;
+        self.parked[index] = false;
+        Some(waker)
+    }
+
+    /// Every parked worker's waker; none is parked after.
+    fn unpark_all(&mut self) -> Vec<Waker> {
+        self.parked.iter_mut().for_each(|parked| *parked = false);
+        self.idle.drain(..).map(|(_, waker)| waker).collect()
+    }
+
+    /// Forgets worker `index`'s entry, if it has one (it was woken by something else than a
+    /// send, or is ending).
+    fn unpark(&mut self, index: usize) {
+        if self.parked[index] {
+            self.parked[index] = false;
+            self.idle.retain(|(i, _)| *i != index);
+        }
+    }
+
+    /// Parks worker `index` with `waker` (the entry it has, if any, is updated).
+    fn park(&mut self, index: usize, waker: &Waker) {
+        if self.parked[index] {
+            if let Some((_, parked)) = self.idle.iter_mut().find(|(i, _)| *i == index) {
+                parked.clone_from(waker);
+            }
+        } else {
+            self.parked[index] = true;
+            self.idle.push((index, waker.clone()));
+        }
+    }
+}
+
+impl<M> Queue<M> {
+    fn new(capacity: usize, workers: usize) -> Self {
+        Queue {
+            state: Mutex::new(QueueState {
+                items: VecDeque::new(),
+                idle: Vec::with_capacity(workers),
+                parked: vec![false; workers],
+                senders: 0,
+                workers,
+                waiting_for_room: 0,
+            }),
+            capacity,
+            aborted: AtomicBool::new(false),
+            room: Notify::new(),
+        }
+    }
+
+    /// The state. Nothing panics while it is locked (no user code runs under it: items are
+    /// dropped and wakers woken after it is unlocked), so a poisoned lock still holds a
+    /// consistent state and is used as it is.
+    fn lock(&self) -> MutexGuard<'_, QueueState<M>> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queues `item` if there is room, and wakes a parked worker; `wait`: when there is no
+    /// room, the caller is counted as waiting for room (see [`Tx::send`]).
+    fn push(&self, item: M, wait: bool) -> Result<(), (M, Unqueued)> {
+        let mut state = self.lock();
+        if state.workers == 0 {
+            return Err((item, Unqueued::Closed));
+        }
+        if state.items.len() >= self.capacity {
+            if wait {
+                state.waiting_for_room += 1;
+            }
+            return Err((item, Unqueued::Full));
+        }
+        state.items.push_back(item);
+        let idle = state.unpark_one();
+        drop(state);
+        if let Some(worker) = idle {
+            worker.wake();
+        }
+        Ok(())
+    }
+
+    /// Worker `index` takes the next item (`Some`), or learns that it is to end (`None`: the
+    /// pool was aborted, or every sender is gone and nothing is queued), or parks.
+    fn poll_take(&self, index: usize, cx: &mut Context<'_>) -> Poll<Option<M>> {
+        let mut state = self.lock();
+        // Looked at under the lock: an abort that stored it before it locked to wake the parked
+        // workers is seen here, or finds this worker parked.
+        if self.aborted.load(Ordering::SeqCst) {
+            state.unpark(index);
+            return Poll::Ready(None);
+        }
+        if let Some(item) = state.items.pop_front() {
+            state.unpark(index);
+            let waiting = state.waiting_for_room > 0;
+            drop(state);
+            if waiting {
+                self.room.notify_waiters();
+            }
+            return Poll::Ready(Some(item));
+        }
+        if state.senders == 0 {
+            state.unpark(index);
+            return Poll::Ready(None);
+        }
+        state.park(index, cx.waker());
+        Poll::Pending
+    }
+
+    /// Tells the workers to take no more items, and wakes the parked ones.
+    fn abort(&self) {
+        self.aborted.store(true, Ordering::SeqCst);
+        let idle = self.lock().unpark_all();
+        idle.into_iter().for_each(Waker::wake);
+    }
+
+    fn add_sender(&self) {
+        self.lock().senders += 1;
+    }
+
+    /// A sender is gone; the last one wakes the parked workers, which end once the queue is
+    /// empty.
+    fn remove_sender(&self) {
+        let mut state = self.lock();
+        state.senders -= 1;
+        let idle = if state.senders == 0 {
+            state.unpark_all()
+        } else {
+            Vec::new()
+        };
+        drop(state);
+        idle.into_iter().for_each(Waker::wake);
+    }
+
+    /// Worker `index` has ended. Once every worker has, the queue is closed and what is still
+    /// queued is dropped (after the lock is released), as a channel's receiver drops it.
+    fn worker_ended(&self, index: usize) {
+        let mut state = self.lock();
+        state.unpark(index);
+        state.workers -= 1;
+        let left = if state.workers == 0 {
+            std::mem::take(&mut state.items)
+        } else {
+            VecDeque::new()
+        };
+        let waiting = state.waiting_for_room > 0;
+        drop(state);
+        drop(left);
+        if waiting {
+            self.room.notify_waiters();
+        }
+    }
+}
+
+/// Ends a worker in its queue when its task ends, however it ends.
+struct WorkerEnd<M> {
+    queue: Arc<Queue<M>>,
+    index: usize,
+}
+
+impl<M> Drop for WorkerEnd<M> {
+    fn drop(&mut self) {
+        self.queue.worker_ended(self.index);
+    }
+}
+
+/// A sender waiting for room; uncounted when dropped.
+struct WaitingForRoom<'a, M>(&'a Queue<M>);
+
+impl<M> Drop for WaitingForRoom<'_, M> {
+    fn drop(&mut self) {
+        self.0.lock().waiting_for_room -= 1;
+    }
+}
+
 /// The sending side of the pool's queue: sends wake one idle worker; dropping the last one lets
 /// the workers see the end of the queue.
 struct Tx<M> {
-    /// Always `Some` until dropped (taken in `Drop` so the channel sees the sender gone before
-    /// the workers are woken to look).
-    tx: Option<mpsc::Sender<M>>,
-    available: Arc<Notify>,
+    queue: Arc<Queue<M>>,
+}
+
+impl<M> Tx<M> {
+    fn new(queue: Arc<Queue<M>>) -> Self {
+        queue.add_sender();
+        Tx { queue }
+    }
 }
 
 impl<M> Clone for Tx<M> {
     fn clone(&self) -> Self {
-        Tx {
-            tx: self.tx.clone(),
-            available: self.available.clone(),
-        }
+        Tx::new(self.queue.clone())
     }
 }
 
 impl<M> Drop for Tx<M> {
     fn drop(&mut self) {
-        drop(self.tx.take());
-        // Idle workers re-check the queue; once every sender is gone they see it closed.
-        self.available.notify_waiters();
+        self.queue.remove_sender();
     }
 }
 
@@ -108,36 +315,36 @@ impl<M> Tx<M> {
         if stopping.is_some_and(CancellationToken::is_cancelled) {
             return Err(item);
         }
-        let Some(tx) = self.tx.as_ref() else {
-            return Err(item);
-        };
         // Room now (the usual case): no need to wait on `stopping` as well.
-        match tx.try_reserve() {
-            Ok(permit) => {
-                permit.send(item);
-                self.available.notify_one();
-                return Ok(());
-            }
-            Err(mpsc::error::TrySendError::Closed(())) => return Err(item),
-            Err(mpsc::error::TrySendError::Full(())) => {}
-        }
+        let mut item = match self.queue.push(item, false) {
+            Ok(()) => return Ok(()),
+            Err((item, Unqueued::Closed)) => return Err(item),
+            Err((item, Unqueued::Full)) => item,
+        };
         let stopped = async {
             match stopping {
                 Some(stopping) => stopping.cancelled().await,
                 None => std::future::pending().await,
             }
         };
-        tokio::select! {
-            biased;
-            () = stopped => Err(item),
-            permit = tx.reserve() => match permit {
-                Ok(permit) => {
-                    permit.send(item);
-                    self.available.notify_one();
-                    Ok(())
-                }
-                Err(_) => Err(item),
-            },
+        tokio::pin!(stopped);
+        loop {
+            // Registered before looking again, so that an item taken after that look wakes
+            // this sender (a worker that takes one notifies while a sender is counted).
+            let room = self.queue.room.notified();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            item = match self.queue.push(item, true) {
+                Ok(()) => return Ok(()),
+                Err((item, Unqueued::Closed)) => return Err(item),
+                Err((item, Unqueued::Full)) => item,
+            };
+            let _waiting = WaitingForRoom(&self.queue);
+            tokio::select! {
+                biased;
+                () = &mut stopped => return Err(item),
+                () = room => {}
+            }
         }
     }
 }
@@ -146,18 +353,13 @@ impl<M> Tx<M> {
 pub(crate) struct WorkerPool<M> {
     tx: Tx<M>,
     ctx: WorkContext,
-    /// Set with `ctx.abort`; what workers check (a load, where the token would take its lock).
-    aborted: Arc<AtomicBool>,
-    /// The workers' wake-up, also used to wake parked workers on abort.
-    available: Arc<Notify>,
+    queue: Arc<Queue<M>>,
     tracker: TaskTracker,
     counters: Arc<Counters>,
-    // Kept so that a pool with zero senders left (intake ended) still closes the channel.
-    _marker: std::marker::PhantomData<M>,
 }
 
 impl<M: Send + 'static> WorkerPool<M> {
-    /// Starts `workers` worker tasks reading from a channel of capacity `buffer`.
+    /// Starts `workers` worker tasks reading from a queue of capacity `buffer`.
     ///
     /// `process` returns a future of its own type, run in place inside the worker's task: a
     /// listener that names no boxed future pays no heap allocation per item.
@@ -185,13 +387,8 @@ impl<M: Send + 'static> WorkerPool<M> {
         Fut: Future<Output = Outcome> + Send + 'static,
     {
         let workers = workers.max(1);
-        let (tx, rx) = mpsc::channel::<M>(buffer.max(1));
-        let rx = Arc::new(std::sync::Mutex::new(rx));
-        let available = Arc::new(Notify::new());
-        let tx = Tx {
-            tx: Some(tx),
-            available: available.clone(),
-        };
+        let queue = Arc::new(Queue::new(buffer.max(1), workers));
+        let tx = Tx::new(queue.clone());
         let ctx = WorkContext(Arc::new(WorkSignals {
             stopping,
             abort: CancellationToken::new(),
@@ -201,51 +398,18 @@ impl<M: Send + 'static> WorkerPool<M> {
         let tracker = TaskTracker::new();
         let counters = Arc::new(Counters::default());
         let process = Arc::new(process);
-        let aborted = Arc::new(AtomicBool::new(false));
-        for _ in 0..workers {
-            let rx = rx.clone();
+        for index in 0..workers {
+            let end = WorkerEnd {
+                queue: queue.clone(),
+                index,
+            };
             let ctx = ctx.clone();
-            let aborted = aborted.clone();
             let counters = counters.clone();
             let process = process.clone();
-            let available = available.clone();
             tracker.spawn(async move {
                 loop {
-                    // Dropped before the item is processed: a busy worker must not stay
-                    // registered, or a send would wake it instead of an idle one (a
-                    // notification it did receive is passed on to another waiter on drop).
-                    // The lock is held only for `try_recv`; it cannot be poisoned (nothing
-                    // under it panics), and if it were the worker stops as on a closed queue.
-                    let try_next = || match rx.lock() {
-                        Ok(mut rx) => rx.try_recv(),
-                        Err(_) => Err(TryRecvError::Disconnected),
-                    };
-                    let item = loop {
-                        if aborted.load(Ordering::SeqCst) {
-                            break None;
-                        }
-                        // An item waiting: taken at once, no registration.
-                        match try_next() {
-                            Ok(item) => break Some(item),
-                            Err(TryRecvError::Disconnected) => break None,
-                            Err(TryRecvError::Empty) => {}
-                        }
-                        // Registered before looking again, so an item sent (or an abort begun)
-                        // after that look still wakes this worker, or leaves a permit that
-                        // completes it.
-                        let notified = available.notified();
-                        tokio::pin!(notified);
-                        notified.as_mut().enable();
-                        if aborted.load(Ordering::SeqCst) {
-                            break None;
-                        }
-                        match try_next() {
-                            Ok(item) => break Some(item),
-                            Err(TryRecvError::Disconnected) => break None,
-                            Err(TryRecvError::Empty) => {}
-                        }
-                        notified.await;
-                    };
+                    let queue = &end.queue;
+                    let item = std::future::poll_fn(|cx| queue.poll_take(index, cx)).await;
                     let Some(item) = item else { break };
                     let outcome = process(item, ctx.clone()).await;
                     let counter = match outcome {
@@ -255,16 +419,15 @@ impl<M: Send + 'static> WorkerPool<M> {
                     };
                     counter.fetch_add(1, Ordering::Relaxed);
                 }
+                drop(end);
             });
         }
         WorkerPool {
             tx,
             ctx,
-            aborted,
-            available,
+            queue,
             tracker,
             counters,
-            _marker: std::marker::PhantomData,
         }
     }
 
@@ -307,18 +470,14 @@ impl<M: Send + 'static> WorkerPool<M> {
         let WorkerPool {
             tx,
             ctx,
-            aborted,
-            available,
+            queue,
             tracker,
             counters,
-            _marker,
         } = self;
-        // Tells in-flight work to give up and parked workers to exit (they registered with
-        // `available` before they last looked at `aborted`).
+        // Tells in-flight work to give up and the workers to take no more items.
         let abort = || {
-            aborted.store(true, Ordering::SeqCst);
+            queue.abort();
             ctx.abort.cancel();
-            available.notify_waiters();
         };
         let started = Instant::now();
         let finished_before = counters.finished.load(Ordering::Relaxed);
@@ -384,18 +543,13 @@ impl<M: Send + 'static> Submitter<M> {
         if self.stopping.is_cancelled() {
             return Err((item, Refused::Stopping));
         }
-        let Some(tx) = self.tx.tx.as_ref() else {
-            return Err((item, Refused::Stopping));
-        };
-        match tx.try_reserve() {
-            Ok(permit) => {
-                permit.send(item);
-                self.tx.available.notify_one();
-                Ok(())
-            }
-            Err(mpsc::error::TrySendError::Full(())) => Err((item, Refused::Full)),
-            Err(mpsc::error::TrySendError::Closed(())) => Err((item, Refused::Stopping)),
-        }
+        self.tx
+            .queue
+            .push(item, false)
+            .map_err(|(item, why)| match why {
+                Unqueued::Full => (item, Refused::Full),
+                Unqueued::Closed => (item, Refused::Stopping),
+            })
     }
 }
 
@@ -658,6 +812,7 @@ mod tests {
     use super::*;
     use futures::FutureExt;
     use std::sync::atomic::AtomicUsize;
+    use tokio::sync::mpsc;
 
     #[tokio::test]
     async fn never_runs_more_than_workers_at_once() {
@@ -794,6 +949,61 @@ mod tests {
             assert_eq!(report.requeued + report.abandoned, 0);
             assert_eq!(submitter.submit(2).await, Err(2));
         }
+    }
+
+    /// Counts its drops: an item the pool dropped unprocessed.
+    struct DropCount(Arc<AtomicUsize>);
+
+    impl Drop for DropCount {
+        fn drop(&mut self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn items_still_queued_when_the_workers_end_are_dropped_and_sends_then_fail() {
+        let dropped = Arc::new(AtomicUsize::new(0));
+        let started = Arc::new(Notify::new());
+        let s = started.clone();
+        let pool = WorkerPool::start(1, 4, move |item: DropCount, ctx: WorkContext| {
+            let s = s.clone();
+            async move {
+                let _item = item;
+                s.notify_one();
+                ctx.abort.cancelled().await;
+                Outcome::Abandoned
+            }
+            .boxed()
+        });
+        let submitter = pool.submitter();
+        submitter
+            .submit_draining(DropCount(dropped.clone()))
+            .await
+            .unwrap_or_else(|_| panic!("queued"));
+        tokio::time::timeout(Duration::from_secs(5), started.notified())
+            .await
+            .expect("the worker took the first item");
+        for _ in 0..3 {
+            assert!(submitter
+                .submit_draining(DropCount(dropped.clone()))
+                .await
+                .is_ok());
+        }
+        let report = tokio::time::timeout(
+            Duration::from_secs(5),
+            pool.stop(Duration::from_millis(50), false),
+        )
+        .await
+        .expect("stop returned");
+        assert_eq!(report.abandoned, 1);
+        assert_eq!(
+            dropped.load(Ordering::SeqCst),
+            4,
+            "the one abandoned and the three never started"
+        );
+        // The workers are gone: a draining send gives its item back instead of queueing it.
+        let back = submitter.submit_draining(DropCount(dropped.clone())).await;
+        assert!(back.is_err());
     }
 
     #[tokio::test]
