@@ -2,12 +2,14 @@
 //! (deadline, load shedding, handler lookup, the `handle` span and metrics).
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use async_nats::Subject;
 use bytes::Bytes;
-use futures::FutureExt;
+use tokio_util::sync::CancellationToken;
 
 use crate::codec::{self, ContentMode, HeaderMap};
 use crate::error::{Error, ListenError};
@@ -339,6 +341,27 @@ fn admit<'a>(request: RawRequest, ctx: &'a ServeContext, span: &tracing::Span) -
     }
 }
 
+/// The rest of a handler that was pending at its first poll, or `None` once `abort` is
+/// cancelled first. The handler is polled first (its result wins when both are ready), and not
+/// again at this future's first poll: it was just polled.
+async fn until_aborted<F: Future + Unpin>(
+    mut handler: F,
+    abort: &CancellationToken,
+) -> Option<F::Output> {
+    let aborted = abort.cancelled();
+    tokio::pin!(aborted);
+    let mut just_polled = true;
+    std::future::poll_fn(|cx| {
+        if !std::mem::take(&mut just_polled) {
+            if let Poll::Ready(result) = Pin::new(&mut handler).poll(cx) {
+                return Poll::Ready(Some(result));
+            }
+        }
+        aborted.as_mut().poll(cx).map(|()| None)
+    })
+    .await
+}
+
 /// [`serve_request`] inside its span; records on it the status the reply carried (200, or
 /// the error code; none when nothing was sent).
 async fn serve(
@@ -377,14 +400,15 @@ async fn serve(
     let (outcome, code) = telemetry::in_context(trace, async {
         let started = std::time::Instant::now();
         // The abort is looked at before the handler starts and while it waits; a handler that
-        // is done at its first poll (most) never registers with the shared abort token.
+        // is done at its first poll (most) never makes a wait on the shared abort token.
         let result = if work.abort.is_cancelled() {
             None
         } else {
-            tokio::select! {
-                biased;
-                result = call_handler(handling).fuse() => Some(result),
-                _ = work.abort.cancelled() => None,
+            let handler = call_handler(handling);
+            tokio::pin!(handler);
+            match futures::poll!(handler.as_mut()) {
+                Poll::Ready(result) => Some(result),
+                Poll::Pending => until_aborted(handler, &work.abort).await,
             }
         };
         let Some(result) = result else {
