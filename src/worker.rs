@@ -13,13 +13,15 @@
 
 use std::collections::VecDeque;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
+use futures::task::AtomicWaker;
 use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tokio_util::task::TaskTracker;
 
 use crate::error::BoxError;
@@ -537,6 +539,11 @@ impl<M: Send + 'static> Submitter<M> {
         self.tx.send(item, None).await
     }
 
+    /// Resolves once the pool is stopping; see [`Stopped`].
+    pub fn stopped(&self) -> Stopped {
+        Stopped::new(self.stopping.clone())
+    }
+
     /// Queues an item only if there is room now (load shedding); gives it back, saying why,
     /// when the queue is full or the pool is stopping.
     pub fn try_submit(&self, item: M) -> Result<(), (M, Refused)> {
@@ -550,6 +557,62 @@ impl<M: Send + 'static> Submitter<M> {
                 Unqueued::Full => (item, Refused::Full),
                 Unqueued::Closed => (item, Refused::Stopping),
             })
+    }
+}
+
+/// Resolves once a pool's `stopping` token is cancelled, and costs little to poll again and
+/// again: an intake loop polls it each time its source has nothing ready, i.e. once per
+/// message. The token's own wait takes two locks at each poll (the token's node, then its
+/// `Notify`); this polls it only at the first poll and when it woke the task, and otherwise
+/// only updates the task's waker.
+pub(crate) struct Stopped {
+    wait: Pin<Box<WaitForCancellationFutureOwned>>,
+    wake: Arc<StopWake>,
+}
+
+/// The waker [`Stopped`] gives the token's wait: notes that the wait woke, and wakes the
+/// task that polls the `Stopped`.
+struct StopWake {
+    woken: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl Wake for StopWake {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::SeqCst);
+        self.task.wake();
+    }
+}
+
+impl Stopped {
+    pub(crate) fn new(stopping: CancellationToken) -> Self {
+        Stopped {
+            wait: Box::pin(stopping.cancelled_owned()),
+            // Woken: the first poll polls the wait, which registers this waker.
+            wake: Arc::new(StopWake {
+                woken: AtomicBool::new(true),
+                task: AtomicWaker::new(),
+            }),
+        }
+    }
+}
+
+impl Future for Stopped {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = &mut *self;
+        // Registered before the flag is read: a wake after the read wakes this task.
+        this.wake.task.register(cx.waker());
+        if !this.wake.woken.swap(false, Ordering::SeqCst) {
+            return Poll::Pending;
+        }
+        let waker = Waker::from(this.wake.clone());
+        this.wait.as_mut().poll(&mut Context::from_waker(&waker))
     }
 }
 
@@ -1004,6 +1067,30 @@ mod tests {
         // The workers are gone: a draining send gives its item back instead of queueing it.
         let back = submitter.submit_draining(DropCount(dropped.clone())).await;
         assert!(back.is_err());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stopped_resolves_when_the_pool_stops_however_often_it_was_polled_before() {
+        let pool = WorkerPool::start(1, 1, |_: u32, _| async { Outcome::Finished }.boxed());
+        let submitter = pool.submitter();
+        let mut stopped = submitter.stopped();
+        for _ in 0..3 {
+            assert!(futures::poll!(&mut stopped).is_pending());
+        }
+        // Cancelled from another task while this one waits.
+        let stopping = pool.context().stopping.clone();
+        let cancel = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            stopping.cancel();
+        });
+        tokio::time::timeout(Duration::from_secs(5), &mut stopped)
+            .await
+            .expect("stopped resolved once the pool was stopping");
+        cancel.await.unwrap();
+        // One made once the pool is stopping resolves at its first poll.
+        assert!(futures::poll!(submitter.stopped()).is_ready());
+        drop(submitter);
+        pool.stop(Duration::from_secs(5), false).await;
     }
 
     #[tokio::test]

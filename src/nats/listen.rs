@@ -141,7 +141,6 @@ pub(super) async fn listen(
         client: Arc::new(inner.client.clone()),
         source: inner.source.clone(),
         subscriptions: Subscriptions::new(subscriptions),
-        stopping: pool.context().stopping.clone(),
         listener_token: token.clone(),
     };
     pool.spawn_intake(intake.run(pool.submitter()));
@@ -198,7 +197,6 @@ struct Intake {
     client: Arc<Client>,
     source: String,
     subscriptions: Subscriptions,
-    stopping: CancellationToken,
     listener_token: CancellationToken,
 }
 
@@ -206,12 +204,11 @@ impl Intake {
     /// Feeds the pool until the listener stops. Holds the pool's submitter only while it
     /// runs: the workers see the end of the queue once it is dropped.
     async fn run(mut self, submitter: Submitter<RawRequest>) {
-        // One wait on the token for the whole loop, polled only when no message is ready: a
-        // fresh `cancelled()` per message would register with the token and leave again each
-        // time. Stopping still ends the loop before the next message is taken.
-        let stopping = self.stopping.clone();
-        let stopped = stopping.cancelled();
-        tokio::pin!(stopped);
+        // One wait on the token for the whole loop, looked at only when no message is ready
+        // (and then only the flag its wake-up sets): a fresh `cancelled()` per message would
+        // register with the token and leave again each time. Stopping still ends the loop
+        // before the next message is taken.
+        let mut stopped = submitter.stopped();
         loop {
             // No `stopping.is_cancelled()` first (it locks the token's tree node): a message
             // taken once stopping began is refused by `try_submit` (`Stopping`) and answered
