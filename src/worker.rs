@@ -9,7 +9,9 @@
 //! an item, or parks (leaves its waker) when there is none, under the lock. A worker that finds
 //! an item waiting takes it without parking, and a parked worker is woken at most once per item
 //! (a busy worker is never registered, so a send never wakes it instead of an idle one). The
-//! abort and the last sender's drop wake every parked worker.
+//! abort and the last sender's drop wake every parked worker. Senders waiting for room are all
+//! woken when a worker takes an item, and are not served in the order they began to wait
+//! (a channel's were); each listener has one intake per pool, so no sender waits behind others.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -568,6 +570,8 @@ impl<M: Send + 'static> Submitter<M> {
 pub(crate) struct Stopped {
     wait: Pin<Box<WaitForCancellationFutureOwned>>,
     wake: Arc<StopWake>,
+    /// The wait resolved: every later poll is ready at once (the wait is not polled again).
+    done: bool,
 }
 
 /// The waker [`Stopped`] gives the token's wait: notes that the wait woke, and wakes the
@@ -597,6 +601,7 @@ impl Stopped {
                 woken: AtomicBool::new(true),
                 task: AtomicWaker::new(),
             }),
+            done: false,
         }
     }
 }
@@ -606,13 +611,18 @@ impl Future for Stopped {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = &mut *self;
+        if this.done {
+            return Poll::Ready(());
+        }
         // Registered before the flag is read: a wake after the read wakes this task.
         this.wake.task.register(cx.waker());
         if !this.wake.woken.swap(false, Ordering::SeqCst) {
             return Poll::Pending;
         }
         let waker = Waker::from(this.wake.clone());
-        this.wait.as_mut().poll(&mut Context::from_waker(&waker))
+        let polled = this.wait.as_mut().poll(&mut Context::from_waker(&waker));
+        this.done = polled.is_ready();
+        polled
     }
 }
 
@@ -894,13 +904,46 @@ mod tests {
                 Outcome::Finished
             }
         });
-        for i in 0..50 {
-            pool.submit(i).await.unwrap();
-        }
-        let report = pool.stop(Duration::from_secs(10), false).await;
-        assert_eq!(report.handled_total, 50);
+        // Bounded: a pool that loses a wake-up fails here instead of hanging the suite.
+        tokio::time::timeout(Duration::from_secs(30), async {
+            for i in 0..50 {
+                pool.submit(i).await.unwrap();
+            }
+            let report = pool.stop(Duration::from_secs(10), false).await;
+            assert_eq!(report.handled_total, 50);
+        })
+        .await
+        .expect("the pool ran every item and stopped");
         assert!(peak.load(Ordering::SeqCst) <= 3);
         assert_eq!(running.load(Ordering::SeqCst), 0);
+    }
+
+    /// Once intake is gone (every submitter dropped, then the pool's own sender in `stop`),
+    /// idle workers are woken to see the queue closed and end: a stop with a long grace period
+    /// finishes as soon as the queued items are done, not when the grace period runs out.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_last_sender_gone_ends_idle_workers_without_waiting_for_the_grace_period() {
+        let pool = WorkerPool::start(4, 8, |_: u32, _| async { Outcome::Finished }.boxed());
+        let submitter = pool.submitter();
+        for i in 0..6 {
+            submitter.submit(i).await.unwrap();
+        }
+        drop(submitter);
+        // Every worker done and parked on the empty queue before the stop.
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while pool.queue.lock().idle.len() < 4 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("every worker parked on the empty queue");
+        let report = tokio::time::timeout(
+            Duration::from_secs(10),
+            pool.stop(Duration::from_secs(3600), false),
+        )
+        .await
+        .expect("idle workers ended when the last sender was dropped");
+        assert_eq!(report.handled_total, 6);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1087,6 +1130,8 @@ mod tests {
             .await
             .expect("stopped resolved once the pool was stopping");
         cancel.await.unwrap();
+        // Resolved, it stays resolved: polled again, it is ready at once.
+        assert!(futures::poll!(&mut stopped).is_ready());
         // One made once the pool is stopping resolves at its first poll.
         assert!(futures::poll!(submitter.stopped()).is_ready());
         drop(submitter);
