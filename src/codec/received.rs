@@ -14,8 +14,8 @@ use serde::de::DeserializeOwned;
 
 use super::scan::PlainEvent;
 use super::{
-    attribute_values_fault, is_attribute_name, is_attribute_name_bytes, is_content_type,
-    is_json_content_type, parse_time, parse_utc_time, EventParts, PartsData, PartsValue,
+    is_attribute_name_bytes, is_content_type, is_json_content_type, parse_time, EventParts,
+    PartsData, PartsValue,
 };
 use crate::cloudevent::{data_error, EventExt, EventType, TransactionId, TRANSACTION_ID_EXTENSION};
 use crate::error::{Error, EventError, EventErrorKind};
@@ -178,77 +178,59 @@ fn span_of(payload: &str, text: &Cow<'_, str>) -> Option<Span> {
 }
 
 impl Wire {
-    /// The view of a structured-mode event read into `parts`, when it is one a view can hold
-    /// and it passes every check building it would make; `None` otherwise, and the event is
-    /// built (which then also says what is wrong with it, in `decode`'s own words).
+    /// The view of a structured-mode event read into `parts` by the general pass, when it is
+    /// one a view can hold and it passes every check building it would make; `None`
+    /// otherwise, and the event is built (which then also says what is wrong with it, in
+    /// `decode`'s own words). The parts are turned into places and checked by
+    /// [`Wire::from_plain`], as the fast path's are.
     #[inline]
     pub(super) fn read(payload: &str, parts: &EventParts<'_>) -> Option<Wire> {
-        if parts.specversion.as_deref() != Some("1.0")
-            || parts.extensions.more.len() > WIRE_EXTENSIONS - parts.extensions.inline.len()
-        {
+        // No place for a `dataschema` (index 5) or another spec version.
+        if parts.specversion.as_deref() != Some("1.0") || parts.attributes[5].is_some() {
             return None;
         }
-        let [Some(id), Some(source), Some(ty), subject, time, None] = &parts.attributes else {
-            return None;
-        };
-        let ct = parts.datacontenttype.as_deref();
-        let data = match &parts.data {
-            None => None,
-            Some(PartsData::Json(text)) if ct.is_some_and(is_json_content_type) => {
-                Some(span_of(payload, &Cow::Borrowed(text))?)
+        let place = |text: &Cow<'_, str>| span_of(payload, text);
+        let mut plain = PlainEvent::default();
+        for (slot, value) in plain.attributes.iter_mut().zip(&parts.attributes) {
+            if let Some(text) = value {
+                *slot = Some(place(text)?);
             }
+        }
+        if let Some(ct) = &parts.datacontenttype {
+            plain.datacontenttype = Some(place(ct)?);
+        }
+        plain.data = match &parts.data {
+            None => None,
+            Some(PartsData::Json(text)) => Some(place(&Cow::Borrowed(text))?),
             Some(_) => return None,
         };
-        if attribute_values_fault(id, ty, source, subject.as_deref(), ct).is_some() {
-            return None;
-        }
-        let time = match time {
-            Some(text) => Some(parse_time(text).ok()?),
-            None => None,
-        };
-        let mut extensions = [None; WIRE_EXTENSIONS];
-        for (slot, (name, value)) in extensions.iter_mut().zip(parts.extensions.iter()) {
-            if !is_attribute_name(name) {
-                return None;
-            }
+        let mut extensions = parts.extensions.iter();
+        for (slot, (name, value)) in plain.extensions.iter_mut().zip(&mut extensions) {
             let value = match value {
-                PartsValue::Str(text) => WireValue::Str(span_of(payload, text)?),
+                PartsValue::Str(text) => WireValue::Str(place(text)?),
                 PartsValue::Bool(b) => WireValue::Bool(*b),
                 PartsValue::Int(i) => WireValue::Int(*i),
             };
-            *slot = Some((span_of(payload, name)?, value));
+            *slot = Some((place(name)?, value));
         }
-        Some(Wire {
-            id: span_of(payload, id)?,
-            source: span_of(payload, source)?,
-            ty: span_of(payload, ty)?,
-            subject: match subject {
-                Some(text) => Some(span_of(payload, text)?),
-                None => None,
-            },
-            datacontenttype: match &parts.datacontenttype {
-                Some(text) => Some(span_of(payload, text)?),
-                None => None,
-            },
-            time,
-            extensions,
-            data,
-            // Last: copied only once every place is known to be in the payload.
-            text: Box::from(payload),
-        })
+        if extensions.next().is_some() {
+            // More than a view holds.
+            return None;
+        }
+        Wire::from_plain(payload, &plain)
     }
 
-    /// The view of an event read by [`scan::read_plain`](super::scan::read_plain) from
-    /// `payload`, when it passes every check building it would make (those of
-    /// [`Wire::read`]); `None` otherwise, and `decode` reads the event again on its general
-    /// path (which builds it, or says what is wrong with it).
+    /// The view of an event read as places in `payload` (by
+    /// [`scan::read_plain`](super::scan::read_plain), or by [`Wire::read`] from the general
+    /// pass's parts), when it passes every check building it would make; `None` otherwise,
+    /// and the event is built (which also says what is wrong with it).
     #[inline]
     pub(super) fn from_plain(payload: &str, plain: &PlainEvent) -> Option<Wire> {
         let [Some(id), Some(source), Some(ty), subject, time] = plain.attributes else {
             return None;
         };
-        // The checks of `attribute_values_fault`, in its order, on the places where they
-        // can be (only the content type is looked at as text).
+        // The checks of `attribute_values_fault` (which builds its error text), on the places
+        // where they can be (only the content type is looked at as text).
         if [id, ty, source]
             .iter()
             .chain(subject.as_ref())
@@ -276,10 +258,8 @@ impl Wire {
             }
             _ => None,
         };
-        // The UTC form encoders write; any other (an offset, a tenth fraction digit) and an
-        // invalid time are left to the general path.
         let time = match time {
-            Some(span) => Some(parse_utc_time(span.bytes(payload)?)?),
+            Some(span) => Some(parse_time(span.of(payload)?).ok()?),
             None => None,
         };
         for (name, _) in plain.extensions.iter().flatten() {

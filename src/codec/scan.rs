@@ -215,9 +215,7 @@ pub(super) struct PlainEvent {
 /// straight into places in `text` (the payload, checked UTF-8), for a view, when the event is
 /// in the shape this library and most encoders write: one object of unescaped member names;
 /// a `specversion` of `"1.0"`; the attributes, and `datacontenttype`, as strings without
-/// escapes (and `time` in the UTC form, checked by
-/// [`Wire::from_plain`](super::received::Wire::from_plain)); at most [`WIRE_EXTENSIONS`]
-/// extensions, each a string without escapes, a boolean
+/// escapes; at most [`WIRE_EXTENSIONS`] extensions, each a string without escapes, a boolean
 /// or an integer; `data` any JSON value; no extension twice, no `null` member, no
 /// `dataschema` or `data_base64`; whitespace anywhere JSON allows it. `None` for anything else, at the
 /// first sign of it, and [`read_event_into`] reads the event (and says what is wrong with
