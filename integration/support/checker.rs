@@ -8,8 +8,10 @@
 //! - **unexpected**: delivered but never attempted (something invented or mixed up events);
 //! - **duplicates**: deliveries beyond the first of an id, and publish retries the stream
 //!   de-duplicated (PubAck `duplicate: true`). A duplicate delivery is explained only if it is
-//!   a redelivery (delivery count > 1), or a first delivery (count 1) again after a server
-//!   crash and restart ([`Checker::server_restarted`]): a killed server can come back with
+//!   a redelivery (delivery count > 1), or a first delivery (count 1) again across a server
+//!   crash and restart (the previous one handled before the restart returned,
+//!   [`Checker::server_restarted`], this one after the kill began, [`Checker::server_killed`]
+//!   where the test marks it): a killed server can come back with
 //!   its consumer's state slightly behind (acks and delivery counts of the last moments
 //!   before the kill not on disk) and deliver those events again as if for the first time.
 //!   Two first deliveries of one id with no restart between them mean the event was stored
@@ -155,7 +157,8 @@ impl Checker {
         self.lock().restarts.push(Instant::now());
     }
 
-    /// A server is about to be killed (for the timeline in reports).
+    /// A server is about to be killed: the start of the outage a restart ends, and the
+    /// timeline in reports.
     pub fn server_killed(&self) {
         self.lock().kills.push(Instant::now());
     }
@@ -258,13 +261,26 @@ impl Checker {
             .filter(|id| !state.attempted.contains(*id))
             .cloned()
             .collect();
+        // Each restart's outage: from the kill before it (marked with `server_killed`), or
+        // from the restart itself where no kill was marked, to the restart's return.
+        let outages: Vec<(Instant, Instant)> = state
+            .restarts
+            .iter()
+            .map(|up| {
+                let down = state.kills.iter().filter(|k| *k <= up).max();
+                (*down.unwrap_or(up), *up)
+            })
+            .collect();
         let mut duplicate_deliveries = 0;
         let mut after_crash = 0;
         let mut unexplained_duplicates = BTreeMap::new();
         for (id, deliveries) in &state.delivered {
             duplicate_deliveries += deliveries.len() - 1;
-            // Every first delivery (count 1) after the first one needs a server restart
-            // between it and the previous first delivery.
+            // Every first delivery (count 1) after the first one needs a server outage
+            // between it and the previous first delivery: the previous one handled before the
+            // restart returned, this one after the kill began (a handler runs a little after
+            // its delivery: an event delivered before the kill can be handled after it, and
+            // the restarted server can deliver before `restart` returns).
             let mut previous_first: Option<Instant> = None;
             let mut unexplained = false;
             for (count, at) in deliveries {
@@ -272,7 +288,7 @@ impl Checker {
                     continue;
                 }
                 if let Some(prev) = previous_first {
-                    if state.restarts.iter().any(|r| prev < *r && *r <= *at) {
+                    if outages.iter().any(|(down, up)| prev <= *up && *down <= *at) {
                         after_crash += 1;
                     } else {
                         unexplained = true;
@@ -345,5 +361,33 @@ mod tests {
         ok.delivered("a", 3);
         assert!(ok.all_acked_delivered());
         ok.report().assert_valid("unit");
+    }
+
+    /// A second first delivery is explained when an outage lies between the two: the earlier
+    /// one handled before the restart returned, the later one after the kill began. Handlers
+    /// run a little after their delivery, so either can fall inside the outage.
+    #[test]
+    fn a_first_delivery_again_is_explained_only_across_an_outage() {
+        let c = Checker::new();
+        for id in ["e", "f", "g", "h"] {
+            c.attempted(id);
+            c.acked(id, 1, false);
+        }
+        c.delivered("g", 1);
+        c.delivered("g", 1); // no outage between: unexplained
+        c.delivered("e", 1);
+        c.server_killed();
+        c.delivered("f", 1); // delivered before the kill, handled after it began
+        c.delivered("e", 1); // the restarted server delivered before `restart` returned
+        c.server_restarted();
+        c.delivered("f", 1); // again after the restart
+        c.delivered("h", 1);
+        c.delivered("h", 1); // both after the restart: unexplained
+        let r = c.report();
+        assert_eq!(r.after_crash, 2);
+        assert_eq!(
+            r.unexplained_duplicates.keys().collect::<Vec<_>>(),
+            vec!["g", "h"]
+        );
     }
 }
