@@ -284,9 +284,7 @@ impl Wire {
     /// that was a part of this same text, sliced at ASCII quotes, so the slice is there and at
     /// character boundaries; the empty string would only come back if that were broken.
     fn text(&self, span: Span) -> &str {
-        self.text
-            .get(span.start as usize..span.end as usize)
-            .unwrap_or_default()
+        span.of(&self.text).unwrap_or_default()
     }
 
     /// The extension named `name`.
