@@ -454,9 +454,11 @@ async fn s1_server_killed_twice_while_publishing_loses_nothing_acked() {
     checker
         .wait_all_acked_delivered(Duration::from_secs(60), "s1")
         .await;
-    stop(&listener).await;
-
+    // Accounting: every stored event (acknowledged to its publisher or not) handled and
+    // acked up to the stream's end, none parked, nothing dead-lettered.
     let reader = fault_client(&server.url()).await;
+    assert_settled(&reader, &config.js_stream, "s1").await;
+    stop(&listener).await;
     assert_stored_once(&reader, &config.js_stream, &checker).await;
     let report = checker.report();
     eprintln!("s1: {report:?}");
@@ -541,6 +543,7 @@ async fn s2_listener_killed_with_a_batch_unacked_is_redelivered_to_a_new_listene
         .wait_all_acked_delivered(Duration::from_secs(20), "s2 new listener")
         .await;
     stop(&successor).await;
+    assert_settled(&fault_client(&server.url()).await, &config.js_stream, "s2").await;
     for id in &held {
         let counts = second.deliveries_of(id);
         assert!(
@@ -657,6 +660,7 @@ async fn s3_graceful_shutdown_under_load_settles_everything_in_flight() {
         .await;
     let redelivered_after = stopped_at.elapsed();
     stop(&successor).await;
+    assert_settled(&fault_client(&server.url()).await, &config.js_stream, "s3").await;
     assert_eq!(
         after_return.load(Ordering::SeqCst),
         0,
@@ -809,6 +813,7 @@ async fn s4_paused_server_is_noticed_and_everything_resumes_on_its_own() {
     assert!(!listener.is_stopped() && !query_listener.is_stopped());
     stop(&listener).await;
     stop(&query_listener).await;
+    assert_settled(&fault_client(&server.url()).await, &config.js_stream, "s4").await;
     let report = checker.report();
     eprintln!("s4: noticed after {noticed_after:?}; {report:?}");
     report.assert_valid("s4");
@@ -904,6 +909,7 @@ async fn s5_instance_paused_beyond_the_ack_wait_loses_its_events_to_the_other() 
         .expect("join")
         .expect("instance A panicked");
     stop(&b).await;
+    assert_settled(&fault_client(&server.url()).await, &config.js_stream, "s5").await;
     let report = checker.report();
     eprintln!("s5: {report:?}");
     report.assert_valid("s5");
@@ -1306,6 +1312,47 @@ async fn consumer_info(client: &async_nats::Client, durable: &str) -> jetstream:
         .expect("consumer info timed out")
         .expect("consumer info")
         .clone()
+}
+
+/// Accounting at the end of a scenario that stopped, killed or starved a listener: the durable
+/// settles every stored event up to the stream's end (nothing pending, nothing unacknowledged,
+/// the ack floor at the last sequence: none parked) within a bound, and nothing was
+/// dead-lettered.
+async fn assert_settled(client: &async_nats::Client, stream: &str, durable: &str) {
+    let last_seq = stream_last_seq(client, stream).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let info = consumer_info(client, durable).await;
+        let settled = (
+            info.num_pending,
+            info.num_ack_pending,
+            info.ack_floor.stream_sequence,
+        ) == (0, 0, last_seq);
+        if settled || tokio::time::Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_consumer_at_end(client, durable, last_seq).await;
+    assert!(
+        dead_letters(client).await.is_empty(),
+        "{durable}: dead letters"
+    );
+}
+
+/// The last sequence stored in `stream`.
+async fn stream_last_seq(client: &async_nats::Client, stream: &str) -> u64 {
+    let js = jetstream::new(client.clone());
+    let mut stream = tokio::time::timeout(STEP, js.get_stream(stream))
+        .await
+        .expect("stream lookup timed out")
+        .expect("stream");
+    tokio::time::timeout(STEP, stream.info())
+        .await
+        .expect("stream info timed out")
+        .expect("stream info")
+        .state
+        .last_sequence
 }
 
 /// The dead letters stored so far.
